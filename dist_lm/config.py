@@ -1,0 +1,282 @@
+"""The configuration schema: typed dataclasses, one per section, a docstring per field.
+
+These classes are the only schema. YAML presets (``configs/*.yaml``) and dotted command-line
+overrides (``optim.lr=3e-4``) are mapped onto them by :mod:`dist_lm.config_io`, which also
+checks types. Range and consistency checks live here, in ``__post_init__``, and raise
+:class:`ConfigError` naming the field, so every bad value gets one line that says how to fix it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+class UserError(Exception):
+    """Bad input from the user (config, data, launch environment).
+
+    The launcher prints ``str(error)`` as a single line and exits with status 2.
+    """
+
+
+class ConfigError(UserError):
+    """A config value is wrong. ``key`` is the dotted key; sections prefix it as it bubbles up."""
+
+    def __init__(self, key: str, message: str, source: str | None = None):
+        self.key = key
+        self.message = message
+        self.source = source
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        where = f"{self.source}: " if self.source else ""
+        return f"config error: {where}{self.key}: {self.message}"
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(key, message)
+
+
+@dataclass
+class ModelConfig:
+    """A decoder-only transformer of the Llama family."""
+
+    vocab_size: int | None = None
+    """Vocabulary size. None: taken from the data's tokenizer, rounded up to a multiple of 64."""
+    seq_len: int = 256
+    """Context length in tokens; training windows are this long."""
+    d_model: int = 256
+    """Width of the residual stream."""
+    n_layers: int = 4
+    """Number of transformer blocks."""
+    n_heads: int = 4
+    """Number of query heads; must divide d_model."""
+    n_kv_heads: int | None = None
+    """Key/value heads for grouped-query attention; must divide n_heads. None: n_heads (plain MHA)."""
+    ffn_hidden: int | None = None
+    """Hidden width of the MLP. None: 8/3 * d_model for gated activations (4 * d_model for gelu),
+    rounded up to ffn_multiple_of."""
+    ffn_multiple_of: int = 64
+    """The derived ffn_hidden is rounded up to a multiple of this (tensor-core friendly shapes)."""
+    activation: Literal["swiglu", "geglu", "gelu"] = "swiglu"
+    """MLP type: SwiGLU (Llama), GeGLU, or a plain GELU MLP."""
+    rope_theta: float = 10000.0
+    """Base of the rotary position embedding frequencies."""
+    norm_eps: float = 1e-5
+    """Epsilon of RMSNorm."""
+    tie_embeddings: bool = False
+    """Share the token embedding matrix with the output head."""
+    init_std: float = 0.02
+    """Standard deviation of the weight initialisation; residual output projections are further
+    scaled by 1/sqrt(2 * n_layers)."""
+
+    def __post_init__(self) -> None:
+        _require(self.vocab_size is None or self.vocab_size > 0, "vocab_size", "must be a positive integer or null")
+        for name in ("seq_len", "d_model", "n_layers", "n_heads", "ffn_multiple_of"):
+            _require(getattr(self, name) > 0, name, "must be a positive integer")
+        _require(self.d_model % self.n_heads == 0, "n_heads",
+                 f"must divide d_model={self.d_model} (got {self.n_heads})")
+        _require((self.d_model // self.n_heads) % 2 == 0, "n_heads",
+                 f"head dimension d_model/n_heads={self.d_model // self.n_heads} must be even for rotary embeddings")
+        if self.n_kv_heads is not None:
+            _require(self.n_kv_heads > 0 and self.n_heads % self.n_kv_heads == 0, "n_kv_heads",
+                     f"must divide n_heads={self.n_heads} (got {self.n_kv_heads})")
+        _require(self.ffn_hidden is None or self.ffn_hidden > 0, "ffn_hidden", "must be a positive integer or null")
+        _require(self.rope_theta > 0, "rope_theta", "must be positive")
+        _require(self.norm_eps > 0, "norm_eps", "must be positive")
+        _require(self.init_std > 0, "init_std", "must be positive")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def ffn_dim(self) -> int:
+        if self.ffn_hidden is not None:
+            return self.ffn_hidden
+        hidden = 4 * self.d_model if self.activation == "gelu" else int(8 * self.d_model / 3)
+        m = self.ffn_multiple_of
+        return (hidden + m - 1) // m * m
+
+
+@dataclass
+class DataConfig:
+    """Where the training tokens come from."""
+
+    dir: str | None = None
+    """Directory of token shards with a meta.json. None: the embedded corpus (Python's own
+    documentation), tokenized once into the cache directory on first use."""
+    cache_dir: str | None = None
+    """Where the embedded corpus is prepared. None: $DIST_LM_CACHE, else ~/.cache/dist_lm."""
+    embedded_vocab_size: int = 4096
+    """Vocabulary size of the BPE tokenizer trained for the embedded corpus."""
+
+    def __post_init__(self) -> None:
+        _require(self.embedded_vocab_size >= 512, "embedded_vocab_size", "must be at least 512")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and the learning-rate schedule."""
+
+    lr: float = 3e-4
+    """Peak learning rate."""
+    min_lr: float = 3e-5
+    """Learning rate at the end of decay (and the floor of cosine restarts)."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay, applied to matrices only (not norms or biases)."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+    schedule: Literal["cosine", "cosine_restarts", "wsd", "constant"] = "cosine"
+    """cosine: warmup then cosine to min_lr at train.max_steps. cosine_restarts: warmup, then
+    cosine cycles of restart_period steps. wsd: warmup, constant, then linear decay to min_lr over
+    the last decay_fraction of the steps. constant: warmup then constant."""
+    warmup_steps: int = 100
+    """Linear warmup from 0 to lr over this many steps."""
+    restart_period: int = 1000
+    """Length in steps of one cosine cycle, for schedule=cosine_restarts."""
+    decay_fraction: float = 0.2
+    """Fraction of train.max_steps spent decaying, for schedule=wsd."""
+
+    def __post_init__(self) -> None:
+        _require(self.lr > 0, "lr", "must be positive")
+        _require(0 <= self.min_lr <= self.lr, "min_lr", f"must be between 0 and lr={self.lr}")
+        _require(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        _require(0 <= self.beta1 < 1, "beta1", "must be in [0, 1)")
+        _require(0 <= self.beta2 < 1, "beta2", "must be in [0, 1)")
+        _require(self.eps > 0, "eps", "must be positive")
+        _require(self.grad_clip >= 0, "grad_clip", "must be >= 0 (0 disables clipping)")
+        _require(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+        _require(self.restart_period > 0, "restart_period", "must be positive")
+        _require(0 < self.decay_fraction <= 1, "decay_fraction", "must be in (0, 1]")
+
+
+@dataclass
+class TrainConfig:
+    """The training loop: length, batch, cadences."""
+
+    seed: int = 1337
+    """Seeds model initialisation, data order and sampling."""
+    max_steps: int = 1000
+    """Optimizer steps to train for; the learning-rate schedule spans them."""
+    max_tokens: int | None = None
+    """Stop earlier once this many training tokens have been consumed. None: no token budget."""
+    micro_batch_size: int = 8
+    """Sequences per rank per forward/backward pass."""
+    global_batch_size: int | None = None
+    """Sequences per optimizer step across all ranks; must be a multiple of micro_batch_size x
+    data-parallel ranks (the rest is gradient accumulation). None: micro_batch_size x ranks."""
+    log_interval: int = 10
+    """Log training metrics every this many steps (also the loss all-reduce cadence)."""
+    eval_interval: int = 100
+    """Evaluate validation loss every this many steps (and at the end); 0 disables."""
+    eval_samples: int = 64
+    """Validation windows evaluated each time: a fixed set, the same for every rank count."""
+    sample_tokens: int = 0
+    """At the end of training, print a sample of this many generated tokens; 0 disables."""
+    sample_prompt: str = "The "
+    """Prompt of that sample."""
+    check_finite: bool = False
+    """After every backward, check gradients and loss for NaN/inf and name the first offending
+    tensor (debug mode turns this on; it costs a host-device sync per parameter)."""
+
+    def __post_init__(self) -> None:
+        _require(self.max_steps > 0, "max_steps", "must be positive")
+        _require(self.max_tokens is None or self.max_tokens > 0, "max_tokens", "must be positive or null")
+        _require(self.micro_batch_size > 0, "micro_batch_size", "must be positive")
+        _require(self.global_batch_size is None or self.global_batch_size > 0, "global_batch_size",
+                 "must be positive or null")
+        _require(self.log_interval > 0, "log_interval", "must be positive")
+        _require(self.eval_interval >= 0, "eval_interval", "must be >= 0 (0 disables evaluation)")
+        _require(self.eval_samples > 0, "eval_samples", "must be positive")
+        _require(self.sample_tokens >= 0, "sample_tokens", "must be >= 0")
+
+
+@dataclass
+class ParallelConfig:
+    """How DeepSpeed runs the model: ZeRO stage, precision, memory savers."""
+
+    zero_stage: Literal[0, 1, 2, 3] = 1
+    """ZeRO stage: 0 data parallel, 1 shards optimizer state, 2 also gradients, 3 also parameters."""
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    """auto: bf16 on GPUs that support it, fp16 with dynamic loss scaling on older GPUs, fp32 on CPU."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in backward instead of storing them."""
+    offload_optimizer: bool = False
+    """Keep optimizer state on the CPU and step it with DeepSpeed's CPU Adam (ZeRO 1-3)."""
+    offload_params: bool = False
+    """Keep parameters on the CPU between uses (ZeRO 3 only)."""
+    overlap_comm: bool = True
+    """Overlap gradient reduction with backward (ZeRO 1-3)."""
+    reduce_bucket_size: int = 500_000_000
+    """Elements per gradient-reduction bucket."""
+    allgather_bucket_size: int = 500_000_000
+    """Elements per parameter all-gather bucket (ZeRO 1-2)."""
+    compile: bool = False
+    """torch.compile the model before DeepSpeed wraps it (GPU)."""
+    timeout_minutes: float = 30.0
+    """Collective timeout: a rank waiting longer than this for the others fails instead of hanging."""
+
+    def __post_init__(self) -> None:
+        _require(not self.offload_optimizer or self.zero_stage >= 1, "offload_optimizer",
+                 "needs parallel.zero_stage 1, 2 or 3")
+        _require(not self.offload_params or self.zero_stage == 3, "offload_params",
+                 "needs parallel.zero_stage=3")
+        _require(self.reduce_bucket_size > 0, "reduce_bucket_size", "must be positive")
+        _require(self.allgather_bucket_size > 0, "allgather_bucket_size", "must be positive")
+        _require(self.timeout_minutes > 0, "timeout_minutes", "must be positive")
+
+
+@dataclass
+class CheckpointConfig:
+    """When checkpoints are written and whether a run continues from one."""
+
+    interval: int = 500
+    """Save every this many steps (and always at the end); 0 saves only at the end."""
+    resume: bool = True
+    """Continue from the newest checkpoint in the run directory if there is one."""
+
+    def __post_init__(self) -> None:
+        _require(self.interval >= 0, "interval", "must be >= 0 (0 saves only at the end)")
+
+
+@dataclass
+class RunConfig:
+    """Naming and placing the run."""
+
+    name: str | None = None
+    """Run name. None: the config's name and the start time, e.g. debug-20261123-014500."""
+    dir: str | None = None
+    """Run directory (resolved config, log, metrics.jsonl, checkpoints). None: runs/<name>."""
+    verbose: bool = False
+    """Show DeepSpeed's own start-up output (quiet by default)."""
+
+    def __post_init__(self) -> None:
+        _require(self.name is None or (self.name and "/" not in self.name), "name",
+                 "must be a non-empty name without '/' (use run.dir for a path)")
+
+
+@dataclass
+class Config:
+    """The whole configuration of a run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    preset: str = "custom"
+    """Name of the preset the config was loaded from (set by the loader)."""
