@@ -1,0 +1,148 @@
+"""Which launcher started us, our rank / world size / local rank, and the process group.
+
+The only module that reads launcher environment variables. ``detect`` is a pure function of
+the environment; ``init_process_group`` exports the standard variables (RANK, WORLD_SIZE,
+LOCAL_RANK, MASTER_ADDR, MASTER_PORT) that DeepSpeed and torch read, then starts the group:
+NCCL on GPUs, gloo on CPU.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Mapping
+
+import torch
+import torch.distributed as dist
+
+from dist_lm.config import UserError
+
+DEFAULT_MASTER_PORT = 29500
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    launcher: str
+    """torchrun, deepspeed, openmpi, mpich, slurm, or none (one process, no launcher)."""
+    rank: int
+    local_rank: int
+    world_size: int
+    local_world_size: int
+    master_addr: str
+    master_port: int
+
+    @property
+    def num_nodes(self) -> int:
+        return max(1, self.world_size // max(1, self.local_world_size))
+
+    def describe(self) -> str:
+        return (f"launcher={self.launcher} world_size={self.world_size} nodes={self.num_nodes} "
+                f"ranks_per_node={self.local_world_size} master={self.master_addr}:{self.master_port}")
+
+
+def _int(env: Mapping[str, str], name: str) -> int:
+    value = env.get(name)
+    try:
+        return int(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise UserError(f"launch environment: {name}={value!r} is not an integer; "
+                        "unset it or start through torchrun/deepspeed/mpirun/srun") from None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def detect(env: Mapping[str, str]) -> DistEnv:
+    """Resolve the topology from whichever launcher's variables are present."""
+    port = _int(env, "MASTER_PORT") if "MASTER_PORT" in env else DEFAULT_MASTER_PORT
+    addr = env.get("MASTER_ADDR", "127.0.0.1")
+
+    if "RANK" in env or "WORLD_SIZE" in env:  # torchrun and the deepspeed launcher
+        for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+            if name not in env:
+                raise UserError(f"launch environment: RANK/WORLD_SIZE are set but {name} is not; "
+                                "start through torchrun or deepspeed, or unset RANK and WORLD_SIZE")
+        launcher = "torchrun" if "TORCHELASTIC_RUN_ID" in env else "deepspeed"
+        world = _int(env, "WORLD_SIZE")
+        local_world = _int(env, "LOCAL_WORLD_SIZE") if "LOCAL_WORLD_SIZE" in env else (
+            _int(env, "LOCAL_SIZE") if "LOCAL_SIZE" in env else world)
+        return _checked(DistEnv(launcher, _int(env, "RANK"), _int(env, "LOCAL_RANK"), world, local_world, addr, port))
+
+    if "OMPI_COMM_WORLD_RANK" in env:
+        return _checked(DistEnv(
+            "openmpi", _int(env, "OMPI_COMM_WORLD_RANK"), _int(env, "OMPI_COMM_WORLD_LOCAL_RANK"),
+            _int(env, "OMPI_COMM_WORLD_SIZE"), _int(env, "OMPI_COMM_WORLD_LOCAL_SIZE"),
+            _mpi_master(env, _int(env, "OMPI_COMM_WORLD_SIZE") == _int(env, "OMPI_COMM_WORLD_LOCAL_SIZE"), addr), port))
+
+    if "PMI_RANK" in env:  # MPICH / Intel MPI (Hydra)
+        world = _int(env, "PMI_SIZE")
+        local_world = _int(env, "MPI_LOCALNRANKS") if "MPI_LOCALNRANKS" in env else world
+        local_rank = _int(env, "MPI_LOCALRANKID") if "MPI_LOCALRANKID" in env else _int(env, "PMI_RANK") % local_world
+        return _checked(DistEnv("mpich", _int(env, "PMI_RANK"), local_rank, world, local_world,
+                                _mpi_master(env, world == local_world, addr), port))
+
+    # srun's own tasks (one per GPU). A batch script itself (no step) is one plain process.
+    if "SLURM_PROCID" in env and "SLURM_STEP_NUM_TASKS" in env:
+        world = _int(env, "SLURM_STEP_NUM_TASKS")
+        nodes = _int(env, "SLURM_STEP_NUM_NODES") if "SLURM_STEP_NUM_NODES" in env else 1
+        if "MASTER_ADDR" not in env and nodes > 1:
+            raise UserError("launch environment: a multi-node srun needs MASTER_ADDR (the first host of "
+                            "$SLURM_JOB_NODELIST, as slurm/pretrain.sh sets it)")
+        return _checked(DistEnv("slurm", _int(env, "SLURM_PROCID"), _int(env, "SLURM_LOCALID"), world,
+                                max(1, world // nodes), addr, port))
+
+    return DistEnv("none", 0, 0, 1, 1, "127.0.0.1", port if "MASTER_PORT" in env else 0)
+
+
+def _mpi_master(env: Mapping[str, str], single_node: bool, default: str) -> str:
+    if "MASTER_ADDR" in env or single_node:
+        return default
+    raise UserError("launch environment: a multi-node mpirun needs MASTER_ADDR (rank 0's host); "
+                    "pass it with -x MASTER_ADDR=<host> as launchers/mpirun.sh does")
+
+
+def _checked(d: DistEnv) -> DistEnv:
+    if not (0 <= d.rank < d.world_size):
+        raise UserError(f"launch environment: rank {d.rank} is outside world size {d.world_size}")
+    if not (0 <= d.local_rank < max(1, d.local_world_size)):
+        raise UserError(f"launch environment: local rank {d.local_rank} is outside {d.local_world_size} ranks per node")
+    return d
+
+
+def device_for(d: DistEnv) -> torch.device:
+    """One process per GPU: local rank i drives cuda:i. CPU when there is no GPU."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    count = torch.cuda.device_count()
+    if d.local_rank >= count:
+        raise UserError(f"launch environment: local rank {d.local_rank} but only {count} GPUs are visible; "
+                        f"start at most {count} ranks per node (check CUDA_VISIBLE_DEVICES)")
+    return torch.device("cuda", d.local_rank)
+
+
+def init_process_group(d: DistEnv, device: torch.device, timeout_minutes: float) -> None:
+    """Export the standard variables and start the default process group."""
+    port = d.master_port or _free_port()
+    os.environ.update(RANK=str(d.rank), WORLD_SIZE=str(d.world_size), LOCAL_RANK=str(d.local_rank),
+                      LOCAL_WORLD_SIZE=str(d.local_world_size), MASTER_ADDR=d.master_addr, MASTER_PORT=str(port))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, rank=d.rank, world_size=d.world_size,
+                            timeout=timedelta(minutes=timeout_minutes))
+
+
+def teardown() -> None:
+    """Leave together: a rank that exits while gloo's threads still talk can abort at shutdown."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def is_rank0() -> bool:
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0

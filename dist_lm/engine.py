@@ -1,0 +1,76 @@
+"""The one call to deepspeed.initialize, and the few engine operations the trainer needs.
+
+Only this module and :mod:`dist_lm.checkpoint` import deepspeed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    # Tell DeepSpeed up front instead of letting it guess and warn about it.
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import deepspeed  # noqa: E402
+from deepspeed.utils import safe_get_full_grad  # noqa: E402
+
+from dist_lm.config import OptimConfig, ParallelConfig  # noqa: E402
+from dist_lm.ds_config import BatchPlan, deepspeed_config  # noqa: E402
+from dist_lm.model import Transformer  # noqa: E402
+from dist_lm.optim import param_groups  # noqa: E402
+
+
+def quiet(verbose: bool) -> None:
+    """DeepSpeed logs its whole config at start-up; keep warnings, drop the chatter unless asked."""
+    deepspeed.utils.logger.setLevel(logging.INFO if verbose else logging.WARNING)
+
+
+def initialize(model: Transformer, parallel: ParallelConfig, optim: OptimConfig, plan: BatchPlan,
+               precision: str, device: torch.device) -> "deepspeed.DeepSpeedEngine":
+    model.activation_checkpointing = parallel.activation_checkpointing
+    groups = param_groups(model, optim.weight_decay)
+    if parallel.offload_optimizer:
+        optimizer = None  # DeepSpeed builds its CPU Adam from the config's "optimizer" section
+    else:
+        # A torch AdamW passed in as the client optimizer: fused on GPU (DeepSpeed's own FusedAdam
+        # is a JIT build that fails on some images), the default foreach kernel on CPU. The
+        # learning rate is set before every step by the trainer (dist_lm.optim.lr_at).
+        optimizer = torch.optim.AdamW(groups, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps,
+                                      fused=device.type == "cuda")
+    engine, *_ = deepspeed.initialize(
+        model=model, optimizer=optimizer, model_parameters=groups if optimizer is None else None,
+        config=deepspeed_config(parallel, optim, plan, precision))
+    if parallel.compile:
+        engine.compile()
+    return engine
+
+
+def set_lr(engine: "deepspeed.DeepSpeedEngine", lr: float) -> None:
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr
+
+
+def step(engine: "deepspeed.DeepSpeedEngine") -> torch.Tensor | float | None:
+    """The optimizer step at the accumulation boundary; returns the global gradient norm before
+    clipping (a tensor or a float; reading it may sync with the device) or None if unknown."""
+    norm = None
+    if engine.zero_optimization_stage() == 0 and not (engine.bfloat16_enabled() or engine.fp16_enabled()):
+        # DeepSpeed clips fp32 stage-0 gradients without keeping the norm: take it here, where
+        # the gradients are already all-reduced. No sync: it stays a device tensor.
+        grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads) if grads else None
+    engine.step()
+    return norm if norm is not None else engine.get_global_grad_norm()
+
+
+def first_nonfinite_grad(engine: "deepspeed.DeepSpeedEngine") -> str | None:
+    """Name of the first parameter whose gradient holds NaN or inf (call after backward, before
+    step, on every rank: under ZeRO-3 assembling a gradient is a collective)."""
+    for name, p in engine.module.named_parameters():
+        grad = safe_get_full_grad(p)
+        if grad is not None and not torch.isfinite(grad).all():  # host-device sync per parameter
+            return name
+    return None

@@ -1,0 +1,240 @@
+"""The training loop: step, evaluation cadence, logging cadence, checkpoint cadence.
+
+Everything that can be wrong with the user's input (config, data, launch environment) is
+checked in ``Trainer.__init__`` before the process group starts, so a bad run fails in a
+second with one line, and nothing is written into a run directory before that.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import resource
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from dist_lm import checkpoint, corpus, distributed, engine as engine_ops, hardware, metrics, shards
+from dist_lm.config import Config, ConfigError
+from dist_lm.config_io import to_dict, to_yaml
+from dist_lm.data import TrainData, ValData
+from dist_lm.ds_config import batch_plan
+from dist_lm.generate import sample
+from dist_lm.model import Transformer, count_parameters, flops_per_token
+from dist_lm.optim import lr_at
+
+
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss or gradient (reported in debug mode / train.check_finite)."""
+
+
+def resolve_data(cfg: Config) -> tuple[Path, dict]:
+    """The dataset directory and its meta.json; fills in model.vocab_size from it."""
+    data_dir = Path(cfg.data.dir) if cfg.data.dir else corpus.prepare(cfg.data.cache_dir, cfg.data.embedded_vocab_size)
+    meta = shards.read_meta(data_dir)
+    if cfg.model.vocab_size is None:
+        cfg.model.vocab_size = (meta["vocab_size"] + 63) // 64 * 64  # a multiple of 64 suits the matmul kernels
+    elif cfg.model.vocab_size < meta["vocab_size"]:
+        raise ConfigError("model.vocab_size", f"{cfg.model.vocab_size} is smaller than the vocabulary of "
+                          f"{data_dir / 'meta.json'} ({meta['vocab_size']}); raise it or leave it null")
+    return data_dir, meta
+
+
+def default_run_name(preset: str) -> str:
+    return f"{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class Trainer:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        # --- checks that need no process group: a bad input fails here, before anything starts
+        self.dist_env = distributed.detect(os.environ)
+        self.device = distributed.device_for(self.dist_env)
+        self.precision, precision_reason = hardware.resolve_precision(cfg.parallel.precision, self.device)
+        self.plan = batch_plan(cfg.train, self.dist_env.world_size)
+        self.data_dir, self.meta = resolve_data(cfg)
+
+        # --- the process group, then the run directory (its name is rank 0's choice)
+        distributed.init_process_group(self.dist_env, self.device, cfg.parallel.timeout_minutes)
+        self.run_dir = self._make_run_dir()
+        metrics.set_log_file(self.run_dir / "train.log")
+        metrics.log(f"dist-lm: {self.dist_env.describe()} device={hardware.device_name(self.device)}")
+        metrics.log(f"precision {self.precision} ({precision_reason}); ZeRO stage {cfg.parallel.zero_stage}; "
+                    f"batch {self.plan.global_batch_size} = micro {self.plan.micro_batch_size} x accum "
+                    f"{self.plan.grad_accum_steps} x ranks {self.plan.dp_size}")
+        metrics.log(f"data {self.data_dir}; run dir {self.run_dir}")
+
+        # --- model, engine, data
+        torch.manual_seed(cfg.train.seed)
+        model = Transformer(cfg.model)
+        self.flops_per_token = flops_per_token(cfg.model)
+        self.peak_flops = hardware.peak_flops(self.device)
+        metrics.log(f"model {count_parameters(cfg.model)['total'] / 1e6:.2f}M parameters, "
+                    f"{self.flops_per_token / 1e6:.1f} MFLOP/token")
+        engine_ops.quiet(cfg.run.verbose)
+        self.engine = engine_ops.initialize(model, cfg.parallel, cfg.optim, self.plan, self.precision, self.device)
+        rank = self.dist_env.rank  # data-parallel rank: no tensor or pipeline parallelism here
+        self.train_data = TrainData(self.data_dir, self.meta, cfg.model.seq_len, self.plan, rank,
+                                    cfg.train.seed, self.device)
+        self.val_data = ValData(self.data_dir, self.meta, cfg.model.seq_len, cfg.train.eval_samples,
+                                self.plan.micro_batch_size, rank, self.plan.dp_size, self.device)
+        self.metrics = metrics.MetricsWriter(self.run_dir / "metrics.jsonl")
+        self.step = 0
+        self.best_val_loss = math.inf
+        if cfg.checkpoint.resume:
+            self._resume()
+
+    # ----------------------------------------------------------------------------------- set-up
+    def _make_run_dir(self) -> Path:
+        run = self.cfg.run
+        name = [run.name or default_run_name(self.cfg.preset)]
+        dist.broadcast_object_list(name, src=0)  # every rank uses rank 0's timestamp
+        run.name = name[0]
+        run_dir = Path(run.dir or Path("runs") / run.name)
+        run.dir = str(run_dir)
+        if distributed.is_rank0():
+            run_dir.mkdir(parents=True, exist_ok=True)
+            _write_atomic(run_dir / "config.yaml", to_yaml(self.cfg))
+        dist.barrier()
+        return run_dir
+
+    def _resume(self) -> None:
+        state = checkpoint.load(self.engine, self.run_dir)
+        if state is None:
+            return
+        self.step = state["step"]
+        self.best_val_loss = state.get("best_val_loss", math.inf)
+        self.train_data.load_state_dict(state["data"])
+        metrics.log(f"resumed from {checkpoint.checkpoint_dir(self.run_dir) / checkpoint.tag_for(self.step)} "
+                    f"at step {self.step} ({self.train_data.samples_consumed} samples consumed)")
+
+    def state_dict(self) -> dict:
+        """Our resumable state, saved as DeepSpeed client state beside the engine's own."""
+        return {"step": self.step, "data": self.train_data.state_dict(), "best_val_loss": self.best_val_loss,
+                "tokens": self.tokens_seen(), "config": to_dict(self.cfg),
+                "tokenizer_sha256": self.meta["tokenizer_sha256"]}
+
+    def tokens_seen(self) -> int:
+        return self.train_data.samples_consumed * self.cfg.model.seq_len
+
+    # ------------------------------------------------------------------------------------ loop
+    def fit(self) -> None:
+        cfg, engine = self.cfg.train, self.engine
+        engine.train()
+        loss_sum = torch.zeros((), device=self.device)  # summed on device; read only at log steps
+        steps_since_log, interval_start, start = 0, time.perf_counter(), time.perf_counter()
+        metrics.log(f"training from step {self.step} to {cfg.max_steps}")
+        while self.step < cfg.max_steps and (cfg.max_tokens is None or self.tokens_seen() < cfg.max_tokens):
+            engine_ops.set_lr(engine, lr_at(self.step, self.cfg.optim, cfg.max_steps))
+            batches = self.train_data.next_batches()
+            for i, (x, y) in enumerate(batches):
+                loss = engine(x, y)
+                engine.backward(loss)
+                loss_sum += loss.detach()
+                if i < len(batches) - 1:
+                    engine.step()  # DeepSpeed counts micro-steps; it updates only at the boundary
+            if cfg.check_finite:
+                self._check_finite(loss)
+            grad_norm = engine_ops.step(engine)
+            self.step += 1
+            steps_since_log += 1
+            if self.step == 1:
+                metrics.log(f"first step done {time.perf_counter() - start:.1f} s after the loop started")
+
+            if self.step % cfg.log_interval == 0 or self.step == cfg.max_steps:
+                self._log_train(loss_sum, steps_since_log * len(batches), grad_norm,
+                                steps_since_log, time.perf_counter() - interval_start)
+                loss_sum.zero_()
+                steps_since_log, interval_start = 0, time.perf_counter()
+            if cfg.eval_interval and self.step % cfg.eval_interval == 0:
+                self.evaluate()
+            if self.cfg.checkpoint.interval and self.step % self.cfg.checkpoint.interval == 0:
+                self.save()
+        if cfg.eval_interval and self.step % cfg.eval_interval != 0:
+            self.evaluate()
+        self.save()
+        if cfg.sample_tokens:
+            self.print_sample()
+
+    def _log_train(self, loss_sum: torch.Tensor, micro_steps: int, grad_norm, steps: int, seconds: float) -> None:
+        # The interval's mean loss over every micro-batch of every rank. This all-reduce is a
+        # host-device sync point, which is why it happens only every log_interval steps.
+        dist.all_reduce(loss_sum)
+        loss = loss_sum.item() / (micro_steps * self.plan.dp_size)
+        tokens = steps * self.plan.global_batch_size * self.cfg.model.seq_len
+        tokens_per_s, mfu = metrics.throughput(tokens, seconds, self.flops_per_token, self.dist_env.world_size,
+                                               self.peak_flops)
+        record = {
+            "step": self.step, "tokens": self.tokens_seen(), "loss": loss, "lr": self.engine.get_lr()[0],
+            "grad_norm": None if grad_norm is None else float(grad_norm),
+            "tokens_per_s": tokens_per_s, "mfu": mfu, "step_time": seconds / steps,
+            "peak_mem_gb": self._peak_memory_gb(),
+        }
+        self.metrics.write(record)
+        metrics.log(metrics.format_step(record))
+
+    def _peak_memory_gb(self) -> float:
+        """Peak GPU memory allocated on this rank; on CPU the process's peak resident memory."""
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 1e9
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # ru_maxrss is in KiB
+
+    def _check_finite(self, last_loss: torch.Tensor) -> None:
+        bad = engine_ops.first_nonfinite_grad(self.engine)  # a collective under ZeRO-3: every rank calls
+        if not torch.isfinite(last_loss):
+            raise TrainingDiverged(f"step {self.step}: loss is {last_loss.item()}"
+                                   + (f"; first non-finite gradient: {bad}" if bad else ""))
+        if bad is not None:
+            raise TrainingDiverged(f"step {self.step}: gradient of {bad} is not finite (loss {last_loss.item():.4f})")
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean validation loss over the fixed validation windows, the same for every rank count."""
+        self.engine.eval()
+        totals = torch.zeros(2, device=self.device, dtype=torch.float64)  # loss sum, token count
+        for x, y in self.val_data.batches:
+            logits = self.engine(x)
+            totals[0] += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").double()
+            totals[1] += y.numel()
+        for _ in range(self.val_data.padding_batches):  # ZeRO-3 forwards are collective: keep in step
+            self.engine(self.val_data.filler)
+        dist.all_reduce(totals)  # sync point
+        val_loss = (totals[0] / totals[1]).item()
+        self.best_val_loss = min(self.best_val_loss, val_loss)
+        self.metrics.write({"step": self.step, "tokens": self.tokens_seen(), "val_loss": val_loss,
+                            "val_ppl": math.exp(min(val_loss, 50.0))})
+        metrics.log(f"step {self.step:>6} | val loss {val_loss:.4f} | val ppl {math.exp(min(val_loss, 50.0)):.2f}")
+        self.engine.train()
+        return val_loss
+
+    def save(self) -> None:
+        path = checkpoint.save(self.engine, self.run_dir, self.step, self.state_dict())
+        metrics.log(f"saved checkpoint {path}")
+
+    def print_sample(self) -> None:
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_file(str(self.data_dir / self.meta["tokenizer"]))
+        prompt = tokenizer.encode(self.cfg.train.sample_prompt).ids or [self.meta.get("eot_id", 0)]
+        self.engine.eval()
+        out = sample(self.engine.module, prompt, self.cfg.train.sample_tokens, self.cfg.model.seq_len,
+                     self.device, seed=self.cfg.train.seed)
+        self.engine.train()
+        eot = self.meta.get("eot_id")
+        if eot in out:
+            out = out[:out.index(eot)]
+        metrics.log("sample: " + tokenizer.decode(prompt + out))
+
+    def close(self) -> None:
+        self.train_data.close()
+        self.metrics.close()
+        metrics.set_log_file(None)

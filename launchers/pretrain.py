@@ -1,0 +1,72 @@
+"""Pretrain a model: the same file under deepspeed, torchrun, mpirun, srun, or plain python.
+
+    python launchers/pretrain.py --config configs/debug.yaml [section.key=value ...]
+    torchrun --nproc_per_node 2 launchers/pretrain.py --config debug train.max_steps=50
+    deepspeed --num_gpus 2 launchers/pretrain.py --config debug
+    python launchers/pretrain.py --debug
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+from dist_lm.config import UserError  # noqa: E402
+from dist_lm.config_io import load_config, to_yaml  # noqa: E402
+
+# --debug: the debug preset in one process, fp32, every step logged, non-finite values named.
+# Given before the user's overrides, so any of them can still be overridden.
+DEBUG_OVERRIDES = ["parallel.precision=fp32", "train.check_finite=true", "train.max_steps=10",
+                   "train.log_interval=1", "train.eval_interval=5"]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="a preset name (configs/NAME.yaml) or a YAML file")
+    p.add_argument("--debug", action="store_true", help="single-process debug mode (default preset: debug)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="dotted config overrides")
+    return p.parse_intermixed_args(argv)  # overrides may come before or after the flags
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.config is None and not args.debug:
+        print("error: give --config PRESET_OR_FILE (e.g. --config debug), or --debug", file=sys.stderr)
+        return 2
+    try:
+        overrides = (DEBUG_OVERRIDES if args.debug else []) + args.overrides
+        cfg = load_config(args.config or "debug", overrides)
+        if args.print_config:
+            print(to_yaml(cfg), end="")
+            return 0
+        if args.debug:
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                raise UserError("--debug runs one process: start it with plain python, not a launcher")
+            os.environ.setdefault("CUDA_LAUNCH_BLOCKING", "1")  # CUDA errors at the line that caused them
+        from dist_lm.trainer import Trainer, TrainingDiverged  # imports deepspeed: after the cheap checks
+
+        trainer = Trainer(cfg)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        trainer.fit()
+    except TrainingDiverged as e:
+        print(f"error: training diverged: {e}", file=sys.stderr)
+        return 1
+    finally:
+        trainer.close()
+        from dist_lm.distributed import teardown
+
+        teardown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
