@@ -1,0 +1,76 @@
+"""Shared fixtures: the embedded corpus prepared once, DeepSpeed's CPU ops built once, and a
+helper that runs the real entry point under a real launcher."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PRETRAIN = ROOT / "launchers" / "pretrain.py"
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    """The embedded corpus, prepared once for the whole session."""
+    from dist_lm import corpus
+
+    root = tmp_path_factory.mktemp("cache")
+    corpus.prepare(str(root), 4096)
+    return root
+
+
+@pytest.fixture(scope="session")
+def ds_ops() -> None:
+    """Build DeepSpeed's shared-memory comm op once (~30 s cold), not inside a timed launch."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from deepspeed.ops.op_builder import ShareMemCommBuilder
+
+    ShareMemCommBuilder().load(verbose=False)
+
+
+@pytest.fixture
+def env(cache_dir) -> dict:
+    """Environment for child processes: quiet, one thread per rank, the prepared corpus."""
+    e = {k: v for k, v in os.environ.items()
+         if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    e.update(DIST_LM_CACHE=str(cache_dir), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
+    return e
+
+
+def launch(launcher: str, args: list[str], env: dict, nproc: int = 2, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run launchers/pretrain.py under ``launcher`` (python, torchrun or deepspeed)."""
+    if launcher == "python":
+        cmd = [sys.executable, str(PRETRAIN)]
+    elif launcher == "torchrun":
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(PRETRAIN)]
+    elif launcher == "deepspeed":
+        # --num_gpus is needed on CPU: without it the launcher counts NUMA nodes and starts one rank.
+        cmd = [str(BIN / "deepspeed"), f"--num_gpus={nproc}", f"--master_port={free_port()}", str(PRETRAIN)]
+    else:
+        raise ValueError(launcher)
+    return subprocess.run(cmd + args, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
+    """(train records, eval records) of a run's metrics.jsonl."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if "loss" in r], [r for r in records if "val_loss" in r]
+
+
+def assert_ok(proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode == 0, f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}"

@@ -1,0 +1,41 @@
+"""Batch arithmetic and the DeepSpeed config built from ours."""
+
+from __future__ import annotations
+
+import pytest
+
+from dist_lm.config import ConfigError, OptimConfig, ParallelConfig, TrainConfig
+from dist_lm.ds_config import batch_plan, deepspeed_config
+
+
+def test_global_batch_splits_into_micro_accum_ranks():
+    plan = batch_plan(TrainConfig(micro_batch_size=4, global_batch_size=64), dp_size=4)
+    assert (plan.micro_batch_size, plan.grad_accum_steps, plan.dp_size) == (4, 4, 4)
+    assert plan.global_batch_size == 64 and plan.per_rank_batch_size == 16
+    assert batch_plan(TrainConfig(micro_batch_size=4), dp_size=3).global_batch_size == 12
+
+
+def test_indivisible_global_batch_names_key_and_fix():
+    with pytest.raises(ConfigError, match=r"train.global_batch_size: 10 is not a multiple of .* = 4 x 2 = 8; use 8 or 16"):
+        batch_plan(TrainConfig(micro_batch_size=4, global_batch_size=10), dp_size=2)
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_deepspeed_config_keys(stage, precision):
+    plan = batch_plan(TrainConfig(micro_batch_size=2, global_batch_size=16), dp_size=2)
+    ds = deepspeed_config(ParallelConfig(zero_stage=stage), OptimConfig(grad_clip=0.5), plan, precision)
+    assert ds["train_batch_size"] == 16 and ds["gradient_accumulation_steps"] == 4
+    assert ds["train_micro_batch_size_per_gpu"] == 2 and ds["gradient_clipping"] == 0.5
+    assert ds["zero_optimization"]["stage"] == stage
+    assert ds["bf16"]["enabled"] == (precision == "bf16") and ds["fp16"]["enabled"] == (precision == "fp16")
+    assert "optimizer" not in ds  # a torch AdamW is passed in
+
+
+def test_offload_uses_deepspeed_cpu_adam():
+    plan = batch_plan(TrainConfig(micro_batch_size=1), dp_size=1)
+    ds = deepspeed_config(ParallelConfig(zero_stage=3, offload_optimizer=True, offload_params=True),
+                          OptimConfig(lr=1e-3, weight_decay=0.05), plan, "bf16")
+    assert ds["optimizer"]["type"] == "AdamW" and ds["optimizer"]["params"]["weight_decay"] == 0.05
+    assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert ds["zero_optimization"]["offload_param"]["device"] == "cpu"
