@@ -43,7 +43,7 @@ class ModelConfig:
     """A decoder-only transformer of the Llama family."""
 
     vocab_size: int | None = None
-    """Vocabulary size. None: taken from the data's tokenizer, rounded up to a multiple of 64."""
+    """Vocabulary size. null: taken from the data's tokenizer, rounded up to a multiple of 64."""
     seq_len: int = 256
     """Context length in tokens; training windows are this long."""
     d_model: int = 256
@@ -53,9 +53,9 @@ class ModelConfig:
     n_heads: int = 4
     """Number of query heads; must divide d_model."""
     n_kv_heads: int | None = None
-    """Key/value heads for grouped-query attention; must divide n_heads. None: n_heads (plain MHA)."""
+    """Key/value heads for grouped-query attention; must divide n_heads. null: n_heads (plain MHA)."""
     ffn_hidden: int | None = None
-    """Hidden width of the MLP. None: 8/3 * d_model for gated activations (4 * d_model for gelu),
+    """Hidden width of the MLP. null: 8/3 * d_model for gated activations (4 * d_model for gelu),
     rounded up to ffn_multiple_of."""
     ffn_multiple_of: int = 64
     """The derived ffn_hidden is rounded up to a multiple of this (tensor-core friendly shapes)."""
@@ -109,10 +109,10 @@ class DataConfig:
     """Where the training tokens come from."""
 
     dir: str | None = None
-    """Directory of token shards with a meta.json. None: the embedded corpus (Python's own
+    """Directory of token shards with a meta.json. null: the embedded corpus (Python's own
     documentation), tokenized once into the cache directory on first use."""
     cache_dir: str | None = None
-    """Where the embedded corpus is prepared. None: $DIST_LM_CACHE, else ~/.cache/dist_lm."""
+    """Where the embedded corpus is prepared. null: $DIST_LM_CACHE, else ~/.cache/dist_lm."""
     embedded_vocab_size: int = 4096
     """Vocabulary size of the BPE tokenizer trained for the embedded corpus."""
 
@@ -171,12 +171,12 @@ class TrainConfig:
     max_steps: int = 1000
     """Optimizer steps to train for; the learning-rate schedule spans them."""
     max_tokens: int | None = None
-    """Stop earlier once this many training tokens have been consumed. None: no token budget."""
+    """Stop earlier once this many training tokens have been consumed. null: no token budget."""
     micro_batch_size: int = 8
     """Sequences per rank per forward/backward pass."""
     global_batch_size: int | None = None
     """Sequences per optimizer step across all ranks; must be a multiple of micro_batch_size x
-    data-parallel ranks (the rest is gradient accumulation). None: micro_batch_size x ranks."""
+    data-parallel ranks (the rest is gradient accumulation). null: micro_batch_size x ranks."""
     log_interval: int = 10
     """Log training metrics every this many steps (also the loss all-reduce cadence)."""
     eval_interval: int = 100
@@ -185,7 +185,7 @@ class TrainConfig:
     """Validation windows evaluated each time: a fixed set, the same for every rank count."""
     sample_tokens: int = 0
     """At the end of training, print a sample of this many generated tokens; 0 disables."""
-    sample_prompt: str = "The "
+    sample_prompt: str = "The"
     """Prompt of that sample."""
     check_finite: bool = False
     """After every backward, check gradients and loss for NaN/inf and name the first offending
@@ -256,9 +256,9 @@ class RunConfig:
     """Naming and placing the run."""
 
     name: str | None = None
-    """Run name. None: the config's name and the start time, e.g. debug-20261123-014500."""
+    """Run name. null: the config's name and the start time, e.g. debug-20261123-014500."""
     dir: str | None = None
-    """Run directory (resolved config, log, metrics.jsonl, checkpoints). None: runs/<name>."""
+    """Run directory (resolved config, log, metrics.jsonl, checkpoints). null: runs/<name>."""
     verbose: bool = False
     """Show DeepSpeed's own start-up output (quiet by default)."""
 

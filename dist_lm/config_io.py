@@ -94,11 +94,11 @@ def _unknown_key(key: str, source: str | None) -> ConfigError:
     return ConfigError(key, f"unknown key{hint}", source)
 
 
-def _type_name(hint: Any) -> str:
+def type_name(hint: Any) -> str:
     if typing.get_origin(hint) is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-        return " or ".join(_type_name(a) for a in typing.get_args(hint))
+        return " or ".join(type_name(a) for a in typing.get_args(hint))
     return "null" if hint is type(None) else getattr(hint, "__name__", str(hint))
 
 
@@ -167,7 +167,7 @@ def build(cls: type, data: dict, sources: dict[str, str], prefix: str = "") -> A
         try:
             kwargs[key] = _coerce(value, hint)
         except (ValueError, TypeError):
-            raise ConfigError(dotted, f"expected {_type_name(hint)}, got {value!r}", sources.get(dotted)) from None
+            raise ConfigError(dotted, f"expected {type_name(hint)}, got {value!r}", sources.get(dotted)) from None
     try:
         return cls(**kwargs)
     except ConfigError as e:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
+import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Mapping
@@ -130,11 +131,18 @@ def init_process_group(d: DistEnv, device: torch.device, timeout_minutes: float)
     port = d.master_port or _free_port()
     os.environ.update(RANK=str(d.rank), WORLD_SIZE=str(d.world_size), LOCAL_RANK=str(d.local_rank),
                       LOCAL_WORLD_SIZE=str(d.local_world_size), MASTER_ADDR=d.master_addr, MASTER_PORT=str(port))
+    kwargs = {}
     if device.type == "cuda":
         torch.cuda.set_device(device)
+        if d.world_size > 1:
+            kwargs["device_id"] = device  # binds NCCL to our GPU up front, as DeepSpeed does
+        else:
+            # DeepSpeed leaves one-rank jobs unbound (a bound single rank has no peer for
+            # ncclCommSplit); torch then warns at every barrier about a choice there isn't.
+            warnings.filterwarnings("ignore", message=r"barrier\(\): using the device under current context")
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, rank=d.rank, world_size=d.world_size,
-                            timeout=timedelta(minutes=timeout_minutes))
+                            timeout=timedelta(minutes=timeout_minutes), **kwargs)
 
 
 def teardown() -> None:

@@ -75,7 +75,7 @@ def format_step(r: dict) -> str:
         parts.append(f"gnorm {r['grad_norm']:.3f}")
     parts.append(f"{r['tokens_per_s']:,.0f} tok/s")
     if r.get("mfu") is not None:
-        parts.append(f"mfu {100 * r['mfu']:.1f}%")
+        parts.append(f"mfu {100 * r['mfu']:.3g}%")  # 3 significant digits: tiny models are far below 1%
     parts.append(f"{1000 * r['step_time']:.0f} ms/step")
     if r.get("peak_mem_gb") is not None:
         parts.append(f"mem {r['peak_mem_gb']:.2f} GB")

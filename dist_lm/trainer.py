@@ -90,6 +90,7 @@ class Trainer:
         self.metrics = metrics.MetricsWriter(self.run_dir / "metrics.jsonl")
         self.step = 0
         self.best_val_loss = math.inf
+        self.val_history: list[tuple[int, float]] = []  # this process's evaluations, for the summary
         if cfg.checkpoint.resume:
             self._resume()
 
@@ -161,6 +162,10 @@ class Trainer:
                 self.save()
         if cfg.eval_interval and self.step % cfg.eval_interval != 0:
             self.evaluate()
+        if len(self.val_history) >= 2:
+            (first_step, first), (last_step, last) = self.val_history[0], self.val_history[-1]
+            metrics.log(f"validation loss {first:.3f} -> {last:.3f} (perplexity {math.exp(first):.1f} -> "
+                        f"{math.exp(last):.1f}) from step {first_step} to {last_step}")
         self.save()
         if cfg.sample_tokens:
             self.print_sample()
@@ -210,6 +215,7 @@ class Trainer:
         dist.all_reduce(totals)  # sync point
         val_loss = (totals[0] / totals[1]).item()
         self.best_val_loss = min(self.best_val_loss, val_loss)
+        self.val_history.append((self.step, val_loss))
         self.metrics.write({"step": self.step, "tokens": self.tokens_seen(), "val_loss": val_loss,
                             "val_ppl": math.exp(min(val_loss, 50.0))})
         metrics.log(f"step {self.step:>6} | val loss {val_loss:.4f} | val ppl {math.exp(min(val_loss, 50.0)):.2f}")

@@ -1,0 +1,46 @@
+"""The config reference (README's table), generated from the dataclasses' field docstrings.
+
+Python keeps no docstrings for attributes at run time, so they are read from config.py's source.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import json
+import typing
+
+from dist_lm import config
+from dist_lm.config_io import type_name
+
+
+def field_docs() -> dict[str, dict[str, str]]:
+    """{class name: {field name: docstring}} for every dataclass in dist_lm.config."""
+    tree = ast.parse(inspect.getsource(config))
+    docs: dict[str, dict[str, str]] = {}
+    for cls in (n for n in tree.body if isinstance(n, ast.ClassDef)):
+        fields = docs.setdefault(cls.name, {})
+        for stmt, after in zip(cls.body, cls.body[1:]):
+            if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)
+                    and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)):
+                fields[stmt.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
+def reference_markdown() -> str:
+    docs = field_docs()
+    out = []
+    for section in dataclasses.fields(config.Config):
+        cls = typing.get_type_hints(config.Config)[section.name]
+        if not dataclasses.is_dataclass(cls):
+            continue
+        out += [f"### `{section.name}`: {' '.join((cls.__doc__ or '').split())}", "",
+                "| key | type | default | meaning |", "| --- | --- | --- | --- |"]
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            out.append(f"| `{section.name}.{f.name}` | {type_name(hints[f.name])} | `{json.dumps(default)}` | "
+                       f"{docs[cls.__name__].get(f.name, '')} |")
+        out.append("")
+    return "\n".join(out)
