@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 
 import torch
 
@@ -26,6 +27,9 @@ from dist_lm.optim import param_groups  # noqa: E402
 def quiet(verbose: bool) -> None:
     """DeepSpeed logs its whole config at start-up; keep warnings, drop the chatter unless asked."""
     deepspeed.utils.logger.setLevel(logging.INFO if verbose else logging.WARNING)
+    if not verbose:
+        # DeepSpeed's ZeRO calls a torch collective that torch has renamed; nothing for us to act on.
+        warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
 
 
 def initialize(model: Transformer, parallel: ParallelConfig, optim: OptimConfig, plan: BatchPlan,

@@ -91,6 +91,7 @@ class Trainer:
         self.step = 0
         self.best_val_loss = math.inf
         self.val_history: list[tuple[int, float]] = []  # this process's evaluations, for the summary
+        self.last_saved_step: int | None = None
         if cfg.checkpoint.resume:
             self._resume()
 
@@ -133,6 +134,9 @@ class Trainer:
         engine.train()
         loss_sum = torch.zeros((), device=self.device)  # summed on device; read only at log steps
         steps_since_log, interval_start, start = 0, time.perf_counter(), time.perf_counter()
+        if self.step >= cfg.max_steps:
+            metrics.log(f"nothing to do: the run is already at step {self.step} of train.max_steps={cfg.max_steps}")
+            return
         metrics.log(f"training from step {self.step} to {cfg.max_steps}")
         while self.step < cfg.max_steps and (cfg.max_tokens is None or self.tokens_seen() < cfg.max_tokens):
             engine_ops.set_lr(engine, lr_at(self.step, self.cfg.optim, cfg.max_steps))
@@ -144,7 +148,7 @@ class Trainer:
                 if i < len(batches) - 1:
                     engine.step()  # DeepSpeed counts micro-steps; it updates only at the boundary
             if cfg.check_finite:
-                self._check_finite(loss)
+                self._check_finite(loss_sum)
             grad_norm = engine_ops.step(engine)
             self.step += 1
             steps_since_log += 1
@@ -166,7 +170,8 @@ class Trainer:
             (first_step, first), (last_step, last) = self.val_history[0], self.val_history[-1]
             metrics.log(f"validation loss {first:.3f} -> {last:.3f} (perplexity {math.exp(first):.1f} -> "
                         f"{math.exp(last):.1f}) from step {first_step} to {last_step}")
-        self.save()
+        if self.last_saved_step != self.step:
+            self.save()
         if cfg.sample_tokens:
             self.print_sample()
 
@@ -193,13 +198,16 @@ class Trainer:
             return torch.cuda.max_memory_allocated(self.device) / 1e9
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # ru_maxrss is in KiB
 
-    def _check_finite(self, last_loss: torch.Tensor) -> None:
+    def _check_finite(self, loss_sum: torch.Tensor) -> None:
+        """Raise, on every rank alike, if this step's loss or any gradient is NaN or inf."""
         bad = engine_ops.first_nonfinite_grad(self.engine)  # a collective under ZeRO-3: every rank calls
-        if not torch.isfinite(last_loss):
-            raise TrainingDiverged(f"step {self.step}: loss is {last_loss.item()}"
+        loss_bad = torch.tensor(0.0 if torch.isfinite(loss_sum) else 1.0, device=self.device)
+        dist.all_reduce(loss_bad, op=dist.ReduceOp.MAX)  # losses are per rank: agree before raising
+        if loss_bad.item():
+            raise TrainingDiverged(f"step {self.step}: loss is not finite on some rank"
                                    + (f"; first non-finite gradient: {bad}" if bad else ""))
         if bad is not None:
-            raise TrainingDiverged(f"step {self.step}: gradient of {bad} is not finite (loss {last_loss.item():.4f})")
+            raise TrainingDiverged(f"step {self.step}: gradient of {bad} is not finite")
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -224,6 +232,7 @@ class Trainer:
 
     def save(self) -> None:
         path = checkpoint.save(self.engine, self.run_dir, self.step, self.state_dict())
+        self.last_saved_step = self.step
         metrics.log(f"saved checkpoint {path}")
 
     def print_sample(self) -> None:

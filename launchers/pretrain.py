@@ -49,23 +49,25 @@ def main(argv: list[str] | None = None) -> int:
             if int(os.environ.get("WORLD_SIZE", "1")) > 1:
                 raise UserError("--debug runs one process: start it with plain python, not a launcher")
             os.environ.setdefault("CUDA_LAUNCH_BLOCKING", "1")  # CUDA errors at the line that caused them
-        from dist_lm.trainer import Trainer, TrainingDiverged  # imports deepspeed: after the cheap checks
+        # These import deepspeed (seconds): only after the cheap checks above.
+        from dist_lm.distributed import teardown
+        from dist_lm.trainer import Trainer, TrainingDiverged
 
         trainer = Trainer(cfg)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    status = 0
     try:
         trainer.fit()
-    except TrainingDiverged as e:
+    except TrainingDiverged as e:  # every rank raises it together, so the teardown below is safe
         print(f"error: training diverged: {e}", file=sys.stderr)
-        return 1
+        status = 1
     finally:
         trainer.close()
-        from dist_lm.distributed import teardown
-
-        teardown()
-    return 0
+    # Not reached after a crash: a barrier there would wait for ranks that may never come.
+    teardown()
+    return status
 
 
 if __name__ == "__main__":

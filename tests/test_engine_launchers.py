@@ -82,3 +82,29 @@ def test_validation_loss_does_not_depend_on_rank_count(tmp_path, env, ds_ops):
     _, _, one = run_and_read(tmp_path / "one", "python", ["parallel.zero_stage=0"], env)
     _, _, two = run_and_read(tmp_path / "two", "torchrun", ["parallel.zero_stage=0"], env)
     assert one == pytest.approx(two, abs=1e-4)
+
+
+def test_restart_continues_from_the_newest_checkpoint(tmp_path, env, ds_ops):
+    """Two ranks at ZeRO-2 save at steps 3 and 6; with step 6 gone, a restart in the same run
+    directory resumes at step 3 and repeats steps 4-6 as they were (same samples, same state)."""
+    args = ["--config", "debug", *COMMON, "parallel.zero_stage=2", "checkpoint.interval=3", f"run.dir={tmp_path}"]
+    assert_ok(launch("torchrun", args, env))
+    first, _ = read_metrics(tmp_path)
+    ckpt = tmp_path / "checkpoints"
+    assert sorted(p.name for p in ckpt.glob("step*")) == ["step00000003", "step00000006"]
+    import shutil
+
+    shutil.rmtree(ckpt / "step00000006")
+    (ckpt / "latest").write_text("step00000003")
+
+    proc = launch("torchrun", args, env)
+    assert_ok(proc)
+    assert f"resumed from {ckpt / 'step00000003'} at step 3 (24 samples consumed)" in proc.stdout
+    both, _ = read_metrics(tmp_path)
+    resumed = both[len(first):]
+    assert [r["step"] for r in resumed] == [4, 5, 6]
+    assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in first[3:]], abs=1e-6)
+
+    proc = launch("torchrun", args, env)  # a finished run has nothing left to do
+    assert_ok(proc)
+    assert "nothing to do: the run is already at step 6" in proc.stdout
