@@ -1,11 +1,15 @@
 """Checkpoints through DeepSpeed's engine, with our resumable state as explicit client state.
 
 Layout: RUN_DIR/checkpoints/step00000100/ (DeepSpeed's files, sharded per rank as ZeRO makes
-them) and RUN_DIR/checkpoints/latest (the tag of the newest, written by DeepSpeed after the save).
+them, and our state as state.json, written first) and RUN_DIR/checkpoints/latest (the tag of
+the newest, written by DeepSpeed after its save). Our state is plain JSON, so it can be read
+before the engine exists, e.g. to refuse a resume on other data before loading any tensor.
 """
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -27,19 +31,35 @@ def latest_tag(run_dir: Path) -> str | None:
     return latest.read_text().strip() if latest.is_file() else None
 
 
-def save(engine: Engine, run_dir: Path, step: int, client_state: dict) -> Path:
-    """Save on every rank (a collective). client_state holds plain values only."""
-    engine.save_checkpoint(str(checkpoint_dir(run_dir)), tag=tag_for(step), client_state=client_state)
-    return checkpoint_dir(run_dir) / tag_for(step)
+def save(engine: Engine, run_dir: Path, step: int, state: dict, is_rank0: bool) -> Path:
+    """Save on every rank (a collective): our JSON state first, then the engine's, then `latest`."""
+    path = checkpoint_dir(run_dir) / tag_for(step)
+    if is_rank0:
+        path.mkdir(parents=True, exist_ok=True)
+        tmp = path / ".state.json.tmp"
+        tmp.write_text(json.dumps(state, indent=1))
+        os.replace(tmp, path / "state.json")
+    engine.save_checkpoint(str(checkpoint_dir(run_dir)), tag=tag_for(step))
+    return path
 
 
-def load(engine: Engine, run_dir: Path) -> dict | None:
-    """Load the newest checkpoint of the run into the engine; its client state, or None if none."""
+def read_state(run_dir: Path) -> dict | None:
+    """Our state of the newest checkpoint of the run, or None if it has none."""
     tag = latest_tag(run_dir)
     if tag is None:
         return None
-    path, client_state = engine.load_checkpoint(str(checkpoint_dir(run_dir)), tag=tag)
+    path = checkpoint_dir(run_dir) / tag / "state.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        raise UserError(f"checkpoint error: {path} is missing or unreadable; remove {checkpoint_dir(run_dir) / tag} "
+                        f"and point {checkpoint_dir(run_dir) / 'latest'} at an earlier step, or set checkpoint.resume=false") from None
+
+
+def load(engine: Engine, run_dir: Path) -> None:
+    """Load the newest checkpoint of the run into the engine."""
+    tag = latest_tag(run_dir)
+    path, _ = engine.load_checkpoint(str(checkpoint_dir(run_dir)), tag=tag)
     if path is None:
         raise UserError(f"checkpoint error: {checkpoint_dir(run_dir) / tag} could not be loaded; "
                         f"remove it (and fix {checkpoint_dir(run_dir) / 'latest'}) or set checkpoint.resume=false")
-    return client_state

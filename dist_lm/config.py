@@ -115,6 +115,12 @@ class DataConfig:
     """Where the embedded corpus is prepared. null: $DIST_LM_CACHE, else ~/.cache/dist_lm."""
     embedded_vocab_size: int = 4096
     """Vocabulary size of the BPE tokenizer trained for the embedded corpus."""
+    dtype: Literal["auto", "uint16", "uint32"] = "auto"
+    """Token type of the shards. auto: from meta.json. nanoGPT's train.bin/val.bin (no meta.json)
+    need it given: uint16 for GPT-2 tokens."""
+    log_samples: bool = False
+    """Each rank appends the window ids it reads, one line per step, to samples/rank<N>.txt in the
+    run directory: an audit trail of exactly what every rank trained on."""
 
     def __post_init__(self) -> None:
         _require(self.embedded_vocab_size >= 512, "embedded_vocab_size", "must be at least 512")

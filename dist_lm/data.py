@@ -101,6 +101,7 @@ class TrainData:
         self.windows = Windows(shards.open_split(data_dir, meta, "train"), seq_len, f"{data_dir} (train split)")
         self.plan, self.dp_rank, self.seed, self.device = plan, dp_rank, seed, device
         self.samples_consumed = 0
+        self.last_ids = np.empty(0, dtype=np.int64)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
         self._next: tuple[int, Future] | None = None
 
@@ -119,16 +120,17 @@ class TrainData:
         per_rank = self.plan.per_rank_batch_size
         return self.global_ids(samples_consumed + self.dp_rank * per_rank, per_rank)
 
-    def _load(self, samples_consumed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        tokens = self.windows.gather(self.rank_ids(samples_consumed))
-        return _to_batches(tokens, self.plan.micro_batch_size, self.device)
+    def _load(self, samples_consumed: int) -> tuple[np.ndarray, list[tuple[torch.Tensor, torch.Tensor]]]:
+        ids = self.rank_ids(samples_consumed)
+        return ids, _to_batches(self.windows.gather(ids), self.plan.micro_batch_size, self.device)
 
     def next_batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The micro-batches (inputs, targets) of the next optimizer step; prefetches the one after."""
+        """The micro-batches (inputs, targets) of the next optimizer step; prefetches the one after.
+        ``last_ids`` holds the window ids they were cut from."""
         if self._next is not None and self._next[0] == self.samples_consumed:
-            batches = self._next[1].result()
+            self.last_ids, batches = self._next[1].result()
         else:
-            batches = self._load(self.samples_consumed)
+            self.last_ids, batches = self._load(self.samples_consumed)
         self.samples_consumed += self.plan.global_batch_size
         self._next = (self.samples_consumed, self._pool.submit(self._load, self.samples_consumed))
         return batches

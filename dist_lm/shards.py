@@ -39,76 +39,148 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+class ShardWriter:
+    """Appends documents to one split, cutting a new shard file every ``shard_tokens`` tokens."""
+
+    def __init__(self, directory: Path, split: str, dtype: np.dtype, shard_tokens: int):
+        self.directory, self.split, self.dtype, self.shard_tokens = directory, split, dtype, shard_tokens
+        self.shards: list[dict] = []
+        self._file = None
+        self._hash = None
+        self._tokens = 0
+
+    def add(self, tokens: np.ndarray) -> None:
+        if self._file is None:
+            path = self.directory / f"{self.split}_{len(self.shards):04d}.bin"
+            self._file, self._hash, self._tokens = open(path, "wb"), hashlib.sha256(), 0
+        data = np.ascontiguousarray(tokens, dtype=self.dtype).tobytes()
+        self._file.write(data)
+        self._hash.update(data)
+        self._tokens += len(tokens)
+        if self._tokens >= self.shard_tokens:
+            self._finish_shard()
+
+    def _finish_shard(self) -> None:
+        name = Path(self._file.name).name
+        self._file.close()
+        self.shards.append({"file": name, "tokens": self._tokens, "sha256": self._hash.hexdigest()})
+        self._file = None
+
+    def close(self) -> list[dict]:
+        if self._file is not None:
+            self._finish_shard()
+        return self.shards
+
+
+class DatasetWriter:
+    """Writes a dataset into a temporary directory beside ``out_dir``; ``commit`` renames it into
+    place, replacing an old one only then. Leaving the ``with`` block without commit (an error,
+    Ctrl-C) removes the temporary directory: no half dataset is ever left looking whole."""
+
+    def __init__(self, out_dir: Path, tokenizer_json: Path, vocab_size: int, shard_tokens: int = 100_000_000,
+                 splits: tuple[str, ...] = SPLITS):
+        self.out_dir = Path(out_dir)
+        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.tmp-", dir=self.out_dir.parent))
+        self.dtype = token_dtype(vocab_size)
+        self.meta = {"format": FORMAT, "dtype": self.dtype.name, "vocab_size": vocab_size,
+                     "tokenizer": "tokenizer.json", "tokenizer_sha256": sha256_file(tokenizer_json)}
+        shutil.copyfile(tokenizer_json, self.tmp / "tokenizer.json")
+        self.writers = {s: ShardWriter(self.tmp, s, self.dtype, shard_tokens) for s in splits}
+
+    def __enter__(self) -> "DatasetWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)  # after commit there is nothing left to remove
+
+    def add(self, split: str, tokens: np.ndarray) -> None:
+        self.writers[split].add(tokens)
+
+    def commit(self, extra_meta: dict | None = None) -> Path:
+        meta = {**self.meta, "splits": {s: w.close() for s, w in self.writers.items()}, **(extra_meta or {})}
+        (self.tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        if self.out_dir.exists():
+            old = self.out_dir.with_name(f".{self.out_dir.name}.old-{os.getpid()}")
+            os.rename(self.out_dir, old)
+            os.rename(self.tmp, self.out_dir)
+            shutil.rmtree(old)
+        else:
+            os.rename(self.tmp, self.out_dir)
+        return self.out_dir
+
+
 def write_dataset(out_dir: Path, tokenizer_json: Path, vocab_size: int,
                   splits: dict[str, Iterable[np.ndarray]], shard_tokens: int = 100_000_000,
                   extra_meta: dict | None = None) -> Path:
-    """Write token arrays (one per document, each ending in end-of-text) as shards, atomically.
-
-    Returns out_dir. If out_dir already exists it is replaced only after the new one is complete.
-    """
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    dtype = token_dtype(vocab_size)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        meta = {"format": FORMAT, "dtype": dtype.name, "vocab_size": vocab_size,
-                "tokenizer": "tokenizer.json", "tokenizer_sha256": sha256_file(tokenizer_json),
-                "splits": {}, **(extra_meta or {})}
-        shutil.copyfile(tokenizer_json, tmp / "tokenizer.json")
+    """Write each split's documents (token arrays, each ending in end-of-text) atomically."""
+    with DatasetWriter(out_dir, tokenizer_json, vocab_size, shard_tokens, tuple(splits)) as writer:
         for split, docs in splits.items():
-            meta["splits"][split] = _write_split(tmp, split, docs, dtype, shard_tokens)
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-            os.rename(out_dir, old)
-            os.rename(tmp, out_dir)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+            for doc in docs:
+                writer.add(split, doc)
+        return writer.commit(extra_meta)
 
 
-def _write_split(tmp: Path, split: str, docs: Iterable[np.ndarray], dtype: np.dtype, shard_tokens: int) -> list[dict]:
-    shards: list[dict] = []
-    buffer: list[np.ndarray] = []
-    buffered = 0
-
-    def flush() -> None:
-        nonlocal buffer, buffered
-        path = tmp / f"{split}_{len(shards):04d}.bin"
-        np.concatenate(buffer).astype(dtype).tofile(path)
-        shards.append({"file": path.name, "tokens": buffered, "sha256": sha256_file(path)})
-        buffer, buffered = [], 0
-
-    for doc in docs:
-        buffer.append(doc)
-        buffered += len(doc)
-        if buffered >= shard_tokens:
-            flush()
-    if buffered:
-        flush()
-    return shards
-
-
-def read_meta(data_dir: Path) -> dict:
+def read_meta(data_dir: Path, dtype: str = "auto") -> dict:
+    """meta.json of a dataset directory; for nanoGPT's layout (train.bin / val.bin and no
+    meta.json) one is made up in memory from ``dtype``, which must then be given."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise UserError(f"data error: data.dir={data_dir} does not exist; point it at a directory of token "
                         "shards with a meta.json (README, 'Data'), or leave it unset for the embedded corpus")
     path = data_dir / "meta.json"
+    if not path.is_file():
+        if (data_dir / "train.bin").is_file():
+            return _nanogpt_meta(data_dir, dtype)
+        raise UserError(f"data error: {path} is missing; data.dir must be a directory of token shards "
+                        "with a meta.json (README, 'Data') or nanoGPT's train.bin/val.bin") from None
     try:
         meta = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"data error: {path} is missing; data.dir must be a directory of token shards "
-                        "with a meta.json (README, 'Data')") from None
     except json.JSONDecodeError as e:
         raise UserError(f"data error: {path} is not valid JSON (line {e.lineno}); re-create the dataset") from None
     if meta.get("format") != FORMAT:
         raise UserError(f"data error: {path} has format {meta.get('format')!r}, expected {FORMAT!r}")
+    if dtype != "auto" and dtype != meta["dtype"]:
+        raise UserError(f"data error: data.dtype={dtype} but {path} says {meta['dtype']}; "
+                        "leave data.dtype=auto when there is a meta.json")
+    if np.dtype(meta["dtype"]).itemsize < token_dtype(meta["vocab_size"]).itemsize:
+        raise UserError(f"data error: {path} says dtype {meta['dtype']} but vocab_size {meta['vocab_size']}, "
+                        "which does not fit; re-create the dataset")
     return meta
+
+
+def _nanogpt_meta(data_dir: Path, dtype: str) -> dict:
+    if dtype == "auto":
+        raise UserError(f"data error: {data_dir} has train.bin but no meta.json, so its token type is unknown; "
+                        "set data.dtype=uint16 (nanoGPT's GPT-2 tokens) or data.dtype=uint32")
+    itemsize = np.dtype(dtype).itemsize
+    splits = {}
+    for split in SPLITS:
+        path = data_dir / f"{split}.bin"
+        if path.is_file():
+            size = path.stat().st_size
+            if size % itemsize:
+                raise UserError(f"data error: {path} has {size} bytes, not a whole number of {dtype} tokens; "
+                                "check data.dtype")
+            splits[split] = [{"file": path.name, "tokens": size // itemsize}]
+    return {"format": FORMAT, "dtype": dtype, "vocab_size": None, "tokenizer": None, "tokenizer_sha256": None,
+            "splits": splits, "layout": "nanogpt"}
+
+
+def check_token_ids(data_dir: Path, meta: dict, vocab_size: int, sample_tokens: int = 1 << 20) -> None:
+    """Cheaply check that token ids are below the model's vocabulary: the start, the end and a
+    few seeded random stretches of every shard (reading all of a large corpus would take minutes)."""
+    rng = np.random.default_rng(0)
+    for split in meta["splits"]:
+        for shard, tokens in zip(meta["splits"][split], open_split(data_dir, meta, split)):
+            n = len(tokens)
+            stretches = [(0, sample_tokens), (max(0, n - sample_tokens), sample_tokens)]
+            stretches += [(int(s), 4096) for s in rng.integers(0, max(1, n - 4096), size=8)]
+            high = max(int(tokens[s:s + length].max(initial=0)) for s, length in stretches)
+            if high >= vocab_size:
+                raise UserError(f"data error: {Path(data_dir) / shard['file']} holds token id {high}, but "
+                                f"model.vocab_size is {vocab_size}; raise model.vocab_size above {high} "
+                                "or use the tokenizer the data was made with")
 
 
 def open_split(data_dir: Path, meta: dict, split: str) -> list[np.memmap]:

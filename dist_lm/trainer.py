@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from dist_lm import checkpoint, corpus, distributed, engine as engine_ops, hardware, metrics, shards
-from dist_lm.config import Config, ConfigError
+from dist_lm.config import Config, ConfigError, UserError
 from dist_lm.config_io import to_dict, to_yaml
 from dist_lm.data import TrainData, ValData
 from dist_lm.ds_config import batch_plan
@@ -34,12 +34,16 @@ class TrainingDiverged(RuntimeError):
 def resolve_data(cfg: Config) -> tuple[Path, dict]:
     """The dataset directory and its meta.json; fills in model.vocab_size from it."""
     data_dir = Path(cfg.data.dir) if cfg.data.dir else corpus.prepare(cfg.data.cache_dir, cfg.data.embedded_vocab_size)
-    meta = shards.read_meta(data_dir)
+    meta = shards.read_meta(data_dir, cfg.data.dtype)
+    if meta["vocab_size"] is None and cfg.model.vocab_size is None:
+        raise ConfigError("model.vocab_size", f"{data_dir} has no meta.json to take the vocabulary size from; "
+                          "set it (50304 for nanoGPT's GPT-2 tokens)")
     if cfg.model.vocab_size is None:
         cfg.model.vocab_size = (meta["vocab_size"] + 63) // 64 * 64  # a multiple of 64 suits the matmul kernels
-    elif cfg.model.vocab_size < meta["vocab_size"]:
+    elif meta["vocab_size"] is not None and cfg.model.vocab_size < meta["vocab_size"]:
         raise ConfigError("model.vocab_size", f"{cfg.model.vocab_size} is smaller than the vocabulary of "
                           f"{data_dir / 'meta.json'} ({meta['vocab_size']}); raise it or leave it null")
+    shards.check_token_ids(data_dir, meta, cfg.model.vocab_size)
     return data_dir, meta
 
 
@@ -62,6 +66,11 @@ class Trainer:
         self.precision, precision_reason = hardware.resolve_precision(cfg.parallel.precision, self.device)
         self.plan = batch_plan(cfg.train, self.dist_env.world_size)
         self.data_dir, self.meta = resolve_data(cfg)
+        rank = self.dist_env.rank  # data-parallel rank: no tensor or pipeline parallelism here
+        self.train_data = TrainData(self.data_dir, self.meta, cfg.model.seq_len, self.plan, rank,
+                                    cfg.train.seed, self.device)
+        self.val_data = ValData(self.data_dir, self.meta, cfg.model.seq_len, cfg.train.eval_samples,
+                                self.plan.micro_batch_size, rank, self.plan.dp_size, self.device)
 
         # --- the process group, then the run directory (its name is rank 0's choice)
         distributed.init_process_group(self.dist_env, self.device, cfg.parallel.timeout_minutes)
@@ -73,7 +82,7 @@ class Trainer:
                     f"{self.plan.grad_accum_steps} x ranks {self.plan.dp_size}")
         metrics.log(f"data {self.data_dir}; run dir {self.run_dir}")
 
-        # --- model, engine, data
+        # --- model and engine
         torch.manual_seed(cfg.train.seed)
         model = Transformer(cfg.model)
         self.flops_per_token = flops_per_token(cfg.model)
@@ -82,12 +91,11 @@ class Trainer:
                     f"{self.flops_per_token / 1e6:.1f} MFLOP/token")
         engine_ops.quiet(cfg.run.verbose)
         self.engine = engine_ops.initialize(model, cfg.parallel, cfg.optim, self.plan, self.precision, self.device)
-        rank = self.dist_env.rank  # data-parallel rank: no tensor or pipeline parallelism here
-        self.train_data = TrainData(self.data_dir, self.meta, cfg.model.seq_len, self.plan, rank,
-                                    cfg.train.seed, self.device)
-        self.val_data = ValData(self.data_dir, self.meta, cfg.model.seq_len, cfg.train.eval_samples,
-                                self.plan.micro_batch_size, rank, self.plan.dp_size, self.device)
         self.metrics = metrics.MetricsWriter(self.run_dir / "metrics.jsonl")
+        self.sample_log = None
+        if cfg.data.log_samples:  # every rank writes its own file
+            (self.run_dir / "samples").mkdir(exist_ok=True)
+            self.sample_log = open(self.run_dir / "samples" / f"rank{rank}.txt", "a", buffering=1)
         self.step = 0
         self.best_val_loss = math.inf
         self.val_history: list[tuple[int, float]] = []  # this process's evaluations, for the summary
@@ -110,18 +118,24 @@ class Trainer:
         return run_dir
 
     def _resume(self) -> None:
-        state = checkpoint.load(self.engine, self.run_dir)
+        state = checkpoint.read_state(self.run_dir)
         if state is None:
             return
+        if state.get("tokenizer_sha256") != self.meta["tokenizer_sha256"]:
+            raise UserError(f"data error: {self.run_dir} was trained on tokens of tokenizer "
+                            f"{str(state.get('tokenizer_sha256'))[:12]}, but {self.data_dir} was made with "
+                            f"{str(self.meta['tokenizer_sha256'])[:12]}; resume with the same data.dir, or start a new run.name")
+        checkpoint.load(self.engine, self.run_dir)
         self.step = state["step"]
-        self.best_val_loss = state.get("best_val_loss", math.inf)
+        self.best_val_loss = state["best_val_loss"] if state["best_val_loss"] is not None else math.inf
         self.train_data.load_state_dict(state["data"])
         metrics.log(f"resumed from {checkpoint.checkpoint_dir(self.run_dir) / checkpoint.tag_for(self.step)} "
                     f"at step {self.step} ({self.train_data.samples_consumed} samples consumed)")
 
     def state_dict(self) -> dict:
-        """Our resumable state, saved as DeepSpeed client state beside the engine's own."""
-        return {"step": self.step, "data": self.train_data.state_dict(), "best_val_loss": self.best_val_loss,
+        """Our resumable state, saved as JSON beside the engine's own checkpoint."""
+        best = self.best_val_loss if math.isfinite(self.best_val_loss) else None  # JSON has no infinity
+        return {"step": self.step, "data": self.train_data.state_dict(), "best_val_loss": best,
                 "tokens": self.tokens_seen(), "config": to_dict(self.cfg),
                 "tokenizer_sha256": self.meta["tokenizer_sha256"]}
 
@@ -141,6 +155,8 @@ class Trainer:
         while self.step < cfg.max_steps and (cfg.max_tokens is None or self.tokens_seen() < cfg.max_tokens):
             engine_ops.set_lr(engine, lr_at(self.step, self.cfg.optim, cfg.max_steps))
             batches = self.train_data.next_batches()
+            if self.sample_log is not None:
+                self.sample_log.write(" ".join(map(str, self.train_data.last_ids)) + "\n")
             for i, (x, y) in enumerate(batches):
                 loss = engine(x, y)
                 engine.backward(loss)
@@ -231,13 +247,16 @@ class Trainer:
         return val_loss
 
     def save(self) -> None:
-        path = checkpoint.save(self.engine, self.run_dir, self.step, self.state_dict())
+        path = checkpoint.save(self.engine, self.run_dir, self.step, self.state_dict(), distributed.is_rank0())
         self.last_saved_step = self.step
         metrics.log(f"saved checkpoint {path}")
 
     def print_sample(self) -> None:
         from tokenizers import Tokenizer
 
+        if not self.meta.get("tokenizer"):
+            metrics.warn(f"no sample: {self.data_dir} has no tokenizer.json to decode with")
+            return
         tokenizer = Tokenizer.from_file(str(self.data_dir / self.meta["tokenizer"]))
         prompt = tokenizer.encode(self.cfg.train.sample_prompt).ids or [self.meta.get("eot_id", 0)]
         self.engine.eval()
@@ -251,5 +270,7 @@ class Trainer:
 
     def close(self) -> None:
         self.train_data.close()
+        if self.sample_log is not None:
+            self.sample_log.close()
         self.metrics.close()
         metrics.set_log_file(None)
