@@ -10,6 +10,7 @@ import dataclasses
 import inspect
 import json
 import typing
+from pathlib import Path
 
 from dist_lm import config
 from dist_lm.config_io import type_name
@@ -44,3 +45,16 @@ def reference_markdown() -> str:
                        f"{docs[cls.__name__].get(f.name, '')} |")
         out.append("")
     return "\n".join(out)
+
+
+START, END = "<!-- config-reference:start -->\n", "<!-- config-reference:end -->"
+
+
+def embedded_reference(text: str) -> str:
+    """The reference as embedded in a README between the markers."""
+    return text[text.index(START) + len(START):text.index(END)]
+
+
+def update_readme(path: Path) -> None:
+    text = path.read_text()
+    path.write_text(text.replace(embedded_reference(text), reference_markdown() + "\n"))

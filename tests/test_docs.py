@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 from conftest import ROOT
-from dist_lm.config_doc import reference_markdown
+from dist_lm.config_doc import embedded_reference, reference_markdown
 
 
 def readme() -> str:
@@ -19,11 +19,8 @@ def test_first_two_commands_are_make_demo_and_make_test():
 
 
 def test_config_reference_is_generated_from_the_dataclasses():
-    text = readme()
-    start = text.index("<!-- config-reference:start -->\n") + len("<!-- config-reference:start -->\n")
-    end = text.index("<!-- config-reference:end -->")
-    assert text[start:end].strip() == reference_markdown().strip(), \
-        "README's config reference is stale: regenerate it with python tools/config_reference.py"
+    assert embedded_reference(readme()).strip() == reference_markdown().strip(), \
+        "README's config reference is stale: python tools/config_reference.py --update README.md"
 
 
 def test_every_config_field_has_a_docstring():

@@ -1,13 +1,21 @@
-"""Print the config reference (markdown) generated from dist_lm/config.py; README.md embeds it.
+"""Print the config reference (markdown) generated from dist_lm/config.py, or refresh README.md's copy.
 
-    python tools/config_reference.py > /tmp/ref.md
+    python tools/config_reference.py                    # print it
+    python tools/config_reference.py --update README.md # rewrite the copy between the README's markers
 """
 
+import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dist_lm.config_doc import reference_markdown  # noqa: E402
+from dist_lm.config_doc import reference_markdown, update_readme  # noqa: E402
 
-print(reference_markdown())
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("--update", type=Path, metavar="README", help="rewrite the reference in this file")
+args = parser.parse_args()
+if args.update:
+    update_readme(args.update)
+else:
+    print(reference_markdown())

@@ -1,0 +1,239 @@
+"""tools/prepare_data.py, run as a user runs it, and the loader's checks of what it reads."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zstandard
+from tokenizers import Tokenizer
+
+from conftest import ROOT, assert_ok, launch, read_metrics
+from dist_lm import shards
+from dist_lm.prepare import SPECIAL_TOKENS
+
+TOOL = ROOT / "tools" / "prepare_data.py"
+WORDS = "the of a model data token train rank shard window sample batch loss step".split()
+
+
+def run_tool(*args, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(TOOL), *map(str, args), "--quiet"], capture_output=True, text=True,
+                          timeout=300, env=env)
+
+
+def text(seed: int, words: int = 300) -> str:
+    rng = np.random.default_rng(seed)
+    return " ".join(WORDS[i] for i in rng.integers(0, len(WORDS), words))
+
+
+@pytest.fixture
+def corpus_dir(tmp_path) -> Path:
+    """A little of everything: txt, jsonl with several text fields, chat records, gz and zst."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.txt").write_text(text(0, 3000))
+    with open(src / "b.jsonl", "w") as f:
+        for i, name in enumerate(["text", "content", "message", "body", "output"] * 20):
+            f.write(json.dumps({"id": i, name: text(i + 1)}) + "\n")
+        f.write(json.dumps({"messages": [{"role": "system", "content": "be brief"},
+                                         {"role": "user", "content": "hello"},
+                                         {"role": "assistant", "content": "hi there"}]}) + "\n")
+    with gzip.open(src / "c.jsonl.gz", "wt") as f:
+        f.writelines(json.dumps({"text": text(100 + i)}) + "\n" for i in range(30))
+    with open(src / "d.jsonl.zst", "wb") as raw, zstandard.ZstdCompressor().stream_writer(raw) as f:
+        f.write("".join(json.dumps({"text": text(200 + i)}) + "\n" for i in range(30)).encode())
+    return src
+
+
+def dataset_files(out: Path) -> dict[str, bytes]:
+    files = {p.name: p.read_bytes() for p in out.iterdir() if p.suffix == ".bin" or p.name == "tokenizer.json"}
+    meta = json.loads((out / "meta.json").read_text())
+    meta.pop("command")
+    files["meta"] = json.dumps(meta).encode()
+    return files
+
+
+def test_one_and_two_workers_give_byte_identical_output(corpus_dir, tmp_path):
+    for w in (1, 2):
+        assert_ok(run_tool(corpus_dir, "--out", tmp_path / f"w{w}", "--vocab-size", 400, "--workers", w,
+                           "--val-fraction", 0.1, "--shard-tokens", 20_000))
+    one, two = dataset_files(tmp_path / "w1"), dataset_files(tmp_path / "w2")
+    assert one == two
+    assert sum(1 for name in one if name.startswith("train_")) > 1  # several shards were cut
+
+
+def test_output_format_and_contents(corpus_dir, tmp_path):
+    out = tmp_path / "out"
+    proc = run_tool(corpus_dir, "--out", out, "--vocab-size", 400, "--val-fraction", 0.2, "--seed", 3)
+    assert_ok(proc)
+    meta = shards.read_meta(out)
+    assert meta["dtype"] == "uint16" and meta["documents"] == 1 + 101 + 60 and meta["seed"] == 3
+    assert meta["val_fraction"] == 0.2 and "prepare_data.py" in meta["command"]
+    assert meta["tokenizer_sha256"] == shards.sha256_file(out / "tokenizer.json")
+    tok = Tokenizer.from_file(str(out / "tokenizer.json"))
+    train = np.concatenate(shards.open_split(out, meta, "train"))
+    val = np.concatenate(shards.open_split(out, meta, "val"))
+    eot = tok.token_to_id("<|endoftext|>")
+    assert meta["eot_id"] == eot and (train == eot).sum() + (val == eot).sum() == meta["documents"]
+    assert 0.1 < (val == eot).sum() / meta["documents"] < 0.3
+    for shard in meta["splits"]["train"]:
+        assert shards.sha256_file(out / shard["file"]) == shard["sha256"]
+    # the chat record: each role opens with its own special token
+    everything = np.concatenate([train, val])
+    for role in ("<|system|>", "<|user|>", "<|assistant|>"):
+        assert (everything == tok.token_to_id(role)).sum() == 1
+    assert "hi there" in tok.decode(everything.tolist(), skip_special_tokens=False)
+
+
+def test_the_split_follows_the_seed(corpus_dir, tmp_path):
+    sizes = []
+    for seed in (0, 0, 1):
+        out = tmp_path / f"s{len(sizes)}"
+        assert_ok(run_tool(corpus_dir, "--out", out, "--vocab-size", 400, "--val-fraction", 0.3, "--seed", seed))
+        sizes.append(shards.read_meta(out)["splits"]["val"][0]["sha256"])
+    assert sizes[0] == sizes[1] != sizes[2]
+
+
+def test_an_existing_tokenizer_is_used_as_is(corpus_dir, tmp_path, cache_dir):
+    tok = next(cache_dir.glob("embedded-*")) / "tokenizer.json"
+    out = tmp_path / "out"
+    assert_ok(run_tool(corpus_dir, "--out", out, "--tokenizer", tok))
+    assert shards.read_meta(out)["tokenizer_sha256"] == shards.sha256_file(tok)
+    assert all(Tokenizer.from_file(str(out / "tokenizer.json")).token_to_id(t) is not None for t in SPECIAL_TOKENS)
+
+
+def put(path: Path, content: str) -> Path:
+    path.write_text(content)
+    return path
+
+
+@pytest.mark.parametrize("make, fragment", [
+    (lambda d: d / "missing.jsonl", "missing.jsonl: no such file"),
+    (lambda d: put(d / "x.csv", "a"), "unsupported file type"),
+    (lambda d: put(d / "e.txt", ""), "e.txt is empty; remove it"),
+    (lambda d: put(d / "j.jsonl", '{"text": "ok"}\n{"text": oops}\n'),
+     "j.jsonl line 2 is not valid JSON; fix it, or pass --skip-bad-lines"),
+    (lambda d: put(d / "f.jsonl", '{"title": "no text"}\n'),
+     "f.jsonl line 1: none of the fields text, content, message, body, output or 'messages'"),
+    (lambda d: put(d / "m.jsonl", '{"messages": [{"role": "robot", "content": "x"}]}\n'),
+     "m.jsonl line 1: each entry of 'messages' needs a role"),
+])
+def test_bad_inputs_get_one_line_and_leave_nothing(tmp_path, make, fragment):
+    out = tmp_path / "out"
+    proc = run_tool(make(tmp_path), "--out", out, "--vocab-size", 300)
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and fragment in lines[0], proc.stderr
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_skip_bad_lines_counts_them(tmp_path):
+    src = tmp_path / "j.jsonl"
+    src.write_text("".join(json.dumps({"text": text(i)}) + "\n" for i in range(5)) + "{broken\n" + '{"x": 1}\n')
+    proc = run_tool(src, "--out", tmp_path / "out", "--vocab-size", 300, "--skip-bad-lines")
+    assert_ok(proc)
+    assert "2 bad lines skipped" in proc.stdout and shards.read_meta(tmp_path / "out")["skipped_lines"] == 2
+
+
+def test_an_existing_output_is_kept_unless_overwrite(corpus_dir, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep").write_text("x")
+    proc = run_tool(corpus_dir, "--out", out, "--vocab-size", 300)
+    assert proc.returncode == 2 and "pass --overwrite" in proc.stderr and (out / "keep").exists()
+    assert_ok(run_tool(corpus_dir, "--out", out, "--vocab-size", 300, "--overwrite"))
+    assert not (out / "keep").exists() and (out / "meta.json").exists()
+
+
+# ------------------------------------------------------------------- the loader reading it
+@pytest.fixture
+def prepared(corpus_dir, tmp_path) -> Path:
+    out = tmp_path / "data"
+    assert_ok(run_tool(corpus_dir, "--out", out, "--vocab-size", 400, "--val-fraction", 0.2))
+    return out
+
+
+def train_args(data: Path, run: Path, *extra) -> list[str]:
+    return ["--config", "debug", f"data.dir={data}", f"run.dir={run}", "train.max_steps=4", "train.log_interval=1",
+            "train.eval_interval=2", "model.seq_len=32", *extra]
+
+
+def bad_run(env, args) -> str:
+    proc = launch("python", args, env)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
+
+
+def test_training_runs_on_prepared_data(env, ds_ops, prepared, tmp_path):
+    proc = launch("python", train_args(prepared, tmp_path / "run", "train.sample_tokens=5"), env)
+    assert_ok(proc)
+    train, evals = read_metrics(tmp_path / "run")
+    assert len(train) == 4 and len(evals) == 2 and "sample: The" in proc.stdout
+
+
+def test_two_ranks_read_disjoint_data_that_adds_up_to_one_process(env, ds_ops, prepared, tmp_path):
+    """What each rank of a real two-process run trained on (data.log_samples), against the order
+    one process reads."""
+    run = tmp_path / "run"
+    assert_ok(launch("torchrun", train_args(prepared, run, "data.log_samples=true", "train.global_batch_size=8",
+                                            "train.micro_batch_size=2"), env))
+    ranks = [[list(map(int, line.split())) for line in (run / "samples" / f"rank{r}.txt").read_text().splitlines()]
+             for r in (0, 1)]
+    from dist_lm.data import TrainData
+    from dist_lm.ds_config import BatchPlan
+    import torch
+
+    one = TrainData(prepared, shards.read_meta(prepared), 32, BatchPlan(8, 1, 1), 0, seed=1337, device=torch.device("cpu"))
+    for step in range(4):
+        r0, r1 = ranks[0][step], ranks[1][step]
+        assert len(r0) == len(r1) == 4 and not set(r0) & set(r1)
+        assert r0 + r1 == one.rank_ids(step * 8).tolist()
+    one.close()
+
+
+def test_nanogpt_layout_needs_its_dtype(env, ds_ops, tmp_path):
+    data = tmp_path / "nano"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    rng.integers(0, 300, 20_001, dtype=np.uint16).tofile(data / "train.bin")  # 40,002 bytes: not whole uint32s
+    rng.integers(0, 300, 2_000, dtype=np.uint16).tofile(data / "val.bin")
+    run = tmp_path / "run"
+    assert "set data.dtype=uint16" in bad_run(env, train_args(data, run, "model.vocab_size=320"))
+    assert "model.vocab_size: " in bad_run(env, train_args(data, run, "data.dtype=uint16"))
+    assert "not a whole number of uint32 tokens" in bad_run(env, train_args(data, run, "data.dtype=uint32",
+                                                                            "model.vocab_size=320"))
+    assert "holds token id 299, but model.vocab_size is 200" in bad_run(
+        env, train_args(data, run, "data.dtype=uint16", "model.vocab_size=200"))
+    proc = launch("python", train_args(data, run, "data.dtype=uint16", "model.vocab_size=320"), env)
+    assert_ok(proc)
+    assert len(read_metrics(run)[0]) == 4
+
+
+def test_damaged_datasets_are_named(env, prepared, tmp_path):
+    run = tmp_path / "run"
+    meta = json.loads((prepared / "meta.json").read_text())
+    first = prepared / meta["splits"]["train"][0]["file"]
+
+    assert "data.dtype=uint32 but" in bad_run(env, train_args(prepared, run, "data.dtype=uint32"))
+    assert "fewer than one window of model.seq_len + 1" in bad_run(env, train_args(prepared, run, "model.seq_len=100000"))
+    data = first.read_bytes()
+    first.write_bytes(data[:-2])
+    assert f"shard {first} has {len(data) - 2} bytes but meta.json says" in bad_run(env, train_args(prepared, run))
+    first.unlink()
+    assert f"shard {first} listed in meta.json is missing" in bad_run(env, train_args(prepared, run))
+    assert not run.exists()
+
+
+def test_resuming_on_data_of_another_tokenizer_is_refused(env, ds_ops, prepared, cache_dir, tmp_path):
+    run = tmp_path / "run"
+    assert_ok(launch("python", train_args(prepared, run), env))
+    embedded = next(cache_dir.glob("embedded-*"))
+    line = bad_run(env, train_args(embedded, run, "train.max_steps=8"))
+    assert f"{run} was trained on tokens of tokenizer" in line and "resume with the same data.dir" in line

@@ -1,0 +1,88 @@
+"""Data-path benchmark: the loader's tokens/s per rank and the tokenizer's MB/s per worker.
+
+    python tools/bench_data.py [--tokens 100_000_000] [--seq-len 2048] [--micro 8] [--accum 4]
+                               [--text-mb 20] [--workers 1 2]
+
+The loader reads a synthetic dataset of random token ids from the page cache (it is read once
+before timing) exactly as training does: permuted window ids, a gather per step, int64 tensors.
+The tokenizer runs tools/prepare_data.py's pipeline on the embedded corpus repeated to --text-mb.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from dist_lm import corpus, shards  # noqa: E402
+from dist_lm.data import TrainData  # noqa: E402
+from dist_lm.ds_config import BatchPlan  # noqa: E402
+from dist_lm.prepare import prepare  # noqa: E402
+
+
+def bench_loader(work: Path, tokens: int, seq_len: int, micro: int, accum: int, steps: int) -> dict:
+    tokenizer = next(corpus.cache_root(None).glob("embedded-*/tokenizer.json"), None) or \
+        corpus.prepare(None, 4096) / "tokenizer.json"
+    rng = np.random.default_rng(0)
+    docs = (rng.integers(0, 4096, size=10_000_000, dtype=np.uint16) for _ in range(tokens // 10_000_000))
+    out = shards.write_dataset(work / "synthetic", tokenizer, 4096, {"train": docs}, shard_tokens=50_000_000)
+    meta = shards.read_meta(out)
+    for m in shards.open_split(out, meta, "train"):
+        m.sum()  # into the page cache
+    data = TrainData(out, meta, seq_len, BatchPlan(micro, accum, 1), 0, seed=0, device=torch.device("cpu"))
+    data.next_batches()  # warm-up, starts the prefetch
+    start = time.perf_counter()
+    for _ in range(steps):
+        data.next_batches()
+    seconds = time.perf_counter() - start
+    data.close()
+    per_step = micro * accum * seq_len
+    return {"tokens_per_s": steps * per_step / seconds, "ms_per_step": 1000 * seconds / steps, "tokens_per_step": per_step}
+
+
+def bench_tokenizer(work: Path, text_mb: float, workers: int) -> dict:
+    docs = corpus.documents()
+    size = sum(len(d) for d in docs)
+    source = work / "text.jsonl"
+    if not source.exists():
+        with open(source, "w") as f:
+            for _ in range(max(1, int(text_mb * 1e6 / size))):
+                f.writelines(json.dumps({"text": d}) + "\n" for d in docs)
+    tok = corpus.prepare(None, 4096) / "tokenizer.json"
+    result = prepare([source], work / f"tok{workers}", tok, 0, workers, 0.01, 0, progress=False)
+    mb = result.stats.chars / 1e6
+    return {"workers": workers, "mb": mb, "seconds": result.seconds, "mb_per_s": mb / result.seconds,
+            "mb_per_s_per_worker": mb / result.seconds / workers}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokens", type=int, default=100_000_000)
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--micro", type=int, default=8)
+    p.add_argument("--accum", type=int, default=4)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--text-mb", type=float, default=20)
+    p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        r = bench_loader(work, args.tokens, args.seq_len, args.micro, args.accum, args.steps)
+        print(f"loader: {r['tokens_per_s'] / 1e6:.1f} M tokens/s per rank ({r['ms_per_step']:.2f} ms per step of "
+              f"{r['tokens_per_step']:,} tokens; seq {args.seq_len}, micro {args.micro} x accum {args.accum})")
+        for w in args.workers:
+            t = bench_tokenizer(work, args.text_mb, w)
+            print(f"tokenizer: {w} worker(s): {t['mb_per_s']:.2f} MB/s, {t['mb_per_s_per_worker']:.2f} MB/s per worker "
+                  f"({t['mb']:.1f} MB in {t['seconds']:.1f} s)")
+
+
+if __name__ == "__main__":
+    main()
