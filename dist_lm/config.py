@@ -134,6 +134,8 @@ class OptimConfig:
     """Peak learning rate."""
     min_lr: float = 3e-5
     """Learning rate at the end of decay (and the floor of cosine restarts)."""
+    min_lr_ratio: float | None = None
+    """If set, min_lr is lr x this ratio, and min_lr is ignored (handy for sweeping lr)."""
     weight_decay: float = 0.1
     """Decoupled weight decay, applied to matrices only (not norms or biases)."""
     beta1: float = 0.9
@@ -157,6 +159,9 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         _require(self.lr > 0, "lr", "must be positive")
+        if self.min_lr_ratio is not None:
+            _require(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "must be in [0, 1] or null")
+            self.min_lr = self.lr * self.min_lr_ratio
         _require(0 <= self.min_lr <= self.lr, "min_lr", f"must be between 0 and lr={self.lr}")
         _require(self.weight_decay >= 0, "weight_decay", "must be >= 0")
         _require(0 <= self.beta1 < 1, "beta1", "must be in [0, 1)")
@@ -193,6 +198,11 @@ class TrainConfig:
     """At the end of training, print a sample of this many generated tokens; 0 disables."""
     sample_prompt: str = "The"
     """Prompt of that sample."""
+    early_stop_patience: int = 0
+    """Stop once this many evaluations in a row have not improved the best validation loss by
+    early_stop_min_delta; 0 disables early stopping."""
+    early_stop_min_delta: float = 0.0
+    """The improvement in validation loss that counts, for early stopping."""
     check_finite: bool = False
     """After every backward, check gradients and loss for NaN/inf and name the first offending
     tensor (debug mode turns this on; it costs a host-device sync per parameter)."""
@@ -207,6 +217,8 @@ class TrainConfig:
         _require(self.eval_interval >= 0, "eval_interval", "must be >= 0 (0 disables evaluation)")
         _require(self.eval_samples > 0, "eval_samples", "must be positive")
         _require(self.sample_tokens >= 0, "sample_tokens", "must be >= 0")
+        _require(self.early_stop_patience >= 0, "early_stop_patience", "must be >= 0 (0 disables)")
+        _require(self.early_stop_min_delta >= 0, "early_stop_min_delta", "must be >= 0")
 
 
 @dataclass
@@ -258,6 +270,28 @@ class CheckpointConfig:
 
 
 @dataclass
+class LoggingConfig:
+    """Where metrics go besides metrics.jsonl and metrics.csv (always written)."""
+
+    wandb: Literal["auto", "online", "offline", "disabled"] = "auto"
+    """Weights & Biases, on rank 0. auto: online when an API key is configured (WANDB_API_KEY or
+    `wandb login`), else offline (files in the run directory, uploaded later with `wandb sync`)."""
+    wandb_project: str = "dist-lm"
+    """wandb project."""
+    wandb_entity: str | None = None
+    """wandb entity (user or team). null: your default entity."""
+    wandb_group: str | None = None
+    """wandb group, e.g. one per sweep."""
+    wandb_tags: list[str] = field(default_factory=list)
+    """wandb tags; on the command line: logging.wandb_tags=a,b."""
+    tensorboard: bool = False
+    """Also write TensorBoard event files to tensorboard/ in the run directory (needs the
+    tensorboard package)."""
+    progress: bool = True
+    """A progress bar on rank 0 (steps, ETA, loss, tokens/s, MFU) when stderr is a terminal."""
+
+
+@dataclass
 class RunConfig:
     """Naming and placing the run."""
 
@@ -283,6 +317,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
     run: RunConfig = field(default_factory=RunConfig)
     preset: str = "custom"
     """Name of the preset the config was loaded from (set by the loader)."""

@@ -99,6 +99,8 @@ def type_name(hint: Any) -> str:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
         return " or ".join(type_name(a) for a in typing.get_args(hint))
+    if typing.get_origin(hint) is list:
+        return f"list of {type_name(typing.get_args(hint)[0])}"
     return "null" if hint is type(None) else getattr(hint, "__name__", str(hint))
 
 
@@ -120,6 +122,13 @@ def _coerce(value: Any, hint: Any) -> Any:
             if value == choice or (isinstance(value, str) and str(choice) == value):
                 return choice
         raise ValueError
+    if typing.get_origin(hint) is list:
+        (item,) = typing.get_args(hint)
+        if isinstance(value, str):  # "a,b" from an override
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ValueError
+        return [_coerce(v, item) for v in value]
     if hint is bool:
         if isinstance(value, bool):
             return value

@@ -1,21 +1,23 @@
 """Rank-0 output and metrics: the one place that decides which rank speaks.
 
-``log`` prints on rank 0 and appends to the run's log file; ``MetricsWriter`` appends one JSON
-object per logged step to metrics.jsonl. Other ranks stay silent.
+``log`` prints on rank 0 and appends to the run's log file; ``MetricsWriter`` sends each
+metrics row to the sinks (dist_lm.sinks); ``Progress`` is the console's progress bar.
+Other ranks stay silent.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import sys
 import time
 from pathlib import Path
 from typing import TextIO
 
+from dist_lm import sinks
+from dist_lm.config import LoggingConfig
 from dist_lm.distributed import is_rank0
 
 _log_file: TextIO | None = None
+_bar = None  # the progress bar while one is shown
 
 
 def set_log_file(path: Path | None) -> None:
@@ -30,7 +32,10 @@ def log(message: str) -> None:
     """Print a line on rank 0 (and into the run log)."""
     if not is_rank0():
         return
-    print(message, file=sys.stdout, flush=True)
+    if _bar is not None:
+        _bar.write(message, file=sys.stdout)
+    else:
+        print(message, file=sys.stdout, flush=True)
     if _log_file is not None:
         _log_file.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
 
@@ -44,20 +49,67 @@ def warn(message: str) -> None:
 
 
 class MetricsWriter:
-    """Appends metrics records to metrics.jsonl on rank 0."""
+    """Every metrics row to every sink, on rank 0: metrics.jsonl and metrics.csv always,
+    wandb and TensorBoard as configured. Other ranks hold no sinks."""
 
-    def __init__(self, path: Path):
-        self.path = path
-        self._file = open(path, "a", buffering=1) if is_rank0() else None
+    def __init__(self, run_dir: Path, cfg: LoggingConfig, run_name: str, config: dict):
+        self.sinks: list[sinks.Sink] = []
+        self.wandb: sinks.WandbSink | None = None
+        if not is_rank0():
+            return
+        self.sinks += [sinks.JsonlSink(run_dir / "metrics.jsonl"), sinks.CsvSink(run_dir / "metrics.csv")]
+        mode, note = sinks.wandb_mode(cfg.wandb)
+        if mode != "disabled":
+            self.wandb = sinks.WandbSink(cfg, mode, run_dir, run_name, config)
+            self.sinks.append(self.wandb)
+            if note:
+                log(f"wandb: {note} to {self.wandb.offline_dir}; upload later with: wandb sync {self.wandb.offline_dir}")
+        if cfg.tensorboard:
+            self.sinks.append(sinks.TensorBoardSink(run_dir / "tensorboard"))
 
-    def write(self, record: dict) -> None:
-        if self._file is not None:
-            clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
-            self._file.write(json.dumps(clean) + "\n")
+    def write(self, row: dict) -> None:
+        for sink in self.sinks:
+            sink.write(row)
+
+    def alert(self, title: str, text: str) -> None:
+        """A warning on the console, and a wandb alert when wandb is on."""
+        warn(f"{title}: {text}")
+        if self.wandb is not None:
+            self.wandb.alert(title, text)
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
+        for sink in self.sinks:
+            sink.close()
+        self.sinks = []
+
+
+class Progress:
+    """A progress bar on rank 0 when stderr is a terminal (steps, ETA, loss, tokens/s, MFU).
+    While it is shown, :func:`log` prints above it."""
+
+    def __init__(self, enabled: bool, total: int, initial: int):
+        global _bar
+        self.bar = None
+        if enabled and is_rank0():
+            from tqdm import tqdm
+
+            # disable=None: tqdm turns itself off when stderr is not a terminal (CI, log files).
+            self.bar = tqdm(total=total, initial=initial, disable=None, unit="step", dynamic_ncols=True)
+            _bar = self.bar
+
+    def update(self, row: dict | None) -> None:
+        if self.bar is None:
+            return
+        if row and "loss" in row:
+            mfu = f" mfu {100 * row['mfu']:.3g}%" if row.get("mfu") is not None else ""
+            self.bar.set_postfix_str(f"loss {row['loss']:.4f} {row['tokens_per_s']:,.0f} tok/s{mfu}", refresh=False)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        global _bar
+        if self.bar is not None:
+            self.bar.close()
+            _bar = None
 
 
 def throughput(tokens: int, seconds: float, flops_per_token: float, world_size: int,

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from dist_lm import checkpoint, corpus, distributed, engine as engine_ops, hardware, metrics, shards
+from dist_lm import checkpoint, corpus, distributed, engine as engine_ops, hardware, metrics, shards, sinks
 from dist_lm.config import Config, ConfigError, UserError
 from dist_lm.config_io import to_dict, to_yaml
 from dist_lm.data import TrainData, ValData
@@ -60,12 +60,15 @@ def _write_atomic(path: Path, text: str) -> None:
 class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
+        self.start_time = time.perf_counter()
         # --- checks that need no process group: a bad input fails here, before anything starts
         self.dist_env = distributed.detect(os.environ)
         self.device = distributed.device_for(self.dist_env)
         self.precision, precision_reason = hardware.resolve_precision(cfg.parallel.precision, self.device)
         self.plan = batch_plan(cfg.train, self.dist_env.world_size)
         self.data_dir, self.meta = resolve_data(cfg)
+        if cfg.logging.tensorboard:
+            sinks.require_tensorboard()
         rank = self.dist_env.rank  # data-parallel rank: no tensor or pipeline parallelism here
         self.train_data = TrainData(self.data_dir, self.meta, cfg.model.seq_len, self.plan, rank,
                                     cfg.train.seed, self.device)
@@ -91,7 +94,7 @@ class Trainer:
                     f"{self.flops_per_token / 1e6:.1f} MFLOP/token")
         engine_ops.quiet(cfg.run.verbose)
         self.engine = engine_ops.initialize(model, cfg.parallel, cfg.optim, self.plan, self.precision, self.device)
-        self.metrics = metrics.MetricsWriter(self.run_dir / "metrics.jsonl")
+        self.metrics = metrics.MetricsWriter(self.run_dir, cfg.logging, cfg.run.name, to_dict(cfg))
         self.sample_log = None
         if cfg.data.log_samples:  # every rank writes its own file
             (self.run_dir / "samples").mkdir(exist_ok=True)
@@ -100,6 +103,8 @@ class Trainer:
         self.best_val_loss = math.inf
         self.val_history: list[tuple[int, float]] = []  # this process's evaluations, for the summary
         self.last_saved_step: int | None = None
+        self.evals_without_improvement = 0
+        self.elapsed_before = 0.0  # elapsed_s of earlier processes of this run (from the checkpoint)
         if cfg.checkpoint.resume:
             self._resume()
 
@@ -129,6 +134,8 @@ class Trainer:
         self.step = state["step"]
         self.best_val_loss = state["best_val_loss"] if state["best_val_loss"] is not None else math.inf
         self.train_data.load_state_dict(state["data"])
+        self.elapsed_before = state["elapsed_s"]
+        self.evals_without_improvement = state["evals_without_improvement"]
         metrics.log(f"resumed from {checkpoint.checkpoint_dir(self.run_dir) / checkpoint.tag_for(self.step)} "
                     f"at step {self.step} ({self.train_data.samples_consumed} samples consumed)")
 
@@ -136,6 +143,7 @@ class Trainer:
         """Our resumable state, saved as JSON beside the engine's own checkpoint."""
         best = self.best_val_loss if math.isfinite(self.best_val_loss) else None  # JSON has no infinity
         return {"step": self.step, "data": self.train_data.state_dict(), "best_val_loss": best,
+                "elapsed_s": self.elapsed_s(), "evals_without_improvement": self.evals_without_improvement,
                 "tokens": self.tokens_seen(), "config": to_dict(self.cfg),
                 "tokenizer_sha256": self.meta["tokenizer_sha256"]}
 
@@ -144,69 +152,101 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------ loop
     def fit(self) -> None:
-        cfg, engine = self.cfg.train, self.engine
-        engine.train()
-        loss_sum = torch.zeros((), device=self.device)  # summed on device; read only at log steps
-        steps_since_log, interval_start, start = 0, time.perf_counter(), time.perf_counter()
+        cfg = self.cfg.train
         if self.step >= cfg.max_steps:
             metrics.log(f"nothing to do: the run is already at step {self.step} of train.max_steps={cfg.max_steps}")
             return
         metrics.log(f"training from step {self.step} to {cfg.max_steps}")
-        while self.step < cfg.max_steps and (cfg.max_tokens is None or self.tokens_seen() < cfg.max_tokens):
-            engine_ops.set_lr(engine, lr_at(self.step, self.cfg.optim, cfg.max_steps))
-            batches = self.train_data.next_batches()
-            if self.sample_log is not None:
-                self.sample_log.write(" ".join(map(str, self.train_data.last_ids)) + "\n")
-            for i, (x, y) in enumerate(batches):
-                loss = engine(x, y)
-                engine.backward(loss)
-                loss_sum += loss.detach()
-                if i < len(batches) - 1:
-                    engine.step()  # DeepSpeed counts micro-steps; it updates only at the boundary
-            if cfg.check_finite:
-                self._check_finite(loss_sum)
-            grad_norm = engine_ops.step(engine)
-            self.step += 1
-            steps_since_log += 1
-            if self.step == 1:
-                metrics.log(f"first step done {time.perf_counter() - start:.1f} s after the loop started")
-
-            if self.step % cfg.log_interval == 0 or self.step == cfg.max_steps:
-                self._log_train(loss_sum, steps_since_log * len(batches), grad_norm,
-                                steps_since_log, time.perf_counter() - interval_start)
-                loss_sum.zero_()
-                steps_since_log, interval_start = 0, time.perf_counter()
-            if cfg.eval_interval and self.step % cfg.eval_interval == 0:
-                self.evaluate()
-            if self.cfg.checkpoint.interval and self.step % self.cfg.checkpoint.interval == 0:
-                self.save()
-        if cfg.eval_interval and self.step % cfg.eval_interval != 0:
-            self.evaluate()
+        self.engine.train()
+        progress = metrics.Progress(self.cfg.logging.progress, cfg.max_steps, self.step)
+        loss_sum = torch.zeros((), device=self.device)  # summed on device; read only at log steps
+        steps_since_log, interval_start, first_step = 0, time.perf_counter(), self.step
+        try:
+            while self.step < cfg.max_steps and (cfg.max_tokens is None or self.tokens_seen() < cfg.max_tokens):
+                grad_norm, micro_steps = self._train_step(loss_sum)
+                self.step += 1
+                steps_since_log += 1
+                if self.step == first_step + 1:
+                    metrics.log(f"first step done {time.perf_counter() - self.start_time:.1f} s after the trainer started")
+                row: dict = {}
+                if self.step % cfg.log_interval == 0 or self.step == cfg.max_steps:
+                    row |= self._train_metrics(loss_sum, steps_since_log * micro_steps, grad_norm,
+                                               steps_since_log, time.perf_counter() - interval_start)
+                    loss_sum.zero_()
+                    steps_since_log, interval_start = 0, time.perf_counter()
+                if cfg.eval_interval and self.step % cfg.eval_interval == 0:
+                    row |= self.evaluate()
+                if row:
+                    self._emit(row)
+                progress.update(row)
+                if self.cfg.checkpoint.interval and self.step % self.cfg.checkpoint.interval == 0:
+                    self.save()
+                if self._patience_exhausted():
+                    break
+        finally:
+            progress.close()
+        if cfg.eval_interval and self.step % cfg.eval_interval != 0:  # the final evaluation
+            self._emit(self.evaluate())
         if len(self.val_history) >= 2:
-            (first_step, first), (last_step, last) = self.val_history[0], self.val_history[-1]
+            (first_at, first), (last_at, last) = self.val_history[0], self.val_history[-1]
             metrics.log(f"validation loss {first:.3f} -> {last:.3f} (perplexity {math.exp(first):.1f} -> "
-                        f"{math.exp(last):.1f}) from step {first_step} to {last_step}")
+                        f"{math.exp(last):.1f}) from step {first_at} to {last_at}")
         if self.last_saved_step != self.step:
             self.save()
         if cfg.sample_tokens:
             self.print_sample()
 
-    def _log_train(self, loss_sum: torch.Tensor, micro_steps: int, grad_norm, steps: int, seconds: float) -> None:
+    def _train_step(self, loss_sum: torch.Tensor) -> tuple[torch.Tensor | float | None, int]:
+        """One optimizer step over this rank's micro-batches; adds their losses to loss_sum.
+        Returns the gradient norm and the number of micro-batches."""
+        engine = self.engine
+        engine_ops.set_lr(engine, lr_at(self.step, self.cfg.optim, self.cfg.train.max_steps))
+        batches = self.train_data.next_batches()
+        if self.sample_log is not None:
+            self.sample_log.write(" ".join(map(str, self.train_data.last_ids)) + "\n")
+        for i, (x, y) in enumerate(batches):
+            loss = engine(x, y)
+            engine.backward(loss)
+            loss_sum += loss.detach()
+            if i < len(batches) - 1:
+                engine.step()  # DeepSpeed counts micro-steps; it updates only at the boundary
+        if self.cfg.train.check_finite:
+            self._check_finite(loss_sum)
+        return engine_ops.step(engine), len(batches)
+
+    def _train_metrics(self, loss_sum: torch.Tensor, micro_steps: int, grad_norm, steps: int, seconds: float) -> dict:
         # The interval's mean loss over every micro-batch of every rank. This all-reduce is a
         # host-device sync point, which is why it happens only every log_interval steps.
         dist.all_reduce(loss_sum)
         loss = loss_sum.item() / (micro_steps * self.plan.dp_size)
+        if not math.isfinite(loss):
+            self.metrics.alert("non-finite loss", f"{self.run_dir.name} step {self.step}: loss {loss}")
         tokens = steps * self.plan.global_batch_size * self.cfg.model.seq_len
         tokens_per_s, mfu = metrics.throughput(tokens, seconds, self.flops_per_token, self.dist_env.world_size,
                                                self.peak_flops)
-        record = {
-            "step": self.step, "tokens": self.tokens_seen(), "loss": loss, "lr": self.engine.get_lr()[0],
-            "grad_norm": None if grad_norm is None else float(grad_norm),
-            "tokens_per_s": tokens_per_s, "mfu": mfu, "step_time": seconds / steps,
-            "peak_mem_gb": self._peak_memory_gb(),
-        }
-        self.metrics.write(record)
-        metrics.log(metrics.format_step(record))
+        return {"loss": loss, "lr": self.engine.get_lr()[0], "grad_norm": None if grad_norm is None else float(grad_norm),
+                "tokens_per_s": tokens_per_s, "mfu": mfu, "step_time": seconds / steps,
+                "peak_mem_gb": self._peak_memory_gb()}
+
+    def _emit(self, row: dict) -> None:
+        row = {"step": self.step, "tokens": self.tokens_seen(), **row, "elapsed_s": self.elapsed_s()}
+        self.metrics.write(row)
+        if "loss" in row:
+            metrics.log(metrics.format_step(row))
+        if "val_loss" in row:
+            metrics.log(f"step {self.step:>6} | val loss {row['val_loss']:.4f} | val ppl {row['val_ppl']:.2f}")
+
+    def elapsed_s(self) -> float:
+        """Training time of the run, earlier processes of it (before a resume) included."""
+        return self.elapsed_before + time.perf_counter() - self.start_time
+
+    def _patience_exhausted(self) -> bool:
+        patience = self.cfg.train.early_stop_patience
+        if patience and self.evals_without_improvement >= patience:
+            metrics.log(f"early stop at step {self.step}: {patience} evaluations without improving on "
+                        f"the best validation loss {self.best_val_loss:.4f} by {self.cfg.train.early_stop_min_delta}")
+            return True
+        return False
 
     def _peak_memory_gb(self) -> float:
         """Peak GPU memory allocated on this rank; on CPU the process's peak resident memory."""
@@ -226,7 +266,7 @@ class Trainer:
             raise TrainingDiverged(f"step {self.step}: gradient of {bad} is not finite")
 
     @torch.no_grad()
-    def evaluate(self) -> float:
+    def evaluate(self) -> dict:
         """Mean validation loss over the fixed validation windows, the same for every rank count."""
         self.engine.eval()
         totals = torch.zeros(2, device=self.device, dtype=torch.float64)  # loss sum, token count
@@ -238,13 +278,14 @@ class Trainer:
             self.engine(self.val_data.filler)
         dist.all_reduce(totals)  # sync point
         val_loss = (totals[0] / totals[1]).item()
+        if val_loss < self.best_val_loss - self.cfg.train.early_stop_min_delta:
+            self.evals_without_improvement = 0
+        else:
+            self.evals_without_improvement += 1
         self.best_val_loss = min(self.best_val_loss, val_loss)
         self.val_history.append((self.step, val_loss))
-        self.metrics.write({"step": self.step, "tokens": self.tokens_seen(), "val_loss": val_loss,
-                            "val_ppl": math.exp(min(val_loss, 50.0))})
-        metrics.log(f"step {self.step:>6} | val loss {val_loss:.4f} | val ppl {math.exp(min(val_loss, 50.0)):.2f}")
         self.engine.train()
-        return val_loss
+        return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
 
     def save(self) -> None:
         path = checkpoint.save(self.engine, self.run_dir, self.step, self.state_dict(), distributed.is_rank0())

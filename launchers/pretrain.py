@@ -29,6 +29,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--config", help="a preset name (configs/NAME.yaml) or a YAML file")
     p.add_argument("--debug", action="store_true", help="single-process debug mode (default preset: debug)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--verbose", action="store_true", help="show DeepSpeed's start-up output (run.verbose=true)")
     p.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="dotted config overrides")
     return p.parse_intermixed_args(argv)  # overrides may come before or after the flags
@@ -40,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: give --config PRESET_OR_FILE (e.g. --config debug), or --debug", file=sys.stderr)
         return 2
     try:
-        overrides = (DEBUG_OVERRIDES if args.debug else []) + args.overrides
+        overrides = (DEBUG_OVERRIDES if args.debug else []) + args.overrides + (["run.verbose=true"] if args.verbose else [])
         cfg = load_config(args.config or "debug", overrides)
         if args.print_config:
             print(to_yaml(cfg), end="")

@@ -12,6 +12,14 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# Pin DeepSpeed's JIT-op cache where torch puts it by default, so that a test which moves HOME
+# (to hide ~/.netrc) still finds the ops built once instead of compiling them again (~30 s).
+if "TORCH_EXTENSIONS_DIR" not in os.environ:
+    from torch.utils.cpp_extension import get_default_build_root
+
+    os.environ["TORCH_EXTENSIONS_DIR"] = os.path.join(
+        get_default_build_root(), f"py{sys.version_info.major}{sys.version_info.minor}_cpu")
 PRETRAIN = ROOT / "launchers" / "pretrain.py"
 BIN = Path(sys.executable).parent
 
