@@ -146,7 +146,7 @@ def _coerce(value: Any, hint: Any) -> Any:
             return int(float(value))
         raise ValueError
     if hint is float:
-        if isinstance(value, bool):
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             raise ValueError
         return float(value)  # ints and strings like "3e-4" (which YAML 1.1 reads as a string)
     if hint is str:

@@ -102,3 +102,10 @@ def test_all_keys_mirror_the_dataclasses():
     assert "model.n_kv_heads" in keys and "parallel.zero_stage" in keys and "preset" in keys
     assert len(keys) == len(set(keys))
     assert Config().model.ffn_dim % 64 == 0
+
+
+def test_optional_float_takes_null_and_numbers():
+    assert load_config(None, ["optim.min_lr_ratio=null"]).optim.min_lr_ratio is None
+    cfg = load_config(None, ["optim.lr=2e-3", "optim.min_lr_ratio=0.25"])
+    assert cfg.optim.min_lr == pytest.approx(5e-4)
+    assert "expected float or null" in error_of(None, ["optim.min_lr_ratio=[1]"])
