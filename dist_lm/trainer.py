@@ -75,9 +75,14 @@ class Trainer:
         self.val_data = ValData(self.data_dir, self.meta, cfg.model.seq_len, cfg.train.eval_samples,
                                 self.plan.micro_batch_size, rank, self.plan.dp_size, self.device)
 
-        # --- the process group, then the run directory (its name is rank 0's choice)
+        # --- the process group, then the run directory (its name is rank 0's choice); a
+        # checkpoint to resume is checked against the data before anything is written there
         distributed.init_process_group(self.dist_env, self.device, cfg.parallel.timeout_minutes)
-        self.run_dir = self._make_run_dir()
+        self.run_dir = self._agree_run_dir()
+        self.resume_state = checkpoint.read_state(self.run_dir) if cfg.checkpoint.resume else None
+        if self.resume_state is not None:
+            self._check_same_data(self.resume_state)
+        self._write_run_dir()
         metrics.set_log_file(self.run_dir / "train.log")
         metrics.log(f"dist-lm: {self.dist_env.describe()} device={hardware.device_name(self.device)}")
         metrics.log(f"precision {self.precision} ({precision_reason}); ZeRO stage {cfg.parallel.zero_stage}; "
@@ -105,31 +110,32 @@ class Trainer:
         self.last_saved_step: int | None = None
         self.evals_without_improvement = 0
         self.elapsed_before = 0.0  # elapsed_s of earlier processes of this run (from the checkpoint)
-        if cfg.checkpoint.resume:
-            self._resume()
+        if self.resume_state is not None:
+            self._resume(self.resume_state)
 
     # ----------------------------------------------------------------------------------- set-up
-    def _make_run_dir(self) -> Path:
+    def _agree_run_dir(self) -> Path:
         run = self.cfg.run
         name = [run.name or default_run_name(self.cfg.preset)]
         dist.broadcast_object_list(name, src=0)  # every rank uses rank 0's timestamp
         run.name = name[0]
         run_dir = Path(run.dir or Path("runs") / run.name)
         run.dir = str(run_dir)
-        if distributed.is_rank0():
-            run_dir.mkdir(parents=True, exist_ok=True)
-            _write_atomic(run_dir / "config.yaml", to_yaml(self.cfg))
-        dist.barrier()
         return run_dir
 
-    def _resume(self) -> None:
-        state = checkpoint.read_state(self.run_dir)
-        if state is None:
-            return
+    def _write_run_dir(self) -> None:
+        if distributed.is_rank0():
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            _write_atomic(self.run_dir / "config.yaml", to_yaml(self.cfg))
+        dist.barrier()
+
+    def _check_same_data(self, state: dict) -> None:
         if state.get("tokenizer_sha256") != self.meta["tokenizer_sha256"]:
             raise UserError(f"data error: {self.run_dir} was trained on tokens of tokenizer "
                             f"{str(state.get('tokenizer_sha256'))[:12]}, but {self.data_dir} was made with "
                             f"{str(self.meta['tokenizer_sha256'])[:12]}; resume with the same data.dir, or start a new run.name")
+
+    def _resume(self, state: dict) -> None:
         checkpoint.load(self.engine, self.run_dir)
         self.step = state["step"]
         self.best_val_loss = state["best_val_loss"] if state["best_val_loss"] is not None else math.inf

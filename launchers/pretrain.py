@@ -47,12 +47,13 @@ def main(argv: list[str] | None = None) -> int:
             print(to_yaml(cfg), end="")
             return 0
         if args.debug:
-            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-                raise UserError("--debug runs one process: start it with plain python, not a launcher")
             os.environ.setdefault("CUDA_LAUNCH_BLOCKING", "1")  # CUDA errors at the line that caused them
-        # These import deepspeed (seconds): only after the cheap checks above.
-        from dist_lm.distributed import teardown
+        # These import torch and deepspeed (seconds): only after the cheap checks above.
+        from dist_lm.distributed import detect, teardown
         from dist_lm.trainer import Trainer, TrainingDiverged
+
+        if args.debug and detect(os.environ).world_size > 1:
+            raise UserError("--debug runs one process: start it with plain python, not a launcher")
 
         trainer = Trainer(cfg)
     except UserError as e:

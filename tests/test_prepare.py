@@ -234,6 +234,8 @@ def test_damaged_datasets_are_named(env, prepared, tmp_path):
 def test_resuming_on_data_of_another_tokenizer_is_refused(env, ds_ops, prepared, cache_dir, tmp_path):
     run = tmp_path / "run"
     assert_ok(launch("python", train_args(prepared, run), env))
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
     embedded = next(cache_dir.glob("embedded-*"))
     line = bad_run(env, train_args(embedded, run, "train.max_steps=8"))
     assert f"{run} was trained on tokens of tokenizer" in line and "resume with the same data.dir" in line
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before  # the run is untouched
