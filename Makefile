@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: demo test setup clean
+.PHONY: demo test setup system-deps clean
 
 setup: $(VENV)/.installed
 
@@ -21,7 +21,14 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(PY) launchers/pretrain.py --config demo
 
-test: setup
+# System programs that tests launch (Open MPI's mpirun): installed when missing and we may (root
+# with apt, as in CI); otherwise the mpirun test says how to install it and is skipped.
+system-deps:
+	@command -v mpirun >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openmpi-bin >/dev/null; } || \
+	  echo "note: mpirun not found and not installable here; its test will be skipped (apt-get install openmpi-bin)"
+
+test: setup system-deps
 	$(PY) -m pytest -q tests
 
 clean:
