@@ -198,6 +198,12 @@ class TrainConfig:
     """At the end of training, print a sample of this many generated tokens; 0 disables."""
     sample_prompt: str = "The"
     """Prompt of that sample."""
+    stop_at_step: int | None = None
+    """End this process cleanly, with a checkpoint, after this step; the learning-rate schedule
+    still spans max_steps, and running the same run directory again continues it."""
+    time_limit_minutes: float | None = None
+    """End this process cleanly, with a checkpoint, before this many minutes have passed (for
+    a run split across job allocations)."""
     early_stop_patience: int = 0
     """Stop once this many evaluations in a row have not improved the best validation loss by
     early_stop_min_delta; 0 disables early stopping."""
@@ -217,6 +223,9 @@ class TrainConfig:
         _require(self.eval_interval >= 0, "eval_interval", "must be >= 0 (0 disables evaluation)")
         _require(self.eval_samples > 0, "eval_samples", "must be positive")
         _require(self.sample_tokens >= 0, "sample_tokens", "must be >= 0")
+        _require(self.stop_at_step is None or self.stop_at_step > 0, "stop_at_step", "must be positive or null")
+        _require(self.time_limit_minutes is None or self.time_limit_minutes > 0, "time_limit_minutes",
+                 "must be positive or null")
         _require(self.early_stop_patience >= 0, "early_stop_patience", "must be >= 0 (0 disables)")
         _require(self.early_stop_min_delta >= 0, "early_stop_min_delta", "must be >= 0")
 

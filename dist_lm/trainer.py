@@ -25,6 +25,7 @@ from dist_lm.ds_config import batch_plan
 from dist_lm.generate import sample
 from dist_lm.model import Transformer, count_parameters, flops_per_token
 from dist_lm.optim import lr_at
+from dist_lm.preemption import StopControl
 
 
 class TrainingDiverged(RuntimeError):
@@ -78,6 +79,10 @@ class Trainer:
         # --- the process group, then the run directory (its name is rank 0's choice); a
         # checkpoint to resume is checked against the data before anything is written there
         distributed.init_process_group(self.dist_env, self.device, cfg.parallel.timeout_minutes)
+        # From here on SIGTERM/SIGUSR1 end the run with a checkpoint (engine set-up included).
+        self.stop = StopControl(cfg.train.stop_at_step, cfg.train.time_limit_minutes, self.start_time)
+        self.stop_reason: str | None = None
+        self.last_save_seconds = 0.0
         self.run_dir = self._agree_run_dir()
         self.resume_state = checkpoint.read_state(self.run_dir) if cfg.checkpoint.resume else None
         if self.resume_state is not None:
@@ -169,6 +174,7 @@ class Trainer:
         steps_since_log, interval_start, first_step = 0, time.perf_counter(), self.step
         try:
             while self.step < cfg.max_steps and (cfg.max_tokens is None or self.tokens_seen() < cfg.max_tokens):
+                step_start = time.perf_counter()
                 grad_norm, micro_steps = self._train_step(loss_sum)
                 self.step += 1
                 steps_since_log += 1
@@ -189,8 +195,18 @@ class Trainer:
                     self.save()
                 if self._patience_exhausted():
                     break
+                self.stop_reason = self.stop.reason_to_stop(self.step, time.perf_counter() - step_start,
+                                                            self.last_save_seconds)
+                if self.stop_reason:
+                    metrics.log(f"stopping after step {self.step} of {cfg.max_steps}: {self.stop_reason}; "
+                                "run the same run directory again to continue")
+                    break
         finally:
             progress.close()
+        if self.stop_reason:  # a stop on purpose: a checkpoint, and no more than that
+            if self.last_saved_step != self.step:
+                self.save()
+            return
         if cfg.eval_interval and self.step % cfg.eval_interval != 0:  # the final evaluation
             self._emit(self.evaluate())
         if len(self.val_history) >= 2:
@@ -276,12 +292,19 @@ class Trainer:
         """Mean validation loss over the fixed validation windows, the same for every rank count."""
         self.engine.eval()
         totals = torch.zeros(2, device=self.device, dtype=torch.float64)  # loss sum, token count
-        for x, y in self.val_data.batches:
+        # Every rank runs the same number of forward passes (ZeRO-3 forwards are collective): its
+        # own batches, then padding. A signal between any two ends the evaluation on all ranks.
+        for batch in self.val_data.batches + [None] * self.val_data.padding_batches:
+            if self.stop.signalled():
+                self.engine.train()
+                return {}
+            if batch is None:
+                self.engine(self.val_data.filler)
+                continue
+            x, y = batch
             logits = self.engine(x)
             totals[0] += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").double()
             totals[1] += y.numel()
-        for _ in range(self.val_data.padding_batches):  # ZeRO-3 forwards are collective: keep in step
-            self.engine(self.val_data.filler)
         dist.all_reduce(totals)  # sync point
         val_loss = (totals[0] / totals[1]).item()
         if val_loss < self.best_val_loss - self.cfg.train.early_stop_min_delta:
@@ -294,7 +317,9 @@ class Trainer:
         return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
 
     def save(self) -> None:
+        start = time.perf_counter()
         path = checkpoint.save(self.engine, self.run_dir, self.step, self.state_dict(), distributed.is_rank0())
+        self.last_save_seconds = time.perf_counter() - start
         self.last_saved_step = self.step
         metrics.log(f"saved checkpoint {path}")
 

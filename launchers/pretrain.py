@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
             os.environ.setdefault("CUDA_LAUNCH_BLOCKING", "1")  # CUDA errors at the line that caused them
         # These import torch and deepspeed (seconds): only after the cheap checks above.
         from dist_lm.distributed import detect, teardown
+        from dist_lm.preemption import REQUEUE_EXIT
         from dist_lm.trainer import Trainer, TrainingDiverged
 
         if args.debug and detect(os.environ).world_size > 1:
@@ -62,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     status = 0
     try:
         trainer.fit()
+        if trainer.stop.signal_name:  # stopped by SIGTERM/SIGUSR1 after a checkpoint: ask to be run again
+            status = REQUEUE_EXIT
     except TrainingDiverged as e:  # every rank raises it together, so the teardown below is safe
         print(f"error: training diverged: {e}", file=sys.stderr)
         status = 1

@@ -1,0 +1,70 @@
+"""Stopping on purpose and continuing: train.stop_at_step, train.time_limit_minutes, and
+SIGUSR1 (what SLURM sends) to one rank of a real two-process job."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from conftest import PRETRAIN, ROOT, assert_ok, launch, read_metrics
+
+BASE = ["--config", "debug", "train.log_interval=1", "train.eval_interval=0", "logging.wandb=disabled"]
+
+
+def test_stop_at_step_then_continue_equals_an_uninterrupted_run(env, ds_ops, tmp_path):
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    assert_ok(launch("python", [*BASE, "train.max_steps=6", f"run.dir={whole}"], env))
+    proc = launch("python", [*BASE, "train.max_steps=6", "train.stop_at_step=3", f"run.dir={split}"], env)
+    assert_ok(proc)
+    assert "stopping after step 3 of 6: train.stop_at_step=3" in proc.stdout
+    assert (split / "checkpoints" / "latest").read_text().strip() == "step00000003"
+    assert_ok(launch("python", [*BASE, "train.max_steps=6", f"run.dir={split}"], env))
+    expected = [r["loss"] for r in read_metrics(whole)[0]]
+    got = [r["loss"] for r in read_metrics(split)[0]]
+    assert [r["step"] for r in read_metrics(split)[0]] == [1, 2, 3, 4, 5, 6]
+    assert got == pytest.approx(expected, abs=1e-6)
+
+
+def test_time_limit_stops_with_a_checkpoint(env, ds_ops, tmp_path):
+    proc = launch("python", [*BASE, "train.max_steps=100000", "train.time_limit_minutes=0.25", f"run.dir={tmp_path}"], env)
+    assert_ok(proc)
+    assert "train.time_limit_minutes is nearly up" in proc.stdout
+    state = json.loads((tmp_path / "checkpoints" / (tmp_path / "checkpoints" / "latest").read_text().strip()
+                        / "state.json").read_text())
+    assert 0 < state["step"] < 100000 and state["elapsed_s"] < 15
+
+
+def test_sigusr1_to_one_rank_checkpoints_all_and_asks_for_a_requeue(env, ds_ops, tmp_path):
+    args = [*BASE, "train.max_steps=100000", "parallel.zero_stage=2", f"run.dir={tmp_path}"]
+    job = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                            str(PRETRAIN), *args], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:  # wait until it trains
+            if (tmp_path / "metrics.jsonl").is_file() and len((tmp_path / "metrics.jsonl").read_text().splitlines()) >= 2:
+                break
+            time.sleep(0.5)
+        workers = [p for p in psutil.Process(job.pid).children(recursive=True)
+                   if any("pretrain.py" in part for part in p.cmdline())]
+        assert len(workers) == 2
+        max(workers, key=lambda p: p.pid).send_signal(signal.SIGUSR1)  # one rank only
+        out, err = job.communicate(timeout=120)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode != 0 and "exitcode  : 75" in err  # torchrun reports the workers' requeue status
+    assert "stopping after step" in out and ("received SIGUSR1" in out or "a signal to another rank" in out)
+    stopped = int(out.split("stopping after step ")[1].split()[0])
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == f"step{stopped:08d}"
+
+    proc = launch("torchrun", [*BASE, f"train.max_steps={stopped + 2}", "parallel.zero_stage=2", f"run.dir={tmp_path}"], env)
+    assert_ok(proc)
+    assert f"at step {stopped} " in proc.stdout
+    assert [r["step"] for r in read_metrics(tmp_path)[0]][-2:] == [stopped + 1, stopped + 2]
