@@ -21,12 +21,15 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(PY) launchers/pretrain.py --config demo
 
-# System programs that tests launch (Open MPI's mpirun): installed when missing and we may (root
-# with apt, as in CI); otherwise the mpirun test says how to install it and is skipped.
+# System programs that tests launch: Open MPI's mpirun, and SLURM with munge for a one-node test
+# cluster. Installed when missing and we may (root with apt, as in CI); otherwise those tests say
+# how to install them and are skipped.
+SYSTEM_PACKAGES := openmpi-bin slurm-wlm munge
 system-deps:
-	@command -v mpirun >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openmpi-bin >/dev/null; } || \
-	  echo "note: mpirun not found and not installable here; its test will be skipped (apt-get install openmpi-bin)"
+	@command -v mpirun >/dev/null 2>&1 && command -v slurmctld >/dev/null 2>&1 && command -v munged >/dev/null 2>&1 || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PACKAGES) >/dev/null; } || \
+	  echo "note: could not install $(SYSTEM_PACKAGES); the mpirun and SLURM tests will be skipped"
 
 test: setup system-deps
 	$(PY) -m pytest -q tests

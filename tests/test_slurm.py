@@ -1,0 +1,70 @@
+"""sbatch slurm/pretrain.sh on a real one-node SLURM cluster (started here, see slurm_cluster.py):
+a job trains and leaves a checkpoint; USR1 to a running job makes it checkpoint, requeue
+itself, and finish from where it stopped."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT, read_metrics
+from slurm_cluster import Cluster, missing
+
+pytestmark = pytest.mark.skipif(missing() is not None, reason=str(missing()))
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    c = Cluster(tmp_path_factory.mktemp("slurm")).start()
+    yield c
+    c.stop()
+
+
+def sbatch(cluster: Cluster, env: dict, logs, *overrides: str) -> str:
+    # On this CPU machine: two tasks (ranks), no GPUs; everything else from the script's #SBATCH lines.
+    proc = subprocess.run(["sbatch", "--parsable", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1",
+                           f"--output={logs}/job-%j.out", "slurm/pretrain.sh", "debug", "logging.wandb=disabled",
+                           *overrides], capture_output=True, text=True, cwd=ROOT,
+                          env={**env, **cluster.env, "PYTHON": sys.executable})
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip().split(";")[0]
+
+
+def test_sbatch_trains_and_leaves_a_checkpoint(cluster, env, ds_ops, tmp_path):
+    job = sbatch(cluster, env, tmp_path, "train.max_steps=6", "train.log_interval=2", f"run.dir={tmp_path / 'run'}")
+    info = cluster.wait(job, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"))
+    log = (tmp_path / f"job-{job}.out").read_text()
+    assert info["JobState"] == "COMPLETED", log[-3000:]
+    assert "launcher=slurm world_size=2 nodes=1" in log
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "step00000006"
+
+
+def test_usr1_checkpoints_requeues_and_continues(cluster, env, ds_ops, tmp_path):
+    run = tmp_path / "run"
+    job = sbatch(cluster, env, tmp_path, "train.max_steps=60", "train.log_interval=1", "train.eval_interval=0",
+                 f"run.dir={run}")
+    deadline = time.time() + 180
+    while not ((run / "metrics.jsonl").is_file() and len((run / "metrics.jsonl").read_text().splitlines()) >= 3):
+        assert time.time() < deadline, (tmp_path / f"job-{job}.out").read_text()[-3000:]
+        time.sleep(0.5)
+    # What --signal=B:USR1@120 does before the time limit: USR1 to the batch script.
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True, env=cluster.env)
+    deadline = time.time() + 180
+    while cluster.job(job).get("Restarts") != "1":  # requeued
+        assert time.time() < deadline, f"{cluster.job(job)}\n{(tmp_path / f'job-{job}.out').read_text()[-3000:]}"
+        time.sleep(0.5)
+    # Right after the requeue the old attempt can read as ended for a moment: wait for the new one.
+    info = cluster.wait(job, ("PENDING", "RUNNING"), timeout=120)
+    if info["JobState"] == "PENDING":  # SLURM's requeue delay (Reason=BeginTime, ~2 minutes): release it now
+        subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=cluster.env, capture_output=True)
+    info = cluster.wait(job, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), timeout=300)
+    log = (tmp_path / f"job-{job}.out").read_text()
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log[-3000:]
+    assert "USR1 received" in log and f"requeueing job {job}" in log
+    stopped = int(log.split("stopping after step ")[1].split()[0])
+    assert f"resumed from {run / 'checkpoints' / f'step{stopped:08d}'} at step {stopped}" in log
+    steps = [r["step"] for r in read_metrics(run)[0]]
+    assert steps[-1] == 60 and steps[steps.index(stopped) + 1] == stopped + 1
