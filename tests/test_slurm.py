@@ -23,12 +23,14 @@ def cluster(tmp_path_factory):
     c.stop()
 
 
-def sbatch(cluster: Cluster, env: dict, logs, *overrides: str) -> str:
-    # On this CPU machine: two tasks (ranks), no GPUs; everything else from the script's #SBATCH lines.
-    proc = subprocess.run(["sbatch", "--parsable", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1",
-                           f"--output={logs}/job-%j.out", "slurm/pretrain.sh", "debug", "logging.wandb=disabled",
-                           *overrides], capture_output=True, text=True, cwd=ROOT,
-                          env={**env, **cluster.env, "PYTHON": sys.executable})
+def sbatch(cluster: Cluster, env: dict, logs, *overrides: str, script: str = "slurm/pretrain.sh") -> str:
+    # On this CPU machine: two ranks, no GPUs; everything else from the script's #SBATCH lines.
+    # slurm/pretrain.sh runs a task per rank; the deepspeed variant one task that starts both.
+    tasks = ["--ntasks-per-node=2", "--cpus-per-task=1"] if script == "slurm/pretrain.sh" else \
+        ["--ntasks-per-node=1", "--cpus-per-task=2"]
+    proc = subprocess.run(["sbatch", "--parsable", *tasks, "--gpus-per-node=0", f"--output={logs}/job-%j.out",
+                           script, "debug", "logging.wandb=disabled", *overrides], capture_output=True, text=True,
+                          cwd=ROOT, env={**env, **cluster.env, "PYTHON": sys.executable, "GPUS_PER_NODE": "2"})
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.strip().split(";")[0]
 
@@ -42,10 +44,22 @@ def test_sbatch_trains_and_leaves_a_checkpoint(cluster, env, ds_ops, tmp_path):
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "step00000006"
 
 
-def test_usr1_checkpoints_requeues_and_continues(cluster, env, ds_ops, tmp_path):
+def test_sbatch_with_the_deepspeed_launcher(cluster, env, ds_ops, tmp_path):
+    job = sbatch(cluster, env, tmp_path, "train.max_steps=6", "train.log_interval=2", f"run.dir={tmp_path / 'run'}",
+                 script="slurm/pretrain_deepspeed.sh")
+    info = cluster.wait(job, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"))
+    log = (tmp_path / f"job-{job}.out").read_text()
+    assert info["JobState"] == "COMPLETED", log[-3000:]
+    assert f"hostfile {ROOT}/hostfile-{job}: {cluster.host} slots=2" in log
+    assert "launcher=deepspeed world_size=2" in log
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "step00000006"
+    assert not (ROOT / f"hostfile-{job}").exists()  # removed at the end
+
+
+def test_usr1_checkpoints_requeues_and_continues(cluster, env, ds_ops, tmp_path, script="slurm/pretrain.sh"):
     run = tmp_path / "run"
     job = sbatch(cluster, env, tmp_path, "train.max_steps=60", "train.log_interval=1", "train.eval_interval=0",
-                 f"run.dir={run}")
+                 f"run.dir={run}", script=script)
     deadline = time.time() + 180
     while not ((run / "metrics.jsonl").is_file() and len((run / "metrics.jsonl").read_text().splitlines()) >= 3):
         assert time.time() < deadline, (tmp_path / f"job-{job}.out").read_text()[-3000:]
@@ -56,13 +70,18 @@ def test_usr1_checkpoints_requeues_and_continues(cluster, env, ds_ops, tmp_path)
     while cluster.job(job).get("Restarts") != "1":  # requeued
         assert time.time() < deadline, f"{cluster.job(job)}\n{(tmp_path / f'job-{job}.out').read_text()[-3000:]}"
         time.sleep(0.5)
-    # Right after the requeue the old attempt can read as ended for a moment: wait for the new one.
-    info = cluster.wait(job, ("PENDING", "RUNNING"), timeout=120)
-    if info["JobState"] == "PENDING":  # SLURM's requeue delay (Reason=BeginTime, ~2 minutes): release it now
-        subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=cluster.env, capture_output=True)
-    info = cluster.wait(job, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), timeout=300)
+    # SLURM holds a requeued job for about two minutes (Reason=BeginTime) while the old attempt's
+    # credential is revoked; releasing it sooner makes the new attempt fail at launch, so we wait.
+    # Around a requeue slurmctld can show the cancelled attempt's end (FAILED, RunTime 0) for a
+    # moment, even after the new attempt started: only COMPLETED counts, a real failure times out.
+    try:
+        info = cluster.wait(job, ("COMPLETED",), timeout=420)
+    except AssertionError as e:
+        raise AssertionError(f"{e}\n{(tmp_path / f'job-{job}.out').read_text()[-3000:]}") from None
     log = (tmp_path / f"job-{job}.out").read_text()
-    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log[-3000:]
+    assert info["Restarts"] == "1" and f"job {job} (restart 1)" in log
+    launcher = "slurm" if script == "slurm/pretrain.sh" else "deepspeed"
+    assert f"launcher={launcher} world_size=2" in log
     assert "USR1 received" in log and f"requeueing job {job}" in log
     stopped = int(log.split("stopping after step ")[1].split()[0])
     assert f"resumed from {run / 'checkpoints' / f'step{stopped:08d}'} at step {stopped}" in log

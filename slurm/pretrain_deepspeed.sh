@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The deepspeed launcher under SLURM: a hostfile from the job's node list, then launchers/deepspeed.sh.
+# Submit from the project's root:  sbatch slurm/pretrain_deepspeed.sh [CONFIG] [section.key=value ...]
+# Across nodes the deepspeed launcher reaches the other nodes with pdsh (passwordless ssh);
+# slurm/pretrain.sh needs neither.
+#
+#SBATCH --job-name=dist-lm-ds
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=64
+#SBATCH --time=24:00:00
+#SBATCH --signal=B:USR1@120
+#SBATCH --requeue
+#SBATCH --open-mode=append
+#SBATCH --output=dist-lm-ds-%j.out
+set -uo pipefail
+root="${DIST_LM_ROOT:-${SLURM_SUBMIT_DIR:-$PWD}}"
+cd "$root" || exit 2
+config="${1:-h100-80gb}"; shift $(( $# > 0 ? 1 : 0 ))
+run_name="${RUN_NAME:-${SLURM_JOB_NAME}-${SLURM_JOB_ID}}"
+per_node="${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-1}}"
+
+hostfile="$root/hostfile-$SLURM_JOB_ID"
+scontrol show hostnames "$SLURM_JOB_NODELIST" | sed "s/\$/ slots=$per_node/" > "$hostfile"
+MASTER_ADDR="$(head -n 1 "$hostfile" | cut -d' ' -f1)"
+MASTER_PORT="${MASTER_PORT:-$(( 20000 + SLURM_JOB_ID % 20000 ))}"
+export MASTER_ADDR MASTER_PORT HOSTFILE="$hostfile"
+echo "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}): hostfile $hostfile: $(tr '\n' ' ' < "$hostfile")"
+
+launchers/deepspeed.sh --config "$config" "run.name=$run_name" "$@" &
+step=$!
+# USR1/TERM go to the training processes only (the launcher itself would die of USR1); they
+# agree to stop, save a checkpoint and exit with status 75.
+forward() {
+  echo "$1 received: asking the training processes to checkpoint and stop"
+  srun --overlap --nodes="$SLURM_JOB_NUM_NODES" --ntasks="$SLURM_JOB_NUM_NODES" --ntasks-per-node=1 \
+    pkill -USR1 -f "^[^ ]*python[^ ]* (-u )?[^ ]*launchers/pretrain.py" || true
+}
+trap 'forward USR1' USR1
+trap 'forward TERM' TERM
+status=""
+until [ -n "$status" ]; do
+  wait "$step"; code=$?
+  kill -0 "$step" 2>/dev/null || status=$code
+done
+rm -f "$hostfile"
+if [ "$status" -eq 75 ]; then
+  echo "stopped with a checkpoint: requeueing job $SLURM_JOB_ID"
+  scontrol requeue "$SLURM_JOB_ID" && exit 0
+fi
+exit "$status"
