@@ -43,26 +43,5 @@ if [ "${LAUNCH:-srun}" = torchrun ]; then
 else
   srun --kill-on-bad-exit=0 "$python" launchers/pretrain.py "${args[@]}" &
 fi
-step=$!
-
-# USR1 (from --signal, or scancel --signal=USR1 --batch) and TERM reach this script; pass them on to
-# the training processes only (a torchrun agent would die of USR1), which then agree to stop,
-# save a checkpoint and exit with status 75.
-forward() {
-  echo "$1 received: asking the training processes to checkpoint and stop"
-  srun --overlap --nodes="$SLURM_JOB_NUM_NODES" --ntasks="$SLURM_JOB_NUM_NODES" --ntasks-per-node=1 \
-    pkill -USR1 -f "^[^ ]*python[^ ]* (-u )?launchers/pretrain.py" || true
-}
-trap 'forward USR1' USR1
-trap 'forward TERM' TERM
-
-status=""
-until [ -n "$status" ]; do  # a trapped signal interrupts wait; wait again until the step ends
-  wait "$step"; code=$?
-  kill -0 "$step" 2>/dev/null || status=$code
-done
-if [ "$status" -eq 75 ]; then
-  echo "stopped with a checkpoint: requeueing job $SLURM_JOB_ID"
-  scontrol requeue "$SLURM_JOB_ID" && exit 0  # the job runs again; this attempt did what it should
-fi
-exit "$status"
+source "$root/slurm/stop_and_requeue.sh"
+wait_and_requeue $!

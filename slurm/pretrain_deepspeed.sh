@@ -29,24 +29,6 @@ export MASTER_ADDR MASTER_PORT HOSTFILE="$hostfile"
 echo "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}): hostfile $hostfile: $(tr '\n' ' ' < "$hostfile")"
 
 launchers/deepspeed.sh --config "$config" "run.name=$run_name" "$@" &
-step=$!
-# USR1/TERM go to the training processes only (the launcher itself would die of USR1); they
-# agree to stop, save a checkpoint and exit with status 75.
-forward() {
-  echo "$1 received: asking the training processes to checkpoint and stop"
-  srun --overlap --nodes="$SLURM_JOB_NUM_NODES" --ntasks="$SLURM_JOB_NUM_NODES" --ntasks-per-node=1 \
-    pkill -USR1 -f "^[^ ]*python[^ ]* (-u )?[^ ]*launchers/pretrain.py" || true
-}
-trap 'forward USR1' USR1
-trap 'forward TERM' TERM
-status=""
-until [ -n "$status" ]; do
-  wait "$step"; code=$?
-  kill -0 "$step" 2>/dev/null || status=$code
-done
-rm -f "$hostfile"
-if [ "$status" -eq 75 ]; then
-  echo "stopped with a checkpoint: requeueing job $SLURM_JOB_ID"
-  scontrol requeue "$SLURM_JOB_ID" && exit 0
-fi
-exit "$status"
+CLEANUP="$hostfile"
+source "$root/slurm/stop_and_requeue.sh"
+wait_and_requeue $!

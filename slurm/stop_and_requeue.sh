@@ -1,0 +1,29 @@
+# Sourced by slurm/pretrain.sh and slurm/pretrain_deepspeed.sh (not a job script itself).
+#
+# wait_and_requeue PID: wait for the training launched in the background as PID. USR1 (from
+# --signal, or scancel --signal=USR1 --batch) and TERM reaching the batch script are passed to the
+# training processes only (a torchrun agent or the deepspeed launcher would die of USR1); they
+# agree to stop, save a checkpoint and exit with status 75, and then the job requeues itself.
+# Exits the script with the training's status (0 after a requeue).
+
+_forward_stop() {
+  echo "$1 received: asking the training processes to checkpoint and stop"
+  srun --overlap --nodes="$SLURM_JOB_NUM_NODES" --ntasks="$SLURM_JOB_NUM_NODES" --ntasks-per-node=1 \
+    pkill -USR1 -f "^[^ ]*python[^ ]* (-u )?[^ ]*launchers/pretrain.py" || true
+}
+
+wait_and_requeue() {
+  local step=$1 status="" code
+  trap '_forward_stop USR1' USR1
+  trap '_forward_stop TERM' TERM
+  until [ -n "$status" ]; do  # a trapped signal interrupts wait; wait again until the step ends
+    wait "$step"; code=$?
+    kill -0 "$step" 2>/dev/null || status=$code
+  done
+  [ -z "${CLEANUP:-}" ] || rm -f $CLEANUP
+  if [ "$status" -eq 75 ]; then
+    echo "stopped with a checkpoint: requeueing job $SLURM_JOB_ID"
+    scontrol requeue "$SLURM_JOB_ID" && exit 0  # the job runs again; this attempt did what it should
+  fi
+  exit "$status"
+}
