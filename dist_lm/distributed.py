@@ -8,6 +8,7 @@ NCCL on GPUs, gloo on CPU.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 import warnings
@@ -113,6 +114,21 @@ def _checked(d: DistEnv) -> DistEnv:
     if not (0 <= d.local_rank < max(1, d.local_world_size)):
         raise UserError(f"launch environment: local rank {d.local_rank} is outside {d.local_world_size} ranks per node")
     return d
+
+
+def check_master_reachable(d: DistEnv) -> None:
+    """On a multi-node job every node dials MASTER_ADDR: it must name this network, not loopback."""
+    if d.num_nodes <= 1:
+        return
+    try:
+        infos = socket.getaddrinfo(d.master_addr, d.master_port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError):
+        raise UserError(f"launch environment: MASTER_ADDR={d.master_addr} does not resolve on this node; "
+                        "set it to the first node's hostname or IP address") from None
+    if all(ipaddress.ip_address(info[4][0].split("%")[0]).is_loopback for info in infos):
+        raise UserError(f"launch environment: MASTER_ADDR={d.master_addr} is this machine's loopback address, "
+                        f"which the other {d.num_nodes - 1} node(s) cannot reach; set it to the first node's "
+                        "hostname or IP address")
 
 
 def device_for(d: DistEnv) -> torch.device:

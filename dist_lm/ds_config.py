@@ -82,6 +82,11 @@ def deepspeed_config(parallel: ParallelConfig, optim: OptimConfig, plan: BatchPl
         # a standard torch optimizer and ZeRO handles it like its own.
         "zero_allow_untested_optimizer": True,
     }
+    if precision == "bf16" and parallel.zero_stage >= 1:
+        # Accumulate gradients across micro-batches in fp32: summing in bf16 loses the small
+        # contributions and is a known cause of divergence. (At stage 0 DeepSpeed only supports
+        # accumulating in the model's dtype.)
+        config["data_types"] = {"grad_accum_dtype": "fp32"}
     if parallel.offload_optimizer:
         # With the optimizer on the CPU DeepSpeed builds its own CPU Adam (AVX, multithreaded);
         # a torch optimizer there would be several times slower.

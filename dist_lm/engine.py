@@ -5,8 +5,10 @@ Only this module and :mod:`dist_lm.checkpoint` import deepspeed.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
+import shutil
 import warnings
 
 import torch
@@ -18,7 +20,7 @@ if not torch.cuda.is_available():
 import deepspeed  # noqa: E402
 from deepspeed.utils import safe_get_full_grad  # noqa: E402
 
-from dist_lm.config import OptimConfig, ParallelConfig  # noqa: E402
+from dist_lm.config import OptimConfig, ParallelConfig, UserError  # noqa: E402
 from dist_lm.ds_config import BatchPlan, deepspeed_config  # noqa: E402
 from dist_lm.model import Transformer  # noqa: E402
 from dist_lm.optim import param_groups  # noqa: E402
@@ -50,6 +52,22 @@ def initialize(model: Transformer, parallel: ParallelConfig, optim: OptimConfig,
     if parallel.compile:
         engine.compile()
     return engine
+
+
+def check_cpu_adam() -> None:
+    """Optimizer offload steps with DeepSpeed's CPU Adam, a C++ op built on first use: say so
+    before any process starts if it is neither prebuilt nor buildable here."""
+    if importlib.util.find_spec("deepspeed.ops.adam.cpu_adam_op") is not None:
+        return  # DeepSpeed was installed with its ops prebuilt (DS_BUILD_CPU_ADAM=1)
+    from torch.utils.cpp_extension import is_ninja_available
+
+    compiler = os.environ.get("CXX", "c++")
+    missing = [what for what, ok in ((f"a C++ compiler ({compiler})", shutil.which(compiler)),
+                                     ("ninja", is_ninja_available())) if not ok]
+    if missing:
+        raise UserError(f"config error: parallel.offload_optimizer=true needs DeepSpeed's CPU Adam op, built on "
+                        f"first use, but {' and '.join(missing)} cannot be found; install them (apt-get install "
+                        "g++; pip install ninja) or set parallel.offload_optimizer=false")
 
 
 def set_lr(engine: "deepspeed.DeepSpeedEngine", lr: float) -> None:

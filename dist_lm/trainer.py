@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from dist_lm import checkpoint, corpus, distributed, engine as engine_ops, hardware, metrics, shards, sinks
+from dist_lm import checkpoint, corpus, distributed, engine as engine_ops, hardware, memory, metrics, shards, sinks
 from dist_lm.config import Config, ConfigError, UserError
 from dist_lm.config_io import to_dict, to_yaml
 from dist_lm.data import TrainData, ValData
@@ -59,12 +59,18 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 class Trainer:
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, plan_summary: list[str] = ()):
+        """``plan_summary``: the lines of the --config auto plan that produced cfg, for the log."""
         self.cfg = cfg
         self.start_time = time.perf_counter()
         # --- checks that need no process group: a bad input fails here, before anything starts
         self.dist_env = distributed.detect(os.environ)
+        distributed.check_master_reachable(self.dist_env)
         self.device = distributed.device_for(self.dist_env)
+        bound_cores: list[int] = []
+        if cfg.parallel.offload_optimizer:
+            engine_ops.check_cpu_adam()
+            bound_cores = hardware.bind_cores(self.dist_env.local_rank, self.dist_env.local_world_size)
         self.precision, precision_reason = hardware.resolve_precision(cfg.parallel.precision, self.device)
         self.plan = batch_plan(cfg.train, self.dist_env.world_size)
         self.data_dir, self.meta = resolve_data(cfg)
@@ -90,6 +96,11 @@ class Trainer:
         self._write_run_dir()
         metrics.set_log_file(self.run_dir / "train.log")
         metrics.log(f"dist-lm: {self.dist_env.describe()} device={hardware.device_name(self.device)}")
+        for line in plan_summary:
+            metrics.log(line)
+        if bound_cores:
+            metrics.warn(f"optimizer offload: CPU Adam steps on the host; each rank is bound to its own "
+                         f"{len(bound_cores)} of this node's cores (rank 0: cores {bound_cores[0]}-{bound_cores[-1]})")
         metrics.log(f"precision {self.precision} ({precision_reason}); ZeRO stage {cfg.parallel.zero_stage}; "
                     f"batch {self.plan.global_batch_size} = micro {self.plan.micro_batch_size} x accum "
                     f"{self.plan.grad_accum_steps} x ranks {self.plan.dp_size}")
@@ -102,6 +113,10 @@ class Trainer:
         self.peak_flops = hardware.peak_flops(self.device)
         metrics.log(f"model {count_parameters(cfg.model)['total'] / 1e6:.2f}M parameters, "
                     f"{self.flops_per_token / 1e6:.1f} MFLOP/token")
+        if self.device.type == "cuda":
+            predicted = memory.estimate(cfg.model, cfg.parallel, self.precision, self.plan.micro_batch_size,
+                                        self.plan.dp_size)
+            metrics.log(f"predicted peak GPU memory per rank {predicted.describe()}")
         engine_ops.quiet(cfg.run.verbose)
         self.engine = engine_ops.initialize(model, cfg.parallel, cfg.optim, self.plan, self.precision, self.device)
         self.metrics = metrics.MetricsWriter(self.run_dir, cfg.logging, cfg.run.name, to_dict(cfg))

@@ -1,5 +1,7 @@
 """Pretrain a model: the same file under deepspeed, torchrun, mpirun, srun, or plain python.
 
+    python launchers/pretrain.py [--config auto] [section.key=value ...]   # the plan for this machine
+    python launchers/pretrain.py --plan                                     # show that plan, don't train
     python launchers/pretrain.py --config configs/debug.yaml [section.key=value ...]
     torchrun --nproc_per_node 2 launchers/pretrain.py --config debug train.max_steps=50
     deepspeed --num_gpus 2 launchers/pretrain.py --config debug
@@ -26,7 +28,10 @@ DEBUG_OVERRIDES = ["parallel.precision=fp32", "train.check_finite=true", "train.
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="a preset name (configs/NAME.yaml) or a YAML file")
+    p.add_argument("--config", default="auto",
+                   help="a preset name (configs/NAME.yaml), a YAML file, or auto (the default): the preset "
+                        "and parallel settings that fit this machine, around any overrides given")
+    p.add_argument("--plan", action="store_true", help="print the auto plan and the launch commands, and exit")
     p.add_argument("--debug", action="store_true", help="single-process debug mode (default preset: debug)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--verbose", action="store_true", help="show DeepSpeed's start-up output (run.verbose=true)")
@@ -37,26 +42,33 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.config is None and not args.debug:
-        print("error: give --config PRESET_OR_FILE (e.g. --config debug), or --debug", file=sys.stderr)
-        return 2
+    if args.debug and args.config == "auto":
+        args.config = "debug"
     try:
         overrides = (DEBUG_OVERRIDES if args.debug else []) + args.overrides + (["run.verbose=true"] if args.verbose else [])
-        cfg = load_config(args.config or "debug", overrides)
-        if args.print_config:
+        auto = args.config == "auto"
+        cfg = None if auto else load_config(args.config, overrides)
+        if args.plan and not auto:
+            raise UserError("--plan shows the auto plan: drop --config, or use tools/plan.py")
+        if args.print_config and cfg is not None:
             print(to_yaml(cfg), end="")
             return 0
         if args.debug:
             os.environ.setdefault("CUDA_LAUNCH_BLOCKING", "1")  # CUDA errors at the line that caused them
         # These import torch and deepspeed (seconds): only after the cheap checks above.
         from dist_lm.distributed import detect, teardown
+        from dist_lm.planner import format_plan, plan_for_this_machine
         from dist_lm.preemption import REQUEUE_EXIT
         from dist_lm.trainer import Trainer, TrainingDiverged
 
-        if args.debug and detect(os.environ).world_size > 1:
+        dist_env = detect(os.environ)
+        if args.debug and dist_env.world_size > 1:
             raise UserError("--debug runs one process: start it with plain python, not a launcher")
-
-        trainer = Trainer(cfg)
+        plan = plan_for_this_machine(overrides, dist_env.num_nodes, dist_env.world_size) if auto else None
+        if args.plan or (args.print_config and plan is not None):
+            print(format_plan(plan) if args.plan else to_yaml(plan.config), end="\n" if args.plan else "")
+            return 0
+        trainer = Trainer(plan.config, plan.summary()) if plan is not None else Trainer(cfg)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

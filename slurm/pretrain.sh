@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Submit from the project's root:  sbatch slurm/pretrain.sh [CONFIG] [section.key=value ...]
-#   CONFIG: a preset or YAML file (default h100-80gb). Options on sbatch's command line override
+#   CONFIG: a preset, a YAML file, or auto (the default: the plan for the allocated GPUs). Options on sbatch's command line override
 #   the #SBATCH lines below, e.g. sbatch --nodes=4 slurm/pretrain.sh h100-multinode.
 #
 #SBATCH --job-name=dist-lm
@@ -21,7 +21,7 @@ set -uo pipefail
 root="${DIST_LM_ROOT:-${SLURM_SUBMIT_DIR:-$PWD}}"
 cd "$root" || exit 2
 python="${PYTHON:-$([ -x "$root/.venv/bin/python" ] && echo "$root/.venv/bin/python" || echo python3)}"
-config="${1:-h100-80gb}"; shift $(( $# > 0 ? 1 : 0 ))
+config="${1:-auto}"; shift $(( $# > 0 ? 1 : 0 ))
 run_name="${RUN_NAME:-${SLURM_JOB_NAME}-${SLURM_JOB_ID}}"
 
 # The first node of the allocation hosts the rendezvous.

@@ -17,7 +17,7 @@
 set -uo pipefail
 root="${DIST_LM_ROOT:-${SLURM_SUBMIT_DIR:-$PWD}}"
 cd "$root" || exit 2
-config="${1:-h100-80gb}"; shift $(( $# > 0 ? 1 : 0 ))
+config="${1:-auto}"; shift $(( $# > 0 ? 1 : 0 ))
 run_name="${RUN_NAME:-${SLURM_JOB_NAME}-${SLURM_JOB_ID}}"
 per_node="${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-1}}"
 

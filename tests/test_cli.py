@@ -31,10 +31,6 @@ def test_bad_override(env):
     assert "did you mean 'train.max_steps'" in bad(env, ["--config", "debug", "train.max_step=3"])
 
 
-def test_no_config_at_all(env):
-    assert "--config" in bad(env, [])
-
-
 def test_missing_data_dir(env, tmp_path):
     line = bad(env, ["--config", "debug", f"data.dir={tmp_path / 'nothing'}", f"run.dir={tmp_path / 'run'}"])
     assert f"data.dir={tmp_path / 'nothing'} does not exist" in line

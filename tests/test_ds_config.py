@@ -30,6 +30,9 @@ def test_deepspeed_config_keys(stage, precision):
     assert ds["zero_optimization"]["stage"] == stage
     assert ds["bf16"]["enabled"] == (precision == "bf16") and ds["fp16"]["enabled"] == (precision == "fp16")
     assert "optimizer" not in ds  # a torch AdamW is passed in
+    # bf16 gradients accumulate in fp32 wherever DeepSpeed can (ZeRO 1-3)
+    fp32_accum = ds.get("data_types", {}).get("grad_accum_dtype") == "fp32"
+    assert fp32_accum == (precision == "bf16" and stage >= 1)
 
 
 def test_offload_uses_deepspeed_cpu_adam():

@@ -1,0 +1,217 @@
+"""Hardware detection, the memory model and the --config auto plan, on described machines (pure
+functions: no GPU needed), plus the plan tool and the pre-flight checks of the launch."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, assert_ok, launch
+from dist_lm.config import ModelConfig, ParallelConfig, UserError
+from dist_lm.config_io import load_config
+from dist_lm.distributed import check_master_reachable, detect
+from dist_lm.hardware import Machine, detect_machine, peak_flops_for
+from dist_lm.memory import GB, estimate
+from dist_lm.planner import format_plan, launch_commands, make_plan, usable_gb
+
+RTX_3060 = Machine(1, "NVIDIA GeForce RTX 3060", 12.0, (8, 6), 1, 12, 32)
+RTX_4090 = Machine(1, "NVIDIA GeForce RTX 4090", 24.0, (8, 9), 1, 16, 64)
+H100 = Machine(1, "NVIDIA H100 80GB HBM3", 80.0, (9, 0), 1, 16, 128)
+H100_CLUSTER = Machine(8, "NVIDIA H100 80GB HBM3", 80.0, (9, 0), 4, 128, 1000)
+CPU_ONLY = Machine(0, cpu_cores=2, ram_gb=8)
+
+
+def option(plan, key):
+    return getattr(getattr(plan.config, key.split(".")[0]), key.split(".")[1])
+
+
+def fits(plan) -> bool:
+    return plan.memory.total <= usable_gb(plan.machine) * GB
+
+
+# ------------------------------------------------------------------------------------- machines
+def test_peak_table_matches_specific_names_first():
+    assert peak_flops_for("NVIDIA GeForce RTX 3060 Ti") == 32e12
+    assert peak_flops_for("NVIDIA GeForce RTX 3060") == 25e12
+    assert peak_flops_for("NVIDIA H100 PCIe") == 756e12 and peak_flops_for("NVIDIA H100 80GB HBM3") == 989e12
+    assert peak_flops_for("NVIDIA GeForce RTX 5090") == 209e12
+    assert peak_flops_for("Some Future Accelerator") is None  # unknown: no guess
+
+
+def test_bf16_from_compute_capability():
+    assert RTX_3060.bf16 and H100.bf16
+    assert not Machine(1, "Tesla V100-SXM2-32GB", 32, (7, 0)).bf16
+    assert not Machine(1, "Tesla T4", 16).bf16  # no capability given: known pre-Ampere name
+
+
+def test_this_machine_is_detected():
+    m = detect_machine(nodes=1)
+    assert m.cpu_cores >= 1 and m.ram_gb > 0
+    import torch
+    assert m.has_gpu == torch.cuda.is_available() and m.world_size >= 1
+
+
+# --------------------------------------------------------------------------------- memory model
+def _model(**kw) -> ModelConfig:
+    return ModelConfig(vocab_size=32000, seq_len=2048, d_model=2048, n_layers=24, n_heads=16, **kw)
+
+
+def test_zero_stages_shard_what_they_promise():
+    model = _model()
+    e = {s: estimate(model, ParallelConfig(zero_stage=s), "bf16", 1, 8) for s in (0, 1, 2, 3)}
+    assert e[1].optimizer == pytest.approx(e[0].optimizer / 8)
+    assert e[2].grads < e[1].grads and e[2].weights == e[1].weights
+    assert e[3].weights == pytest.approx(e[2].weights / 8)
+    assert estimate(model, ParallelConfig(zero_stage=2, offload_optimizer=True), "bf16", 1, 8).optimizer == 0
+
+
+def test_activation_checkpointing_and_micro_batch():
+    model = _model()
+    plain = estimate(model, ParallelConfig(), "bf16", 4, 1)
+    ckpt = estimate(model, ParallelConfig(activation_checkpointing=True), "bf16", 4, 1)
+    assert ckpt.activations < plain.activations / 5
+    assert estimate(model, ParallelConfig(), "bf16", 8, 1).activations == pytest.approx(2 * plain.activations)
+
+
+def test_estimate_near_the_h100_measurement():
+    # docs/benchmarks.md: h100-80gb, ZeRO-1, bf16, micro-batch 8, embedded corpus: 60.46 GB measured.
+    cfg = load_config("h100-80gb", ["model.vocab_size=4096"])
+    predicted = estimate(cfg.model, cfg.parallel, "bf16", 8, 1).total / GB
+    assert abs(predicted / 60.46 - 1) < 0.15
+
+
+# ------------------------------------------------------------------------------------------ plans
+def test_rtx_3060_gets_the_small_preset_in_bf16():
+    plan = make_plan(RTX_3060)
+    assert plan.preset == "rtx-12gb" and option(plan, "parallel.precision") == "bf16" and fits(plan)
+    assert plan.config.train.global_batch_size % (plan.config.train.micro_batch_size * 1) == 0
+
+
+def test_rtx_4090_gets_the_24gb_preset():
+    plan = make_plan(RTX_4090)
+    assert plan.preset == "rtx-24gb" and fits(plan)
+    assert not option(plan, "parallel.offload_optimizer")
+
+
+def test_one_h100_gets_the_1b_preset_without_recomputation():
+    plan = make_plan(H100)
+    assert plan.preset == "h100-80gb" and fits(plan)
+    assert option(plan, "parallel.activation_checkpointing") is False and plan.config.train.micro_batch_size >= 4
+
+
+def test_four_nodes_of_eight_h100_get_the_multinode_preset():
+    plan = make_plan(H100_CLUSTER)
+    assert plan.preset == "h100-multinode" and plan.world_size == 32 and fits(plan)
+    train = plan.config.train
+    assert train.global_batch_size % (train.micro_batch_size * 32) == 0
+    cmds = launch_commands(plan)
+    assert "NNODES=4" in cmds["torchrun"] and 'HOSTS="node0 node1 node2 node3"' in cmds["deepspeed"]
+    assert "NP=32" in cmds["mpirun"] and cmds["sbatch"].startswith("sbatch --nodes=4 --gpus-per-node=8")
+
+
+def test_cpu_plans_the_debug_preset():
+    plan = make_plan(CPU_ONLY)
+    assert plan.preset == "debug" and plan.memory is None
+    assert list(launch_commands(plan)) == ["python"]
+
+
+def test_fp16_on_a_card_without_bf16():
+    plan = make_plan(Machine(1, "Tesla T4", 16.0, (7, 5)))
+    assert option(plan, "parallel.precision") == "fp16"
+
+
+def test_explicit_values_always_win():
+    plan = make_plan(H100, ["parallel.zero_stage=3", "train.micro_batch_size=2", "model.n_layers=12"])
+    assert option(plan, "parallel.zero_stage") == 3 and plan.config.train.micro_batch_size == 2
+    assert plan.config.model.n_layers == 12
+    assert not any(c.startswith(("parallel.zero_stage", "train.micro_batch_size")) for c in plan.choices)
+    assert "kept as given: model.n_layers, parallel.zero_stage, train.micro_batch_size" in "\n".join(plan.reasons)
+
+
+def test_plan_reproduces_through_the_explicit_command():
+    plan = make_plan(RTX_4090, ["optim.lr=1e-3"])
+    args = plan.explicit_args()
+    assert args[:2] == ["--config", "rtx-24gb"] and args[-1] == "optim.lr=1e-3"
+    again = load_config(args[1], args[2:])
+    assert dataclasses.asdict(again) == dataclasses.asdict(plan.config)
+
+
+def test_a_small_card_falls_back_to_recomputation_then_offload():
+    small = make_plan(Machine(1, "NVIDIA GeForce RTX 3050", 6.0, (8, 6)))
+    assert small.preset == "rtx-12gb" and fits(small)
+    tiny = make_plan(Machine(1, "NVIDIA GeForce RTX 3050", 3.5, (8, 6)))
+    assert option(tiny, "parallel.activation_checkpointing") and option(tiny, "parallel.offload_optimizer")
+    assert fits(tiny) and tiny.config.parallel.reduce_bucket_size < 500_000_000
+
+
+def test_nothing_fits_says_what_to_change():
+    with pytest.raises(UserError, match=r"nothing fits in 0.3 GB of each 2 GB GPU.*model.d_model"):
+        make_plan(Machine(1, "tiny", 2.0, (8, 0)))
+
+
+def test_plan_tool_describes_a_cluster():
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "plan.py"), "--gpus", "8", "--gpu-mem", "80",
+                           "--nodes", "4", "--gpu-name", "H100"], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert "plan: preset h100-multinode, 32 rank(s)" in proc.stdout
+    assert "sbatch --nodes=4" in proc.stdout and "launchers/mpirun.sh" in proc.stdout
+    described = Machine(8, "H100", 80.0, None, 4, 32, 256.0)  # the tool's defaults for cores and RAM
+    assert proc.stdout.strip() == format_plan(make_plan(described))
+
+
+def test_pretrain_plan_on_this_machine(env):
+    proc = launch("python", ["--plan"], env)
+    assert_ok(proc)
+    assert "plan: preset debug" in proc.stdout and "python launchers/pretrain.py --config debug" in proc.stdout
+
+
+def test_no_config_trains_the_auto_plan(env, tmp_path):
+    proc = launch("python", ["train.max_steps=2", "train.eval_interval=0", f"run.dir={tmp_path}"], env)
+    assert_ok(proc)
+    assert "plan: preset debug, 1 rank(s)" in proc.stdout and (tmp_path / "metrics.jsonl").is_file()
+
+
+# ---------------------------------------------------------------------------------- pre-flight
+def test_multinode_master_address_must_be_routable():
+    env = {"RANK": "0", "WORLD_SIZE": "16", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "8", "MASTER_PORT": "29500"}
+    with pytest.raises(UserError, match="MASTER_ADDR=127.0.0.1 is this machine's loopback address"):
+        check_master_reachable(detect({**env, "MASTER_ADDR": "127.0.0.1"}))
+    with pytest.raises(UserError, match="MASTER_ADDR=localhost is this machine's loopback"):
+        check_master_reachable(detect({**env, "MASTER_ADDR": "localhost"}))
+    with pytest.raises(UserError, match="does not resolve"):
+        check_master_reachable(detect({**env, "MASTER_ADDR": "no-such-host.invalid"}))
+    check_master_reachable(detect({**env, "MASTER_ADDR": "10.1.2.3"}))
+    check_master_reachable(detect({**env, "LOCAL_WORLD_SIZE": "16", "MASTER_ADDR": "127.0.0.1"}))  # one node
+
+
+def test_multinode_loopback_master_fails_before_the_process_group(env):
+    env = {**env, "RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+    proc = launch("python", ["--config", "debug"], env, timeout=60)
+    assert proc.returncode == 2 and "loopback address" in proc.stderr and "dist-lm:" not in proc.stdout
+
+
+def test_cpu_adam_needs_a_compiler(monkeypatch):
+    from dist_lm import engine
+
+    engine.check_cpu_adam()  # this machine can build it (CI runs the offload engine test)
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    with pytest.raises(UserError, match=r"offload_optimizer=true needs DeepSpeed's CPU Adam.*no-such-compiler"):
+        engine.check_cpu_adam()
+
+
+def test_offload_binds_each_rank_to_its_own_cores():
+    code = ("import os; from dist_lm.hardware import bind_cores; n = len(os.sched_getaffinity(0)); "
+            "print(n, bind_cores(1, 2), sorted(os.sched_getaffinity(0)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}).stdout.split(maxsplit=1)
+    n = int(out[0])
+    if n < 2:
+        pytest.fail("this test needs at least 2 cores (CI has 2)")
+    per = n // 2
+    expected = list(range(n))[per:2 * per]
+    assert out[1].strip() == f"{expected} {expected}".replace("'", "")
