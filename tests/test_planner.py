@@ -198,7 +198,7 @@ def test_multinode_loopback_master_fails_before_the_process_group(env):
 def test_cpu_adam_needs_a_compiler(monkeypatch):
     from dist_lm import engine
 
-    engine.check_cpu_adam()  # this machine can build it (CI runs the offload engine test)
+    engine.check_cpu_adam()  # this machine can build it (test_engine_launchers runs the offload engine)
     monkeypatch.setenv("CXX", "no-such-compiler")
     with pytest.raises(UserError, match=r"offload_optimizer=true needs DeepSpeed's CPU Adam.*no-such-compiler"):
         engine.check_cpu_adam()
