@@ -25,3 +25,21 @@ def test_debug_preset_runs_in_bf16_and_reports_mfu(env, tmp_path):
     train, evals = read_metrics(tmp_path)
     assert all(r["mfu"] is not None and 0 < r["mfu"] < 1 for r in train)
     assert train[-1]["loss"] < train[0]["loss"] and evals
+
+
+@pytest.mark.parametrize("case", ["rtx-12gb parallel.activation_checkpointing=false train.micro_batch_size=8",
+                                  "rtx-12gb parallel.zero_stage=2 parallel.activation_checkpointing=true"])
+def test_memory_estimate_within_15_percent(env, tmp_path, monkeypatch, case):
+    import sys
+
+    from conftest import ROOT
+
+    sys.path.insert(0, str(ROOT / "tools"))
+    from bench_memory import run_case
+
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("DS_ACCELERATOR", "cuda")
+    result = run_case(case, torch.cuda.device_count() if "zero_stage=2" in case else 1, tmp_path)
+    assert "measured_gb" in result, result
+    assert abs(result["error"]) < 0.15, result
