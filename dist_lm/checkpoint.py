@@ -1,65 +1,301 @@
 """Checkpoints through DeepSpeed's engine, with our resumable state as explicit client state.
 
-Layout: RUN_DIR/checkpoints/step00000100/ (DeepSpeed's files, sharded per rank as ZeRO makes
-them, and our state as state.json, written first) and RUN_DIR/checkpoints/latest (the tag of
-the newest, written by DeepSpeed after its save). Our state is plain JSON, so it can be read
-before the engine exists, e.g. to refuse a resume on other data before loading any tensor.
+Layout (the root is checkpoint.dir, by default RUN_DIR/checkpoints)::
+
+    step00000100/   DeepSpeed's files, sharded per rank as ZeRO makes them
+                    rng-rank<N>.json   each rank's random-number generators
+                    state.json         our state and a manifest of every file with its size
+    latest          the tag of the newest complete checkpoint
+
+A save is complete only when state.json exists: rank 0 writes it after every rank has finished
+writing and the files were flushed to disk, then moves ``latest`` (write a temporary file and
+rename). A checkpoint without state.json, or whose files do not match the manifest (truncated,
+deleted), is never chosen. Older checkpoints are deleted only after a newer one is complete.
+
+Our state is plain JSON, so it is read before the engine exists, e.g. to refuse a resume on
+other data before loading any tensor, or to see that the run was saved on another world size
+or ZeRO stage and must go through DeepSpeed's universal checkpoint format.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import random
+import shutil
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
+
+import numpy as np
+import torch
 
 from dist_lm.config import UserError
 
 Engine = Any  # a deepspeed.DeepSpeedEngine; only its methods are used here
+STATE = "state.json"
+LATEST = "latest"
+UNIVERSAL = "universal"  # subdirectory of a tag holding its universal-format conversion
 
 
-def checkpoint_dir(run_dir: Path) -> Path:
-    return Path(run_dir) / "checkpoints"
+class CheckpointError(UserError):
+    """A checkpoint cannot be written or read; the message names the path and the way out."""
 
 
 def tag_for(step: int) -> str:
     return f"step{step:08d}"
 
 
-def latest_tag(run_dir: Path) -> str | None:
-    latest = checkpoint_dir(run_dir) / "latest"
-    return latest.read_text().strip() if latest.is_file() else None
+def step_of(path: Path) -> int | None:
+    name = path.name
+    return int(name[4:]) if name.startswith("step") and name[4:].isdigit() else None
 
 
-def save(engine: Engine, run_dir: Path, step: int, state: dict, is_rank0: bool) -> Path:
-    """Save on every rank (a collective): our JSON state first, then the engine's, then `latest`."""
-    path = checkpoint_dir(run_dir) / tag_for(step)
-    if is_rank0:
-        path.mkdir(parents=True, exist_ok=True)
-        tmp = path / ".state.json.tmp"
-        tmp.write_text(json.dumps(state, indent=1))
-        os.replace(tmp, path / "state.json")
-    engine.save_checkpoint(str(checkpoint_dir(run_dir)), tag=tag_for(step))
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------- finding one
+def problem_with(path: Path) -> str | None:
+    """Why the checkpoint at ``path`` cannot be resumed from, or None if it is complete."""
+    try:
+        state = json.loads((path / STATE).read_text())
+    except FileNotFoundError:
+        return f"it has no {STATE} (the save did not finish)"
+    except (OSError, json.JSONDecodeError) as e:
+        return f"its {STATE} is unreadable ({e})"
+    for name, size in state.get("manifest", {}).items():
+        f = path / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != size:
+            return f"{name} has {f.stat().st_size} bytes, {size} were written"
+    return None
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """The complete checkpoints under ``root``, oldest first."""
+    if not root.is_dir():
+        return []
+    tags = sorted((p for p in root.iterdir() if p.is_dir() and step_of(p) is not None), key=step_of)
+    return [p for p in tags if problem_with(p) is None]
+
+
+@dataclass
+class Found:
+    path: Path
+    state: dict
+    note: str | None = None
+    """Said when the checkpoint is not the one ``latest`` names."""
+
+
+def read_state(path: Path) -> dict:
+    return json.loads((path / STATE).read_text())
+
+
+def find(resume: str, root: Path) -> Found | None:
+    """The checkpoint to resume from: ``auto`` (the newest complete one under root, if any),
+    ``none``, or a path (a checkpoint directory, or a run directory / checkpoint root)."""
+    if resume == "none":
+        return None
+    if resume != "auto":
+        path = Path(resume)
+        if (path / STATE).exists() or step_of(path) is not None:
+            problem = problem_with(path)
+            if problem:
+                raise CheckpointError(f"checkpoint error: checkpoint.resume={resume}: {problem}; give another "
+                                      "checkpoint, or checkpoint.resume=auto for the newest complete one")
+            return Found(path, read_state(path))
+        if (path / "checkpoints").is_dir():
+            path = path / "checkpoints"
+        if not path.is_dir():
+            raise CheckpointError(f"checkpoint error: checkpoint.resume={resume} does not exist; give a checkpoint "
+                                  "directory (…/checkpoints/stepNNNNNNNN) or a run directory")
+        root = path
+    latest = root / LATEST
+    named = root / latest.read_text().strip() if latest.is_file() else None
+    if named is not None and problem_with(named) is None:
+        return Found(named, read_state(named))
+    complete = complete_checkpoints(root)
+    if not complete:
+        if resume != "auto":
+            raise CheckpointError(f"checkpoint error: checkpoint.resume={resume}: no complete checkpoint in {root}")
+        return None
+    newest = complete[-1]
+    note = None
+    if named is not None:
+        note = f"{named.name} is incomplete ({problem_with(named)}); resuming from {newest.name}, the newest complete checkpoint"
+    return Found(newest, read_state(newest), note)
+
+
+# ------------------------------------------------------------------------------------- saving
+def rng_state() -> dict:
+    """This process's random-number generators as JSON-able plain values."""
+    py = random.getstate()
+    np_state = np.random.get_state()
+    state = {"python": [py[0], list(py[1]), py[2]],
+             "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+             "torch": torch.get_rng_state().tolist()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state().tolist()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
+
+
+def bytes_needed(root: Path, fallback: int) -> int:
+    """Room for one more checkpoint: the size of the newest complete one, else ``fallback``."""
+    complete = complete_checkpoints(root)
+    if not complete:
+        return fallback
+    return sum(read_state(complete[-1]).get("manifest", {}).values()) or fallback
+
+
+def check_room(root: Path, need: int) -> str | None:
+    """Why a checkpoint of ``need`` bytes cannot be written under root, or None."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = root / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        return f"{root} is not writable ({e.strerror or e}); set checkpoint.dir to a writable directory"
+    free = shutil.disk_usage(root).free
+    if free < need:
+        return (f"not enough space in {root}: a checkpoint needs about {need / 1e9:.2f} GB ({need:,} bytes), "
+                f"{free / 1e9:.2f} GB are free; free some, lower checkpoint.keep_last, or set checkpoint.dir")
+    return None
+
+
+class SaveWatchdog:
+    """Ends the process if a save does not finish in time: a hung filesystem must not hang the
+    job. The checkpoint being written has no state.json, so the previous one stays the latest."""
+
+    def __init__(self, seconds: float, rank: int, path: Path):
+        self.timer = threading.Timer(seconds, self._fire, args=(seconds, rank, path))
+        self.timer.daemon = True
+
+    @staticmethod
+    def _fire(seconds: float, rank: int, path: Path) -> None:
+        print(f"error: rank {rank}: saving checkpoint {path} did not finish within {seconds / 60:g} minutes "
+              "(checkpoint.save_timeout_minutes); exiting. The previous complete checkpoint is intact.",
+              file=sys.stderr, flush=True)
+        os._exit(SAVE_TIMEOUT_EXIT)
+
+    def __enter__(self) -> "SaveWatchdog":
+        self.timer.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.timer.cancel()
+
+
+SAVE_TIMEOUT_EXIT = 3
+
+
+def save(engine: Engine, root: Path, step: int, state: dict, rank: int,
+         barrier: Callable[[], None], any_rank: Callable[[bool], bool]) -> Path:
+    """Save on every rank (a collective). ``barrier`` waits for all ranks; ``any_rank(flag)``
+    is True on every rank if it is True on some rank (both over a CPU group)."""
+    path = root / tag_for(step)
+    failed = None
+    try:
+        engine.save_checkpoint(str(root), tag=tag_for(step), save_latest=False)
+        _write_atomic(path / f"rng-rank{rank}.json", json.dumps(rng_state()))
+    except OSError as e:  # a full or failing disk: agree on it below instead of leaving others waiting
+        failed = f"rank {rank}: writing {path} failed: {e.strerror or e}"
+    if any_rank(failed is not None):
+        if rank == 0:
+            shutil.rmtree(path, ignore_errors=True)  # incomplete: free what it took
+        raise CheckpointError(f"checkpoint error: {failed or 'another rank could not write the checkpoint'}; "
+                              "the previous complete checkpoint is intact")
+    barrier()  # every rank's files are written
+    if rank == 0:
+        manifest = {}
+        for f in sorted(p for p in path.rglob("*") if p.is_file() and p.name != STATE):
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())  # on disk before state.json says the checkpoint is complete
+            manifest[str(f.relative_to(path))] = f.stat().st_size
+        _write_atomic(path / STATE, json.dumps({**state, "manifest": manifest}, indent=1))
+        _write_atomic(root / LATEST, tag_for(step))
+    barrier()
     return path
 
 
-def read_state(run_dir: Path) -> dict | None:
-    """Our state of the newest checkpoint of the run, or None if it has none."""
-    tag = latest_tag(run_dir)
-    if tag is None:
-        return None
-    path = checkpoint_dir(run_dir) / tag / "state.json"
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        raise UserError(f"checkpoint error: {path} is missing or unreadable; remove {checkpoint_dir(run_dir) / tag} "
-                        f"and point {checkpoint_dir(run_dir) / 'latest'} at an earlier step, or set checkpoint.resume=false") from None
+def prune(root: Path, keep_last: int, keep_best: bool) -> list[Path]:
+    """Delete all but the newest ``keep_last`` complete checkpoints (and the best by validation
+    loss), and incomplete ones older than the newest complete one. Rank 0 only."""
+    complete = complete_checkpoints(root)
+    if not complete:
+        return []
+    keep = set(complete[-keep_last:]) if keep_last > 0 else set(complete)
+    if keep_best:
+        scored = [(read_state(p).get("val_loss"), p) for p in complete]
+        scored = [(v, p) for v, p in scored if v is not None]
+        if scored:
+            keep.add(min(scored, key=lambda vp: vp[0])[1])
+    newest = step_of(complete[-1])
+    removed = []
+    for p in root.iterdir():
+        step = step_of(p)
+        if step is None or not p.is_dir() or p in keep:
+            continue
+        if p in complete or step < newest:
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
 
 
-def load(engine: Engine, run_dir: Path) -> None:
-    """Load the newest checkpoint of the run into the engine."""
-    tag = latest_tag(run_dir)
-    path, _ = engine.load_checkpoint(str(checkpoint_dir(run_dir)), tag=tag)
-    if path is None:
-        raise UserError(f"checkpoint error: {checkpoint_dir(run_dir) / tag} could not be loaded; "
-                        f"remove it (and fix {checkpoint_dir(run_dir) / 'latest'}) or set checkpoint.resume=false")
+# ------------------------------------------------------------------------------------ loading
+def needs_universal(state: dict, world_size: int, zero_stage: int) -> bool:
+    """Whether the checkpoint's ZeRO shards no longer line up with this run's ranks."""
+    saved_world, saved_stage = state.get("world_size"), state.get("zero_stage")
+    if saved_world is None or (saved_world == world_size and saved_stage == zero_stage):
+        return False
+    if saved_stage == 0 or zero_stage == 0:
+        if saved_stage == zero_stage:
+            return False  # ZeRO-0 keeps whole copies: any world size loads them
+        raise CheckpointError(f"checkpoint error: the checkpoint was saved at ZeRO stage {saved_stage} and this run "
+                              f"uses stage {zero_stage}; across stage 0 it cannot be converted: resume with "
+                              f"parallel.zero_stage={saved_stage}")
+    return True
+
+
+def convert_to_universal(path: Path, rank: int, barrier: Callable[[], None]) -> Path:
+    """DeepSpeed's ds_to_universal on rank 0 (once per checkpoint; kept beside it)."""
+    out = path / UNIVERSAL
+    if rank == 0 and not (out / ".complete").exists():
+        shutil.rmtree(out, ignore_errors=True)
+        proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                               str(path), "--output_folder", str(out)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise CheckpointError(f"checkpoint error: converting {path} to DeepSpeed's universal format failed: "
+                                  f"{(proc.stderr.strip().splitlines() or ['?'])[-1]}")
+        (out / ".complete").write_text("")
+    barrier()
+    return out
+
+
+def load(engine: Engine, found: Found, universal: bool) -> None:
+    """Load ``found`` into the engine (built with load_universal when ``universal``)."""
+    load_dir, tag = (found.path, UNIVERSAL) if universal else (found.path.parent, found.path.name)
+    loaded, _ = engine.load_checkpoint(str(load_dir), tag=tag)
+    if loaded is None:
+        raise CheckpointError(f"checkpoint error: {found.path} could not be loaded; give another one with "
+                              "checkpoint.resume=PATH, or start fresh with checkpoint.resume=none")

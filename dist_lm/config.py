@@ -212,6 +212,15 @@ class TrainConfig:
     check_finite: bool = False
     """After every backward, check gradients and loss for NaN/inf and name the first offending
     tensor (debug mode turns this on; it costs a host-device sync per parameter)."""
+    max_skipped_steps: int = 10
+    """An update whose gradients hold NaN or inf is skipped and logged; after this many in a row
+    the run stops (exit status 1) with its last good checkpoint intact. 0: never stop."""
+    spike_factor: float = 0.0
+    """Loss-spike guard: a micro-batch whose loss (averaged over ranks) is above this factor x
+    the running mean of the last 50 is logged with its global sample ids (also to spikes.jsonl
+    in the run directory). 0 disables it; on, it costs a host-device sync per micro-batch."""
+    spike_skip: bool = False
+    """With the spike guard on, also drop the spiking micro-batch's gradient."""
 
     def __post_init__(self) -> None:
         _require(self.max_steps > 0, "max_steps", "must be positive")
@@ -228,6 +237,8 @@ class TrainConfig:
                  "must be positive or null")
         _require(self.early_stop_patience >= 0, "early_stop_patience", "must be >= 0 (0 disables)")
         _require(self.early_stop_min_delta >= 0, "early_stop_min_delta", "must be >= 0")
+        _require(self.max_skipped_steps >= 0, "max_skipped_steps", "must be >= 0 (0: never stop)")
+        _require(self.spike_factor == 0 or self.spike_factor > 1, "spike_factor", "must be 0 (off) or above 1")
 
 
 @dataclass
@@ -267,15 +278,33 @@ class ParallelConfig:
 
 @dataclass
 class CheckpointConfig:
-    """When checkpoints are written and whether a run continues from one."""
+    """When checkpoints are written, where, how many are kept, and what a run resumes from."""
 
     interval: int = 500
     """Save every this many steps (and always at the end); 0 saves only at the end."""
-    resume: bool = True
-    """Continue from the newest checkpoint in the run directory if there is one."""
+    dir: str | None = None
+    """Where checkpoints go. null: checkpoints/ in the run directory."""
+    resume: str = "auto"
+    """auto: continue from the newest complete checkpoint of this run, if there is one. none:
+    start afresh (existing checkpoints are kept until newer ones replace them). A path: that
+    checkpoint directory (.../checkpoints/stepNNNNNNNN) or the newest of that run directory.
+    Also --resume on the command line."""
+    keep_last: int = 3
+    """Keep the newest this many complete checkpoints; 0 keeps all."""
+    keep_best: bool = True
+    """Also keep the checkpoint with the lowest validation loss."""
+    allow_data_change: bool = False
+    """Resume even though the data differs from the checkpoint's (meta.json, shard sizes or
+    tokenizer); the data order continues by sample count. Also --allow-data-change."""
+    save_timeout_minutes: float = 30.0
+    """A save not finished in this time ends the process with a message (status 3) instead of
+    hanging; the previous checkpoint stays the latest."""
 
     def __post_init__(self) -> None:
         _require(self.interval >= 0, "interval", "must be >= 0 (0 saves only at the end)")
+        _require(bool(self.resume), "resume", "must be auto, none, or a checkpoint path")
+        _require(self.keep_last >= 0, "keep_last", "must be >= 0 (0 keeps all)")
+        _require(self.save_timeout_minutes > 0, "save_timeout_minutes", "must be positive")
 
 
 @dataclass

@@ -159,6 +159,40 @@ def init_process_group(d: DistEnv, device: torch.device, timeout_minutes: float)
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, rank=d.rank, world_size=d.world_size,
                             timeout=timedelta(minutes=timeout_minutes), **kwargs)
+    global _control
+    _control = dist.new_group(backend="gloo")  # a collective: every rank creates it here
+
+
+# A CPU (gloo) group for control decisions (stop, save failed, ...): agreeing on a flag costs no
+# host-device sync and never queues behind the GPU's work.
+_control = None
+
+
+def control_group():
+    return _control
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank if ``flag`` is True on some rank (a collective)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_control)
+    return bool(t.item())
+
+
+def from_rank0(value):
+    """Rank 0's ``value`` on every rank (a collective; any picklable value)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0, group=_control)
+    return box[0]
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier(group=_control)
 
 
 def teardown() -> None:

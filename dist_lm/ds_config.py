@@ -44,8 +44,10 @@ def batch_plan(train: TrainConfig, dp_size: int) -> BatchPlan:
     return BatchPlan(micro, train.global_batch_size // per_step, dp_size)
 
 
-def deepspeed_config(parallel: ParallelConfig, optim: OptimConfig, plan: BatchPlan, precision: str) -> dict:
-    """DeepSpeed's JSON config for a resolved precision ('bf16', 'fp16' or 'fp32')."""
+def deepspeed_config(parallel: ParallelConfig, optim: OptimConfig, plan: BatchPlan, precision: str,
+                     load_universal: bool = False) -> dict:
+    """DeepSpeed's JSON config for a resolved precision ('bf16', 'fp16' or 'fp32').
+    ``load_universal``: the checkpoint to resume is in DeepSpeed's universal format."""
     zero: dict = {"stage": parallel.zero_stage}
     if parallel.zero_stage > 0:
         zero.update(
@@ -66,7 +68,9 @@ def deepspeed_config(parallel: ParallelConfig, optim: OptimConfig, plan: BatchPl
         "gradient_accumulation_steps": plan.grad_accum_steps,
         "gradient_clipping": optim.grad_clip,
         "zero_optimization": zero,
-        "bf16": {"enabled": precision == "bf16"},
+        # check_grad_overflow: at ZeRO 1-2 DeepSpeed skips an update whose gradient norm is NaN or
+        # inf under bf16 too, as it does for fp16 and fp32 (the trainer counts the skips).
+        "bf16": {"enabled": precision == "bf16", "check_grad_overflow": True},
         "fp16": {
             "enabled": precision == "fp16",
             "loss_scale": 0,  # 0 = dynamic loss scaling
@@ -82,6 +86,8 @@ def deepspeed_config(parallel: ParallelConfig, optim: OptimConfig, plan: BatchPl
         # a standard torch optimizer and ZeRO handles it like its own.
         "zero_allow_untested_optimizer": True,
     }
+    if load_universal:
+        config["checkpoint"] = {"load_universal": True}
     if precision == "bf16" and parallel.zero_stage >= 1:
         # Accumulate gradients across micro-batches in fp32: summing in bf16 loses the small
         # contributions and is a known cause of divergence. (At stage 0 DeepSpeed only supports

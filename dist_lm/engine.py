@@ -18,6 +18,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import deepspeed  # noqa: E402
+from deepspeed.checkpoint.constants import (  # noqa: E402
+    UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY, UNIVERSAL_CHECKPOINT_VERSION_VALUE)
 from deepspeed.utils import safe_get_full_grad  # noqa: E402
 
 from dist_lm.config import OptimConfig, ParallelConfig, UserError  # noqa: E402
@@ -35,8 +37,11 @@ def quiet(verbose: bool) -> None:
 
 
 def initialize(model: Transformer, parallel: ParallelConfig, optim: OptimConfig, plan: BatchPlan,
-               precision: str, device: torch.device) -> "deepspeed.DeepSpeedEngine":
+               precision: str, device: torch.device, load_universal: bool = False) -> "deepspeed.DeepSpeedEngine":
     model.activation_checkpointing = parallel.activation_checkpointing
+    # Marks the checkpoints DeepSpeed writes as convertible to its universal format (for resuming
+    # on another world size or ZeRO stage; see dist_lm.checkpoint).
+    setattr(model, UNIVERSAL_CHECKPOINT_INFO, {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE})
     groups = param_groups(model, optim.weight_decay)
     if parallel.offload_optimizer:
         optimizer = None  # DeepSpeed builds its CPU Adam from the config's "optimizer" section
@@ -48,7 +53,7 @@ def initialize(model: Transformer, parallel: ParallelConfig, optim: OptimConfig,
                                       fused=device.type == "cuda")
     engine, *_ = deepspeed.initialize(
         model=model, optimizer=optimizer, model_parameters=groups if optimizer is None else None,
-        config=deepspeed_config(parallel, optim, plan, precision))
+        config=deepspeed_config(parallel, optim, plan, precision, load_universal))
     if parallel.compile:
         engine.compile()
     return engine
@@ -75,17 +80,25 @@ def set_lr(engine: "deepspeed.DeepSpeedEngine", lr: float) -> None:
         group["lr"] = lr
 
 
-def step(engine: "deepspeed.DeepSpeedEngine") -> torch.Tensor | float | None:
-    """The optimizer step at the accumulation boundary; returns the global gradient norm before
-    clipping (a tensor or a float; reading it may sync with the device) or None if unknown."""
-    norm = None
+def step(engine: "deepspeed.DeepSpeedEngine") -> tuple[torch.Tensor | float | None, bool]:
+    """The optimizer step at the accumulation boundary. Returns the global gradient norm before
+    clipping (a tensor or a float, or None if unknown) and whether the update was applied: an
+    update whose gradients hold NaN or inf is skipped, by DeepSpeed's optimizers at ZeRO 1-3 and
+    in fp16/bf16, and here at ZeRO-0 fp32, where DeepSpeed steps the plain optimizer."""
     if engine.zero_optimization_stage() == 0 and not (engine.bfloat16_enabled() or engine.fp16_enabled()):
         # DeepSpeed clips fp32 stage-0 gradients without keeping the norm: take it here, where
-        # the gradients are already all-reduced. No sync: it stays a device tensor.
-        grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm(grads) if grads else None
-    engine.step()
-    return norm if norm is not None else engine.get_global_grad_norm()
+        # the gradients are already all-reduced.
+        params = [p for p in engine.module.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else None
+        if norm is not None and not torch.isfinite(norm):  # host-device sync, once per step
+            for p in params:
+                p.grad = None  # torch's AdamW leaves a parameter without a gradient untouched
+            engine.step()
+            return norm, False
+        engine.step()
+        return norm, True
+    engine.step()  # DeepSpeed checks the norm for NaN/inf itself (a sync inside) and skips
+    return engine.get_global_grad_norm(), engine.was_step_applied()
 
 
 def first_nonfinite_grad(engine: "deepspeed.DeepSpeedEngine") -> str | None:

@@ -67,6 +67,10 @@ class MetricsWriter:
         if cfg.tensorboard:
             self.sinks.append(sinks.TensorBoardSink(run_dir / "tensorboard"))
 
+    @property
+    def wandb_run_id(self) -> str | None:
+        return self.wandb.run.id if self.wandb is not None else None
+
     def write(self, row: dict) -> None:
         for sink in self.sinks:
             sink.write(row)

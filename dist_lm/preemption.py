@@ -15,6 +15,8 @@ import time
 import torch
 import torch.distributed as dist
 
+from dist_lm.distributed import any_rank, control_group
+
 REQUEUE_EXIT = 75  # EX_TEMPFAIL: "stopped by a signal after saving a checkpoint; run me again"
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -25,7 +27,7 @@ class StopControl:
         self.deadline = start_time + 60 * time_limit_minutes if time_limit_minutes else None
         self.signal_name: str | None = None
         self.longest_step = 0.0
-        self._group = dist.new_group(backend="gloo")  # CPU-only collectives for control decisions
+        self._group = control_group()
         for sig in SIGNALS:
             signal.signal(sig, self._on_signal)
 
@@ -34,11 +36,10 @@ class StopControl:
 
     def signalled(self) -> bool:
         """Has any rank been signalled? (A collective: every rank calls it at the same point.)"""
-        flag = torch.tensor([1.0 if self.signal_name else 0.0])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
-        if flag.item() and not self.signal_name:
+        flag = any_rank(self.signal_name is not None)
+        if flag and not self.signal_name:
             self.signal_name = "a signal to another rank"
-        return bool(flag.item())
+        return flag
 
     def reason_to_stop(self, step: int, step_seconds: float, save_seconds: float) -> str | None:
         """Why to stop after ``step``, or None. A collective, called by every rank after every step."""

@@ -149,6 +149,15 @@ def read_meta(data_dir: Path, dtype: str = "auto") -> dict:
     return meta
 
 
+def fingerprint(meta: dict) -> dict:
+    """What identifies a dataset for a resume: its tokenizer, and a hash of its meta.json's
+    description of the shards (files, token counts, dtype, vocabulary)."""
+    described = {k: meta.get(k) for k in ("dtype", "vocab_size", "tokenizer_sha256", "splits")}
+    digest = hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
+    train_tokens = sum(s["tokens"] for s in meta["splits"].get("train", []))
+    return {"sha256": digest, "train_tokens": train_tokens, "tokenizer_sha256": meta.get("tokenizer_sha256")}
+
+
 def _nanogpt_meta(data_dir: Path, dtype: str) -> dict:
     if dtype == "auto":
         raise UserError(f"data error: {data_dir} has train.bin but no meta.json, so its token type is unknown; "

@@ -7,9 +7,11 @@ second with one line, and nothing is written into a run directory before that.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import resource
+from collections import deque
 import time
 from pathlib import Path
 
@@ -29,7 +31,28 @@ from dist_lm.preemption import StopControl
 
 
 class TrainingDiverged(RuntimeError):
-    """A non-finite loss or gradient (reported in debug mode / train.check_finite)."""
+    """A non-finite loss or gradient (train.check_finite), or too many skipped updates."""
+
+
+class SpikeGuard:
+    """Flags a loss above ``factor`` x the mean of the last WINDOW accepted losses (once
+    MIN_HISTORY of them are known); flagged losses stay out of the mean."""
+
+    WINDOW, MIN_HISTORY = 50, 10
+
+    def __init__(self, factor: float):
+        self.factor = factor
+        self.history: deque[float] = deque(maxlen=self.WINDOW)
+
+    @property
+    def mean(self) -> float:
+        return sum(self.history) / len(self.history) if self.history else math.nan
+
+    def check(self, loss: float) -> bool:
+        spike = len(self.history) >= self.MIN_HISTORY and not loss <= self.factor * self.mean  # NaN is a spike
+        if not spike:
+            self.history.append(loss)
+        return spike
 
 
 def resolve_data(cfg: Config) -> tuple[Path, dict]:
@@ -90,9 +113,16 @@ class Trainer:
         self.stop_reason: str | None = None
         self.last_save_seconds = 0.0
         self.run_dir = self._agree_run_dir()
-        self.resume_state = checkpoint.read_state(self.run_dir) if cfg.checkpoint.resume else None
-        if self.resume_state is not None:
-            self._check_same_data(self.resume_state)
+        self.ckpt_root = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else self.run_dir / "checkpoints"
+        self.resume_from = checkpoint.find(cfg.checkpoint.resume, self.ckpt_root)
+        if self.resume_from is not None:
+            self._check_same_data(self.resume_from.state)
+        elif cfg.checkpoint.resume == "none" and checkpoint.complete_checkpoints(self.ckpt_root):
+            raise checkpoint.CheckpointError(
+                f"checkpoint error: checkpoint.resume=none but {self.ckpt_root} holds checkpoints of an earlier run; "
+                "use another run.name or checkpoint.dir, or resume it (checkpoint.resume=auto)")
+        universal = self.resume_from is not None and checkpoint.needs_universal(
+            self.resume_from.state, self.dist_env.world_size, cfg.parallel.zero_stage)
         self._write_run_dir()
         metrics.set_log_file(self.run_dir / "train.log")
         metrics.log(f"dist-lm: {self.dist_env.describe()} device={hardware.device_name(self.device)}")
@@ -118,7 +148,10 @@ class Trainer:
                                         self.plan.dp_size)
             metrics.log(f"predicted peak GPU memory per rank {predicted.describe()}")
         engine_ops.quiet(cfg.run.verbose)
-        self.engine = engine_ops.initialize(model, cfg.parallel, cfg.optim, self.plan, self.precision, self.device)
+        if universal:  # saved on another world size or ZeRO stage: DeepSpeed's universal format
+            checkpoint.convert_to_universal(self.resume_from.path, rank, distributed.barrier)
+        self.engine = engine_ops.initialize(model, cfg.parallel, cfg.optim, self.plan, self.precision, self.device,
+                                            load_universal=universal)
         self.metrics = metrics.MetricsWriter(self.run_dir, cfg.logging, cfg.run.name, to_dict(cfg))
         self.sample_log = None
         if cfg.data.log_samples:  # every rank writes its own file
@@ -129,9 +162,13 @@ class Trainer:
         self.val_history: list[tuple[int, float]] = []  # this process's evaluations, for the summary
         self.last_saved_step: int | None = None
         self.evals_without_improvement = 0
+        self.last_val_loss: tuple[int, float] | None = None  # (step, loss) of the newest evaluation
+        self.skipped_in_a_row = 0  # updates skipped for NaN/inf gradients, consecutive
+        self.skipped_total = 0
+        self.spike_guard = SpikeGuard(cfg.train.spike_factor) if cfg.train.spike_factor else None
         self.elapsed_before = 0.0  # elapsed_s of earlier processes of this run (from the checkpoint)
-        if self.resume_state is not None:
-            self._resume(self.resume_state)
+        if self.resume_from is not None:
+            self._resume(self.resume_from, universal)
 
     # ----------------------------------------------------------------------------------- set-up
     def _agree_run_dir(self) -> Path:
@@ -150,28 +187,52 @@ class Trainer:
         dist.barrier()
 
     def _check_same_data(self, state: dict) -> None:
+        """Refuse to resume on other data (unless checkpoint.allow_data_change)."""
+        where = self.resume_from.path
         if state.get("tokenizer_sha256") != self.meta["tokenizer_sha256"]:
-            raise UserError(f"data error: {self.run_dir} was trained on tokens of tokenizer "
-                            f"{str(state.get('tokenizer_sha256'))[:12]}, but {self.data_dir} was made with "
-                            f"{str(self.meta['tokenizer_sha256'])[:12]}; resume with the same data.dir, or start a new run.name")
+            problem = (f"{where} was trained on tokens of tokenizer {str(state.get('tokenizer_sha256'))[:12]}, but "
+                       f"{self.data_dir} was made with {str(self.meta['tokenizer_sha256'])[:12]}")
+        else:
+            saved, now = state.get("data_fingerprint"), shards.fingerprint(self.meta)
+            if saved is None or saved["sha256"] == now["sha256"]:
+                return
+            problem = (f"{where} was trained on data {saved['sha256'][:12]} ({saved['train_tokens']:,} training tokens), "
+                       f"but {self.data_dir} is {now['sha256'][:12]} ({now['train_tokens']:,} tokens)")
+        if self.cfg.checkpoint.allow_data_change:
+            metrics.warn(f"{problem}; continuing as --allow-data-change asks (the data order continues by sample count)")
+            return
+        raise UserError(f"data error: {problem}; resume with the same data.dir, pass --allow-data-change to continue "
+                        "on this data, or start a new run.name")
 
-    def _resume(self, state: dict) -> None:
-        checkpoint.load(self.engine, self.run_dir)
+    def _resume(self, found: checkpoint.Found, universal: bool) -> None:
+        checkpoint.load(self.engine, found, universal)
+        state = found.state
         self.step = state["step"]
         self.best_val_loss = state["best_val_loss"] if state["best_val_loss"] is not None else math.inf
         self.train_data.load_state_dict(state["data"])
         self.elapsed_before = state["elapsed_s"]
         self.evals_without_improvement = state["evals_without_improvement"]
-        metrics.log(f"resumed from {checkpoint.checkpoint_dir(self.run_dir) / checkpoint.tag_for(self.step)} "
-                    f"at step {self.step} ({self.train_data.samples_consumed} samples consumed)")
+        self.skipped_total = state.get("skipped_steps", 0)
+        rng = found.path / f"rng-rank{self.dist_env.rank}.json"
+        if not universal and rng.is_file():  # on another world size the ranks are not the same ranks
+            checkpoint.set_rng_state(json.loads(rng.read_text()))
+        if found.note:
+            metrics.warn(found.note)
+        how = (f" via DeepSpeed's universal format (saved on {state['world_size']} ranks at ZeRO stage "
+               f"{state['zero_stage']})") if universal else ""
+        metrics.log(f"resumed from {found.path} at step {self.step} ({self.train_data.samples_consumed} samples consumed){how}")
 
     def state_dict(self) -> dict:
         """Our resumable state, saved as JSON beside the engine's own checkpoint."""
         best = self.best_val_loss if math.isfinite(self.best_val_loss) else None  # JSON has no infinity
-        return {"step": self.step, "data": self.train_data.state_dict(), "best_val_loss": best,
+        val = self.last_val_loss[1] if self.last_val_loss and self.last_val_loss[0] == self.step else None
+        return {"step": self.step, "data": self.train_data.state_dict(), "best_val_loss": best, "val_loss": val,
                 "elapsed_s": self.elapsed_s(), "evals_without_improvement": self.evals_without_improvement,
-                "tokens": self.tokens_seen(), "config": to_dict(self.cfg),
-                "tokenizer_sha256": self.meta["tokenizer_sha256"]}
+                "skipped_steps": self.skipped_total, "tokens": self.tokens_seen(),
+                "world_size": self.dist_env.world_size, "zero_stage": self.cfg.parallel.zero_stage,
+                "precision": self.precision, "parameters": count_parameters(self.cfg.model)["total"],
+                "config": to_dict(self.cfg), "tokenizer_sha256": self.meta["tokenizer_sha256"],
+                "data_fingerprint": shards.fingerprint(self.meta), "wandb_run_id": self.metrics.wandb_run_id}
 
     def tokens_seen(self) -> int:
         return self.train_data.samples_consumed * self.cfg.model.seq_len
@@ -206,7 +267,9 @@ class Trainer:
                 if row:
                     self._emit(row)
                 progress.update(row)
-                if self.cfg.checkpoint.interval and self.step % self.cfg.checkpoint.interval == 0:
+                # (the last step's checkpoint comes after the final evaluation, below)
+                if self.cfg.checkpoint.interval and self.step % self.cfg.checkpoint.interval == 0 \
+                        and self.step < cfg.max_steps:
                     self.save()
                 if self._patience_exhausted():
                     break
@@ -243,13 +306,54 @@ class Trainer:
             self.sample_log.write(" ".join(map(str, self.train_data.last_ids)) + "\n")
         for i, (x, y) in enumerate(batches):
             loss = engine(x, y)
+            if self.spike_guard is not None and self._is_spike(loss, i, len(batches)):
+                loss = loss * 0.0  # no gradient from this micro-batch; DeepSpeed's step count stays in line
             engine.backward(loss)
             loss_sum += loss.detach()
             if i < len(batches) - 1:
                 engine.step()  # DeepSpeed counts micro-steps; it updates only at the boundary
         if self.cfg.train.check_finite:
             self._check_finite(loss_sum)
-        return engine_ops.step(engine), len(batches)
+        grad_norm, applied = engine_ops.step(engine)
+        self._count_skip(applied, grad_norm)
+        return grad_norm, len(batches)
+
+    def _count_skip(self, applied: bool, grad_norm) -> None:
+        if applied:
+            self.skipped_in_a_row = 0
+            return
+        self.skipped_in_a_row += 1
+        self.skipped_total += 1
+        what = "fp16 overflow, loss scale lowered" if self.precision == "fp16" else f"gradient norm {float(grad_norm)}"
+        metrics.warn(f"step {self.step + 1}: update skipped ({what}); {self.skipped_in_a_row} in a row, "
+                     f"{self.skipped_total} in this run")
+        limit = self.cfg.train.max_skipped_steps
+        if limit and self.skipped_in_a_row >= limit:
+            raise TrainingDiverged(f"{limit} updates in a row were skipped for NaN/inf gradients (train.max_skipped_steps); "
+                                   f"the last good checkpoint is in {self.ckpt_root}: lower optim.lr or check the data there")
+
+    def _is_spike(self, loss: torch.Tensor, micro: int, micros: int) -> bool:
+        """Whether this micro-batch's loss (averaged over ranks) spikes above the running mean; a
+        spike is logged with the global sample ids of the micro-batch on every rank."""
+        mean_loss = loss.detach().float().clone()
+        dist.all_reduce(mean_loss)  # host-device sync per micro-batch: only with the guard on
+        value = mean_loss.item() / self.dist_env.world_size
+        spike = self.spike_guard.check(value)
+        if spike:
+            micro_size = len(self.train_data.last_ids) // micros
+            ids = self.train_data.last_ids[micro * micro_size:(micro + 1) * micro_size].tolist()
+            everyone: list = [None] * self.dist_env.world_size
+            dist.all_gather_object(everyone, ids)
+            record = {"step": self.step + 1, "micro_batch": micro, "loss": value,
+                      "running_mean": self.spike_guard.mean, "skipped": self.cfg.train.spike_skip,
+                      "sample_ids": sorted(i for rank_ids in everyone for i in rank_ids)}
+            metrics.warn(f"step {record['step']}: loss spike {value:.4f} > {self.cfg.train.spike_factor} x running "
+                         f"mean {record['running_mean']:.4f} on samples {record['sample_ids']}"
+                         + ("; skipped" if self.cfg.train.spike_skip else ""))
+            if distributed.is_rank0():
+                with open(self.run_dir / "spikes.jsonl", "a") as f:
+                    f.write(json.dumps(record) + "\n")
+        return spike and self.cfg.train.spike_skip
 
     def _train_metrics(self, loss_sum: torch.Tensor, micro_steps: int, grad_norm, steps: int, seconds: float) -> dict:
         # The interval's mean loss over every micro-batch of every rank. This all-reduce is a
@@ -328,12 +432,24 @@ class Trainer:
             self.evals_without_improvement += 1
         self.best_val_loss = min(self.best_val_loss, val_loss)
         self.val_history.append((self.step, val_loss))
+        self.last_val_loss = (self.step, val_loss)
         self.engine.train()
         return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
 
     def save(self) -> None:
         start = time.perf_counter()
-        path = checkpoint.save(self.engine, self.run_dir, self.step, self.state_dict(), distributed.is_rank0())
+        rank0 = distributed.is_rank0()
+        need = checkpoint.bytes_needed(self.ckpt_root, 16 * count_parameters(self.cfg.model)["total"]) if rank0 else 0
+        problem = distributed.from_rank0(checkpoint.check_room(self.ckpt_root, need) if rank0 else None)
+        if problem:
+            raise checkpoint.CheckpointError(f"checkpoint error: step {self.step}: {problem}; the previous checkpoint is intact")
+        path = self.ckpt_root / checkpoint.tag_for(self.step)
+        with checkpoint.SaveWatchdog(60 * self.cfg.checkpoint.save_timeout_minutes, self.dist_env.rank, path):
+            checkpoint.save(self.engine, self.ckpt_root, self.step, self.state_dict(), self.dist_env.rank,
+                            distributed.barrier, distributed.any_rank)
+        if rank0:
+            for old in checkpoint.prune(self.ckpt_root, self.cfg.checkpoint.keep_last, self.cfg.checkpoint.keep_best):
+                metrics.log(f"removed old checkpoint {old.name}")
         self.last_save_seconds = time.perf_counter() - start
         self.last_saved_step = self.step
         metrics.log(f"saved checkpoint {path}")

@@ -34,6 +34,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--plan", action="store_true", help="print the auto plan and the launch commands, and exit")
     p.add_argument("--debug", action="store_true", help="single-process debug mode (default preset: debug)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--resume", metavar="auto|none|PATH", help="checkpoint.resume: auto (default) the newest complete "
+                   "checkpoint of the run, none, or a checkpoint or run directory")
+    p.add_argument("--allow-data-change", action="store_true",
+                   help="checkpoint.allow_data_change=true: resume even though the data differs")
     p.add_argument("--verbose", action="store_true", help="show DeepSpeed's start-up output (run.verbose=true)")
     p.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="dotted config overrides")
@@ -45,7 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.debug and args.config == "auto":
         args.config = "debug"
     try:
-        overrides = (DEBUG_OVERRIDES if args.debug else []) + args.overrides + (["run.verbose=true"] if args.verbose else [])
+        overrides = (DEBUG_OVERRIDES if args.debug else []) + args.overrides + (["run.verbose=true"] if args.verbose else []) \
+            + ([f"checkpoint.resume={args.resume}"] if args.resume else []) \
+            + (["checkpoint.allow_data_change=true"] if args.allow_data_change else [])
         auto = args.config == "auto"
         cfg = None if auto else load_config(args.config, overrides)
         if args.plan and not auto:
@@ -80,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingDiverged as e:  # every rank raises it together, so the teardown below is safe
         print(f"error: training diverged: {e}", file=sys.stderr)
         status = 1
+    except UserError as e:  # e.g. a checkpoint that cannot be written: agreed on by every rank
+        print(f"error: {e}", file=sys.stderr)
+        status = 2
     finally:
         trainer.close()
     # Not reached after a crash: a barrier there would wait for ranks that may never come.

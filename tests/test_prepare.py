@@ -237,5 +237,6 @@ def test_resuming_on_data_of_another_tokenizer_is_refused(env, ds_ops, prepared,
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
     embedded = next(cache_dir.glob("embedded-*"))
     line = bad_run(env, train_args(embedded, run, "train.max_steps=8"))
-    assert f"{run} was trained on tokens of tokenizer" in line and "resume with the same data.dir" in line
+    assert f"{run / 'checkpoints' / 'step00000004'} was trained on tokens of tokenizer" in line
+    assert "resume with the same data.dir, pass --allow-data-change" in line
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before  # the run is untouched
