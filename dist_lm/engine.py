@@ -75,6 +75,15 @@ def check_cpu_adam() -> None:
                         "g++; pip install ninja) or set parallel.offload_optimizer=false")
 
 
+def restore_weight_decay(engine: "deepspeed.DeepSpeedEngine", optim: OptimConfig) -> None:
+    """Give each parameter group its own weight decay again after a checkpoint load: DeepSpeed's
+    ZeRO-3 universal loader copies the first group's hyperparameters into every group, which
+    would decay the norms (or stop decaying the matrices). Groups are in param_groups' order."""
+    for group, decay in zip(engine.optimizer.param_groups, (optim.weight_decay, 0.0)):
+        group["weight_decay"] = decay
+        group["betas"], group["eps"] = (optim.beta1, optim.beta2), optim.eps
+
+
 def set_lr(engine: "deepspeed.DeepSpeedEngine", lr: float) -> None:
     for group in engine.optimizer.param_groups:
         group["lr"] = lr

@@ -206,6 +206,7 @@ class Trainer:
 
     def _resume(self, found: checkpoint.Found, universal: bool) -> None:
         checkpoint.load(self.engine, found, universal)
+        engine_ops.restore_weight_decay(self.engine, self.cfg.optim)
         state = found.state
         self.step = state["step"]
         self.best_val_loss = state["best_val_loss"] if state["best_val_loss"] is not None else math.inf
@@ -306,9 +307,10 @@ class Trainer:
             self.sample_log.write(" ".join(map(str, self.train_data.last_ids)) + "\n")
         for i, (x, y) in enumerate(batches):
             loss = engine(x, y)
-            if self.spike_guard is not None and self._is_spike(loss, i, len(batches)):
-                loss = loss * 0.0  # no gradient from this micro-batch; DeepSpeed's step count stays in line
-            engine.backward(loss)
+            skip = self.spike_guard is not None and self._is_spike(loss, i, len(batches))
+            # A skipped micro-batch still goes through backward (with no gradient), so that
+            # DeepSpeed's micro-step count and ZeRO's collectives stay in line on every rank.
+            engine.backward(loss * 0.0 if skip else loss)
             loss_sum += loss.detach()
             if i < len(batches) - 1:
                 engine.step()  # DeepSpeed counts micro-steps; it updates only at the boundary
