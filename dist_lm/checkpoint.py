@@ -292,6 +292,17 @@ def convert_to_universal(path: Path, rank: int, barrier: Callable[[], None]) -> 
     return out
 
 
+def consolidated_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The model's full fp32 weights from a checkpoint directory, whatever its ZeRO stage and
+    world size (DeepSpeed's zero_to_fp32 for stages 1-3; the model file itself at stage 0)."""
+    if read_state(path).get("zero_stage", 1) == 0:
+        module = torch.load(path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+        return {k: v.float() for k, v in module.items()}
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
+
+
 def load(engine: Engine, found: Found, universal: bool) -> None:
     """Load ``found`` into the engine (built with load_universal when ``universal``)."""
     load_dir, tag = (found.path, UNIVERSAL) if universal else (found.path.parent, found.path.name)

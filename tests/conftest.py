@@ -43,13 +43,17 @@ def ds_ops() -> None:
     ShareMemCommBuilder().load(verbose=False)
 
 
-@pytest.fixture
-def env(cache_dir) -> dict:
+def child_env(cache_dir: Path) -> dict:
     """Environment for child processes: quiet, one thread per rank, the prepared corpus."""
     e = {k: v for k, v in os.environ.items()
          if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     e.update(DIST_LM_CACHE=str(cache_dir), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
     return e
+
+
+@pytest.fixture
+def env(cache_dir) -> dict:
+    return child_env(cache_dir)
 
 
 def launch(launcher: str, args: list[str], env: dict, nproc: int = 2, timeout: int = 300) -> subprocess.CompletedProcess:

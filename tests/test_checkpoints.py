@@ -125,6 +125,10 @@ def test_a_truncated_latest_checkpoint_is_skipped_with_a_note(env, ds_ops, tmp_p
     assert "step00000004 is incomplete (mp_rank_00_model_states.pt has 1000 bytes" in proc.stderr
     assert "resuming from step00000002, the newest complete checkpoint" in proc.stderr
     assert "at step 2 " in proc.stdout and [s for s, _ in losses(tmp_path)][-4:] == [3, 4, 5, 6]
+    shard.write_bytes(shard.read_bytes()[:1000])  # (step 4 was saved again by the resumed run)
+    table = subprocess.run([sys.executable, str(ROOT / "tools" / "list_runs.py"), str(tmp_path)],
+                           capture_output=True, text=True, check=True).stdout
+    assert "step00000004 INCOMPLETE" in table and "step00000006 (latest)" in table
 
 
 def test_keep_last_and_best(env, ds_ops, tmp_path):
@@ -135,6 +139,12 @@ def test_keep_last_and_best(env, ds_ops, tmp_path):
     best = min(evals, key=evals.get)
     assert steps_of(tmp_path) == sorted({f"step{best:08d}", "step00000007", "step00000008"})
     assert (tmp_path / "checkpoints" / "latest").read_text() == "step00000008"
+    listed = subprocess.run([sys.executable, str(ROOT / "tools" / "list_runs.py"), str(tmp_path), "--json"],
+                            capture_output=True, text=True, check=True).stdout
+    rows = {r["checkpoint"]: r for r in map(json.loads, listed.splitlines())}
+    assert sorted(rows) == steps_of(tmp_path) and rows["step00000008"]["latest"]
+    assert rows["step00000008"]["val_loss"] == pytest.approx(evals[8]) and rows["step00000008"]["tokens"] == 8 * 8 * 128
+    assert rows["step00000008"]["parameters"] > 1e6 and rows["step00000008"]["bytes"] > 1e6
 
 
 def test_nonfinite_updates_are_skipped_then_the_run_stops(env, ds_ops, tmp_path):

@@ -1,0 +1,72 @@
+"""Export to Hugging Face: a tiny model trained with ZeRO-2 on two ranks, exported, loaded by
+transformers on CPU: the same logits (1e-4 in fp32) and the same greedy continuation."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, assert_ok, child_env, launch
+from dist_lm.export import load_model
+from dist_lm.generate import sample
+
+TOOL = ROOT / "tools" / "export_hf.py"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, cache_dir, ds_ops):
+    run = tmp_path_factory.mktemp("export") / "run"
+    e = child_env(cache_dir)
+    assert_ok(launch("torchrun", ["--config", "debug", "parallel.zero_stage=2", "train.max_steps=20",
+                                  "train.eval_interval=0", "logging.wandb=disabled", f"run.dir={run}"], e))
+    return run, e
+
+
+def test_transformers_loads_the_export_with_the_same_logits_and_greedy_tokens(trained, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run, env = trained
+    out = tmp_path / "hf"
+    proc = subprocess.run([sys.executable, str(TOOL), str(run), str(out)], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", "model.safetensors",
+                                                     "tokenizer.json", "tokenizer_config.json"]
+    ours, cfg = load_model(run)
+    hf = AutoModelForCausalLM.from_pretrained(out, torch_dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    ids = tokenizer("The function returns a new object", return_tensors="pt")["input_ids"]
+    assert ids.shape[1] > 3
+    with torch.no_grad():
+        assert torch.allclose(hf(ids).logits, ours(ids), atol=1e-4, rtol=0)
+        hf_tokens = hf.generate(ids, max_new_tokens=20, do_sample=False, eos_token_id=None,
+                                pad_token_id=0)[0, ids.shape[1]:].tolist()
+    assert hf_tokens == sample(ours, ids[0].tolist(), 20, cfg.model.seq_len, torch.device("cpu"), temperature=0)
+
+
+def test_export_refuses_what_llama_cannot_express(trained, tmp_path):
+    run, env = trained
+    state_path = next((run / "checkpoints").glob("step*/state.json"))
+    state = json.loads(state_path.read_text())
+    geglu = tmp_path / "geglu" / "checkpoints" / "step00000020"
+    geglu.mkdir(parents=True)
+    for f in state_path.parent.iterdir():
+        if f.name != "state.json":
+            (geglu / f.name).symlink_to(f)
+    state["config"]["model"]["activation"] = "geglu"
+    (geglu / "state.json").write_text(json.dumps(state))
+    proc = subprocess.run([sys.executable, str(TOOL), str(geglu), str(tmp_path / "out")], env=env,
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "model.activation=geglu has no LlamaForCausalLM equivalent" in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_keeps_an_existing_directory(trained, tmp_path):
+    run, env = trained
+    (tmp_path / "out").mkdir()
+    proc = subprocess.run([sys.executable, str(TOOL), str(run), str(tmp_path / "out")], env=env,
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "exists; choose another directory or pass --overwrite" in proc.stderr

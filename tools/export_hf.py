@@ -1,0 +1,38 @@
+"""Export a checkpoint to a Hugging Face LlamaForCausalLM directory.
+
+    python tools/export_hf.py runs/NAME OUT_DIR                        # the run's newest complete checkpoint
+    python tools/export_hf.py runs/NAME/checkpoints/step00001000 OUT_DIR [--overwrite]
+
+Then: transformers.AutoModelForCausalLM.from_pretrained(OUT_DIR), AutoTokenizer.from_pretrained(OUT_DIR).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from dist_lm.config import UserError  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("source", type=Path, help="a run directory or a checkpoint directory")
+    p.add_argument("out", type=Path, help="the directory to write")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    args = p.parse_args(argv)
+    from dist_lm.export import export_hf
+
+    try:
+        exported, out = export_hf(args.source, args.out, args.overwrite)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"exported {exported} to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
