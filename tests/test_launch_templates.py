@@ -48,9 +48,24 @@ def test_torchrun_template_one_node(env, ds_ops, reference, tmp_path):
     assert losses(tmp_path) == pytest.approx(reference, abs=1e-4)
 
 
-def test_torchrun_template_two_nodes_on_loopback(env, ds_ops, reference, tmp_path):
+def own_address() -> str:
+    """This machine's first non-loopback IPv4 address: what another node would dial. (A
+    multi-node job refuses a loopback MASTER_ADDR, which other nodes could not reach.)"""
+    import ipaddress
+    import socket
+
+    import psutil
+
+    for addrs in psutil.net_if_addrs().values():
+        for a in addrs:
+            if a.family == socket.AF_INET and not ipaddress.ip_address(a.address).is_loopback:
+                return a.address
+    pytest.fail("this machine has no non-loopback IPv4 address for a two-node job to meet at")
+
+
+def test_torchrun_template_two_nodes_on_one_machine(env, ds_ops, reference, tmp_path):
     """Two torchrun invocations, one rank each, meeting at MASTER_ADDR: one job of two nodes."""
-    nodes = dict(NNODES="2", NPROC_PER_NODE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    nodes = dict(NNODES="2", NPROC_PER_NODE="1", MASTER_ADDR=own_address(), MASTER_PORT=str(free_port()))
     args = ["--config", "debug", *COMMON, f"run.dir={tmp_path}", "parallel.zero_stage=2"]
     procs = [template("torchrun.sh", args, env, NODE_RANK=str(rank), **nodes) for rank in (0, 1)]
     results = [finish(p) for p in procs]
