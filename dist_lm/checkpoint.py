@@ -19,6 +19,8 @@ or ZeRO stage and must go through DeepSpeed's universal checkpoint format.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import random
@@ -300,7 +302,8 @@ def consolidated_weights(path: Path) -> dict[str, torch.Tensor]:
         return {k: v.float() for k, v in module.items()}
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    return get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints its progress; our tools print results
+        return get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
 
 
 def load(engine: Engine, found: Found, universal: bool) -> None:

@@ -70,6 +70,26 @@ class ModelConfig:
     init_std: float = 0.02
     """Standard deviation of the weight initialisation; residual output projections are further
     scaled by 1/sqrt(2 * n_layers)."""
+    position: Literal["rope", "learned", "none", "bias"] = "rope"
+    """Positions: rotary embeddings; learned absolute embeddings; none (causal attention alone);
+    or bias, a learned per-head additive attention bias built from an orthonormal basis of the
+    relative distance (bias_basis)."""
+    bias_basis: Literal["fourier", "chebyshev", "legendre", "hermite", "laguerre", "wavelet", "sinc", "rbf",
+                        "bessel"] = "legendre"
+    """The basis of position=bias (wavelet: Morlet; rbf: Gaussian bumps; both orthonormalised)."""
+    bias_num_basis: int = 16
+    """Basis functions (learned coefficients per head) of position=bias."""
+    layer_types: list[str] = field(default_factory=list)
+    """Per block, mlp or moe (a mixture of experts, through DeepSpeed's MoE layer), e.g.
+    [mlp, mlp, moe, moe]; on the command line model.layer_types=mlp,moe. Empty: all mlp."""
+    n_experts: int = 8
+    """Experts per moe layer."""
+    moe_top_k: int = 2
+    """Experts each token is routed to (1 or 2)."""
+    moe_capacity_factor: float = 1.25
+    """Tokens an expert takes per batch, as a multiple of an even share; the rest are dropped."""
+    moe_aux_loss_coef: float = 0.01
+    """Weight of the load-balancing loss added to the training loss."""
 
     def __post_init__(self) -> None:
         _require(self.vocab_size is None or self.vocab_size > 0, "vocab_size", "must be a positive integer or null")
@@ -86,6 +106,15 @@ class ModelConfig:
         _require(self.rope_theta > 0, "rope_theta", "must be positive")
         _require(self.norm_eps > 0, "norm_eps", "must be positive")
         _require(self.init_std > 0, "init_std", "must be positive")
+        _require(self.bias_num_basis > 0, "bias_num_basis", "must be positive")
+        _require(not self.layer_types or len(self.layer_types) == self.n_layers, "layer_types",
+                 f"must list one type per block (n_layers={self.n_layers}), or be empty")
+        bad = [t for t in self.layer_types if t not in ("mlp", "moe")]
+        _require(not bad, "layer_types", f"each entry is mlp or moe, not {bad}")
+        _require(self.n_experts >= 2, "n_experts", "must be at least 2")
+        _require(self.moe_top_k in (1, 2), "moe_top_k", "DeepSpeed's MoE routes to 1 or 2 experts")
+        _require(self.moe_capacity_factor > 0, "moe_capacity_factor", "must be positive")
+        _require(self.moe_aux_loss_coef >= 0, "moe_aux_loss_coef", "must be >= 0")
 
     @property
     def kv_heads(self) -> int:
@@ -128,7 +157,15 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW and the learning-rate schedule."""
+    """The optimizer (AdamW, or Muon for hidden matrices) and the learning-rate schedule."""
+
+    name: Literal["adamw", "muon"] = "adamw"
+    """adamw everywhere; or muon (DeepSpeed's Muon) for the blocks' weight matrices, with AdamW
+    for the embeddings, the output head, norms and biases."""
+    muon_lr: float = 0.02
+    """Peak learning rate of the Muon matrices (the schedule scales it like lr)."""
+    muon_momentum: float = 0.95
+    """Muon's momentum."""
 
     lr: float = 3e-4
     """Peak learning rate."""
@@ -159,6 +196,8 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         _require(self.lr > 0, "lr", "must be positive")
+        _require(self.muon_lr > 0, "muon_lr", "must be positive")
+        _require(0 <= self.muon_momentum < 1, "muon_momentum", "must be in [0, 1)")
         if self.min_lr_ratio is not None:
             _require(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "must be in [0, 1] or null")
             self.min_lr = self.lr * self.min_lr_ratio
@@ -198,6 +237,8 @@ class TrainConfig:
     """At the end of training, print a sample of this many generated tokens; 0 disables."""
     sample_prompt: str = "The"
     """Prompt of that sample."""
+    sample_at_eval: bool = False
+    """Also print such a sample after every evaluation."""
     stop_at_step: int | None = None
     """End this process cleanly, with a checkpoint, after this step; the learning-rate schedule
     still spans max_steps, and running the same run directory again continues it."""
@@ -265,6 +306,9 @@ class ParallelConfig:
     """torch.compile the model before DeepSpeed wraps it (GPU)."""
     timeout_minutes: float = 30.0
     """Collective timeout: a rank waiting longer than this for the others fails instead of hanging."""
+    expert_parallel_size: int = 1
+    """Ranks the experts of a moe layer are spread over (must divide the rank count and
+    model.n_experts); DeepSpeed's MoE layer does the all-to-all."""
 
     def __post_init__(self) -> None:
         _require(not self.offload_optimizer or self.zero_stage >= 1, "offload_optimizer",
@@ -274,6 +318,7 @@ class ParallelConfig:
         _require(self.reduce_bucket_size > 0, "reduce_bucket_size", "must be positive")
         _require(self.allgather_bucket_size > 0, "allgather_bucket_size", "must be positive")
         _require(self.timeout_minutes > 0, "timeout_minutes", "must be positive")
+        _require(self.expert_parallel_size > 0, "expert_parallel_size", "must be positive")
 
 
 @dataclass

@@ -93,7 +93,15 @@ def deepspeed_config(parallel: ParallelConfig, optim: OptimConfig, plan: BatchPl
         # contributions and is a known cause of divergence. (At stage 0 DeepSpeed only supports
         # accumulating in the model's dtype.)
         config["data_types"] = {"grad_accum_dtype": "fp32"}
-    if parallel.offload_optimizer:
+    if optim.name == "muon":
+        # DeepSpeed's Muon: matrices of the blocks (it tags parameters by shape, and by name
+        # leaves "embed" and "lm_head" to AdamW), AdamW for the rest, each half with its settings.
+        config["optimizer"] = {
+            "type": "Muon",
+            "params": {"lr": optim.lr, "muon_lr": optim.muon_lr, "adam_lr": optim.lr, "momentum": optim.muon_momentum,
+                       "betas": [optim.beta1, optim.beta2], "eps": optim.eps, "weight_decay": optim.weight_decay},
+        }
+    elif parallel.offload_optimizer:
         # With the optimizer on the CPU DeepSpeed builds its own CPU Adam (AVX, multithreaded);
         # a torch optimizer there would be several times slower.
         config["optimizer"] = {

@@ -20,11 +20,13 @@ if not torch.cuda.is_available():
 import deepspeed  # noqa: E402
 from deepspeed.checkpoint.constants import (  # noqa: E402
     UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY, UNIVERSAL_CHECKPOINT_VERSION_VALUE)
+from deepspeed.moe.layer import MoE  # noqa: E402
+from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer  # noqa: E402
 from deepspeed.utils import safe_get_full_grad  # noqa: E402
 
-from dist_lm.config import OptimConfig, ParallelConfig, UserError  # noqa: E402
+from dist_lm.config import ConfigError, ModelConfig, OptimConfig, ParallelConfig, UserError  # noqa: E402
 from dist_lm.ds_config import BatchPlan, deepspeed_config  # noqa: E402
-from dist_lm.model import Transformer  # noqa: E402
+from dist_lm.model import MLP, Transformer  # noqa: E402
 from dist_lm.optim import param_groups  # noqa: E402
 
 
@@ -36,6 +38,41 @@ def quiet(verbose: bool) -> None:
         warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
 
 
+class ExpertsMLP(torch.nn.Module):
+    """DeepSpeed's MoE layer in the shape the model expects of an MLP: it returns the output and
+    keeps the load-balancing loss of its last forward in ``aux_loss``."""
+
+    def __init__(self, model: ModelConfig, parallel: ParallelConfig):
+        super().__init__()
+        self.moe = MoE(hidden_size=model.d_model, expert=MLP(model), num_experts=model.n_experts,
+                       ep_size=parallel.expert_parallel_size, k=model.moe_top_k,
+                       capacity_factor=model.moe_capacity_factor, eval_capacity_factor=model.moe_capacity_factor,
+                       min_capacity=4, drop_tokens=True)
+        self.aux_loss: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, self.aux_loss, _ = self.moe(x)
+        return out
+
+
+def check_moe(model: ModelConfig, parallel: ParallelConfig, world_size: int) -> None:
+    """What DeepSpeed's MoE layer needs, checked before any process starts."""
+    if "moe" not in model.layer_types:
+        return
+    if parallel.zero_stage == 3:
+        raise ConfigError("parallel.zero_stage", "DeepSpeed's MoE layer (model.layer_types with moe) works at "
+                          "ZeRO stages 0-2, not 3; use parallel.zero_stage=2")
+    for n, what in ((model.n_experts, "model.n_experts"), (world_size, "the rank count")):
+        if n % parallel.expert_parallel_size:
+            raise ConfigError("parallel.expert_parallel_size", f"{parallel.expert_parallel_size} must divide "
+                              f"{what} ({n})")
+
+
+def build_model(model: ModelConfig, parallel: ParallelConfig) -> Transformer:
+    """The model, with DeepSpeed's MoE layers where model.layer_types says moe."""
+    return Transformer(model, moe_layer=lambda _: ExpertsMLP(model, parallel))
+
+
 def initialize(model: Transformer, parallel: ParallelConfig, optim: OptimConfig, plan: BatchPlan,
                precision: str, device: torch.device, load_universal: bool = False) -> "deepspeed.DeepSpeedEngine":
     model.activation_checkpointing = parallel.activation_checkpointing
@@ -43,8 +80,12 @@ def initialize(model: Transformer, parallel: ParallelConfig, optim: OptimConfig,
     # on another world size or ZeRO stage; see dist_lm.checkpoint).
     setattr(model, UNIVERSAL_CHECKPOINT_INFO, {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE})
     groups = param_groups(model, optim.weight_decay)
-    if parallel.offload_optimizer:
-        optimizer = None  # DeepSpeed builds its CPU Adam from the config's "optimizer" section
+    if any(getattr(p, "allreduce", True) is False for p in model.parameters()):
+        # Expert parameters are reduced over their own data-parallel group: ZeRO needs them in
+        # groups of their own.
+        groups = split_params_into_different_moe_groups_for_optimizer(groups)
+    if parallel.offload_optimizer or optim.name == "muon":
+        optimizer = None  # DeepSpeed builds its CPU Adam or its Muon from the config's "optimizer"
     else:
         # A torch AdamW passed in as the client optimizer: fused on GPU (DeepSpeed's own FusedAdam
         # is a JIT build that fails on some images), the default foreach kernel on CPU. The
@@ -76,17 +117,22 @@ def check_cpu_adam() -> None:
 
 
 def restore_weight_decay(engine: "deepspeed.DeepSpeedEngine", optim: OptimConfig) -> None:
-    """Give each parameter group its own weight decay again after a checkpoint load: DeepSpeed's
-    ZeRO-3 universal loader copies the first group's hyperparameters into every group, which
-    would decay the norms (or stop decaying the matrices). Groups are in param_groups' order."""
+    """Give each parameter group its own weight decay again after a universal checkpoint load:
+    DeepSpeed's ZeRO-3 universal loader copies the first group's hyperparameters into every
+    group, which would decay the norms. Our two groups are in param_groups' order (with experts
+    or Muon there are more, whose order this does not know: they are left alone)."""
+    if len(engine.optimizer.param_groups) != 2:
+        return
     for group, decay in zip(engine.optimizer.param_groups, (optim.weight_decay, 0.0)):
         group["weight_decay"] = decay
         group["betas"], group["eps"] = (optim.beta1, optim.beta2), optim.eps
 
 
-def set_lr(engine: "deepspeed.DeepSpeedEngine", lr: float) -> None:
+def set_lr(engine: "deepspeed.DeepSpeedEngine", lr: float, optim: OptimConfig) -> None:
+    """The schedule's learning rate for this step; Muon's matrices get it scaled to muon_lr."""
+    muon_scale = optim.muon_lr / optim.lr
     for group in engine.optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * muon_scale if group.get("use_muon") else lr
 
 
 def step(engine: "deepspeed.DeepSpeedEngine") -> tuple[torch.Tensor | float | None, bool]:

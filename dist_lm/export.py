@@ -17,17 +17,16 @@ from pathlib import Path
 
 import torch
 
-from dist_lm import checkpoint, corpus
+from dist_lm import checkpoint
 from dist_lm.config import Config, UserError
-from dist_lm.config_io import from_dict
+from dist_lm.inference import find_tokenizer, saved_config
 from dist_lm.prepare import EOT
-from dist_lm.shards import sha256_file
 
 # our name -> Hugging Face Llama's name; {i} is the block index
 NAMES = {
     "tok_embeddings.weight": "model.embed_tokens.weight",
     "norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
+    "lm_head.weight": "lm_head.weight",
     "blocks.{i}.attn_norm.weight": "model.layers.{i}.input_layernorm.weight",
     "blocks.{i}.mlp_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
     "blocks.{i}.attn.wq.weight": "model.layers.{i}.self_attn.q_proj.weight",
@@ -49,9 +48,14 @@ def hf_name(name: str) -> str:
 
 def hf_config(cfg: Config, eot_id: int | None) -> dict:
     m = cfg.model
-    if m.activation != "swiglu":
-        raise UserError(f"export error: model.activation={m.activation} has no LlamaForCausalLM equivalent "
-                        "(Llama's MLP is SwiGLU); this model cannot be exported in that format")
+    unlike_llama = [f"model.activation={m.activation} (Llama's MLP is SwiGLU)"] if m.activation != "swiglu" else []
+    if m.position != "rope":
+        unlike_llama.append(f"model.position={m.position} (Llama uses rotary embeddings)")
+    if "moe" in m.layer_types:
+        unlike_llama.append("mixture-of-experts layers (model.layer_types)")
+    if unlike_llama:
+        raise UserError(f"export error: {'; '.join(unlike_llama)}: no LlamaForCausalLM equivalent, so this model "
+                        "cannot be exported in that format")
     return {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": m.vocab_size,
         "hidden_size": m.d_model, "intermediate_size": m.ffn_dim, "num_hidden_layers": m.n_layers,
@@ -61,15 +65,6 @@ def hf_config(cfg: Config, eot_id: int | None) -> dict:
         "tie_word_embeddings": m.tie_embeddings, "attention_bias": False, "mlp_bias": False,
         "initializer_range": m.init_std, "torch_dtype": "float32", "bos_token_id": None, "eos_token_id": eot_id,
     }
-
-
-def find_tokenizer(cfg: Config, sha256: str | None) -> Path | None:
-    """The tokenizer.json the run trained with (the same bytes, by hash), if it is still there."""
-    if cfg.data.dir:
-        candidates = [Path(cfg.data.dir) / "tokenizer.json"]
-    else:
-        candidates = sorted(corpus.cache_root(cfg.data.cache_dir).glob("embedded-*/tokenizer.json"))
-    return next((p for p in candidates if p.is_file() and (sha256 is None or sha256_file(p) == sha256)), None)
 
 
 def export_hf(source: Path, out: Path, overwrite: bool = False) -> tuple[Path, Path]:
@@ -83,7 +78,7 @@ def export_hf(source: Path, out: Path, overwrite: bool = False) -> tuple[Path, P
         raise UserError(f"export error: {source} has no complete checkpoint")
     if out.exists() and not overwrite:
         raise UserError(f"export error: {out} exists; choose another directory or pass --overwrite")
-    cfg = from_dict(found.state["config"], str(found.path / checkpoint.STATE))
+    cfg = saved_config(found)
     tokenizer_path = find_tokenizer(cfg, found.state.get("tokenizer_sha256"))
     if tokenizer_path is None:
         raise UserError(f"export error: the tokenizer of {found.path} (data.dir={cfg.data.dir}) is not there any more; "
@@ -94,7 +89,7 @@ def export_hf(source: Path, out: Path, overwrite: bool = False) -> tuple[Path, P
 
     weights = checkpoint.consolidated_weights(found.path)
     tensors = {hf_name(k): v.contiguous() for k, v in weights.items()
-               if not (cfg.model.tie_embeddings and k == "output.weight")}
+               if not (cfg.model.tie_embeddings and k == "lm_head.weight")}
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))  # renamed into place when whole
@@ -113,16 +108,3 @@ def export_hf(source: Path, out: Path, overwrite: bool = False) -> tuple[Path, P
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return found.path, out
-
-
-def load_model(path: Path) -> tuple["torch.nn.Module", Config]:
-    """Our model with a checkpoint's consolidated weights (for comparisons and generation)."""
-    from dist_lm.model import Transformer
-
-    found = checkpoint.find(str(path), Path(path))
-    if found is None:
-        raise UserError(f"{path} has no complete checkpoint")
-    cfg = from_dict(found.state["config"], str(found.path / checkpoint.STATE))
-    model = Transformer(cfg.model)
-    model.load_state_dict(checkpoint.consolidated_weights(found.path))
-    return model.eval(), cfg

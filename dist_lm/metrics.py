@@ -127,6 +127,8 @@ def throughput(tokens: int, seconds: float, flops_per_token: float, world_size: 
 
 def format_step(r: dict) -> str:
     parts = [f"step {r['step']:>6}", f"loss {r['loss']:.4f}", f"lr {r['lr']:.2e}"]
+    if r.get("aux_loss") is not None:
+        parts.append(f"aux {r['aux_loss']:.4f}")
     if r.get("grad_norm") is not None:
         parts.append(f"gnorm {r['grad_norm']:.3f}")
     parts.append(f"{r['tokens_per_s']:,.0f} tok/s")

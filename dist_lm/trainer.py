@@ -96,6 +96,7 @@ class Trainer:
             bound_cores = hardware.bind_cores(self.dist_env.local_rank, self.dist_env.local_world_size)
         self.precision, precision_reason = hardware.resolve_precision(cfg.parallel.precision, self.device)
         self.plan = batch_plan(cfg.train, self.dist_env.world_size)
+        engine_ops.check_moe(cfg.model, cfg.parallel, self.dist_env.world_size)
         self.data_dir, self.meta = resolve_data(cfg)
         if cfg.logging.tensorboard:
             sinks.require_tensorboard()
@@ -138,7 +139,7 @@ class Trainer:
 
         # --- model and engine
         torch.manual_seed(cfg.train.seed)
-        model = Transformer(cfg.model)
+        model = engine_ops.build_model(cfg.model, cfg.parallel)
         self.flops_per_token = flops_per_token(cfg.model)
         self.peak_flops = hardware.peak_flops(self.device)
         metrics.log(f"model {count_parameters(cfg.model)['total'] / 1e6:.2f}M parameters, "
@@ -166,6 +167,7 @@ class Trainer:
         self.skipped_in_a_row = 0  # updates skipped for NaN/inf gradients, consecutive
         self.skipped_total = 0
         self.spike_guard = SpikeGuard(cfg.train.spike_factor) if cfg.train.spike_factor else None
+        self.aux_sum = torch.zeros((), device=self.device)  # MoE load-balancing loss, summed like loss
         self.elapsed_before = 0.0  # elapsed_s of earlier processes of this run (from the checkpoint)
         if self.resume_from is not None:
             self._resume(self.resume_from, universal)
@@ -206,7 +208,8 @@ class Trainer:
 
     def _resume(self, found: checkpoint.Found, universal: bool) -> None:
         checkpoint.load(self.engine, found, universal)
-        engine_ops.restore_weight_decay(self.engine, self.cfg.optim)
+        if universal:
+            engine_ops.restore_weight_decay(self.engine, self.cfg.optim)
         state = found.state
         self.step = state["step"]
         self.best_val_loss = state["best_val_loss"] if state["best_val_loss"] is not None else math.inf
@@ -265,6 +268,8 @@ class Trainer:
                     steps_since_log, interval_start = 0, time.perf_counter()
                 if cfg.eval_interval and self.step % cfg.eval_interval == 0:
                     row |= self.evaluate()
+                    if cfg.sample_at_eval and cfg.sample_tokens:
+                        self.print_sample()
                 if row:
                     self._emit(row)
                 progress.update(row)
@@ -301,7 +306,7 @@ class Trainer:
         """One optimizer step over this rank's micro-batches; adds their losses to loss_sum.
         Returns the gradient norm and the number of micro-batches."""
         engine = self.engine
-        engine_ops.set_lr(engine, lr_at(self.step, self.cfg.optim, self.cfg.train.max_steps))
+        engine_ops.set_lr(engine, lr_at(self.step, self.cfg.optim, self.cfg.train.max_steps), self.cfg.optim)
         batches = self.train_data.next_batches()
         if self.sample_log is not None:
             self.sample_log.write(" ".join(map(str, self.train_data.last_ids)) + "\n")
@@ -311,6 +316,10 @@ class Trainer:
             # A skipped micro-batch still goes through backward (with no gradient), so that
             # DeepSpeed's micro-step count and ZeRO's collectives stay in line on every rank.
             engine.backward(loss * 0.0 if skip else loss)
+            aux = engine.module.aux_loss  # the experts' load-balancing loss, inside ``loss``
+            if aux is not None:
+                self.aux_sum += aux.detach().float()
+                loss = loss.detach() - self.cfg.model.moe_aux_loss_coef * aux.detach().float()
             loss_sum += loss.detach()
             if i < len(batches) - 1:
                 engine.step()  # DeepSpeed counts micro-steps; it updates only at the boundary
@@ -367,7 +376,13 @@ class Trainer:
         tokens = steps * self.plan.global_batch_size * self.cfg.model.seq_len
         tokens_per_s, mfu = metrics.throughput(tokens, seconds, self.flops_per_token, self.dist_env.world_size,
                                                self.peak_flops)
-        return {"loss": loss, "lr": self.engine.get_lr()[0], "grad_norm": None if grad_norm is None else float(grad_norm),
+        lr = lr_at(self.step - 1, self.cfg.optim, self.cfg.train.max_steps)  # the last step's (Muon: x muon_lr/lr)
+        aux = None
+        if "moe" in self.cfg.model.layer_types:
+            dist.all_reduce(self.aux_sum)
+            aux = self.aux_sum.item() / (micro_steps * self.plan.dp_size)
+            self.aux_sum.zero_()
+        return {"loss": loss, "aux_loss": aux, "lr": lr, "grad_norm": None if grad_norm is None else float(grad_norm),
                 "tokens_per_s": tokens_per_s, "mfu": mfu, "step_time": seconds / steps,
                 "peak_mem_gb": self._peak_memory_gb()}
 
@@ -463,15 +478,13 @@ class Trainer:
             metrics.warn(f"no sample: {self.data_dir} has no tokenizer.json to decode with")
             return
         tokenizer = Tokenizer.from_file(str(self.data_dir / self.meta["tokenizer"]))
-        prompt = tokenizer.encode(self.cfg.train.sample_prompt).ids or [self.meta.get("eot_id", 0)]
+        eot = self.meta.get("eot_id")
+        prompt = tokenizer.encode(self.cfg.train.sample_prompt).ids or [eot if eot is not None else 0]
         self.engine.eval()
         out = sample(self.engine.module, prompt, self.cfg.train.sample_tokens, self.cfg.model.seq_len,
-                     self.device, seed=self.cfg.train.seed)
+                     self.device, seed=self.cfg.train.seed, stop_id=eot)
         self.engine.train()
-        eot = self.meta.get("eot_id")
-        if eot in out:
-            out = out[:out.index(eot)]
-        metrics.log("sample: " + tokenizer.decode(prompt + out))
+        metrics.log(f"sample at step {self.step}: " + tokenizer.decode(prompt + out))
 
     def close(self) -> None:
         self.train_data.close()

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import ROOT, assert_ok, child_env, launch
-from dist_lm.export import load_model
+from dist_lm.inference import load_model
 from dist_lm.generate import sample
 
 TOOL = ROOT / "tools" / "export_hf.py"
@@ -35,7 +35,7 @@ def test_transformers_loads_the_export_with_the_same_logits_and_greedy_tokens(tr
     assert proc.returncode == 0, proc.stderr
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", "model.safetensors",
                                                      "tokenizer.json", "tokenizer_config.json"]
-    ours, cfg = load_model(run)
+    ours, cfg, _ = load_model(run)
     hf = AutoModelForCausalLM.from_pretrained(out, torch_dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(out)
     ids = tokenizer("The function returns a new object", return_tensors="pt")["input_ids"]
@@ -60,7 +60,7 @@ def test_export_refuses_what_llama_cannot_express(trained, tmp_path):
     (geglu / "state.json").write_text(json.dumps(state))
     proc = subprocess.run([sys.executable, str(TOOL), str(geglu), str(tmp_path / "out")], env=env,
                           capture_output=True, text=True)
-    assert proc.returncode == 2 and "model.activation=geglu has no LlamaForCausalLM equivalent" in proc.stderr
+    assert proc.returncode == 2 and "model.activation=geglu (Llama's MLP is SwiGLU): no LlamaForCausalLM equivalent" in proc.stderr
     assert not (tmp_path / "out").exists()
 
 

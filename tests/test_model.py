@@ -29,7 +29,7 @@ def test_parameter_formula_matches_module(kw):
 def test_no_biases_and_tied_embeddings_share_storage():
     model = Transformer(tiny(tie_embeddings=True))
     assert not any(name.endswith("bias") for name, _ in model.named_parameters())
-    assert model.output.weight is model.tok_embeddings.weight
+    assert model.lm_head.weight is model.tok_embeddings.weight
 
 
 def test_fresh_model_loss_is_near_ln_vocab():
