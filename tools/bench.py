@@ -1,0 +1,143 @@
+"""Throughput benchmark: the real training step through the DeepSpeed engine, per variant, beside
+the same model in plain PyTorch (torch.compile, fused AdamW, bf16 autocast) on the same data.
+
+    python tools/bench.py --config h100-80gb [--steps 10 --warmup 5] [--baseline]
+        [--variant 'zero2: parallel.zero_stage=2'] [section.key=value ...]
+
+Each variant is a real run of launchers/pretrain.py (engine forward, backward, step, data from
+the sampler) for warmup + steps steps; its figures are the training log's over the timed steps
+(tokens/s, TFLOP/s and MFU by the log's own FLOPs-per-token formula, peak memory, step time),
+plus the time from start to the first optimizer step. --baseline adds a row for plain PyTorch
+measured in this process, with the share of its step time spent waiting for data.
+Prints one markdown table row per variant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_VARIANTS = [
+    "zero1: parallel.zero_stage=1",
+    "zero2: parallel.zero_stage=2",
+    "zero1+compile: parallel.zero_stage=1 parallel.compile=true",
+]
+
+
+def run_variant(config: str, overrides: list[str], variant: str, steps: int, warmup: int, work: Path) -> dict:
+    name, _, extra = variant.partition(":")
+    run_dir = work / re.sub(r"\W+", "-", name.strip())
+    args = [config, *overrides, *extra.split(), f"train.max_steps={warmup + steps}", f"train.log_interval={warmup}",
+            "train.eval_interval=0", "checkpoint.interval=0", "logging.wandb=disabled", "logging.progress=false",
+            f"train.global_batch_size=null", f"run.dir={run_dir}"]
+    proc = subprocess.run([sys.executable, str(ROOT / "launchers" / "pretrain.py"), "--config", *args],
+                          capture_output=True, text=True, cwd=ROOT)
+    if proc.returncode != 0:
+        return {"variant": name.strip(), "error": (proc.stderr.strip().splitlines() or ["?"])[-1]}
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    timed = [r for r in rows if "loss" in r][1:]  # the first interval holds the warm-up (and compilation)
+    first = re.search(r"first step done ([\d.]+) s", proc.stdout)
+    n = len(timed)
+    return {"variant": name.strip(), "tokens_per_s": sum(r["tokens_per_s"] for r in timed) / n,
+            "mfu": sum(r["mfu"] or 0 for r in timed) / n, "step_s": sum(r["step_time"] for r in timed) / n,
+            "peak_mem_gb": max(r["peak_mem_gb"] for r in timed), "first_step_s": float(first.group(1)) if first else None}
+
+
+def run_baseline(config: str, overrides: list[str], steps: int, warmup: int) -> dict:
+    """The same model and data in plain PyTorch: torch.compile, fused AdamW, bf16 autocast."""
+    import torch
+
+    from dist_lm import hardware
+    from dist_lm.config_io import load_config
+    from dist_lm.data import TrainData
+    from dist_lm.ds_config import batch_plan
+    from dist_lm.model import Transformer, flops_per_token
+    from dist_lm.trainer import resolve_data
+
+    cfg = load_config(config, [*overrides, "train.global_batch_size=null"])
+    device = torch.device("cuda")
+    data_dir, meta = resolve_data(cfg)
+    plan = batch_plan(cfg.train, 1)
+    data = TrainData(data_dir, meta, cfg.model.seq_len, plan, 0, cfg.train.seed, device)
+    model = Transformer(cfg.model).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, fused=True)
+    compiled = torch.compile(model)
+    torch.cuda.reset_peak_memory_stats()
+    waiting = 0.0
+    for i in range(warmup + steps):
+        if i == warmup:
+            torch.cuda.synchronize()
+            start, waiting = time.perf_counter(), 0.0
+        t0 = time.perf_counter()
+        batches = data.next_batches()
+        waiting += time.perf_counter() - t0
+        for x, y in batches:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = compiled(x, y)
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    data.close()
+    tokens = steps * plan.global_batch_size * cfg.model.seq_len
+    peak = hardware.peak_flops(device)
+    return {"variant": "plain PyTorch (compile, fused AdamW, autocast)", "tokens_per_s": tokens / seconds,
+            "mfu": tokens / seconds * flops_per_token(cfg.model) / peak if peak else 0.0, "step_s": seconds / steps,
+            "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9, "first_step_s": None,
+            "data_wait_share": waiting / seconds}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="a preset or YAML file")
+    p.add_argument("--variant", action="append", help="'name: override ...' (default: ZeRO-1, ZeRO-2, ZeRO-1 compiled)")
+    p.add_argument("--steps", type=int, default=10, help="timed steps (a multiple of --warmup)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps first")
+    p.add_argument("--baseline", action="store_true", help="also run plain PyTorch in this process (GPU)")
+    p.add_argument("--json", help="also write the rows to this file")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="applied to every variant")
+    args = p.parse_args()
+    rows = []
+    print("| variant | tokens/s | TFLOP/s | MFU | step | peak memory | first step after |")
+    print("|---|---|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as work:
+        for variant in args.variant or DEFAULT_VARIANTS:
+            rows.append(run_variant(args.config, args.overrides, variant, args.steps, args.warmup, Path(work)))
+            print_row(rows[-1], args)
+    if args.baseline:
+        rows.append(run_baseline(args.config, args.overrides, args.steps, args.warmup))
+        print_row(rows[-1], args)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+def print_row(r: dict, args: argparse.Namespace) -> None:
+    if "error" in r:
+        print(f"| {r['variant']} | failed: {r['error']} | | | | | |", flush=True)
+        return
+    from dist_lm.config_io import load_config
+    from dist_lm.model import flops_per_token
+    from dist_lm.planner import vocab_size_for
+
+    cfg = load_config(args.config, args.overrides)
+    cfg.model.vocab_size = vocab_size_for(cfg)
+    tflops = r["tokens_per_s"] * flops_per_token(cfg.model) / 1e12
+    first = f"{r['first_step_s']:.1f} s" if r.get("first_step_s") else "-"
+    extra = f" (data wait {100 * r['data_wait_share']:.2f}% of step time)" if "data_wait_share" in r else ""
+    print(f"| {r['variant']}{extra} | {r['tokens_per_s']:,.0f} | {tflops:.1f} | {100 * r['mfu']:.1f}% | "
+          f"{1000 * r['step_s']:.0f} ms | {r['peak_mem_gb']:.1f} GB | {first} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
