@@ -11,7 +11,6 @@ import json
 import math
 import os
 import resource
-from collections import deque
 import time
 from pathlib import Path
 
@@ -23,36 +22,12 @@ from dist_lm import checkpoint, corpus, distributed, engine as engine_ops, hardw
 from dist_lm.config import Config, ConfigError, UserError
 from dist_lm.config_io import to_dict, to_yaml
 from dist_lm.data import TrainData, ValData
+from dist_lm.faults import SkipCounter, SpikeGuard, TrainingDiverged
 from dist_lm.ds_config import batch_plan
 from dist_lm.generate import sample
 from dist_lm.model import Transformer, count_parameters, flops_per_token
 from dist_lm.optim import lr_at
 from dist_lm.preemption import StopControl
-
-
-class TrainingDiverged(RuntimeError):
-    """A non-finite loss or gradient (train.check_finite), or too many skipped updates."""
-
-
-class SpikeGuard:
-    """Flags a loss above ``factor`` x the mean of the last WINDOW accepted losses (once
-    MIN_HISTORY of them are known); flagged losses stay out of the mean."""
-
-    WINDOW, MIN_HISTORY = 50, 10
-
-    def __init__(self, factor: float):
-        self.factor = factor
-        self.history: deque[float] = deque(maxlen=self.WINDOW)
-
-    @property
-    def mean(self) -> float:
-        return sum(self.history) / len(self.history) if self.history else math.nan
-
-    def check(self, loss: float) -> bool:
-        spike = len(self.history) >= self.MIN_HISTORY and not loss <= self.factor * self.mean  # NaN is a spike
-        if not spike:
-            self.history.append(loss)
-        return spike
 
 
 def resolve_data(cfg: Config) -> tuple[Path, dict]:
@@ -164,8 +139,7 @@ class Trainer:
         self.last_saved_step: int | None = None
         self.evals_without_improvement = 0
         self.last_val_loss: tuple[int, float] | None = None  # (step, loss) of the newest evaluation
-        self.skipped_in_a_row = 0  # updates skipped for NaN/inf gradients, consecutive
-        self.skipped_total = 0
+        self.skips = SkipCounter(cfg.train.max_skipped_steps, self.precision, str(self.ckpt_root))
         self.spike_guard = SpikeGuard(cfg.train.spike_factor) if cfg.train.spike_factor else None
         self.aux_sum = torch.zeros((), device=self.device)  # MoE load-balancing loss, summed like loss
         self.elapsed_before = 0.0  # elapsed_s of earlier processes of this run (from the checkpoint)
@@ -216,7 +190,7 @@ class Trainer:
         self.train_data.load_state_dict(state["data"])
         self.elapsed_before = state["elapsed_s"]
         self.evals_without_improvement = state["evals_without_improvement"]
-        self.skipped_total = state.get("skipped_steps", 0)
+        self.skips.total = state.get("skipped_steps", 0)
         rng = found.path / f"rng-rank{self.dist_env.rank}.json"
         if not universal and rng.is_file():  # on another world size the ranks are not the same ranks
             checkpoint.set_rng_state(json.loads(rng.read_text()))
@@ -232,7 +206,7 @@ class Trainer:
         val = self.last_val_loss[1] if self.last_val_loss and self.last_val_loss[0] == self.step else None
         return {"step": self.step, "data": self.train_data.state_dict(), "best_val_loss": best, "val_loss": val,
                 "elapsed_s": self.elapsed_s(), "evals_without_improvement": self.evals_without_improvement,
-                "skipped_steps": self.skipped_total, "tokens": self.tokens_seen(),
+                "skipped_steps": self.skips.total, "tokens": self.tokens_seen(),
                 "world_size": self.dist_env.world_size, "zero_stage": self.cfg.parallel.zero_stage,
                 "precision": self.precision, "parameters": count_parameters(self.cfg.model)["total"],
                 "config": to_dict(self.cfg), "tokenizer_sha256": self.meta["tokenizer_sha256"],
@@ -326,22 +300,8 @@ class Trainer:
         if self.cfg.train.check_finite:
             self._check_finite(loss_sum)
         grad_norm, applied = engine_ops.step(engine)
-        self._count_skip(applied, grad_norm)
+        self.skips.update(applied, grad_norm, self.step + 1)
         return grad_norm, len(batches)
-
-    def _count_skip(self, applied: bool, grad_norm) -> None:
-        if applied:
-            self.skipped_in_a_row = 0
-            return
-        self.skipped_in_a_row += 1
-        self.skipped_total += 1
-        what = "fp16 overflow, loss scale lowered" if self.precision == "fp16" else f"gradient norm {float(grad_norm)}"
-        metrics.warn(f"step {self.step + 1}: update skipped ({what}); {self.skipped_in_a_row} in a row, "
-                     f"{self.skipped_total} in this run")
-        limit = self.cfg.train.max_skipped_steps
-        if limit and self.skipped_in_a_row >= limit:
-            raise TrainingDiverged(f"{limit} updates in a row were skipped for NaN/inf gradients (train.max_skipped_steps); "
-                                   f"the last good checkpoint is in {self.ckpt_root}: lower optim.lr or check the data there")
 
     def _is_spike(self, loss: torch.Tensor, micro: int, micros: int) -> bool:
         """Whether this micro-batch's loss (averaged over ranks) spikes above the running mean; a

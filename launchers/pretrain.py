@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         from dist_lm.distributed import detect, teardown
         from dist_lm.planner import format_plan, plan_for_this_machine
         from dist_lm.preemption import REQUEUE_EXIT
-        from dist_lm.trainer import Trainer, TrainingDiverged
+        from dist_lm.faults import TrainingDiverged
+        from dist_lm.trainer import Trainer
 
         dist_env = detect(os.environ)
         if args.debug and dist_env.world_size > 1:

@@ -1,0 +1,56 @@
+"""Numerical faults in training: updates skipped for NaN/inf gradients, and loss spikes."""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+
+from dist_lm import metrics
+
+
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss or gradient (train.check_finite), or too many skipped updates."""
+
+
+class SpikeGuard:
+    """Flags a loss above ``factor`` x the mean of the last WINDOW accepted losses (once
+    MIN_HISTORY of them are known); flagged losses stay out of the mean."""
+
+    WINDOW, MIN_HISTORY = 50, 10
+
+    def __init__(self, factor: float):
+        self.factor = factor
+        self.history: deque[float] = deque(maxlen=self.WINDOW)
+
+    @property
+    def mean(self) -> float:
+        return sum(self.history) / len(self.history) if self.history else math.nan
+
+    def check(self, loss: float) -> bool:
+        spike = len(self.history) >= self.MIN_HISTORY and not loss <= self.factor * self.mean  # NaN is a spike
+        if not spike:
+            self.history.append(loss)
+        return spike
+
+
+class SkipCounter:
+    """Counts updates skipped for NaN/inf gradients; too many in a row end the run."""
+
+    def __init__(self, limit: int, precision: str, checkpoints: str):
+        self.limit, self.precision, self.checkpoints = limit, precision, checkpoints
+        self.in_a_row = 0
+        self.total = 0  # over the whole run (kept in the checkpoint)
+
+    def update(self, applied: bool, grad_norm, step: int) -> None:
+        """After the optimizer step ``step``: was its update applied? (Every rank agrees.)"""
+        if applied:
+            self.in_a_row = 0
+            return
+        self.in_a_row += 1
+        self.total += 1
+        what = "fp16 overflow, loss scale lowered" if self.precision == "fp16" else f"gradient norm {float(grad_norm)}"
+        metrics.warn(f"step {step}: update skipped ({what}); {self.in_a_row} in a row, {self.total} in this run")
+        if self.limit and self.in_a_row >= self.limit:
+            raise TrainingDiverged(f"{self.limit} updates in a row were skipped for NaN/inf gradients "
+                                   f"(train.max_skipped_steps); the last good checkpoint is in {self.checkpoints}: "
+                                   "lower optim.lr or check the data there")
