@@ -7,8 +7,9 @@ the same model in plain PyTorch (torch.compile, fused AdamW, bf16 autocast) on t
 Each variant is a real run of launchers/pretrain.py (engine forward, backward, step, data from
 the sampler) for warmup + steps steps; its figures are the training log's over the timed steps
 (tokens/s, TFLOP/s and MFU by the log's own FLOPs-per-token formula, peak memory, step time),
-plus the time from start to the first optimizer step. --baseline adds a row for plain PyTorch
-measured in this process, with the share of its step time spent waiting for data.
+plus the time from start to the first optimizer step and the memory model's predicted peak.
+--baseline adds a row for plain PyTorch measured in this process, with the share of its step
+time spent waiting for data.
 Prints one markdown table row per variant.
 """
 
@@ -46,10 +47,12 @@ def run_variant(config: str, overrides: list[str], variant: str, steps: int, war
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     timed = [r for r in rows if "loss" in r][1:]  # the first interval holds the warm-up (and compilation)
     first = re.search(r"first step done ([\d.]+) s", proc.stdout)
+    predicted = re.search(r"predicted peak GPU memory per rank ([\d.]+) GB", proc.stdout)
     n = len(timed)
     return {"variant": name.strip(), "tokens_per_s": sum(r["tokens_per_s"] for r in timed) / n,
             "mfu": sum(r["mfu"] or 0 for r in timed) / n, "step_s": sum(r["step_time"] for r in timed) / n,
-            "peak_mem_gb": max(r["peak_mem_gb"] for r in timed), "first_step_s": float(first.group(1)) if first else None}
+            "peak_mem_gb": max(r["peak_mem_gb"] for r in timed), "first_step_s": float(first.group(1)) if first else None,
+            "predicted_mem_gb": float(predicted.group(1)) if predicted else None}
 
 
 def run_baseline(config: str, overrides: list[str], steps: int, warmup: int) -> dict:
@@ -109,7 +112,7 @@ def main() -> None:
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="applied to every variant")
     args = p.parse_args()
     rows = []
-    print("| variant | tokens/s | TFLOP/s | MFU | step | peak memory | first step after |")
+    print("| variant | tokens/s | TFLOP/s | MFU | step | peak memory (predicted) | first step after |")
     print("|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as work:
         for variant in args.variant or DEFAULT_VARIANTS:
@@ -134,9 +137,10 @@ def print_row(r: dict, args: argparse.Namespace) -> None:
     cfg.model.vocab_size = vocab_size_for(cfg)
     tflops = r["tokens_per_s"] * flops_per_token(cfg.model) / 1e12
     first = f"{r['first_step_s']:.1f} s" if r.get("first_step_s") else "-"
+    predicted = f" ({r['predicted_mem_gb']:.1f} GB)" if r.get("predicted_mem_gb") else ""
     extra = f" (data wait {100 * r['data_wait_share']:.2f}% of step time)" if "data_wait_share" in r else ""
     print(f"| {r['variant']}{extra} | {r['tokens_per_s']:,.0f} | {tflops:.1f} | {100 * r['mfu']:.1f}% | "
-          f"{1000 * r['step_s']:.0f} ms | {r['peak_mem_gb']:.1f} GB | {first} |", flush=True)
+          f"{1000 * r['step_s']:.0f} ms | {r['peak_mem_gb']:.1f} GB{predicted} | {first} |", flush=True)
 
 
 if __name__ == "__main__":
