@@ -1,6 +1,6 @@
 """Pretrain a model: the same file under deepspeed, torchrun, mpirun, srun, or plain python.
 
-    python launchers/pretrain.py [--config auto] [section.key=value ...]   # the plan for this machine
+    python launchers/pretrain.py [--config auto] [section.key=value ...]   # the plan for this machine (--preset: the same)
     python launchers/pretrain.py --plan                                     # show that plan, don't train
     python launchers/pretrain.py --config configs/debug.yaml [section.key=value ...]
     torchrun --nproc_per_node 2 launchers/pretrain.py --config debug train.max_steps=50
@@ -28,7 +28,7 @@ DEBUG_OVERRIDES = ["parallel.precision=fp32", "train.check_finite=true", "train.
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="auto",
+    p.add_argument("--config", "--preset", dest="config", default="auto",
                    help="a preset name (configs/NAME.yaml), a YAML file, or auto (the default): the preset "
                         "and parallel settings that fit this machine, around any overrides given")
     p.add_argument("--plan", action="store_true", help="print the auto plan and the launch commands, and exit")

@@ -58,6 +58,14 @@ def test_print_config_shows_the_resolved_values(env, tmp_path):
     proc = launch("python", ["--config", "debug", "optim.lr=0.005", "--print-config", f"run.dir={tmp_path / 'r'}"], env)
     assert_ok(proc)
     assert "lr: 0.005" in proc.stdout and "preset: debug" in proc.stdout
+
+
+def test_preset_is_another_name_for_config(env, tmp_path):
+    args = ["debug", "optim.lr=0.005", "--print-config", f"run.dir={tmp_path / 'r'}"]
+    by_config, by_preset = launch("python", ["--config", *args], env), launch("python", ["--preset", *args], env)
+    assert_ok(by_config)
+    assert_ok(by_preset)
+    assert by_preset.stdout == by_config.stdout and "preset: debug" in by_preset.stdout
     assert not (tmp_path / "r").exists()
 
 
