@@ -176,20 +176,32 @@ def _nanogpt_meta(data_dir: Path, dtype: str) -> dict:
             "splits": splits, "layout": "nanogpt"}
 
 
-def check_token_ids(data_dir: Path, meta: dict, vocab_size: int, sample_tokens: int = 1 << 20) -> None:
-    """Cheaply check that token ids are below the model's vocabulary: the start, the end and a
-    few seeded random stretches of every shard (reading all of a large corpus would take minutes)."""
+def check_token_ids(data_dir: Path, meta: dict, vocab_size: int, budget_tokens: int = 1 << 21,
+                    random_stretches: int = 16) -> int:
+    """Cheaply check that token ids are below the model's vocabulary: the start and end of every
+    shard and a few seeded random stretches of the corpus. Every rank runs this at start-up, so
+    what it reads is bounded for the whole corpus (about ``budget_tokens``, at least 8 KiB tokens
+    per shard), not per shard: hundreds of shards must not mean gigabytes read per rank.
+    Returns the number of tokens read."""
+    maps = [(shard, tokens) for split in meta["splits"]
+            for shard, tokens in zip(meta["splits"][split], open_split(data_dir, meta, split))]
+    if not maps:
+        return 0
+    edge = max(4096, budget_tokens // (2 * len(maps)))  # the ends of a shard are where writers go wrong
+    stretches = {i: [(0, edge), (max(0, len(t) - edge), edge)] for i, (_, t) in enumerate(maps)}
     rng = np.random.default_rng(0)
-    for split in meta["splits"]:
-        for shard, tokens in zip(meta["splits"][split], open_split(data_dir, meta, split)):
-            n = len(tokens)
-            stretches = [(0, sample_tokens), (max(0, n - sample_tokens), sample_tokens)]
-            stretches += [(int(s), 4096) for s in rng.integers(0, max(1, n - 4096), size=8)]
-            high = max(int(tokens[s:s + length].max(initial=0)) for s, length in stretches)
-            if high >= vocab_size:
-                raise UserError(f"data error: {Path(data_dir) / shard['file']} holds token id {high}, but "
-                                f"model.vocab_size is {vocab_size}; raise model.vocab_size above {high} "
-                                "or use the tokenizer the data was made with")
+    for i in rng.integers(0, len(maps), size=random_stretches):
+        n = len(maps[i][1])
+        stretches[int(i)].append((int(rng.integers(0, max(1, n - 4096))), 4096))
+    read = 0
+    for i, (shard, tokens) in enumerate(maps):
+        high = max(int(tokens[s:s + length].max(initial=0)) for s, length in stretches[i])
+        read += sum(len(tokens[s:s + length]) for s, length in stretches[i])
+        if high >= vocab_size:
+            raise UserError(f"data error: {Path(data_dir) / shard['file']} holds token id {high}, but "
+                            f"model.vocab_size is {vocab_size}; raise model.vocab_size above {high} "
+                            "or use the tokenizer the data was made with")
+    return read
 
 
 def open_split(data_dir: Path, meta: dict, split: str) -> list[np.memmap]:

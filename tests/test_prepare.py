@@ -240,3 +240,20 @@ def test_resuming_on_data_of_another_tokenizer_is_refused(env, ds_ops, prepared,
     assert f"{run / 'checkpoints' / 'step00000004'} was trained on tokens of tokenizer" in line
     assert "resume with the same data.dir, pass --allow-data-change" in line
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before  # the run is untouched
+
+
+def test_token_id_check_reads_a_bounded_share_of_a_many_shard_corpus(tmp_path):
+    # Every rank runs this check at start-up: its reading must not grow with the shard count.
+    rng = np.random.default_rng(0)
+    files = []
+    for i in range(200):
+        rng.integers(0, 300, 50_000, dtype=np.uint16).tofile(tmp_path / f"train-{i:03d}.bin")
+        files.append({"file": f"train-{i:03d}.bin", "tokens": 50_000})
+    meta = {"dtype": "uint16", "splits": {"train": files}}
+    read = shards.check_token_ids(tmp_path, meta, vocab_size=320, budget_tokens=1 << 20)
+    assert read <= max(1 << 20, 2 * 4096 * 200) + 16 * 4096 < 10_000_000 // 5  # a fifth of the corpus at most
+    bad = np.fromfile(tmp_path / "train-123.bin", dtype=np.uint16)
+    bad[-1] = 310  # the last token of one shard in the middle of the corpus
+    bad.tofile(tmp_path / "train-123.bin")
+    with pytest.raises(shards.UserError, match="train-123.bin holds token id 310, but model.vocab_size is 300"):
+        shards.check_token_ids(tmp_path, meta, vocab_size=300, budget_tokens=1 << 20)
