@@ -32,6 +32,27 @@ class Sink(Protocol):
     def close(self) -> None: ...
 
 
+def drop_rows_after(run_dir: Path, step: int) -> int:
+    """Remove the rows of metrics.jsonl and metrics.csv past ``step`` (each file rewritten under a
+    temporary name, then renamed). A run resumed from its checkpoint at ``step`` trains the steps
+    after it again: the files should then hold each step once, from the run that went on.
+    Returns the number of metrics.jsonl rows removed."""
+    removed = 0
+    for path, step_of in ((run_dir / "metrics.jsonl", lambda line: json.loads(line)["step"]),
+                          (run_dir / "metrics.csv", lambda line: int(line.split(",", 1)[0]))):
+        if not path.is_file():
+            continue
+        lines = path.read_text().splitlines(keepends=True)
+        header = lines[:1] if path.suffix == ".csv" else []
+        kept = header + [line for line in lines[len(header):] if step_of(line) <= step]
+        if len(kept) < len(lines):
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text("".join(kept))
+            os.replace(tmp, path)
+            removed += (len(lines) - len(kept)) if path.suffix == ".jsonl" else 0
+    return removed
+
+
 class JsonlSink:
     def __init__(self, path: Path):
         self._file = open(path, "a", buffering=1)

@@ -128,7 +128,8 @@ class Trainer:
             checkpoint.convert_to_universal(self.resume_from.path, rank, distributed.barrier)
         self.engine = engine_ops.initialize(model, cfg.parallel, cfg.optim, self.plan, self.precision, self.device,
                                             load_universal=universal)
-        self.metrics = metrics.MetricsWriter(self.run_dir, cfg.logging, cfg.run.name, to_dict(cfg))
+        self.metrics = metrics.MetricsWriter(self.run_dir, cfg.logging, cfg.run.name, to_dict(cfg),
+                                             self.resume_from.state["step"] if self.resume_from else None)
         self.sample_log = None
         if cfg.data.log_samples:  # every rank writes its own file
             (self.run_dir / "samples").mkdir(exist_ok=True)

@@ -108,10 +108,11 @@ def test_restart_continues_from_the_newest_checkpoint(tmp_path, env, ds_ops):
     proc = launch("torchrun", args, env)
     assert_ok(proc)
     assert f"resumed from {ckpt / 'step00000003'} at step 3 (24 samples consumed)" in proc.stdout
-    both, _ = read_metrics(tmp_path)
-    resumed = both[len(first):]
-    assert [r["step"] for r in resumed] == [4, 5, 6]
-    assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in first[3:]], abs=1e-6)
+    assert "3 row(s) after step 3, from the process that stopped there, removed" in proc.stdout
+    after, _ = read_metrics(tmp_path)
+    assert [r["step"] for r in after] == [r["step"] for r in first] == [1, 2, 3, 4, 5, 6]  # each step once
+    assert after[:3] == first[:3]  # the rows up to the checkpoint are kept as they were
+    assert [r["loss"] for r in after[3:]] == pytest.approx([r["loss"] for r in first[3:]], abs=1e-6)
 
     proc = launch("torchrun", args, env)  # a finished run has nothing left to do
     assert_ok(proc)
