@@ -180,7 +180,7 @@ def check_token_ids(data_dir: Path, meta: dict, vocab_size: int, budget_tokens: 
                     random_stretches: int = 16) -> int:
     """Cheaply check that token ids are below the model's vocabulary: the start and end of every
     shard and a few seeded random stretches of the corpus. Every rank runs this at start-up, so
-    what it reads is bounded for the whole corpus (about ``budget_tokens``, at least 8 KiB tokens
+    what it reads is bounded for the whole corpus (about ``budget_tokens``, at least 8,192 tokens
     per shard), not per shard: hundreds of shards must not mean gigabytes read per rank.
     Returns the number of tokens read."""
     maps = [(shard, tokens) for split in meta["splits"]

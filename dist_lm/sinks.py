@@ -36,7 +36,14 @@ def drop_rows_after(run_dir: Path, step: int) -> int:
     """Remove the rows of metrics.jsonl and metrics.csv past ``step`` (each file rewritten under a
     temporary name, then renamed). A run resumed from its checkpoint at ``step`` trains the steps
     after it again: the files should then hold each step once, from the run that went on.
+    A last line cut short (a process killed while writing it) is removed too.
     Returns the number of metrics.jsonl rows removed."""
+    def keep(line: str, step_of) -> bool:
+        try:
+            return line.endswith("\n") and step_of(line) <= step
+        except ValueError:  # json.JSONDecodeError is one: a torn line
+            return False
+
     removed = 0
     for path, step_of in ((run_dir / "metrics.jsonl", lambda line: json.loads(line)["step"]),
                           (run_dir / "metrics.csv", lambda line: int(line.split(",", 1)[0]))):
@@ -44,7 +51,7 @@ def drop_rows_after(run_dir: Path, step: int) -> int:
             continue
         lines = path.read_text().splitlines(keepends=True)
         header = lines[:1] if path.suffix == ".csv" else []
-        kept = header + [line for line in lines[len(header):] if step_of(line) <= step]
+        kept = header + [line for line in lines[len(header):] if keep(line, step_of)]
         if len(kept) < len(lines):
             tmp = path.with_name(f".{path.name}.tmp")
             tmp.write_text("".join(kept))

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, assert_ok, launch, read_metrics
-from dist_lm.sinks import COLUMNS
+from dist_lm.sinks import COLUMNS, CsvSink, JsonlSink, drop_rows_after
 from wandb_records import history, records, run_id
 
 SECRET = "dist-lm-test-secret-7f3a9c"  # must never reach the run directory
@@ -169,3 +169,21 @@ def test_analyze_a_run(env, ds_ops, tmp_path):
 def assert_png(path: Path) -> None:
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, path
+
+
+def test_drop_rows_after_keeps_earlier_steps_and_removes_a_torn_line(tmp_path):
+    sinks = [JsonlSink(tmp_path / "metrics.jsonl"), CsvSink(tmp_path / "metrics.csv")]
+    for step in range(1, 7):
+        for sink in sinks:
+            sink.write({"step": step, "loss": 10.0 - step})
+    for sink in sinks:
+        sink.close()
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 7, "lo')  # a process killed while writing
+    with open(tmp_path / "metrics.csv", "a") as f:
+        f.write("7,")
+    assert drop_rows_after(tmp_path, 4) == 3  # steps 5 and 6, and the torn line
+    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+    rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4] and rows[-1]["loss"] == "6.0"
+    assert drop_rows_after(tmp_path, 4) == 0 and sorted(p.name for p in tmp_path.iterdir()) == ["metrics.csv", "metrics.jsonl"]
