@@ -188,15 +188,15 @@ def check_token_ids(data_dir: Path, meta: dict, vocab_size: int, budget_tokens: 
     if not maps:
         return 0
     edge = max(4096, budget_tokens // (2 * len(maps)))  # the ends of a shard are where writers go wrong
-    stretches = {i: [(0, edge), (max(0, len(t) - edge), edge)] for i, (_, t) in enumerate(maps)}
+    stretches = [[(0, edge), (max(0, len(tokens) - edge), edge)] for _, tokens in maps]  # (start, length)
     rng = np.random.default_rng(0)
     for i in rng.integers(0, len(maps), size=random_stretches):
-        n = len(maps[i][1])
-        stretches[int(i)].append((int(rng.integers(0, max(1, n - 4096))), 4096))
+        stretches[i].append((int(rng.integers(0, max(1, len(maps[i][1]) - 4096))), 4096))
     read = 0
-    for i, (shard, tokens) in enumerate(maps):
-        high = max(int(tokens[s:s + length].max(initial=0)) for s, length in stretches[i])
-        read += sum(len(tokens[s:s + length]) for s, length in stretches[i])
+    for (shard, tokens), shard_stretches in zip(maps, stretches):
+        pieces = [tokens[start:start + length] for start, length in shard_stretches]
+        read += sum(len(piece) for piece in pieces)
+        high = max(int(piece.max(initial=0)) for piece in pieces)
         if high >= vocab_size:
             raise UserError(f"data error: {Path(data_dir) / shard['file']} holds token id {high}, but "
                             f"model.vocab_size is {vocab_size}; raise model.vocab_size above {high} "

@@ -37,26 +37,27 @@ def drop_rows_after(run_dir: Path, step: int) -> int:
     temporary name, then renamed). A run resumed from its checkpoint at ``step`` trains the steps
     after it again: the files should then hold each step once, from the run that went on.
     A last line cut short (a process killed while writing it) is removed too.
-    Returns the number of metrics.jsonl rows removed."""
+    Returns the number of rows removed (the two files hold the same rows)."""
     def keep(line: str, step_of) -> bool:
         try:
             return line.endswith("\n") and step_of(line) <= step
-        except ValueError:  # json.JSONDecodeError is one: a torn line
+        except ValueError:  # a torn line (json.JSONDecodeError is a ValueError)
             return False
 
     removed = 0
-    for path, step_of in ((run_dir / "metrics.jsonl", lambda line: json.loads(line)["step"]),
-                          (run_dir / "metrics.csv", lambda line: int(line.split(",", 1)[0]))):
+    for name, header_lines, step_of in (("metrics.jsonl", 0, lambda line: json.loads(line)["step"]),
+                                        ("metrics.csv", 1, lambda line: int(line.split(",", 1)[0]))):
+        path = run_dir / name
         if not path.is_file():
             continue
         lines = path.read_text().splitlines(keepends=True)
-        header = lines[:1] if path.suffix == ".csv" else []
-        kept = header + [line for line in lines[len(header):] if keep(line, step_of)]
-        if len(kept) < len(lines):
-            tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_text("".join(kept))
+        rows = lines[header_lines:]
+        kept = [line for line in rows if keep(line, step_of)]
+        if len(kept) < len(rows):
+            tmp = path.with_name(f".{name}.tmp")
+            tmp.write_text("".join(lines[:header_lines] + kept))
             os.replace(tmp, path)
-            removed += (len(lines) - len(kept)) if path.suffix == ".jsonl" else 0
+        removed = max(removed, len(rows) - len(kept))
     return removed
 
 

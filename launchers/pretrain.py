@@ -1,11 +1,13 @@
 """Pretrain a model: the same file under deepspeed, torchrun, mpirun, srun, or plain python.
 
-    python launchers/pretrain.py [--config auto] [section.key=value ...]   # the plan for this machine (--preset: the same)
+    python launchers/pretrain.py [--config auto] [section.key=value ...]   # the plan for this machine
     python launchers/pretrain.py --plan                                     # show that plan, don't train
     python launchers/pretrain.py --config configs/debug.yaml [section.key=value ...]
     torchrun --nproc_per_node 2 launchers/pretrain.py --config debug train.max_steps=50
     deepspeed --num_gpus 2 launchers/pretrain.py --config debug
     python launchers/pretrain.py --debug
+
+--preset is another name for --config.
 """
 
 from __future__ import annotations

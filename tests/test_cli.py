@@ -58,6 +58,7 @@ def test_print_config_shows_the_resolved_values(env, tmp_path):
     proc = launch("python", ["--config", "debug", "optim.lr=0.005", "--print-config", f"run.dir={tmp_path / 'r'}"], env)
     assert_ok(proc)
     assert "lr: 0.005" in proc.stdout and "preset: debug" in proc.stdout
+    assert not (tmp_path / "r").exists()
 
 
 def test_preset_is_another_name_for_config(env, tmp_path):
