@@ -372,6 +372,16 @@ class LoggingConfig:
     tensorboard package)."""
     progress: bool = True
     """A progress bar on rank 0 (steps, ETA, loss, tokens/s, MFU) when stderr is a terminal."""
+    profile_start: int = 0
+    """Profile the optimizer steps from this one (0: no profiling) with torch.profiler: each
+    rank writes a Chrome trace and a table of its costliest operations to profile/ in the run
+    directory, and the log says how busy the GPU was."""
+    profile_steps: int = 3
+    """How many steps to profile from logging.profile_start."""
+
+    def __post_init__(self) -> None:
+        _require(self.profile_start >= 0, "profile_start", "must be 0 (off) or the first step to profile")
+        _require(self.profile_steps >= 1, "profile_steps", "must be at least 1")
 
 
 @dataclass

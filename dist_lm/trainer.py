@@ -28,6 +28,7 @@ from dist_lm.generate import sample
 from dist_lm.model import Transformer, count_parameters, flops_per_token
 from dist_lm.optim import lr_at
 from dist_lm.preemption import StopControl
+from dist_lm.profiling import StepProfiler
 
 
 def resolve_data(cfg: Config) -> tuple[Path, dict]:
@@ -130,6 +131,8 @@ class Trainer:
                                             load_universal=universal)
         self.metrics = metrics.MetricsWriter(self.run_dir, cfg.logging, cfg.run.name, to_dict(cfg),
                                              self.resume_from.state["step"] if self.resume_from else None)
+        self.profiler = StepProfiler(cfg.logging.profile_start, cfg.logging.profile_steps, self.run_dir / "profile",
+                                     f"rank{rank}", self.device)
         self.sample_log = None
         if cfg.data.log_samples:  # every rank writes its own file
             (self.run_dir / "samples").mkdir(exist_ok=True)
@@ -230,8 +233,10 @@ class Trainer:
         try:
             while self.step < cfg.max_steps and (cfg.max_tokens is None or self.tokens_seen() < cfg.max_tokens):
                 step_start = time.perf_counter()
+                self.profiler.before_step(self.step + 1)
                 grad_norm, micro_steps = self._train_step(loss_sum)
                 self.step += 1
+                self.profiler.after_step(self.step)
                 steps_since_log += 1
                 if self.step == first_step + 1:
                     metrics.log(f"first step done {time.perf_counter() - self.start_time:.1f} s after the trainer started")

@@ -8,9 +8,13 @@ gradients in another order than one process sums them; over 6 steps the differen
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import pytest
 
-from conftest import assert_ok, launch, read_metrics
+from conftest import ROOT, assert_ok, launch, read_metrics
 from reference import reference_losses
 
 STEPS = 6
@@ -117,3 +121,58 @@ def test_restart_continues_from_the_newest_checkpoint(tmp_path, env, ds_ops):
     proc = launch("torchrun", args, env)  # a finished run has nothing left to do
     assert_ok(proc)
     assert "nothing to do: the run is already at step 6" in proc.stdout
+
+
+# Trains the debug model 3 steps (accumulation 2) in one process, as dist_lm.engine.initialize
+# sets it up or ("deepspeed") with DeepSpeed's own gradient all-reduce put back; prints whether
+# initialize skipped that all-reduce, and a digest of the weights before and after.
+ONE_RANK_RUN = r"""
+import json, os, sys
+import torch
+from dist_lm import distributed, engine as engine_ops
+from dist_lm.config_io import load_config
+from dist_lm.ds_config import BatchPlan
+
+stage, precision = int(sys.argv[1]), sys.argv[2]
+cfg = load_config("debug", [f"parallel.zero_stage={stage}", "model.vocab_size=512"])
+device = torch.device("cpu")
+distributed.init_process_group(distributed.detect(os.environ), device, 5)
+torch.manual_seed(0)
+engine = engine_ops.initialize(engine_ops.build_model(cfg.model, cfg.parallel), cfg.parallel, cfg.optim,
+                               BatchPlan(2, 2, 1), precision, device)
+skipped = not engine.enable_backward_allreduce
+if sys.argv[3] == "deepspeed":
+    engine.enable_backward_allreduce = True
+    # DeepSpeed's default sends bf16 runs' gradients in bf16, rounding the fp32 accumulation;
+    # in fp32 its path is the identity the skip relies on.
+    engine.communication_data_type = torch.float32
+digest = lambda: torch.cat([p.detach().float().flatten() for p in engine.module.parameters()])[::97].tolist()
+before = digest()
+data = torch.randint(0, 512, (3, 2, 2, cfg.model.seq_len + 1), generator=torch.Generator().manual_seed(1))
+for step in data:
+    for micro in step:
+        engine.backward(engine(micro[:, :-1], micro[:, 1:]))
+        engine.step()
+print(json.dumps({"skipped": skipped, "before": before, "after": digest()}))
+"""
+
+
+@pytest.mark.parametrize("stage,precision,skipped", [(0, "fp32", True), (1, "bf16", True), (1, "fp32", False),
+                                                     (2, "bf16", False)])
+def test_one_rank_skips_deepspeeds_identity_allreduce(env, ds_ops, stage, precision, skipped):
+    """Alone, DeepSpeed's stage-0 and BF16_Optimizer gradient all-reduce is an identity through
+    flattened copies (dist_lm.engine.reduces_for_nothing): skipped, the weights after 3 steps are
+    bit for bit those of DeepSpeed's own path sending fp32 (by default it rounds bf16 runs'
+    gradients to bf16 there, which the skip also spares). Stages whose reduction moves the
+    gradients into their partitions keep it."""
+    def run(mode):
+        proc = subprocess.run([sys.executable, "-c", ONE_RANK_RUN, str(stage), precision, mode], env=env,
+                              capture_output=True, text=True, timeout=300, cwd=ROOT)
+        assert_ok(proc)
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    ours = run("ours")
+    assert ours["skipped"] is skipped
+    assert ours["after"] != ours["before"]
+    if skipped:
+        assert ours["after"] == run("deepspeed")["after"]

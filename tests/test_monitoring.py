@@ -95,6 +95,21 @@ def test_tensorboard_option(env, ds_ops, tmp_path):
     assert [e.step for e in events.Scalars("val_loss")] == [2, 4]
 
 
+def test_profiling_a_few_steps(env, ds_ops, tmp_path):
+    import gzip
+
+    run = tmp_path / "run"
+    proc = launch("python", [*SHORT, "logging.wandb=disabled", "logging.profile_start=2", "logging.profile_steps=2",
+                             f"run.dir={run}"], env)
+    assert_ok(proc)
+    assert f"profile of steps 2-3: " in proc.stdout and f"trace and table in {run / 'profile'}" in proc.stdout
+    trace = json.loads(gzip.decompress((run / "profile" / "rank0-trace.json.gz").read_bytes()))
+    assert any(e.get("name") == "aten::mm" for e in trace["traceEvents"])
+    table = (run / "profile" / "rank0-ops.txt").read_text()
+    assert table.startswith("steps 2-3: ") and "aten::mm" in table
+    assert [r["step"] for r in read_metrics(run)[0]] == [1, 2, 3, 4]  # the run itself goes on as usual
+
+
 def test_early_stopping_on_validation_patience(env, ds_ops, tmp_path):
     run = tmp_path / "run"
     # A learning rate this small cannot improve validation loss by 0.5 per evaluation.

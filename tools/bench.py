@@ -10,6 +10,9 @@ the sampler) for warmup + steps steps; its figures are the training log's over t
 plus the time from start to the first optimizer step and the memory model's predicted peak.
 --baseline adds a row for plain PyTorch measured in this process, with the share of its step
 time spent waiting for data.
+--profile DIR: after the timed steps, each variant (and the baseline) runs 3 more under
+torch.profiler; DIR/<variant>-ops.txt gets the costliest operations and how busy the GPU was
+(dist_lm.profiling), DIR/<variant>-trace.json.gz the Chrome trace. Profiled steps are not timed.
 Prints one markdown table row per variant.
 """
 
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -27,6 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 ROOT = Path(__file__).resolve().parent.parent
+PROFILED_STEPS = 3
 DEFAULT_VARIANTS = [
     "zero1: parallel.zero_stage=1",
     "zero2: parallel.zero_stage=2",
@@ -34,10 +39,19 @@ DEFAULT_VARIANTS = [
 ]
 
 
-def run_variant(config: str, overrides: list[str], variant: str, steps: int, warmup: int, work: Path) -> dict:
+def file_name(variant: str) -> str:
+    return re.sub(r"\W+", "-", variant.strip()).strip("-")
+
+
+def run_variant(config: str, overrides: list[str], variant: str, steps: int, warmup: int, work: Path,
+                profile_dir: Path | None) -> dict:
     name, _, extra = variant.partition(":")
-    run_dir = work / re.sub(r"\W+", "-", name.strip())
-    args = [config, *overrides, *extra.split(), f"train.max_steps={warmup + steps}", f"train.log_interval={warmup}",
+    run_dir = work / file_name(name)
+    profiled = PROFILED_STEPS if profile_dir else 0
+    if profiled:  # after the timed steps, in an interval of their own
+        extra += f" logging.profile_start={warmup + steps + 1} logging.profile_steps={profiled}"
+    args = [config, *overrides, *extra.split(), f"train.max_steps={warmup + steps + profiled}",
+            f"train.log_interval={warmup}",
             "train.eval_interval=0", "checkpoint.interval=0", "logging.wandb=disabled", "logging.progress=false",
             f"train.global_batch_size=null", f"run.dir={run_dir}"]
     proc = subprocess.run([sys.executable, str(ROOT / "launchers" / "pretrain.py"), "--config", *args],
@@ -45,7 +59,12 @@ def run_variant(config: str, overrides: list[str], variant: str, steps: int, war
     if proc.returncode != 0:
         return {"variant": name.strip(), "error": (proc.stderr.strip().splitlines() or ["?"])[-1]}
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    timed = [r for r in rows if "loss" in r][1:]  # the first interval holds the warm-up (and compilation)
+    # the first interval holds the warm-up (and compilation); the profiled steps end the run
+    timed = [r for r in rows if "loss" in r and warmup < r["step"] <= warmup + steps]
+    if profiled:
+        profile_dir.mkdir(parents=True, exist_ok=True)
+        for what in ("ops.txt", "trace.json.gz"):
+            shutil.copy(run_dir / "profile" / f"rank0-{what}", profile_dir / f"{file_name(name)}-{what}")
     first = re.search(r"first step done ([\d.]+) s", proc.stdout)
     predicted = re.search(r"predicted peak GPU memory per rank ([\d.]+) GB", proc.stdout)
     n = len(timed)
@@ -55,7 +74,7 @@ def run_variant(config: str, overrides: list[str], variant: str, steps: int, war
             "predicted_mem_gb": float(predicted.group(1)) if predicted else None}
 
 
-def run_baseline(config: str, overrides: list[str], steps: int, warmup: int) -> dict:
+def run_baseline(config: str, overrides: list[str], steps: int, warmup: int, profile_dir: Path | None) -> dict:
     """The same model and data in plain PyTorch: torch.compile, fused AdamW, bf16 autocast."""
     import torch
 
@@ -64,6 +83,7 @@ def run_baseline(config: str, overrides: list[str], steps: int, warmup: int) -> 
     from dist_lm.data import TrainData
     from dist_lm.ds_config import batch_plan
     from dist_lm.model import Transformer, flops_per_token
+    from dist_lm.profiling import StepProfiler
     from dist_lm.trainer import resolve_data
 
     cfg = load_config(config, [*overrides, "train.global_batch_size=null"])
@@ -75,11 +95,14 @@ def run_baseline(config: str, overrides: list[str], steps: int, warmup: int) -> 
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, fused=True)
     compiled = torch.compile(model)
     torch.cuda.reset_peak_memory_stats()
+    profiled = PROFILED_STEPS if profile_dir else 0
+    profiler = StepProfiler(warmup + steps + 1 if profiled else 0, profiled, profile_dir, "baseline", device)
     waiting = 0.0
-    for i in range(warmup + steps):
+    for i in range(warmup + steps + profiled):
         if i == warmup:
             torch.cuda.synchronize()
             start, waiting = time.perf_counter(), 0.0
+        profiler.before_step(i + 1)
         t0 = time.perf_counter()
         batches = data.next_batches()
         waiting += time.perf_counter() - t0
@@ -90,15 +113,17 @@ def run_baseline(config: str, overrides: list[str], steps: int, warmup: int) -> 
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
-    torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
+        if i + 1 == warmup + steps:  # the timed steps end here; profiled ones may follow
+            torch.cuda.synchronize()
+            seconds, timed_waiting = time.perf_counter() - start, waiting
+        profiler.after_step(i + 1)
     data.close()
     tokens = steps * plan.global_batch_size * cfg.model.seq_len
     peak = hardware.peak_flops(device)
     return {"variant": "plain PyTorch (compile, fused AdamW, autocast)", "tokens_per_s": tokens / seconds,
             "mfu": tokens / seconds * flops_per_token(cfg.model) / peak if peak else 0.0, "step_s": seconds / steps,
             "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9, "first_step_s": None,
-            "data_wait_share": waiting / seconds}
+            "data_wait_share": timed_waiting / seconds}
 
 
 def main() -> None:
@@ -109,6 +134,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     p.add_argument("--baseline", action="store_true", help="also run plain PyTorch in this process (GPU)")
     p.add_argument("--json", help="also write the rows to this file")
+    p.add_argument("--profile", type=Path, metavar="DIR", help="profile 3 more steps per variant into DIR")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="applied to every variant")
     args = p.parse_args()
     rows = []
@@ -116,10 +142,11 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as work:
         for variant in args.variant or DEFAULT_VARIANTS:
-            rows.append(run_variant(args.config, args.overrides, variant, args.steps, args.warmup, Path(work)))
+            rows.append(run_variant(args.config, args.overrides, variant, args.steps, args.warmup, Path(work),
+                                    args.profile))
             print_row(rows[-1], args)
     if args.baseline:
-        rows.append(run_baseline(args.config, args.overrides, args.steps, args.warmup))
+        rows.append(run_baseline(args.config, args.overrides, args.steps, args.warmup, args.profile))
         print_row(rows[-1], args)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
