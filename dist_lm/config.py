@@ -303,7 +303,8 @@ class ParallelConfig:
     allgather_bucket_size: int = 500_000_000
     """Elements per parameter all-gather bucket (ZeRO 1-2)."""
     compile: bool = False
-    """torch.compile the model before DeepSpeed wraps it (GPU)."""
+    """torch.compile the model inside the DeepSpeed engine (engine.compile()); on a GPU only, a
+    CPU run ignores it. The first step waits for compilation (1-2.5 min on an H200)."""
     timeout_minutes: float = 30.0
     """Collective timeout: a rank waiting longer than this for the others fails instead of hanging."""
     expert_parallel_size: int = 1

@@ -98,8 +98,8 @@ def initialize(model: Transformer, parallel: ParallelConfig, optim: OptimConfig,
         config=deepspeed_config(parallel, optim, plan, precision, load_universal))
     if reduces_for_nothing(engine):
         engine.enable_backward_allreduce = False
-    if parallel.compile:
-        engine.compile()
+    if parallel.compile and device.type == "cuda":
+        engine.compile()  # (on CPU, Inductor's C++ build costs more than it saves on a debug run)
     return engine
 
 

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from dist_lm import metrics
@@ -59,13 +60,27 @@ class StepProfiler:
         table = averages.table(sort_by="self_device_time_total" if gpu else "self_cpu_time_total", row_limit=30)
         summary = f"{what}: {wall_s * 1000:.1f} ms of wall time"
         if gpu:
-            # A kernel's time is the self time of its own row only, so the sum does not count it
-            # twice; kernels of concurrent streams (communication) would.
-            kernels_s = sum(e.self_device_time_total for e in averages) / 1e6
-            summary += f"; GPU kernels ran {kernels_s * 1000:.1f} ms ({100 * kernels_s / wall_s:.1f}% busy)"
+            busy_s = busy_seconds(prof.events())
+            summary += f"; the GPU was busy {busy_s * 1000:.1f} ms of it ({100 * busy_s / wall_s:.1f}%)"
         (self.out_dir / f"{self.name}-ops.txt").write_text(summary + "\n\n" + table + "\n")
         metrics.log(f"profile of {summary}; trace and table in {self.out_dir}")
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+
+def busy_seconds(events) -> float:
+    """How long at least one kernel (or copy) ran on the GPU: the union of their time ranges,
+    so that kernels of concurrent streams are counted once. (The table's "Self CUDA" column
+    cannot be summed for this: it gives a kernel's time both to its own row and to the
+    operation that launched it.)"""
+    spans = sorted((e.time_range.start, e.time_range.end) for e in events if e.device_type == DeviceType.CUDA)
+    busy, start, end = 0.0, None, None
+    for s, e in spans:
+        if end is None or s > end:
+            busy += 0 if end is None else end - start
+            start, end = s, e
+        else:
+            end = max(end, e)
+    return (busy + (0 if end is None else end - start)) / 1e6  # microseconds

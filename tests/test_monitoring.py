@@ -110,6 +110,21 @@ def test_profiling_a_few_steps(env, ds_ops, tmp_path):
     assert [r["step"] for r in read_metrics(run)[0]] == [1, 2, 3, 4]  # the run itself goes on as usual
 
 
+def test_gpu_busy_time_counts_overlapping_kernels_once():
+    from types import SimpleNamespace as Event
+
+    from torch.autograd import DeviceType
+
+    from dist_lm.profiling import busy_seconds
+
+    def event(device, start_us, end_us):
+        return Event(device_type=device, time_range=Event(start=start_us, end=end_us))
+
+    kernels = [event(DeviceType.CUDA, 30, 40), event(DeviceType.CUDA, 0, 10), event(DeviceType.CUDA, 5, 20)]
+    assert busy_seconds([*kernels, event(DeviceType.CPU, 0, 100)]) == pytest.approx(30e-6)
+    assert busy_seconds([]) == 0
+
+
 def test_early_stopping_on_validation_patience(env, ds_ops, tmp_path):
     run = tmp_path / "run"
     # A learning rate this small cannot improve validation loss by 0.5 per evaluation.

@@ -1,12 +1,14 @@
 """Throughput benchmark: the real training step through the DeepSpeed engine, per variant, beside
 the same model in plain PyTorch (torch.compile, fused AdamW, bf16 autocast) on the same data.
 
-    python tools/bench.py --config h100-80gb [--steps 10 --warmup 5] [--baseline]
+    python tools/bench.py --config h100-80gb [--steps 10 --warmup 5] [--accum 1] [--baseline]
         [--variant 'zero2: parallel.zero_stage=2'] [section.key=value ...]
 
 Each variant is a real run of launchers/pretrain.py (engine forward, backward, step, data from
-the sampler) for warmup + steps steps; its figures are the training log's over the timed steps
-(tokens/s, TFLOP/s and MFU by the log's own FLOPs-per-token formula, peak memory, step time),
+the sampler) for warmup + steps optimizer steps of --accum micro-batches each (1: every
+micro-batch is an optimizer step, the engine's worst case; the presets accumulate 32-64). Its
+figures are the training log's over the timed steps (tokens/s, TFLOP/s and MFU by the log's
+own FLOPs-per-token formula, peak memory, step time),
 plus the time from start to the first optimizer step and the memory model's predicted peak.
 --baseline adds a row for plain PyTorch measured in this process, with the share of its step
 time spent waiting for data.
@@ -43,9 +45,17 @@ def file_name(variant: str) -> str:
     return re.sub(r"\W+", "-", variant.strip()).strip("-")
 
 
-def run_variant(config: str, overrides: list[str], variant: str, steps: int, warmup: int, work: Path,
+def batch_override(config: str, overrides: list[str], accum: int) -> str:
+    """train.global_batch_size for ``accum`` micro-batches per optimizer step on one GPU."""
+    from dist_lm.config_io import load_config
+
+    return f"train.global_batch_size={load_config(config, overrides).train.micro_batch_size * accum}"
+
+
+def run_variant(config: str, overrides: list[str], variant: str, steps: int, warmup: int, accum: int, work: Path,
                 profile_dir: Path | None) -> dict:
     name, _, extra = variant.partition(":")
+    extra += " " + batch_override(config, [*overrides, *extra.split()], accum)
     run_dir = work / file_name(name)
     profiled = PROFILED_STEPS if profile_dir else 0
     if profiled:  # after the timed steps, in an interval of their own
@@ -53,7 +63,7 @@ def run_variant(config: str, overrides: list[str], variant: str, steps: int, war
     args = [config, *overrides, *extra.split(), f"train.max_steps={warmup + steps + profiled}",
             f"train.log_interval={warmup}",
             "train.eval_interval=0", "checkpoint.interval=0", "logging.wandb=disabled", "logging.progress=false",
-            f"train.global_batch_size=null", f"run.dir={run_dir}"]
+            f"run.dir={run_dir}"]
     proc = subprocess.run([sys.executable, str(ROOT / "launchers" / "pretrain.py"), "--config", *args],
                           capture_output=True, text=True, cwd=ROOT)
     if proc.returncode != 0:
@@ -74,7 +84,8 @@ def run_variant(config: str, overrides: list[str], variant: str, steps: int, war
             "predicted_mem_gb": float(predicted.group(1)) if predicted else None}
 
 
-def run_baseline(config: str, overrides: list[str], steps: int, warmup: int, profile_dir: Path | None) -> dict:
+def run_baseline(config: str, overrides: list[str], steps: int, warmup: int, accum: int,
+                 profile_dir: Path | None) -> dict:
     """The same model and data in plain PyTorch: torch.compile, fused AdamW, bf16 autocast."""
     import torch
 
@@ -86,7 +97,7 @@ def run_baseline(config: str, overrides: list[str], steps: int, warmup: int, pro
     from dist_lm.profiling import StepProfiler
     from dist_lm.trainer import resolve_data
 
-    cfg = load_config(config, [*overrides, "train.global_batch_size=null"])
+    cfg = load_config(config, [*overrides, batch_override(config, overrides, accum)])
     device = torch.device("cuda")
     data_dir, meta = resolve_data(cfg)
     plan = batch_plan(cfg.train, 1)
@@ -109,7 +120,7 @@ def run_baseline(config: str, overrides: list[str], steps: int, warmup: int, pro
         for x, y in batches:
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 loss = compiled(x, y)
-            loss.backward()
+            (loss / len(batches)).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -132,6 +143,7 @@ def main() -> None:
     p.add_argument("--variant", action="append", help="'name: override ...' (default: ZeRO-1, ZeRO-2, ZeRO-1 compiled)")
     p.add_argument("--steps", type=int, default=10, help="timed steps (a multiple of --warmup)")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first")
+    p.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
     p.add_argument("--baseline", action="store_true", help="also run plain PyTorch in this process (GPU)")
     p.add_argument("--json", help="also write the rows to this file")
     p.add_argument("--profile", type=Path, metavar="DIR", help="profile 3 more steps per variant into DIR")
@@ -142,11 +154,11 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as work:
         for variant in args.variant or DEFAULT_VARIANTS:
-            rows.append(run_variant(args.config, args.overrides, variant, args.steps, args.warmup, Path(work),
-                                    args.profile))
+            rows.append(run_variant(args.config, args.overrides, variant, args.steps, args.warmup, args.accum,
+                                    Path(work), args.profile))
             print_row(rows[-1], args)
     if args.baseline:
-        rows.append(run_baseline(args.config, args.overrides, args.steps, args.warmup, args.profile))
+        rows.append(run_baseline(args.config, args.overrides, args.steps, args.warmup, args.accum, args.profile))
         print_row(rows[-1], args)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
