@@ -6,7 +6,7 @@ https://ui.perfetto.dev or chrome://tracing) and a table of the operations that 
 time. Rank 0 logs how busy the GPU was over the profiled steps: the time its kernels ran over
 the wall time. What is missing to 100% is time the GPU waited for the host (Python, launches,
 synchronisations) or for data. The profiler's own tracing slows the host, so that figure is a
-lower bound; step times are for the unprofiled steps.
+lower bound, and the training log's step times over the profiled steps include that cost.
 """
 
 from __future__ import annotations
@@ -76,11 +76,11 @@ def busy_seconds(events) -> float:
     cannot be summed for this: it gives a kernel's time both to its own row and to the
     operation that launched it.)"""
     spans = sorted((e.time_range.start, e.time_range.end) for e in events if e.device_type == DeviceType.CUDA)
-    busy, start, end = 0.0, None, None
-    for s, e in spans:
-        if end is None or s > end:
+    busy, start, end = 0.0, None, None  # the run of overlapping spans being merged: [start, end]
+    for span_start, span_end in spans:
+        if end is None or span_start > end:
             busy += 0 if end is None else end - start
-            start, end = s, e
+            start, end = span_start, span_end
         else:
-            end = max(end, e)
-    return (busy + (0 if end is None else end - start)) / 1e6  # microseconds
+            end = max(end, span_end)
+    return (busy + (0 if end is None else end - start)) / 1e6  # the profiler's times are in microseconds
