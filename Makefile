@@ -32,7 +32,7 @@ system-deps:
 	  echo "note: could not install $(SYSTEM_PACKAGES); the mpirun and SLURM tests will be skipped"
 
 test: setup system-deps
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 clean:
 	rm -rf $(VENV) runs

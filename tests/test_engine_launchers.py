@@ -157,14 +157,14 @@ print(json.dumps({"skipped": skipped, "before": before, "after": digest()}))
 """
 
 
-@pytest.mark.parametrize("stage,precision,skipped", [(0, "fp32", True), (1, "bf16", True), (1, "fp32", False),
-                                                     (2, "bf16", False)])
+@pytest.mark.parametrize("stage,precision,skipped", [(1, "bf16", True), (2, "bf16", False)])
 def test_one_rank_skips_deepspeeds_identity_allreduce(env, ds_ops, stage, precision, skipped):
-    """Alone, DeepSpeed's stage-0 and BF16_Optimizer gradient all-reduce is an identity through
+    """Alone, DeepSpeed's BF16_Optimizer (and stage-0) gradient all-reduce is an identity through
     flattened copies (dist_lm.engine.reduces_for_nothing): skipped, the weights after 3 steps are
     bit for bit those of DeepSpeed's own path sending fp32 (by default it rounds bf16 runs'
     gradients to bf16 there, which the skip also spares). Stages whose reduction moves the
-    gradients into their partitions keep it."""
+    gradients into their partitions keep it. (One rank at stage 0 and at fp32 ZeRO-1, where the
+    skip would lose the gradients, is checked against the reference and two ranks above.)"""
     def run(mode):
         proc = subprocess.run([sys.executable, "-c", ONE_RANK_RUN, str(stage), precision, mode], env=env,
                               capture_output=True, text=True, timeout=300, cwd=ROOT)
