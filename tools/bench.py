@@ -48,8 +48,10 @@ def file_name(variant: str) -> str:
 def batch_override(config: str, overrides: list[str], accum: int) -> str:
     """train.global_batch_size for ``accum`` micro-batches per optimizer step on one GPU."""
     from dist_lm.config_io import load_config
+    from dist_lm.ds_config import BatchPlan
 
-    return f"train.global_batch_size={load_config(config, overrides).train.micro_batch_size * accum}"
+    micro = load_config(config, overrides).train.micro_batch_size
+    return f"train.global_batch_size={BatchPlan(micro, accum, 1).global_batch_size}"
 
 
 def run_variant(config: str, overrides: list[str], variant: str, steps: int, warmup: int, accum: int, work: Path,
@@ -137,13 +139,19 @@ def run_baseline(config: str, overrides: list[str], steps: int, warmup: int, acc
             "data_wait_share": timed_waiting / seconds}
 
 
+def positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return int(text)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="a preset or YAML file")
     p.add_argument("--variant", action="append", help="'name: override ...' (default: ZeRO-1, ZeRO-2, ZeRO-1 compiled)")
-    p.add_argument("--steps", type=int, default=10, help="timed steps (a multiple of --warmup)")
-    p.add_argument("--warmup", type=int, default=5, help="untimed steps first")
-    p.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
+    p.add_argument("--steps", type=positive, default=10, help="timed steps (a multiple of --warmup)")
+    p.add_argument("--warmup", type=positive, default=5, help="untimed steps first")
+    p.add_argument("--accum", type=positive, default=1, help="micro-batches per optimizer step (default 1)")
     p.add_argument("--baseline", action="store_true", help="also run plain PyTorch in this process (GPU)")
     p.add_argument("--json", help="also write the rows to this file")
     p.add_argument("--profile", type=Path, metavar="DIR", help="profile 3 more steps per variant into DIR")
