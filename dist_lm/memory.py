@@ -73,13 +73,16 @@ def estimate(model: ModelConfig, parallel: ParallelConfig, precision: str, micro
     weights = w_bytes * params / (n if stage == 3 else 1)
     if parallel.offload_params:
         weights = w_bytes * params / max(model.n_layers, 1)  # roughly one block resident at a time
-    # Gradients. Stages 0-1 keep every gradient in the model's dtype, and under bf16 at stage 1
-    # DeepSpeed's bf16 optimizer adds a whole fp32 accumulation buffer (dist_lm.ds_config sets
-    # grad_accum_dtype=fp32). Stage 2 reduces gradients through its buckets into a partition in
-    # the accumulation dtype; stage 3 keeps a partition in the model's dtype and one in fp32.
+    # Gradients. Stages 0-1 keep every gradient in the model's dtype, except under bf16 at stage 1:
+    # there DeepSpeed's BF16_Optimizer accumulates into a whole fp32 buffer (dist_lm.ds_config sets
+    # grad_accum_dtype=fp32) and, with immediate_grad_update, frees each bf16 gradient as soon as
+    # it is added there. Stage 2 reduces gradients through its buckets into a partition in the
+    # accumulation dtype; stage 3 keeps a partition in the model's dtype and one in fp32.
     accum_bytes = 4 if precision == "bf16" else w_bytes
     if stage <= 1:
-        grads = w_bytes * params + (4 * params if precision == "bf16" and stage == 1 else 0)
+        grads = w_bytes * params
+        if precision == "bf16" and stage == 1:
+            grads = 4 * params + (grads if parallel.offload_optimizer else 0)  # offload: ZeRO's optimizer
     elif stage == 2:
         grads = accum_bytes * params / n
     else:

@@ -124,8 +124,10 @@ def test_restart_continues_from_the_newest_checkpoint(tmp_path, env, ds_ops):
 
 
 # Trains the debug model 3 steps (accumulation 2) in one process, as dist_lm.engine.initialize
-# sets it up or ("deepspeed") with DeepSpeed's own gradient all-reduce put back; prints whether
-# initialize skipped that all-reduce, and a digest of the weights before and after.
+# sets it up or ("deepspeed") with DeepSpeed's own ways put back: its gradient all-reduce, and its
+# bf16 accumulation at the end of backward (no immediate_grad_update). Prints whether initialize
+# skipped that all-reduce, whether the model's gradients were kept after a micro-batch's backward,
+# and a digest of the weights before and after.
 ONE_RANK_RUN = r"""
 import json, os, sys
 import torch
@@ -137,6 +139,13 @@ stage, precision = int(sys.argv[1]), sys.argv[2]
 cfg = load_config("debug", [f"parallel.zero_stage={stage}", "model.vocab_size=512"])
 device = torch.device("cpu")
 distributed.init_process_group(distributed.detect(os.environ), device, 5)
+if sys.argv[3] == "deepspeed":
+    ours = engine_ops.deepspeed_config
+    def deepspeeds_own(*args, **kwargs):
+        config = ours(*args, **kwargs)
+        config["bf16"]["immediate_grad_update"] = False
+        return config
+    engine_ops.deepspeed_config = deepspeeds_own
 torch.manual_seed(0)
 engine = engine_ops.initialize(engine_ops.build_model(cfg.model, cfg.parallel), cfg.parallel, cfg.optim,
                                BatchPlan(2, 2, 1), precision, device)
@@ -149,11 +158,13 @@ if sys.argv[3] == "deepspeed":
 digest = lambda: torch.cat([p.detach().float().flatten() for p in engine.module.parameters()])[::97].tolist()
 before = digest()
 data = torch.randint(0, 512, (3, 2, 2, cfg.model.seq_len + 1), generator=torch.Generator().manual_seed(1))
+grads_kept = []
 for step in data:
     for micro in step:
         engine.backward(engine(micro[:, :-1], micro[:, 1:]))
+        grads_kept.append(any(p.grad is not None for p in engine.module.parameters()))
         engine.step()
-print(json.dumps({"skipped": skipped, "before": before, "after": digest()}))
+print(json.dumps({"skipped": skipped, "grads_kept": grads_kept[0], "before": before, "after": digest()}))
 """
 
 
@@ -162,9 +173,11 @@ def test_one_rank_skips_deepspeeds_identity_allreduce(env, ds_ops, stage, precis
     """Alone, DeepSpeed's BF16_Optimizer (and stage-0) gradient all-reduce is an identity through
     flattened copies (dist_lm.engine.reduces_for_nothing): skipped, the weights after 3 steps are
     bit for bit those of DeepSpeed's own path sending fp32 (by default it rounds bf16 runs'
-    gradients to bf16 there, which the skip also spares). Stages whose reduction moves the
-    gradients into their partitions keep it. (One rank at stage 0 and at fp32 ZeRO-1, where the
-    skip would lose the gradients, is checked against the reference and two ranks above.)"""
+    gradients to bf16 there, which the skip also spares), and so is adding each bf16 gradient to
+    the fp32 buffer as backward makes it (immediate_grad_update, which frees the model's bf16
+    gradients) rather than all at the end. Stages whose reduction moves the gradients into their
+    partitions keep it. (One rank at stage 0 and at fp32 ZeRO-1, where the skip would lose the
+    gradients, is checked against the reference and two ranks above.)"""
     def run(mode):
         proc = subprocess.run([sys.executable, "-c", ONE_RANK_RUN, str(stage), precision, mode], env=env,
                               capture_output=True, text=True, timeout=300, cwd=ROOT)
@@ -175,4 +188,6 @@ def test_one_rank_skips_deepspeeds_identity_allreduce(env, ds_ops, stage, precis
     assert ours["skipped"] is skipped
     assert ours["after"] != ours["before"]
     if skipped:
-        assert ours["after"] == run("deepspeed")["after"]
+        deepspeeds = run("deepspeed")
+        assert not ours["grads_kept"] and deepspeeds["grads_kept"]
+        assert ours["after"] == deepspeeds["after"]

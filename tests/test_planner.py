@@ -78,10 +78,11 @@ def test_activation_checkpointing_and_micro_batch():
 
 
 def test_estimate_near_the_h100_measurement():
-    # docs/benchmarks.md: h100-80gb, ZeRO-1, bf16, micro-batch 8, embedded corpus: 60.46 GB measured.
+    # docs/benchmarks.md: h100-80gb, ZeRO-1, bf16, micro-batch 8, eager, embedded corpus: 58.16 GB
+    # measured (fourth session, with immediate_grad_update).
     cfg = load_config("h100-80gb", ["model.vocab_size=4096"])
     predicted = estimate(cfg.model, cfg.parallel, "bf16", 8, 1).total / GB
-    assert abs(predicted / 60.46 - 1) < 0.15
+    assert abs(predicted / 58.16 - 1) < 0.15
 
 
 # ------------------------------------------------------------------------------------------ plans
@@ -143,7 +144,7 @@ def test_plan_reproduces_through_the_explicit_command():
 def test_a_small_card_falls_back_to_recomputation_then_offload():
     small = make_plan(Machine(1, "NVIDIA GeForce RTX 3050", 6.0, (8, 6)))
     assert small.preset == "rtx-12gb" and fits(small)
-    tiny = make_plan(Machine(1, "NVIDIA GeForce RTX 3050", 3.5, (8, 6)))
+    tiny = make_plan(Machine(1, "NVIDIA GeForce RTX 3050", 3.0, (8, 6)))
     assert option(tiny, "parallel.activation_checkpointing") and option(tiny, "parallel.offload_optimizer")
     assert fits(tiny) and tiny.config.parallel.reduce_bucket_size < 500_000_000
 
