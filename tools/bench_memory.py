@@ -4,7 +4,9 @@ log's peak (torch.cuda.max_memory_allocated) for a few model sizes and ZeRO stag
     python tools/bench_memory.py [--nproc 2] [--case 'h100-80gb parallel.zero_stage=2' ...]
 
 Each case is a real training run of a few steps (launchers/pretrain.py, with torchrun when
---nproc > 1) with two micro-batches of accumulation, on the embedded corpus.
+--nproc > 1) with two micro-batches of accumulation, on the embedded corpus. Cases run eager
+(parallel.compile=false, which a case may override): the model counts what eager autograd saves,
+and a compiled run stores less (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ CASES = [
 
 def run_case(case: str, nproc: int, work: Path) -> dict:
     preset, *overrides = case.split()
+    overrides = ["parallel.compile=false", *overrides]
     overrides += ["parallel.precision=bf16", "train.max_steps=3", "train.log_interval=1", "train.eval_interval=0",
                   "checkpoint.interval=0", "logging.wandb=disabled", "logging.progress=false"]
     cfg = load_config(preset, overrides)
