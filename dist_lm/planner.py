@@ -85,6 +85,37 @@ def usable_gb(machine: Machine) -> float:
     return machine.gpu_mem_gb * (1 - HEADROOM_FRACTION) - HEADROOM_FIXED_GB
 
 
+def largest_fitting(fits, start: int, limit: int) -> int:
+    """The largest n in 1..limit for which ``fits(n)`` holds, 0 if none, for a ``fits`` that
+    holds up to some n and not beyond (memory grows with the micro-batch): doubling from
+    ``start`` (or halving, if it does not fit), then bisecting. Each size is tried once."""
+    good, bad = 0, limit + 1
+    n = min(max(start, 1), limit)
+    if fits(n):
+        good = n
+        while bad > limit and good < limit:  # double until a size does not fit
+            n = min(2 * good, limit)
+            if fits(n):
+                good = n
+            else:
+                bad = n
+    else:
+        bad = n
+        while good == 0 and bad > 1:  # halve until a size fits
+            n = bad // 2
+            if fits(n):
+                good = n
+            else:
+                bad = n
+    while bad - good > 1 and good:
+        n = (good + bad) // 2
+        if fits(n):
+            good = n
+        else:
+            bad = n
+    return good
+
+
 def _keys(overrides: list[str]) -> set[str]:
     return {parse_override(o)[0] for o in overrides}
 

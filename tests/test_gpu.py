@@ -43,3 +43,23 @@ def test_memory_estimate_within_15_percent(env, tmp_path, monkeypatch, case):
     result = run_case(case, torch.cuda.device_count() if "zero_stage=2" in case else 1, tmp_path)
     assert "measured_gb" in result, result
     assert abs(result["error"]) < 0.15, result
+
+
+def test_find_batch_stops_at_the_edge_of_the_budget(env):
+    """tools/find_batch.py with real runs: the size it names fits the budget, the next one does not."""
+    import re
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    model = ["model.d_model=1024", "model.n_layers=8", "model.n_heads=8", "model.n_kv_heads=8", "model.seq_len=2048"]
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "find_batch.py"), "--config", "debug", "--limit", "4096",
+                           *model], env={**env, "DS_ACCELERATOR": "cuda"}, capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    best = int(re.search(r"train.micro_batch_size=(\d+)", proc.stdout).group(1))
+    budget = float(re.search(r"budget ([\d.]+) GB", proc.stdout).group(1))
+    probes = {int(m): rest for m, rest in re.findall(r"micro-batch (\d+): (.*)", proc.stdout)}
+    assert 4 < best < 4096, proc.stdout
+    assert float(re.search(r"peak ([\d.]+) GB", probes[best]).group(1)) <= budget
+    assert "over the budget" in probes[best + 1] or "out of memory" in probes[best + 1], proc.stdout

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import ROOT, assert_ok, launch
 from dist_lm.config import ModelConfig, ParallelConfig, UserError
@@ -16,7 +17,7 @@ from dist_lm.config_io import load_config
 from dist_lm.distributed import check_master_reachable, detect
 from dist_lm.hardware import Machine, detect_machine, peak_flops_for
 from dist_lm.memory import GB, estimate
-from dist_lm.planner import format_plan, launch_commands, make_plan, usable_gb
+from dist_lm.planner import format_plan, largest_fitting, launch_commands, make_plan, usable_gb
 
 RTX_3060 = Machine(1, "NVIDIA GeForce RTX 3060", 12.0, (8, 6), 1, 12, 32)
 RTX_4090 = Machine(1, "NVIDIA GeForce RTX 4090", 24.0, (8, 9), 1, 16, 64)
@@ -164,6 +165,19 @@ def test_plan_tool_describes_a_cluster():
     assert proc.stdout.strip() == format_plan(make_plan(described))
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU "
+                    "(tests/test_gpu.py probes a real one)")
+def test_find_batch_needs_a_gpu_and_a_good_config(env):
+    def find_batch(*args):
+        proc = subprocess.run([sys.executable, str(ROOT / "tools" / "find_batch.py"), *args], env=env,
+                              capture_output=True, text=True, cwd=ROOT)
+        assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        return proc.stderr
+
+    assert "this machine has none; tools/plan.py predicts" in find_batch("--config", "debug")
+    assert "train.micro_batch_size: expected int" in find_batch("--config", "debug", "train.micro_batch_size=big")
+
+
 def test_pretrain_plan_on_this_machine(env):
     proc = launch("python", ["--plan"], env)
     assert_ok(proc)
@@ -216,3 +230,18 @@ def test_offload_binds_each_rank_to_its_own_cores():
     per = n // 2
     expected = list(range(n))[per:2 * per]
     assert out[1].strip() == f"{expected} {expected}".replace("'", "")
+
+
+# ---------------------------------------------------------------- the micro-batch probe's search
+@pytest.mark.parametrize("start", [1, 3, 8, 64, 500])
+@pytest.mark.parametrize("largest", [0, 1, 5, 8, 37, 64, 100])
+def test_largest_fitting_finds_the_edge_trying_each_size_once(start, largest):
+    tried = []
+
+    def fits(n):
+        tried.append(n)
+        return n <= largest
+
+    assert largest_fitting(fits, start, limit=100) == largest
+    assert len(tried) == len(set(tried)) and all(1 <= n <= 100 for n in tried)
+    assert len(tried) <= 16  # doubling or halving, then bisection: logarithmic
