@@ -85,6 +85,11 @@ def initialize(model: Transformer, parallel: ParallelConfig, optim: OptimConfig,
         # Expert parameters are reduced over their own data-parallel group: ZeRO needs them in
         # groups of their own.
         groups = split_params_into_different_moe_groups_for_optimizer(groups)
+    if device.type == "cpu":
+        # No torch.compile on CPU, ours (parallel.compile) or DeepSpeed's own (its Muon compiles
+        # its Newton-Schulz step): Inductor's C++ build costs more than it saves on a CPU run,
+        # a minute and a half before the first Muon step on two cores.
+        torch._dynamo.config.disable = True
     if parallel.offload_optimizer or optim.name == "muon":
         optimizer = None  # DeepSpeed builds its CPU Adam or its Muon from the config's "optimizer"
     else:
@@ -99,7 +104,7 @@ def initialize(model: Transformer, parallel: ParallelConfig, optim: OptimConfig,
     if reduces_for_nothing(engine):
         engine.enable_backward_allreduce = False
     if parallel.compile and device.type == "cuda":
-        engine.compile()  # (on CPU, Inductor's C++ build costs more than it saves on a debug run)
+        engine.compile()
     return engine
 
 

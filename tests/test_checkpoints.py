@@ -70,19 +70,18 @@ def test_two_rank_zero_checkpoint_resumes_on_one_and_two_ranks(env, ds_ops, tmp_
     (README, 'Checkpoints'), so 1e-2 there."""
     args = [*BASE, f"parallel.zero_stage={stage}", "train.micro_batch_size=2", "train.global_batch_size=8",
             "data.log_samples=true"]
-    whole = tmp_path / "whole"
-    assert_ok(launch("torchrun", [*args, "train.max_steps=6", f"run.dir={whole}"], env))
-    first = tmp_path / "first"
-    assert_ok(launch("torchrun", [*args, "train.max_steps=6", "train.stop_at_step=3", f"run.dir={first}"], env))
+    whole = tmp_path / "whole"  # uninterrupted, with the checkpoint at step 3 that the others resume from
+    assert_ok(launch("torchrun", [*args, "train.max_steps=6", "checkpoint.interval=3", f"run.dir={whole}"], env))
     expected = [v for s, v in losses(whole) if s > 3]
     expected_samples = sorted(sum(([int(i) for i in line.split()] for f in (whole / "samples").iterdir()
                                    for line in f.read_text().splitlines()[3:]), []))
     for ranks in (1, 2):
         run = tmp_path / f"on{ranks}"
-        resumed = launch("torchrun", [*args, "train.max_steps=6", f"run.dir={run}", "--resume", str(first)], env,
+        step3 = whole / "checkpoints" / "step00000003"
+        resumed = launch("torchrun", [*args, "train.max_steps=6", f"run.dir={run}", "--resume", str(step3)], env,
                          nproc=ranks)
         assert_ok(resumed)
-        assert f"resumed from {first / 'checkpoints' / 'step00000003'} at step 3 (24 samples consumed)" in resumed.stdout
+        assert f"resumed from {step3} at step 3 (24 samples consumed)" in resumed.stdout
         assert ("universal format (saved on 2 ranks" in resumed.stdout) == (ranks == 1)
         got = losses(run)
         assert [s for s, _ in got] == [4, 5, 6]
