@@ -13,6 +13,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from dist_lm.config import Config, UserError
 from dist_lm.config_io import load_config, parse_override
@@ -85,7 +86,7 @@ def usable_gb(machine: Machine) -> float:
     return machine.gpu_mem_gb * (1 - HEADROOM_FRACTION) - HEADROOM_FIXED_GB
 
 
-def largest_fitting(fits, start: int, limit: int) -> int:
+def largest_fitting(fits: Callable[[int], bool], start: int, limit: int) -> int:
     """The largest n in 1..limit for which ``fits(n)`` holds, 0 if none, for a ``fits`` that
     holds up to some n and not beyond (memory grows with the micro-batch): doubling from
     ``start`` (or halving, if it does not fit), then bisecting. Each size is tried once."""
