@@ -58,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit", type=int, default=256, help="largest micro-batch to try (default 256)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value")
     args = p.parse_intermixed_args(argv)
+    if args.limit < 1:
+        p.error(f"--limit {args.limit}: must be a positive micro-batch size")
     try:
         cfg = load_config(args.config, args.overrides)  # a bad config fails here, before any run
         import torch
