@@ -202,5 +202,13 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
+def leave_alone() -> None:
+    """Leave after a failure on this rank alone (teardown's barrier could wait forever for the
+    others). Alone in the job, close the process group, or torch warns of a leak at exit; with
+    others, leave it to the launcher, which ends them once this process is gone."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() == 1:
+        dist.destroy_process_group()
+
+
 def is_rank0() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0

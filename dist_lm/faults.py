@@ -1,15 +1,48 @@
-"""Numerical faults in training: updates skipped for NaN/inf gradients, and loss spikes."""
+"""Faults in training: updates skipped for NaN/inf gradients, loss spikes, and running out of GPU
+memory."""
 
 from __future__ import annotations
 
 import math
+import sys
 from collections import deque
 
-from dist_lm import metrics
+import torch
+
+from dist_lm import distributed, metrics
 
 
 class TrainingDiverged(RuntimeError):
     """A non-finite loss or gradient (train.check_finite), or too many skipped updates."""
+
+
+# The exit status of a run that ran out of GPU memory, so that a caller (tools/find_batch.py, a
+# sweep, a job script) can tell "too big for this GPU" from every other failure.
+OUT_OF_MEMORY_EXIT = 4
+
+
+class ExitOnOutOfMemory:
+    """``with`` block (reusable) that turns CUDA running out of memory into one line saying what
+    to change, and exit status OUT_OF_MEMORY_EXIT.
+
+    By SystemExit, so that ``finally`` blocks still close files, while code after them (the
+    distributed teardown, whose barrier other ranks may never reach) is skipped. The last
+    checkpoint stays as it was."""
+
+    def __init__(self, rank: int, micro_batch_size: int, seq_len: int):
+        self.rank, self.micro_batch_size, self.seq_len = rank, micro_batch_size, seq_len
+
+    def __enter__(self) -> None:
+        pass
+
+    def __exit__(self, kind, error, traceback) -> None:
+        if kind is not None and issubclass(kind, torch.OutOfMemoryError):
+            print(f"error: rank {self.rank} ran out of GPU memory at micro-batch {self.micro_batch_size} x seq "
+                  f"{self.seq_len}: lower train.micro_batch_size (tools/find_batch.py finds the largest that "
+                  "fits), or set parallel.activation_checkpointing=true or a higher parallel.zero_stage",
+                  file=sys.stderr)
+            distributed.leave_alone()
+            raise SystemExit(OUT_OF_MEMORY_EXIT) from None
 
 
 class SpikeGuard:

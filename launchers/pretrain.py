@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         from dist_lm.distributed import detect, teardown
         from dist_lm.planner import format_plan, plan_for_this_machine
         from dist_lm.preemption import REQUEUE_EXIT
-        from dist_lm.faults import TrainingDiverged
+        from dist_lm.faults import ExitOnOutOfMemory, TrainingDiverged
         from dist_lm.trainer import Trainer
 
         dist_env = detect(os.environ)
@@ -77,13 +77,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.plan or (args.print_config and plan is not None):
             print(format_plan(plan) if args.plan else to_yaml(plan.config), end="\n" if args.plan else "")
             return 0
-        trainer = Trainer(plan.config, plan.summary()) if plan is not None else Trainer(cfg)
+        if plan is not None:
+            cfg = plan.config
+        out_of_memory = ExitOnOutOfMemory(dist_env.rank, cfg.train.micro_batch_size, cfg.model.seq_len)
+        with out_of_memory:  # placing the model and the optimizer state
+            trainer = Trainer(cfg, plan.summary() if plan is not None else ())
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     status = 0
     try:
-        trainer.fit()
+        with out_of_memory:
+            trainer.fit()
         if trainer.stop.signal_name:  # stopped by SIGTERM/SIGUSR1 after a checkpoint: ask to be run again
             status = REQUEUE_EXIT
     except TrainingDiverged as e:  # every rank raises it together, so the teardown below is safe

@@ -1,12 +1,14 @@
-"""The numerical-fault bookkeeping on its own (the real-process behaviour is in test_checkpoints)."""
+"""The fault bookkeeping on its own (the real-process behaviour is in test_checkpoints, and for
+running out of GPU memory in test_gpu)."""
 
 from __future__ import annotations
 
 import math
 
 import pytest
+import torch
 
-from dist_lm.faults import SkipCounter, SpikeGuard, TrainingDiverged
+from dist_lm.faults import OUT_OF_MEMORY_EXIT, ExitOnOutOfMemory, SkipCounter, SpikeGuard, TrainingDiverged
 
 
 def test_spike_guard_waits_for_history_and_keeps_spikes_out_of_the_mean():
@@ -26,3 +28,18 @@ def test_skip_counter_resets_on_an_applied_update_and_stops_at_the_limit():
     skips.update(False, float("nan"), 5)
     with pytest.raises(TrainingDiverged, match=r"3 updates in a row .* /runs/x/checkpoints"):
         skips.update(False, float("nan"), 6)
+
+
+def test_out_of_memory_becomes_one_line_and_its_own_exit_status(capsys):
+    guard = ExitOnOutOfMemory(rank=1, micro_batch_size=64, seq_len=2048)
+    with guard:  # nothing raised: nothing happens
+        pass
+    for _ in range(2):  # the same guard serves the engine's construction and then training
+        with pytest.raises(SystemExit) as stopped, guard:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.")
+        assert stopped.value.code == OUT_OF_MEMORY_EXIT
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "rank 1 ran out of GPU memory at micro-batch 64 x seq 2048" in err
+        assert "train.micro_batch_size" in err and "tools/find_batch.py" in err
+    with pytest.raises(RuntimeError, match="another failure"), guard:  # anything else passes through
+        raise RuntimeError("another failure")

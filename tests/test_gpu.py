@@ -45,6 +45,20 @@ def test_memory_estimate_within_15_percent(env, tmp_path, monkeypatch, case):
     assert abs(result["error"]) < 0.15, result
 
 
+# ~100M parameters at seq 2048 in the debug preset: micro-batch 64 takes about 61 GB (eager).
+MODEL_100M = ["model.d_model=1024", "model.n_layers=8", "model.n_heads=8", "model.n_kv_heads=8", "model.seq_len=2048"]
+
+
+def test_running_out_of_gpu_memory_is_one_line_and_its_own_exit_status(env, tmp_path):
+    from dist_lm.faults import OUT_OF_MEMORY_EXIT
+
+    proc = launch("python", ["--config", "debug", *MODEL_100M, "train.micro_batch_size=512", "train.global_batch_size=512",
+                             "parallel.compile=false", f"run.dir={tmp_path}"], {**env, "DS_ACCELERATOR": "cuda"})
+    assert proc.returncode == OUT_OF_MEMORY_EXIT, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        "error: rank 0 ran out of GPU memory at micro-batch 512 x seq 2048: lower train.micro_batch_size"), proc.stderr
+
+
 def test_find_batch_stops_at_the_edge_of_the_budget(env):
     """tools/find_batch.py with real runs: the size it names fits the budget, the next one does not."""
     import re
@@ -53,9 +67,8 @@ def test_find_batch_stops_at_the_edge_of_the_budget(env):
 
     from conftest import ROOT
 
-    model = ["model.d_model=1024", "model.n_layers=8", "model.n_heads=8", "model.n_kv_heads=8", "model.seq_len=2048"]
     proc = subprocess.run([sys.executable, str(ROOT / "tools" / "find_batch.py"), "--config", "debug", "--limit", "4096",
-                           *model], env={**env, "DS_ACCELERATOR": "cuda"}, capture_output=True, text=True, cwd=ROOT)
+                           *MODEL_100M], env={**env, "DS_ACCELERATOR": "cuda"}, capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     best = int(re.search(r"train.micro_batch_size=(\d+)", proc.stdout).group(1))
     budget = float(re.search(r"budget ([\d.]+) GB", proc.stdout).group(1))

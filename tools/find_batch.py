@@ -10,7 +10,8 @@ steps of one micro-batch each (forward, backward, optimizer step, data from the 
 and everything else as configured) at a size, doubling from the configured micro-batch (halving
 if that does not fit) and then bisecting, and keeps the largest size whose measured peak
 (torch.cuda.max_memory_allocated) stays within the planner's budget for the GPU: 90% of its
-memory less 1.5 GB, room for the CUDA context and the allocator. One process on one GPU: with
+memory less 1.5 GB, room for the CUDA context and the allocator. A run that runs out of memory
+says so by its exit status (dist_lm.faults.OUT_OF_MEMORY_EXIT). One process on one GPU: with
 ZeRO-2/3 over more ranks, more fits. Each probe compiles afresh, so expect minutes.
 Prints each probe, then the override to use.
 """
@@ -35,6 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def peak_gb(config: str, overrides: list[str], micro: int, work: Path) -> float | None:
     """Peak GPU memory of two one-micro-batch steps at this size; None if it ran out of memory."""
     from dist_lm.analysis import read_rows
+    from dist_lm.faults import OUT_OF_MEMORY_EXIT
 
     run_dir = work / f"micro{micro}"
     args = [*overrides, f"train.micro_batch_size={micro}", f"train.global_batch_size={micro}", "train.max_steps=2",
@@ -42,9 +44,9 @@ def peak_gb(config: str, overrides: list[str], micro: int, work: Path) -> float 
             "logging.wandb=disabled", "logging.progress=false", f"run.dir={run_dir}"]
     proc = subprocess.run([sys.executable, str(ROOT / "launchers" / "pretrain.py"), "--config", config, *args],
                           capture_output=True, text=True, cwd=ROOT)
+    if proc.returncode == OUT_OF_MEMORY_EXIT:
+        return None
     if proc.returncode != 0:
-        if "OutOfMemoryError" in proc.stderr or "out of memory" in proc.stderr:
-            return None
         last = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
         raise UserError(f"find_batch: the run at micro-batch {micro} failed for another reason than memory: {last}")
     peak = max(r["peak_mem_gb"] for r in read_rows(run_dir) if r.get("peak_mem_gb") is not None)
