@@ -1,10 +1,12 @@
 """Predicted peak GPU memory of one rank: model states under each ZeRO stage and offload
-choice, plus activations per micro-batch with and without activation checkpointing.
+choice, plus activations per micro-batch with and without activation checkpointing, eager or
+compiled.
 
 A model of our model family under DeepSpeed, in bytes, compared with
 ``torch.cuda.max_memory_allocated`` (what the training log's ``mem`` reports; the CUDA
 context and allocator slack come on top, which is why the planner keeps headroom).
-The activation counts follow what autograd saves in :mod:`dist_lm.model`; the DeepSpeed
+The activation counts follow what autograd saves in :mod:`dist_lm.model` (or, compiled, what
+torch.compile keeps); the DeepSpeed
 buffer terms follow what its ZeRO optimizers allocate. ``tools/bench_memory.py`` measures
 the same configurations on a GPU; the README records how close the two came.
 """
@@ -46,15 +48,25 @@ class MemoryEstimate:
         return f"{self.total / GB:.1f} GB ({parts})"
 
 
-def activation_bytes_per_token(model: ModelConfig, act_bytes: int) -> tuple[float, float]:
+def activation_bytes_per_token(model: ModelConfig, act_bytes: int, compiled: bool = False) -> tuple[float, float]:
     """Bytes one block keeps for backward per token, and bytes of the block input alone.
 
-    Per block (see dist_lm.model): two RMSNorms each keep their fp32 input and their output
+    Eager, per block (see dist_lm.model): two RMSNorms each keep their fp32 input and their output
     (4 + act_bytes per element of d); attention keeps q, k, v, its output and the re-laid-out
     output that enters wo; the MLP keeps gate, up, the activation and the product (4 x ffn).
+
+    Compiled (parallel.compile), torch.compile's partitioner recomputes elementwise work in backward
+    instead of keeping it. Counted with saved-tensor hooks on our model at 82M and 1.1B shapes:
+    seven tensors of d per block (both norms' inputs and outputs, q, attention's output and its
+    re-laid-out copy), k and v, three of ffn with a gated MLP (gate, up, product) or two without,
+    all in the compute dtype, and fp32 per token: attention's log-sum-exp per head and each
+    norm's reciprocal RMS. That count came within 1% of the measured peaks (docs/benchmarks.md).
     """
     d, kvd, f = model.d_model, model.kv_heads * model.head_dim, model.ffn_dim
     gated = model.activation in ("swiglu", "geglu")
+    if compiled:
+        kept = act_bytes * (7 * d + 2 * kvd + (3 if gated else 2) * f) + 4 * (model.n_heads + 2)
+        return kept, act_bytes * d
     norms = 2 * (4 + act_bytes) * d
     attention = act_bytes * (3 * d + 2 * kvd)
     mlp = act_bytes * (4 * f if gated else 2 * f)
@@ -102,14 +114,23 @@ def estimate(model: ModelConfig, parallel: ParallelConfig, precision: str, micro
 
     tokens = micro_batch * model.seq_len
     act_bytes = w_bytes
-    per_block, block_input = activation_bytes_per_token(model, act_bytes)
+    # With checkpointing, the compiled count fell 10% short of the two compiled presets measured
+    # (2.2 and 6.5 GB at 82M and 274M, whose peak is not at the start of backward), while the
+    # eager count held them (+14%, +3%): so checkpointed runs are counted eager.
+    compiled = parallel.compile and not parallel.activation_checkpointing
+    per_block, block_input = activation_bytes_per_token(model, act_bytes, compiled)
     # Every block's input when checkpointing, plus one block's activations while it is
-    # recomputed; else every block's activations, plus one block's worth of temporaries in
-    # backward (the gradients flowing through it).
-    blocks = model.n_layers * block_input + per_block if parallel.activation_checkpointing else (model.n_layers + 1) * per_block
+    # recomputed; else every block's activations, plus (eager) one block's worth of temporaries
+    # in backward, the gradients flowing through it. Compiled, the kept tensors alone matched.
+    if parallel.activation_checkpointing:
+        blocks = model.n_layers * block_input + per_block
+    else:
+        blocks = (model.n_layers + (0 if compiled else 1)) * per_block
     activations = tokens * blocks
-    activations += tokens * (4 + 2 * act_bytes) * model.d_model  # embedding output, final norm
-    # At the start of backward: log-softmax's saved fp32 output, the fp32 gradient flowing out
-    # of it, and its cast to the compute dtype.
-    logits = tokens * model.vocab_size * (4 + 4 + act_bytes)
+    # The embedding output and the final norm's input, kept in fp32 too when eager.
+    activations += tokens * (2 * act_bytes if compiled else 4 + 2 * act_bytes) * model.d_model
+    # At the start of backward, eager: log-softmax's saved fp32 output, the fp32 gradient flowing
+    # out of it, and its cast to the compute dtype. Compiled, the cross-entropy is fused and only
+    # the logits in the compute dtype are kept.
+    logits = tokens * model.vocab_size * (act_bytes if compiled else 4 + 4 + act_bytes)
     return MemoryEstimate(weights, grads, optimizer, buffers, activations, logits, WORKSPACES)

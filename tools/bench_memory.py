@@ -5,8 +5,8 @@ log's peak (torch.cuda.max_memory_allocated) for a few model sizes and ZeRO stag
 
 Each case is a real training run of a few steps (launchers/pretrain.py, with torchrun when
 --nproc > 1) with two micro-batches of accumulation, on the embedded corpus. Cases run eager
-(parallel.compile=false, which a case may override): the model counts what eager autograd saves,
-and a compiled run stores less (docs/benchmarks.md).
+(parallel.compile=false) unless they set parallel.compile=true: compiling takes minutes, and the
+model counts the two ways apart (dist_lm.memory.activation_bytes_per_token).
 """
 
 from __future__ import annotations

@@ -2,10 +2,11 @@
 
     python tools/find_batch.py --config rtx-12gb [--limit 256] [section.key=value ...]
 
-The plan (--config auto, tools/plan.py) sizes the micro-batch by dist_lm.memory's prediction,
-which counts what eager autograd saves. A compiled run stores less (about half at ~125M with a
-32k vocabulary, docs/benchmarks.md), so with parallel.compile on the plan leaves memory unused,
-and a larger micro-batch is often faster. This probe runs launchers/pretrain.py for two optimizer
+The plan (--config auto, tools/plan.py) sizes the micro-batch by dist_lm.memory's prediction, a
+model measured for our model family, eager and compiled, but not for everything a config can
+say (compiled runs with activation checkpointing, mixture-of-experts layers, other GPUs'
+kernels). Where the prediction is off, memory is left unused (a larger micro-batch is often
+faster) or the run does not fit. This probe runs launchers/pretrain.py for two optimizer
 steps of one micro-batch each (forward, backward, optimizer step, data from the sampler, compile
 and everything else as configured) at a size, doubling from the configured micro-batch (halving
 if that does not fit) and then bisecting, and keeps the largest size whose measured peak
