@@ -1,10 +1,11 @@
-"""Shared fixtures: the embedded corpus prepared once, DeepSpeed's CPU ops built once, and a
-helper that runs the real entry point under a real launcher."""
+"""Shared fixtures: the embedded corpus prepared once, DeepSpeed's CPU ops built once (in the
+background), and a helper that runs the real entry point under a real launcher."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -34,13 +35,58 @@ def cache_dir(tmp_path_factory) -> Path:
     return root
 
 
+# DeepSpeed compiles its CPU ops on first use: about 30-45 s each on two cores, and CPU Adam took
+# 2-3 minutes inside a rank bound to one core. Tests ask for the ops they need through these
+# fixtures. Once the session's tests are collected, one background process builds the ops they
+# need, in the order they are first needed, while tests that need none run (a CI run keeps about
+# one of two cores busy). A fixture then loads its op, waiting for that build through torch's lock
+# file in the extensions directory, as any process would.
+OP_FIXTURES = {"ds_ops": "ShareMemCommBuilder", "fused_adam_op": "FusedAdamBuilder", "cpu_adam_op": "CPUAdamBuilder"}
+BUILD_OPS = "import sys\nfrom deepspeed.accelerator import get_accelerator\n" \
+            "for name in sys.argv[1:]:\n    get_accelerator().create_op_builder(name).load(verbose=False)\n"
+_op_builds: subprocess.Popen | None = None
+
+
+def pytest_collection_finish(session) -> None:
+    global _op_builds
+    needed = []
+    for item in session.items:
+        needed += [op for fixture, op in OP_FIXTURES.items()
+                   if fixture in getattr(item, "fixturenames", ()) and op not in needed]
+    if needed:  # its failures show up where a fixture loads the op, with the compiler's message
+        _op_builds = subprocess.Popen([sys.executable, "-c", BUILD_OPS, *needed], env={**os.environ, "DS_ACCELERATOR": "cpu"},
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def pytest_sessionfinish(session) -> None:
+    if _op_builds is not None and _op_builds.poll() is None:
+        _op_builds.send_signal(signal.SIGINT)  # torch's build releases its lock on KeyboardInterrupt
+        _op_builds.wait()
+
+
+def load_op(builder: str) -> None:
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from deepspeed.accelerator import get_accelerator
+
+    get_accelerator().create_op_builder(builder).load(verbose=False)
+
+
 @pytest.fixture(scope="session")
 def ds_ops() -> None:
-    """Build DeepSpeed's shared-memory comm op once (~30 s cold), not inside a timed launch."""
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    from deepspeed.ops.op_builder import ShareMemCommBuilder
+    """DeepSpeed's shared-memory comm op, which every CPU launch uses."""
+    load_op(OP_FIXTURES["ds_ops"])
 
-    ShareMemCommBuilder().load(verbose=False)
+
+@pytest.fixture(scope="session")
+def fused_adam_op() -> None:
+    """DeepSpeed's fused Adam for the CPU: the AdamW half of its Muon."""
+    load_op(OP_FIXTURES["fused_adam_op"])
+
+
+@pytest.fixture(scope="session")
+def cpu_adam_op() -> None:
+    """DeepSpeed's CPU Adam, for optimizer offload."""
+    load_op(OP_FIXTURES["cpu_adam_op"])
 
 
 def child_env(cache_dir: Path) -> dict:

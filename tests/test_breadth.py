@@ -95,7 +95,7 @@ def test_mixture_of_experts_refuses_zero_3(env):
 
 
 @pytest.mark.parametrize("stage", [1, 2])
-def test_muon_trains_on_two_ranks(env, ds_ops, tmp_path, stage):
+def test_muon_trains_on_two_ranks(env, ds_ops, fused_adam_op, tmp_path, stage):
     proc = launch("torchrun", [*BASE, "optim.name=muon", f"parallel.zero_stage={stage}", "train.max_steps=20",
                                "train.eval_interval=0", "train.log_interval=1", f"run.dir={tmp_path}"], env)
     assert_ok(proc)

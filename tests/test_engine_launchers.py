@@ -57,8 +57,8 @@ def test_torchrun_zero_stages_match_reference(tmp_path, env, ds_ops, reference, 
     assert losses[-1] < losses[0]
 
 
-def test_optimizer_offload_matches_reference(tmp_path, env, ds_ops, reference):
-    """DeepSpeed's CPU Adam (built on first use, ~45 s cold) with each rank bound to its own cores."""
+def test_optimizer_offload_matches_reference(tmp_path, env, ds_ops, cpu_adam_op, reference):
+    """DeepSpeed's CPU Adam with each rank bound to its own cores."""
     proc, losses, _ = run_and_read(tmp_path, "torchrun", ["parallel.zero_stage=2", "parallel.offload_optimizer=true"],
                                    env)
     assert "each rank is bound to its own 1 of this node's cores" in proc.stderr
