@@ -6,9 +6,9 @@ A model of our model family under DeepSpeed, in bytes, compared with
 ``torch.cuda.max_memory_allocated`` (what the training log's ``mem`` reports; the CUDA
 context and allocator slack come on top, which is why the planner keeps headroom).
 The activation counts follow what autograd saves in :mod:`dist_lm.model` (or, compiled, what
-torch.compile keeps); the DeepSpeed
-buffer terms follow what its ZeRO optimizers allocate. ``tools/bench_memory.py`` measures
-the same configurations on a GPU; the README records how close the two came.
+torch.compile keeps); the DeepSpeed buffer terms follow what its ZeRO optimizers allocate.
+``tools/bench_memory.py`` measures the same configurations on a GPU; the README records how
+close the two came.
 """
 
 from __future__ import annotations
@@ -114,9 +114,9 @@ def estimate(model: ModelConfig, parallel: ParallelConfig, precision: str, micro
 
     tokens = micro_batch * model.seq_len
     act_bytes = w_bytes
-    # With checkpointing, the compiled count fell 10% short of the two compiled presets measured
-    # (2.2 and 6.5 GB at 82M and 274M, whose peak is not at the start of backward), while the
-    # eager count held them (+14%, +3%): so checkpointed runs are counted eager.
+    # With checkpointing, the compiled count fell 10% short of both checkpointed presets measured
+    # compiled (82M and 274M, whose peak is then not at the start of backward), while the eager
+    # count held them (+2.7% at 274M): so checkpointed runs are counted eager.
     compiled = parallel.compile and not parallel.activation_checkpointing
     per_block, block_input = activation_bytes_per_token(model, act_bytes, compiled)
     # Every block's input when checkpointing, plus one block's activations while it is
