@@ -39,12 +39,21 @@ def cache_dir(tmp_path_factory) -> Path:
 # 2-3 minutes inside a rank bound to one core. Tests ask for the ops they need through these
 # fixtures. Once the session's tests are collected, one background process builds the ops they
 # need, in the order they are first needed, while tests that need none run (a CI run keeps about
-# one of two cores busy). A fixture then loads its op, waiting for that build through torch's lock
-# file in the extensions directory, as any process would.
+# one of two cores busy), and the tests that need the Adam ops run last. A fixture then loads its
+# op, waiting for that build through torch's lock file in the extensions directory, as any
+# process would.
 OP_FIXTURES = {"ds_ops": "ShareMemCommBuilder", "fused_adam_op": "FusedAdamBuilder", "cpu_adam_op": "CPUAdamBuilder"}
 BUILD_OPS = "import sys\nfrom deepspeed.accelerator import get_accelerator\n" \
             "for name in sys.argv[1:]:\n    get_accelerator().create_op_builder(name).load(verbose=False)\n"
 _op_builds: subprocess.Popen | None = None
+
+
+def _adam_ops(item) -> bool:
+    return any(f in getattr(item, "fixturenames", ()) for f in ("fused_adam_op", "cpu_adam_op"))
+
+
+def pytest_collection_modifyitems(session, config, items) -> None:
+    items.sort(key=_adam_ops)  # stable: otherwise in file order
 
 
 def pytest_collection_finish(session) -> None:
@@ -94,6 +103,9 @@ def child_env(cache_dir: Path) -> dict:
     e = {k: v for k, v in os.environ.items()
          if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     e.update(DIST_LM_CACHE=str(cache_dir), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
+    # logging.wandb=auto then means disabled: starting and stopping wandb's service costs about 3 s
+    # a launch. The tests of wandb itself (test_monitoring) take this out again.
+    e["WANDB_MODE"] = "disabled"
     return e
 
 

@@ -23,10 +23,15 @@ def wandb_files(run: Path) -> list[Path]:
     return sorted(run.glob("wandb/offline-run-*/run-*.wandb"))
 
 
+def without_wandb_settings(env: dict) -> dict:
+    """The launch environment without WANDB_* variables (conftest's child_env disables wandb)."""
+    return {k: v for k, v in env.items() if not k.startswith("WANDB_")}
+
+
 def test_offline_wandb_holds_the_logged_metrics_and_no_secret(env, ds_ops, tmp_path):
     run = tmp_path / "run"
     proc = launch("python", [*SHORT, "logging.wandb=offline", "logging.wandb_tags=a,b", f"run.dir={run}"],
-                  {**env, "WANDB_API_KEY": SECRET})
+                  {**without_wandb_settings(env), "WANDB_API_KEY": SECRET})
     assert_ok(proc)
     (wandb_file,) = wandb_files(run)
     logged = {row["_step"]: row for row in history(wandb_file)}
@@ -47,7 +52,7 @@ def test_offline_wandb_holds_the_logged_metrics_and_no_secret(env, ds_ops, tmp_p
 
 def test_auto_without_a_key_logs_offline_and_says_how_to_sync(env, ds_ops, tmp_path):
     run = tmp_path / "run"
-    env = {k: v for k, v in env.items() if not k.startswith("WANDB_")}
+    env = without_wandb_settings(env)
     proc = launch("python", [*SHORT, f"run.dir={run}"], {**env, "HOME": str(tmp_path)})  # no ~/.netrc either
     assert_ok(proc)
     assert "wandb: no wandb API key configured: logging offline" in proc.stdout and "wandb sync " in proc.stdout
@@ -56,6 +61,7 @@ def test_auto_without_a_key_logs_offline_and_says_how_to_sync(env, ds_ops, tmp_p
 
 def test_resuming_continues_the_same_wandb_run(env, ds_ops, tmp_path):
     run = tmp_path / "run"
+    env = without_wandb_settings(env)
     args = ["--config", "debug", "train.log_interval=1", "train.eval_interval=0", "logging.wandb=offline",
             f"run.dir={run}"]
     assert_ok(launch("python", [*args, "train.max_steps=2"], env))
