@@ -71,8 +71,8 @@ def test_usr1_checkpoints_requeues_and_continues(cluster, env, ds_ops, tmp_path,
         assert time.time() < deadline, f"{cluster.job(job)}\n{(tmp_path / f'job-{job}.out').read_text()[-3000:]}"
         time.sleep(0.5)
     # SLURM holds a requeued job (Reason=BeginTime) for the credential lifetime, while the old
-    # attempt's credential is revoked: 120 s by default, 30 s in the test cluster (cred_expire).
-    # Releasing it sooner makes the new attempt fail at launch, so we wait.
+    # attempt's credential is revoked: 120 s by default, 10 s in the test cluster (cred_expire,
+    # 5 at least). Releasing it sooner makes the new attempt fail at launch, so we wait.
     # Around a requeue slurmctld can show the cancelled attempt's end (FAILED, RunTime 0) for a
     # moment, even after the new attempt started: only COMPLETED counts, a real failure times out.
     try:
