@@ -20,8 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dist_lm import shards
-from dist_lm.config import UserError
+from dist_lm.dataset import Windows, eval_split
 from dist_lm.ds_config import BatchPlan
 
 _MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
@@ -62,29 +61,6 @@ def permute(positions: np.ndarray, n: int, key: int, rounds: int = 4) -> np.ndar
     return x.astype(np.int64)
 
 
-class Windows:
-    """The windows of one split, indexed globally across its shards."""
-
-    def __init__(self, maps: list[np.memmap], seq_len: int, where: str):
-        self.maps, self.seq_len = maps, seq_len
-        counts = np.array([max(0, (len(m) - 1) // seq_len) for m in maps], dtype=np.int64)
-        self.starts = np.concatenate([[0], np.cumsum(counts)])
-        self.n = int(self.starts[-1])
-        if self.n == 0:
-            total = sum(len(m) for m in maps)
-            raise UserError(f"data error: {where} holds {total} tokens, fewer than one window of "
-                            f"model.seq_len + 1 = {seq_len + 1}; use more data or a smaller model.seq_len")
-
-    def gather(self, ids: np.ndarray) -> np.ndarray:
-        """Windows ``ids`` as an int64 array (len(ids), seq_len + 1)."""
-        out = np.empty((len(ids), self.seq_len + 1), dtype=np.int64)
-        shard_of = np.searchsorted(self.starts, ids, side="right") - 1
-        for row, (i, s) in enumerate(zip(ids, shard_of)):
-            begin = int(i - self.starts[s]) * self.seq_len
-            out[row] = self.maps[s][begin:begin + self.seq_len + 1]
-        return out
-
-
 def _to_batches(tokens: np.ndarray, micro: int, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
     t = torch.from_numpy(tokens)
     if device.type == "cuda":
@@ -98,7 +74,7 @@ class TrainData:
 
     def __init__(self, data_dir: Path, meta: dict, seq_len: int, plan: BatchPlan, dp_rank: int,
                  seed: int, device: torch.device):
-        self.windows = Windows(shards.open_split(data_dir, meta, "train"), seq_len, f"{data_dir} (train split)")
+        self.windows = Windows.of_split(data_dir, meta, "train", seq_len)
         self.plan, self.dp_rank, self.seed, self.device = plan, dp_rank, seed, device
         self.samples_consumed = 0
         self.last_ids = np.empty(0, dtype=np.int64)
@@ -157,8 +133,8 @@ class ValData:
 
     def __init__(self, data_dir: Path, meta: dict, seq_len: int, count: int, micro: int,
                  dp_rank: int, dp_size: int, device: torch.device):
-        split = "val" if meta["splits"].get("val") else "train"
-        windows = Windows(shards.open_split(data_dir, meta, split), seq_len, f"{data_dir} ({split} split)")
+        split = eval_split(meta)
+        windows = Windows.of_split(data_dir, meta, split, seq_len)
         ids = np.arange(min(count, windows.n), dtype=np.int64)
         mine = np.array_split(ids, dp_size)[dp_rank]
         self.batches = _to_batches(windows.gather(mine), micro, device) if len(mine) else []

@@ -1,8 +1,9 @@
 """The training loop: step, evaluation cadence, logging cadence, checkpoint cadence.
 
 Everything that can be wrong with the user's input (config, data, launch environment) is
-checked in ``Trainer.__init__`` before the process group starts, so a bad run fails in a
-second with one line, and nothing is written into a run directory before that.
+checked in ``Trainer.__init__`` before the process group starts, so a bad run fails with one
+line and nothing is written into a run directory before that. The launcher checks the data
+even earlier, before torch is imported (:mod:`dist_lm.dataset`).
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from dist_lm import checkpoint, corpus, distributed, engine as engine_ops, hardware, memory, metrics, shards, sinks
-from dist_lm.config import Config, ConfigError, UserError
+from dist_lm import checkpoint, distributed, engine as engine_ops, hardware, memory, metrics, shards, sinks
+from dist_lm.config import Config, UserError
 from dist_lm.config_io import to_dict, to_yaml
 from dist_lm.data import TrainData, ValData
+from dist_lm.dataset import resolve_data
 from dist_lm.faults import SkipCounter, SpikeGuard, TrainingDiverged
 from dist_lm.ds_config import batch_plan
 from dist_lm.generate import sample
@@ -29,22 +31,6 @@ from dist_lm.model import Transformer, count_parameters, flops_per_token
 from dist_lm.optim import lr_at
 from dist_lm.preemption import StopControl
 from dist_lm.profiling import StepProfiler
-
-
-def resolve_data(cfg: Config) -> tuple[Path, dict]:
-    """The dataset directory and its meta.json; fills in model.vocab_size from it."""
-    data_dir = Path(cfg.data.dir) if cfg.data.dir else corpus.prepare(cfg.data.cache_dir, cfg.data.embedded_vocab_size)
-    meta = shards.read_meta(data_dir, cfg.data.dtype)
-    if meta["vocab_size"] is None and cfg.model.vocab_size is None:
-        raise ConfigError("model.vocab_size", f"{data_dir} has no meta.json to take the vocabulary size from; "
-                          "set it (50304 for nanoGPT's GPT-2 tokens)")
-    if cfg.model.vocab_size is None:
-        cfg.model.vocab_size = (meta["vocab_size"] + 63) // 64 * 64  # a multiple of 64 suits the matmul kernels
-    elif meta["vocab_size"] is not None and cfg.model.vocab_size < meta["vocab_size"]:
-        raise ConfigError("model.vocab_size", f"{cfg.model.vocab_size} is smaller than the vocabulary of "
-                          f"{data_dir / 'meta.json'} ({meta['vocab_size']}); raise it or leave it null")
-    shards.check_token_ids(data_dir, meta, cfg.model.vocab_size)
-    return data_dir, meta
 
 
 def default_run_name(preset: str) -> str:
@@ -58,8 +44,9 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, plan_summary: list[str] = ()):
-        """``plan_summary``: the lines of the --config auto plan that produced cfg, for the log."""
+    def __init__(self, cfg: Config, plan_summary: list[str] = (), data: tuple[Path, dict] | None = None):
+        """``plan_summary``: the lines of the --config auto plan that produced cfg, for the log.
+        ``data``: what ``resolve_data(cfg)`` returned, when the caller checked the data already."""
         self.cfg = cfg
         self.start_time = time.perf_counter()
         # --- checks that need no process group: a bad input fails here, before anything starts
@@ -73,7 +60,7 @@ class Trainer:
         self.precision, precision_reason = hardware.resolve_precision(cfg.parallel.precision, self.device)
         self.plan = batch_plan(cfg.train, self.dist_env.world_size)
         engine_ops.check_moe(cfg.model, cfg.parallel, self.dist_env.world_size)
-        self.data_dir, self.meta = resolve_data(cfg)
+        self.data_dir, self.meta = data or resolve_data(cfg)
         if cfg.logging.tensorboard:
             sinks.require_tensorboard()
         rank = self.dist_env.rank  # data-parallel rank: no tensor or pipeline parallelism here

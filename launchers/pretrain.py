@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 from dist_lm.config import UserError  # noqa: E402
 from dist_lm.config_io import load_config, to_yaml  # noqa: E402
+from dist_lm.dataset import resolve_data  # noqa: E402
 
 # --debug: the debug preset in one process, fp32, every step logged, non-finite values named.
 # Given before the user's overrides, so any of them can still be overridden.
@@ -61,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config and cfg is not None:
             print(to_yaml(cfg), end="")
             return 0
+        data = resolve_data(cfg) if cfg is not None else None  # the auto plan's config is checked below
         if args.debug:
             os.environ.setdefault("CUDA_LAUNCH_BLOCKING", "1")  # CUDA errors at the line that caused them
         # These import torch and deepspeed (seconds): only after the cheap checks above.
@@ -77,11 +79,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.plan or (args.print_config and plan is not None):
             print(format_plan(plan) if args.plan else to_yaml(plan.config), end="\n" if args.plan else "")
             return 0
+        summary = ()
         if plan is not None:
-            cfg = plan.config
+            cfg, summary, data = plan.config, plan.summary(), resolve_data(plan.config)
         out_of_memory = ExitOnOutOfMemory(dist_env.rank, cfg.train.micro_batch_size, cfg.model.seq_len)
         with out_of_memory:  # placing the model and the optimizer state
-            trainer = Trainer(cfg, plan.summary() if plan is not None else ())
+            trainer = Trainer(cfg, summary, data)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -10,7 +10,7 @@ from dist_lm.data import TrainData
 from dist_lm.ds_config import BatchPlan
 from dist_lm.model import Transformer
 from dist_lm.optim import lr_at, param_groups
-from dist_lm.trainer import resolve_data
+from dist_lm.dataset import resolve_data
 
 
 def reference_losses(preset: str, overrides: list[str], steps: int) -> list[float]:

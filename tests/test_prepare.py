@@ -231,6 +231,17 @@ def test_damaged_datasets_are_named(env, prepared, tmp_path):
     assert not run.exists()
 
 
+def test_bad_data_is_refused_before_torch_is_imported(tmp_path):
+    """The launcher checks the data first, so a wrong data.dir costs a fraction of a second, not
+    the seconds of importing torch and DeepSpeed."""
+    args = train_args(tmp_path / "missing", tmp_path / "run")
+    code = (f"import sys; sys.path.insert(0, {str(ROOT / 'launchers')!r}); import pretrain; "
+            f"status = pretrain.main({args!r}); print(status, 'torch' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert proc.stdout.split() == ["2", "False"], proc.stdout + proc.stderr
+    assert f"data.dir={tmp_path / 'missing'} does not exist" in proc.stderr and not (tmp_path / "run").exists()
+
+
 def test_resuming_on_data_of_another_tokenizer_is_refused(env, ds_ops, prepared, cache_dir, tmp_path):
     run = tmp_path / "run"
     assert_ok(launch("python", train_args(prepared, run), env))

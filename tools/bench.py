@@ -97,7 +97,7 @@ def run_baseline(config: str, overrides: list[str], steps: int, warmup: int, acc
     from dist_lm.ds_config import batch_plan
     from dist_lm.model import Transformer, flops_per_token
     from dist_lm.profiling import StepProfiler
-    from dist_lm.trainer import resolve_data
+    from dist_lm.dataset import resolve_data
 
     cfg = load_config(config, [*overrides, batch_override(config, overrides, accum)])
     device = torch.device("cuda")

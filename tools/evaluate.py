@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     from dist_lm import distributed
     from dist_lm.data import ValData
     from dist_lm.inference import evaluate, load_model, load_tokenizer
-    from dist_lm.trainer import resolve_data
+    from dist_lm.dataset import resolve_data
 
     try:
         model, cfg, found = load_model(args.checkpoint)
