@@ -48,20 +48,23 @@ BUILD_OPS = "import sys\nfrom deepspeed.accelerator import get_accelerator\n" \
 _op_builds: subprocess.Popen | None = None
 
 
-def _adam_ops(item) -> bool:
-    return any(f in getattr(item, "fixturenames", ()) for f in ("fused_adam_op", "cpu_adam_op"))
+def _ops_needed(item) -> list[str]:
+    return [op for fixture, op in OP_FIXTURES.items() if fixture in getattr(item, "fixturenames", ())]
+
+
+def _needs_adam(item) -> bool:
+    return any("Adam" in op for op in _ops_needed(item))
 
 
 def pytest_collection_modifyitems(session, config, items) -> None:
-    items.sort(key=_adam_ops)  # stable: otherwise in file order
+    items.sort(key=_needs_adam)  # stable: otherwise in file order
 
 
 def pytest_collection_finish(session) -> None:
     global _op_builds
     needed = []
     for item in session.items:
-        needed += [op for fixture, op in OP_FIXTURES.items()
-                   if fixture in getattr(item, "fixturenames", ()) and op not in needed]
+        needed += [op for op in _ops_needed(item) if op not in needed]
     if needed:  # its failures show up where a fixture loads the op, with the compiler's message
         _op_builds = subprocess.Popen([sys.executable, "-c", BUILD_OPS, *needed], env={**os.environ, "DS_ACCELERATOR": "cpu"},
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
