@@ -148,8 +148,9 @@ class DataConfig:
     """Token type of the shards. auto: from meta.json. nanoGPT's train.bin/val.bin (no meta.json)
     need it given: uint16 for GPT-2 tokens."""
     log_samples: bool = False
-    """Each rank appends the window ids it reads, one line per step, to samples/rank<N>.txt in the
-    run directory: an audit trail of exactly what every rank trained on."""
+    """Each rank appends the window ids it reads, a line "STEP: IDS" per step, to samples/rank<N>.txt
+    in the run directory: an audit trail of exactly what every rank trained on. A resumed run
+    first drops the lines of the steps it trains again."""
 
     def __post_init__(self) -> None:
         _require(self.embedded_vocab_size >= 512, "embedded_vocab_size", "must be at least 512")

@@ -52,16 +52,15 @@ class MetricsWriter:
     """Every metrics row to every sink, on rank 0: metrics.jsonl and metrics.csv always,
     wandb and TensorBoard as configured. Other ranks hold no sinks."""
 
-    def __init__(self, run_dir: Path, cfg: LoggingConfig, run_name: str, config: dict,
-                 resume_step: int | None = None):
-        """``resume_step``: the run continues from its checkpoint at this step; rows of later
-        steps, logged by the process that was stopped, are removed from the files."""
+    def __init__(self, run_dir: Path, cfg: LoggingConfig, run_name: str, config: dict, start_step: int = 0):
+        """``start_step``: the step the run continues from (its checkpoint's, or 0). Rows of later
+        steps, logged by an earlier process in this run directory, are removed from the files."""
         self.sinks: list[sinks.Sink] = []
         self.wandb: sinks.WandbSink | None = None
         if not is_rank0():
             return
-        if resume_step is not None and (removed := sinks.drop_rows_after(run_dir, resume_step)):
-            log(f"metrics: {removed} row(s) after step {resume_step}, from the process that stopped there, "
+        if removed := sinks.drop_rows_after(run_dir, start_step):
+            log(f"metrics: {removed} row(s) after step {start_step}, logged by the process that stopped there, "
                 "removed from metrics.jsonl and metrics.csv (those steps are trained again)")
         self.sinks += [sinks.JsonlSink(run_dir / "metrics.jsonl"), sinks.CsvSink(run_dir / "metrics.csv")]
         mode, note = sinks.wandb_mode(cfg.wandb)

@@ -1,7 +1,8 @@
 """Where metrics rows go: metrics.jsonl and metrics.csv always; wandb and TensorBoard when asked.
 
 Each sink takes rows (dicts with a "step") and is created on rank 0 only, by
-:class:`dist_lm.metrics.MetricsWriter`.
+:class:`dist_lm.metrics.MetricsWriter`. Also each rank's log of the samples it read
+(data.log_samples).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import netrc
 import os
 import secrets
 from pathlib import Path
-from typing import Protocol
+from typing import Callable, Protocol
 
 from dist_lm.config import ConfigError, LoggingConfig
 
@@ -32,33 +33,65 @@ class Sink(Protocol):
     def close(self) -> None: ...
 
 
-def drop_rows_after(run_dir: Path, step: int) -> int:
-    """Remove the rows of metrics.jsonl and metrics.csv past ``step`` (each file rewritten under a
-    temporary name, then renamed). A run resumed from its checkpoint at ``step`` trains the steps
-    after it again: the files should then hold each step once, from the run that went on.
-    A last line cut short (a process killed while writing it) is removed too.
-    Returns the number of rows removed (the two files hold the same rows)."""
-    def keep(line: str, step_of) -> bool:
+def drop_lines_after(path: Path, step: int, step_of: Callable[[str], int], header_lines: int = 0) -> int:
+    """Rewrite ``path`` (under a temporary name, then renamed) without its lines of steps past
+    ``step``, and without a last line cut short (a process killed while writing it).
+    Returns the number of lines removed."""
+    def keep(line: str) -> bool:
         try:
             return line.endswith("\n") and step_of(line) <= step
         except ValueError:  # a torn line (json.JSONDecodeError is a ValueError)
             return False
 
-    removed = 0
-    for name, header_lines, step_of in (("metrics.jsonl", 0, lambda line: json.loads(line)["step"]),
-                                        ("metrics.csv", 1, lambda line: int(line.split(",", 1)[0]))):
-        path = run_dir / name
-        if not path.is_file():
-            continue
-        lines = path.read_text().splitlines(keepends=True)
-        rows = lines[header_lines:]
-        kept = [line for line in rows if keep(line, step_of)]
-        if len(kept) < len(rows):
-            tmp = path.with_name(f".{name}.tmp")
-            tmp.write_text("".join(lines[:header_lines] + kept))
-            os.replace(tmp, path)
-        removed = max(removed, len(rows) - len(kept))
-    return removed
+    if not path.is_file():
+        return 0
+    lines = path.read_text().splitlines(keepends=True)
+    rows = lines[header_lines:]
+    kept = [line for line in rows if keep(line)]
+    if len(kept) < len(rows):
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(lines[:header_lines] + kept))
+        os.replace(tmp, path)
+    return len(rows) - len(kept)
+
+
+def drop_rows_after(run_dir: Path, step: int) -> int:
+    """Remove the rows of metrics.jsonl and metrics.csv past ``step``. A run resumed from its
+    checkpoint at ``step`` trains the steps after it again: the files should then hold each step
+    once, from the run that went on. Returns the number of rows removed (the two files hold the
+    same rows)."""
+    return max(drop_lines_after(run_dir / "metrics.jsonl", step, lambda line: json.loads(line)["step"]),
+               drop_lines_after(run_dir / "metrics.csv", step, lambda line: int(line.split(",", 1)[0]), 1))
+
+
+class SampleLog:
+    """data.log_samples: the window ids one rank read, a line ``STEP: ID ID ...`` per optimizer
+    step, in RUN_DIR/samples/rank<N>.txt. Every rank writes its own file.
+
+    A run that starts at step S (its checkpoint's, or 0) first drops the lines of later steps,
+    written by an earlier process in the run directory (they are trained again), so each file
+    holds each step once. Rank 0 also trims the files of ranks this run does not have."""
+
+    def __init__(self, run_dir: Path, rank: int, world_size: int, start_step: int):
+        folder = run_dir / "samples"
+        folder.mkdir(exist_ok=True)
+        self.path = folder / f"rank{rank}.txt"
+        others = [] if rank else [p for p in folder.glob("rank*.txt") if p.stem[4:].isdigit() and int(p.stem[4:]) >= world_size]
+        for path in [self.path, *others]:
+            drop_lines_after(path, start_step, lambda line: int(line.split(":", 1)[0]))
+        self._file = open(self.path, "a", buffering=1)
+
+    def write(self, step: int, ids) -> None:
+        self._file.write(f"{step}: {' '.join(map(str, ids))}\n")
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def read_sample_log(path: Path) -> dict[int, list[int]]:
+    """A samples/rank<N>.txt file as {step: window ids}."""
+    lines = (line.split(":", 1) for line in path.read_text().splitlines())
+    return {int(step): [int(i) for i in ids.split()] for step, ids in lines}
 
 
 class JsonlSink:

@@ -116,14 +116,13 @@ class Trainer:
             checkpoint.convert_to_universal(self.resume_from.path, rank, distributed.barrier)
         self.engine = engine_ops.initialize(model, cfg.parallel, cfg.optim, self.plan, self.precision, self.device,
                                             load_universal=universal)
-        self.metrics = metrics.MetricsWriter(self.run_dir, cfg.logging, cfg.run.name, to_dict(cfg),
-                                             self.resume_from.state["step"] if self.resume_from else None)
+        # Lines past this step in the run directory's logs were written by an earlier process.
+        start_step = self.resume_from.state["step"] if self.resume_from else 0
+        self.metrics = metrics.MetricsWriter(self.run_dir, cfg.logging, cfg.run.name, to_dict(cfg), start_step)
         self.profiler = StepProfiler(cfg.logging.profile_start, cfg.logging.profile_steps, self.run_dir / "profile",
                                      f"rank{rank}", self.device)
-        self.sample_log = None
-        if cfg.data.log_samples:  # every rank writes its own file
-            (self.run_dir / "samples").mkdir(exist_ok=True)
-            self.sample_log = open(self.run_dir / "samples" / f"rank{rank}.txt", "a", buffering=1)
+        self.sample_log = sinks.SampleLog(self.run_dir, rank, self.dist_env.world_size, start_step) \
+            if cfg.data.log_samples else None
         self.step = 0
         self.best_val_loss = math.inf
         self.val_history: list[tuple[int, float]] = []  # this process's evaluations, for the summary
@@ -276,7 +275,7 @@ class Trainer:
         engine_ops.set_lr(engine, lr_at(self.step, self.cfg.optim, self.cfg.train.max_steps), self.cfg.optim)
         batches = self.train_data.next_batches()
         if self.sample_log is not None:
-            self.sample_log.write(" ".join(map(str, self.train_data.last_ids)) + "\n")
+            self.sample_log.write(self.step + 1, self.train_data.last_ids)
         for i, (x, y) in enumerate(batches):
             loss = engine(x, y)
             skip = self.spike_guard is not None and self._is_spike(loss, i, len(batches))

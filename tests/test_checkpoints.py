@@ -16,6 +16,7 @@ import pytest
 
 from conftest import PRETRAIN, ROOT, assert_ok, free_port, launch, read_metrics
 from dist_lm import checkpoint
+from dist_lm.sinks import read_sample_log
 
 BASE = ["--config", "debug", "train.log_interval=1", "train.eval_interval=0", "logging.wandb=disabled"]
 
@@ -37,7 +38,7 @@ def test_kill_9_between_checkpoints_then_resume_is_bitwise_identical(env, ds_ops
     """One process, CPU, fp32: a run killed after step 5 (checkpoint at 4) and resumed gives the
     same per-step losses as an uninterrupted run, exactly."""
     whole, killed = tmp_path / "whole", tmp_path / "killed"
-    args = [*BASE, "train.max_steps=8", "checkpoint.interval=2"]
+    args = [*BASE, "train.max_steps=8", "checkpoint.interval=2", "data.log_samples=true"]
     assert_ok(launch("python", [*args, f"run.dir={whole}"], env))
     job = subprocess.Popen([sys.executable, str(PRETRAIN), *args, "train.max_steps=100000", f"run.dir={killed}"],
                            env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -60,6 +61,8 @@ def test_kill_9_between_checkpoints_then_resume_is_bitwise_identical(env, ds_ops
     assert [int(line.split(",")[0]) for line in (killed / "metrics.csv").read_text().splitlines()[1:]] == list(range(1, 9))
     after = [(s, v) for s, v in losses(killed) if s > last_ckpt]
     assert after == [(s, v) for s, v in losses(whole) if s > last_ckpt]  # exact: bitwise-equal losses
+    samples = [read_sample_log(run / "samples" / "rank0.txt") for run in (whole, killed)]
+    assert list(samples[1]) == list(range(1, 9)) and samples[1] == samples[0]  # each step once, the same windows
 
 
 @pytest.mark.parametrize("stage", [2, 3])
@@ -73,8 +76,8 @@ def test_two_rank_zero_checkpoint_resumes_on_one_and_two_ranks(env, ds_ops, tmp_
     whole = tmp_path / "whole"  # uninterrupted, with the checkpoint at step 3 that the others resume from
     assert_ok(launch("torchrun", [*args, "train.max_steps=6", "checkpoint.interval=3", f"run.dir={whole}"], env))
     expected = [v for s, v in losses(whole) if s > 3]
-    expected_samples = sorted(sum(([int(i) for i in line.split()] for f in (whole / "samples").iterdir()
-                                   for line in f.read_text().splitlines()[3:]), []))
+    expected_samples = sorted(i for f in (whole / "samples").iterdir()
+                              for step, ids in read_sample_log(f).items() if step > 3 for i in ids)
     for ranks in (1, 2):
         run = tmp_path / f"on{ranks}"
         step3 = whole / "checkpoints" / "step00000003"
@@ -86,8 +89,7 @@ def test_two_rank_zero_checkpoint_resumes_on_one_and_two_ranks(env, ds_ops, tmp_
         got = losses(run)
         assert [s for s, _ in got] == [4, 5, 6]
         assert [v for _, v in got] == pytest.approx(expected, abs=1e-2 if stage == 3 and ranks == 1 else 1e-4)
-        samples = sorted(int(i) for f in (run / "samples").iterdir() for line in f.read_text().splitlines()
-                         for i in line.split())
+        samples = sorted(i for f in (run / "samples").iterdir() for ids in read_sample_log(f).values() for i in ids)
         assert samples == expected_samples  # the data continues exactly, whatever the rank count
 
 

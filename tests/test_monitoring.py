@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, assert_ok, launch, read_metrics
-from dist_lm.sinks import COLUMNS, CsvSink, JsonlSink, drop_rows_after
+from dist_lm.sinks import COLUMNS, CsvSink, JsonlSink, SampleLog, drop_rows_after, read_sample_log
 from wandb_records import history, records, run_id
 
 SECRET = "dist-lm-test-secret-7f3a9c"  # must never reach the run directory
@@ -223,3 +223,24 @@ def test_drop_rows_after_keeps_earlier_steps_and_removes_a_torn_line(tmp_path):
     rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4] and rows[-1]["loss"] == "6.0"
     assert drop_rows_after(tmp_path, 4) == 0 and sorted(p.name for p in tmp_path.iterdir()) == ["metrics.csv", "metrics.jsonl"]
+
+
+def test_sample_logs_hold_each_step_once_after_a_restart_on_fewer_ranks(tmp_path):
+    """Two ranks logged steps 1-5 (rank 1 was killed mid-line); the run goes on from step 3 on
+    one rank: rank 0 trims its own file and rank 1's."""
+    logs = [SampleLog(tmp_path, rank, 2, 0) for rank in (0, 1)]
+    for step in range(1, 6):
+        for rank, log in enumerate(logs):
+            log.write(step, [10 * step + 2 * rank, 10 * step + 2 * rank + 1])
+    for log in logs:
+        log.close()
+    with open(tmp_path / "samples" / "rank1.txt", "a") as f:
+        f.write("6: 60 6")
+    log = SampleLog(tmp_path, 0, 1, 3)
+    log.write(4, [40, 41, 42, 43])
+    log.close()
+    assert read_sample_log(tmp_path / "samples" / "rank0.txt") == {1: [10, 11], 2: [20, 21], 3: [30, 31],
+                                                                   4: [40, 41, 42, 43]}
+    assert read_sample_log(tmp_path / "samples" / "rank1.txt") == {1: [12, 13], 2: [22, 23], 3: [32, 33]}
+    SampleLog(tmp_path, 0, 1, 0).close()  # a fresh start in the same run directory
+    assert [p.read_text() for p in sorted((tmp_path / "samples").iterdir())] == ["", ""]

@@ -16,6 +16,7 @@ from tokenizers import Tokenizer
 from conftest import ROOT, assert_ok, launch, read_metrics
 from dist_lm import shards
 from dist_lm.prepare import SPECIAL_TOKENS
+from dist_lm.sinks import read_sample_log
 
 TOOL = ROOT / "tools" / "prepare_data.py"
 WORDS = "the of a model data token train rank shard window sample batch loss step".split()
@@ -184,15 +185,15 @@ def test_two_ranks_read_disjoint_data_that_adds_up_to_one_process(env, ds_ops, p
     run = tmp_path / "run"
     assert_ok(launch("torchrun", train_args(prepared, run, "data.log_samples=true", "train.global_batch_size=8",
                                             "train.micro_batch_size=2"), env))
-    ranks = [[list(map(int, line.split())) for line in (run / "samples" / f"rank{r}.txt").read_text().splitlines()]
-             for r in (0, 1)]
+    ranks = [read_sample_log(run / "samples" / f"rank{r}.txt") for r in (0, 1)]
     from dist_lm.data import TrainData
     from dist_lm.ds_config import BatchPlan
     import torch
 
     one = TrainData(prepared, shards.read_meta(prepared), 32, BatchPlan(8, 1, 1), 0, seed=1337, device=torch.device("cpu"))
+    assert list(ranks[0]) == list(ranks[1]) == [1, 2, 3, 4]
     for step in range(4):
-        r0, r1 = ranks[0][step], ranks[1][step]
+        r0, r1 = ranks[0][step + 1], ranks[1][step + 1]
         assert len(r0) == len(r1) == 4 and not set(r0) & set(r1)
         assert r0 + r1 == one.rank_ids(step * 8).tolist()
     one.close()
