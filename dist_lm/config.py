@@ -346,6 +346,10 @@ class CheckpointConfig:
     save_timeout_minutes: float = 30.0
     """A save not finished in this time ends the process with a message (status 3) instead of
     hanging; the previous checkpoint stays the latest."""
+    save_at_end: bool = True
+    """Save when the run ends at train.max_steps or by early stopping. false for throwaway runs
+    (tools/find_batch.py's probes); a stop by signal, train.stop_at_step or
+    train.time_limit_minutes still saves, so that the run can continue."""
 
     def __post_init__(self) -> None:
         _require(self.interval >= 0, "interval", "must be >= 0 (0 saves only at the end)")

@@ -263,7 +263,7 @@ class Trainer:
             (first_at, first), (last_at, last) = self.val_history[0], self.val_history[-1]
             metrics.log(f"validation loss {first:.3f} -> {last:.3f} (perplexity {math.exp(first):.1f} -> "
                         f"{math.exp(last):.1f}) from step {first_at} to {last_at}")
-        if self.last_saved_step != self.step:
+        if self.last_saved_step != self.step and self.cfg.checkpoint.save_at_end:
             self.save()
         if cfg.sample_tokens:
             self.print_sample()

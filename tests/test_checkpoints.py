@@ -134,6 +134,16 @@ def test_a_truncated_latest_checkpoint_is_skipped_with_a_note(env, ds_ops, tmp_p
     assert "step00000004 INCOMPLETE" in table and "step00000006 (latest)" in table
 
 
+def test_save_at_end_false_still_saves_at_a_stop(env, ds_ops, tmp_path):
+    args = [*BASE, "train.max_steps=4", "checkpoint.interval=0", "checkpoint.save_at_end=false", f"run.dir={tmp_path}"]
+    assert_ok(launch("python", [*args, "train.stop_at_step=2"], env))
+    assert steps_of(tmp_path) == ["step00000002"]  # a stop on purpose saves, so the run can go on
+    proc = launch("python", args, env)
+    assert_ok(proc)
+    assert "at step 2 " in proc.stdout and [s for s, _ in losses(tmp_path)] == [1, 2, 3, 4]
+    assert steps_of(tmp_path) == ["step00000002"]  # no end-of-run checkpoint
+
+
 def test_keep_last_and_best(env, ds_ops, tmp_path):
     proc = launch("python", [*BASE, "train.max_steps=8", "checkpoint.interval=1", "checkpoint.keep_last=2",
                              "train.eval_interval=1", "train.eval_samples=8", f"run.dir={tmp_path}"], env)

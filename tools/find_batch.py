@@ -42,7 +42,7 @@ def peak_gb(config: str, overrides: list[str], micro: int, work: Path) -> float 
     run_dir = work / f"micro{micro}"
     args = [*overrides, f"train.micro_batch_size={micro}", f"train.global_batch_size={micro}", "train.max_steps=2",
             "train.log_interval=1", "train.eval_interval=0", "train.sample_tokens=0", "checkpoint.interval=0",
-            "logging.wandb=disabled", "logging.progress=false", f"run.dir={run_dir}"]
+            "checkpoint.save_at_end=false", "logging.wandb=disabled", "logging.progress=false", f"run.dir={run_dir}"]
     proc = subprocess.run([sys.executable, str(ROOT / "launchers" / "pretrain.py"), "--config", config, *args],
                           capture_output=True, text=True, cwd=ROOT)
     if proc.returncode == OUT_OF_MEMORY_EXIT:
@@ -51,7 +51,7 @@ def peak_gb(config: str, overrides: list[str], micro: int, work: Path) -> float 
         last = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
         raise UserError(f"find_batch: the run at micro-batch {micro} failed for another reason than memory: {last}")
     peak = max(r["peak_mem_gb"] for r in read_rows(run_dir) if r.get("peak_mem_gb") is not None)
-    shutil.rmtree(run_dir)  # with its end-of-run checkpoint (13 GB at 1.1B): probes add up
+    shutil.rmtree(run_dir)  # a probe's run directory holds its log and metrics only
     return peak
 
 
