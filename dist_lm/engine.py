@@ -75,7 +75,10 @@ def build_model(model: ModelConfig, parallel: ParallelConfig) -> Transformer:
 
 
 def initialize(model: Transformer, parallel: ParallelConfig, optim: OptimConfig, plan: BatchPlan,
-               precision: str, device: torch.device, load_universal: bool = False) -> "deepspeed.DeepSpeedEngine":
+               precision: str, device: torch.device, load_universal: bool = False,
+               start_step: int = 0) -> "deepspeed.DeepSpeedEngine":
+    """The DeepSpeed engine around ``model``. ``start_step``: the step of the checkpoint the run
+    will load (0 for a fresh run), which DeepCompile's pass schedule counts from."""
     model.activation_checkpointing = parallel.activation_checkpointing
     # Marks the checkpoints DeepSpeed writes as convertible to its universal format (for resuming
     # on another world size or ZeRO stage; see dist_lm.checkpoint).
@@ -104,8 +107,17 @@ def initialize(model: Transformer, parallel: ParallelConfig, optim: OptimConfig,
     if reduces_for_nothing(engine):
         engine.enable_backward_allreduce = False
     if parallel.compile and device.type == "cuda":
-        engine.compile()
+        engine.compile(schedule=deepcompile_schedule(start_step) if parallel.deepcompile else None)
     return engine
+
+
+def deepcompile_schedule(start_step: int) -> list[tuple[int, list[str]]]:
+    """DeepCompile's default ZeRO-3 pass schedule, counted from ``start_step``: the gathers and
+    releases in the graph first, then after five steps of profiling also prefetching and selective
+    unsharding. DeepSpeed 0.19.8 launches a scheduled pass set only when the engine's step count
+    equals its step exactly, and its own schedule starts at 0: a run resumed at step 4 ran with no
+    passes at all and failed in its first forward (TypeError: 'NoneType' object is not iterable)."""
+    return [(start_step, ["zero3_compile"]), (start_step + 5, ["zero3_compile", "prefetch", "selective_gather"])]
 
 
 def reduces_for_nothing(engine: "deepspeed.DeepSpeedEngine") -> bool:

@@ -114,10 +114,10 @@ class Trainer:
         engine_ops.quiet(cfg.run.verbose)
         if universal:  # saved on another world size or ZeRO stage: DeepSpeed's universal format
             checkpoint.convert_to_universal(self.resume_from.path, rank, distributed.barrier)
-        self.engine = engine_ops.initialize(model, cfg.parallel, cfg.optim, self.plan, self.precision, self.device,
-                                            load_universal=universal)
-        # Lines past this step in the run directory's logs were written by an earlier process.
         start_step = self.resume_from.state["step"] if self.resume_from else 0
+        self.engine = engine_ops.initialize(model, cfg.parallel, cfg.optim, self.plan, self.precision, self.device,
+                                            load_universal=universal, start_step=start_step)
+        # Lines past start_step in the run directory's logs were written by an earlier process.
         self.metrics = metrics.MetricsWriter(self.run_dir, cfg.logging, cfg.run.name, to_dict(cfg), start_step)
         self.profiler = StepProfiler(cfg.logging.profile_start, cfg.logging.profile_steps, self.run_dir / "profile",
                                      f"rank{rank}", self.device)

@@ -35,6 +35,13 @@ def test_deepspeed_config_keys(stage, precision):
     assert fp32_accum == (precision == "bf16" and stage >= 1)
 
 
+def test_deepcompile_is_deepspeeds_compile_section():
+    plan = batch_plan(TrainConfig(micro_batch_size=1), dp_size=1)
+    on = ParallelConfig(zero_stage=3, compile=True, deepcompile=True)
+    assert deepspeed_config(on, OptimConfig(), plan, "bf16")["compile"] == {"deepcompile": True}
+    assert "compile" not in deepspeed_config(ParallelConfig(zero_stage=3, compile=True), OptimConfig(), plan, "bf16")
+
+
 def test_offload_uses_deepspeed_cpu_adam():
     plan = batch_plan(TrainConfig(micro_batch_size=1), dp_size=1)
     ds = deepspeed_config(ParallelConfig(zero_stage=3, offload_optimizer=True, offload_params=True),
