@@ -60,7 +60,7 @@ class MetricsWriter:
         if not is_rank0():
             return
         if removed := sinks.drop_rows_after(run_dir, start_step):
-            log(f"metrics: {removed} row(s) after step {start_step}, logged by the process that stopped there, "
+            log(f"metrics: {removed} row(s) after step {start_step}, from the process that stopped there, "
                 "removed from metrics.jsonl and metrics.csv (those steps are trained again)")
         self.sinks += [sinks.JsonlSink(run_dir / "metrics.jsonl"), sinks.CsvSink(run_dir / "metrics.csv")]
         mode, note = sinks.wandb_mode(cfg.wandb)
