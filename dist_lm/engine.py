@@ -113,11 +113,16 @@ def initialize(model: Transformer, parallel: ParallelConfig, optim: OptimConfig,
 
 def deepcompile_schedule(start_step: int) -> list[tuple[int, list[str]]]:
     """DeepCompile's default ZeRO-3 pass schedule, counted from ``start_step``: the gathers and
-    releases in the graph first, then after five steps of profiling also prefetching and selective
-    unsharding. DeepSpeed 0.19.8 launches a scheduled pass set only when the engine's step count
-    equals its step exactly, and its own schedule starts at 0: a run resumed at step 4 ran with no
-    passes at all and failed in its first forward (TypeError: 'NoneType' object is not iterable)."""
-    return [(start_step, ["zero3_compile"]), (start_step + 5, ["zero3_compile", "prefetch", "selective_gather"])]
+    releases in the graph first, then after its warm-up steps of profiling also prefetching and
+    selective unsharding. DeepSpeed 0.19.8 launches a scheduled pass set only when the engine's
+    step count equals its step exactly, and its own schedule starts at 0: a run resumed at step 4
+    ran with no passes at all and failed in its first forward (TypeError: 'NoneType' object is not
+    iterable). The passes and the warm-up are DeepSpeed's own names and constant."""
+    from deepspeed.compile.init_z3 import WARMUP
+    from deepspeed.compile.passes import prefetch, selective_gather, zero3_compile
+
+    return [(start_step, [zero3_compile.NAME]),
+            (start_step + WARMUP, [zero3_compile.NAME, prefetch.NAME, selective_gather.NAME])]
 
 
 def reduces_for_nothing(engine: "deepspeed.DeepSpeedEngine") -> bool:
