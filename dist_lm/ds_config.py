@@ -92,7 +92,7 @@ def deepspeed_config(parallel: ParallelConfig, optim: OptimConfig, plan: BatchPl
     }
     if load_universal:
         config["checkpoint"] = {"load_universal": True}
-    if parallel.deepcompile:  # takes effect in engine.compile(), which runs on GPUs only
+    if parallel.uses_deepcompile:  # takes effect in engine.compile(), which runs on GPUs only
         config["compile"] = {"deepcompile": True}
     if precision == "bf16" and parallel.zero_stage >= 1:
         # Accumulate gradients across micro-batches in fp32: summing in bf16 loses the small

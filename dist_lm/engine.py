@@ -106,9 +106,18 @@ def initialize(model: Transformer, parallel: ParallelConfig, optim: OptimConfig,
         config=deepspeed_config(parallel, optim, plan, precision, load_universal))
     if reduces_for_nothing(engine):
         engine.enable_backward_allreduce = False
-    if parallel.compile and device.type == "cuda":
-        engine.compile(schedule=deepcompile_schedule(start_step) if parallel.deepcompile else None)
+    mode = compile_mode(parallel, device)
+    if mode:
+        engine.compile(schedule=deepcompile_schedule(start_step) if mode == "DeepCompile" else None)
     return engine
+
+
+def compile_mode(parallel: ParallelConfig, device: torch.device) -> str:
+    """How the engine compiles the model: "DeepCompile", "torch.compile", or "" (eager: compile
+    off, or a CPU run, where compiling costs more than it saves)."""
+    if not parallel.compile or device.type != "cuda":
+        return ""
+    return "DeepCompile" if parallel.uses_deepcompile else "torch.compile"
 
 
 def deepcompile_schedule(start_step: int) -> list[tuple[int, list[str]]]:

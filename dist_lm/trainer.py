@@ -95,7 +95,9 @@ class Trainer:
         if bound_cores:
             metrics.warn(f"optimizer offload: CPU Adam steps on the host; each rank is bound to its own "
                          f"{len(bound_cores)} of this node's cores (rank 0: cores {bound_cores[0]}-{bound_cores[-1]})")
-        metrics.log(f"precision {self.precision} ({precision_reason}); ZeRO stage {cfg.parallel.zero_stage}; "
+        compiled = engine_ops.compile_mode(cfg.parallel, self.device)
+        metrics.log(f"precision {self.precision} ({precision_reason}); ZeRO stage {cfg.parallel.zero_stage}"
+                    f"{', ' + compiled if compiled else ''}; "
                     f"batch {self.plan.global_batch_size} = micro {self.plan.micro_batch_size} x accum "
                     f"{self.plan.grad_accum_steps} x ranks {self.plan.dp_size}")
         metrics.log(f"data {self.data_dir}; run dir {self.run_dir}")

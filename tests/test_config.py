@@ -77,8 +77,6 @@ def test_out_of_range_values_name_key_and_range():
     assert "optim.min_lr: must be between 0 and lr" in error_of(None, ["optim.min_lr=1.0"])
     assert "train.max_steps: must be positive" in error_of(None, ["train.max_steps=0"])
     assert "parallel.offload_params: needs parallel.zero_stage=3" in error_of(None, ["parallel.offload_params=true"])
-    assert "parallel.deepcompile: needs parallel.compile=true and parallel.zero_stage=3" in error_of(
-        None, ["parallel.deepcompile=true", "parallel.compile=true"])
     assert "model.n_kv_heads: must divide n_heads" in error_of(None, ["model.n_kv_heads=3"])
 
 

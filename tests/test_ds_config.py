@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from dist_lm.config import ConfigError, OptimConfig, ParallelConfig, TrainConfig
+from dist_lm.config_io import load_config
 from dist_lm.ds_config import batch_plan, deepspeed_config
 
 
@@ -40,6 +41,30 @@ def test_deepcompile_is_deepspeeds_compile_section():
     on = ParallelConfig(zero_stage=3, compile=True, deepcompile=True)
     assert deepspeed_config(on, OptimConfig(), plan, "bf16")["compile"] == {"deepcompile": True}
     assert "compile" not in deepspeed_config(ParallelConfig(zero_stage=3, compile=True), OptimConfig(), plan, "bf16")
+
+
+def test_deepcompile_from_a_preset_gives_way_to_a_lower_stage_or_no_compile():
+    """h100-multinode turns DeepCompile on; lowering its ZeRO stage or turning compile off is a
+    plain run, not a config error."""
+    plan = batch_plan(TrainConfig(micro_batch_size=1), dp_size=1)
+    assert load_config("h100-multinode").parallel.uses_deepcompile
+    for overrides in (["parallel.zero_stage=2"], ["parallel.compile=false"]):
+        parallel = load_config("h100-multinode", overrides).parallel
+        assert parallel.deepcompile and not parallel.uses_deepcompile
+        assert "compile" not in deepspeed_config(parallel, OptimConfig(), plan, "bf16")
+
+
+def test_compile_mode_is_what_the_engine_runs_and_the_log_says():
+    import torch
+
+    from dist_lm.engine import compile_mode
+
+    gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
+    multinode = load_config("h100-multinode").parallel
+    assert compile_mode(multinode, gpu) == "DeepCompile"
+    assert compile_mode(load_config("h100-multinode", ["parallel.zero_stage=2"]).parallel, gpu) == "torch.compile"
+    assert compile_mode(load_config("h100-multinode", ["parallel.compile=false"]).parallel, gpu) == ""
+    assert compile_mode(multinode, cpu) == ""
 
 
 def test_offload_uses_deepspeed_cpu_adam():
