@@ -191,3 +191,20 @@ def test_one_rank_skips_deepspeeds_identity_allreduce(env, ds_ops, stage, precis
         deepspeeds = run("deepspeed")
         assert not ours["grads_kept"] and deepspeeds["grads_kept"]
         assert ours["after"] == deepspeeds["after"]
+
+
+def test_bench_runs_each_variant_at_each_rank_count(tmp_path, env, ds_ops):
+    """tools/bench.py --ranks 1,2: the same micro-batches per rank, so twice the global batch on two
+    ranks (torchrun; gloo here, NCCL on GPUs), and a scaling line per variant. No speed is
+    asserted: the figures belong in docs/benchmarks.md."""
+    rows_file = tmp_path / "rows.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "bench.py"), "--config", "debug", "--warmup", "1",
+                           "--steps", "2", "--accum", "2", "--ranks", "1,2", "--json", str(rows_file),
+                           "--variant", "zero1: parallel.zero_stage=1", "train.micro_batch_size=2"],
+                          env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(rows_file.read_text())
+    assert [(r["variant"], r["ranks"], r["global_batch"]) for r in rows] == [("zero1, 1 rank", 1, 4),
+                                                                            ("zero1, 2 ranks", 2, 8)]
+    assert all(r["tokens_per_s"] > 0 and r["step_s"] > 0 for r in rows)
+    assert f"zero1: 2 ranks run at {rows[1]['scaling']:.3f}x the tokens/s of 1" in proc.stdout

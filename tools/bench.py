@@ -1,7 +1,7 @@
 """Throughput benchmark: the real training step through the DeepSpeed engine, per variant, beside
 the same model in plain PyTorch (torch.compile, fused AdamW, bf16 autocast) on the same data.
 
-    python tools/bench.py --config h100-80gb [--steps 10 --warmup 5] [--accum 1] [--baseline]
+    python tools/bench.py --config h100-80gb [--steps 10 --warmup 5] [--accum 1] [--ranks 1,2] [--baseline]
         [--variant 'zero2: parallel.zero_stage=2'] [section.key=value ...]
 
 Each variant is a real run of launchers/pretrain.py (engine forward, backward, step, data from
@@ -10,6 +10,8 @@ micro-batch is an optimizer step, the engine's worst case; the presets accumulat
 figures are the training log's over the timed steps (tokens/s, TFLOP/s and MFU by the log's
 own FLOPs-per-token formula, peak memory, step time),
 plus the time from start to the first optimizer step and the memory model's predicted peak.
+--ranks 1,2 runs every variant on one GPU and again on two under torchrun (NCCL), with the same
+micro-batches per rank, and prints each variant's scaling: its tokens/s over its one-rank row's.
 --baseline adds a row for plain PyTorch measured in this process, with the share of its step
 time spent waiting for data.
 --profile DIR: after the timed steps, each variant (and the baseline) runs 3 more under
@@ -45,19 +47,21 @@ def file_name(variant: str) -> str:
     return re.sub(r"\W+", "-", variant.strip()).strip("-")
 
 
-def batch_override(config: str, overrides: list[str], accum: int) -> str:
-    """train.global_batch_size for ``accum`` micro-batches per optimizer step on one GPU."""
+def batch_override(config: str, overrides: list[str], accum: int, ranks: int = 1) -> str:
+    """train.global_batch_size for ``accum`` micro-batches per optimizer step on each of ``ranks`` GPUs."""
     from dist_lm.config_io import load_config
     from dist_lm.ds_config import BatchPlan
 
     micro = load_config(config, overrides).train.micro_batch_size
-    return f"train.global_batch_size={BatchPlan(micro, accum, 1).global_batch_size}"
+    return f"train.global_batch_size={BatchPlan(micro, accum, ranks).global_batch_size}"
 
 
 def run_variant(config: str, overrides: list[str], variant: str, steps: int, warmup: int, accum: int, work: Path,
-                profile_dir: Path | None) -> dict:
+                profile_dir: Path | None, ranks: int = 1, label: str | None = None) -> dict:
+    """One row: ``variant`` ('name: overrides') trained on ``ranks`` GPUs, shown as ``label``."""
     name, _, extra = variant.partition(":")
-    extra += " " + batch_override(config, [*overrides, *extra.split()], accum)
+    name = label or name.strip()
+    extra += " " + batch_override(config, [*overrides, *extra.split()], accum, ranks)
     run_dir = work / file_name(name)
     profiled = PROFILED_STEPS if profile_dir else 0
     if profiled:  # after the timed steps, in an interval of their own
@@ -66,10 +70,12 @@ def run_variant(config: str, overrides: list[str], variant: str, steps: int, war
             f"train.log_interval={warmup}",
             "train.eval_interval=0", "checkpoint.interval=0", "logging.wandb=disabled", "logging.progress=false",
             f"run.dir={run_dir}"]
-    proc = subprocess.run([sys.executable, str(ROOT / "launchers" / "pretrain.py"), "--config", *args],
+    launcher = [sys.executable] if ranks == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
+    proc = subprocess.run([*launcher, str(ROOT / "launchers" / "pretrain.py"), "--config", *args],
                           capture_output=True, text=True, cwd=ROOT)
     if proc.returncode != 0:
-        return {"variant": name.strip(), "error": (proc.stderr.strip().splitlines() or ["?"])[-1]}
+        return {"variant": name, "ranks": ranks, "error": (proc.stderr.strip().splitlines() or ["?"])[-1]}
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     # the first interval holds the warm-up (and compilation); the profiled steps end the run
     timed = [r for r in rows if "loss" in r and warmup < r["step"] <= warmup + steps]
@@ -79,11 +85,13 @@ def run_variant(config: str, overrides: list[str], variant: str, steps: int, war
             shutil.copy(run_dir / "profile" / f"rank0-{what}", profile_dir / f"{file_name(name)}-{what}")
     first = re.search(r"first step done ([\d.]+) s", proc.stdout)
     predicted = re.search(r"predicted peak GPU memory per rank ([\d.]+) GB", proc.stdout)
+    batch = re.search(r"; batch (\d+) = micro", proc.stdout)
     n = len(timed)
-    return {"variant": name.strip(), "tokens_per_s": sum(r["tokens_per_s"] for r in timed) / n,
+    return {"variant": name, "ranks": ranks, "tokens_per_s": sum(r["tokens_per_s"] for r in timed) / n,
             "mfu": sum(r["mfu"] or 0 for r in timed) / n, "step_s": sum(r["step_time"] for r in timed) / n,
             "peak_mem_gb": max(r["peak_mem_gb"] for r in timed), "first_step_s": float(first.group(1)) if first else None,
-            "predicted_mem_gb": float(predicted.group(1)) if predicted else None}
+            "predicted_mem_gb": float(predicted.group(1)) if predicted else None,
+            "global_batch": int(batch.group(1)) if batch else None}
 
 
 def run_baseline(config: str, overrides: list[str], steps: int, warmup: int, accum: int,
@@ -145,6 +153,26 @@ def positive(text: str) -> int:
     return int(text)
 
 
+def rank_counts(text: str) -> list[int]:
+    counts = [positive(part.strip()) for part in text.split(",")]
+    if len(set(counts)) != len(counts):
+        raise argparse.ArgumentTypeError(f"{text!r} names a rank count twice")
+    return sorted(counts)
+
+
+def scaling_lines(rows: list[dict]) -> list[str]:
+    """Each variant's tokens/s at more ranks over its tokens/s at the fewest, for rows of one
+    variant run at several rank counts (run_variant's "base" key names the variant)."""
+    lines = []
+    for base in dict.fromkeys(r["base"] for r in rows if "base" in r):
+        runs = sorted((r for r in rows if r.get("base") == base and "error" not in r), key=lambda r: r["ranks"])
+        for r in runs[1:]:
+            r["scaling"] = r["tokens_per_s"] / runs[0]["tokens_per_s"]
+            lines.append(f"{base}: {r['ranks']} ranks run at {r['scaling']:.3f}x the tokens/s of "
+                         f"{runs[0]['ranks']} ({r['tokens_per_s']:,.0f} against {runs[0]['tokens_per_s']:,.0f})")
+    return lines
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="a preset or YAML file")
@@ -152,6 +180,8 @@ def main() -> None:
     p.add_argument("--steps", type=positive, default=10, help="timed steps (a multiple of --warmup)")
     p.add_argument("--warmup", type=positive, default=5, help="untimed steps first")
     p.add_argument("--accum", type=positive, default=1, help="micro-batches per optimizer step (default 1)")
+    p.add_argument("--ranks", type=rank_counts, default=[1],
+                   help="GPUs per variant, e.g. 1,2: each variant on each count, torchrun above 1 (default 1)")
     p.add_argument("--baseline", action="store_true", help="also run plain PyTorch in this process (GPU)")
     p.add_argument("--json", help="also write the rows to this file")
     p.add_argument("--profile", type=Path, metavar="DIR", help="profile 3 more steps per variant into DIR")
@@ -162,12 +192,17 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as work:
         for variant in args.variant or DEFAULT_VARIANTS:
-            rows.append(run_variant(args.config, args.overrides, variant, args.steps, args.warmup, args.accum,
-                                    Path(work), args.profile))
-            print_row(rows[-1], args)
+            base = variant.partition(":")[0].strip()
+            for ranks in args.ranks:
+                label = base if args.ranks == [1] else f"{base}, {ranks} rank{'s' if ranks > 1 else ''}"
+                rows.append(run_variant(args.config, args.overrides, variant, args.steps, args.warmup, args.accum,
+                                        Path(work), args.profile, ranks, label) | {"base": base})
+                print_row(rows[-1], args)
     if args.baseline:
         rows.append(run_baseline(args.config, args.overrides, args.steps, args.warmup, args.accum, args.profile))
         print_row(rows[-1], args)
+    for line in scaling_lines(rows):
+        print(line)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 
