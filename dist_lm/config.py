@@ -245,7 +245,9 @@ class TrainConfig:
     still spans max_steps, and running the same run directory again continues it."""
     time_limit_minutes: float | None = None
     """End this process cleanly, with a checkpoint, before this many minutes have passed (for
-    a run split across job allocations)."""
+    a run split across job allocations). It keeps room for twice a typical recent step (the
+    median of the last 10, so the compiling steps do not count), twice the last save, and the
+    next evaluation if the next step has one."""
     early_stop_patience: int = 0
     """Stop once this many evaluations in a row have not improved the best validation loss by
     early_stop_min_delta; 0 disables early stopping."""

@@ -10,7 +10,9 @@ when only one rank got the signal.
 from __future__ import annotations
 
 import signal
+import statistics
 import time
+from collections import deque
 
 import torch
 import torch.distributed as dist
@@ -19,6 +21,17 @@ from dist_lm.distributed import any_rank, control_group
 
 REQUEUE_EXIT = 75  # EX_TEMPFAIL: "stopped by a signal after saving a checkpoint; run me again"
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+RECENT_STEPS = 10  # the steps whose median is what one more step is expected to take
+
+
+def seconds_to_keep(recent_steps: list[float], save_seconds: float, eval_seconds: float) -> float:
+    """Time to leave before train.time_limit_minutes: one more step and a checkpoint save, each
+    counted twice for a margin, and the evaluation the next step holds (0 if none). A step is the
+    median of the recent ones, not the longest: the steps that compiled (the first, 2-6 minutes in
+    the compiled presets; DeepCompile's sixth), evaluated or saved are not what the next one costs,
+    and a margin of twice the first step's compilation threw away minutes of every allocation."""
+    step = statistics.median(recent_steps) if recent_steps else 0.0
+    return 2 * step + 2 * save_seconds + eval_seconds
 
 
 class StopControl:
@@ -26,7 +39,7 @@ class StopControl:
         self.stop_at_step = stop_at_step
         self.deadline = start_time + 60 * time_limit_minutes if time_limit_minutes else None
         self.signal_name: str | None = None
-        self.longest_step = 0.0
+        self.recent_steps: deque[float] = deque(maxlen=RECENT_STEPS)
         self._group = control_group()
         for sig in SIGNALS:
             signal.signal(sig, self._on_signal)
@@ -41,12 +54,14 @@ class StopControl:
             self.signal_name = "a signal to another rank"
         return flag
 
-    def reason_to_stop(self, step: int, step_seconds: float, save_seconds: float) -> str | None:
-        """Why to stop after ``step``, or None. A collective, called by every rank after every step."""
-        self.longest_step = max(self.longest_step, step_seconds)
+    def reason_to_stop(self, step: int, step_seconds: float, save_seconds: float,
+                       next_eval_seconds: float = 0.0) -> str | None:
+        """Why to stop after ``step``, or None. A collective, called by every rank after every step.
+        ``next_eval_seconds``: what the evaluation in the next step will take, if it has one."""
+        self.recent_steps.append(step_seconds)
         out_of_time = self.deadline is not None and (
-            # leave room for one more step and a checkpoint save, with a margin
-            time.perf_counter() + 2 * self.longest_step + 2 * save_seconds >= self.deadline)
+            time.perf_counter() + seconds_to_keep(list(self.recent_steps), save_seconds, next_eval_seconds)
+            >= self.deadline)
         flags = torch.tensor([1.0 if self.signal_name else 0.0, 1.0 if out_of_time else 0.0])
         dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self._group)
         if flags[0]:

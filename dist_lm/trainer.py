@@ -75,7 +75,7 @@ class Trainer:
         # From here on SIGTERM/SIGUSR1 end the run with a checkpoint (engine set-up included).
         self.stop = StopControl(cfg.train.stop_at_step, cfg.train.time_limit_minutes, self.start_time)
         self.stop_reason: str | None = None
-        self.last_save_seconds = 0.0
+        self.last_save_seconds = self.last_eval_seconds = 0.0
         self.run_dir = self._agree_run_dir()
         self.ckpt_root = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else self.run_dir / "checkpoints"
         self.resume_from = checkpoint.find(cfg.checkpoint.resume, self.ckpt_root)
@@ -247,8 +247,10 @@ class Trainer:
                     self.save()
                 if self._patience_exhausted():
                     break
+                eval_next = cfg.eval_interval and (self.step + 1) % cfg.eval_interval == 0
                 self.stop_reason = self.stop.reason_to_stop(self.step, time.perf_counter() - step_start,
-                                                            self.last_save_seconds)
+                                                            self.last_save_seconds,
+                                                            self.last_eval_seconds if eval_next else 0.0)
                 if self.stop_reason:
                     metrics.log(f"stopping after step {self.step} of {cfg.max_steps}: {self.stop_reason}; "
                                 "run the same run directory again to continue")
@@ -380,6 +382,7 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict:
         """Mean validation loss over the fixed validation windows, the same for every rank count."""
+        start = time.perf_counter()
         self.engine.eval()
         totals = torch.zeros(2, device=self.device, dtype=torch.float64)  # loss sum, token count
         # Every rank runs the same number of forward passes (ZeRO-3 forwards are collective): its
@@ -405,6 +408,7 @@ class Trainer:
         self.val_history.append((self.step, val_loss))
         self.last_val_loss = (self.step, val_loss)
         self.engine.train()
+        self.last_eval_seconds = time.perf_counter() - start
         return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
 
     def save(self) -> None:

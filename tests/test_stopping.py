@@ -40,6 +40,16 @@ def test_time_limit_stops_with_a_checkpoint(env, ds_ops, tmp_path):
     assert 0 < state["step"] < 100000 and state["elapsed_s"] < 15
 
 
+def test_time_kept_for_one_more_step_leaves_out_the_compiling_step():
+    from dist_lm.preemption import seconds_to_keep
+
+    # a compiled run: 200 s for the first step (compiling), then about 1 s a step; 5 s a save
+    steps = [200.0, 1.0, 1.2, 0.9]
+    assert seconds_to_keep(steps, 5.0, 0.0) == pytest.approx(2 * 1.1 + 2 * 5.0)
+    assert seconds_to_keep(steps, 5.0, 30.0) == pytest.approx(2 * 1.1 + 2 * 5.0 + 30.0)  # an evaluation is due
+    assert seconds_to_keep([], 0.0, 0.0) == 0.0
+
+
 def test_sigusr1_to_one_rank_checkpoints_all_and_asks_for_a_requeue(env, ds_ops, tmp_path):
     args = [*BASE, "train.max_steps=100000", "parallel.zero_stage=2", f"run.dir={tmp_path}"]
     job = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
