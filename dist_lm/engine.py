@@ -120,6 +120,22 @@ def compile_mode(parallel: ParallelConfig, device: torch.device) -> str:
     return "DeepCompile" if parallel.uses_deepcompile else "torch.compile"
 
 
+def compile_wait(parallel: ParallelConfig, device: torch.device, start_step: int) -> str:
+    """What the silence before the first step is, for a compiled run (minutes of it)."""
+    mode = compile_mode(parallel, device)
+    if mode == "DeepCompile":
+        return (f"; the first step waits for DeepCompile to compile and profile (~6 min at 1.1B on an H200), "
+                f"step {start_step + deepcompile_warmup() + 1} again for its prefetching (~2.5 min)")
+    return "; the first step waits for torch.compile (1-3 min at 1.1B on an H100)" if mode else ""
+
+
+def deepcompile_warmup() -> int:
+    """Steps DeepCompile profiles before it adds prefetching and selective unsharding."""
+    from deepspeed.compile.init_z3 import WARMUP
+
+    return WARMUP
+
+
 def deepcompile_schedule(start_step: int) -> list[tuple[int, list[str]]]:
     """DeepCompile's default ZeRO-3 pass schedule, counted from ``start_step``: the gathers and
     releases in the graph first, then after its warm-up steps of profiling also prefetching and
@@ -127,11 +143,10 @@ def deepcompile_schedule(start_step: int) -> list[tuple[int, list[str]]]:
     step count equals its step exactly, and its own schedule starts at 0: a run resumed at step 4
     ran with no passes at all and failed in its first forward (TypeError: 'NoneType' object is not
     iterable). The passes and the warm-up are DeepSpeed's own names and constant."""
-    from deepspeed.compile.init_z3 import WARMUP
     from deepspeed.compile.passes import prefetch, selective_gather, zero3_compile
 
     return [(start_step, [zero3_compile.NAME]),
-            (start_step + WARMUP, [zero3_compile.NAME, prefetch.NAME, selective_gather.NAME])]
+            (start_step + deepcompile_warmup(), [zero3_compile.NAME, prefetch.NAME, selective_gather.NAME])]
 
 
 def reduces_for_nothing(engine: "deepspeed.DeepSpeedEngine") -> bool:

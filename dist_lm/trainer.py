@@ -213,7 +213,8 @@ class Trainer:
         if self.step >= cfg.max_steps:
             metrics.log(f"nothing to do: the run is already at step {self.step} of train.max_steps={cfg.max_steps}")
             return
-        metrics.log(f"training from step {self.step} to {cfg.max_steps}")
+        metrics.log(f"training from step {self.step} to {cfg.max_steps}"
+                    f"{engine_ops.compile_wait(self.cfg.parallel, self.device, self.step)}")
         self.engine.train()
         progress = metrics.Progress(self.cfg.logging.progress, cfg.max_steps, self.step)
         loss_sum = torch.zeros((), device=self.device)  # summed on device; read only at log steps

@@ -67,6 +67,25 @@ def test_compile_mode_is_what_the_engine_runs_and_the_log_says():
     assert compile_mode(multinode, cpu) == ""
 
 
+def test_deepcompile_schedule_is_deepspeeds_counted_from_the_start_step():
+    from dist_lm.engine import deepcompile_schedule, deepcompile_warmup
+
+    assert deepcompile_warmup() == 5  # DeepSpeed 0.19.8's; the GPU test's step numbers assume it
+    assert deepcompile_schedule(4) == [(4, ["zero3_compile"]), (9, ["zero3_compile", "prefetch", "selective_gather"])]
+
+
+def test_a_compiled_run_says_why_its_first_step_is_slow():
+    import torch
+
+    from dist_lm.engine import compile_wait
+
+    gpu = torch.device("cuda", 0)
+    resumed = compile_wait(load_config("h100-multinode").parallel, gpu, start_step=4)
+    assert "DeepCompile" in resumed and "step 10 again" in resumed  # the schedule's second set, 1-based
+    assert "torch.compile" in compile_wait(load_config("h100-80gb").parallel, gpu, 0)
+    assert compile_wait(load_config("h100-80gb").parallel, torch.device("cpu"), 0) == ""
+
+
 def test_offload_uses_deepspeed_cpu_adam():
     plan = batch_plan(TrainConfig(micro_batch_size=1), dp_size=1)
     ds = deepspeed_config(ParallelConfig(zero_stage=3, offload_optimizer=True, offload_params=True),

@@ -95,6 +95,7 @@ def test_zero3_under_deepcompile_resumes_where_it_stopped(env, tmp_path):
     resumed = launch("python", [*args, f"run.dir={stopped}"], env)
     assert_ok(resumed)
     assert "at step 4 " in resumed.stdout and "ZeRO stage 3, DeepCompile;" in resumed.stdout
+    assert "step 10 again for its prefetching" in resumed.stdout
     expected = {r["step"]: r["loss"] for r in read_metrics(whole)[0]}
     got = {r["step"]: r["loss"] for r in read_metrics(stopped)[0]}
     assert list(got) == list(expected) == list(range(1, 9))
