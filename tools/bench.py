@@ -161,8 +161,8 @@ def rank_counts(text: str) -> list[int]:
 
 
 def scaling_lines(rows: list[dict]) -> list[str]:
-    """Each variant's tokens/s at more ranks over its tokens/s at the fewest, for rows of one
-    variant run at several rank counts (run_variant's "base" key names the variant)."""
+    """Each variant's tokens/s at more ranks over its tokens/s at the fewest ranks; rows of one
+    variant share a "base" key, its name without the rank count. Adds "scaling" to those rows."""
     lines = []
     for base in dict.fromkeys(r["base"] for r in rows if "base" in r):
         runs = sorted((r for r in rows if r.get("base") == base and "error" not in r), key=lambda r: r["ranks"])
