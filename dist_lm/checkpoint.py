@@ -3,9 +3,11 @@
 Layout (the root is checkpoint.dir, by default RUN_DIR/checkpoints)::
 
     step00000100/   DeepSpeed's files, sharded per rank as ZeRO makes them
+                    weights-rank<N>.safetensors   the model's full fp32 weights, a share per rank
                     rng-rank<N>.json   each rank's random-number generators
                     state.json         our state and a manifest of every file with its size
     latest          the tag of the newest complete checkpoint
+    best            the tag of the complete checkpoint with the lowest validation loss
 
 A save is complete only when state.json exists: rank 0 writes it after every rank has finished
 writing and the files were flushed to disk, then moves ``latest`` (write a temporary file and
@@ -40,6 +42,9 @@ from dist_lm.config import UserError
 Engine = Any  # a deepspeed.DeepSpeedEngine; only its methods are used here
 STATE = "state.json"
 LATEST = "latest"
+BEST = "best"
+WEIGHTS = "weights-rank{rank:05d}.safetensors"
+WEIGHTS_GLOB = "weights-rank*.safetensors"
 UNIVERSAL = "universal"  # subdirectory of a tag holding its universal-format conversion
 
 
@@ -116,20 +121,65 @@ def find(resume: str, root: Path) -> Found | None:
                 raise CheckpointError(f"checkpoint error: checkpoint.resume={resume}: {problem}; give another "
                                       "checkpoint, or checkpoint.resume=auto for the newest complete one")
             return Found(path, read_state(path))
-        if (path / "checkpoints").is_dir():
-            path = path / "checkpoints"
-        if not path.is_dir():
-            raise CheckpointError(f"checkpoint error: checkpoint.resume={resume} does not exist; give a checkpoint "
-                                  "directory (…/checkpoints/stepNNNNNNNN) or a run directory")
-        root = path
+        root = checkpoint_root(path, f"checkpoint.resume={resume}")
+    return _newest(root, resume != "auto", f"checkpoint.resume={resume}")
+
+
+def checkpoint_root(path: Path, what: str) -> Path:
+    """The checkpoint root of ``path``: a run directory's checkpoints/, or ``path`` itself when it
+    holds checkpoints; ``what`` names the argument in the error."""
+    if (path / "checkpoints").is_dir():
+        return path / "checkpoints"
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint error: {what}: {path} does not exist; give a checkpoint directory "
+                              "(…/checkpoints/stepNNNNNNNN) or a run directory")
+    if not (path / LATEST).is_file() and not any(step_of(p) is not None for p in path.iterdir()):
+        raise CheckpointError(f"checkpoint error: {what}: {path} is not a checkpoint, a run directory or a checkpoint "
+                              f"root (it has no {STATE}, no checkpoints/ and no stepNNNNNNNN/); give one of those")
+    return path
+
+
+def find_for_reading(path: Path, best: bool = False) -> Found:
+    """The checkpoint a tool reads: ``path`` itself if it is a checkpoint directory, else the newest
+    complete one of a run directory or checkpoint root, or with ``best`` the one ``best`` names."""
+    if (path / STATE).exists() or step_of(path) is not None:
+        if best:
+            raise CheckpointError(f"checkpoint error: --best takes a run directory, and {path} is one checkpoint; "
+                                  "give its run directory, or leave out --best")
+        problem = problem_with(path)
+        if problem:
+            raise CheckpointError(f"checkpoint error: {path} cannot be read: {problem}; give another checkpoint, "
+                                  "or the run directory for its newest complete one")
+        return Found(path, read_state(path))
+    root = checkpoint_root(path, str(path))
+    if not best:
+        found = _newest(root, True, str(path))
+        assert found is not None  # _newest raises when a checkpoint is required and there is none
+        return found
+    pointer = root / BEST
+    if not pointer.is_file():
+        raise CheckpointError(f"checkpoint error: --best: {root} has no {BEST} pointer: no checkpoint was saved at a "
+                              "step with a validation loss (checkpoints save it when train.eval_interval divides "
+                              "their step); leave out --best for the newest checkpoint")
+    named = root / pointer.read_text().strip()
+    problem = problem_with(named)
+    if problem:
+        raise CheckpointError(f"checkpoint error: --best: {named}, the best checkpoint, cannot be read: {problem}; "
+                              "leave out --best for the newest complete checkpoint")
+    return Found(named, read_state(named))
+
+
+def _newest(root: Path, required: bool, what: str) -> Found | None:
     latest = root / LATEST
     named = root / latest.read_text().strip() if latest.is_file() else None
     if named is not None and problem_with(named) is None:
         return Found(named, read_state(named))
     complete = complete_checkpoints(root)
     if not complete:
-        if resume != "auto":
-            raise CheckpointError(f"checkpoint error: checkpoint.resume={resume}: no complete checkpoint in {root}")
+        if required:
+            why = f"; {named.name} is incomplete ({problem_with(named)})" if named is not None else ""
+            raise CheckpointError(f"checkpoint error: {what}: no complete checkpoint in {root}{why}; give another "
+                                  "checkpoint or run directory")
         return None
     newest = complete[-1]
     note = None
@@ -211,14 +261,17 @@ class SaveWatchdog:
 SAVE_TIMEOUT_EXIT = 3
 
 
-def save(engine: Engine, root: Path, step: int, state: dict, rank: int,
-         barrier: Callable[[], None], any_rank: Callable[[bool], bool]) -> Path:
-    """Save on every rank (a collective). ``barrier`` waits for all ranks; ``any_rank(flag)``
-    is True on every rank if it is True on some rank (both over a CPU group)."""
+def save(engine: Engine, root: Path, step: int, state: dict, rank: int, weights: Callable[[], dict],
+         aliases: dict[str, str], barrier: Callable[[], None], any_rank: Callable[[bool], bool]) -> Path:
+    """Save on every rank (a collective). ``weights()`` gathers this rank's share of the full
+    weights (a collective too: dist_lm.engine.master_weights); ``aliases`` names the tied ones
+    ({alias: name}). ``barrier`` waits for all ranks; ``any_rank(flag)`` is True on every rank if
+    it is True on some rank (both over a CPU group)."""
     path = root / tag_for(step)
     failed = None
     try:
         engine.save_checkpoint(str(root), tag=tag_for(step), save_latest=False)
+        write_weights(path, rank, weights(), aliases)
         _write_atomic(path / f"rng-rank{rank}.json", json.dumps(rng_state()))
     except OSError as e:  # a full or failing disk: agree on it below instead of leaving others waiting
         failed = f"rank {rank}: writing {path} failed: {e.strerror or e}"
@@ -238,6 +291,33 @@ def save(engine: Engine, root: Path, step: int, state: dict, rank: int,
         _write_atomic(root / LATEST, tag_for(step))
     barrier()
     return path
+
+
+def write_weights(path: Path, rank: int, tensors: dict[str, torch.Tensor], aliases: dict[str, str]) -> None:
+    """This rank's share of the full weights as safetensors (rank 0's file also says which names
+    are tied). Why a file of full weights beside DeepSpeed's: DeepSpeed's optimizer files differ
+    by ZeRO stage, precision and optimizer (zero_to_fp32 cannot read BF16_Optimizer's, which bf16
+    at ZeRO-1 uses), while every tool needs only the weights. Gathering them while the engine is
+    up is exact (the fp32 masters) and the same for every configuration; reading them back is a
+    plain, memory-mapped load at any world size. What it costs is in docs/benchmarks.md."""
+    from safetensors.torch import save_file
+
+    if not tensors and rank != 0:
+        return
+    metadata = {"format": "pt", "aliases": json.dumps(aliases)} if rank == 0 else {"format": "pt"}
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path / WEIGHTS.format(rank=rank)), metadata)
+
+
+def update_best(root: Path) -> Path | None:
+    """Point ``best`` at the complete checkpoint with the lowest validation loss (saved at a step
+    that evaluated), written atomically like ``latest``; None if no checkpoint has one. Rank 0."""
+    scored = [(v, p) for p in complete_checkpoints(root) if (v := read_state(p).get("val_loss")) is not None]
+    if not scored:
+        return None
+    best = min(scored, key=lambda vp: vp[0])[1]
+    if not (root / BEST).is_file() or (root / BEST).read_text().strip() != best.name:
+        _write_atomic(root / BEST, best.name)
+    return best
 
 
 def prune(root: Path, keep_last: int, keep_best: bool) -> list[Path]:
@@ -295,15 +375,40 @@ def convert_to_universal(path: Path, rank: int, barrier: Callable[[], None]) -> 
 
 
 def consolidated_weights(path: Path) -> dict[str, torch.Tensor]:
-    """The model's full fp32 weights from a checkpoint directory, whatever its ZeRO stage and
-    world size (DeepSpeed's zero_to_fp32 for stages 1-3; the model file itself at stage 0)."""
+    """The model's full fp32 weights from a complete checkpoint directory, whatever its precision,
+    ZeRO stage, optimizer and world size: its weights files. Checkpoints from before those files
+    were written are read as then: the module itself at ZeRO-0, DeepSpeed's zero_to_fp32 for
+    ZeRO 1-3, and where it refuses BF16_Optimizer's files, DeepSpeed's universal format."""
+    files = sorted(path.glob(WEIGHTS_GLOB))
+    if files:
+        return _read_weights(files)
     if read_state(path).get("zero_stage", 1) == 0:
         module = torch.load(path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
         return {k: v.float() for k, v in module.items()}
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    with contextlib.redirect_stdout(io.StringIO()):  # it prints its progress; our tools print results
-        return get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints its progress; our tools print results
+            return get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
+    except ValueError:  # "... is not a zero checkpoint": BF16_Optimizer's files (bf16 at ZeRO-1)
+        universal = convert_to_universal(path, 0, lambda: None)
+        return {f.parent.name: torch.load(f, map_location="cpu", weights_only=False)["param"].float()
+                for f in sorted((universal / "zero").glob("*/fp32.pt"))}
+
+
+def _read_weights(files: list[Path]) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError, safe_open
+
+    weights: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as shard:
+                aliases |= json.loads((shard.metadata() or {}).get("aliases", "{}"))
+                weights |= {name: shard.get_tensor(name) for name in shard.keys()}
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"checkpoint error: {f} is unreadable ({e}); use another checkpoint") from None
+    return weights | {alias: weights[name] for alias, name in aliases.items() if name in weights}
 
 
 def load(engine: Engine, found: Found, universal: bool) -> None:

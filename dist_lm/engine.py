@@ -5,9 +5,12 @@ Only this module and :mod:`dist_lm.checkpoint` import deepspeed.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import logging
 import os
+import re
 import shutil
 import warnings
 
@@ -23,7 +26,8 @@ from deepspeed.checkpoint.constants import (  # noqa: E402
 from deepspeed.moe.layer import MoE  # noqa: E402
 from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer  # noqa: E402
 from deepspeed.runtime.bf16_optimizer import BF16_Optimizer  # noqa: E402
-from deepspeed.utils import safe_get_full_grad  # noqa: E402
+from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer  # noqa: E402
+from deepspeed.utils import groups, safe_get_full_fp32_param, safe_get_full_grad  # noqa: E402
 
 from dist_lm.config import ConfigError, ModelConfig, OptimConfig, ParallelConfig, UserError  # noqa: E402
 from dist_lm.ds_config import BatchPlan, deepspeed_config  # noqa: E402
@@ -76,18 +80,19 @@ def build_model(model: ModelConfig, parallel: ParallelConfig) -> Transformer:
 
 def initialize(model: Transformer, parallel: ParallelConfig, optim: OptimConfig, plan: BatchPlan,
                precision: str, device: torch.device, load_universal: bool = False,
-               start_step: int = 0) -> "deepspeed.DeepSpeedEngine":
+               start_step: int = 0, verbose: bool = False) -> "deepspeed.DeepSpeedEngine":
     """The DeepSpeed engine around ``model``. ``start_step``: the step of the checkpoint the run
-    will load (0 for a fresh run), which DeepCompile's pass schedule counts from."""
+    will load (0 for a fresh run), which DeepCompile's pass schedule counts from. ``verbose``:
+    let DeepSpeed print what it prints bare at start-up."""
     model.activation_checkpointing = parallel.activation_checkpointing
     # Marks the checkpoints DeepSpeed writes as convertible to its universal format (for resuming
     # on another world size or ZeRO stage; see dist_lm.checkpoint).
     setattr(model, UNIVERSAL_CHECKPOINT_INFO, {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE})
-    groups = param_groups(model, optim.weight_decay)
+    param_sets = param_groups(model, optim.weight_decay)
     if any(getattr(p, "allreduce", True) is False for p in model.parameters()):
         # Expert parameters are reduced over their own data-parallel group: ZeRO needs them in
         # groups of their own.
-        groups = split_params_into_different_moe_groups_for_optimizer(groups)
+        param_sets = split_params_into_different_moe_groups_for_optimizer(param_sets)
     if device.type == "cpu":
         # No torch.compile on CPU, ours (parallel.compile) or DeepSpeed's own (its Muon compiles
         # its Newton-Schulz step): Inductor's C++ build costs more than it saves on a CPU run,
@@ -99,11 +104,15 @@ def initialize(model: Transformer, parallel: ParallelConfig, optim: OptimConfig,
         # A torch AdamW passed in as the client optimizer: fused on GPU (DeepSpeed's own FusedAdam
         # is a JIT build that fails on some images), the default foreach kernel on CPU. The
         # learning rate is set before every step by the trainer (dist_lm.optim.lr_at).
-        optimizer = torch.optim.AdamW(groups, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps,
+        optimizer = torch.optim.AdamW(param_sets, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps,
                                       fused=device.type == "cuda")
-    engine, *_ = deepspeed.initialize(
-        model=model, optimizer=optimizer, model_parameters=groups if optimizer is None else None,
-        config=deepspeed_config(parallel, optim, plan, precision, load_universal))
+    # DeepSpeed prints some of its start-up output bare, past its logger: at bf16 ZeRO-1 its
+    # BF16_Optimizer prints memory lines ("begin bf16_optimizer", "MA 0.38 GB ...") on every start.
+    # Its logger keeps its own handle on stdout, so its warnings still show.
+    with contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO()):
+        engine, *_ = deepspeed.initialize(
+            model=model, optimizer=optimizer, model_parameters=param_sets if optimizer is None else None,
+            config=deepspeed_config(parallel, optim, plan, precision, load_universal))
     if reduces_for_nothing(engine):
         engine.enable_backward_allreduce = False
     mode = compile_mode(parallel, device)
@@ -228,3 +237,59 @@ def first_nonfinite_grad(engine: "deepspeed.DeepSpeedEngine") -> str | None:
         if grad is not None and not torch.isfinite(grad).all():  # host-device sync per parameter
             return name
     return None
+
+
+EXPERTS = ".deepspeed_moe.experts.deepspeed_experts."  # DeepSpeed's MoE: where a layer's local experts sit
+
+
+def master_weights(engine: "deepspeed.DeepSpeedEngine", rank: int, world_size: int) -> dict[str, torch.Tensor]:
+    """This rank's share of the model's full-precision weights, on the CPU, for the checkpoint's
+    weights files. A collective: every rank calls it at the same point.
+
+    The weights are the optimizer's fp32 masters where there are any (bf16 and fp16 keep the
+    module in low precision), assembled through DeepSpeed's own accessor, which knows every
+    optimizer it builds: ZeRO 1-3, BF16_Optimizer, offload. At ZeRO-0 under bf16 or fp16 the
+    masters are its FP16 optimizer's fp32 copies; in fp32 at ZeRO-0 the parameters themselves.
+    Each parameter is gathered by all ranks, and kept by one (index modulo world size), so that
+    writing costs each rank 1/world_size of the model in host memory and disk. An expert's
+    weights are kept by the first rank of its expert-data-parallel group, under the expert's
+    global index (as DeepSpeed names them in its own expert files), so the files of all ranks
+    hold every expert once.
+    """
+    fp32_copies: dict[int, torch.Tensor] = {}
+    if isinstance(engine.optimizer, FP16_UnfusedOptimizer):
+        fp32_copies = {id(low): high for lows, highs in zip(engine.optimizer.fp16_groups, engine.optimizer.fp32_groups)
+                       for low, high in zip(lows, highs)}
+    moe_layers = {name + EXPERTS: layer for name, layer in engine.module.named_modules() if isinstance(layer, MoE)}
+    owned = {}
+    for i, (name, param) in enumerate(engine.module.named_parameters()):
+        full = safe_get_full_fp32_param(param)  # ZeRO 1-3: gathered over the parameter's group
+        if full is None:
+            full = fp32_copies.get(id(param), param)
+        if getattr(param, "allreduce", True) is False:  # an expert: this rank holds its own experts
+            if groups._get_expert_data_parallel_rank(param.group_name) == 0:
+                owned[_global_expert_name(name, moe_layers)] = full.detach().float().cpu()
+        elif i % world_size == rank:
+            owned[name] = full.detach().float().cpu()
+    return owned
+
+
+def _global_expert_name(name: str, moe_layers: dict[str, MoE]) -> str:
+    prefix = next(p for p in moe_layers if name.startswith(p))
+    layer = moe_layers[prefix]
+    local, rest = re.match(r"(\d+)(\..*)", name[len(prefix):]).groups()
+    first = groups._get_expert_parallel_rank(layer.expert_group_name) * layer.num_local_experts
+    return f"{prefix}{first + int(local)}{rest}"
+
+
+def tied_names(module: torch.nn.Module) -> dict[str, str]:
+    """Names in the module's state dict that share another name's parameter (tied embeddings):
+    {alias: name}, name being the one named_parameters() gives."""
+    first: dict[int, str] = {}
+    aliases = {}
+    for name, tensor in module.state_dict(keep_vars=True).items():
+        if id(tensor) in first:
+            aliases[name] = first[id(tensor)]
+        else:
+            first.setdefault(id(tensor), name)
+    return aliases

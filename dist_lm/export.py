@@ -19,7 +19,7 @@ import torch
 
 from dist_lm import checkpoint
 from dist_lm.config import Config, UserError
-from dist_lm.inference import find_tokenizer, saved_config
+from dist_lm.inference import DTYPES, find_tokenizer, saved_config
 from dist_lm.prepare import EOT
 
 # our name -> Hugging Face Llama's name; {i} is the block index
@@ -46,7 +46,7 @@ def hf_name(name: str) -> str:
     return NAMES[name]
 
 
-def hf_config(cfg: Config, eot_id: int | None) -> dict:
+def hf_config(cfg: Config, eot_id: int | None, dtype: torch.dtype = torch.float32) -> dict:
     m = cfg.model
     unlike_llama = [f"model.activation={m.activation} (Llama's MLP is SwiGLU)"] if m.activation != "swiglu" else []
     if m.position != "rope":
@@ -63,19 +63,20 @@ def hf_config(cfg: Config, eot_id: int | None) -> dict:
         "hidden_act": "silu", "max_position_embeddings": m.seq_len, "rms_norm_eps": m.norm_eps,
         "rope_theta": m.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": m.rope_theta},
         "tie_word_embeddings": m.tie_embeddings, "attention_bias": False, "mlp_bias": False,
-        "initializer_range": m.init_std, "torch_dtype": "float32", "bos_token_id": None, "eos_token_id": eot_id,
+        "initializer_range": m.init_std, "torch_dtype": str(dtype).removeprefix("torch."), "bos_token_id": None, "eos_token_id": eot_id,
     }
 
 
-def export_hf(source: Path, out: Path, overwrite: bool = False) -> tuple[Path, Path]:
+def export_hf(source: Path, out: Path, overwrite: bool = False, best: bool = False,
+              dtype: str = "trained") -> tuple[Path, Path]:
     """Export the checkpoint ``source`` (a checkpoint directory, or a run directory: its newest
-    complete checkpoint) to ``out``. Returns (checkpoint exported, out)."""
+    complete checkpoint, or with ``best`` its best) to ``out``, with weights in ``dtype`` (fp32,
+    bf16, fp16, or "trained": the run's precision, its fp32 masters rounded as the training
+    loop's forward saw them). Returns (checkpoint exported, out)."""
     from safetensors.torch import save_file
     from tokenizers import Tokenizer
 
-    found = checkpoint.find(str(source), Path(source))
-    if found is None:
-        raise UserError(f"export error: {source} has no complete checkpoint")
+    found = checkpoint.find_for_reading(Path(source), best)
     if out.exists() and not overwrite:
         raise UserError(f"export error: {out} exists; choose another directory or pass --overwrite")
     cfg = saved_config(found)
@@ -85,10 +86,11 @@ def export_hf(source: Path, out: Path, overwrite: bool = False) -> tuple[Path, P
                         "the export needs its tokenizer.json")
     tokenizer = Tokenizer.from_file(str(tokenizer_path))
     eot_id = tokenizer.token_to_id(EOT)
-    config = hf_config(cfg, eot_id)
+    torch_dtype = DTYPES[found.state.get("precision", "fp32") if dtype == "trained" else dtype]
+    config = hf_config(cfg, eot_id, torch_dtype)
 
     weights = checkpoint.consolidated_weights(found.path)
-    tensors = {hf_name(k): v.contiguous() for k, v in weights.items()
+    tensors = {hf_name(k): v.to(torch_dtype).contiguous() for k, v in weights.items()
                if not (cfg.model.tie_embeddings and k == "lm_head.weight")}
 
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -31,19 +31,30 @@ def find_tokenizer(cfg: Config, sha256: str | None) -> Path | None:
     return next((p for p in candidates if p.is_file() and (sha256 is None or sha256_file(p) == sha256)), None)
 
 
-def load_model(path: Path) -> tuple[Transformer, Config, checkpoint.Found]:
-    """Our model with a checkpoint's consolidated fp32 weights, in eval mode, on the CPU.
-    ``path``: a checkpoint directory, or a run directory (its newest complete checkpoint)."""
-    found = checkpoint.find(str(path), Path(path))
-    if found is None:
-        raise UserError(f"{path} has no complete checkpoint")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def load_model(path: Path, best: bool = False, dtype: str = "fp32") -> tuple[Transformer, Config, checkpoint.Found]:
+    """Our model with a checkpoint's full weights, in eval mode, on the CPU. ``path``: a
+    checkpoint directory, or a run directory (its newest complete checkpoint, or with ``best``
+    the one with the lowest validation loss). ``dtype``: fp32, bf16, fp16, or "trained" for the
+    precision the run trained in (the weights the training loop's forward used: its fp32
+    masters rounded to that precision)."""
+    found = checkpoint.find_for_reading(Path(path), best)
     cfg = saved_config(found)
     if "moe" in cfg.model.layer_types:
         raise UserError(f"{found.path} has mixture-of-experts layers, which need DeepSpeed's engine to run; "
                         "use the training launcher's evaluation (train.eval_interval) for them")
     model = Transformer(cfg.model)
-    model.load_state_dict(checkpoint.consolidated_weights(found.path))
-    return model.eval(), cfg, found
+    weights = checkpoint.consolidated_weights(found.path)
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:  # names or shapes that are not this model's
+        raise checkpoint.CheckpointError(f"checkpoint error: the weights of {found.path} do not fit the model its "
+                                         f"state.json describes ({str(e).splitlines()[0]}); use another "
+                                         "checkpoint") from None
+    precision = found.state.get("precision", "fp32") if dtype == "trained" else dtype
+    return model.to(DTYPES[precision]).eval(), cfg, found
 
 
 def load_tokenizer(cfg: Config, found: checkpoint.Found):

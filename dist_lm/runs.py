@@ -29,14 +29,15 @@ def list_runs(root: Path) -> list[dict]:
         ckpt_root = _checkpoint_root(run_dir)
         tags = sorted((p for p in ckpt_root.iterdir() if p.is_dir() and checkpoint.step_of(p) is not None),
                       key=checkpoint.step_of) if ckpt_root.is_dir() else []
-        latest = (ckpt_root / checkpoint.LATEST).read_text().strip() if (ckpt_root / checkpoint.LATEST).is_file() else None
+        latest, best = (_pointer(ckpt_root / name) for name in (checkpoint.LATEST, checkpoint.BEST))
         if not tags:
             rows.append({"run": run_dir.name, "checkpoint": None})
         for tag in tags:
             problem = checkpoint.problem_with(tag)
             state = checkpoint.read_state(tag) if problem is None else {}
             rows.append({
-                "run": run_dir.name, "checkpoint": tag.name, "latest": tag.name == latest, "problem": problem,
+                "run": run_dir.name, "checkpoint": tag.name, "latest": tag.name == latest, "best": tag.name == best,
+                "problem": problem, "precision": state.get("precision"),
                 "step": state.get("step"), "tokens": state.get("tokens"), "val_loss": state.get("val_loss"),
                 "best_val_loss": state.get("best_val_loss"), "parameters": state.get("parameters"),
                 "world_size": state.get("world_size"), "zero_stage": state.get("zero_stage"),
@@ -44,21 +45,28 @@ def list_runs(root: Path) -> list[dict]:
     return rows
 
 
+def _pointer(path: Path) -> str | None:
+    """The tag a pointer file (latest, best) names, if it is there."""
+    return path.read_text().strip() if path.is_file() else None
+
+
 def _num(value, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
 
 
 def format_table(rows: list[dict]) -> str:
-    header = ["run", "checkpoint", "step", "tokens", "val loss", "best val", "params", "ranks x ZeRO", "size"]
+    header = ["run", "checkpoint", "step", "tokens", "val loss", "best val", "params", "precision", "ranks x ZeRO",
+              "size"]
     lines = [header]
     for r in rows:
         if r["checkpoint"] is None:
-            lines.append([r["run"], "(none)"] + ["-"] * 7)
+            lines.append([r["run"], "(none)"] + ["-"] * 8)
             continue
-        name = r["checkpoint"] + (" (latest)" if r["latest"] else "") + (" INCOMPLETE" if r["problem"] else "")
+        marks = [mark for mark in ("latest", "best") if r[mark]]
+        name = r["checkpoint"] + (f" ({', '.join(marks)})" if marks else "") + (" INCOMPLETE" if r["problem"] else "")
         ranks = f"{r['world_size']} x {r['zero_stage']}" if r["world_size"] is not None else "-"
         params = "-" if r["parameters"] is None else f"{r['parameters'] / 1e6:.1f}M"
         lines.append([r["run"], name, _num(r["step"], "d"), _num(r["tokens"], ","), _num(r["val_loss"], ".4f"),
-                      _num(r["best_val_loss"], ".4f"), params, ranks, f"{r['bytes'] / 1e6:.1f} MB"])
+                      _num(r["best_val_loss"], ".4f"), params, r["precision"] or "-", ranks, f"{r['bytes'] / 1e6:.1f} MB"])
     widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in lines)

@@ -118,7 +118,7 @@ class Trainer:
             checkpoint.convert_to_universal(self.resume_from.path, rank, distributed.barrier)
         start_step = self.resume_from.state["step"] if self.resume_from else 0
         self.engine = engine_ops.initialize(model, cfg.parallel, cfg.optim, self.plan, self.precision, self.device,
-                                            load_universal=universal, start_step=start_step)
+                                            load_universal=universal, start_step=start_step, verbose=cfg.run.verbose)
         # Lines past start_step in the run directory's logs were written by an earlier process.
         self.metrics = metrics.MetricsWriter(self.run_dir, cfg.logging, cfg.run.name, to_dict(cfg), start_step)
         self.profiler = StepProfiler(cfg.logging.profile_start, cfg.logging.profile_steps, self.run_dir / "profile",
@@ -422,10 +422,12 @@ class Trainer:
         path = self.ckpt_root / checkpoint.tag_for(self.step)
         with checkpoint.SaveWatchdog(60 * self.cfg.checkpoint.save_timeout_minutes, self.dist_env.rank, path):
             checkpoint.save(self.engine, self.ckpt_root, self.step, self.state_dict(), self.dist_env.rank,
-                            distributed.barrier, distributed.any_rank)
+                            lambda: engine_ops.master_weights(self.engine, self.dist_env.rank, self.dist_env.world_size),
+                            engine_ops.tied_names(self.engine.module), distributed.barrier, distributed.any_rank)
         if rank0:
             for old in checkpoint.prune(self.ckpt_root, self.cfg.checkpoint.keep_last, self.cfg.checkpoint.keep_best):
                 metrics.log(f"removed old checkpoint {old.name}")
+            checkpoint.update_best(self.ckpt_root)
         self.last_save_seconds = time.perf_counter() - start
         self.last_saved_step = self.step
         metrics.log(f"saved checkpoint {path}")

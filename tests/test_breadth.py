@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from conftest import ROOT, assert_ok, child_env, launch, read_metrics
+from dist_lm import checkpoint
 from dist_lm.config import ModelConfig
 from dist_lm.generate import sample
 from dist_lm.model import KVCache, Transformer
@@ -78,15 +79,27 @@ def test_generation_stops_at_end_of_text_and_at_the_context():
 
 
 def test_mixture_of_experts_with_expert_parallelism_on_two_ranks(env, ds_ops, tmp_path):
+    """bf16, each rank holding 2 of the 4 experts; its checkpoint's weights files hold every expert
+    once under its global index, as DeepSpeed's own expert files do; the tools that cannot run
+    DeepSpeed's MoE layer outside the engine say so in one line."""
     proc = launch("torchrun", [*BASE, "model.layer_types=mlp,moe", "model.n_experts=4", "model.moe_aux_loss_coef=0.1",
-                               "parallel.expert_parallel_size=2", "parallel.zero_stage=2", "train.max_steps=40",
-                               "train.eval_interval=40", f"run.dir={tmp_path}"], env)
+                               "parallel.expert_parallel_size=2", "parallel.zero_stage=2", "parallel.precision=bf16",
+                               "train.max_steps=40", "train.eval_interval=40", f"run.dir={tmp_path}"], env)
     assert_ok(proc)
     train, evals = read_metrics(tmp_path)
     aux = [r["aux_loss"] for r in train]
     assert all(a is not None for a in aux) and sum(aux[-2:]) < sum(aux[:2])  # the experts balance out
     assert train[-1]["loss"] < train[0]["loss"] and evals
     assert "aux " in proc.stdout
+    ckpt = tmp_path / "checkpoints" / "step00000040"
+    weights = checkpoint.consolidated_weights(ckpt)
+    for expert in range(4):
+        theirs = torch.load(ckpt / f"layer_0_expert_{expert}_mp_rank_00_model_states.pt", weights_only=False)
+        assert theirs and all(torch.equal(weights[k].bfloat16(), v) for k, v in theirs.items())
+    for name in ("evaluate.py", "generate.py"):
+        refused = subprocess.run([sys.executable, str(ROOT / "tools" / name), str(tmp_path)], env=env,
+                                 capture_output=True, text=True, cwd=ROOT)
+        assert refused.returncode == 2 and "has mixture-of-experts layers, which need DeepSpeed's engine" in refused.stderr
 
 
 def test_mixture_of_experts_refuses_zero_3(env):
@@ -96,11 +109,19 @@ def test_mixture_of_experts_refuses_zero_3(env):
 
 @pytest.mark.parametrize("stage", [1, 2])
 def test_muon_trains_on_two_ranks(env, ds_ops, fused_adam_op, tmp_path, stage):
-    proc = launch("torchrun", [*BASE, "optim.name=muon", f"parallel.zero_stage={stage}", "train.max_steps=20",
-                               "train.eval_interval=0", "train.log_interval=1", f"run.dir={tmp_path}"], env)
+    """In bf16 (at ZeRO-1 DeepSpeed's BF16_Optimizer around its Muon); the checkpoint is read by
+    tools/evaluate.py, which gives the training loop's last validation loss."""
+    proc = launch("torchrun", [*BASE, "optim.name=muon", f"parallel.zero_stage={stage}", "parallel.precision=bf16",
+                               "train.max_steps=20", "train.eval_interval=20", "train.eval_samples=16",
+                               "train.log_interval=1", f"run.dir={tmp_path}"], env)
     assert_ok(proc)
     losses = [r["loss"] for r in read_metrics(tmp_path)[0]]
     assert losses[-1] < losses[0] - 0.2
+    evaluated = subprocess.run([sys.executable, str(ROOT / "tools" / "evaluate.py"), str(tmp_path), "--samples", "16",
+                                "--micro-batch", "4", "--json"], env=env, capture_output=True, text=True, cwd=ROOT)
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert json.loads(evaluated.stdout.splitlines()[-1])["loss"] == pytest.approx(read_metrics(tmp_path)[1][-1]["val_loss"],
+                                                                                  abs=1e-5)
 
 
 @pytest.fixture(scope="module")

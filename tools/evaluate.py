@@ -1,10 +1,11 @@
 """Loss, perplexity and bits per byte of a checkpoint on a held-out split.
 
-    python tools/evaluate.py RUN_OR_CHECKPOINT [--data DIR] [--samples 512] [--micro-batch 8]
+    python tools/evaluate.py RUN_OR_CHECKPOINT [--best] [--data DIR] [--samples 512] [--micro-batch 8]
     torchrun --nproc_per_node 8 tools/evaluate.py RUN_OR_CHECKPOINT --data DIR   # split over ranks
 
 The windows are the first --samples of the data's val split (its train split if it has none):
-the same ones the training loop evaluates with train.eval_samples, so the loss is the same.
+the same ones the training loop evaluates with train.eval_samples, and the model runs in the
+precision it trained in (--dtype), so the loss is the training loop's at the same micro-batch.
 Default data: the data the checkpoint was trained on.
 """
 
@@ -24,6 +25,9 @@ from dist_lm.config import UserError  # noqa: E402
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", type=Path, help="a checkpoint directory, or a run directory (its newest)")
+    p.add_argument("--best", action="store_true", help="the run's checkpoint with the lowest validation loss")
+    p.add_argument("--dtype", choices=["trained", "fp32", "bf16", "fp16"], default="trained",
+                   help="precision to run the model in (default: the run's, as the training loop evaluates)")
     p.add_argument("--data", help="a dataset directory (default: the checkpoint's training data)")
     p.add_argument("--samples", type=int, help="windows to evaluate (default: the run's train.eval_samples)")
     p.add_argument("--micro-batch", type=int, default=8, help="windows per forward pass")
@@ -36,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     from dist_lm.dataset import resolve_data
 
     try:
-        model, cfg, found = load_model(args.checkpoint)
+        model, cfg, found = load_model(args.checkpoint, args.best, args.dtype)
         if args.data:
             cfg.data.dir = args.data
         data_dir, meta = resolve_data(cfg)

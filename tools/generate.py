@@ -1,7 +1,7 @@
 """Generate text from a checkpoint, with a key/value cache.
 
     python tools/generate.py RUN_OR_CHECKPOINT --prompt "The" [--max-tokens 100] [--temperature 0.8]
-                             [--top-k 50] [--top-p 0.95] [--seed 0] [--no-cache]
+                             [--top-k 50] [--top-p 0.95] [--seed 0] [--no-cache] [--best] [--dtype fp32]
 
 Stops at the end-of-text token, at --max-tokens, or when the model's context is full.
 Temperature 0 is greedy decoding.
@@ -21,6 +21,9 @@ from dist_lm.config import UserError  # noqa: E402
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", type=Path, help="a checkpoint directory, or a run directory (its newest)")
+    p.add_argument("--best", action="store_true", help="the run's checkpoint with the lowest validation loss")
+    p.add_argument("--dtype", choices=["trained", "fp32", "bf16", "fp16"], default="trained",
+                   help="precision to run the model in (default: the run's, as the training loop evaluates)")
     p.add_argument("--prompt", default="", help="text to continue")
     p.add_argument("--max-tokens", type=int, default=100)
     p.add_argument("--temperature", type=float, default=0.8)
@@ -37,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     from dist_lm.prepare import EOT
 
     try:
-        model, cfg, found = load_model(args.checkpoint)
+        model, cfg, found = load_model(args.checkpoint, args.best, args.dtype)
         tokenizer = load_tokenizer(cfg, found)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,0 +1,154 @@
+"""What a run writes, every tool reads, in the precision GPU runs use: bf16 at ZeRO 0-3 on two
+ranks (ZeRO-1 is DeepSpeed's BF16_Optimizer, whose files zero_to_fp32 cannot read), each read on
+one rank by evaluate, generate, export (transformers' logits against ours) and list_runs; a
+two-rank bf16 ZeRO-1 checkpoint resumed on one rank, whose own checkpoints read the same way;
+the ``best`` pointer and --best; bad checkpoints. Muon and MoE checkpoints: test_breadth."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, assert_ok, child_env, launch, read_metrics
+from dist_lm import checkpoint
+from dist_lm.export import export_hf
+from dist_lm.inference import load_model
+
+BF16 = ["--config", "debug", "parallel.precision=bf16", "train.max_steps=4", "train.log_interval=2",
+        "train.eval_interval=2", "train.eval_samples=16", "checkpoint.interval=2", "logging.wandb=disabled"]
+MEMORY_LINES = ("begin bf16_optimizer", "CPU Virtual Memory")  # DeepSpeed's bare prints at bf16 ZeRO-1
+STAGES = [0, 1, 2, 3]
+
+
+@pytest.fixture(scope="module")
+def bf16_runs(tmp_path_factory, cache_dir, ds_ops) -> dict[int, tuple[Path, subprocess.CompletedProcess]]:
+    """One two-rank bf16 run per ZeRO stage, checkpoints at steps 2 and 4, each after an evaluation.
+    ZeRO-1's run is --verbose (DeepSpeed's start-up output shown)."""
+    env, root = child_env(cache_dir), tmp_path_factory.mktemp("lifecycle")
+    runs = {}
+    for stage in STAGES:
+        run = root / f"zero{stage}"
+        verbose = ["--verbose"] if stage == 1 else []
+        proc = launch("torchrun", [*BF16, f"parallel.zero_stage={stage}", f"run.dir={run}", *verbose], env)
+        assert_ok(proc)
+        runs[stage] = run, proc
+    return runs
+
+
+def tool(name: str, *args: str, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "tools" / name), *map(str, args)], env=env,
+                          capture_output=True, text=True, cwd=ROOT)
+
+
+def deepspeeds_own_weights(ckpt: Path, stage: int) -> tuple[dict[str, torch.Tensor], bool]:
+    """What DeepSpeed itself says the weights are, and whether that is the fp32 masters (else the
+    module's bf16 weights): zero_to_fp32 where it reads the files (ZeRO 2-3), its universal format
+    for BF16_Optimizer's (ZeRO-1), the saved module at ZeRO-0."""
+    if stage == 0:
+        module = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+        return dict(module), False
+    legacy = ckpt.parent.parent / f"legacy-{ckpt.name}"  # the checkpoint as written before weights files
+    shutil.copytree(ckpt, legacy, ignore=shutil.ignore_patterns(checkpoint.WEIGHTS_GLOB))
+    return checkpoint.consolidated_weights(legacy), True
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_bf16_checkpoints_hold_the_fp32_masters(bf16_runs, stage):
+    run, _ = bf16_runs[stage]
+    ckpt = run / "checkpoints" / "step00000004"
+    ours = checkpoint.consolidated_weights(ckpt)
+    theirs, masters = deepspeeds_own_weights(ckpt, stage)
+    assert sorted(theirs) == sorted(ours) and all(v.dtype == torch.float32 for v in ours.values())
+    for name, value in theirs.items():
+        if masters:
+            assert torch.equal(ours[name], value), name
+        else:  # the module is the masters rounded to bf16
+            assert value.dtype == torch.bfloat16 and torch.equal(ours[name].bfloat16(), value), name
+    assert len(list(ckpt.glob(checkpoint.WEIGHTS_GLOB))) == 2  # a share per rank
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_evaluate_and_generate_read_a_two_rank_bf16_checkpoint(bf16_runs, cache_dir, stage):
+    run, proc = bf16_runs[stage]
+    env = child_env(cache_dir)
+    val = {r["step"]: r["val_loss"] for r in read_metrics(run)[1]}
+    result = tool("evaluate.py", run / "checkpoints" / "step00000002", "--samples", "16", "--micro-batch", "4",
+                  "--json", env=env)
+    assert result.returncode == 0, result.stderr
+    # the training loop's own loss on the same windows: the same bf16 weights, the same forward
+    assert json.loads(result.stdout.splitlines()[-1])["loss"] == pytest.approx(val[2], abs=1e-5)
+    best = min(val, key=val.get)
+    assert (run / "checkpoints" / "best").read_text() == f"step{best:08d}"
+    sample = tool("generate.py", run, "--best", "--prompt", "The", "--max-tokens", "8", "--temperature", "0", env=env)
+    assert sample.returncode == 0 and sample.stdout.startswith("The"), sample.stderr
+    # Quiet by default: at ZeRO-1 (BF16_Optimizer) DeepSpeed prints memory lines, shown only with --verbose
+    shown = [line in proc.stdout for line in MEMORY_LINES]
+    assert shown == [stage == 1] * len(MEMORY_LINES) and not any(line in proc.stderr for line in MEMORY_LINES)
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_transformers_reads_the_bf16_export_with_our_logits(bf16_runs, cache_dir, stage, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setenv("DIST_LM_CACHE", str(cache_dir))  # where the run's tokenizer is
+    run, _ = bf16_runs[stage]
+    export_hf(run, tmp_path / "hf")  # the run's precision: bf16 weights, the masters rounded
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    ours, _, _ = load_model(run, dtype="trained")
+    exported = load_file(tmp_path / "hf" / "model.safetensors")
+    assert torch.equal(exported["model.layers.0.self_attn.q_proj.weight"], ours.blocks[0].attn.wq.weight)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    ids = torch.randint(0, ours.cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # bf16 weights compared as bf16, computed in fp32 on both sides
+        assert torch.allclose(hf(ids).logits, ours.float()(ids), atol=1e-4, rtol=0)
+
+
+def test_a_two_rank_bf16_zero1_checkpoint_resumes_on_one_rank_and_its_checkpoints_read(bf16_runs, cache_dir, tmp_path):
+    run, _ = bf16_runs[1]
+    env = child_env(cache_dir)
+    proc = launch("python", [*BF16, "parallel.zero_stage=1", "train.max_steps=6", f"run.dir={tmp_path}",
+                             "--resume", str(run / "checkpoints" / "step00000004")], env)
+    assert_ok(proc)
+    assert "universal format (saved on 2 ranks" in proc.stdout
+    assert not any(line in proc.stdout + proc.stderr for line in MEMORY_LINES)  # BF16_Optimizer, not --verbose
+    listed = tool("list_runs.py", tmp_path, "--json", env=env)
+    rows = {r["checkpoint"]: r for r in map(json.loads, listed.stdout.splitlines())}
+    assert rows["step00000006"]["latest"] and rows["step00000006"]["precision"] == "bf16"
+    assert rows["step00000006"]["world_size"] == 1
+    weights = checkpoint.consolidated_weights(tmp_path / "checkpoints" / "step00000006")
+    module = torch.load(tmp_path / "checkpoints" / "step00000006" / "mp_rank_00_model_states.pt",
+                        weights_only=False)["module"]
+    assert all(torch.equal(weights[k].bfloat16(), v) for k, v in module.items())
+
+
+def test_bad_checkpoints_get_one_line_and_status_2(bf16_runs, cache_dir, tmp_path):
+    env = child_env(cache_dir)
+    run, _ = bf16_runs[2]
+    not_a_checkpoint = tmp_path / "empty"
+    not_a_checkpoint.mkdir()
+    cases = {"is not a checkpoint, a run directory or a checkpoint root": [not_a_checkpoint]}
+    truncated, missing = (tmp_path / name / "checkpoints" for name in ("truncated", "missing"))
+    for root in (truncated, missing):
+        shutil.copytree(run / "checkpoints" / "step00000004", root / "step00000004")
+    shard = truncated / "step00000004" / "weights-rank00001.safetensors"
+    shard.write_bytes(shard.read_bytes()[:100])
+    cases["weights-rank00001.safetensors has 100 bytes"] = [truncated / "step00000004"]
+    (missing / "step00000004" / "mp_rank_00_model_states.pt").unlink()
+    cases["no complete checkpoint in"] = [missing.parent]
+    no_eval = tmp_path / "no-eval"
+    shutil.copytree(run / "checkpoints" / "step00000004", no_eval / "checkpoints" / "step00000004")
+    cases["has no best pointer"] = [no_eval, "--best"]
+    # The cases share one reader (checkpoint.find_for_reading), so each tool takes a turn.
+    for (message, args), name in zip(cases.items(), ["evaluate.py", "generate.py", "export_hf.py", "evaluate.py"]):
+        extra = [tmp_path / "out"] if name == "export_hf.py" else []
+        proc = tool(name, args[0], *extra, *args[1:], env=env)
+        assert proc.returncode == 2 and message in proc.stderr, (name, args, proc.stderr)
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert not (tmp_path / "out").exists()
