@@ -17,15 +17,18 @@ time spent waiting for data.
 --profile DIR: after the timed steps, each variant (and the baseline) runs 3 more under
 torch.profiler; DIR/<variant>-ops.txt gets the costliest operations and how busy the GPU was
 (dist_lm.profiling), DIR/<variant>-trace.json.gz the Chrome trace. Profiled steps are not timed.
-Prints one markdown table row per variant.
+Prints one markdown table row per variant; a variant that fails, times out (--timeout) or runs no
+timed step gets a row that says so, with its exit status and the last line of its log.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -56,12 +59,35 @@ def batch_override(config: str, overrides: list[str], accum: int, ranks: int = 1
     return f"train.global_batch_size={BatchPlan(micro, accum, ranks).global_batch_size}"
 
 
+def run_logged(cmd: list[str], log: Path, timeout: float) -> int | None:
+    """Run ``cmd`` with its output in ``log``; its exit status, or None if it ran past ``timeout``
+    seconds (then it and every process it started are killed: torchrun's ranks, compile workers)."""
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+        try:
+            return proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return None
+
+
+def last_line(log: Path) -> str:
+    lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    return lines[-1] if lines else "(no output)"
+
+
 def run_variant(config: str, overrides: list[str], variant: str, steps: int, warmup: int, accum: int, work: Path,
-                profile_dir: Path | None, ranks: int = 1, label: str | None = None) -> dict:
+                profile_dir: Path | None, ranks: int = 1, label: str | None = None, timeout: float = 1800) -> dict:
     """One row: ``variant`` ('name: overrides') trained on ``ranks`` GPUs, shown as ``label``."""
+    from dist_lm.config import UserError
+
     name, _, extra = variant.partition(":")
     name = label or name.strip()
-    extra += " " + batch_override(config, [*overrides, *extra.split()], accum, ranks)
+    try:
+        extra += " " + batch_override(config, [*overrides, *extra.split()], accum, ranks)
+    except UserError as e:  # the variant's own config is bad: its row says why, the others run
+        return {"variant": name, "ranks": ranks, "error": f"exit status 2: error: {e}"}
     run_dir = work / file_name(name)
     profiled = PROFILED_STEPS if profile_dir else 0
     if profiled:  # after the timed steps, in an interval of their own
@@ -72,20 +98,26 @@ def run_variant(config: str, overrides: list[str], variant: str, steps: int, war
             f"run.dir={run_dir}"]
     launcher = [sys.executable] if ranks == 1 else \
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
-    proc = subprocess.run([*launcher, str(ROOT / "launchers" / "pretrain.py"), "--config", *args],
-                          capture_output=True, text=True, cwd=ROOT)
-    if proc.returncode != 0:
-        return {"variant": name, "ranks": ranks, "error": (proc.stderr.strip().splitlines() or ["?"])[-1]}
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    log = work / f"{file_name(name)}.log"
+    status = run_logged([*launcher, str(ROOT / "launchers" / "pretrain.py"), "--config", *args], log, timeout)
+    if status != 0:
+        what = f"timed out after {timeout:g} s" if status is None else f"exit status {status}"
+        return {"variant": name, "ranks": ranks, "error": f"{what}: {last_line(log)}"}
+    metrics_file = run_dir / "metrics.jsonl"
+    rows = [json.loads(line) for line in metrics_file.read_text().splitlines()] if metrics_file.is_file() else []
     # the first interval holds the warm-up (and compilation); the profiled steps end the run
     timed = [r for r in rows if "loss" in r and warmup < r["step"] <= warmup + steps]
+    if not timed:
+        return {"variant": name, "ranks": ranks, "error": f"exit status 0 but no timed step in {metrics_file}: "
+                                                          f"{last_line(log)}"}
     if profiled:
         profile_dir.mkdir(parents=True, exist_ok=True)
         for what in ("ops.txt", "trace.json.gz"):
             shutil.copy(run_dir / "profile" / f"rank0-{what}", profile_dir / f"{file_name(name)}-{what}")
-    first = re.search(r"first step done ([\d.]+) s", proc.stdout)
-    predicted = re.search(r"predicted peak GPU memory per rank ([\d.]+) GB", proc.stdout)
-    batch = re.search(r"; batch (\d+) = micro", proc.stdout)
+    output = log.read_text(errors="replace")
+    first = re.search(r"first step done ([\d.]+) s", output)
+    predicted = re.search(r"predicted peak GPU memory per rank ([\d.]+) GB", output)
+    batch = re.search(r"; batch (\d+) = micro", output)
     n = len(timed)
     return {"variant": name, "ranks": ranks, "tokens_per_s": sum(r["tokens_per_s"] for r in timed) / n,
             "mfu": sum(r["mfu"] or 0 for r in timed) / n, "step_s": sum(r["step_time"] for r in timed) / n,
@@ -184,6 +216,7 @@ def main() -> None:
                    help="GPUs per variant, e.g. 1,2: each variant on each count, torchrun above 1 (default 1)")
     p.add_argument("--baseline", action="store_true", help="also run plain PyTorch in this process (GPU)")
     p.add_argument("--json", help="also write the rows to this file")
+    p.add_argument("--timeout", type=positive, default=1800, help="seconds one variant may run (default 1800)")
     p.add_argument("--profile", type=Path, metavar="DIR", help="profile 3 more steps per variant into DIR")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="applied to every variant")
     args = p.parse_args()
@@ -196,7 +229,7 @@ def main() -> None:
             for ranks in args.ranks:
                 label = base if args.ranks == [1] else f"{base}, {ranks} rank{'s' if ranks > 1 else ''}"
                 rows.append(run_variant(args.config, args.overrides, variant, args.steps, args.warmup, args.accum,
-                                        Path(work), args.profile, ranks, label) | {"base": base})
+                                        Path(work), args.profile, ranks, label, args.timeout) | {"base": base})
                 print_row(rows[-1], args)
     if args.baseline:
         rows.append(run_baseline(args.config, args.overrides, args.steps, args.warmup, args.accum, args.profile))
