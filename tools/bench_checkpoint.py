@@ -1,0 +1,73 @@
+"""What the full-weights files cost a checkpoint: one real training step, then the same checkpoint
+saved twice, without and with them (seconds each, and disk), and the time to read them back.
+
+    python tools/bench_checkpoint.py --config h100-80gb [section.key=value ...]
+    torchrun --nproc_per_node 2 tools/bench_checkpoint.py --config h100-80gb   # the share per rank
+
+Prints one JSON object (rank 0). Each save is dist_lm.checkpoint.save, as the trainer calls it;
+the first passes no weights, as checkpoints were written before the weights files existed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="a preset or YAML file")
+    p.add_argument("--dir", type=Path, help="where to write (default: a temporary directory; it is removed)")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value")
+    args = p.parse_args()
+
+    from dist_lm import checkpoint, distributed, engine as engine_ops
+    from dist_lm.config_io import load_config
+    from dist_lm.trainer import Trainer
+
+    with tempfile.TemporaryDirectory(dir=args.dir) as work:
+        cfg = load_config(args.config, [*args.overrides, "train.max_steps=1", "train.eval_interval=0",
+                                        "train.sample_tokens=0", "checkpoint.interval=0", "checkpoint.save_at_end=false",
+                                        "logging.wandb=disabled", "logging.progress=false", f"run.dir={work}/run"])
+        trainer = Trainer(cfg)
+        trainer.fit()
+        rank, world = trainer.dist_env.rank, trainer.dist_env.world_size
+        root, state = Path(work) / "checkpoints", trainer.state_dict()
+
+        def timed_save(step: int, weights) -> float:
+            distributed.barrier()
+            start = time.perf_counter()
+            checkpoint.save(trainer.engine, root, step, state, rank, weights, engine_ops.tied_names(trainer.engine.module),
+                            distributed.barrier, distributed.any_rank)
+            return time.perf_counter() - start
+
+        without = timed_save(1, dict)
+        gather_start = time.perf_counter()
+        engine_ops.master_weights(trainer.engine, rank, world)
+        gather = time.perf_counter() - gather_start
+        with_weights = timed_save(2, lambda: engine_ops.master_weights(trainer.engine, rank, world))
+        if distributed.is_rank0():
+            path = root / checkpoint.tag_for(2)
+            read_start = time.perf_counter()
+            weights = checkpoint.consolidated_weights(path)
+            read = time.perf_counter() - read_start
+            sizes = checkpoint.read_state(path)["manifest"]
+            weight_bytes = sum(v for k, v in sizes.items() if k.startswith("weights-rank"))
+            print(json.dumps({
+                "config": args.config, "overrides": args.overrides, "ranks": world, "precision": trainer.precision,
+                "zero_stage": cfg.parallel.zero_stage, "parameters": sum(v.numel() for v in weights.values()),
+                "save_s_without_weights": round(without, 2), "save_s_with_weights": round(with_weights, 2),
+                "gather_s": round(gather, 2), "read_weights_s": round(read, 2),
+                "checkpoint_bytes_without_weights": sum(sizes.values()) - weight_bytes, "weights_bytes": weight_bytes}))
+        trainer.close()
+        distributed.teardown()
+
+
+if __name__ == "__main__":
+    main()
