@@ -9,6 +9,7 @@ index, so the split is deterministic too.
 
 from __future__ import annotations
 
+import codecs
 import glob
 import gzip
 import hashlib
@@ -114,14 +115,40 @@ def documents(path: Path, text_field: str | None, skip_bad_lines: bool, stats: R
     if path.stat().st_size == 0:
         raise DataError(f"{path} is empty; remove it from the inputs")
     if path.name.endswith(".txt"):
-        with _open_text(path) as f:
-            text = f.read()
+        try:
+            with _open_text(path) as f:
+                text = f.read()
+        except UnicodeDecodeError:  # a binary file named .txt, or another encoding
+            raise DataError(f"{path} is not UTF-8 text: byte {first_undecodable_byte(path):,} does not decode; "
+                            "remove it from the inputs, or convert it to UTF-8") from None
         if text.strip():
             stats.documents += 1
             stats.chars += len(text)
             yield text
         return
     with _open_text(path) as f:
+        yield from _jsonl_documents(path, f, text_field, skip_bad_lines, stats)
+
+
+def first_undecodable_byte(path: Path) -> int:
+    """The offset in the file of the first byte that is not UTF-8 (read again, in blocks, since a
+    text reader's error counts from the start of its block)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            pending = len(decoder.getstate()[0])  # bytes of a character cut by the last block
+            try:
+                decoder.decode(block)
+            except UnicodeDecodeError as e:
+                return offset - pending + e.start
+            offset += len(block)
+    return offset
+
+
+def _jsonl_documents(path: Path, f: io.TextIOBase, text_field: str | None, skip_bad_lines: bool,
+                     stats: ReadStats) -> Iterator[str]:
+    try:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -142,6 +169,10 @@ def documents(path: Path, text_field: str | None, skip_bad_lines: bool, stats: R
                 stats.documents += 1
                 stats.chars += len(text)
                 yield text
+    except UnicodeDecodeError:
+        where = f"byte {first_undecodable_byte(path):,}" if path.name.endswith(".jsonl") else "its decompressed text"
+        raise DataError(f"{path} is not UTF-8 text: {where} does not decode; remove it from the inputs, or convert "
+                        "it to UTF-8") from None
 
 
 def pieces(doc: str) -> list[str]:

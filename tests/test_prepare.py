@@ -113,6 +113,11 @@ def put(path: Path, content: str) -> Path:
     return path
 
 
+def write_bytes(path: Path, content: bytes) -> Path:
+    path.write_bytes(content)
+    return path
+
+
 @pytest.mark.parametrize("make, fragment", [
     (lambda d: d / "missing.jsonl", "missing.jsonl: no such file"),
     (lambda d: put(d / "x.csv", "a"), "unsupported file type"),
@@ -123,6 +128,8 @@ def put(path: Path, content: str) -> Path:
      "f.jsonl line 1: none of the fields text, content, message, body, output or 'messages'"),
     (lambda d: put(d / "m.jsonl", '{"messages": [{"role": "robot", "content": "x"}]}\n'),
      "m.jsonl line 1: each entry of 'messages' needs a role"),
+    (lambda d: write_bytes(d / "b.txt", b"a text, then binary \x89PNG\xff\x00"), "b.txt is not UTF-8 text: byte 20 does not"),
+    (lambda d: write_bytes(d / "b.jsonl", b'{"text": "ok"}\n{"text": "\xff"}\n'), "b.jsonl is not UTF-8 text: byte 25 does not"),
 ])
 def test_bad_inputs_get_one_line_and_leave_nothing(tmp_path, make, fragment):
     out = tmp_path / "out"
