@@ -170,21 +170,21 @@ def find_for_reading(path: Path, best: bool = False) -> Found:
 
 
 def _newest(root: Path, required: bool, what: str) -> Found | None:
-    latest = root / LATEST
-    named = root / latest.read_text().strip() if latest.is_file() else None
-    if named is not None and problem_with(named) is None:
-        return Found(named, read_state(named))
+    """The newest complete checkpoint under root, by step: normally the one ``latest`` names, but
+    also after a process died between writing a checkpoint's state.json and moving ``latest``.
+    Its note names every newer checkpoint directory that is incomplete (a save that died)."""
     complete = complete_checkpoints(root)
+    tags = sorted((p for p in root.iterdir() if p.is_dir() and step_of(p) is not None), key=step_of) \
+        if root.is_dir() else []
     if not complete:
         if required:
-            why = f"; {named.name} is incomplete ({problem_with(named)})" if named is not None else ""
+            why = "".join(f"; {p.name} is incomplete ({problem_with(p)})" for p in tags[-1:])
             raise CheckpointError(f"checkpoint error: {what}: no complete checkpoint in {root}{why}; give another "
                                   "checkpoint or run directory")
         return None
     newest = complete[-1]
-    note = None
-    if named is not None:
-        note = f"{named.name} is incomplete ({problem_with(named)}); resuming from {newest.name}, the newest complete checkpoint"
+    skipped = [f"{p.name} is incomplete ({problem_with(p)})" for p in reversed(tags) if step_of(p) > step_of(newest)]
+    note = f"{'; '.join(skipped)}; resuming from {newest.name}, the newest complete checkpoint" if skipped else None
     return Found(newest, read_state(newest), note)
 
 
@@ -220,15 +220,19 @@ def bytes_needed(root: Path, fallback: int) -> int:
 
 
 def check_room(root: Path, need: int) -> str | None:
-    """Why a checkpoint of ``need`` bytes cannot be written under root, or None."""
+    """Why a checkpoint of ``need`` bytes cannot be written under root, or None. Creates nothing
+    (it runs at start-up too, before the run directory is written): it probes the nearest
+    directory that exists, root or one above it, with a file it removes at once."""
+    existing = next((p for p in (root, *root.parents) if p.exists()), Path("/"))
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        probe = root / f".write-test-{os.getpid()}"
+        if not existing.is_dir():
+            raise NotADirectoryError(20, f"{existing} is a file")
+        probe = existing / f".write-test-{os.getpid()}"
         probe.write_text("")
         probe.unlink()
     except OSError as e:
         return f"{root} is not writable ({e.strerror or e}); set checkpoint.dir to a writable directory"
-    free = shutil.disk_usage(root).free
+    free = shutil.disk_usage(existing).free
     if free < need:
         return (f"not enough space in {root}: a checkpoint needs about {need / 1e9:.2f} GB ({need:,} bytes), "
                 f"{free / 1e9:.2f} GB are free; free some, lower checkpoint.keep_last, or set checkpoint.dir")
@@ -273,8 +277,10 @@ def save(engine: Engine, root: Path, step: int, state: dict, rank: int, weights:
         engine.save_checkpoint(str(root), tag=tag_for(step), save_latest=False)
         write_weights(path, rank, weights(), aliases)
         _write_atomic(path / f"rng-rank{rank}.json", json.dumps(rng_state()))
-    except OSError as e:  # a full or failing disk: agree on it below instead of leaving others waiting
-        failed = f"rank {rank}: writing {path} failed: {e.strerror or e}"
+    except Exception as e:  # a full or failing disk: agree on it below instead of leaving others waiting.
+        # Any exception: torch's writer reports a full disk as RuntimeError ("unexpected pos").
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else (str(e).strip().splitlines() or [repr(e)])[0]
+        failed = f"rank {rank}: writing {path} failed: {reason}"
     if any_rank(failed is not None):
         if rank == 0:
             shutil.rmtree(path, ignore_errors=True)  # incomplete: free what it took

@@ -6,10 +6,11 @@ from __future__ import annotations
 import math
 import sys
 from collections import deque
+from pathlib import Path
 
 import torch
 
-from dist_lm import distributed, metrics
+from dist_lm import checkpoint, distributed, metrics
 
 
 class TrainingDiverged(RuntimeError):
@@ -69,21 +70,28 @@ class SpikeGuard:
 class SkipCounter:
     """Counts updates skipped for NaN/inf gradients; too many in a row end the run."""
 
-    def __init__(self, limit: int, precision: str, checkpoints: str):
+    def __init__(self, limit: int, precision: str, checkpoints: Path):
         self.limit, self.precision, self.checkpoints = limit, precision, checkpoints
         self.in_a_row = 0
+        self.first_skipped: int | None = None  # the step of the first skip of those in a row
         self.total = 0  # over the whole run (kept in the checkpoint)
 
     def update(self, applied: bool, grad_norm, step: int) -> None:
         """After the optimizer step ``step``: was its update applied? (Every rank agrees.)"""
         if applied:
-            self.in_a_row = 0
+            self.in_a_row, self.first_skipped = 0, None
             return
         self.in_a_row += 1
         self.total += 1
+        if self.first_skipped is None:
+            self.first_skipped = step
         what = "fp16 overflow, loss scale lowered" if self.precision == "fp16" else f"gradient norm {float(grad_norm)}"
         metrics.warn(f"step {step}: update skipped ({what}); {self.in_a_row} in a row, {self.total} in this run")
         if self.limit and self.in_a_row >= self.limit:
+            good = [p for p in checkpoint.complete_checkpoints(self.checkpoints)
+                    if checkpoint.step_of(p) < self.first_skipped]
+            where = f"is {good[-1]}" if good else f"none: no checkpoint in {self.checkpoints} is older than step " \
+                f"{self.first_skipped}"
             raise TrainingDiverged(f"{self.limit} updates in a row were skipped for NaN/inf gradients "
-                                   f"(train.max_skipped_steps); the last good checkpoint is in {self.checkpoints}: "
-                                   "lower optim.lr or check the data there")
+                                   f"(train.max_skipped_steps) from step {self.first_skipped}; the last good checkpoint "
+                                   f"{where}: lower optim.lr or check the data of those steps")

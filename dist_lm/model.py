@@ -213,6 +213,14 @@ class Transformer(nn.Module):
         return self._rope[0][start:start + t], self._rope[1][start:start + t]
 
 
+def parameter_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The shape of every tensor in the model's state dict, from a model built on the meta device
+    (no memory); a mixture-of-experts layer counts as model.n_experts MLPs."""
+    with torch.device("meta"):
+        model = Transformer(cfg, moe_layer=lambda _: nn.ModuleList(MLP(cfg) for _ in range(cfg.n_experts)))
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+
+
 def count_parameters(cfg: ModelConfig) -> dict[str, int]:
     """Parameter counts from the shapes alone (no model needed).
 

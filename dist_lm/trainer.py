@@ -13,6 +13,7 @@ import math
 import os
 import resource
 import time
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -21,16 +22,21 @@ import torch.nn.functional as F
 
 from dist_lm import checkpoint, distributed, engine as engine_ops, hardware, memory, metrics, shards, sinks
 from dist_lm.config import Config, UserError
-from dist_lm.config_io import to_dict, to_yaml
+from dist_lm.config_io import from_dict, to_dict, to_yaml
 from dist_lm.data import TrainData, ValData
 from dist_lm.dataset import resolve_data
 from dist_lm.faults import SkipCounter, SpikeGuard, TrainingDiverged
 from dist_lm.ds_config import batch_plan
 from dist_lm.generate import sample
-from dist_lm.model import Transformer, count_parameters, flops_per_token
+from dist_lm.model import Transformer, count_parameters, flops_per_token, parameter_shapes
 from dist_lm.optim import lr_at
 from dist_lm.preemption import StopControl
 from dist_lm.profiling import StepProfiler
+
+
+# A first checkpoint's size per parameter, before one was written to measure: the optimizer's
+# fp32 master and two Adam moments (12), the module in bf16 (2; 4 in fp32) and the weights file (4).
+CHECKPOINT_BYTES_PER_PARAMETER = 18
 
 
 def default_run_name(preset: str) -> str:
@@ -81,10 +87,13 @@ class Trainer:
         self.resume_from = checkpoint.find(cfg.checkpoint.resume, self.ckpt_root)
         if self.resume_from is not None:
             self._check_same_data(self.resume_from.state)
+            self._check_same_model(self.resume_from.state)
         elif cfg.checkpoint.resume == "none" and checkpoint.complete_checkpoints(self.ckpt_root):
             raise checkpoint.CheckpointError(
                 f"checkpoint error: checkpoint.resume=none but {self.ckpt_root} holds checkpoints of an earlier run; "
                 "use another run.name or checkpoint.dir, or resume it (checkpoint.resume=auto)")
+        if cfg.checkpoint.interval or cfg.checkpoint.save_at_end:  # not train to checkpoint.interval for nothing
+            self._check_room_for_a_checkpoint("at start-up")
         universal = self.resume_from is not None and checkpoint.needs_universal(
             self.resume_from.state, self.dist_env.world_size, cfg.parallel.zero_stage)
         self._write_run_dir()
@@ -131,7 +140,7 @@ class Trainer:
         self.last_saved_step: int | None = None
         self.evals_without_improvement = 0
         self.last_val_loss: tuple[int, float] | None = None  # (step, loss) of the newest evaluation
-        self.skips = SkipCounter(cfg.train.max_skipped_steps, self.precision, str(self.ckpt_root))
+        self.skips = SkipCounter(cfg.train.max_skipped_steps, self.precision, self.ckpt_root)
         self.spike_guard = SpikeGuard(cfg.train.spike_factor) if cfg.train.spike_factor else None
         self.aux_sum = torch.zeros((), device=self.device)  # MoE load-balancing loss, summed like loss
         self.elapsed_before = 0.0  # elapsed_s of earlier processes of this run (from the checkpoint)
@@ -171,6 +180,20 @@ class Trainer:
             return
         raise UserError(f"data error: {problem}; resume with the same data.dir, pass --allow-data-change to continue "
                         "on this data, or start a new run.name")
+
+    def _check_same_model(self, state: dict) -> None:
+        """Refuse, before anything is written, a checkpoint whose weights do not fit this run's model
+        (e.g. --allow-data-change onto data of another vocabulary size)."""
+        saved = from_dict(state["config"], str(self.resume_from.path / checkpoint.STATE)).model
+        theirs, ours = parameter_shapes(saved), parameter_shapes(self.cfg.model)
+        if theirs == ours:
+            return
+        name = next(n for n in [*ours, *theirs] if theirs.get(n) != ours.get(n))  # the first, in the model's order
+        changed = [f"model.{f.name} {getattr(saved, f.name)} -> {getattr(self.cfg.model, f.name)}"
+                   for f in fields(saved) if getattr(saved, f.name) != getattr(self.cfg.model, f.name)]
+        raise UserError(f"config error: {self.resume_from.path} holds another model: {name} is {theirs.get(name)} there "
+                        f"and {ours.get(name)} here ({', '.join(changed)}); resume with the checkpoint's model "
+                        "settings and data, or start a new run.name")
 
     def _resume(self, found: checkpoint.Found, universal: bool) -> None:
         checkpoint.load(self.engine, found, universal)
@@ -375,10 +398,10 @@ class Trainer:
         loss_bad = torch.tensor(0.0 if torch.isfinite(loss_sum) else 1.0, device=self.device)
         dist.all_reduce(loss_bad, op=dist.ReduceOp.MAX)  # losses are per rank: agree before raising
         if loss_bad.item():
-            raise TrainingDiverged(f"step {self.step}: loss is not finite on some rank"
+            raise TrainingDiverged(f"step {self.step + 1}: loss is not finite on some rank"
                                    + (f"; first non-finite gradient: {bad}" if bad else ""))
-        if bad is not None:
-            raise TrainingDiverged(f"step {self.step}: gradient of {bad} is not finite")
+        if bad is not None:  # (self.step counts the steps done: this is the next one)
+            raise TrainingDiverged(f"step {self.step + 1}: gradient of {bad} is not finite")
 
     @torch.no_grad()
     def evaluate(self) -> dict:
@@ -412,13 +435,24 @@ class Trainer:
         self.last_eval_seconds = time.perf_counter() - start
         return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
 
-    def save(self) -> None:
-        start = time.perf_counter()
+    def _check_room_for_a_checkpoint(self, when: str) -> None:
+        """Rank 0 checks the checkpoint directory is writable with room for one more checkpoint
+        (the newest one's size; for a first one, CHECKPOINT_BYTES_PER_PARAMETER), for all ranks."""
         rank0 = distributed.is_rank0()
-        need = checkpoint.bytes_needed(self.ckpt_root, 16 * count_parameters(self.cfg.model)["total"]) if rank0 else 0
+        need = checkpoint.bytes_needed(self.ckpt_root, CHECKPOINT_BYTES_PER_PARAMETER *
+                                       count_parameters(self.cfg.model)["total"]) if rank0 else 0
         problem = distributed.from_rank0(checkpoint.check_room(self.ckpt_root, need) if rank0 else None)
         if problem:
-            raise checkpoint.CheckpointError(f"checkpoint error: step {self.step}: {problem}; the previous checkpoint is intact")
+            raise checkpoint.CheckpointError(f"checkpoint error: {when}: {problem}; any previous checkpoint is intact")
+
+    def save(self) -> None:
+        if self.skips.in_a_row:  # the weights since the first skipped update may be bad: keep the good ones
+            metrics.warn(f"step {self.step}: no checkpoint while updates are being skipped (since step "
+                         f"{self.skips.first_skipped}); the last good one stays the newest")
+            return
+        start = time.perf_counter()
+        rank0 = distributed.is_rank0()
+        self._check_room_for_a_checkpoint(f"step {self.step}")
         path = self.ckpt_root / checkpoint.tag_for(self.step)
         with checkpoint.SaveWatchdog(60 * self.cfg.checkpoint.save_timeout_minutes, self.dist_env.rank, path):
             checkpoint.save(self.engine, self.ckpt_root, self.step, self.state_dict(), self.dist_env.rank,

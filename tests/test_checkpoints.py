@@ -123,9 +123,13 @@ def test_a_truncated_latest_checkpoint_is_skipped_with_a_note(env, ds_ops, tmp_p
     latest = tmp_path / "checkpoints" / "step00000004"
     shard = latest / "mp_rank_00_model_states.pt"
     shard.write_bytes(shard.read_bytes()[:1000])
+    died = tmp_path / "checkpoints" / "step00000005"  # what a kill -9 in the middle of a save leaves
+    died.mkdir()
+    (died / "mp_rank_00_model_states.pt").write_bytes(shard.read_bytes()[:500])
     proc = launch("python", [*BASE, "train.max_steps=6", "checkpoint.interval=2", f"run.dir={tmp_path}"], env)
     assert_ok(proc)
-    assert "step00000004 is incomplete (mp_rank_00_model_states.pt has 1000 bytes" in proc.stderr
+    assert "step00000005 is incomplete (it has no state.json (the save did not finish)); step00000004 is " \
+           "incomplete (mp_rank_00_model_states.pt has 1000 bytes" in proc.stderr
     assert "resuming from step00000002, the newest complete checkpoint" in proc.stderr
     assert "at step 2 " in proc.stdout and [s for s, _ in losses(tmp_path)][-4:] == [3, 4, 5, 6]
     shard.write_bytes(shard.read_bytes()[:1000])  # (step 4 was saved again by the resumed run)
@@ -166,12 +170,15 @@ def test_nonfinite_updates_are_skipped_then_the_run_stops(env, ds_ops, tmp_path)
         common = [*BASE, f"parallel.zero_stage={stage}", f"run.dir={run}"]
         assert_ok(launch("python", [*common, "train.max_steps=2"], env))
         # lr 1e30: the first update throws the weights out of fp32's range; the losses after are NaN
+        # a checkpoint every step: none is written while updates are being skipped
         proc = launch("python", [*common, "train.max_steps=20", "optim.lr=1e30", "optim.warmup_steps=0",
-                                 "optim.grad_clip=0", "train.max_skipped_steps=3", "checkpoint.interval=100"], env)
+                                 "optim.grad_clip=0", "train.max_skipped_steps=3", "checkpoint.interval=1"], env)
         err = bad(proc, 1)
         assert "update skipped" in err and "3 in a row" in err
-        assert "3 updates in a row were skipped for NaN/inf gradients (train.max_skipped_steps)" in err
-        assert (run / "checkpoints" / "latest").read_text() == "step00000002"  # the last good one
+        first = int(err.split("from step ")[1].split(";")[0])  # step 3 or 4: the update of 3 sends the loss to NaN
+        assert f"3 updates in a row were skipped for NaN/inf gradients (train.max_skipped_steps) from step {first}; " \
+               f"the last good checkpoint is {run / 'checkpoints' / f'step{first - 1:08d}'}" in err
+        assert (run / "checkpoints" / "latest").read_text() == f"step{first - 1:08d}"  # the last good one
         assert checkpoint.problem_with(run / "checkpoints" / "step00000002") is None
 
 
@@ -206,6 +213,28 @@ def test_resume_on_changed_data_is_refused_unless_allowed(env, ds_ops, tmp_path,
     assert "continuing as --allow-data-change asks" in proc.stderr and "at step 2 " in proc.stdout
 
 
+def test_a_checkpoint_of_another_model_shape_is_refused_before_anything_is_written(env, ds_ops, tmp_path, cache_dir):
+    """--allow-data-change onto data of another vocabulary size: one line naming the tensor and the
+    setting, exit 2, and the run directory as it was (its config.yaml describes the checkpoint)."""
+    data = tmp_path / "data"
+    embedded = next(cache_dir.glob("embedded-*"))
+    data.mkdir()
+    for f in embedded.iterdir():
+        if f.name != "meta.json":
+            (data / f.name).symlink_to(f)
+    meta = json.loads((embedded / "meta.json").read_text())
+    run = tmp_path / "run"
+    assert_ok(launch("python", [*BASE, "train.max_steps=2", f"run.dir={run}"], env))
+    (data / "meta.json").write_text(json.dumps({**meta, "vocab_size": 2 * meta["vocab_size"]}))
+    before = {f.name: f.read_bytes() for f in run.iterdir() if f.is_file()}
+    err = bad(launch("python", [*BASE, "train.max_steps=3", f"data.dir={data}", f"run.dir={run}", "--allow-data-change"],
+                     env))
+    assert f"holds another model: tok_embeddings.weight is ({meta['vocab_size']}, 128) there and " \
+           f"({2 * meta['vocab_size']}, 128) here (model.vocab_size {meta['vocab_size']} -> {2 * meta['vocab_size']})" in err
+    assert err.strip().splitlines()[-1].startswith("error: config error: ")  # after the data-change warning
+    assert {f.name: f.read_bytes() for f in run.iterdir() if f.is_file()} == before
+
+
 def test_resume_none_refuses_to_mix_with_an_earlier_run(env, ds_ops, tmp_path):
     assert_ok(launch("python", [*BASE, "train.max_steps=2", f"run.dir={tmp_path}"], env))
     err = bad(launch("python", [*BASE, "train.max_steps=2", f"run.dir={tmp_path}", "--resume", "none"], env))
@@ -213,12 +242,14 @@ def test_resume_none_refuses_to_mix_with_an_earlier_run(env, ds_ops, tmp_path):
 
 
 def test_unwritable_checkpoint_dir_fails_the_save_clearly(env, ds_ops, tmp_path):
+    """Found at start-up, before any step is trained or the run directory is written."""
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     proc = launch("python", [*BASE, "train.max_steps=2", f"checkpoint.dir={blocker / 'ckpt'}",
                              f"run.dir={tmp_path / 'run'}"], env)
     err = bad(proc)
-    assert f"checkpoint error: step 2: {blocker / 'ckpt'} is not writable" in err and "set checkpoint.dir" in err
+    assert f"checkpoint error: at start-up: {blocker / 'ckpt'} is not writable" in err and "set checkpoint.dir" in err
+    assert not (tmp_path / "run").exists()
 
 
 def test_full_disk_names_the_path_and_the_bytes(tmp_path):
@@ -235,3 +266,34 @@ def test_a_hung_save_is_reported_and_ends_the_process(tmp_path):
                           env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=60)
     assert proc.returncode == checkpoint.SAVE_TIMEOUT_EXIT and time.time() - start < 20
     assert "rank 3: saving checkpoint /ckpt/step00000007 did not finish within" in proc.stderr
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A tmpfs of its own (CI runs as root), unmounted after the test."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64M,nr_inodes=1000", "tmpfs", str(disk)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"needs root to mount a tmpfs: {mounted.stderr.strip()}")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=True)
+
+
+def test_a_disk_that_fills_during_a_save_keeps_the_previous_checkpoint(env, ds_ops, tmp_path, small_disk):
+    """The disk runs out (of inodes: a tmpfs that has room for the step-2 checkpoint and two more
+    files) in the middle of the step-4 save. Torch's writer fails with a RuntimeError, not an
+    OSError; whatever fails, the partial checkpoint goes, the previous one stays the latest, and
+    the run ends with one line and exit status 2."""
+    args = [*BASE, "checkpoint.interval=2", f"checkpoint.dir={small_disk / 'ckpt'}", f"run.dir={tmp_path / 'run'}"]
+    assert_ok(launch("python", [*args, "train.max_steps=2"], env))
+    used = os.statvfs(small_disk).f_files - os.statvfs(small_disk).f_ffree
+    subprocess.run(["mount", "-o", f"remount,nr_inodes={used + 2}", str(small_disk)], check=True)
+    err = bad(launch("python", [*args, "train.max_steps=4"], env))
+    assert err.strip().splitlines()[-1].startswith(
+        f"error: checkpoint error: rank 0: writing {small_disk / 'ckpt' / 'step00000004'} failed: "), err[-3000:]
+    assert "Traceback" not in err
+    assert sorted(p.name for p in (small_disk / "ckpt").iterdir() if p.name.startswith("step")) == ["step00000002"]
+    assert (small_disk / "ckpt" / "latest").read_text() == "step00000002"
+    assert checkpoint.problem_with(small_disk / "ckpt" / "step00000002") is None

@@ -82,7 +82,7 @@ def test_debug_mode_names_the_first_non_finite_gradient(env, ds_ops, tmp_path):
     # A huge init blows up the embeddings' gradient while RMSNorm keeps the loss itself finite.
     proc = launch("python", ["--debug", "model.init_std=1e30", f"run.dir={tmp_path}"], env)
     assert proc.returncode == 1
-    assert "step 0: gradient of tok_embeddings.weight is not finite" in proc.stderr
+    assert "step 1: gradient of tok_embeddings.weight is not finite" in proc.stderr  # the first step is 1
 
 
 def test_debug_mode_refuses_a_launcher(env, tmp_path):
