@@ -79,12 +79,13 @@ def test_generation_stops_at_end_of_text_and_at_the_context():
 
 
 def test_mixture_of_experts_with_expert_parallelism_on_two_ranks(env, ds_ops, tmp_path):
-    """bf16, each rank holding 2 of the 4 experts; its checkpoint's weights files hold every expert
-    once under its global index, as DeepSpeed's own expert files do; the tools that cannot run
-    DeepSpeed's MoE layer outside the engine say so in one line."""
+    """Each rank holds 2 of the 4 experts; the checkpoint's weights files hold every expert once
+    under its global index, equal to DeepSpeed's own expert files; the tools that cannot run
+    DeepSpeed's MoE layer outside the engine say so in one line. (fp32: in bf16 this test took
+    twice as long on two cores, and the expert naming is the same in every precision.)"""
     proc = launch("torchrun", [*BASE, "model.layer_types=mlp,moe", "model.n_experts=4", "model.moe_aux_loss_coef=0.1",
-                               "parallel.expert_parallel_size=2", "parallel.zero_stage=2", "parallel.precision=bf16",
-                               "train.max_steps=40", "train.eval_interval=40", f"run.dir={tmp_path}"], env)
+                               "parallel.expert_parallel_size=2", "parallel.zero_stage=2", "train.max_steps=40",
+                               "train.eval_interval=40", f"run.dir={tmp_path}"], env)
     assert_ok(proc)
     train, evals = read_metrics(tmp_path)
     aux = [r["aux_loss"] for r in train]
@@ -95,7 +96,7 @@ def test_mixture_of_experts_with_expert_parallelism_on_two_ranks(env, ds_ops, tm
     weights = checkpoint.consolidated_weights(ckpt)
     for expert in range(4):
         theirs = torch.load(ckpt / f"layer_0_expert_{expert}_mp_rank_00_model_states.pt", weights_only=False)
-        assert theirs and all(torch.equal(weights[k].bfloat16(), v) for k, v in theirs.items())
+        assert theirs and all(torch.equal(weights[k], v) for k, v in theirs.items())
     for name in ("evaluate.py", "generate.py"):
         refused = subprocess.run([sys.executable, str(ROOT / "tools" / name), str(tmp_path)], env=env,
                                  capture_output=True, text=True, cwd=ROOT)
