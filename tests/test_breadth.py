@@ -129,7 +129,7 @@ def test_muon_trains_on_two_ranks(env, ds_ops, fused_adam_op, tmp_path, stage):
 def trained(tmp_path_factory, cache_dir, ds_ops):
     run = tmp_path_factory.mktemp("breadth") / "run"
     e = child_env(cache_dir)
-    assert_ok(launch("python", [*BASE, "train.max_steps=30", "train.eval_interval=30", "train.eval_samples=24",
+    assert_ok(launch("python", [*BASE, "train.max_steps=10", "train.eval_interval=10", "train.eval_samples=24",
                                 "train.micro_batch_size=4", f"run.dir={run}"], e))
     return run, e
 
