@@ -70,8 +70,8 @@ class SpikeGuard:
 class SkipCounter:
     """Counts updates skipped for NaN/inf gradients; too many in a row end the run."""
 
-    def __init__(self, limit: int, precision: str, checkpoints: Path):
-        self.limit, self.precision, self.checkpoints = limit, precision, checkpoints
+    def __init__(self, limit: int, precision: str, checkpoints: Path | str):
+        self.limit, self.precision, self.checkpoints = limit, precision, Path(checkpoints)
         self.in_a_row = 0
         self.first_skipped: int | None = None  # the step of the first skip of those in a row
         self.total = 0  # over the whole run (kept in the checkpoint)
