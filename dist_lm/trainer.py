@@ -15,12 +15,13 @@ import resource
 import time
 from dataclasses import fields
 from pathlib import Path
+from typing import IO
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from dist_lm import checkpoint, distributed, engine as engine_ops, hardware, memory, metrics, shards, sinks
+from dist_lm import checkpoint, distributed, engine as engine_ops, hardware, memory, metrics, run_lock, shards, sinks
 from dist_lm.config import Config, UserError
 from dist_lm.config_io import from_dict, to_dict, to_yaml
 from dist_lm.data import TrainData, ValData
@@ -55,6 +56,7 @@ class Trainer:
         ``data``: what ``resolve_data(cfg)`` returned, when the caller checked the data already."""
         self.cfg = cfg
         self.start_time = time.perf_counter()
+        self.dir_lock: IO[str] | None = None  # held by rank 0 from the run directory's first write
         # --- checks that need no process group: a bad input fails here, before anything starts
         self.dist_env = distributed.detect(os.environ)
         distributed.check_master_reachable(self.dist_env)
@@ -158,8 +160,17 @@ class Trainer:
         return run_dir
 
     def _write_run_dir(self) -> None:
+        """Take the run directory (its lock: dist_lm.run_lock), then write its config."""
+        problem = None
         if distributed.is_rank0():
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                self.dir_lock = run_lock.lock(self.run_dir)
+            except run_lock.RunDirInUse as e:
+                problem = str(e)
+        problem = distributed.from_rank0(problem)
+        if problem:
+            raise run_lock.RunDirInUse(problem)
+        if distributed.is_rank0():
             _write_atomic(self.run_dir / "config.yaml", to_yaml(self.cfg))
         dist.barrier()
 
@@ -487,3 +498,5 @@ class Trainer:
             self.sample_log.close()
         self.metrics.close()
         metrics.set_log_file(None)
+        if self.dir_lock is not None:
+            self.dir_lock.close()  # the directory is free for the next process

@@ -297,3 +297,26 @@ def test_a_disk_that_fills_during_a_save_keeps_the_previous_checkpoint(env, ds_o
     assert sorted(p.name for p in (small_disk / "ckpt").iterdir() if p.name.startswith("step")) == ["step00000002"]
     assert (small_disk / "ckpt" / "latest").read_text() == "step00000002"
     assert checkpoint.problem_with(small_disk / "ckpt" / "step00000002") is None
+
+
+def test_a_second_process_on_a_run_directory_is_refused_until_the_first_is_gone(env, ds_ops, tmp_path):
+    """The first run holds RUN_DIR/.lock; a second start on the same directory gets one line and
+    exit 2 and changes nothing; once the first is killed (-9: no clean-up), the directory is free."""
+    args = [*BASE, f"run.dir={tmp_path}"]
+    first = subprocess.Popen([sys.executable, str(PRETRAIN), *args, "train.max_steps=100000"], env=env, cwd=ROOT,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (tmp_path / "metrics.jsonl").is_file():
+            time.sleep(0.1)
+        config = (tmp_path / "config.yaml").read_bytes()
+        second = launch("python", [*args, "train.max_steps=3", "model.n_layers=3"], env)
+        err = bad(second)
+        assert len(err.strip().splitlines()) == 1, err
+        assert f"run error: {tmp_path} is in use by another run (pid@host {first.pid}@" in err
+        assert (tmp_path / "config.yaml").read_bytes() == config  # still the first run's model
+        assert first.poll() is None  # the first run goes on
+    finally:
+        first.kill()
+        first.wait()
+    assert_ok(launch("python", [*args, "train.max_steps=2"], env))
