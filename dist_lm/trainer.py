@@ -29,7 +29,7 @@ from dist_lm.dataset import resolve_data
 from dist_lm.faults import SkipCounter, SpikeGuard, TrainingDiverged
 from dist_lm.ds_config import batch_plan
 from dist_lm.generate import sample
-from dist_lm.model import Transformer, count_parameters, flops_per_token, parameter_shapes
+from dist_lm.model import count_parameters, flops_per_token, parameter_shapes
 from dist_lm.optim import lr_at
 from dist_lm.preemption import StopControl
 from dist_lm.profiling import StepProfiler
