@@ -29,7 +29,6 @@ import random
 import shutil
 import subprocess
 import sys
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -237,32 +236,6 @@ def check_room(root: Path, need: int) -> str | None:
         return (f"not enough space in {root}: a checkpoint needs about {need / 1e9:.2f} GB ({need:,} bytes), "
                 f"{free / 1e9:.2f} GB are free; free some, lower checkpoint.keep_last, or set checkpoint.dir")
     return None
-
-
-class SaveWatchdog:
-    """Ends the process if a save does not finish in time: a hung filesystem must not hang the
-    job. The checkpoint being written has no state.json, so the previous one stays the latest."""
-
-    def __init__(self, seconds: float, rank: int, path: Path):
-        self.timer = threading.Timer(seconds, self._fire, args=(seconds, rank, path))
-        self.timer.daemon = True
-
-    @staticmethod
-    def _fire(seconds: float, rank: int, path: Path) -> None:
-        print(f"error: rank {rank}: saving checkpoint {path} did not finish within {seconds / 60:g} minutes "
-              "(checkpoint.save_timeout_minutes); exiting. The previous complete checkpoint is intact.",
-              file=sys.stderr, flush=True)
-        os._exit(SAVE_TIMEOUT_EXIT)
-
-    def __enter__(self) -> "SaveWatchdog":
-        self.timer.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.timer.cancel()
-
-
-SAVE_TIMEOUT_EXIT = 3
 
 
 def save(engine: Engine, root: Path, step: int, state: dict, rank: int, weights: Callable[[], dict],

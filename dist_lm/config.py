@@ -315,7 +315,9 @@ class ParallelConfig:
     step waits ~6 min and step 6 ~2.5 min (compiling, profiling). Ignored without compile or below
     ZeRO-3, where plain torch.compile is the fast path."""
     timeout_minutes: float = 30.0
-    """Collective timeout: a rank waiting longer than this for the others fails instead of hanging."""
+    """The longest a rank may go without finishing a step or an evaluation batch (the first,
+    compiling, step included): then it ends with one line naming the rank that stopped answering,
+    exit status 3. Every collective's timeout too (plus a minute)."""
     expert_parallel_size: int = 1
     """Ranks the experts of a moe layer are spread over (must divide the rank count and
     model.n_experts); DeepSpeed's MoE layer does the all-to-all."""
@@ -358,7 +360,7 @@ class CheckpointConfig:
     """Resume even though the data differs from the checkpoint's (meta.json, shard sizes or
     tokenizer); the data order continues by sample count. Also --allow-data-change."""
     save_timeout_minutes: float = 30.0
-    """A save not finished in this time ends the process with a message (status 3) instead of
+    """A save not finished in this time ends the process with one line (status 3) instead of
     hanging; the previous checkpoint stays the latest."""
     save_at_end: bool = True
     """Save when the run ends at train.max_steps or by early stopping. false for throwaway runs

@@ -18,8 +18,10 @@ from typing import Mapping
 
 import torch
 import torch.distributed as dist
+import torch.distributed.distributed_c10d as c10d
 
 from dist_lm.config import UserError
+from dist_lm.watchdog import BACKEND_GRACE
 
 DEFAULT_MASTER_PORT = 29500
 
@@ -27,7 +29,8 @@ DEFAULT_MASTER_PORT = 29500
 @dataclass(frozen=True)
 class DistEnv:
     launcher: str
-    """torchrun, deepspeed, openmpi, mpich, slurm, or none (one process, no launcher)."""
+    """torchrun, deepspeed, openmpi, mpich, slurm, env (RANK/WORLD_SIZE/... set by hand or by
+    another tool), or none (one process, no launcher)."""
     rank: int
     local_rank: int
     world_size: int
@@ -64,12 +67,13 @@ def detect(env: Mapping[str, str]) -> DistEnv:
     port = _int(env, "MASTER_PORT") if "MASTER_PORT" in env else DEFAULT_MASTER_PORT
     addr = env.get("MASTER_ADDR", "127.0.0.1")
 
-    if "RANK" in env or "WORLD_SIZE" in env:  # torchrun and the deepspeed launcher
+    if "RANK" in env or "WORLD_SIZE" in env:  # torchrun, the deepspeed launcher, or set by hand
         for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
             if name not in env:
                 raise UserError(f"launch environment: RANK/WORLD_SIZE are set but {name} is not; "
                                 "start through torchrun or deepspeed, or unset RANK and WORLD_SIZE")
-        launcher = "torchrun" if "TORCHELASTIC_RUN_ID" in env else "deepspeed"
+        # The deepspeed launcher also sets CROSS_RANK/CROSS_SIZE (its node rank and count).
+        launcher = "torchrun" if "TORCHELASTIC_RUN_ID" in env else "deepspeed" if "CROSS_RANK" in env else "env"
         world = _int(env, "WORLD_SIZE")
         local_world = _int(env, "LOCAL_WORLD_SIZE") if "LOCAL_WORLD_SIZE" in env else (
             _int(env, "LOCAL_SIZE") if "LOCAL_SIZE" in env else world)
@@ -142,8 +146,11 @@ def device_for(d: DistEnv) -> torch.device:
     return torch.device("cuda", d.local_rank)
 
 
-def init_process_group(d: DistEnv, device: torch.device, timeout_minutes: float) -> None:
-    """Export the standard variables and start the default process group."""
+def init_process_group(d: DistEnv, device: torch.device, timeout_minutes: float) -> int:
+    """Export the standard variables and start the default process group and the control group.
+    Their collectives time out ``timeout_minutes`` plus a grace after the watchdog's deadline
+    (dist_lm.watchdog), which ends a hang first, with a line naming the rank. Returns the port
+    of the rendezvous store."""
     port = d.master_port or _free_port()
     os.environ.update(RANK=str(d.rank), WORLD_SIZE=str(d.world_size), LOCAL_RANK=str(d.local_rank),
                       LOCAL_WORLD_SIZE=str(d.local_world_size), MASTER_ADDR=d.master_addr, MASTER_PORT=str(port))
@@ -157,10 +164,15 @@ def init_process_group(d: DistEnv, device: torch.device, timeout_minutes: float)
             # ncclCommSplit); torch then warns at every barrier about a choice there isn't.
             warnings.filterwarnings("ignore", message=r"barrier\(\): using the device under current context")
     backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, rank=d.rank, world_size=d.world_size,
-                            timeout=timedelta(minutes=timeout_minutes), **kwargs)
+    timeout = timedelta(minutes=timeout_minutes) + BACKEND_GRACE
+    # DeepSpeed makes its own groups (ZeRO's data-parallel group is one) with torch's default
+    # timeout, 10 minutes under NCCL: NCCL's abort would then end a hang before the watchdog's line,
+    # or a legitimate wait longer than 10 minutes. Every group of this process gets ours.
+    c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timeout
+    dist.init_process_group(backend, rank=d.rank, world_size=d.world_size, timeout=timeout, **kwargs)
     global _control
-    _control = dist.new_group(backend="gloo")  # a collective: every rank creates it here
+    _control = dist.new_group(backend="gloo", timeout=timeout)  # a collective: every rank creates it here
+    return port
 
 
 # A CPU (gloo) group for control decisions (stop, save failed, ...): agreeing on a flag costs no

@@ -21,7 +21,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from dist_lm import checkpoint, distributed, engine as engine_ops, hardware, memory, metrics, run_lock, shards, sinks
+from dist_lm import checkpoint, distributed, engine as engine_ops, hardware, memory, metrics, run_lock, shards, sinks, \
+    watchdog
 from dist_lm.config import Config, UserError
 from dist_lm.config_io import from_dict, to_dict, to_yaml
 from dist_lm.data import TrainData, ValData
@@ -79,7 +80,10 @@ class Trainer:
 
         # --- the process group, then the run directory (its name is rank 0's choice); a
         # checkpoint to resume is checked against the data before anything is written there
-        distributed.init_process_group(self.dist_env, self.device, cfg.parallel.timeout_minutes)
+        port = distributed.init_process_group(self.dist_env, self.device, cfg.parallel.timeout_minutes)
+        # Heartbeats from here; the deadline is armed when training starts (fit).
+        self.watchdog = watchdog.start(rank, self.dist_env.world_size, self.dist_env.master_addr, port,
+                                       60 * cfg.parallel.timeout_minutes)
         # From here on SIGTERM/SIGUSR1 end the run with a checkpoint (engine set-up included).
         self.stop = StopControl(cfg.train.stop_at_step, cfg.train.time_limit_minutes, self.start_time)
         self.stop_reason: str | None = None
@@ -250,6 +254,7 @@ class Trainer:
         metrics.log(f"training from step {self.step} to {cfg.max_steps}"
                     f"{engine_ops.compile_wait(self.cfg.parallel, self.device, self.step)}")
         self.engine.train()
+        self.watchdog.progress(f"training step {self.step + 1}")
         progress = metrics.Progress(self.cfg.logging.progress, cfg.max_steps, self.step)
         loss_sum = torch.zeros((), device=self.device)  # summed on device; read only at log steps
         steps_since_log, interval_start, first_step = 0, time.perf_counter(), self.step
@@ -259,6 +264,7 @@ class Trainer:
                 self.profiler.before_step(self.step + 1)
                 grad_norm, micro_steps = self._train_step(loss_sum)
                 self.step += 1
+                self.watchdog.progress(f"training step {self.step + 1}")
                 self.profiler.after_step(self.step)
                 steps_since_log += 1
                 if self.step == first_step + 1:
@@ -426,6 +432,7 @@ class Trainer:
             if self.stop.signalled():
                 self.engine.train()
                 return {}
+            self.watchdog.progress(f"evaluating at step {self.step}")
             if batch is None:
                 self.engine(self.val_data.filler)
                 continue
@@ -465,10 +472,12 @@ class Trainer:
         rank0 = distributed.is_rank0()
         self._check_room_for_a_checkpoint(f"step {self.step}")
         path = self.ckpt_root / checkpoint.tag_for(self.step)
-        with checkpoint.SaveWatchdog(60 * self.cfg.checkpoint.save_timeout_minutes, self.dist_env.rank, path):
-            checkpoint.save(self.engine, self.ckpt_root, self.step, self.state_dict(), self.dist_env.rank,
-                            lambda: engine_ops.master_weights(self.engine, self.dist_env.rank, self.dist_env.world_size),
-                            engine_ops.tied_names(self.engine.module), distributed.barrier, distributed.any_rank)
+        self.watchdog.progress(f"saving checkpoint {path}", 60 * self.cfg.checkpoint.save_timeout_minutes,
+                               "checkpoint.save_timeout_minutes")
+        checkpoint.save(self.engine, self.ckpt_root, self.step, self.state_dict(), self.dist_env.rank,
+                        lambda: engine_ops.master_weights(self.engine, self.dist_env.rank, self.dist_env.world_size),
+                        engine_ops.tied_names(self.engine.module), distributed.barrier, distributed.any_rank)
+        self.watchdog.progress(f"training step {self.step + 1}")
         if rank0:
             for old in checkpoint.prune(self.ckpt_root, self.cfg.checkpoint.keep_last, self.cfg.checkpoint.keep_best):
                 metrics.log(f"removed old checkpoint {old.name}")
@@ -483,6 +492,7 @@ class Trainer:
         if not self.meta.get("tokenizer"):
             metrics.warn(f"no sample: {self.data_dir} has no tokenizer.json to decode with")
             return
+        self.watchdog.progress(f"sampling at step {self.step}")
         tokenizer = Tokenizer.from_file(str(self.data_dir / self.meta["tokenizer"]))
         eot = self.meta.get("eot_id")
         prompt = tokenizer.encode(self.cfg.train.sample_prompt).ids or [eot if eot is not None else 0]

@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 from dist_lm.config import UserError  # noqa: E402
 from dist_lm.config_io import load_config, to_yaml  # noqa: E402
 from dist_lm.dataset import resolve_data  # noqa: E402
+from dist_lm import watchdog  # noqa: E402
 
 # --debug: the debug preset in one process, fp32, every step logged, non-finite values named.
 # Given before the user's overrides, so any of them can still be overridden.
@@ -88,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # a rank lost during the set-up (a dead peer fails a collective at once)
+        return _lost_rank(e)
     status = 0
     try:
         with out_of_memory:
@@ -100,11 +103,26 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:  # e.g. a checkpoint that cannot be written: agreed on by every rank
         print(f"error: {e}", file=sys.stderr)
         status = 2
+    except Exception as e:
+        return _lost_rank(e)
     finally:
         trainer.close()
     # Not reached after a crash: a barrier there would wait for ranks that may never come.
+    trainer.watchdog.progress(f"finishing the run after step {trainer.step}")
     teardown()
+    trainer.watchdog.stop()
     return status
+
+
+def _lost_rank(error: Exception) -> int:
+    """A collective that failed because another rank is gone: one line naming it, and
+    watchdog.HANG_EXIT, without the teardown (its barrier would wait for that rank). Any other
+    error is a bug: its traceback."""
+    line = watchdog.explain(error)
+    if line is None:
+        raise error
+    print(line, file=sys.stderr)
+    return watchdog.HANG_EXIT
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import PRETRAIN, ROOT, assert_ok, free_port, launch, read_metrics
-from dist_lm import checkpoint
+from dist_lm import checkpoint, watchdog
 from dist_lm.sinks import read_sample_log
 
 BASE = ["--config", "debug", "train.log_interval=1", "train.eval_interval=0", "logging.wandb=disabled"]
@@ -93,28 +93,41 @@ def test_two_rank_zero_checkpoint_resumes_on_one_and_two_ranks(env, ds_ops, tmp_
         assert samples == expected_samples  # the data continues exactly, whatever the rank count
 
 
-def test_a_dead_rank_ends_the_other_within_the_timeout(env, ds_ops, tmp_path):
+@pytest.mark.parametrize("fault", [signal.SIGSTOP, signal.SIGKILL], ids=["hung", "dead"])
+def test_a_hung_or_dead_rank_ends_the_other_with_one_line_naming_it(env, ds_ops, tmp_path, fault):
+    """Two ranks started by hand (RANK, WORLD_SIZE, ... in the environment: no launcher to end the
+    others); rank 1 is stopped (SIGSTOP: its process lives on, its collectives never come) or killed.
+    Rank 0 ends within the timeout plus the watchdog's margins, with one line naming rank 1."""
     port = str(free_port())
     procs = []
     for rank in (0, 1):
         e = {**env, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2",
              "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
         procs.append(subprocess.Popen([sys.executable, str(PRETRAIN), *BASE, "train.max_steps=100000",
-                                       "parallel.timeout_minutes=0.5", f"run.dir={tmp_path}"], env=e, cwd=ROOT,
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+                                       "parallel.timeout_minutes=0.25", f"run.dir={tmp_path}"], env=e, cwd=ROOT,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     try:
         deadline = time.time() + 120
         while time.time() < deadline and not (tmp_path / "metrics.jsonl").is_file() or \
                 len((tmp_path / "metrics.jsonl").read_text().splitlines()) < 3:
             time.sleep(0.1)
-        procs[1].send_signal(signal.SIGKILL)
-        killed_at = time.time()
-        procs[0].wait(timeout=90)
-        waited = time.time() - killed_at
+        procs[1].send_signal(fault)
+        signalled_at = time.time()
+        out, err = procs[0].communicate(timeout=90)
+        waited = time.time() - signalled_at
     finally:
         for p in procs:
             p.kill()
-    assert procs[0].returncode != 0 and waited < 45  # timeout 30 s, and some slack
+            p.wait()
+    assert procs[0].returncode == watchdog.HANG_EXIT, err[-3000:]
+    # the deadline (15 s) or the dead peer's heartbeat going stale (10 s), plus beats and slack
+    assert waited < 40
+    assert "launcher=env world_size=2" in out
+    errors = [line for line in err.splitlines() if "error" in line.lower() or "Traceback" in line]
+    assert len(errors) == 1 and errors[0].startswith("error: rank 0: ") and \
+        f"rank 1 (pid {procs[1].pid} on " in errors[0] and "stopped answering" in errors[0], err[-3000:]
+    assert ("no progress for 0.25 minutes (parallel.timeout_minutes)" if fault == signal.SIGSTOP
+            else "a collective failed") in errors[0]
 
 
 def test_a_truncated_latest_checkpoint_is_skipped_with_a_note(env, ds_ops, tmp_path):
@@ -259,13 +272,16 @@ def test_full_disk_names_the_path_and_the_bytes(tmp_path):
 
 
 def test_a_hung_save_is_reported_and_ends_the_process(tmp_path):
-    code = ("import time, pathlib; from dist_lm.checkpoint import SaveWatchdog\n"
-            "with SaveWatchdog(0.5, 3, pathlib.Path('/ckpt/step00000007')):\n    time.sleep(30)\n")
+    code = ("import time; from dist_lm import watchdog\n"
+            "w = watchdog.start(3, 1, '127.0.0.1', 0, 600)\n"
+            "w.progress('saving checkpoint /ckpt/step00000007', 3, 'checkpoint.save_timeout_minutes')\n"
+            "time.sleep(30)\n")
     start = time.time()
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
                           env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=60)
-    assert proc.returncode == checkpoint.SAVE_TIMEOUT_EXIT and time.time() - start < 20
-    assert "rank 3: saving checkpoint /ckpt/step00000007 did not finish within" in proc.stderr
+    assert proc.returncode == watchdog.HANG_EXIT and time.time() - start < 20
+    assert proc.stderr.startswith("error: rank 3: no progress for 0.05 minutes (checkpoint.save_timeout_minutes) "
+                                  "while saving checkpoint /ckpt/step00000007; exiting with status 3."), proc.stderr
 
 
 @pytest.fixture

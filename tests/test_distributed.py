@@ -21,9 +21,11 @@ def test_torchrun():
 
 
 def test_deepspeed_launcher():
-    d = detect({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_SIZE": "2",
-                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29501"})
+    env = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_SIZE": "2",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29501"}
+    d = detect({**env, "CROSS_RANK": "0", "CROSS_SIZE": "1"})
     assert (d.launcher, d.rank, d.local_world_size) == ("deepspeed", 1, 2)
+    assert detect(env).launcher == "env"  # the same variables set by hand: no launcher to name
 
 
 def test_open_mpi_single_node():
