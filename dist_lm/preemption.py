@@ -9,6 +9,7 @@ when only one rank got the signal.
 
 from __future__ import annotations
 
+import os
 import signal
 import statistics
 import time
@@ -20,8 +21,24 @@ import torch.distributed as dist
 from dist_lm.distributed import any_rank, control_group
 
 REQUEUE_EXIT = 75  # EX_TEMPFAIL: "stopped by a signal after saving a checkpoint; run me again"
+# Set by the launch templates (launchers/exit_status.sh): a launcher would take a rank's 75 for a
+# failure, so rank 0 writes the status to this file, every rank exits 0, and the template exits 75.
+STATUS_FILE_VARIABLE = "DIST_LM_STATUS_FILE"
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 RECENT_STEPS = 10  # the steps whose median is what one more step is expected to take
+
+
+def status_for_the_launcher(status: int, rank0: bool) -> int:
+    """The exit status for this rank to exit with (see STATUS_FILE_VARIABLE)."""
+    path = os.environ.get(STATUS_FILE_VARIABLE)
+    if status != REQUEUE_EXIT or not path:
+        return status
+    if rank0:
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as f:
+            f.write(f"{status}\n")
+        os.replace(tmp, path)
+    return 0
 
 
 def seconds_to_keep(recent_steps: list[float], save_seconds: float, eval_seconds: float) -> float:

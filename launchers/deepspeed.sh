@@ -15,6 +15,7 @@ python="${PYTHON:-$([ -x "$root/.venv/bin/python" ] && echo "$root/.venv/bin/pyt
 gpus=$(nvidia-smi --list-gpus 2>/dev/null | wc -l || true)
 per_node="${GPUS_PER_NODE:-$([ "${gpus:-0}" -gt 0 ] && echo "$gpus" || echo 1)}"
 launcher=("$python" -m deepspeed.launcher.runner --master_port "${MASTER_PORT:-29500}")
+source "$root/launchers/exit_status.sh"
 
 if [ -n "${HOSTFILE:-}" ]; then
   [ -r "$HOSTFILE" ] || { echo "error: HOSTFILE=$HOSTFILE is not a readable file" >&2; exit 2; }
@@ -24,7 +25,7 @@ elif [ -n "${HOSTS:-}" ]; then
   for host in $HOSTS; do echo "$host slots=$per_node"; done > "$hostfile"
   echo "hostfile $hostfile:"; sed 's/^/  /' "$hostfile"
 else
-  exec "${launcher[@]}" --num_gpus "$per_node" "$root/launchers/pretrain.py" "$@"
+  run_passing_status "${launcher[@]}" --num_gpus "$per_node" "$root/launchers/pretrain.py" "$@"
 fi
 nodes=$(grep -cvE '^\s*(#|$)' "$hostfile")
 if [ "$nodes" -gt 1 ]; then
@@ -43,4 +44,4 @@ if [ "${gpus:-0}" -gt 0 ]; then  # a hostfile line for this machine must not ask
     esac
   done < <(grep -vE '^\s*(#|$)' "$hostfile")
 fi
-exec "${launcher[@]}" --hostfile "$hostfile" "$root/launchers/pretrain.py" "$@"
+run_passing_status "${launcher[@]}" --hostfile "$hostfile" "$root/launchers/pretrain.py" "$@"

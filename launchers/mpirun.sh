@@ -14,7 +14,8 @@ python="${PYTHON:-$([ -x "$root/.venv/bin/python" ] && echo "$root/.venv/bin/pyt
 command -v mpirun >/dev/null || { echo "error: mpirun not found; install Open MPI (apt-get install openmpi-bin) or MPICH" >&2; exit 2; }
 gpus=$(nvidia-smi --list-gpus 2>/dev/null | wc -l || true)
 np="${NP:-$([ "${gpus:-0}" -gt 0 ] && echo "$gpus" || echo 1)}"
-pass=(MASTER_ADDR MASTER_PORT OMP_NUM_THREADS DIST_LM_CACHE PYTHONPATH $(compgen -e | grep '^NCCL_' || true))
+source "$root/launchers/exit_status.sh"
+pass=(MASTER_ADDR MASTER_PORT OMP_NUM_THREADS DIST_LM_CACHE DIST_LM_STATUS_FILE PYTHONPATH $(compgen -e | grep '^NCCL_' || true))
 
 args=(-np "$np")
 if mpirun --version 2>&1 | grep -q "Open MPI"; then
@@ -26,4 +27,4 @@ else  # MPICH and Intel MPI (Hydra)
   for v in "${pass[@]}"; do [ -z "${!v:-}" ] || args+=(-genv "$v" "${!v}"); done
 fi
 # shellcheck disable=SC2086  # MPIRUN_ARGS is a list of words on purpose
-exec mpirun "${args[@]}" ${MPIRUN_ARGS:-} "$python" "$root/launchers/pretrain.py" "$@"
+run_passing_status mpirun "${args[@]}" ${MPIRUN_ARGS:-} "$python" "$root/launchers/pretrain.py" "$@"

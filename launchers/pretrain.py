@@ -67,9 +67,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             os.environ.setdefault("CUDA_LAUNCH_BLOCKING", "1")  # CUDA errors at the line that caused them
         # These import torch and deepspeed (seconds): only after the cheap checks above.
-        from dist_lm.distributed import detect, teardown
+        from dist_lm.distributed import detect, is_rank0, teardown
         from dist_lm.planner import format_plan, plan_for_this_machine
-        from dist_lm.preemption import REQUEUE_EXIT
+        from dist_lm.preemption import REQUEUE_EXIT, status_for_the_launcher
         from dist_lm.faults import ExitOnOutOfMemory, TrainingDiverged
         from dist_lm.trainer import Trainer
 
@@ -109,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         trainer.close()
     # Not reached after a crash: a barrier there would wait for ranks that may never come.
     trainer.watchdog.progress(f"finishing the run after step {trainer.step}")
+    status = status_for_the_launcher(status, is_rank0())
     teardown()
     trainer.watchdog.stop()
     return status

@@ -13,12 +13,13 @@ python="${PYTHON:-$([ -x "$root/.venv/bin/python" ] && echo "$root/.venv/bin/pyt
 gpus=$(nvidia-smi --list-gpus 2>/dev/null | wc -l || true)
 nproc="${NPROC_PER_NODE:-$([ "${gpus:-0}" -gt 0 ] && echo "$gpus" || echo 1)}"
 nnodes="${NNODES:-1}"
+source "$root/launchers/exit_status.sh"
 
 if [ "$nnodes" -eq 1 ]; then
   # --standalone: a local rendezvous on a free port, so several jobs can share a machine.
-  exec "$python" -m torch.distributed.run --standalone --nproc_per_node "$nproc" "$root/launchers/pretrain.py" "$@"
+  run_passing_status "$python" -m torch.distributed.run --standalone --nproc_per_node "$nproc" "$root/launchers/pretrain.py" "$@"
 fi
 : "${NODE_RANK:?set NODE_RANK (0 on the first node) for a multi-node run}"
 : "${MASTER_ADDR:?set MASTER_ADDR to the address of the first node for a multi-node run}"
-exec "$python" -m torch.distributed.run --nnodes "$nnodes" --node_rank "$NODE_RANK" --nproc_per_node "$nproc" \
+run_passing_status "$python" -m torch.distributed.run --nnodes "$nnodes" --node_rank "$NODE_RANK" --nproc_per_node "$nproc" \
   --master_addr "$MASTER_ADDR" --master_port "${MASTER_PORT:-29500}" "$root/launchers/pretrain.py" "$@"

@@ -16,7 +16,8 @@
 #
 # The run is named after the job (RUN_NAME, default <job name>-<job id>), so a requeued job, which
 # keeps its id, continues from the newest checkpoint of the same run directory.
-# LAUNCH=srun (default): srun starts one pretrain.py per GPU. LAUNCH=torchrun: one torchrun per node.
+# LAUNCH=srun (default): srun starts one pretrain.py per GPU. LAUNCH=torchrun: one torchrun per node,
+# starting GPUS_PER_NODE ranks (default: the GPUs SLURM gives the node).
 set -uo pipefail
 root="${DIST_LM_ROOT:-${SLURM_SUBMIT_DIR:-$PWD}}"
 cd "$root" || exit 2
@@ -35,8 +36,9 @@ export MASTER_ADDR MASTER_PORT
 
 echo "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST: $config, run $run_name, master $MASTER_ADDR:$MASTER_PORT"
 args=(--config "$config" "run.name=$run_name" "$@")
+source "$root/launchers/exit_status.sh"  # rank 0 leaves its exit status (75: requeue) in a file
 if [ "${LAUNCH:-srun}" = torchrun ]; then
-  per_node="${SLURM_GPUS_ON_NODE:-1}"
+  per_node="${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-1}}"
   srun --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c "exec '$python' -m torch.distributed.run \
     --nnodes $SLURM_JOB_NUM_NODES --node_rank \$SLURM_NODEID --nproc_per_node $per_node \
     --master_addr $MASTER_ADDR --master_port $MASTER_PORT launchers/pretrain.py $(printf '%q ' "${args[@]}")" &

@@ -3,8 +3,9 @@
 # wait_and_requeue PID: wait for the training launched in the background as PID. USR1 (from
 # --signal, or scancel --signal=USR1 --batch) and TERM reaching the batch script are passed to the
 # training processes only (a torchrun agent or the deepspeed launcher would die of USR1); they
-# agree to stop, save a checkpoint and exit with status 75, and then the job requeues itself.
-# Exits the script with the training's status (0 after a requeue).
+# agree to stop, save a checkpoint and exit with status 75 (or, when DIST_LM_STATUS_FILE is set, as
+# launchers/exit_status.sh does, exit 0 and leave the 75 in that file), and then the job requeues
+# itself. Exits the script with the training's status (0 after a requeue).
 
 _forward_stop() {
   echo "$1 received: asking the training processes to checkpoint and stop"
@@ -21,6 +22,7 @@ wait_and_requeue() {
     kill -0 "$step" 2>/dev/null || status=$code
   done
   [ -z "${CLEANUP:-}" ] || rm -f $CLEANUP
+  if [ "$status" -eq 0 ] && [ -s "${DIST_LM_STATUS_FILE:-}" ]; then status="$(cat "$DIST_LM_STATUS_FILE")"; fi
   if [ "$status" -eq 75 ]; then
     echo "stopped with a checkpoint: requeueing job $SLURM_JOB_ID"
     scontrol requeue "$SLURM_JOB_ID" && exit 0  # the job runs again; this attempt did what it should

@@ -23,14 +23,17 @@ def cluster(tmp_path_factory):
     c.stop()
 
 
-def sbatch(cluster: Cluster, env: dict, logs, *overrides: str, script: str = "slurm/pretrain.sh") -> str:
+def sbatch(cluster: Cluster, env: dict, logs, *overrides: str, script: str = "slurm/pretrain.sh",
+           launch: str = "srun") -> str:
     # On this CPU machine: two ranks, no GPUs; everything else from the script's #SBATCH lines.
-    # slurm/pretrain.sh runs a task per rank; the deepspeed variant one task that starts both.
-    tasks = ["--ntasks-per-node=2", "--cpus-per-task=1"] if script == "slurm/pretrain.sh" else \
+    # slurm/pretrain.sh runs a task per rank (LAUNCH=srun); LAUNCH=torchrun and the deepspeed
+    # variant one task that starts both.
+    tasks = ["--ntasks-per-node=2", "--cpus-per-task=1"] if script == "slurm/pretrain.sh" and launch == "srun" else \
         ["--ntasks-per-node=1", "--cpus-per-task=2"]
     proc = subprocess.run(["sbatch", "--parsable", *tasks, "--gpus-per-node=0", f"--output={logs}/job-%j.out",
                            script, "debug", "logging.wandb=disabled", *overrides], capture_output=True, text=True,
-                          cwd=ROOT, env={**env, **cluster.env, "PYTHON": sys.executable, "GPUS_PER_NODE": "2"})
+                          cwd=ROOT, env={**env, **cluster.env, "PYTHON": sys.executable, "GPUS_PER_NODE": "2",
+                                         "LAUNCH": launch})
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.strip().split(";")[0]
 
@@ -57,9 +60,11 @@ def test_sbatch_with_the_deepspeed_launcher(cluster, env, ds_ops, tmp_path):
 
 
 def test_usr1_checkpoints_requeues_and_continues(cluster, env, ds_ops, tmp_path, script="slurm/pretrain.sh"):
+    """Through torchrun (LAUNCH=torchrun), which would turn the ranks' 75 into its own 1 if the
+    status did not come back through the status file (launchers/exit_status.sh)."""
     run = tmp_path / "run"
     job = sbatch(cluster, env, tmp_path, "train.max_steps=60", "train.log_interval=1", "train.eval_interval=0",
-                 f"run.dir={run}", script=script)
+                 f"run.dir={run}", script=script, launch="torchrun")
     deadline = time.time() + 180
     while not ((run / "metrics.jsonl").is_file() and len((run / "metrics.jsonl").read_text().splitlines()) >= 3):
         assert time.time() < deadline, (tmp_path / f"job-{job}.out").read_text()[-3000:]
@@ -81,7 +86,7 @@ def test_usr1_checkpoints_requeues_and_continues(cluster, env, ds_ops, tmp_path,
         raise AssertionError(f"{e}\n{(tmp_path / f'job-{job}.out').read_text()[-3000:]}") from None
     log = (tmp_path / f"job-{job}.out").read_text()
     assert info["Restarts"] == "1" and f"job {job} (restart 1)" in log
-    launcher = "slurm" if script == "slurm/pretrain.sh" else "deepspeed"
+    launcher = "torchrun" if script == "slurm/pretrain.sh" else "deepspeed"
     assert f"launcher={launcher} world_size=2" in log
     assert "USR1 received" in log and f"requeueing job {job}" in log
     stopped = int(log.split("stopping after step ")[1].split()[0])

@@ -12,7 +12,8 @@ import time
 import psutil
 import pytest
 
-from conftest import PRETRAIN, ROOT, assert_ok, launch, read_metrics
+from conftest import ROOT, assert_ok, free_port, launch, read_metrics
+from dist_lm.preemption import REQUEUE_EXIT
 
 BASE = ["--config", "debug", "train.log_interval=1", "train.eval_interval=0", "logging.wandb=disabled"]
 
@@ -50,11 +51,16 @@ def test_time_kept_for_one_more_step_leaves_out_the_compiling_step():
     assert seconds_to_keep([], 0.0, 0.0) == 0.0
 
 
-def test_sigusr1_to_one_rank_checkpoints_all_and_asks_for_a_requeue(env, ds_ops, tmp_path):
+@pytest.mark.parametrize("template", ["torchrun.sh", "deepspeed.sh"])
+def test_sigusr1_to_one_rank_checkpoints_all_and_asks_for_a_requeue(env, ds_ops, tmp_path, template):
+    """The launch templates exit 75 ("run me again"): torchrun alone would exit 1 and the deepspeed
+    launcher would kill the other rank, so the status comes back through launchers/exit_status.sh."""
     args = [*BASE, "train.max_steps=100000", "parallel.zero_stage=2", f"run.dir={tmp_path}"]
-    job = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                            str(PRETRAIN), *args], env=env, cwd=ROOT, stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True)
+    status_files = set(ROOT.glob(".dist-lm-status.*"))
+    job = subprocess.Popen([str(ROOT / "launchers" / template), *args], cwd=ROOT, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True,
+                           env={**env, "PYTHON": sys.executable, "NPROC_PER_NODE": "2", "GPUS_PER_NODE": "2",
+                                "MASTER_PORT": str(free_port())})
     try:
         deadline = time.time() + 120
         while time.time() < deadline:  # wait until it trains
@@ -62,18 +68,21 @@ def test_sigusr1_to_one_rank_checkpoints_all_and_asks_for_a_requeue(env, ds_ops,
                 break
             time.sleep(0.5)
         workers = [p for p in psutil.Process(job.pid).children(recursive=True)
-                   if any("pretrain.py" in part for part in p.cmdline())]
+                   if any(part.endswith("pretrain.py") for part in p.cmdline()[1:3])]  # python [-u] pretrain.py
         assert len(workers) == 2
         max(workers, key=lambda p: p.pid).send_signal(signal.SIGUSR1)  # one rank only
         out, err = job.communicate(timeout=120)
     finally:
         if job.poll() is None:
             job.kill()
-    assert job.returncode != 0 and "exitcode  : 75" in err  # torchrun reports the workers' requeue status
+    assert job.returncode == REQUEUE_EXIT, err[-3000:]
+    assert set(ROOT.glob(".dist-lm-status.*")) == status_files  # the template removed its status file
     assert "stopping after step" in out and ("received SIGUSR1" in out or "a signal to another rank" in out)
     stopped = int(out.split("stopping after step ")[1].split()[0])
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == f"step{stopped:08d}"
 
+    if template != "torchrun.sh":
+        return
     proc = launch("torchrun", [*BASE, f"train.max_steps={stopped + 2}", "parallel.zero_stage=2", f"run.dir={tmp_path}"], env)
     assert_ok(proc)
     assert f"at step {stopped} " in proc.stdout

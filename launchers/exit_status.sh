@@ -1,0 +1,29 @@
+# Sourced by the launch templates (not a launcher itself), after they set $root.
+#
+# Exit status 75 means "stopped on purpose after a checkpoint: run me again" (slurm/pretrain.sh
+# requeues the job on it). torchrun, the deepspeed launcher and mpirun take a rank's non-zero exit
+# for a failure: they end the other ranks and report their own status (torchrun: 1). So a template
+# exports DIST_LM_STATUS_FILE: rank 0 writes its status there and every rank exits 0
+# (dist_lm/preemption.py), and run_passing_status exits with that status.
+#
+# The file is made here, in the checkout (shared by the nodes of a multi-node job, as the code
+# is), else under TMPDIR; it is removed when the template exits.
+DIST_LM_STATUS_FILE="$(mktemp "$root/.dist-lm-status.XXXXXX" 2>/dev/null || mktemp "${TMPDIR:-/tmp}/dist-lm-status.XXXXXX")"
+export DIST_LM_STATUS_FILE
+trap 'rm -f "$DIST_LM_STATUS_FILE"' EXIT
+
+# run_passing_status COMMAND...: run COMMAND, pass TERM and INT on to it (as an exec would), and
+# exit with its status, or with the status rank 0 left in DIST_LM_STATUS_FILE.
+run_passing_status() {
+  local status="" code child
+  "$@" &
+  child=$!
+  # TERM for INT too: a script's background command ignores INT (python and torchrun with it).
+  trap 'kill -TERM "$child" 2>/dev/null' TERM INT
+  until [ -n "$status" ]; do  # a trapped signal interrupts wait; wait again until the command ends
+    wait "$child"; code=$?
+    kill -0 "$child" 2>/dev/null || status=$code
+  done
+  if [ "$status" -eq 0 ] && [ -s "$DIST_LM_STATUS_FILE" ]; then status="$(cat "$DIST_LM_STATUS_FILE")"; fi
+  exit "$status"
+}
