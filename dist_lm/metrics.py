@@ -67,7 +67,10 @@ class MetricsWriter:
         if mode != "disabled":
             self.wandb = sinks.WandbSink(cfg, mode, run_dir, run_name, config)
             self.sinks.append(self.wandb)
-            if note:
+            if self.wandb.fallback:
+                warn(f"wandb: {self.wandb.fallback} to {self.wandb.offline_dir}; upload later with: "
+                     f"wandb sync {self.wandb.offline_dir}")
+            elif note:
                 log(f"wandb: {note} to {self.wandb.offline_dir}; upload later with: wandb sync {self.wandb.offline_dir}")
         if cfg.tensorboard:
             self.sinks.append(sinks.TensorBoardSink(run_dir / "tensorboard"))

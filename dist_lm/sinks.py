@@ -11,6 +11,7 @@ import csv
 import json
 import math
 import netrc
+import logging
 import os
 import secrets
 from pathlib import Path
@@ -138,11 +139,21 @@ def _netrc_has_wandb() -> bool:
         return False
 
 
+# How long wandb may take to start a run online (its default, 90 s, is what a run without network
+# waited before failing). WANDB_INIT_TIMEOUT, wandb's own variable, overrides it.
+WANDB_INIT_TIMEOUT_S = 30.0
+
+
 class WandbSink:
     """One wandb run per run directory: its id is kept in RUN_DIR/wandb-run-id, so a resumed
-    run continues the same wandb run. Files go under RUN_DIR/wandb."""
+    run continues the same wandb run. Files go under RUN_DIR/wandb.
+
+    Online, a bad key or no network makes ``wandb.init`` fail (within WANDB_INIT_TIMEOUT_S): under
+    logging.wandb=auto the run logs offline instead, with one warning (``self.fallback``); when
+    online was asked for explicitly, it is a ConfigError."""
 
     def __init__(self, cfg: LoggingConfig, mode: str, run_dir: Path, run_name: str, config: dict):
+        os.environ.setdefault("WANDB_SILENT", "true")  # its login line too, which comes before our settings do
         import wandb
 
         id_file = run_dir / "wandb-run-id"
@@ -150,11 +161,30 @@ class WandbSink:
         tmp = id_file.with_name(".wandb-run-id.tmp")
         tmp.write_text(run_id)
         os.replace(tmp, id_file)
-        self.run = wandb.init(
-            project=cfg.wandb_project, entity=cfg.wandb_entity, group=cfg.wandb_group, tags=cfg.wandb_tags,
-            name=run_name, id=run_id, resume="allow", dir=str(run_dir), mode=mode, config=config,
-            # console="off": our log already has the console output, and wandb need not copy it.
-            settings=wandb.Settings(silent=True, console="off"))
+
+        def start(mode: str):
+            return wandb.init(
+                project=cfg.wandb_project, entity=cfg.wandb_entity, group=cfg.wandb_group, tags=cfg.wandb_tags,
+                name=run_name, id=run_id, resume="allow", dir=str(run_dir), mode=mode, config=config,
+                # console="off": our log already has the console output, and wandb need not copy it.
+                settings=wandb.Settings(silent=True, console="off",
+                                        init_timeout=float(os.environ.get("WANDB_INIT_TIMEOUT", WANDB_INIT_TIMEOUT_S))))
+
+        self.fallback: str | None = None
+        try:
+            self.run = start(mode)
+        except wandb.errors.Error as e:
+            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            wandb.teardown()  # the failed run holds its id in wandb's service until then
+            # wandb's own error reports go to the same server, and would add a line each at exit
+            logging.getLogger("opentelemetry").setLevel(logging.CRITICAL)
+            if mode != "online" or cfg.wandb != "auto":
+                raise ConfigError("logging.wandb", f"is {cfg.wandb} but wandb could not start ({why}); check "
+                                  "WANDB_API_KEY (or wandb login) and the network, or set logging.wandb=offline "
+                                  "or auto") from None
+            self.fallback = f"could not start online ({why}): logging offline"
+            mode = "offline"
+            self.run = start(mode)
         self.offline_dir = Path(self.run.dir).parent if mode == "offline" else None
 
     def write(self, row: dict) -> None:

@@ -135,7 +135,14 @@ class Trainer:
         self.engine = engine_ops.initialize(model, cfg.parallel, cfg.optim, self.plan, self.precision, self.device,
                                             load_universal=universal, start_step=start_step, verbose=cfg.run.verbose)
         # Lines past start_step in the run directory's logs were written by an earlier process.
-        self.metrics = metrics.MetricsWriter(self.run_dir, cfg.logging, cfg.run.name, to_dict(cfg), start_step)
+        problem = None
+        try:  # rank 0's sinks; wandb=online that cannot start is a UserError there, and so on every rank
+            self.metrics = metrics.MetricsWriter(self.run_dir, cfg.logging, cfg.run.name, to_dict(cfg), start_step)
+        except UserError as e:
+            problem = e
+        problem = distributed.from_rank0(problem and str(problem))
+        if problem:
+            raise UserError(problem)
         self.profiler = StepProfiler(cfg.logging.profile_start, cfg.logging.profile_steps, self.run_dir / "profile",
                                      f"rank{rank}", self.device)
         self.sample_log = sinks.SampleLog(self.run_dir, rank, self.dist_env.world_size, start_step) \

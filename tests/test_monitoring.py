@@ -244,3 +244,46 @@ def test_sample_logs_hold_each_step_once_after_a_restart_on_fewer_ranks(tmp_path
     assert read_sample_log(tmp_path / "samples" / "rank1.txt") == {1: [12, 13], 2: [22, 23], 3: [32, 33]}
     SampleLog(tmp_path, 0, 1, 0).close()  # a fresh start in the same run directory
     assert [p.read_text() for p in sorted((tmp_path / "samples").iterdir())] == ["", ""]
+
+
+@pytest.fixture
+def wandb_server_refusing_the_key():
+    """A local HTTP server that answers every request 401, as wandb's does for a bad API key."""
+    import http.server
+    import threading
+
+    class Refuse(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.send_response(401)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(b'{"errors":[{"message":"user is not logged in"}]}')
+
+        do_GET = do_POST
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refuse)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+@pytest.mark.parametrize("setting", ["auto", "online"])
+def test_a_bad_wandb_key_falls_back_offline_under_auto_and_fails_online_in_one_line(
+        env, ds_ops, tmp_path, wandb_server_refusing_the_key, setting):
+    run = tmp_path / "run"
+    proc = launch("python", [*SHORT, f"logging.wandb={setting}", f"run.dir={run}"],
+                  {**without_wandb_settings(env), "WANDB_API_KEY": "0" * 40, "WANDB_INIT_TIMEOUT": "10",
+                   "WANDB_BASE_URL": wandb_server_refusing_the_key, "HOME": str(tmp_path)})
+    if setting == "auto":
+        assert_ok(proc)
+        assert "warning: wandb: could not start online (" in proc.stderr and "logging offline to " in proc.stderr
+        assert len(wandb_files(run)) == 1 and [r["step"] for r in read_metrics(run)[0]] == [1, 2, 3, 4]
+        assert "Traceback" not in proc.stderr
+    else:
+        assert proc.returncode == 2
+        assert proc.stderr.strip().splitlines() == [proc.stderr.strip().splitlines()[-1]]  # one line
+        assert proc.stderr.startswith("error: config error: logging.wandb: is online but wandb could not start (")
+        assert "user is not logged in" in proc.stderr and "set logging.wandb=offline" in proc.stderr
