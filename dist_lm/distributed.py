@@ -202,6 +202,17 @@ def from_rank0(value):
     return box[0]
 
 
+def all_gather_floats(values: list[float]) -> list[list[float]]:
+    """Every rank's ``values`` (the same length on each), in rank order (a collective). Exact for
+    float32 values: they travel as float64."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [list(values)]
+    mine = torch.tensor(values, dtype=torch.float64)
+    everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(everyone, mine, group=_control)
+    return [t.tolist() for t in everyone]
+
+
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier(group=_control)

@@ -1,8 +1,8 @@
 """Rank-0 output and metrics: the one place that decides which rank speaks.
 
 ``log`` prints on rank 0 and appends to the run's log file; ``MetricsWriter`` sends each
-metrics row to the sinks (dist_lm.sinks); ``Progress`` is the console's progress bar.
-Other ranks stay silent.
+metrics row to the sinks (dist_lm.sinks); ``Progress`` is the console's progress bar;
+``LogWindow`` holds the steps since the last row. Other ranks stay silent.
 """
 
 from __future__ import annotations
@@ -12,9 +12,11 @@ import time
 from pathlib import Path
 from typing import TextIO
 
+import torch
+
 from dist_lm import sinks
 from dist_lm.config import LoggingConfig
-from dist_lm.distributed import is_rank0
+from dist_lm.distributed import all_gather_floats, is_rank0
 
 _log_file: TextIO | None = None
 _bar = None  # the progress bar while one is shown
@@ -122,6 +124,48 @@ class Progress:
         if self.bar is not None:
             self.bar.close()
             _bar = None
+
+
+class LogWindow:
+    """The steps since the last metrics row: this rank's losses (and MoE load-balancing losses)
+    summed on device, read only at a log step (reading is a host-device sync), and how many steps.
+
+    A checkpoint keeps the sums of every rank and the count (``state_dict``), so the first row
+    after a resume in the middle of a window averages the same steps, with the same sums, as an
+    uninterrupted run's row. Throughput counts only this process's steps (``timed_steps`` since
+    ``start``): the earlier ones' time is not known here."""
+
+    def __init__(self, device: torch.device):
+        self.loss_sum = torch.zeros((), device=device)
+        self.aux_sum = torch.zeros((), device=device)
+        self.steps = 0
+        self.restart_clock()
+
+    def restart_clock(self) -> None:
+        self.timed_steps, self.start = 0, time.perf_counter()
+
+    def add_step(self) -> None:
+        self.steps += 1
+        self.timed_steps += 1
+
+    def reset(self) -> None:
+        self.loss_sum.zero_()
+        self.aux_sum.zero_()
+        self.steps = 0
+        self.restart_clock()
+
+    def state_dict(self) -> dict:
+        """Every rank's sums (a collective: every rank calls it)."""
+        sums = all_gather_floats([self.loss_sum.item(), self.aux_sum.item()])
+        return {"steps": self.steps, "loss_sums": [s[0] for s in sums], "aux_sums": [s[1] for s in sums]}
+
+    def load_state_dict(self, state: dict, rank: int, world_size: int) -> None:
+        """On the world size it was saved at, each rank takes its own sums back (the row is then
+        bitwise the same); on another, rank 0 takes their totals (the same to rounding)."""
+        self.steps = state["steps"]
+        same = len(state["loss_sums"]) == world_size
+        for tensor, sums in ((self.loss_sum, state["loss_sums"]), (self.aux_sum, state["aux_sums"])):
+            tensor.fill_(sums[rank] if same else (sum(sums) if rank == 0 else 0.0))
 
 
 def throughput(tokens: int, seconds: float, flops_per_token: float, world_size: int,

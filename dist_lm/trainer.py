@@ -155,7 +155,7 @@ class Trainer:
         self.last_val_loss: tuple[int, float] | None = None  # (step, loss) of the newest evaluation
         self.skips = SkipCounter(cfg.train.max_skipped_steps, self.precision, self.ckpt_root)
         self.spike_guard = SpikeGuard(cfg.train.spike_factor) if cfg.train.spike_factor else None
-        self.aux_sum = torch.zeros((), device=self.device)  # MoE load-balancing loss, summed like loss
+        self.window = metrics.LogWindow(self.device)
         self.elapsed_before = 0.0  # elapsed_s of earlier processes of this run (from the checkpoint)
         if self.resume_from is not None:
             self._resume(self.resume_from, universal)
@@ -228,6 +228,8 @@ class Trainer:
         self.elapsed_before = state["elapsed_s"]
         self.evals_without_improvement = state["evals_without_improvement"]
         self.skips.total = state.get("skipped_steps", 0)
+        if "log_window" in state:  # (older checkpoints: the first row averages the steps since the resume)
+            self.window.load_state_dict(state["log_window"], self.dist_env.rank, self.dist_env.world_size)
         rng = found.path / f"rng-rank{self.dist_env.rank}.json"
         if not universal and rng.is_file():  # on another world size the ranks are not the same ranks
             checkpoint.set_rng_state(json.loads(rng.read_text()))
@@ -243,7 +245,7 @@ class Trainer:
         val = self.last_val_loss[1] if self.last_val_loss and self.last_val_loss[0] == self.step else None
         return {"step": self.step, "data": self.train_data.state_dict(), "best_val_loss": best, "val_loss": val,
                 "elapsed_s": self.elapsed_s(), "evals_without_improvement": self.evals_without_improvement,
-                "skipped_steps": self.skips.total, "tokens": self.tokens_seen(),
+                "skipped_steps": self.skips.total, "tokens": self.tokens_seen(), "log_window": self.window.state_dict(),
                 "world_size": self.dist_env.world_size, "zero_stage": self.cfg.parallel.zero_stage,
                 "precision": self.precision, "parameters": count_parameters(self.cfg.model)["total"],
                 "config": to_dict(self.cfg), "tokenizer_sha256": self.meta["tokenizer_sha256"],
@@ -263,25 +265,23 @@ class Trainer:
         self.engine.train()
         self.watchdog.progress(f"training step {self.step + 1}")
         progress = metrics.Progress(self.cfg.logging.progress, cfg.max_steps, self.step)
-        loss_sum = torch.zeros((), device=self.device)  # summed on device; read only at log steps
-        steps_since_log, interval_start, first_step = 0, time.perf_counter(), self.step
+        self.window.restart_clock()
+        first_step = self.step
         try:
             while self.step < cfg.max_steps and (cfg.max_tokens is None or self.tokens_seen() < cfg.max_tokens):
                 step_start = time.perf_counter()
                 self.profiler.before_step(self.step + 1)
-                grad_norm, micro_steps = self._train_step(loss_sum)
+                grad_norm, micro_steps = self._train_step()
                 self.step += 1
                 self.watchdog.progress(f"training step {self.step + 1}")
                 self.profiler.after_step(self.step)
-                steps_since_log += 1
+                self.window.add_step()
                 if self.step == first_step + 1:
                     metrics.log(f"first step done {time.perf_counter() - self.start_time:.1f} s after the trainer started")
                 row: dict = {}
                 if self.step % cfg.log_interval == 0 or self.step == cfg.max_steps:
-                    row |= self._train_metrics(loss_sum, steps_since_log * micro_steps, grad_norm,
-                                               steps_since_log, time.perf_counter() - interval_start)
-                    loss_sum.zero_()
-                    steps_since_log, interval_start = 0, time.perf_counter()
+                    row |= self._train_metrics(micro_steps, grad_norm)
+                    self.window.reset()
                 if cfg.eval_interval and self.step % cfg.eval_interval == 0:
                     row |= self.evaluate()
                     if cfg.sample_at_eval and cfg.sample_tokens:
@@ -320,8 +320,8 @@ class Trainer:
         if cfg.sample_tokens:
             self.print_sample()
 
-    def _train_step(self, loss_sum: torch.Tensor) -> tuple[torch.Tensor | float | None, int]:
-        """One optimizer step over this rank's micro-batches; adds their losses to loss_sum.
+    def _train_step(self) -> tuple[torch.Tensor | float | None, int]:
+        """One optimizer step over this rank's micro-batches; adds their losses to the log window.
         Returns the gradient norm and the number of micro-batches."""
         engine = self.engine
         engine_ops.set_lr(engine, lr_at(self.step, self.cfg.optim, self.cfg.train.max_steps), self.cfg.optim)
@@ -336,13 +336,13 @@ class Trainer:
             engine.backward(loss * 0.0 if skip else loss)
             aux = engine.module.aux_loss  # the experts' load-balancing loss, inside ``loss``
             if aux is not None:
-                self.aux_sum += aux.detach().float()
+                self.window.aux_sum += aux.detach().float()
                 loss = loss.detach() - self.cfg.model.moe_aux_loss_coef * aux.detach().float()
-            loss_sum += loss.detach()
+            self.window.loss_sum += loss.detach()
             if i < len(batches) - 1:
                 engine.step()  # DeepSpeed counts micro-steps; it updates only at the boundary
         if self.cfg.train.check_finite:
-            self._check_finite(loss_sum)
+            self._check_finite(self.window.loss_sum)
         grad_norm, applied = engine_ops.step(engine)
         self.skips.update(applied, grad_norm, self.step + 1)
         return grad_norm, len(batches)
@@ -370,22 +370,27 @@ class Trainer:
                     f.write(json.dumps(record) + "\n")
         return spike and self.cfg.train.spike_skip
 
-    def _train_metrics(self, loss_sum: torch.Tensor, micro_steps: int, grad_norm, steps: int, seconds: float) -> dict:
-        # The interval's mean loss over every micro-batch of every rank. This all-reduce is a
+    def _train_metrics(self, micro_steps: int, grad_norm) -> dict:
+        """``micro_steps``: micro-batches per step on each rank."""
+        # The window's mean loss over every micro-batch of every rank. This all-reduce is a
         # host-device sync point, which is why it happens only every log_interval steps.
+        window = self.window
+        micro_batches = window.steps * micro_steps * self.plan.dp_size
+        loss_sum = window.loss_sum.clone()
         dist.all_reduce(loss_sum)
-        loss = loss_sum.item() / (micro_steps * self.plan.dp_size)
+        loss = loss_sum.item() / micro_batches
         if not math.isfinite(loss):
             self.metrics.alert("non-finite loss", f"{self.run_dir.name} step {self.step}: loss {loss}")
+        steps, seconds = window.timed_steps, time.perf_counter() - window.start
         tokens = steps * self.plan.global_batch_size * self.cfg.model.seq_len
         tokens_per_s, mfu = metrics.throughput(tokens, seconds, self.flops_per_token, self.dist_env.world_size,
                                                self.peak_flops)
         lr = lr_at(self.step - 1, self.cfg.optim, self.cfg.train.max_steps)  # the last step's (Muon: x muon_lr/lr)
         aux = None
         if "moe" in self.cfg.model.layer_types:
-            dist.all_reduce(self.aux_sum)
-            aux = self.aux_sum.item() / (micro_steps * self.plan.dp_size)
-            self.aux_sum.zero_()
+            aux_sum = window.aux_sum.clone()
+            dist.all_reduce(aux_sum)
+            aux = aux_sum.item() / micro_batches
         return {"loss": loss, "aux_loss": aux, "lr": lr, "grad_norm": None if grad_norm is None else float(grad_norm),
                 "tokens_per_s": tokens_per_s, "mfu": mfu, "step_time": seconds / steps,
                 "peak_mem_gb": self._peak_memory_gb()}
