@@ -380,7 +380,8 @@ class LoggingConfig:
 
     wandb: Literal["auto", "online", "offline", "disabled"] = "auto"
     """Weights & Biases, on rank 0. auto: online when an API key is configured (WANDB_API_KEY or
-    `wandb login`), else offline (files in the run directory, uploaded later with `wandb sync`)."""
+    `wandb login`) and wandb starts online within WANDB_INIT_TIMEOUT (30 s), else offline (files
+    in the run directory, uploaded later with `wandb sync`). online: fail if it cannot."""
     wandb_project: str = "dist-lm"
     """wandb project."""
     wandb_entity: str | None = None

@@ -96,33 +96,6 @@ def test_validation_loss_does_not_depend_on_rank_count(tmp_path, env, ds_ops):
     assert one == pytest.approx(two, abs=1e-4)
 
 
-def test_restart_continues_from_the_newest_checkpoint(tmp_path, env, ds_ops):
-    """Two ranks at ZeRO-2 save at steps 3 and 6; with step 6 gone, a restart in the same run
-    directory resumes at step 3 and repeats steps 4-6 as they were (same samples, same state)."""
-    args = ["--config", "debug", *COMMON, "parallel.zero_stage=2", "checkpoint.interval=3", f"run.dir={tmp_path}"]
-    assert_ok(launch("torchrun", args, env))
-    first, _ = read_metrics(tmp_path)
-    ckpt = tmp_path / "checkpoints"
-    assert sorted(p.name for p in ckpt.glob("step*")) == ["step00000003", "step00000006"]
-    import shutil
-
-    shutil.rmtree(ckpt / "step00000006")
-    (ckpt / "latest").write_text("step00000003")
-
-    proc = launch("torchrun", args, env)
-    assert_ok(proc)
-    assert f"resumed from {ckpt / 'step00000003'} at step 3 (24 samples consumed)" in proc.stdout
-    assert "3 row(s) after step 3, from the process that stopped there, removed" in proc.stdout
-    after, _ = read_metrics(tmp_path)
-    assert [r["step"] for r in after] == [r["step"] for r in first] == [1, 2, 3, 4, 5, 6]  # each step once
-    assert after[:3] == first[:3]  # the rows up to the checkpoint are kept as they were
-    assert [r["loss"] for r in after[3:]] == pytest.approx([r["loss"] for r in first[3:]], abs=1e-6)
-
-    proc = launch("torchrun", args, env)  # a finished run has nothing left to do
-    assert_ok(proc)
-    assert "nothing to do: the run is already at step 6" in proc.stdout
-
-
 # Trains the debug model 3 steps (accumulation 2) in one process, as dist_lm.engine.initialize
 # sets it up or ("deepspeed") with DeepSpeed's own ways put back: its gradient all-reduce, and its
 # bf16 accumulation at the end of backward (no immediate_grad_update). Prints whether initialize

@@ -33,6 +33,9 @@ def test_stop_at_step_then_continue_equals_an_uninterrupted_run(env, ds_ops, tmp
     got = [r["loss"] for r in read_metrics(split)[0]]
     assert [r["step"] for r in read_metrics(split)[0]] == [2, 4, 6]
     assert got == expected
+    proc = launch("python", [*args, f"run.dir={split}"], env)  # a finished run has nothing left to do
+    assert_ok(proc)
+    assert "nothing to do: the run is already at step 6" in proc.stdout
 
 
 def test_time_limit_stops_with_a_checkpoint(env, ds_ops, tmp_path):
