@@ -47,7 +47,7 @@ def test_two_rank_zero_checkpoint_resumes_on_one_and_two_ranks(env, ds_ops, tmp_
     expected = [v for s, v in losses(whole) if s > 3]
     expected_samples = sorted(i for f in (whole / "samples").iterdir()
                               for step, ids in read_sample_log(f).items() if step > 3 for i in ids)
-    for ranks in (1, 2):
+    for ranks in (1,):  # on 2 ranks again: tests/test_chaos.py (ZeRO-2), many times over
         run = tmp_path / f"on{ranks}"
         step3 = whole / "checkpoints" / "step00000003"
         resumed = launch("torchrun", [*args, "train.max_steps=6", f"run.dir={run}", "--resume", str(step3)], env,
@@ -62,11 +62,11 @@ def test_two_rank_zero_checkpoint_resumes_on_one_and_two_ranks(env, ds_ops, tmp_
         assert samples == expected_samples  # the data continues exactly, whatever the rank count
 
 
-@pytest.mark.parametrize("fault", [signal.SIGSTOP, signal.SIGKILL], ids=["hung", "dead"])
-def test_a_hung_or_dead_rank_ends_the_other_with_one_line_naming_it(env, ds_ops, tmp_path, fault):
+def test_a_hung_rank_ends_the_other_with_one_line_naming_it(env, ds_ops, tmp_path):
     """Two ranks started by hand (RANK, WORLD_SIZE, ... in the environment: no launcher to end the
-    others); rank 1 is stopped (SIGSTOP: its process lives on, its collectives never come) or killed.
-    Rank 0 ends within the timeout plus the watchdog's margins, with one line naming rank 1."""
+    others); rank 1 is stopped (SIGSTOP: its process lives on, its collectives never come). Rank 0
+    ends within the timeout plus the watchdog's margins, with one line naming rank 1. (A dead rank,
+    SIGKILL, is tests/test_chaos.py's "kill-one": the survivor's one line is checked there.)"""
     port = str(free_port())
     procs = []
     for rank in (0, 1):
@@ -80,7 +80,7 @@ def test_a_hung_or_dead_rank_ends_the_other_with_one_line_naming_it(env, ds_ops,
         while time.time() < deadline and not (tmp_path / "metrics.jsonl").is_file() or \
                 len((tmp_path / "metrics.jsonl").read_text().splitlines()) < 3:
             time.sleep(0.1)
-        procs[1].send_signal(fault)
+        procs[1].send_signal(signal.SIGSTOP)
         signalled_at = time.time()
         out, err = procs[0].communicate(timeout=90)
         waited = time.time() - signalled_at
@@ -89,14 +89,12 @@ def test_a_hung_or_dead_rank_ends_the_other_with_one_line_naming_it(env, ds_ops,
             p.kill()
             p.wait()
     assert procs[0].returncode == watchdog.HANG_EXIT, err[-3000:]
-    # the deadline (15 s) or the dead peer's heartbeat going stale (10 s), plus beats and slack
-    assert waited < 40
+    assert waited < 40  # the deadline (15 s), plus beats and slack
     assert "launcher=env world_size=2" in out
     errors = [line for line in err.splitlines() if "error" in line.lower() or "Traceback" in line]
     assert len(errors) == 1 and errors[0].startswith("error: rank 0: ") and \
         f"rank 1 (pid {procs[1].pid} on " in errors[0] and "stopped answering" in errors[0], err[-3000:]
-    assert ("no progress for 0.25 minutes (parallel.timeout_minutes)" if fault == signal.SIGSTOP
-            else "a collective failed") in errors[0]
+    assert "no progress for 0.25 minutes (parallel.timeout_minutes)" in errors[0]
 
 
 def test_a_truncated_latest_checkpoint_is_skipped_with_a_note(env, ds_ops, tmp_path):

@@ -211,6 +211,12 @@ def main() -> int:
         if None in codes:
             problems.append(f"start {attempt}: {kind} in a {phase}: a process still ran {a.bound:g} s later (killed)")
         # 0: the run had just finished (an interruption in its last moments)
+        if kind == "kill-one" and 3 in codes:  # the survivor: one line naming the rank, no traceback
+            survivor = work / f"chaos-start{attempt:03d}-rank{codes.index(3)}.log"
+            errors = [line for line in survivor.read_text().splitlines() if line.startswith("error:") or "Traceback" in line]
+            if len(errors) != 1 or "stopped answering" not in errors[0]:
+                problems.append(f"start {attempt}: the survivor of kill-one did not end with one line naming the "
+                                f"rank ({survivor}): {errors[:3]}")
         expected = {"kill-one": {-9, 3, 0}, "kill-all": {-9}, "usr1": {75, 0}, "term": {75, 0}}[kind]
         if not set(c for c in codes if c is not None) <= expected:
             problems.append(f"start {attempt}: {kind} in a {phase}: exit statuses {codes}, expected {sorted(expected)}")
