@@ -11,20 +11,17 @@ from pathlib import Path
 import torch
 
 from dist_lm import checkpoint, distributed, metrics
+from dist_lm.exits import Exit
 
 
 class TrainingDiverged(RuntimeError):
     """A non-finite loss or gradient (train.check_finite), or too many skipped updates."""
 
 
-# The exit status of a run that ran out of GPU memory, so that a caller (tools/find_batch.py, a
-# sweep, a job script) can tell "too big for this GPU" from every other failure.
-OUT_OF_MEMORY_EXIT = 4
-
-
 class ExitOnOutOfMemory:
     """``with`` block (reusable) that turns CUDA running out of memory into one line saying what
-    to change, and exit status OUT_OF_MEMORY_EXIT.
+    to change, and exit status Exit.OUT_OF_MEMORY, so that a caller (tools/find_batch.py, a sweep,
+    a job script) can tell "too big for this GPU" from every other failure.
 
     By SystemExit, so that ``finally`` blocks still close files, while code after them (the
     distributed teardown, whose barrier other ranks may never reach) is skipped. The last
@@ -43,7 +40,7 @@ class ExitOnOutOfMemory:
                   "fits), or set parallel.activation_checkpointing=true or a higher parallel.zero_stage",
                   file=sys.stderr)
             distributed.leave_alone()
-            raise SystemExit(OUT_OF_MEMORY_EXIT) from None
+            raise SystemExit(Exit.OUT_OF_MEMORY) from None
 
 
 class SpikeGuard:

@@ -19,8 +19,8 @@ import torch
 import torch.distributed as dist
 
 from dist_lm.distributed import any_rank, control_group
+from dist_lm.exits import Exit
 
-REQUEUE_EXIT = 75  # EX_TEMPFAIL: "stopped by a signal after saving a checkpoint; run me again"
 # Set by the launch templates (launchers/exit_status.sh): a launcher would take a rank's 75 for a
 # failure, so rank 0 writes the status to this file, every rank exits 0, and the template exits 75.
 STATUS_FILE_VARIABLE = "DIST_LM_STATUS_FILE"
@@ -31,7 +31,7 @@ RECENT_STEPS = 10  # the steps whose median is what one more step is expected to
 def status_for_the_launcher(status: int, rank0: bool) -> int:
     """The exit status for this rank to exit with (see STATUS_FILE_VARIABLE)."""
     path = os.environ.get(STATUS_FILE_VARIABLE)
-    if status != REQUEUE_EXIT or not path:
+    if status != Exit.REQUEUE or not path:
         return status
     if rank0:
         tmp = f"{path}.tmp"

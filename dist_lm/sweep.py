@@ -21,6 +21,7 @@ import yaml
 
 from dist_lm.analysis import read_rows
 from dist_lm.config import UserError
+from dist_lm.exits import Exit
 
 PRETRAIN = Path(__file__).resolve().parent.parent / "launchers" / "pretrain.py"
 DEFAULT_GRID = {"optim.lr": [6e-4, 8e-4, 1e-3, 1.2e-3, 1.5e-3], "optim.min_lr_ratio": [0.1, 0.3, 0.5, 0.7]}
@@ -113,7 +114,7 @@ def trial_result(run_dir: Path, returncode: int) -> dict:
     train = [r["loss"] for r in rows if "loss" in r]
     vals = [r["val_loss"] for r in rows if r.get("val_loss") is not None]
     final = train[-1] if train else None
-    if returncode == 1 and train:  # the trainer's exit status for a divergence it detected
+    if returncode == Exit.DIVERGED and train:  # a divergence the trainer detected
         status = "diverged"
     elif returncode != 0:
         status = "failed"

@@ -11,7 +11,7 @@ Each rank runs one daemon thread that does two things:
   end of a save). When it made none for ``parallel.timeout_minutes`` (during a save,
   ``checkpoint.save_timeout_minutes``), the thread reads every rank's heartbeat, prints one line
   naming the ranks that went silent (or, when all still beat, what each is doing), and ends the
-  process with HANG_EXIT. The next start resumes from the last complete checkpoint.
+  process with status 3 (``Exit.HANG``). The next start resumes from the last complete checkpoint.
 
 The backends' own collective timeouts (NCCL's watchdog, gloo's) are set BACKEND_GRACE later, so a
 hang ends with this line rather than NCCL's abort; they still bound the set-up, before the
@@ -31,9 +31,8 @@ import time
 from dataclasses import dataclass
 from datetime import timedelta
 
-# The exit status of a run ended because some rank stopped making progress (a hung or dead rank,
-# a save that did not finish). Run the same command again: it resumes from the last checkpoint.
-HANG_EXIT = 3
+from dist_lm.exits import Exit
+
 BEAT_SECONDS = 2.0
 # A rank whose newest heartbeat is older than this has stopped answering. Several beats, so that
 # a busy store or a clock a second off between nodes does not make a live rank look silent.
@@ -94,7 +93,7 @@ class Watchdog:
             return None
         mark = self._mark
         return (f"error: rank {self.rank}: a collective failed ({type(error).__name__}) while {mark.doing}; "
-                f"{'; '.join(silent)}; exiting with status {HANG_EXIT}. {RESUME}")
+                f"{'; '.join(silent)}; exiting with status {int(Exit.HANG)}. {RESUME}")
 
     # --------------------------------------------------------------------------- the thread
     def _run(self) -> None:
@@ -120,8 +119,8 @@ class Watchdog:
             f"every other rank still answers ({', '.join(busy)})" if busy else "")
         print(f"error: rank {self.rank}: no progress for {mark.allowance_s / 60:g} minutes ({mark.setting}) "
               f"while {mark.doing}" + (f"; {peers}" if peers else "")
-              + f"; exiting with status {HANG_EXIT}. {RESUME}", file=sys.stderr, flush=True)
-        os._exit(HANG_EXIT)  # the main thread is stuck: nothing that waits on it can run
+              + f"; exiting with status {int(Exit.HANG)}. {RESUME}", file=sys.stderr, flush=True)
+        os._exit(Exit.HANG)  # the main thread is stuck: nothing that waits on it can run
 
     def _peers(self) -> tuple[list[str], list[str]]:
         """(the other ranks that stopped answering, what the answering ones are doing), as phrases."""

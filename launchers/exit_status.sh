@@ -1,6 +1,9 @@
-# Sourced by the launch templates (not a launcher itself), after they set $root.
+# Sourced by the launch templates (not a launcher itself), after they set $root and $python.
 #
-# Exit status 75 means "stopped on purpose after a checkpoint: run me again" (slurm/pretrain.sh
+# First the table of exit statuses (dist_lm/exits.py) as EXIT_OK, EXIT_REQUEUE, ... variables.
+eval "$(PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" "$python" -m dist_lm.exits --shell)" || exit 2
+#
+# Exit status 75 ($EXIT_REQUEUE) means "stopped on purpose after a checkpoint: run me again" (slurm/pretrain.sh
 # requeues the job on it). torchrun, the deepspeed launcher and mpirun take a rank's non-zero exit
 # for a failure: they end the other ranks and report their own status (torchrun: 1). So a template
 # exports DIST_LM_STATUS_FILE: rank 0 writes its status there and every rank exits 0

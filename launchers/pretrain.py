@@ -23,6 +23,7 @@ from dist_lm.config import UserError  # noqa: E402
 from dist_lm.config_io import load_config, to_yaml  # noqa: E402
 from dist_lm.dataset import resolve_data  # noqa: E402
 from dist_lm import watchdog  # noqa: E402
+from dist_lm.exits import Exit  # noqa: E402
 
 # --debug: the debug preset in one process, fp32, every step logged, non-finite values named.
 # Given before the user's overrides, so any of them can still be overridden.
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         # These import torch and deepspeed (seconds): only after the cheap checks above.
         from dist_lm.distributed import detect, is_rank0, teardown
         from dist_lm.planner import format_plan, plan_for_this_machine
-        from dist_lm.preemption import REQUEUE_EXIT, status_for_the_launcher
+        from dist_lm.preemption import status_for_the_launcher
         from dist_lm.faults import ExitOnOutOfMemory, TrainingDiverged
         from dist_lm.trainer import Trainer
 
@@ -88,21 +89,21 @@ def main(argv: list[str] | None = None) -> int:
             trainer = Trainer(cfg, summary, data)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return Exit.BAD_INPUT
     except Exception as e:  # a rank lost during the set-up (a dead peer fails a collective at once)
         return _lost_rank(e)
-    status = 0
+    status = Exit.OK
     try:
         with out_of_memory:
             trainer.fit()
         if trainer.stop.signal_name:  # stopped by SIGTERM/SIGUSR1 after a checkpoint: ask to be run again
-            status = REQUEUE_EXIT
+            status = Exit.REQUEUE
     except TrainingDiverged as e:  # every rank raises it together, so the teardown below is safe
         print(f"error: training diverged: {e}", file=sys.stderr)
-        status = 1
+        status = Exit.DIVERGED
     except UserError as e:  # e.g. a checkpoint that cannot be written: agreed on by every rank
         print(f"error: {e}", file=sys.stderr)
-        status = 2
+        status = Exit.BAD_INPUT
     except Exception as e:
         return _lost_rank(e)
     finally:
@@ -117,13 +118,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def _lost_rank(error: Exception) -> int:
     """A collective that failed because another rank is gone: one line naming it, and
-    watchdog.HANG_EXIT, without the teardown (its barrier would wait for that rank). Any other
+    Exit.HANG, without the teardown (its barrier would wait for that rank). Any other
     error is a bug: its traceback."""
     line = watchdog.explain(error)
     if line is None:
         raise error
     print(line, file=sys.stderr)
-    return watchdog.HANG_EXIT
+    return Exit.HANG
 
 
 if __name__ == "__main__":

@@ -17,6 +17,8 @@
 set -uo pipefail
 root="${DIST_LM_ROOT:-${SLURM_SUBMIT_DIR:-$PWD}}"
 cd "$root" || exit 2
+python="${PYTHON:-$([ -x "$root/.venv/bin/python" ] && echo "$root/.venv/bin/python" || echo python3)}"
+source "$root/launchers/exit_status.sh"  # the exit statuses (launchers/deepspeed.sh passes rank 0's on)
 config="${1:-auto}"; shift $(( $# > 0 ? 1 : 0 ))
 run_name="${RUN_NAME:-${SLURM_JOB_NAME}-${SLURM_JOB_ID}}"
 per_node="${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-1}}"

@@ -1,4 +1,5 @@
-# Sourced by slurm/pretrain.sh and slurm/pretrain_deepspeed.sh (not a job script itself).
+# Sourced by slurm/pretrain.sh and slurm/pretrain_deepspeed.sh (not a job script itself), after
+# launchers/exit_status.sh.
 #
 # wait_and_requeue PID: wait for the training launched in the background as PID. USR1 (from
 # --signal, or scancel --signal=USR1 --batch) and TERM reaching the batch script are passed to the
@@ -23,7 +24,7 @@ wait_and_requeue() {
   done
   [ -z "${CLEANUP:-}" ] || rm -f $CLEANUP
   if [ "$status" -eq 0 ] && [ -s "${DIST_LM_STATUS_FILE:-}" ]; then status="$(cat "$DIST_LM_STATUS_FILE")"; fi
-  if [ "$status" -eq 75 ]; then
+  if [ "$status" -eq "$EXIT_REQUEUE" ]; then  # (launchers/exit_status.sh reads it from dist_lm/exits.py)
     echo "stopped with a checkpoint: requeueing job $SLURM_JOB_ID"
     scontrol requeue "$SLURM_JOB_ID" && exit 0  # the job runs again; this attempt did what it should
   fi

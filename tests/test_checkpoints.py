@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from conftest import PRETRAIN, ROOT, assert_ok, free_port, launch, read_metrics
-from dist_lm import checkpoint, watchdog
+from dist_lm import checkpoint
+from dist_lm.exits import Exit
 from dist_lm.sinks import read_sample_log
 
 BASE = ["--config", "debug", "train.log_interval=1", "train.eval_interval=0", "logging.wandb=disabled"]
@@ -88,7 +89,7 @@ def test_a_hung_rank_ends_the_other_with_one_line_naming_it(env, ds_ops, tmp_pat
         for p in procs:
             p.kill()
             p.wait()
-    assert procs[0].returncode == watchdog.HANG_EXIT, err[-3000:]
+    assert procs[0].returncode == Exit.HANG, err[-3000:]
     assert waited < 40  # the deadline (15 s), plus beats and slack
     assert "launcher=env world_size=2" in out
     errors = [line for line in err.splitlines() if "error" in line.lower() or "Traceback" in line]
@@ -246,7 +247,7 @@ def test_a_hung_save_is_reported_and_ends_the_process(tmp_path):
     start = time.time()
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
                           env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=60)
-    assert proc.returncode == watchdog.HANG_EXIT and time.time() - start < 20
+    assert proc.returncode == Exit.HANG and time.time() - start < 20
     assert proc.stderr.startswith("error: rank 3: no progress for 0.05 minutes (checkpoint.save_timeout_minutes) "
                                   "while saving checkpoint /ckpt/step00000007; exiting with status 3."), proc.stderr
 

@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 
-from dist_lm.faults import OUT_OF_MEMORY_EXIT, ExitOnOutOfMemory, SkipCounter, SpikeGuard, TrainingDiverged
+from dist_lm.exits import Exit
+from dist_lm.faults import ExitOnOutOfMemory, SkipCounter, SpikeGuard, TrainingDiverged
 
 
 def test_spike_guard_waits_for_history_and_keeps_spikes_out_of_the_mean():
@@ -37,9 +38,21 @@ def test_out_of_memory_becomes_one_line_and_its_own_exit_status(capsys):
     for _ in range(2):  # the same guard serves the engine's construction and then training
         with pytest.raises(SystemExit) as stopped, guard:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.")
-        assert stopped.value.code == OUT_OF_MEMORY_EXIT
+        assert stopped.value.code == Exit.OUT_OF_MEMORY
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "rank 1 ran out of GPU memory at micro-batch 64 x seq 2048" in err
         assert "train.micro_batch_size" in err and "tools/find_batch.py" in err
     with pytest.raises(RuntimeError, match="another failure"), guard:  # anything else passes through
         raise RuntimeError("another failure")
+
+
+def test_the_shell_scripts_read_the_same_exit_statuses():
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    out = subprocess.run([sys.executable, "-m", "dist_lm.exits", "--shell"], capture_output=True, text=True,
+                         cwd=ROOT, check=True).stdout
+    assert dict(line.split("=") for line in out.splitlines()) == {f"EXIT_{e.name}": str(e.value) for e in Exit}
+    assert "EXIT_REQUEUE=75" in out.splitlines()

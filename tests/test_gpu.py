@@ -52,11 +52,11 @@ MODEL_100M = ["model.d_model=1024", "model.n_layers=8", "model.n_heads=8", "mode
 
 
 def test_running_out_of_gpu_memory_is_one_line_and_its_own_exit_status(env, tmp_path):
-    from dist_lm.faults import OUT_OF_MEMORY_EXIT
+    from dist_lm.exits import Exit
 
     proc = launch("python", ["--config", "debug", *MODEL_100M, "train.micro_batch_size=512", "train.global_batch_size=512",
                              "parallel.compile=false", f"run.dir={tmp_path}"], {**env, "DS_ACCELERATOR": "cuda"})
-    assert proc.returncode == OUT_OF_MEMORY_EXIT, proc.stderr[-3000:]
+    assert proc.returncode == Exit.OUT_OF_MEMORY, proc.stderr[-3000:]
     assert proc.stderr.strip().splitlines()[-1].startswith(
         "error: rank 0 ran out of GPU memory at micro-batch 512 x seq 2048: lower train.micro_batch_size"), proc.stderr
 

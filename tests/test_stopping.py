@@ -13,7 +13,7 @@ import psutil
 import pytest
 
 from conftest import ROOT, assert_ok, free_port, launch, read_metrics
-from dist_lm.preemption import REQUEUE_EXIT
+from dist_lm.exits import Exit
 
 BASE = ["--config", "debug", "train.log_interval=1", "train.eval_interval=0", "logging.wandb=disabled"]
 
@@ -81,7 +81,7 @@ def test_sigusr1_to_one_rank_checkpoints_all_and_asks_for_a_requeue(env, ds_ops,
     finally:
         if job.poll() is None:
             job.kill()
-    assert job.returncode == REQUEUE_EXIT, err[-3000:]
+    assert job.returncode == Exit.REQUEUE, err[-3000:]
     assert set(ROOT.glob(".dist-lm-status.*")) == status_files  # the template removed its status file
     assert "stopping after step" in out and ("received SIGUSR1" in out or "a signal to another rank" in out)
     stopped = int(out.split("stopping after step ")[1].split()[0])

@@ -12,7 +12,7 @@ and everything else as configured) at a size, doubling from the configured micro
 if that does not fit) and then bisecting, and keeps the largest size whose measured peak
 (torch.cuda.max_memory_allocated) stays within the planner's budget for the GPU: 90% of its
 memory less 1.5 GB, room for the CUDA context and the allocator. A run that runs out of memory
-says so by its exit status (dist_lm.faults.OUT_OF_MEMORY_EXIT). One process on one GPU: with
+says so by its exit status (dist_lm.exits.Exit.OUT_OF_MEMORY). One process on one GPU: with
 ZeRO-2/3 over more ranks, more fits. Each probe compiles afresh, so expect minutes.
 Prints each probe, then the override to use.
 """
@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def peak_gb(config: str, overrides: list[str], micro: int, work: Path) -> float | None:
     """Peak GPU memory of two one-micro-batch steps at this size; None if it ran out of memory."""
     from dist_lm.analysis import read_rows
-    from dist_lm.faults import OUT_OF_MEMORY_EXIT
+    from dist_lm.exits import Exit
 
     run_dir = work / f"micro{micro}"
     args = [*overrides, f"train.micro_batch_size={micro}", f"train.global_batch_size={micro}", "train.max_steps=2",
@@ -45,7 +45,7 @@ def peak_gb(config: str, overrides: list[str], micro: int, work: Path) -> float 
             "checkpoint.save_at_end=false", "logging.wandb=disabled", "logging.progress=false", f"run.dir={run_dir}"]
     proc = subprocess.run([sys.executable, str(ROOT / "launchers" / "pretrain.py"), "--config", config, *args],
                           capture_output=True, text=True, cwd=ROOT)
-    if proc.returncode == OUT_OF_MEMORY_EXIT:
+    if proc.returncode == Exit.OUT_OF_MEMORY:
         return None
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
