@@ -2,13 +2,17 @@
 
 ``log`` prints on rank 0 and appends to the run's log file; ``MetricsWriter`` sends each
 metrics row to the sinks (dist_lm.sinks); ``Progress`` is the console's progress bar;
-``LogWindow`` holds the steps since the last row. Other ranks stay silent.
+``LogWindow`` holds the steps since the last row; ``RunSummary`` is RUN_DIR/run.json, what a
+process set up, for tools to read instead of the log. Other ranks stay silent.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 import time
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import TextIO
 
@@ -124,6 +128,43 @@ class Progress:
         if self.bar is not None:
             self.bar.close()
             _bar = None
+
+
+RUN_SUMMARY = "run.json"
+
+
+@dataclass
+class RunSummary:
+    """What the newest process of a run set up, and how soon it trained: RUN_DIR/run.json, written
+    by rank 0 (atomically) at start-up and again after its first step. Tools (tools/bench.py) read
+    it rather than the log's wording. ``version`` goes up when a field's meaning changes."""
+    version: int = 1
+    launcher: str = ""
+    world_size: int = 1
+    precision: str = ""
+    zero_stage: int = 0
+    global_batch_size: int = 0
+    micro_batch_size: int = 0
+    grad_accum_steps: int = 0
+    parameters: int = 0
+    flops_per_token: float = 0.0
+    predicted_peak_mem_gb: float | None = None  # GPU runs: dist_lm.memory's estimate per rank
+    start_step: int = 0  # the step this process started from (its checkpoint's, or 0)
+    first_step_s: float | None = None  # from the trainer's start to the end of this process's first step
+
+    def write(self, run_dir: Path) -> None:
+        if not is_rank0():
+            return
+        tmp = run_dir / f".{RUN_SUMMARY}.tmp"
+        tmp.write_text(json.dumps(asdict(self), indent=1))
+        os.replace(tmp, run_dir / RUN_SUMMARY)
+
+    @classmethod
+    def read(cls, run_dir: Path) -> "RunSummary":
+        data = json.loads((run_dir / RUN_SUMMARY).read_text())
+        if data.get("version") != cls.version:
+            raise ValueError(f"{run_dir / RUN_SUMMARY} is version {data.get('version')}; this code reads {cls.version}")
+        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
 
 
 class LogWindow:

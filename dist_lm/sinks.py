@@ -110,11 +110,14 @@ class CsvSink:
     def __init__(self, path: Path):
         fresh = not path.exists() or path.stat().st_size == 0
         self._file = open(path, "a", newline="", buffering=1)
-        self._writer = csv.DictWriter(self._file, fieldnames=COLUMNS, extrasaction="ignore")
+        self._writer = csv.DictWriter(self._file, fieldnames=COLUMNS)
         if fresh:
             self._writer.writeheader()
 
     def write(self, row: dict) -> None:
+        unknown = [k for k in row if k not in COLUMNS]
+        if unknown:  # a metric added to the trainer but not here would be missing from the CSV unseen
+            raise ValueError(f"metrics.csv has no column for {', '.join(unknown)}: add it to dist_lm.sinks.COLUMNS")
         self._writer.writerow({k: ("" if _finite(v) is None else v) for k, v in row.items()})
 
     def close(self) -> None:

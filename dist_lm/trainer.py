@@ -124,6 +124,7 @@ class Trainer:
         self.peak_flops = hardware.peak_flops(self.device)
         metrics.log(f"model {count_parameters(cfg.model)['total'] / 1e6:.2f}M parameters, "
                     f"{self.flops_per_token / 1e6:.1f} MFLOP/token")
+        predicted = None
         if self.device.type == "cuda":
             predicted = memory.estimate(cfg.model, cfg.parallel, self.precision, self.plan.micro_batch_size,
                                         self.plan.dp_size)
@@ -132,6 +133,13 @@ class Trainer:
         if universal:  # saved on another world size or ZeRO stage: DeepSpeed's universal format
             checkpoint.convert_to_universal(self.resume_from.path, rank, distributed.barrier)
         start_step = self.resume_from.state["step"] if self.resume_from else 0
+        self.summary = metrics.RunSummary(
+            launcher=self.dist_env.launcher, world_size=self.dist_env.world_size, precision=self.precision,
+            zero_stage=cfg.parallel.zero_stage, global_batch_size=self.plan.global_batch_size,
+            micro_batch_size=self.plan.micro_batch_size, grad_accum_steps=self.plan.grad_accum_steps,
+            parameters=count_parameters(cfg.model)["total"], flops_per_token=self.flops_per_token,
+            predicted_peak_mem_gb=predicted.total / memory.GB if predicted else None, start_step=start_step)
+        self.summary.write(self.run_dir)
         self.engine = engine_ops.initialize(model, cfg.parallel, cfg.optim, self.plan, self.precision, self.device,
                                             load_universal=universal, start_step=start_step, verbose=cfg.run.verbose)
         # Lines past start_step in the run directory's logs were written by an earlier process.
@@ -277,7 +285,9 @@ class Trainer:
                 self.profiler.after_step(self.step)
                 self.window.add_step()
                 if self.step == first_step + 1:
-                    metrics.log(f"first step done {time.perf_counter() - self.start_time:.1f} s after the trainer started")
+                    self.summary.first_step_s = time.perf_counter() - self.start_time
+                    self.summary.write(self.run_dir)
+                    metrics.log(f"first step done {self.summary.first_step_s:.1f} s after the trainer started")
                 row: dict = {}
                 if self.step % cfg.log_interval == 0 or self.step == cfg.max_steps:
                     row |= self._train_metrics(micro_steps, grad_norm)

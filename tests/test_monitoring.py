@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, assert_ok, launch, read_metrics
+from dist_lm.metrics import RunSummary
 from dist_lm.sinks import COLUMNS, CsvSink, JsonlSink, SampleLog, drop_rows_after, read_sample_log
 from wandb_records import history, records, run_id
 
@@ -88,6 +89,9 @@ def test_metrics_csv_and_jsonl_columns_and_values(env, ds_ops, tmp_path):
     assert [int(r["tokens"]) for r in rows] == [1024, 2048, 3072, 4096]  # 8 sequences x 128 tokens a step
     elapsed = [float(r["elapsed_s"]) for r in rows]
     assert elapsed == sorted(elapsed) and elapsed[0] > 0
+    summary = RunSummary.read(run)  # what tools read instead of the log
+    assert (summary.launcher, summary.world_size, summary.precision, summary.global_batch_size) == ("none", 1, "fp32", 8)
+    assert summary.first_step_s > 0 and summary.start_step == 0 and summary.predicted_peak_mem_gb is None  # (CPU)
 
 
 def test_tensorboard_option(env, ds_ops, tmp_path):
@@ -205,6 +209,14 @@ def test_analyze_a_run(env, ds_ops, tmp_path):
 def assert_png(path: Path) -> None:
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, path
+
+
+def test_the_csv_refuses_a_metric_it_has_no_column_for(tmp_path):
+    sink = CsvSink(tmp_path / "metrics.csv")
+    sink.write({"step": 1, "loss": 2.0})
+    with pytest.raises(ValueError, match="no column for tokens_per_gpu: add it to dist_lm.sinks.COLUMNS"):
+        sink.write({"step": 2, "tokens_per_gpu": 5.0})
+    sink.close()
 
 
 def test_drop_rows_after_keeps_earlier_steps_and_removes_a_torn_line(tmp_path):

@@ -37,6 +37,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from dist_lm import metrics  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 PROFILED_STEPS = 3
 DEFAULT_VARIANTS = [
@@ -114,16 +116,12 @@ def run_variant(config: str, overrides: list[str], variant: str, steps: int, war
         profile_dir.mkdir(parents=True, exist_ok=True)
         for what in ("ops.txt", "trace.json.gz"):
             shutil.copy(run_dir / "profile" / f"rank0-{what}", profile_dir / f"{file_name(name)}-{what}")
-    output = log.read_text(errors="replace")
-    first = re.search(r"first step done ([\d.]+) s", output)
-    predicted = re.search(r"predicted peak GPU memory per rank ([\d.]+) GB", output)
-    batch = re.search(r"; batch (\d+) = micro", output)
+    summary = metrics.RunSummary.read(run_dir)
     n = len(timed)
     return {"variant": name, "ranks": ranks, "tokens_per_s": sum(r["tokens_per_s"] for r in timed) / n,
             "mfu": sum(r["mfu"] or 0 for r in timed) / n, "step_s": sum(r["step_time"] for r in timed) / n,
-            "peak_mem_gb": max(r["peak_mem_gb"] for r in timed), "first_step_s": float(first.group(1)) if first else None,
-            "predicted_mem_gb": float(predicted.group(1)) if predicted else None,
-            "global_batch": int(batch.group(1)) if batch else None}
+            "peak_mem_gb": max(r["peak_mem_gb"] for r in timed), "first_step_s": summary.first_step_s,
+            "predicted_mem_gb": summary.predicted_peak_mem_gb, "global_batch": summary.global_batch_size}
 
 
 def run_baseline(config: str, overrides: list[str], steps: int, warmup: int, accum: int,
