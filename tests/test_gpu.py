@@ -25,6 +25,10 @@ def test_debug_preset_runs_in_bf16_and_reports_mfu(env, tmp_path):
     train, evals = read_metrics(tmp_path)
     assert all(r["mfu"] is not None and 0 < r["mfu"] < 1 for r in train)
     assert train[-1]["loss"] < train[0]["loss"] and evals
+    from dist_lm.metrics import RunSummary
+
+    summary = RunSummary.read(tmp_path)  # with the memory estimate, which only a GPU run makes
+    assert summary.precision == "bf16" and 0 < summary.predicted_peak_mem_gb < 139 and summary.first_step_s > 0
 
 
 @pytest.mark.parametrize("case", ["rtx-12gb parallel.activation_checkpointing=false train.micro_batch_size=8",
