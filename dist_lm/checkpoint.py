@@ -29,7 +29,7 @@ import random
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -37,9 +37,9 @@ import numpy as np
 import torch
 
 from dist_lm.config import UserError
+from dist_lm.run_state import STATE, RunState  # noqa: F401 - STATE: checkpoint.STATE for the callers
 
 Engine = Any  # a deepspeed.DeepSpeedEngine; only its methods are used here
-STATE = "state.json"
 LATEST = "latest"
 BEST = "best"
 WEIGHTS = "weights-rank{rank:05d}.safetensors"
@@ -73,12 +73,12 @@ def _write_atomic(path: Path, text: str) -> None:
 def problem_with(path: Path) -> str | None:
     """Why the checkpoint at ``path`` cannot be resumed from, or None if it is complete."""
     try:
-        state = json.loads((path / STATE).read_text())
+        state = RunState.read(path)
     except FileNotFoundError:
         return f"it has no {STATE} (the save did not finish)"
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, json.JSONDecodeError, UserError) as e:
         return f"its {STATE} is unreadable ({e})"
-    for name, size in state.get("manifest", {}).items():
+    for name, size in state.manifest.items():
         f = path / name
         if not f.is_file():
             return f"{name} is missing"
@@ -98,13 +98,13 @@ def complete_checkpoints(root: Path) -> list[Path]:
 @dataclass
 class Found:
     path: Path
-    state: dict
+    state: RunState
     note: str | None = None
     """Said when the checkpoint is not the one ``latest`` names."""
 
 
-def read_state(path: Path) -> dict:
-    return json.loads((path / STATE).read_text())
+def read_state(path: Path) -> RunState:
+    return RunState.read(path)
 
 
 def find(resume: str, root: Path) -> Found | None:
@@ -215,7 +215,7 @@ def bytes_needed(root: Path, fallback: int) -> int:
     complete = complete_checkpoints(root)
     if not complete:
         return fallback
-    return sum(read_state(complete[-1]).get("manifest", {}).values()) or fallback
+    return sum(read_state(complete[-1]).manifest.values()) or fallback
 
 
 def check_room(root: Path, need: int) -> str | None:
@@ -238,7 +238,7 @@ def check_room(root: Path, need: int) -> str | None:
     return None
 
 
-def save(engine: Engine, root: Path, step: int, state: dict, rank: int, weights: Callable[[], dict],
+def save(engine: Engine, root: Path, step: int, state: RunState, rank: int, weights: Callable[[], dict],
          aliases: dict[str, str], barrier: Callable[[], None], any_rank: Callable[[bool], bool]) -> Path:
     """Save on every rank (a collective). ``weights()`` gathers this rank's share of the full
     weights (a collective too: dist_lm.engine.master_weights); ``aliases`` names the tied ones
@@ -266,7 +266,7 @@ def save(engine: Engine, root: Path, step: int, state: dict, rank: int, weights:
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())  # on disk before state.json says the checkpoint is complete
             manifest[str(f.relative_to(path))] = f.stat().st_size
-        _write_atomic(path / STATE, json.dumps({**state, "manifest": manifest}, indent=1))
+        _write_atomic(path / STATE, replace(state, manifest=manifest).to_json())
         _write_atomic(root / LATEST, tag_for(step))
     barrier()
     return path
@@ -290,7 +290,7 @@ def write_weights(path: Path, rank: int, tensors: dict[str, torch.Tensor], alias
 def update_best(root: Path) -> Path | None:
     """Point ``best`` at the complete checkpoint with the lowest validation loss (saved at a step
     that evaluated), written atomically like ``latest``; None if no checkpoint has one. Rank 0."""
-    scored = [(v, p) for p in complete_checkpoints(root) if (v := read_state(p).get("val_loss")) is not None]
+    scored = [(v, p) for p in complete_checkpoints(root) if (v := read_state(p).val_loss) is not None]
     if not scored:
         return None
     best = min(scored, key=lambda vp: vp[0])[1]
@@ -307,7 +307,7 @@ def prune(root: Path, keep_last: int, keep_best: bool) -> list[Path]:
         return []
     keep = set(complete[-keep_last:]) if keep_last > 0 else set(complete)
     if keep_best:
-        scored = [(read_state(p).get("val_loss"), p) for p in complete]
+        scored = [(read_state(p).val_loss, p) for p in complete]
         scored = [(v, p) for v, p in scored if v is not None]
         if scored:
             keep.add(min(scored, key=lambda vp: vp[0])[1])
@@ -324,9 +324,9 @@ def prune(root: Path, keep_last: int, keep_best: bool) -> list[Path]:
 
 
 # ------------------------------------------------------------------------------------ loading
-def needs_universal(state: dict, world_size: int, zero_stage: int) -> bool:
+def needs_universal(state: RunState, world_size: int, zero_stage: int) -> bool:
     """Whether the checkpoint's ZeRO shards no longer line up with this run's ranks."""
-    saved_world, saved_stage = state.get("world_size"), state.get("zero_stage")
+    saved_world, saved_stage = state.world_size, state.zero_stage
     if saved_world is None or (saved_world == world_size and saved_stage == zero_stage):
         return False
     if saved_stage == 0 or zero_stage == 0:
@@ -361,7 +361,7 @@ def consolidated_weights(path: Path) -> dict[str, torch.Tensor]:
     files = sorted(path.glob(WEIGHTS_GLOB))
     if files:
         return _read_weights(files)
-    if read_state(path).get("zero_stage", 1) == 0:
+    if read_state(path).zero_stage == 0:
         module = torch.load(path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
         return {k: v.float() for k, v in module.items()}
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint

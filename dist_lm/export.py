@@ -80,13 +80,13 @@ def export_hf(source: Path, out: Path, overwrite: bool = False, best: bool = Fal
     if out.exists() and not overwrite:
         raise UserError(f"export error: {out} exists; choose another directory or pass --overwrite")
     cfg = saved_config(found)
-    tokenizer_path = find_tokenizer(cfg, found.state.get("tokenizer_sha256"))
+    tokenizer_path = find_tokenizer(cfg, found.state.tokenizer_sha256)
     if tokenizer_path is None:
         raise UserError(f"export error: the tokenizer of {found.path} (data.dir={cfg.data.dir}) is not there any more; "
                         "the export needs its tokenizer.json")
     tokenizer = Tokenizer.from_file(str(tokenizer_path))
     eot_id = tokenizer.token_to_id(EOT)
-    torch_dtype = DTYPES[found.state.get("precision", "fp32") if dtype == "trained" else dtype]
+    torch_dtype = DTYPES[found.state.precision if dtype == "trained" else dtype]
     config = hf_config(cfg, eot_id, torch_dtype)
 
     weights = checkpoint.consolidated_weights(found.path)

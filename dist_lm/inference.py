@@ -19,7 +19,7 @@ from dist_lm.shards import sha256_file
 
 
 def saved_config(found: checkpoint.Found) -> Config:
-    return from_dict(found.state["config"], str(found.path / checkpoint.STATE))
+    return from_dict(found.state.config, str(found.path / checkpoint.STATE))
 
 
 def find_tokenizer(cfg: Config, sha256: str | None) -> Path | None:
@@ -53,14 +53,14 @@ def load_model(path: Path, best: bool = False, dtype: str = "fp32") -> tuple[Tra
         raise checkpoint.CheckpointError(f"checkpoint error: the weights of {found.path} do not fit the model its "
                                          f"state.json describes ({str(e).splitlines()[0]}); use another "
                                          "checkpoint") from None
-    precision = found.state.get("precision", "fp32") if dtype == "trained" else dtype
+    precision = found.state.precision if dtype == "trained" else dtype
     return model.to(DTYPES[precision]).eval(), cfg, found
 
 
 def load_tokenizer(cfg: Config, found: checkpoint.Found):
     from tokenizers import Tokenizer
 
-    path = find_tokenizer(cfg, found.state.get("tokenizer_sha256"))
+    path = find_tokenizer(cfg, found.state.tokenizer_sha256)
     if path is None:
         raise UserError(f"the tokenizer of {found.path} (data.dir={cfg.data.dir}) is not there any more")
     return Tokenizer.from_file(str(path))

@@ -34,13 +34,17 @@ def list_runs(root: Path) -> list[dict]:
             rows.append({"run": run_dir.name, "checkpoint": None})
         for tag in tags:
             problem = checkpoint.problem_with(tag)
-            state = checkpoint.read_state(tag) if problem is None else {}
+            state = checkpoint.read_state(tag) if problem is None else None
+
+            def field(name: str):
+                return getattr(state, name) if state is not None else None
+
             rows.append({
                 "run": run_dir.name, "checkpoint": tag.name, "latest": tag.name == latest, "best": tag.name == best,
-                "problem": problem, "precision": state.get("precision"),
-                "step": state.get("step"), "tokens": state.get("tokens"), "val_loss": state.get("val_loss"),
-                "best_val_loss": state.get("best_val_loss"), "parameters": state.get("parameters"),
-                "world_size": state.get("world_size"), "zero_stage": state.get("zero_stage"),
+                "problem": problem, "precision": field("precision"),
+                "step": field("step"), "tokens": field("tokens"), "val_loss": field("val_loss"),
+                "best_val_loss": field("best_val_loss"), "parameters": field("parameters"),
+                "world_size": field("world_size"), "zero_stage": field("zero_stage"),
                 "bytes": sum(f.stat().st_size for f in tag.rglob("*") if f.is_file()), "path": str(tag)})
     return rows
 

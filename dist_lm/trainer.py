@@ -34,6 +34,7 @@ from dist_lm.model import count_parameters, flops_per_token, parameter_shapes
 from dist_lm.optim import lr_at
 from dist_lm.preemption import StopControl
 from dist_lm.profiling import StepProfiler
+from dist_lm.run_state import RunState
 
 
 # A first checkpoint's size per parameter, before one was written to measure: the optimizer's
@@ -132,7 +133,7 @@ class Trainer:
         engine_ops.quiet(cfg.run.verbose)
         if universal:  # saved on another world size or ZeRO stage: DeepSpeed's universal format
             checkpoint.convert_to_universal(self.resume_from.path, rank, distributed.barrier)
-        start_step = self.resume_from.state["step"] if self.resume_from else 0
+        start_step = self.resume_from.state.step if self.resume_from else 0
         self.summary = metrics.RunSummary(
             launcher=self.dist_env.launcher, world_size=self.dist_env.world_size, precision=self.precision,
             zero_stage=cfg.parallel.zero_stage, global_batch_size=self.plan.global_batch_size,
@@ -193,14 +194,14 @@ class Trainer:
             _write_atomic(self.run_dir / "config.yaml", to_yaml(self.cfg))
         dist.barrier()
 
-    def _check_same_data(self, state: dict) -> None:
+    def _check_same_data(self, state: RunState) -> None:
         """Refuse to resume on other data (unless checkpoint.allow_data_change)."""
         where = self.resume_from.path
-        if state.get("tokenizer_sha256") != self.meta["tokenizer_sha256"]:
-            problem = (f"{where} was trained on tokens of tokenizer {str(state.get('tokenizer_sha256'))[:12]}, but "
+        if state.tokenizer_sha256 != self.meta["tokenizer_sha256"]:
+            problem = (f"{where} was trained on tokens of tokenizer {str(state.tokenizer_sha256)[:12]}, but "
                        f"{self.data_dir} was made with {str(self.meta['tokenizer_sha256'])[:12]}")
         else:
-            saved, now = state.get("data_fingerprint"), shards.fingerprint(self.meta)
+            saved, now = state.data_fingerprint, shards.fingerprint(self.meta)
             if saved is None or saved["sha256"] == now["sha256"]:
                 return
             problem = (f"{where} was trained on data {saved['sha256'][:12]} ({saved['train_tokens']:,} training tokens), "
@@ -211,10 +212,10 @@ class Trainer:
         raise UserError(f"data error: {problem}; resume with the same data.dir, pass --allow-data-change to continue "
                         "on this data, or start a new run.name")
 
-    def _check_same_model(self, state: dict) -> None:
+    def _check_same_model(self, state: RunState) -> None:
         """Refuse, before anything is written, a checkpoint whose weights do not fit this run's model
         (e.g. --allow-data-change onto data of another vocabulary size)."""
-        saved = from_dict(state["config"], str(self.resume_from.path / checkpoint.STATE)).model
+        saved = from_dict(state.config, str(self.resume_from.path / checkpoint.STATE)).model
         theirs, ours = parameter_shapes(saved), parameter_shapes(self.cfg.model)
         if theirs == ours:
             return
@@ -230,34 +231,36 @@ class Trainer:
         if universal:
             engine_ops.restore_weight_decay(self.engine, self.cfg.optim)
         state = found.state
-        self.step = state["step"]
-        self.best_val_loss = state["best_val_loss"] if state["best_val_loss"] is not None else math.inf
-        self.train_data.load_state_dict(state["data"])
-        self.elapsed_before = state["elapsed_s"]
-        self.evals_without_improvement = state["evals_without_improvement"]
-        self.skips.total = state.get("skipped_steps", 0)
-        if "log_window" in state:  # (older checkpoints: the first row averages the steps since the resume)
-            self.window.load_state_dict(state["log_window"], self.dist_env.rank, self.dist_env.world_size)
+        self.step = state.step
+        self.best_val_loss = state.best_val_loss if state.best_val_loss is not None else math.inf
+        self.train_data.load_state_dict(state.data)
+        self.elapsed_before = state.elapsed_s
+        self.evals_without_improvement = state.evals_without_improvement
+        self.skips.total = state.skipped_steps
+        if state.log_window is not None:  # (older checkpoints: the first row averages the steps since the resume)
+            self.window.load_state_dict(state.log_window, self.dist_env.rank, self.dist_env.world_size)
         rng = found.path / f"rng-rank{self.dist_env.rank}.json"
         if not universal and rng.is_file():  # on another world size the ranks are not the same ranks
             checkpoint.set_rng_state(json.loads(rng.read_text()))
         if found.note:
             metrics.warn(found.note)
-        how = (f" via DeepSpeed's universal format (saved on {state['world_size']} ranks at ZeRO stage "
-               f"{state['zero_stage']})") if universal else ""
+        how = (f" via DeepSpeed's universal format (saved on {state.world_size} ranks at ZeRO stage "
+               f"{state.zero_stage})") if universal else ""
         metrics.log(f"resumed from {found.path} at step {self.step} ({self.train_data.samples_consumed} samples consumed){how}")
 
-    def state_dict(self) -> dict:
-        """Our resumable state, saved as JSON beside the engine's own checkpoint."""
+    def state_dict(self) -> RunState:
+        """Our resumable state, saved as state.json beside the engine's own checkpoint (a collective:
+        the log window gathers every rank's sums)."""
         best = self.best_val_loss if math.isfinite(self.best_val_loss) else None  # JSON has no infinity
         val = self.last_val_loss[1] if self.last_val_loss and self.last_val_loss[0] == self.step else None
-        return {"step": self.step, "data": self.train_data.state_dict(), "best_val_loss": best, "val_loss": val,
-                "elapsed_s": self.elapsed_s(), "evals_without_improvement": self.evals_without_improvement,
-                "skipped_steps": self.skips.total, "tokens": self.tokens_seen(), "log_window": self.window.state_dict(),
-                "world_size": self.dist_env.world_size, "zero_stage": self.cfg.parallel.zero_stage,
-                "precision": self.precision, "parameters": count_parameters(self.cfg.model)["total"],
-                "config": to_dict(self.cfg), "tokenizer_sha256": self.meta["tokenizer_sha256"],
-                "data_fingerprint": shards.fingerprint(self.meta), "wandb_run_id": self.metrics.wandb_run_id}
+        return RunState(
+            step=self.step, config=to_dict(self.cfg), data=self.train_data.state_dict(), best_val_loss=best,
+            val_loss=val, elapsed_s=self.elapsed_s(), evals_without_improvement=self.evals_without_improvement,
+            skipped_steps=self.skips.total, tokens=self.tokens_seen(), world_size=self.dist_env.world_size,
+            zero_stage=self.cfg.parallel.zero_stage, precision=self.precision,
+            parameters=count_parameters(self.cfg.model)["total"], tokenizer_sha256=self.meta["tokenizer_sha256"],
+            data_fingerprint=shards.fingerprint(self.meta), wandb_run_id=self.metrics.wandb_run_id,
+            log_window=self.window.state_dict())
 
     def tokens_seen(self) -> int:
         return self.train_data.samples_consumed * self.cfg.model.seq_len

@@ -302,3 +302,22 @@ def test_a_second_process_on_a_run_directory_is_refused_until_the_first_is_gone(
         first.kill()
         first.wait()
     assert_ok(launch("python", [*args, "train.max_steps=2"], env))
+
+
+def test_state_json_is_versioned_and_reads_files_older_than_the_version(tmp_path):
+    from dist_lm.config import UserError
+    from dist_lm.run_state import VERSION, RunState
+
+    state = RunState(step=4, config={"model": {}}, data={"samples_consumed": 32}, precision="bf16", world_size=2)
+    (tmp_path / "state.json").write_text(state.to_json())
+    assert RunState.read(tmp_path) == state and json.loads(state.to_json())["version"] == VERSION
+    # what a checkpoint written before state.json had a version holds: no version, no log window
+    old = {"step": 4, "config": {}, "data": {}, "best_val_loss": None, "elapsed_s": 1.5, "evals_without_improvement": 0,
+           "world_size": 1, "zero_stage": 1, "manifest": {"mp_rank_00_model_states.pt": 10}, "an_old_key": 1}
+    (tmp_path / "state.json").write_text(json.dumps(old))
+    read = RunState.read(tmp_path)
+    assert (read.version, read.log_window, read.skipped_steps, read.precision) == (0, None, 0, "fp32")
+    (tmp_path / "state.json").write_text(json.dumps({**old, "version": VERSION + 1}))
+    with pytest.raises(UserError, match=f"is state version {VERSION + 1}, newer than this dist-lm reads"):
+        RunState.read(tmp_path)
+    assert "is unreadable" in checkpoint.problem_with(tmp_path)
