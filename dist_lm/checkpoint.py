@@ -37,7 +37,8 @@ import numpy as np
 import torch
 
 from dist_lm.config import UserError
-from dist_lm.run_state import STATE, RunState  # noqa: F401 - STATE: checkpoint.STATE for the callers
+from dist_lm.files import write_atomic
+from dist_lm.run_state import STATE, RunState
 
 Engine = Any  # a deepspeed.DeepSpeedEngine; only its methods are used here
 LATEST = "latest"
@@ -58,15 +59,6 @@ def tag_for(step: int) -> str:
 def step_of(path: Path) -> int | None:
     name = path.name
     return int(name[4:]) if name.startswith("step") and name[4:].isdigit() else None
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------------- finding one
@@ -103,10 +95,6 @@ class Found:
     """Said when the checkpoint is not the one ``latest`` names."""
 
 
-def read_state(path: Path) -> RunState:
-    return RunState.read(path)
-
-
 def find(resume: str, root: Path) -> Found | None:
     """The checkpoint to resume from: ``auto`` (the newest complete one under root, if any),
     ``none``, or a path (a checkpoint directory, or a run directory / checkpoint root)."""
@@ -119,7 +107,7 @@ def find(resume: str, root: Path) -> Found | None:
             if problem:
                 raise CheckpointError(f"checkpoint error: checkpoint.resume={resume}: {problem}; give another "
                                       "checkpoint, or checkpoint.resume=auto for the newest complete one")
-            return Found(path, read_state(path))
+            return Found(path, RunState.read(path))
         root = checkpoint_root(path, f"checkpoint.resume={resume}")
     return _newest(root, resume != "auto", f"checkpoint.resume={resume}")
 
@@ -149,7 +137,7 @@ def find_for_reading(path: Path, best: bool = False) -> Found:
         if problem:
             raise CheckpointError(f"checkpoint error: {path} cannot be read: {problem}; give another checkpoint, "
                                   "or the run directory for its newest complete one")
-        return Found(path, read_state(path))
+        return Found(path, RunState.read(path))
     root = checkpoint_root(path, str(path))
     if not best:
         found = _newest(root, True, str(path))
@@ -165,7 +153,7 @@ def find_for_reading(path: Path, best: bool = False) -> Found:
     if problem:
         raise CheckpointError(f"checkpoint error: --best: {named}, the best checkpoint, cannot be read: {problem}; "
                               "leave out --best for the newest complete checkpoint")
-    return Found(named, read_state(named))
+    return Found(named, RunState.read(named))
 
 
 def _newest(root: Path, required: bool, what: str) -> Found | None:
@@ -184,7 +172,7 @@ def _newest(root: Path, required: bool, what: str) -> Found | None:
     newest = complete[-1]
     skipped = [f"{p.name} is incomplete ({problem_with(p)})" for p in reversed(tags) if step_of(p) > step_of(newest)]
     note = f"{'; '.join(skipped)}; resuming from {newest.name}, the newest complete checkpoint" if skipped else None
-    return Found(newest, read_state(newest), note)
+    return Found(newest, RunState.read(newest), note)
 
 
 # ------------------------------------------------------------------------------------- saving
@@ -215,7 +203,7 @@ def bytes_needed(root: Path, fallback: int) -> int:
     complete = complete_checkpoints(root)
     if not complete:
         return fallback
-    return sum(read_state(complete[-1]).manifest.values()) or fallback
+    return sum(RunState.read(complete[-1]).manifest.values()) or fallback
 
 
 def check_room(root: Path, need: int) -> str | None:
@@ -249,7 +237,7 @@ def save(engine: Engine, root: Path, step: int, state: RunState, rank: int, weig
     try:
         engine.save_checkpoint(str(root), tag=tag_for(step), save_latest=False)
         write_weights(path, rank, weights(), aliases)
-        _write_atomic(path / f"rng-rank{rank}.json", json.dumps(rng_state()))
+        write_atomic(path / f"rng-rank{rank}.json", json.dumps(rng_state()), durable=True)
     except Exception as e:  # a full or failing disk: agree on it below instead of leaving others waiting.
         # Any exception: torch's writer reports a full disk as RuntimeError ("unexpected pos").
         reason = e.strerror if isinstance(e, OSError) and e.strerror else (str(e).strip().splitlines() or [repr(e)])[0]
@@ -266,8 +254,8 @@ def save(engine: Engine, root: Path, step: int, state: RunState, rank: int, weig
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())  # on disk before state.json says the checkpoint is complete
             manifest[str(f.relative_to(path))] = f.stat().st_size
-        _write_atomic(path / STATE, replace(state, manifest=manifest).to_json())
-        _write_atomic(root / LATEST, tag_for(step))
+        write_atomic(path / STATE, replace(state, manifest=manifest).to_json(), durable=True)
+        write_atomic(root / LATEST, tag_for(step), durable=True)
     barrier()
     return path
 
@@ -290,12 +278,12 @@ def write_weights(path: Path, rank: int, tensors: dict[str, torch.Tensor], alias
 def update_best(root: Path) -> Path | None:
     """Point ``best`` at the complete checkpoint with the lowest validation loss (saved at a step
     that evaluated), written atomically like ``latest``; None if no checkpoint has one. Rank 0."""
-    scored = [(v, p) for p in complete_checkpoints(root) if (v := read_state(p).val_loss) is not None]
+    scored = [(v, p) for p in complete_checkpoints(root) if (v := RunState.read(p).val_loss) is not None]
     if not scored:
         return None
     best = min(scored, key=lambda vp: vp[0])[1]
     if not (root / BEST).is_file() or (root / BEST).read_text().strip() != best.name:
-        _write_atomic(root / BEST, best.name)
+        write_atomic(root / BEST, best.name, durable=True)
     return best
 
 
@@ -307,7 +295,7 @@ def prune(root: Path, keep_last: int, keep_best: bool) -> list[Path]:
         return []
     keep = set(complete[-keep_last:]) if keep_last > 0 else set(complete)
     if keep_best:
-        scored = [(read_state(p).val_loss, p) for p in complete]
+        scored = [(RunState.read(p).val_loss, p) for p in complete]
         scored = [(v, p) for v, p in scored if v is not None]
         if scored:
             keep.add(min(scored, key=lambda vp: vp[0])[1])
@@ -361,7 +349,7 @@ def consolidated_weights(path: Path) -> dict[str, torch.Tensor]:
     files = sorted(path.glob(WEIGHTS_GLOB))
     if files:
         return _read_weights(files)
-    if read_state(path).zero_stage == 0:
+    if RunState.read(path).zero_stage == 0:
         module = torch.load(path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
         return {k: v.float() for k, v in module.items()}
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint

@@ -56,7 +56,7 @@ def _int(env: Mapping[str, str], name: str) -> int:
                         "unset it or start through torchrun/deepspeed/mpirun/srun") from None
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -151,7 +151,7 @@ def init_process_group(d: DistEnv, device: torch.device, timeout_minutes: float)
     Their collectives time out ``timeout_minutes`` plus a grace after the watchdog's deadline
     (dist_lm.watchdog), which ends a hang first, with a line naming the rank. Returns the port
     of the rendezvous store."""
-    port = d.master_port or _free_port()
+    port = d.master_port or free_port()
     os.environ.update(RANK=str(d.rank), WORLD_SIZE=str(d.world_size), LOCAL_RANK=str(d.local_rank),
                       LOCAL_WORLD_SIZE=str(d.local_world_size), MASTER_ADDR=d.master_addr, MASTER_PORT=str(port))
     kwargs = {}

@@ -9,7 +9,6 @@ process set up, for tools to read instead of the log. Other ranks stay silent.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
@@ -21,6 +20,7 @@ import torch
 from dist_lm import sinks
 from dist_lm.config import LoggingConfig
 from dist_lm.distributed import all_gather_floats, is_rank0
+from dist_lm.files import write_atomic
 
 _log_file: TextIO | None = None
 _bar = None  # the progress bar while one is shown
@@ -155,9 +155,7 @@ class RunSummary:
     def write(self, run_dir: Path) -> None:
         if not is_rank0():
             return
-        tmp = run_dir / f".{RUN_SUMMARY}.tmp"
-        tmp.write_text(json.dumps(asdict(self), indent=1))
-        os.replace(tmp, run_dir / RUN_SUMMARY)
+        write_atomic(run_dir / RUN_SUMMARY, json.dumps(asdict(self), indent=1))
 
     @classmethod
     def read(cls, run_dir: Path) -> "RunSummary":

@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from dist_lm.distributed import any_rank, control_group
 from dist_lm.exits import Exit
+from dist_lm.files import write_atomic
 
 # Set by the launch templates (launchers/exit_status.sh): a launcher would take a rank's 75 for a
 # failure, so rank 0 writes the status to this file, every rank exits 0, and the template exits 75.
@@ -34,10 +35,7 @@ def status_for_the_launcher(status: int, rank0: bool) -> int:
     if status != Exit.REQUEUE or not path:
         return status
     if rank0:
-        tmp = f"{path}.tmp"
-        with open(tmp, "w") as f:
-            f.write(f"{status}\n")
-        os.replace(tmp, path)
+        write_atomic(path, f"{status}\n")
     return 0
 
 

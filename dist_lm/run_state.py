@@ -1,5 +1,8 @@
 """A checkpoint's state.json: our resumable state beside DeepSpeed's files, as one versioned dataclass.
 
+A file it cannot read raises UserError; dist_lm.checkpoint.problem_with turns that into "its
+state.json is unreadable (...)", which the resume and the tools say in one line.
+
 The trainer builds it (``Trainer.state_dict``); everything reads it back through ``RunState.read``
 (the resume, the tools, ``list_runs.py``), which also reads the files of earlier versions: a field
 they lack takes its default. VERSION goes up when a field is added or its meaning changes.
@@ -47,13 +50,13 @@ class RunState:
     def from_dict(cls, data: dict, where: str) -> "RunState":
         version = data.get("version", 0)
         if version > VERSION:
-            raise UserError(f"checkpoint error: {where} is state version {version}, newer than this dist-lm "
+            raise UserError(f"{where} is state version {version}, newer than this dist-lm "
                             f"reads ({VERSION}); update dist-lm to resume or read it")
         known = {f.name for f in fields(cls)}
         try:
             return cls(**{k: v for k, v in data.items() if k in known and k != "version"}, version=version)
         except TypeError as e:  # a required field missing: not a state.json of ours
-            raise UserError(f"checkpoint error: {where} is not a dist-lm state file ({e})") from None
+            raise UserError(f"{where} is not a dist-lm state file ({e})") from None
 
     @classmethod
     def read(cls, checkpoint_dir: Path) -> "RunState":

@@ -3,11 +3,13 @@ checkpoint's state.json, file sizes): no tensor is loaded. tools/list_runs.py pr
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 
 import yaml
 
 from dist_lm import checkpoint
+from dist_lm.run_state import RunState
 
 
 def _checkpoint_root(run_dir: Path) -> Path:
@@ -34,17 +36,13 @@ def list_runs(root: Path) -> list[dict]:
             rows.append({"run": run_dir.name, "checkpoint": None})
         for tag in tags:
             problem = checkpoint.problem_with(tag)
-            state = checkpoint.read_state(tag) if problem is None else None
-
-            def field(name: str):
-                return getattr(state, name) if state is not None else None
-
+            state = asdict(RunState.read(tag)) if problem is None else {}
             rows.append({
                 "run": run_dir.name, "checkpoint": tag.name, "latest": tag.name == latest, "best": tag.name == best,
-                "problem": problem, "precision": field("precision"),
-                "step": field("step"), "tokens": field("tokens"), "val_loss": field("val_loss"),
-                "best_val_loss": field("best_val_loss"), "parameters": field("parameters"),
-                "world_size": field("world_size"), "zero_stage": field("zero_stage"),
+                "problem": problem, "precision": state.get("precision"),
+                "step": state.get("step"), "tokens": state.get("tokens"), "val_loss": state.get("val_loss"),
+                "best_val_loss": state.get("best_val_loss"), "parameters": state.get("parameters"),
+                "world_size": state.get("world_size"), "zero_stage": state.get("zero_stage"),
                 "bytes": sum(f.stat().st_size for f in tag.rglob("*") if f.is_file()), "path": str(tag)})
     return rows
 

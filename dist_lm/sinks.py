@@ -10,14 +10,15 @@ from __future__ import annotations
 import csv
 import json
 import math
-import netrc
 import logging
+import netrc
 import os
 import secrets
 from pathlib import Path
 from typing import Callable, Protocol
 
 from dist_lm.config import ConfigError, LoggingConfig
+from dist_lm.files import write_atomic
 
 # The columns of metrics.csv, in order; a row leaves empty what it does not have (val_loss is
 # there only on evaluation steps, the training figures only on logging steps).
@@ -50,9 +51,7 @@ def drop_lines_after(path: Path, step: int, step_of: Callable[[str], int], heade
     rows = lines[header_lines:]
     kept = [line for line in rows if keep(line)]
     if len(kept) < len(rows):
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text("".join(lines[:header_lines] + kept))
-        os.replace(tmp, path)
+        write_atomic(path, "".join(lines[:header_lines] + kept))
     return len(rows) - len(kept)
 
 
@@ -161,9 +160,7 @@ class WandbSink:
 
         id_file = run_dir / "wandb-run-id"
         run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(6)  # wandb ids: [a-z0-9]
-        tmp = id_file.with_name(".wandb-run-id.tmp")
-        tmp.write_text(run_id)
-        os.replace(tmp, id_file)
+        write_atomic(id_file, run_id)
 
         def start(mode: str):
             return wandb.init(

@@ -27,6 +27,7 @@ from dist_lm.config import Config, UserError
 from dist_lm.config_io import from_dict, to_dict, to_yaml
 from dist_lm.data import TrainData, ValData
 from dist_lm.dataset import resolve_data
+from dist_lm.files import write_atomic
 from dist_lm.faults import SkipCounter, SpikeGuard, TrainingDiverged
 from dist_lm.ds_config import batch_plan
 from dist_lm.generate import sample
@@ -44,12 +45,6 @@ CHECKPOINT_BYTES_PER_PARAMETER = 18
 
 def default_run_name(preset: str) -> str:
     return f"{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 class Trainer:
@@ -148,8 +143,8 @@ class Trainer:
         try:  # rank 0's sinks; wandb=online that cannot start is a UserError there, and so on every rank
             self.metrics = metrics.MetricsWriter(self.run_dir, cfg.logging, cfg.run.name, to_dict(cfg), start_step)
         except UserError as e:
-            problem = e
-        problem = distributed.from_rank0(problem and str(problem))
+            problem = str(e)
+        problem = distributed.from_rank0(problem)
         if problem:
             raise UserError(problem)
         self.profiler = StepProfiler(cfg.logging.profile_start, cfg.logging.profile_steps, self.run_dir / "profile",
@@ -191,7 +186,7 @@ class Trainer:
         if problem:
             raise run_lock.RunDirInUse(problem)
         if distributed.is_rank0():
-            _write_atomic(self.run_dir / "config.yaml", to_yaml(self.cfg))
+            write_atomic(self.run_dir / "config.yaml", to_yaml(self.cfg))
         dist.barrier()
 
     def _check_same_data(self, state: RunState) -> None:
@@ -389,9 +384,8 @@ class Trainer:
         # host-device sync point, which is why it happens only every log_interval steps.
         window = self.window
         micro_batches = window.steps * micro_steps * self.plan.dp_size
-        loss_sum = window.loss_sum.clone()
-        dist.all_reduce(loss_sum)
-        loss = loss_sum.item() / micro_batches
+        dist.all_reduce(window.loss_sum)  # in place: the window is reset after this row
+        loss = window.loss_sum.item() / micro_batches
         if not math.isfinite(loss):
             self.metrics.alert("non-finite loss", f"{self.run_dir.name} step {self.step}: loss {loss}")
         steps, seconds = window.timed_steps, time.perf_counter() - window.start
@@ -401,9 +395,8 @@ class Trainer:
         lr = lr_at(self.step - 1, self.cfg.optim, self.cfg.train.max_steps)  # the last step's (Muon: x muon_lr/lr)
         aux = None
         if "moe" in self.cfg.model.layer_types:
-            aux_sum = window.aux_sum.clone()
-            dist.all_reduce(aux_sum)
-            aux = aux_sum.item() / micro_batches
+            dist.all_reduce(window.aux_sum)
+            aux = window.aux_sum.item() / micro_batches
         return {"loss": loss, "aux_loss": aux, "lr": lr, "grad_norm": None if grad_norm is None else float(grad_norm),
                 "tokens_per_s": tokens_per_s, "mfu": mfu, "step_time": seconds / steps,
                 "peak_mem_gb": self._peak_memory_gb()}

@@ -15,18 +15,30 @@ DIST_LM_STATUS_FILE="$(mktemp "$root/.dist-lm-status.XXXXXX" 2>/dev/null || mkte
 export DIST_LM_STATUS_FILE
 trap 'rm -f "$DIST_LM_STATUS_FILE"' EXIT
 
+# wait_for_exit PID: wait until the background process PID has ended and return its status. A
+# trapped signal interrupts `wait`; this waits again (slurm/stop_and_requeue.sh uses it too).
+wait_for_exit() {
+  local code
+  while true; do
+    wait "$1"; code=$?
+    kill -0 "$1" 2>/dev/null || return "$code"
+  done
+}
+
+# passed_status CODE: the status the training means, given its launcher's exit status CODE: the one
+# rank 0 left in DIST_LM_STATUS_FILE when the launcher exited 0, else CODE.
+passed_status() {
+  if [ "$1" -eq 0 ] && [ -s "$DIST_LM_STATUS_FILE" ]; then cat "$DIST_LM_STATUS_FILE"; else echo "$1"; fi
+}
+
 # run_passing_status COMMAND...: run COMMAND, pass TERM and INT on to it (as an exec would), and
 # exit with its status, or with the status rank 0 left in DIST_LM_STATUS_FILE.
 run_passing_status() {
-  local status="" code child
+  local status=0 child
   "$@" &
   child=$!
   # TERM for INT too: a script's background command ignores INT (python and torchrun with it).
   trap 'kill -TERM "$child" 2>/dev/null' TERM INT
-  until [ -n "$status" ]; do  # a trapped signal interrupts wait; wait again until the command ends
-    wait "$child"; code=$?
-    kill -0 "$child" 2>/dev/null || status=$code
-  done
-  if [ "$status" -eq 0 ] && [ -s "$DIST_LM_STATUS_FILE" ]; then status="$(cat "$DIST_LM_STATUS_FILE")"; fi
-  exit "$status"
+  wait_for_exit "$child" || status=$?
+  exit "$(passed_status "$status")"
 }

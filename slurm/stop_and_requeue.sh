@@ -15,15 +15,12 @@ _forward_stop() {
 }
 
 wait_and_requeue() {
-  local step=$1 status="" code
+  local step=$1 status=0
   trap '_forward_stop USR1' USR1
   trap '_forward_stop TERM' TERM
-  until [ -n "$status" ]; do  # a trapped signal interrupts wait; wait again until the step ends
-    wait "$step"; code=$?
-    kill -0 "$step" 2>/dev/null || status=$code
-  done
+  wait_for_exit "$step" || status=$?
   [ -z "${CLEANUP:-}" ] || rm -f $CLEANUP
-  if [ "$status" -eq 0 ] && [ -s "${DIST_LM_STATUS_FILE:-}" ]; then status="$(cat "$DIST_LM_STATUS_FILE")"; fi
+  status="$(passed_status "$status")"
   if [ "$status" -eq "$EXIT_REQUEUE" ]; then  # (launchers/exit_status.sh reads it from dist_lm/exits.py)
     echo "stopped with a checkpoint: requeueing job $SLURM_JOB_ID"
     scontrol requeue "$SLURM_JOB_ID" && exit 0  # the job runs again; this attempt did what it should

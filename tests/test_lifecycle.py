@@ -74,6 +74,17 @@ def test_bf16_checkpoints_hold_the_fp32_masters(bf16_runs, stage):
 
 
 @pytest.mark.parametrize("stage", STAGES)
+def test_bf16_state_json_reads_back_through_run_state(bf16_runs, stage):
+    from dist_lm.run_state import VERSION, RunState
+
+    run, _ = bf16_runs[stage]
+    state = RunState.read(run / "checkpoints" / "step00000004")
+    assert (state.version, state.step, state.precision, state.zero_stage, state.world_size) == (VERSION, 4, "bf16", stage, 2)
+    assert state.log_window["steps"] == 0 and len(state.log_window["loss_sums"]) == 2  # a sum per rank
+    assert state.val_loss is not None and state.manifest and all(size > 0 for size in state.manifest.values())
+
+
+@pytest.mark.parametrize("stage", STAGES)
 def test_evaluate_and_generate_read_a_two_rank_bf16_checkpoint(bf16_runs, cache_dir, stage):
     run, proc = bf16_runs[stage]
     env = child_env(cache_dir)

@@ -57,7 +57,7 @@ def main() -> None:
             read_start = time.perf_counter()
             weights = checkpoint.consolidated_weights(path)
             read = time.perf_counter() - read_start
-            sizes = checkpoint.read_state(path).manifest
+            sizes = checkpoint.RunState.read(path).manifest
             weight_bytes = sum(v for k, v in sizes.items() if k.startswith("weights-rank"))
             print(json.dumps({
                 "config": args.config, "overrides": args.overrides, "ranks": world, "precision": trainer.precision,

@@ -28,7 +28,6 @@ import random
 import shutil
 import signal
 import statistics
-import socket
 import subprocess
 import sys
 import tempfile
@@ -40,6 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from dist_lm import checkpoint  # noqa: E402
+from dist_lm.distributed import free_port  # noqa: E402
 
 PRETRAIN = ROOT / "launchers" / "pretrain.py"
 KINDS = ("kill-one", "kill-all", "usr1", "term")
@@ -53,12 +53,6 @@ def config(steps: int) -> list[str]:
             "train.eval_samples=64", "checkpoint.interval=3", "checkpoint.keep_last=2", "parallel.zero_stage=2",
             "parallel.timeout_minutes=0.5", "logging.wandb=disabled", "logging.progress=false",
             "train.sample_tokens=0"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start(args: list[str], run_dir: Path, attempt: int) -> list[subprocess.Popen]:
