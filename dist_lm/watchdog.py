@@ -166,6 +166,12 @@ def start(rank: int, world_size: int, master_addr: str, master_port: int, timeou
     return _current
 
 
+def stop() -> None:
+    """Stop this process's watchdog, if it has one."""
+    if _current is not None:
+        _current.stop()
+
+
 def explain(error: BaseException) -> str | None:
     """:meth:`Watchdog.explain` of this process's watchdog; None when there is none."""
     return _current.explain(error) if _current is not None else None

@@ -89,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             trainer = Trainer(cfg, summary, data)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        _leave_after_bad_input()
         return Exit.BAD_INPUT
     except Exception as e:  # a rank lost during the set-up (a dead peer fails a collective at once)
         return _lost_rank(e)
@@ -114,6 +115,17 @@ def main(argv: list[str] | None = None) -> int:
     teardown()
     trainer.watchdog.stop()
     return status
+
+
+def _leave_after_bad_input() -> None:
+    """Bad input found once the process group was up (a run directory in use, a checkpoint of
+    another model): stop the watchdog and close the group when alone, as a crash would not. Left
+    open, its threads can outlive the interpreter and abort the exit ("terminate called without
+    an active exception", status -6 instead of 2). Before the group started, there is nothing to
+    close and torch is not imported."""
+    watchdog.stop()
+    if "dist_lm.distributed" in sys.modules:
+        sys.modules["dist_lm.distributed"].leave_alone()
 
 
 def _lost_rank(error: Exception) -> int:
