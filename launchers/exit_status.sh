@@ -1,13 +1,13 @@
 # Sourced by the launch templates (not a launcher itself), after they set $root and $python.
 #
-# First the table of exit statuses (dist_lm/exits.py) as EXIT_OK, EXIT_REQUEUE, ... variables.
-eval "$(PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" "$python" -m dist_lm.exits --shell)" || exit 2
+# First the table of exit statuses (dist_lm/train/exits.py) as EXIT_OK, EXIT_REQUEUE, ... variables.
+eval "$(PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" "$python" -m dist_lm.train.exits --shell)" || exit 2
 #
 # Exit status 75 ($EXIT_REQUEUE) means "stopped on purpose after a checkpoint: run me again" (slurm/pretrain.sh
 # requeues the job on it). torchrun, the deepspeed launcher and mpirun take a rank's non-zero exit
 # for a failure: they end the other ranks and report their own status (torchrun: 1). So a template
 # exports DIST_LM_STATUS_FILE: rank 0 writes its status there and every rank exits 0
-# (dist_lm/preemption.py), and run_passing_status exits with that status.
+# (dist_lm/train/preemption.py), and run_passing_status exits with that status.
 #
 # The file is made here, in the checkout (shared by the nodes of a multi-node job, as the code
 # is), else under TMPDIR; it is removed when the template exits.

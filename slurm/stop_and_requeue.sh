@@ -21,7 +21,7 @@ wait_and_requeue() {
   wait_for_exit "$step" || status=$?
   [ -z "${CLEANUP:-}" ] || rm -f $CLEANUP
   status="$(passed_status "$status")"
-  if [ "$status" -eq "$EXIT_REQUEUE" ]; then  # (launchers/exit_status.sh reads it from dist_lm/exits.py)
+  if [ "$status" -eq "$EXIT_REQUEUE" ]; then  # (launchers/exit_status.sh reads it from dist_lm/train/exits.py)
     echo "stopped with a checkpoint: requeueing job $SLURM_JOB_ID"
     scontrol requeue "$SLURM_JOB_ID" && exit 0  # the job runs again; this attempt did what it should
   fi

@@ -28,7 +28,7 @@ BIN = Path(sys.executable).parent
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:
     """The embedded corpus, prepared once for the whole session."""
-    from dist_lm import corpus
+    from dist_lm.data import corpus
 
     root = tmp_path_factory.mktemp("cache")
     corpus.prepare(str(root), 4096)

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import torch
 
-from dist_lm.config_io import load_config
-from dist_lm.data import TrainData
-from dist_lm.ds_config import BatchPlan
-from dist_lm.model import Transformer
-from dist_lm.optim import lr_at, param_groups
-from dist_lm.dataset import resolve_data
+from dist_lm.config.io import load_config
+from dist_lm.data.sampler import TrainData
+from dist_lm.runtime.ds_config import BatchPlan
+from dist_lm.model.transformer import Transformer
+from dist_lm.runtime.optim import lr_at, param_groups
+from dist_lm.data.checks import resolve_data
 
 
 def reference_losses(preset: str, overrides: list[str], steps: int) -> list[float]:

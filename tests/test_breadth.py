@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from conftest import ROOT, assert_ok, child_env, launch, read_metrics
-from dist_lm import checkpoint
-from dist_lm.config import ModelConfig
-from dist_lm.generate import sample
-from dist_lm.model import KVCache, Transformer
-from dist_lm.positional import BASES, gram
+from dist_lm.train import checkpoint
+from dist_lm.config.schema import ModelConfig
+from dist_lm.use.generate import sample
+from dist_lm.model.transformer import KVCache, Transformer
+from dist_lm.model.positional import BASES, gram
 
 TINY = dict(vocab_size=128, seq_len=32, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2)
 POSITIONS = [("rope", None), ("learned", None), ("none", None)] + [("bias", b) for b in BASES]

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from conftest import PRETRAIN, ROOT, assert_ok, free_port, launch, read_metrics
-from dist_lm import checkpoint
-from dist_lm.exits import Exit
-from dist_lm.sinks import read_sample_log
+from dist_lm.train import checkpoint
+from dist_lm.train.exits import Exit
+from dist_lm.observe.sinks import read_sample_log
 
 BASE = ["--config", "debug", "train.log_interval=1", "train.eval_interval=0", "logging.wandb=disabled"]
 
@@ -305,8 +305,8 @@ def test_a_second_process_on_a_run_directory_is_refused_until_the_first_is_gone(
 
 
 def test_state_json_is_versioned_and_reads_files_older_than_the_version(tmp_path):
-    from dist_lm.config import UserError
-    from dist_lm.run_state import VERSION, RunState
+    from dist_lm.config.schema import UserError
+    from dist_lm.train.state import VERSION, RunState
 
     state = RunState(step=4, config={"model": {}}, data={"samples_consumed": 32}, precision="bf16", world_size=2)
     (tmp_path / "state.json").write_text(state.to_json())

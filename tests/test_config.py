@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from dist_lm.config import Config, ConfigError
-from dist_lm.config_io import all_keys, available_presets, from_dict, load_config, to_dict, to_yaml
+from dist_lm.config.schema import Config, ConfigError
+from dist_lm.config.io import all_keys, available_presets, from_dict, load_config, to_dict, to_yaml
 
 
 def write(tmp_path, text: str):

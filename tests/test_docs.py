@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 from conftest import ROOT
-from dist_lm.config_doc import embedded_reference, reference_markdown
+from dist_lm.config.reference import embedded_reference, reference_markdown
 
 
 def readme() -> str:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from dist_lm.config import ConfigError, OptimConfig, ParallelConfig, TrainConfig
-from dist_lm.config_io import load_config
-from dist_lm.ds_config import batch_plan, deepspeed_config
+from dist_lm.config.schema import ConfigError, OptimConfig, ParallelConfig, TrainConfig
+from dist_lm.config.io import load_config
+from dist_lm.runtime.ds_config import batch_plan, deepspeed_config
 
 
 def test_global_batch_splits_into_micro_accum_ranks():
@@ -57,7 +57,7 @@ def test_deepcompile_from_a_preset_gives_way_to_a_lower_stage_or_no_compile():
 def test_compile_mode_is_what_the_engine_runs_and_the_log_says():
     import torch
 
-    from dist_lm.engine import compile_mode
+    from dist_lm.runtime.engine import compile_mode
 
     gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
     multinode = load_config("h100-multinode").parallel
@@ -68,7 +68,7 @@ def test_compile_mode_is_what_the_engine_runs_and_the_log_says():
 
 
 def test_deepcompile_schedule_is_deepspeeds_counted_from_the_start_step():
-    from dist_lm.engine import deepcompile_schedule, deepcompile_warmup
+    from dist_lm.runtime.engine import deepcompile_schedule, deepcompile_warmup
 
     assert deepcompile_warmup() == 5  # DeepSpeed 0.19.8's; the GPU test's step numbers assume it
     assert deepcompile_schedule(4) == [(4, ["zero3_compile"]), (9, ["zero3_compile", "prefetch", "selective_gather"])]
@@ -77,7 +77,7 @@ def test_deepcompile_schedule_is_deepspeeds_counted_from_the_start_step():
 def test_a_compiled_run_says_why_its_first_step_is_slow():
     import torch
 
-    from dist_lm.engine import compile_wait
+    from dist_lm.runtime.engine import compile_wait
 
     gpu = torch.device("cuda", 0)
     resumed = compile_wait(load_config("h100-multinode").parallel, gpu, start_step=4)

@@ -104,9 +104,10 @@ def test_validation_loss_does_not_depend_on_rank_count(tmp_path, env, ds_ops):
 ONE_RANK_RUN = r"""
 import json, os, sys
 import torch
-from dist_lm import distributed, engine as engine_ops
-from dist_lm.config_io import load_config
-from dist_lm.ds_config import BatchPlan
+from dist_lm.runtime import distributed
+from dist_lm.runtime import engine as engine_ops
+from dist_lm.config.io import load_config
+from dist_lm.runtime.ds_config import BatchPlan
 
 stage, precision = int(sys.argv[1]), sys.argv[2]
 cfg = load_config("debug", [f"parallel.zero_stage={stage}", "model.vocab_size=512"])

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from conftest import ROOT, assert_ok, child_env, launch
-from dist_lm.inference import load_model
-from dist_lm.generate import sample
+from dist_lm.use.inference import load_model
+from dist_lm.use.generate import sample
 
 TOOL = ROOT / "tools" / "export_hf.py"
 

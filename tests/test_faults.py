@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from dist_lm.exits import Exit
-from dist_lm.faults import ExitOnOutOfMemory, SkipCounter, SpikeGuard, TrainingDiverged
+from dist_lm.train.exits import Exit
+from dist_lm.train.faults import ExitOnOutOfMemory, SkipCounter, SpikeGuard, TrainingDiverged
 
 
 def test_spike_guard_waits_for_history_and_keeps_spikes_out_of_the_mean():
@@ -52,7 +52,7 @@ def test_the_shell_scripts_read_the_same_exit_statuses():
 
     from conftest import ROOT
 
-    out = subprocess.run([sys.executable, "-m", "dist_lm.exits", "--shell"], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "dist_lm.train.exits", "--shell"], capture_output=True, text=True,
                          cwd=ROOT, check=True).stdout
     assert dict(line.split("=") for line in out.splitlines()) == {f"EXIT_{e.name}": str(e.value) for e in Exit}
     assert "EXIT_REQUEUE=75" in out.splitlines()

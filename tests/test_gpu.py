@@ -25,7 +25,7 @@ def test_debug_preset_runs_in_bf16_and_reports_mfu(env, tmp_path):
     train, evals = read_metrics(tmp_path)
     assert all(r["mfu"] is not None and 0 < r["mfu"] < 1 for r in train)
     assert train[-1]["loss"] < train[0]["loss"] and evals
-    from dist_lm.metrics import RunSummary
+    from dist_lm.observe.metrics import RunSummary
 
     summary = RunSummary.read(tmp_path)  # with the memory estimate, which only a GPU run makes
     assert summary.precision == "bf16" and 0 < summary.predicted_peak_mem_gb < 139 and summary.first_step_s > 0
@@ -36,12 +36,11 @@ def test_debug_preset_runs_in_bf16_and_reports_mfu(env, tmp_path):
                                   "rtx-12gb parallel.activation_checkpointing=false parallel.compile=true "
                                   "model.activation=gelu train.micro_batch_size=16"])
 def test_memory_estimate_within_15_percent(env, tmp_path, monkeypatch, case):
-    import sys
+    import runpy
 
     from conftest import ROOT
 
-    sys.path.insert(0, str(ROOT / "tools"))
-    from bench_memory import run_case
+    run_case = runpy.run_path(str(ROOT / "tools" / "bench_memory.py"))["run_case"]
 
     for key, value in env.items():
         monkeypatch.setenv(key, value)
@@ -56,7 +55,7 @@ MODEL_100M = ["model.d_model=1024", "model.n_layers=8", "model.n_heads=8", "mode
 
 
 def test_running_out_of_gpu_memory_is_one_line_and_its_own_exit_status(env, tmp_path):
-    from dist_lm.exits import Exit
+    from dist_lm.train.exits import Exit
 
     proc = launch("python", ["--config", "debug", *MODEL_100M, "train.micro_batch_size=512", "train.global_batch_size=512",
                              "parallel.compile=false", f"run.dir={tmp_path}"], {**env, "DS_ACCELERATOR": "cuda"})
@@ -146,7 +145,7 @@ def test_bf16_compiled_run_lifecycle_train_stop_resume_best_evaluate_generate_ex
 
     from transformers import AutoModelForCausalLM
 
-    from dist_lm.inference import load_model
+    from dist_lm.use.inference import load_model
 
     ours, _, _ = load_model(run, best=True)
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()

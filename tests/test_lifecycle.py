@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from conftest import ROOT, assert_ok, child_env, launch, read_metrics
-from dist_lm import checkpoint
-from dist_lm.export import export_hf
-from dist_lm.inference import load_model
+from dist_lm.train import checkpoint
+from dist_lm.use.export import export_hf
+from dist_lm.use.inference import load_model
 
 BF16 = ["--config", "debug", "parallel.precision=bf16", "train.max_steps=4", "train.log_interval=2",
         "train.eval_interval=2", "train.eval_samples=16", "checkpoint.interval=2", "logging.wandb=disabled"]
@@ -75,7 +75,7 @@ def test_bf16_checkpoints_hold_the_fp32_masters(bf16_runs, stage):
 
 @pytest.mark.parametrize("stage", STAGES)
 def test_bf16_state_json_reads_back_through_run_state(bf16_runs, stage):
-    from dist_lm.run_state import VERSION, RunState
+    from dist_lm.train.state import VERSION, RunState
 
     run, _ = bf16_runs[stage]
     state = RunState.read(run / "checkpoints" / "step00000004")

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from dist_lm.config import ModelConfig
-from dist_lm.model import Transformer, count_parameters, flops_per_token
+from dist_lm.config.schema import ModelConfig
+from dist_lm.model.transformer import Transformer, count_parameters, flops_per_token
 
 
 def tiny(**kw) -> ModelConfig:

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, assert_ok, launch, read_metrics
-from dist_lm.metrics import RunSummary
-from dist_lm.sinks import COLUMNS, CsvSink, JsonlSink, SampleLog, drop_rows_after, read_sample_log
+from dist_lm.observe.metrics import RunSummary
+from dist_lm.observe.sinks import COLUMNS, CsvSink, JsonlSink, SampleLog, drop_rows_after, read_sample_log
 from wandb_records import history, records, run_id
 
 SECRET = "dist-lm-test-secret-7f3a9c"  # must never reach the run directory
@@ -125,7 +125,7 @@ def test_gpu_busy_time_counts_overlapping_kernels_once():
 
     from torch.autograd import DeviceType
 
-    from dist_lm.profiling import busy_seconds
+    from dist_lm.observe.profiling import busy_seconds
 
     def event(device, start_us, end_us):
         return Event(device_type=device, time_range=Event(start=start_us, end=end_us))
@@ -214,7 +214,7 @@ def assert_png(path: Path) -> None:
 def test_the_csv_refuses_a_metric_it_has_no_column_for(tmp_path):
     sink = CsvSink(tmp_path / "metrics.csv")
     sink.write({"step": 1, "loss": 2.0})
-    with pytest.raises(ValueError, match="no column for tokens_per_gpu: add it to dist_lm.sinks.COLUMNS"):
+    with pytest.raises(ValueError, match="no column for tokens_per_gpu: add it to dist_lm.observe.sinks.COLUMNS"):
         sink.write({"step": 2, "tokens_per_gpu": 5.0})
     sink.close()
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from dist_lm.config import ModelConfig, OptimConfig
-from dist_lm.model import Transformer
-from dist_lm.optim import lr_at, param_groups
+from dist_lm.config.schema import ModelConfig, OptimConfig
+from dist_lm.model.transformer import Transformer
+from dist_lm.runtime.optim import lr_at, param_groups
 
 
 def test_warmup_then_cosine_to_min_lr():

@@ -12,12 +12,12 @@ import pytest
 import torch
 
 from conftest import ROOT, assert_ok, launch
-from dist_lm.config import ModelConfig, ParallelConfig, UserError
-from dist_lm.config_io import load_config
-from dist_lm.distributed import check_master_reachable, detect
-from dist_lm.hardware import Machine, detect_machine, peak_flops_for
-from dist_lm.memory import GB, estimate
-from dist_lm.planner import format_plan, largest_fitting, launch_commands, make_plan, usable_gb
+from dist_lm.config.schema import ModelConfig, ParallelConfig, UserError
+from dist_lm.config.io import load_config
+from dist_lm.runtime.distributed import check_master_reachable, detect
+from dist_lm.plan.hardware import Machine, detect_machine, peak_flops_for
+from dist_lm.plan.memory import GB, estimate
+from dist_lm.plan.planner import format_plan, largest_fitting, launch_commands, make_plan, usable_gb
 
 RTX_3060 = Machine(1, "NVIDIA GeForce RTX 3060", 12.0, (8, 6), 1, 12, 32)
 RTX_4090 = Machine(1, "NVIDIA GeForce RTX 4090", 24.0, (8, 9), 1, 16, 64)
@@ -216,7 +216,7 @@ def test_multinode_loopback_master_fails_before_the_process_group(env):
 
 
 def test_cpu_adam_needs_a_compiler(monkeypatch):
-    from dist_lm import engine
+    from dist_lm.runtime import engine
 
     engine.check_cpu_adam()  # this machine can build it (test_engine_launchers runs the offload engine)
     monkeypatch.setenv("CXX", "no-such-compiler")
@@ -225,7 +225,7 @@ def test_cpu_adam_needs_a_compiler(monkeypatch):
 
 
 def test_offload_binds_each_rank_to_its_own_cores():
-    code = ("import os; from dist_lm.hardware import bind_cores; n = len(os.sched_getaffinity(0)); "
+    code = ("import os; from dist_lm.plan.hardware import bind_cores; n = len(os.sched_getaffinity(0)); "
             "print(n, bind_cores(1, 2), sorted(os.sched_getaffinity(0)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
                          env={**os.environ, "PYTHONPATH": str(ROOT)}).stdout.split(maxsplit=1)

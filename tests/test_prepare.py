@@ -14,9 +14,9 @@ import zstandard
 from tokenizers import Tokenizer
 
 from conftest import ROOT, assert_ok, launch, read_metrics
-from dist_lm import shards
-from dist_lm.prepare import SPECIAL_TOKENS
-from dist_lm.sinks import read_sample_log
+from dist_lm.data import shards
+from dist_lm.data.prepare import SPECIAL_TOKENS
+from dist_lm.observe.sinks import read_sample_log
 
 TOOL = ROOT / "tools" / "prepare_data.py"
 WORDS = "the of a model data token train rank shard window sample batch loss step".split()
@@ -193,8 +193,8 @@ def test_two_ranks_read_disjoint_data_that_adds_up_to_one_process(env, ds_ops, p
     assert_ok(launch("torchrun", train_args(prepared, run, "data.log_samples=true", "train.global_batch_size=8",
                                             "train.micro_batch_size=2"), env))
     ranks = [read_sample_log(run / "samples" / f"rank{r}.txt") for r in (0, 1)]
-    from dist_lm.data import TrainData
-    from dist_lm.ds_config import BatchPlan
+    from dist_lm.data.sampler import TrainData
+    from dist_lm.runtime.ds_config import BatchPlan
     import torch
 
     one = TrainData(prepared, shards.read_meta(prepared), 32, BatchPlan(8, 1, 1), 0, seed=1337, device=torch.device("cpu"))
@@ -243,8 +243,8 @@ def test_bad_data_is_refused_before_torch_is_imported(tmp_path):
     """The launcher checks the data first, so a wrong data.dir costs a fraction of a second, not
     the seconds of importing torch and DeepSpeed."""
     args = train_args(tmp_path / "missing", tmp_path / "run")
-    code = (f"import sys; sys.path.insert(0, {str(ROOT / 'launchers')!r}); import pretrain; "
-            f"status = pretrain.main({args!r}); print(status, 'torch' in sys.modules)")
+    code = (f"import sys; from dist_lm.commands import train; "
+            f"status = train.main({args!r}); print(status, 'torch' in sys.modules)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert proc.stdout.split() == ["2", "False"], proc.stdout + proc.stderr
     assert f"data.dir={tmp_path / 'missing'} does not exist" in proc.stderr and not (tmp_path / "run").exists()

@@ -13,7 +13,7 @@ import psutil
 import pytest
 
 from conftest import ROOT, assert_ok, free_port, launch, read_metrics
-from dist_lm.exits import Exit
+from dist_lm.train.exits import Exit
 
 BASE = ["--config", "debug", "train.log_interval=1", "train.eval_interval=0", "logging.wandb=disabled"]
 
@@ -48,7 +48,7 @@ def test_time_limit_stops_with_a_checkpoint(env, ds_ops, tmp_path):
 
 
 def test_time_kept_for_one_more_step_leaves_out_the_compiling_step():
-    from dist_lm.preemption import seconds_to_keep
+    from dist_lm.train.preemption import seconds_to_keep
 
     # a compiled run: 200 s for the first step (compiling), then about 1 s a step; 5 s a save
     steps = [200.0, 1.0, 1.2, 0.9]

@@ -1,44 +1,7 @@
 """Plots and rankings of a run or a sweep.
 
-    python tools/analyze.py RUN_DIR --out DIR     # loss, lr, tokens/s and MFU plots of one run
-    python tools/analyze.py SWEEP_DIR --out DIR   # heatmap, top-5 learning curves, ranking, recommended config
+The same as `dist-lm analyze` (dist_lm/commands/analyze.py), with the same arguments.
 """
+from dist_lm.cli import run_as_script
 
-from __future__ import annotations
-
-import argparse
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from dist_lm import analysis  # noqa: E402
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("path", type=Path, help="a run directory (metrics.jsonl) or a sweep directory (results.csv)")
-    p.add_argument("--out", type=Path, required=True, help="where the PNGs go")
-    args = p.parse_args(argv)
-    if (args.path / "results.csv").is_file() and (args.path / "sweep.json").is_file():
-        result = analysis.analyze_sweep(args.path, args.out)
-        print(analysis.ranking_table(result["ranking"], result["keys"]) if result["ranking"] else "no trial finished")
-        for r in result["failed"]:
-            print(f"{r['trial']}: {r['status']}")
-        if result["best"]:
-            print(f"best: {result['best']['trial']} (best val loss {float(result['best']['best_val_loss']):.4f})")
-            print(f"recommended overrides: {result['recommended']}")
-        files = result["files"]
-    elif (args.path / "metrics.jsonl").is_file():
-        files = analysis.plot_run(args.path, args.out)
-    else:
-        print(f"error: {args.path} has neither metrics.jsonl (a run) nor results.csv and sweep.json (a sweep)",
-              file=sys.stderr)
-        return 2
-    for f in files:
-        print(f"wrote {f}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+run_as_script("analyze", __name__)

@@ -17,7 +17,6 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def main() -> None:
@@ -27,9 +26,11 @@ def main() -> None:
     p.add_argument("overrides", nargs="*", metavar="section.key=value")
     args = p.parse_args()
 
-    from dist_lm import checkpoint, distributed, engine as engine_ops
-    from dist_lm.config_io import load_config
-    from dist_lm.trainer import Trainer
+    from dist_lm.train import checkpoint
+    from dist_lm.runtime import distributed
+    from dist_lm.runtime import engine as engine_ops
+    from dist_lm.config.io import load_config
+    from dist_lm.train.session import Trainer
 
     with tempfile.TemporaryDirectory(dir=args.dir) as work:
         cfg = load_config(args.config, [*args.overrides, "train.max_steps=1", "train.eval_interval=0",

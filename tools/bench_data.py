@@ -20,12 +20,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dist_lm import corpus, shards  # noqa: E402
-from dist_lm.data import TrainData  # noqa: E402
-from dist_lm.ds_config import BatchPlan  # noqa: E402
-from dist_lm.prepare import prepare  # noqa: E402
+from dist_lm.data import corpus
+from dist_lm.data import shards
+from dist_lm.data.sampler import TrainData
+from dist_lm.runtime.ds_config import BatchPlan
+from dist_lm.data.prepare import prepare
 
 
 def bench_loader(work: Path, tokens: int, seq_len: int, micro: int, accum: int, steps: int) -> dict:

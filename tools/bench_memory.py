@@ -1,4 +1,4 @@
-"""Predicted against measured peak GPU memory: dist_lm.memory's estimate beside the training
+"""Predicted against measured peak GPU memory: dist_lm.plan.memory's estimate beside the training
 log's peak (torch.cuda.max_memory_allocated) for a few model sizes and ZeRO stages.
 
     python tools/bench_memory.py [--nproc 2] [--case 'h100-80gb parallel.zero_stage=2' ...]
@@ -18,11 +18,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dist_lm.config_io import load_config  # noqa: E402
-from dist_lm.memory import GB, estimate  # noqa: E402
-from dist_lm.planner import vocab_size_for  # noqa: E402
+from dist_lm.config.io import load_config
+from dist_lm.plan.memory import GB, estimate
+from dist_lm.plan.planner import vocab_size_for
 
 ROOT = Path(__file__).resolve().parent.parent
 CASES = [

@@ -5,7 +5,7 @@
 
 First an uninterrupted run of the same config. Then the same run again, interrupted at random
 steps and phases (in a step, in a checkpoint save, in an evaluation) by one of: SIGKILL of one
-rank (the other must end by itself: dist_lm.watchdog), SIGKILL of every rank, SIGUSR1 or SIGTERM
+rank (the other must end by itself: dist_lm.train.watchdog), SIGKILL of every rank, SIGUSR1 or SIGTERM
 to one rank (every rank saves and exits 75). It is started again after each interruption, as a
 job script would, until it finishes. Then it checks, and exits 1 if any check fails:
 
@@ -36,10 +36,9 @@ from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from dist_lm import checkpoint  # noqa: E402
-from dist_lm.distributed import free_port  # noqa: E402
+from dist_lm.train import checkpoint
+from dist_lm.runtime.distributed import free_port
 
 PRETRAIN = ROOT / "launchers" / "pretrain.py"
 KINDS = ("kill-one", "kill-all", "usr1", "term")

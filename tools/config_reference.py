@@ -1,4 +1,4 @@
-"""Print the config reference (markdown) generated from dist_lm/config.py, or refresh README.md's copy.
+"""Print the config reference (markdown) generated from dist_lm/config/schema.py, or refresh README.md's copy.
 
     python tools/config_reference.py                    # print it
     python tools/config_reference.py --update README.md # rewrite the copy between the README's markers
@@ -8,9 +8,8 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dist_lm.config_doc import reference_markdown, update_readme  # noqa: E402
+from dist_lm.config.reference import reference_markdown, update_readme
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--update", type=Path, metavar="README", help="rewrite the reference in this file")

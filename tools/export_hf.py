@@ -1,46 +1,7 @@
-"""Export a checkpoint to a Hugging Face LlamaForCausalLM directory.
+"""Write a checkpoint as a Hugging Face Llama directory.
 
-    python tools/export_hf.py runs/NAME OUT_DIR                        # the run's newest complete checkpoint
-    python tools/export_hf.py runs/NAME/checkpoints/step00001000 OUT_DIR [--overwrite]
-    python tools/export_hf.py runs/NAME OUT_DIR --best [--dtype fp32]   # the lowest validation loss; fp32 masters
-
-The weights are the checkpoint's fp32 masters, written in the precision the run trained in
-(--dtype trained, the default: bf16 for a bf16 run, as its training forward saw them), or in
---dtype fp32, bf16 or fp16.
-
-Then: transformers.AutoModelForCausalLM.from_pretrained(OUT_DIR), AutoTokenizer.from_pretrained(OUT_DIR).
+The same as `dist-lm export` (dist_lm/commands/export.py), with the same arguments.
 """
+from dist_lm.cli import run_as_script
 
-from __future__ import annotations
-
-import argparse
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from dist_lm.config import UserError  # noqa: E402
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("source", type=Path, help="a run directory or a checkpoint directory")
-    p.add_argument("out", type=Path, help="the directory to write")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
-    p.add_argument("--best", action="store_true", help="the run's checkpoint with the lowest validation loss")
-    p.add_argument("--dtype", choices=["trained", "fp32", "bf16", "fp16"], default="trained",
-                   help="precision of the exported weights (default: the run's)")
-    args = p.parse_args(argv)
-    from dist_lm.export import export_hf
-
-    try:
-        exported, out = export_hf(args.source, args.out, args.overwrite, args.best, args.dtype)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"exported {exported} to {out}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+run_as_script("export", __name__)

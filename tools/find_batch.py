@@ -2,7 +2,7 @@
 
     python tools/find_batch.py --config rtx-12gb [--limit 256] [section.key=value ...]
 
-The plan (--config auto, tools/plan.py) sizes the micro-batch by dist_lm.memory's prediction, a
+The plan (--config auto, tools/plan.py) sizes the micro-batch by dist_lm.plan.memory's prediction, a
 model measured for our model family, eager and compiled, but not for everything a config can
 say (compiled runs with activation checkpointing, mixture-of-experts layers, other GPUs'
 kernels). Where the prediction is off, memory is left unused (a larger micro-batch is often
@@ -12,7 +12,7 @@ and everything else as configured) at a size, doubling from the configured micro
 if that does not fit) and then bisecting, and keeps the largest size whose measured peak
 (torch.cuda.max_memory_allocated) stays within the planner's budget for the GPU: 90% of its
 memory less 1.5 GB, room for the CUDA context and the allocator. A run that runs out of memory
-says so by its exit status (dist_lm.exits.Exit.OUT_OF_MEMORY). One process on one GPU: with
+says so by its exit status (dist_lm.train.exits.Exit.OUT_OF_MEMORY). One process on one GPU: with
 ZeRO-2/3 over more ranks, more fits. Each probe compiles afresh, so expect minutes.
 Prints each probe, then the override to use.
 """
@@ -26,18 +26,17 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dist_lm.config import UserError  # noqa: E402
-from dist_lm.config_io import load_config  # noqa: E402
+from dist_lm.config.schema import UserError
+from dist_lm.config.io import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def peak_gb(config: str, overrides: list[str], micro: int, work: Path) -> float | None:
     """Peak GPU memory of two one-micro-batch steps at this size; None if it ran out of memory."""
-    from dist_lm.analysis import read_rows
-    from dist_lm.exits import Exit
+    from dist_lm.observe.analysis import read_rows
+    from dist_lm.train.exits import Exit
 
     run_dir = work / f"micro{micro}"
     args = [*overrides, f"train.micro_batch_size={micro}", f"train.global_batch_size={micro}", "train.max_steps=2",
@@ -70,8 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         if not torch.cuda.is_available():
             raise UserError("find_batch: measures a GPU's memory and this machine has none; "
                             "tools/plan.py predicts the micro-batch instead")
-        from dist_lm.hardware import detect_machine
-        from dist_lm.planner import largest_fitting, usable_gb
+        from dist_lm.plan.hardware import detect_machine
+        from dist_lm.plan.planner import largest_fitting, usable_gb
 
         machine = detect_machine()
         budget = usable_gb(machine)

@@ -1,36 +1,7 @@
-"""List runs and their checkpoints: step, tokens, validation loss, parameters, size on disk.
+"""List runs and their checkpoints.
 
-    python tools/list_runs.py [RUNS_DIR_OR_RUN_DIR]   # default: runs
-    python tools/list_runs.py runs --json
-
-Read from metadata only (config.yaml, state.json, file sizes). A checkpoint whose save did not
-finish, or whose files do not match what was written, is marked INCOMPLETE.
+The same as `dist-lm runs` (dist_lm/commands/runs.py), with the same arguments.
 """
+from dist_lm.cli import run_as_script
 
-from __future__ import annotations
-
-import argparse
-import json
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from dist_lm.runs import format_table, list_runs  # noqa: E402
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("root", nargs="?", type=Path, default=Path("runs"))
-    p.add_argument("--json", action="store_true", help="one JSON object per checkpoint instead of a table")
-    args = p.parse_args(argv)
-    rows = list_runs(args.root)
-    if not rows:
-        print(f"no runs under {args.root}", file=sys.stderr)
-        return 1
-    print("\n".join(json.dumps(r) for r in rows) if args.json else format_table(rows))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+run_as_script("runs", __name__)

@@ -1,0 +1,60 @@
+"""Loss, perplexity and bits per byte of a checkpoint on a held-out split.
+
+    dist-lm evaluate RUN_OR_CHECKPOINT [--best] [--data DIR] [--samples 512] [--micro-batch 8]
+    torchrun --nproc_per_node 8 -m dist_lm evaluate RUN_OR_CHECKPOINT --data DIR   # split over ranks
+
+The windows are the first --samples of the data's val split (its train split if it has none):
+the same ones the training loop evaluates with train.eval_samples, and the model runs in the
+precision it trained in (--dtype), so the loss is the training loop's at the same micro-batch.
+Default data: the data the checkpoint was trained on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+
+from dist_lm.config.schema import UserError
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", type=Path, help="a checkpoint directory, or a run directory (its newest)")
+    p.add_argument("--best", action="store_true", help="the run's checkpoint with the lowest validation loss")
+    p.add_argument("--dtype", choices=["trained", "fp32", "bf16", "fp16"], default="trained",
+                   help="precision to run the model in (default: the run's, as the training loop evaluates)")
+    p.add_argument("--data", help="a dataset directory (default: the checkpoint's training data)")
+    p.add_argument("--samples", type=int, help="windows to evaluate (default: the run's train.eval_samples)")
+    p.add_argument("--micro-batch", type=int, default=8, help="windows per forward pass")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    args = p.parse_args(argv)
+
+    from dist_lm.runtime import distributed
+    from dist_lm.data.sampler import ValData
+    from dist_lm.use.inference import evaluate, load_model, load_tokenizer
+    from dist_lm.data.checks import resolve_data
+
+    try:
+        model, cfg, found = load_model(args.checkpoint, args.best, args.dtype)
+        if args.data:
+            cfg.data.dir = args.data
+        data_dir, meta = resolve_data(cfg)
+        env = distributed.detect(os.environ)
+        device = distributed.device_for(env)
+        distributed.init_process_group(env, device, cfg.parallel.timeout_minutes)
+        tokenizer = load_tokenizer(cfg, found) if meta.get("tokenizer") else None
+        val = ValData(data_dir, meta, cfg.model.seq_len, args.samples or cfg.train.eval_samples, args.micro_batch,
+                      env.rank, env.world_size, device)
+        result = {"checkpoint": str(found.path), "data": str(data_dir), "split": val.split,
+                  **evaluate(model.to(device), val, tokenizer)}
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if distributed.is_rank0():
+        print(json.dumps(result) if args.json else "\n".join(f"{k}: {v}" for k, v in result.items()))
+    distributed.teardown()
+    return 0

@@ -1,0 +1,41 @@
+"""Export a checkpoint to a Hugging Face LlamaForCausalLM directory.
+
+    dist-lm export runs/NAME OUT_DIR                        # the run's newest complete checkpoint
+    dist-lm export runs/NAME/checkpoints/step00001000 OUT_DIR [--overwrite]
+    dist-lm export runs/NAME OUT_DIR --best [--dtype fp32]   # the lowest validation loss; fp32 masters
+
+The weights are the checkpoint's fp32 masters, written in the precision the run trained in
+(--dtype trained, the default: bf16 for a bf16 run, as its training forward saw them), or in
+--dtype fp32, bf16 or fp16.
+
+Then: transformers.AutoModelForCausalLM.from_pretrained(OUT_DIR), AutoTokenizer.from_pretrained(OUT_DIR).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+from dist_lm.config.schema import UserError
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("source", type=Path, help="a run directory or a checkpoint directory")
+    p.add_argument("out", type=Path, help="the directory to write")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--best", action="store_true", help="the run's checkpoint with the lowest validation loss")
+    p.add_argument("--dtype", choices=["trained", "fp32", "bf16", "fp16"], default="trained",
+                   help="precision of the exported weights (default: the run's)")
+    args = p.parse_args(argv)
+    from dist_lm.use.export import export_hf
+
+    try:
+        exported, out = export_hf(args.source, args.out, args.overwrite, args.best, args.dtype)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"exported {exported} to {out}")
+    return 0

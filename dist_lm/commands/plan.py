@@ -1,0 +1,47 @@
+"""Print the --config auto plan for this machine or a described one, with the launch commands.
+
+    dist-lm plan                                              # this machine
+    dist-lm plan --gpus 8 --gpu-mem 80 --nodes 4 --gpu-name H100
+    dist-lm plan --gpus 1 --gpu-mem 12 --gpu-name "RTX 3060" train.global_batch_size=128
+
+Overrides (section.key=value) are constraints the plan keeps, as on the training command line.
+Nothing is trained and no process group is started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+from dist_lm.config.schema import UserError
+from dist_lm.plan.hardware import Machine
+from dist_lm.plan.planner import format_plan, make_plan, plan_for_this_machine
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--gpus", type=int, help="GPUs per node of the described machine (0: CPU only)")
+    p.add_argument("--gpu-mem", type=float, default=80.0, help="memory of one GPU in GB (default 80)")
+    p.add_argument("--gpu-name", default="", help="GPU model, e.g. 'H100' or 'RTX 4090' (for its peak FLOP/s "
+                                                  "and bf16 support; default unknown)")
+    p.add_argument("--compute-capability", help="e.g. 8.6; default: from the name (bf16 unless a pre-Ampere card)")
+    p.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
+    p.add_argument("--cpu-cores", type=int, default=32, help="CPU cores per node (default 32)")
+    p.add_argument("--ram", type=float, default=256.0, help="RAM per node in GB (default 256)")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value")
+    args = p.parse_args(argv)
+    try:
+        if args.gpus is None:
+            plan = plan_for_this_machine(args.overrides, args.nodes, None)
+        else:
+            cc = tuple(int(x) for x in args.compute_capability.split(".")) if args.compute_capability else None
+            machine = Machine(args.gpus, args.gpu_name, args.gpu_mem if args.gpus else 0.0, cc, args.nodes,
+                              args.cpu_cores, args.ram)
+            plan = make_plan(machine, args.overrides)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_plan(plan))
+    return 0

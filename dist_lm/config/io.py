@@ -1,0 +1,246 @@
+"""YAML presets and dotted overrides -> :class:`~dist_lm.config.schema.Config`.
+
+The dataclass tree is the schema: a YAML file is a nested mapping of its fields, and an override
+``section.field=value`` sets one leaf. Unknown keys are rejected with the closest valid key,
+values are checked against the field's annotation, and every error names the file (or the
+command line) and the dotted key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from dist_lm.config.schema import Config, ConfigError
+
+CONFIGS_DIR = Path(__file__).resolve().parent / "presets"  # package data; a checkout's configs/ links here
+COMMAND_LINE = "command line"
+
+
+def available_presets() -> list[str]:
+    return sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml"))
+
+
+def resolve_config_path(name_or_path: str) -> Path:
+    """A path to a YAML file, or the name of a preset in configs/ (``debug`` or ``debug.yaml``)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    preset = CONFIGS_DIR / (path.name if path.suffix == ".yaml" else f"{path.name}.yaml")
+    if path.parent == Path(".") and preset.is_file():
+        return preset
+    raise ConfigError("--config", f"no such file or preset '{name_or_path}'; "
+                      f"presets: {', '.join(available_presets())}")
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(str(key), f"given twice (line {key_node.start_mark.line + 1}); keep one")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(path: Path) -> dict:
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError("--config", f"cannot read {path}: {e.strerror}") from None
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
+    except ConfigError as e:
+        e.source = str(path)
+        raise
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError("(yaml)", f"not valid YAML{where}: {getattr(e, 'problem', e)}", str(path)) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError("(top level)", "must be a mapping of config sections", str(path))
+    return data
+
+
+def all_keys(cls: type = Config, prefix: str = "") -> list[str]:
+    """Every dotted leaf key of the schema."""
+    keys = []
+    for f in dataclasses.fields(cls):
+        hint = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(hint):
+            keys += all_keys(hint, f"{prefix}{f.name}.")
+        else:
+            keys.append(f"{prefix}{f.name}")
+    return keys
+
+
+def _unknown_key(key: str, source: str | None) -> ConfigError:
+    leaf = key.rsplit(".", 1)[-1]
+    # A right field in the wrong section first (train.lr -> optim.lr), then the closest spelling.
+    close = [k for k in all_keys() if k.rsplit(".", 1)[-1] == leaf][:1]
+    close = close or difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.5)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return ConfigError(key, f"unknown key{hint}", source)
+
+
+def type_name(hint: Any) -> str:
+    if typing.get_origin(hint) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return " or ".join(type_name(a) for a in typing.get_args(hint))
+    if typing.get_origin(hint) is list:
+        return f"list of {type_name(typing.get_args(hint)[0])}"
+    return "null" if hint is type(None) else getattr(hint, "__name__", str(hint))
+
+
+def _coerce(value: Any, hint: Any) -> Any:
+    """Return value as the annotated type, or raise ValueError. Strings come from overrides."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        for option in typing.get_args(hint):
+            try:
+                return _coerce(value, option)
+            except ValueError:
+                pass
+        raise ValueError
+    if hint is type(None):
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):
+            return None
+        raise ValueError
+    if typing.get_origin(hint) is Literal:
+        for choice in typing.get_args(hint):
+            if value == choice or (isinstance(value, str) and str(choice) == value):
+                return choice
+        raise ValueError
+    if typing.get_origin(hint) is list:
+        (item,) = typing.get_args(hint)
+        if isinstance(value, str):  # "a,b" from an override
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ValueError
+        return [_coerce(v, item) for v in value]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise ValueError
+    if hint is int:
+        if isinstance(value, bool):
+            raise ValueError
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str) and float(value).is_integer():  # "1e6" from an override
+            return int(float(value))
+        raise ValueError
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ValueError
+        return float(value)  # ints and strings like "3e-4" (which YAML 1.1 reads as a string)
+    if hint is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ValueError
+    raise TypeError(f"unsupported annotation {hint!r}")
+
+
+def build(cls: type, data: dict, sources: dict[str, str], prefix: str = "") -> Any:
+    """Construct ``cls`` from a nested mapping, checking every key and value."""
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if key not in hints:
+            raise _unknown_key(dotted, sources.get(dotted))
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise ConfigError(dotted, "must be a mapping of its fields", sources.get(dotted))
+            kwargs[key] = build(hint, value, sources, f"{dotted}.")
+            continue
+        if isinstance(value, dict):
+            source = next((v for k, v in sources.items() if k.startswith(f"{dotted}.")), None)
+            raise ConfigError(dotted, f"'{key}' is not a section; set it as {dotted}=VALUE", source)
+        try:
+            kwargs[key] = _coerce(value, hint)
+        except (ValueError, TypeError):
+            raise ConfigError(dotted, f"expected {type_name(hint)}, got {value!r}", sources.get(dotted)) from None
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        key = f"{prefix}{e.key}"
+        raise ConfigError(key, e.message, e.source or sources.get(key)) from None
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise ConfigError(text, "an override is written key=value, e.g. optim.lr=3e-4", COMMAND_LINE)
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def _set_dotted(tree: dict, key: str, value: Any, sources: dict[str, str], source: str) -> None:
+    parts = key.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(key, f"'{part}' is not a section", source)
+        node = child
+    node[parts[-1]] = value
+    sources[key] = source
+
+
+def _record_sources(tree: dict, source: str, sources: dict[str, str], prefix: str = "") -> None:
+    for key, value in tree.items():
+        sources[f"{prefix}{key}"] = source
+        if isinstance(value, dict):
+            _record_sources(value, source, sources, f"{prefix}{key}.")
+
+
+def load_config(config: str | None, overrides: list[str] = ()) -> Config:
+    """Load a preset or YAML file (or only defaults when None) and apply dotted overrides."""
+    tree: dict = {}
+    sources: dict[str, str] = {}
+    preset = "custom"
+    if config is not None:
+        path = resolve_config_path(config)
+        tree = read_yaml(path)
+        _record_sources(tree, str(path), sources)
+        preset = path.stem
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value, sources, COMMAND_LINE)
+    tree.setdefault("preset", preset)
+    return build(Config, tree, sources)
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def from_dict(data: dict, source: str) -> Config:
+    """Rebuild a config written by :func:`to_yaml` (e.g. a run directory's config.yaml)."""
+    sources: dict[str, str] = {}
+    _record_sources(data, source, sources)
+    return build(Config, data, sources)

@@ -1,0 +1,136 @@
+"""Predicted peak GPU memory of one rank: model states under each ZeRO stage and offload
+choice, plus activations per micro-batch with and without activation checkpointing, eager or
+compiled.
+
+A model of our model family under DeepSpeed, in bytes, compared with
+``torch.cuda.max_memory_allocated`` (what the training log's ``mem`` reports; the CUDA
+context and allocator slack come on top, which is why the planner keeps headroom).
+The activation counts follow what autograd saves in :mod:`dist_lm.model.transformer` (or, compiled, what
+torch.compile keeps); the DeepSpeed buffer terms follow what its ZeRO optimizers allocate.
+``tools/bench_memory.py`` measures the same configurations on a GPU; the README records how
+close the two came.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from dist_lm.config.schema import ModelConfig, ParallelConfig
+from dist_lm.model.transformer import count_parameters
+
+GB = 1e9
+WORKSPACES = 0.07 * GB  # measured: a 1.4M-parameter model at ZeRO-0 peaks at 0.12 GB on an H100
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes per rank at the peak of a training step."""
+
+    weights: float
+    grads: float
+    optimizer: float
+    """Optimizer state on the GPU: fp32 master weights (mixed precision) and Adam's two moments."""
+    buffers: float
+    """DeepSpeed's communication buckets and flat gradient buffers."""
+    activations: float
+    """What the blocks keep for backward, for one micro-batch."""
+    logits: float
+    """The output head's logits and the fp32 cross-entropy around them, for one micro-batch."""
+    other: float
+    """The CUDA libraries' workspaces (cuBLAS and the like)."""
+
+    @property
+    def total(self) -> float:
+        return sum(getattr(self, f.name) for f in fields(self))
+
+    def describe(self) -> str:
+        parts = ", ".join(f"{f.name} {getattr(self, f.name) / GB:.1f}" for f in fields(self))
+        return f"{self.total / GB:.1f} GB ({parts})"
+
+
+def activation_bytes_per_token(model: ModelConfig, act_bytes: int, compiled: bool = False) -> tuple[float, float]:
+    """Bytes one block keeps for backward per token, and bytes of the block input alone.
+
+    Eager, per block (see dist_lm.model.transformer): two RMSNorms each keep their fp32 input and their output
+    (4 + act_bytes per element of d); attention keeps q, k, v, its output and the re-laid-out
+    output that enters wo; the MLP keeps gate, up, the activation and the product (4 x ffn).
+
+    Compiled (parallel.compile), torch.compile's partitioner recomputes elementwise work in backward
+    instead of keeping it. Counted with saved-tensor hooks on our model at 82M and 1.1B shapes:
+    seven tensors of d per block (both norms' inputs and outputs, q, attention's output and its
+    re-laid-out copy), k and v, three of ffn with a gated MLP (gate, up, product) or two without,
+    all in the compute dtype, and fp32 per token: attention's log-sum-exp per head and each
+    norm's reciprocal RMS. That count came within 1% of the measured peaks (docs/benchmarks.md).
+    """
+    d, kvd, f = model.d_model, model.kv_heads * model.head_dim, model.ffn_dim
+    gated = model.activation in ("swiglu", "geglu")
+    if compiled:
+        kept = act_bytes * (7 * d + 2 * kvd + (3 if gated else 2) * f) + 4 * (model.n_heads + 2)
+        return kept, act_bytes * d
+    norms = 2 * (4 + act_bytes) * d
+    attention = act_bytes * (3 * d + 2 * kvd)
+    mlp = act_bytes * (4 * f if gated else 2 * f)
+    return norms + attention + mlp, act_bytes * d
+
+
+def estimate(model: ModelConfig, parallel: ParallelConfig, precision: str, micro_batch: int, dp_size: int) -> MemoryEstimate:
+    """Peak bytes on one GPU for a resolved precision ('bf16', 'fp16' or 'fp32')."""
+    if model.vocab_size is None:
+        raise ValueError("model.vocab_size must be resolved before estimating memory")
+    params = count_parameters(model)["total"]
+    mixed = precision in ("bf16", "fp16")
+    w_bytes = 2 if mixed else 4
+    stage, n = parallel.zero_stage, dp_size
+
+    weights = w_bytes * params / (n if stage == 3 else 1)
+    if parallel.offload_params:
+        weights = w_bytes * params / max(model.n_layers, 1)  # roughly one block resident at a time
+    # Gradients. Stages 0-1 keep every gradient in the model's dtype, except under bf16 at stage 1:
+    # there DeepSpeed's BF16_Optimizer accumulates into a whole fp32 buffer (dist_lm.runtime.ds_config sets
+    # grad_accum_dtype=fp32) and, with immediate_grad_update, frees each bf16 gradient as soon as
+    # it is added there. Stage 2 reduces gradients through its buckets into a partition in the
+    # accumulation dtype; stage 3 keeps a partition in the model's dtype and one in fp32.
+    accum_bytes = 4 if precision == "bf16" else w_bytes
+    if stage <= 1:
+        grads = w_bytes * params
+        if precision == "bf16" and stage == 1:
+            grads = 4 * params + (grads if parallel.offload_optimizer else 0)  # offload: ZeRO's optimizer
+    elif stage == 2:
+        grads = accum_bytes * params / n
+    else:
+        grads = (w_bytes + (4 if precision == "bf16" else 0)) * params / n
+    # Adam's two fp32 moments, and an fp32 master copy with mixed precision (or with ZeRO,
+    # which keeps its own fp32 partition even in fp32), partitioned from stage 1.
+    optimizer = (8 + (4 if mixed or stage >= 1 else 0)) * params / (n if stage >= 1 else 1)
+    if parallel.offload_optimizer:
+        optimizer = 0.0
+    # Reduction buckets of reduce_bucket_size elements in the model's dtype, two with overlap,
+    # allocated whole whatever the model's size (stage 1 under bf16 uses none).
+    buffers = 0.0
+    if stage == 2 or (stage == 1 and precision != "bf16"):
+        buffers = parallel.reduce_bucket_size * w_bytes * (2 if parallel.overlap_comm else 1)
+    elif stage == 3:
+        buffers = parallel.reduce_bucket_size * w_bytes
+
+    tokens = micro_batch * model.seq_len
+    act_bytes = w_bytes
+    # With checkpointing, the compiled count fell 10% short of both checkpointed presets measured
+    # compiled (82M and 274M, whose peak is then not at the start of backward), while the eager
+    # count held them (+2.7% at 274M): so checkpointed runs are counted eager.
+    compiled = parallel.compile and not parallel.activation_checkpointing
+    per_block, block_input = activation_bytes_per_token(model, act_bytes, compiled)
+    # Every block's input when checkpointing, plus one block's activations while it is
+    # recomputed; else every block's activations, plus (eager) one block's worth of temporaries
+    # in backward, the gradients flowing through it. Compiled, the kept tensors alone matched.
+    if parallel.activation_checkpointing:
+        blocks = model.n_layers * block_input + per_block
+    else:
+        blocks = (model.n_layers + (0 if compiled else 1)) * per_block
+    activations = tokens * blocks
+    # The embedding output and the final norm's input, kept in fp32 too when eager.
+    activations += tokens * (2 * act_bytes if compiled else 4 + 2 * act_bytes) * model.d_model
+    # At the start of backward, eager: log-softmax's saved fp32 output, the fp32 gradient flowing
+    # out of it, and its cast to the compute dtype. Compiled, the cross-entropy is fused and only
+    # the logits in the compute dtype are kept.
+    logits = tokens * model.vocab_size * (act_bytes if compiled else 4 + 4 + act_bytes)
+    return MemoryEstimate(weights, grads, optimizer, buffers, activations, logits, WORKSPACES)

@@ -1,0 +1,303 @@
+"""``--config auto``: pick the preset and the parallel settings that fit the machine.
+
+The plan chooses the model preset, precision, ZeRO stage, offload, activation checkpointing,
+micro-batch and (through the global batch) gradient accumulation. Every key the user set on
+the command line is a constraint the plan works around, never a value it replaces. The plan
+is explicit: it lists the overrides it chose and why, and the command that reproduces it
+without ``auto``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from dist_lm.config.schema import Config, UserError
+from dist_lm.config.io import load_config, parse_override
+from dist_lm.plan.hardware import Machine
+from dist_lm.plan.memory import GB, MemoryEstimate, estimate
+from dist_lm.model.transformer import count_parameters, flops_per_token
+
+# Model presets for GPUs, largest first; "debug" is the CPU plan.
+GPU_PRESETS = ("h100-multinode", "h100-80gb", "rtx-24gb", "rtx-12gb")
+CPU_PRESET = "debug"
+# A preset is too big for the machine when one optimizer step of its global batch would take
+# longer than this at MFU_ASSUMED: the run would crawl even though it fits in memory.
+MAX_STEP_SECONDS = 60.0
+MFU_ASSUMED = 0.4
+# Keep this much of each GPU free: the CUDA context, NCCL and the allocator's slack are not in
+# the estimate (which is what torch.cuda.max_memory_allocated reports).
+HEADROOM_FRACTION = 0.10
+HEADROOM_FIXED_GB = 1.5
+MICRO_BATCHES = (32, 16, 8, 4, 2, 1)
+
+# Memory-saving settings from fastest to slowest. Offload comes last and only for the smallest
+# preset: a model that only fits with the optimizer on the CPU is better served by a smaller one.
+STRATEGIES: tuple[dict, ...] = (
+    {"zero_stage": 1, "activation_checkpointing": False},
+    {"zero_stage": 2, "activation_checkpointing": False},
+    {"zero_stage": 1, "activation_checkpointing": True},
+    {"zero_stage": 2, "activation_checkpointing": True},
+    {"zero_stage": 3, "activation_checkpointing": True},
+)
+# Their reduction buckets are made smaller too: DeepSpeed allocates them whole (2 x 500M
+# elements by default, 2 GB in bf16), which a card this small cannot spare.
+SMALL_BUCKETS = {"reduce_bucket_size": 50_000_000, "allgather_bucket_size": 50_000_000}
+OFFLOAD_STRATEGIES: tuple[dict, ...] = (
+    {"zero_stage": 2, "activation_checkpointing": True, "offload_optimizer": True, **SMALL_BUCKETS},
+    {"zero_stage": 3, "activation_checkpointing": True, "offload_optimizer": True, "offload_params": True,
+     **SMALL_BUCKETS},
+)
+
+
+@dataclass
+class Plan:
+    machine: Machine
+    world_size: int
+    preset: str
+    config: Config
+    choices: list[str]
+    """The dotted overrides the plan chose, in the order they are applied (before the user's)."""
+    user_overrides: list[str]
+    reasons: list[str] = field(default_factory=list)
+    memory: MemoryEstimate | None = None
+
+    @property
+    def budget_gb(self) -> float:
+        return usable_gb(self.machine)
+
+    def explicit_args(self) -> list[str]:
+        """Launcher arguments that reproduce this plan without auto-detection."""
+        return ["--config", self.preset, *self.choices, *self.user_overrides]
+
+    def summary(self) -> list[str]:
+        lines = [f"machine: {self.machine.describe()}", f"plan: preset {self.preset}, {self.world_size} rank(s)"]
+        lines += [f"  {r}" for r in self.reasons]
+        if self.memory is not None:
+            lines.append(f"  predicted peak memory per GPU {self.memory.describe()}; "
+                         f"budget {self.budget_gb:.1f} GB of {self.machine.gpu_mem_gb:g} GB")
+        return lines
+
+
+def usable_gb(machine: Machine) -> float:
+    return machine.gpu_mem_gb * (1 - HEADROOM_FRACTION) - HEADROOM_FIXED_GB
+
+
+def largest_fitting(fits: Callable[[int], bool], start: int, limit: int) -> int:
+    """The largest n in 1..limit for which ``fits(n)`` holds, 0 if none, for a ``fits`` that
+    holds up to some n and not beyond (memory grows with the micro-batch): doubling from
+    ``start`` (or halving, if it does not fit), then bisecting. Each size is tried once."""
+    good, bad = 0, limit + 1
+    n = min(max(start, 1), limit)
+    if fits(n):
+        good = n
+        while bad > limit and good < limit:  # double until a size does not fit
+            n = min(2 * good, limit)
+            if fits(n):
+                good = n
+            else:
+                bad = n
+    else:
+        bad = n
+        while good == 0 and bad > 1:  # halve until a size fits
+            n = bad // 2
+            if fits(n):
+                good = n
+            else:
+                bad = n
+    while bad - good > 1 and good:
+        n = (good + bad) // 2
+        if fits(n):
+            good = n
+        else:
+            bad = n
+    return good
+
+
+def _keys(overrides: list[str]) -> set[str]:
+    return {parse_override(o)[0] for o in overrides}
+
+
+def vocab_size_for(cfg: Config) -> int:
+    """The vocabulary the run will have (as the trainer resolves it), read from metadata only."""
+    if cfg.model.vocab_size is not None:
+        return cfg.model.vocab_size
+    vocab = cfg.data.embedded_vocab_size
+    if cfg.data.dir:
+        try:
+            vocab = json.loads((Path(cfg.data.dir) / "meta.json").read_text())["vocab_size"]
+        except (OSError, ValueError, KeyError, TypeError):
+            vocab = 50257  # not readable from here (e.g. planning for another machine): GPT-2's
+    return (vocab + 63) // 64 * 64
+
+
+def _with(cfg: Config, parallel: dict, micro: int, global_batch: int | None) -> Config:
+    return dataclasses.replace(
+        cfg, parallel=dataclasses.replace(cfg.parallel, **parallel),
+        train=dataclasses.replace(cfg.train, micro_batch_size=micro, global_batch_size=global_batch))
+
+
+def step_seconds(cfg: Config, machine: Machine, world_size: int) -> float | None:
+    """Time of one optimizer step at MFU_ASSUMED, or None when the GPU's peak is unknown."""
+    if machine.peak_flops is None:
+        return None
+    tokens = (cfg.train.global_batch_size or cfg.train.micro_batch_size * world_size) * cfg.model.seq_len
+    return flops_per_token(cfg.model) * tokens / (world_size * machine.peak_flops * MFU_ASSUMED)
+
+
+def make_plan(machine: Machine, overrides: list[str] = (), world_size: int | None = None) -> Plan:
+    """The plan for ``machine``; ``world_size`` defaults to one rank per GPU."""
+    overrides = list(overrides)
+    world = world_size or machine.world_size
+    if not machine.has_gpu:
+        cfg = load_config(CPU_PRESET, overrides)
+        plan = Plan(machine, world, CPU_PRESET, cfg, [], overrides)
+        plan.reasons.append(f"no GPU: the {CPU_PRESET} preset, in fp32 on the CPU (a pipeline check, not a real run)")
+        return plan
+    fixed = _keys(overrides)
+    for preset in GPU_PRESETS:
+        plan = _plan_preset(preset, machine, overrides, fixed, world, STRATEGIES)
+        if plan is not None:
+            return plan
+    plan = _plan_preset(GPU_PRESETS[-1], machine, overrides, fixed, world, OFFLOAD_STRATEGIES, check_speed=False)
+    if plan is not None:
+        return plan
+    smallest = load_config(GPU_PRESETS[-1], overrides)
+    smallest.model.vocab_size = vocab_size_for(smallest)
+    need = estimate(smallest.model, dataclasses.replace(smallest.parallel, **OFFLOAD_STRATEGIES[-1]), "bf16", 1, world)
+    raise UserError(f"plan: nothing fits in {max(usable_gb(machine), 0):.1f} GB of each {machine.gpu_mem_gb:g} GB GPU "
+                    f"({HEADROOM_FRACTION:.0%} and {HEADROOM_FIXED_GB} GB are kept free); the smallest preset "
+                    f"({GPU_PRESETS[-1]}) needs {need.total / GB:.1f} GB even with micro-batch 1 and offload; "
+                    "use a smaller model (model.d_model=..., model.n_layers=...) or --config debug")
+
+
+def _plan_preset(preset: str, machine: Machine, overrides: list[str], fixed: set[str], world: int,
+                 strategies: tuple[dict, ...], check_speed: bool = True) -> Plan | None:
+    cfg = load_config(preset, overrides)
+    cfg.model.vocab_size = vocab_size_for(cfg)
+    reasons: list[str] = []
+    if check_speed and preset != GPU_PRESETS[-1]:
+        seconds = step_seconds(cfg, machine, world)
+        if seconds is not None and seconds > MAX_STEP_SECONDS:
+            return None
+    precision = cfg.parallel.precision
+    if "parallel.precision" not in fixed:
+        precision = "bf16" if machine.bf16 else "fp16"
+        reasons.append(f"precision {precision}: " + ("the GPU has bf16 tensor cores" if machine.bf16 else
+                                                      "the GPU has no bf16; fp16 with dynamic loss scaling"))
+    resolved = precision if precision != "auto" else ("bf16" if machine.bf16 else "fp16")
+
+    global_batch = cfg.train.global_batch_size
+    per_rank = (global_batch or cfg.train.micro_batch_size * world) // world
+    micros = [cfg.train.micro_batch_size] if "train.micro_batch_size" in fixed else \
+        [m for m in MICRO_BATCHES if m <= max(per_rank, 1)]
+    budget = usable_gb(machine) * GB
+    seen: set[tuple] = set()
+    for strategy in strategies:
+        parallel = {k: v for k, v in strategy.items() if f"parallel.{k}" not in fixed}
+        if world == 1 and parallel.get("zero_stage", 0) >= 2 and not parallel.get("offload_optimizer"):
+            continue  # one rank: stages 2 and 3 shard nothing
+        key = tuple(sorted(parallel.items()))
+        if key in seen:
+            continue
+        seen.add(key)
+        # Without activation checkpointing a micro-batch of 1 or 2 is slower than recomputing
+        # with a larger one; the later strategies take any micro-batch that fits.
+        smallest = 1 if _merged(cfg, parallel)["activation_checkpointing"] else min(4, per_rank)
+        for micro in micros:
+            if micro < smallest and "train.micro_batch_size" not in fixed:
+                break
+            if global_batch is not None and global_batch % (micro * world) and "train.global_batch_size" in fixed:
+                continue
+            trial = _with(cfg, parallel, micro, global_batch)
+            mem = estimate(trial.model, trial.parallel, resolved, micro, world)
+            if mem.total > budget:
+                continue
+            return _finish(preset, machine, world, trial, mem, parallel, precision, fixed, overrides, reasons)
+    return None
+
+
+def _merged(cfg: Config, parallel: dict) -> dict:
+    return {**dataclasses.asdict(cfg.parallel), **parallel}
+
+
+def _finish(preset: str, machine: Machine, world: int, cfg: Config, mem: MemoryEstimate, parallel: dict,
+            precision: str, fixed: set[str], overrides: list[str], reasons: list[str]) -> Plan:
+    choices = []
+    if "parallel.precision" not in fixed:
+        choices.append(f"parallel.precision={precision}")
+    for key, value in parallel.items():
+        choices.append(f"parallel.{key}={str(value).lower()}")
+    micro = cfg.train.micro_batch_size
+    if "train.micro_batch_size" not in fixed:
+        choices.append(f"train.micro_batch_size={micro}")
+    global_batch = cfg.train.global_batch_size
+    if global_batch is not None and global_batch % (micro * world):
+        rounded = -(-global_batch // (micro * world)) * micro * world
+        reasons.append(f"global batch {global_batch} is not a multiple of micro-batch x ranks = {micro * world}: "
+                       f"{rounded} instead")
+        choices.append(f"train.global_batch_size={rounded}")
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, global_batch_size=rounded))
+    params = count_parameters(cfg.model)["total"]
+    p = cfg.parallel
+    how = f"ZeRO stage {p.zero_stage}" + (", activation checkpointing" if p.activation_checkpointing else "") + \
+        (", optimizer on the CPU" if p.offload_optimizer else "") + (", parameters on the CPU" if p.offload_params else "") + \
+        (f", reduction buckets of {p.reduce_bucket_size:,} elements" if "reduce_bucket_size" in parallel else "")
+    reasons.insert(0, f"model {params / 1e6:.0f}M parameters (the largest preset that fits and steps in under "
+                      f"{MAX_STEP_SECONDS:.0f} s at {MFU_ASSUMED:.0%} MFU)")
+    reasons.append(f"{how}, micro-batch {micro}: the fastest settings that fit")
+    accum = (cfg.train.global_batch_size or micro * world) // (micro * world)
+    reasons.append(f"global batch {cfg.train.global_batch_size or micro * world} = micro {micro} x accumulation "
+                   f"{accum} x ranks {world}")
+    kept = sorted(k for k in fixed)
+    if kept:
+        reasons.append(f"kept as given: {', '.join(kept)}")
+    # Rebuild through the loader so the result is exactly what the explicit command gives.
+    final = load_config(preset, choices + overrides)
+    return Plan(machine, world, preset, final, choices, overrides, reasons, mem)
+
+
+def launch_commands(plan: Plan) -> dict[str, str]:
+    """The command for each launcher that runs this plan on the described machine."""
+    args = " ".join(_quote(a) for a in plan.explicit_args())
+    m = plan.machine
+    if not m.has_gpu:
+        return {"python": f"python launchers/pretrain.py {args}"}
+    g, n = m.gpus_per_node, m.nodes
+    if n == 1:
+        cmds = {"torchrun": f"launchers/torchrun.sh {args}",
+                "deepspeed": f"launchers/deepspeed.sh {args}",
+                "mpirun": f"NP={g} launchers/mpirun.sh {args}"}
+        if g == 1:
+            cmds = {"python": f"python launchers/pretrain.py {args}", **cmds}
+    else:
+        hosts = " ".join(f"node{i}" for i in range(n))
+        cmds = {"torchrun": f"NNODES={n} NODE_RANK=<0..{n - 1}> MASTER_ADDR=node0 launchers/torchrun.sh {args}  # on every node",
+                "deepspeed": f'HOSTS="{hosts}" GPUS_PER_NODE={g} MASTER_ADDR=node0 launchers/deepspeed.sh {args}',
+                "mpirun": f"NP={g * n} HOSTS={','.join(f'node{i}:{g}' for i in range(n))} MASTER_ADDR=node0 "
+                          f"launchers/mpirun.sh {args}"}
+    cmds["sbatch"] = (f"sbatch --nodes={n} --gpus-per-node={g} --ntasks-per-node={g} slurm/pretrain.sh "
+                      + " ".join(_quote(a) for a in [plan.preset, *plan.choices, *plan.user_overrides]))
+    return cmds
+
+
+def _quote(arg: str) -> str:
+    return arg if all(c.isalnum() or c in "-_.=/:,+" for c in arg) else "'" + arg.replace("'", "'\\''") + "'"
+
+
+def format_plan(plan: Plan) -> str:
+    """The plan and the command for each launcher, as printed by --plan and tools/plan.py."""
+    lines = plan.summary() + ["", "resolved settings: " + " ".join(plan.choices or ["(the preset as it is)"]), "",
+                              "launch it with any of:"]
+    lines += [f"  {name:<9} {cmd}" for name, cmd in launch_commands(plan).items()]
+    return "\n".join(lines)
+
+
+def plan_for_this_machine(overrides: list[str], nodes: int, world_size: int | None) -> Plan:
+    """The plan for the machine we run on (imports torch to look at the GPUs)."""
+    from dist_lm.plan.hardware import detect_machine
+
+    return make_plan(detect_machine(nodes), overrides, world_size)

@@ -1,0 +1,118 @@
+"""Our config -> DeepSpeed's config dict, and all batch-size arithmetic. Pure functions.
+
+This is the only module that writes DeepSpeed's keys or multiplies micro-batch, gradient
+accumulation and data-parallel size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dist_lm.config.schema import ConfigError, OptimConfig, ParallelConfig, TrainConfig
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    micro_batch_size: int
+    """Sequences per rank per forward/backward."""
+    grad_accum_steps: int
+    """Micro-batches per rank per optimizer step."""
+    dp_size: int
+    """Data-parallel ranks."""
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.micro_batch_size * self.grad_accum_steps * self.dp_size
+
+    @property
+    def per_rank_batch_size(self) -> int:
+        return self.micro_batch_size * self.grad_accum_steps
+
+
+def batch_plan(train: TrainConfig, dp_size: int) -> BatchPlan:
+    """Split train.global_batch_size into micro-batch x accumulation x ranks, or say why it can't."""
+    micro = train.micro_batch_size
+    if train.global_batch_size is None:
+        return BatchPlan(micro, 1, dp_size)
+    per_step = micro * dp_size
+    if train.global_batch_size % per_step:
+        lower = max(per_step, train.global_batch_size // per_step * per_step)
+        raise ConfigError(
+            "train.global_batch_size",
+            f"{train.global_batch_size} is not a multiple of micro_batch_size x ranks = {micro} x {dp_size} = {per_step}; "
+            f"use {lower} or {lower + per_step}, or change train.micro_batch_size")
+    return BatchPlan(micro, train.global_batch_size // per_step, dp_size)
+
+
+def deepspeed_config(parallel: ParallelConfig, optim: OptimConfig, plan: BatchPlan, precision: str,
+                     load_universal: bool = False) -> dict:
+    """DeepSpeed's JSON config for a resolved precision ('bf16', 'fp16' or 'fp32').
+    ``load_universal``: the checkpoint to resume is in DeepSpeed's universal format."""
+    zero: dict = {"stage": parallel.zero_stage}
+    if parallel.zero_stage > 0:
+        zero.update(
+            overlap_comm=parallel.overlap_comm,
+            contiguous_gradients=True,
+            reduce_bucket_size=parallel.reduce_bucket_size,
+        )
+    if parallel.zero_stage in (1, 2):
+        zero["allgather_bucket_size"] = parallel.allgather_bucket_size
+    if parallel.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if parallel.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+
+    config = {
+        "train_batch_size": plan.global_batch_size,
+        "train_micro_batch_size_per_gpu": plan.micro_batch_size,
+        "gradient_accumulation_steps": plan.grad_accum_steps,
+        "gradient_clipping": optim.grad_clip,
+        "zero_optimization": zero,
+        # check_grad_overflow: at ZeRO 1-2 DeepSpeed skips an update whose gradient norm is NaN or
+        # inf under bf16 too, as it does for fp16 and fp32 (the trainer counts the skips).
+        # immediate_grad_update: at ZeRO-1 (DeepSpeed's BF16_Optimizer) each bf16 gradient is added
+        # to the fp32 accumulation buffer as soon as backward produces it and then freed, instead
+        # of all being kept to the end of backward and zeroed after: 2 bytes per parameter less
+        # memory, and as fast or faster (docs/benchmarks.md, fourth session). Other stages ignore it.
+        "bf16": {"enabled": precision == "bf16", "check_grad_overflow": True, "immediate_grad_update": True},
+        "fp16": {
+            "enabled": precision == "fp16",
+            "loss_scale": 0,  # 0 = dynamic loss scaling
+            "initial_scale_power": 16,
+            "loss_scale_window": 1000,
+            "hysteresis": 2,
+            "min_loss_scale": 1,
+        },
+        # We log ourselves (dist_lm.observe.metrics); DeepSpeed's own step prints would interleave.
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+        # Our torch.optim.AdamW is a client optimizer DeepSpeed has not "tested" with ZeRO; it is
+        # a standard torch optimizer and ZeRO handles it like its own.
+        "zero_allow_untested_optimizer": True,
+    }
+    if load_universal:
+        config["checkpoint"] = {"load_universal": True}
+    if parallel.uses_deepcompile:  # takes effect in engine.compile(), which runs on GPUs only
+        config["compile"] = {"deepcompile": True}
+    if precision == "bf16" and parallel.zero_stage >= 1:
+        # Accumulate gradients across micro-batches in fp32: summing in bf16 loses the small
+        # contributions and is a known cause of divergence. (At stage 0 DeepSpeed only supports
+        # accumulating in the model's dtype.)
+        config["data_types"] = {"grad_accum_dtype": "fp32"}
+    if optim.name == "muon":
+        # DeepSpeed's Muon: matrices of the blocks (it tags parameters by shape, and by name
+        # leaves "embed" and "lm_head" to AdamW), AdamW for the rest, each half with its settings.
+        config["optimizer"] = {
+            "type": "Muon",
+            "params": {"lr": optim.lr, "muon_lr": optim.muon_lr, "adam_lr": optim.lr, "momentum": optim.muon_momentum,
+                       "betas": [optim.beta1, optim.beta2], "eps": optim.eps, "weight_decay": optim.weight_decay},
+        }
+    elif parallel.offload_optimizer:
+        # With the optimizer on the CPU DeepSpeed builds its own CPU Adam (AVX, multithreaded);
+        # a torch optimizer there would be several times slower.
+        config["optimizer"] = {
+            "type": "AdamW",
+            "params": {"lr": optim.lr, "betas": [optim.beta1, optim.beta2], "eps": optim.eps,
+                       "weight_decay": optim.weight_decay},
+        }
+    return config

@@ -1,0 +1,295 @@
+"""The one call to deepspeed.initialize, and the few engine operations the trainer needs.
+
+Only this module and :mod:`dist_lm.train.checkpoint` import deepspeed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+import logging
+import os
+import re
+import shutil
+import warnings
+
+import torch
+
+if not torch.cuda.is_available():
+    # Tell DeepSpeed up front instead of letting it guess and warn about it.
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import deepspeed  # noqa: E402
+from deepspeed.checkpoint.constants import (  # noqa: E402
+    UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY, UNIVERSAL_CHECKPOINT_VERSION_VALUE)
+from deepspeed.moe.layer import MoE  # noqa: E402
+from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer  # noqa: E402
+from deepspeed.runtime.bf16_optimizer import BF16_Optimizer  # noqa: E402
+from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer  # noqa: E402
+from deepspeed.utils import groups, safe_get_full_fp32_param, safe_get_full_grad  # noqa: E402
+
+from dist_lm.config.schema import ConfigError, ModelConfig, OptimConfig, ParallelConfig, UserError  # noqa: E402
+from dist_lm.runtime.ds_config import BatchPlan, deepspeed_config  # noqa: E402
+from dist_lm.model.transformer import MLP, Transformer  # noqa: E402
+from dist_lm.runtime.optim import param_groups  # noqa: E402
+
+
+def quiet(verbose: bool) -> None:
+    """DeepSpeed logs its whole config at start-up; keep warnings, drop the chatter unless asked."""
+    deepspeed.utils.logger.setLevel(logging.INFO if verbose else logging.WARNING)
+    if not verbose:
+        # DeepSpeed's ZeRO calls a torch collective that torch has renamed; nothing for us to act on.
+        warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
+
+
+class ExpertsMLP(torch.nn.Module):
+    """DeepSpeed's MoE layer in the shape the model expects of an MLP: it returns the output and
+    keeps the load-balancing loss of its last forward in ``aux_loss``."""
+
+    def __init__(self, model: ModelConfig, parallel: ParallelConfig):
+        super().__init__()
+        self.moe = MoE(hidden_size=model.d_model, expert=MLP(model), num_experts=model.n_experts,
+                       ep_size=parallel.expert_parallel_size, k=model.moe_top_k,
+                       capacity_factor=model.moe_capacity_factor, eval_capacity_factor=model.moe_capacity_factor,
+                       min_capacity=4, drop_tokens=True)
+        self.aux_loss: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, self.aux_loss, _ = self.moe(x)
+        return out
+
+
+def check_moe(model: ModelConfig, parallel: ParallelConfig, world_size: int) -> None:
+    """What DeepSpeed's MoE layer needs, checked before any process starts."""
+    if "moe" not in model.layer_types:
+        return
+    if parallel.zero_stage == 3:
+        raise ConfigError("parallel.zero_stage", "DeepSpeed's MoE layer (model.layer_types with moe) works at "
+                          "ZeRO stages 0-2, not 3; use parallel.zero_stage=2")
+    for n, what in ((model.n_experts, "model.n_experts"), (world_size, "the rank count")):
+        if n % parallel.expert_parallel_size:
+            raise ConfigError("parallel.expert_parallel_size", f"{parallel.expert_parallel_size} must divide "
+                              f"{what} ({n})")
+
+
+def build_model(model: ModelConfig, parallel: ParallelConfig) -> Transformer:
+    """The model, with DeepSpeed's MoE layers where model.layer_types says moe."""
+    return Transformer(model, moe_layer=lambda _: ExpertsMLP(model, parallel))
+
+
+def initialize(model: Transformer, parallel: ParallelConfig, optim: OptimConfig, plan: BatchPlan,
+               precision: str, device: torch.device, load_universal: bool = False,
+               start_step: int = 0, verbose: bool = False) -> "deepspeed.DeepSpeedEngine":
+    """The DeepSpeed engine around ``model``. ``start_step``: the step of the checkpoint the run
+    will load (0 for a fresh run), which DeepCompile's pass schedule counts from. ``verbose``:
+    let DeepSpeed print what it prints bare at start-up."""
+    model.activation_checkpointing = parallel.activation_checkpointing
+    # Marks the checkpoints DeepSpeed writes as convertible to its universal format (for resuming
+    # on another world size or ZeRO stage; see dist_lm.train.checkpoint).
+    setattr(model, UNIVERSAL_CHECKPOINT_INFO, {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE})
+    param_sets = param_groups(model, optim.weight_decay)
+    if any(getattr(p, "allreduce", True) is False for p in model.parameters()):
+        # Expert parameters are reduced over their own data-parallel group: ZeRO needs them in
+        # groups of their own.
+        param_sets = split_params_into_different_moe_groups_for_optimizer(param_sets)
+    if device.type == "cpu":
+        # No torch.compile on CPU, ours (parallel.compile) or DeepSpeed's own (its Muon compiles
+        # its Newton-Schulz step): Inductor's C++ build costs more than it saves on a CPU run,
+        # a minute and a half before the first Muon step on two cores.
+        torch._dynamo.config.disable = True
+    if parallel.offload_optimizer or optim.name == "muon":
+        optimizer = None  # DeepSpeed builds its CPU Adam or its Muon from the config's "optimizer"
+    else:
+        # A torch AdamW passed in as the client optimizer: fused on GPU (DeepSpeed's own FusedAdam
+        # is a JIT build that fails on some images), the default foreach kernel on CPU. The
+        # learning rate is set before every step by the trainer (dist_lm.optim.lr_at).
+        optimizer = torch.optim.AdamW(param_sets, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps,
+                                      fused=device.type == "cuda")
+    # DeepSpeed prints some of its start-up output bare, past its logger: at bf16 ZeRO-1 its
+    # BF16_Optimizer prints memory lines ("begin bf16_optimizer", "MA 0.38 GB ...") on every start.
+    # Its logger keeps its own handle on stdout, so its warnings still show.
+    with contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO()):
+        engine, *_ = deepspeed.initialize(
+            model=model, optimizer=optimizer, model_parameters=param_sets if optimizer is None else None,
+            config=deepspeed_config(parallel, optim, plan, precision, load_universal))
+    if reduces_for_nothing(engine):
+        engine.enable_backward_allreduce = False
+    mode = compile_mode(parallel, device)
+    if mode:
+        engine.compile(schedule=deepcompile_schedule(start_step) if mode == "DeepCompile" else None)
+    return engine
+
+
+def compile_mode(parallel: ParallelConfig, device: torch.device) -> str:
+    """How the engine compiles the model: "DeepCompile", "torch.compile", or "" (eager: compile
+    off, or a CPU run, where compiling costs more than it saves)."""
+    if not parallel.compile or device.type != "cuda":
+        return ""
+    return "DeepCompile" if parallel.uses_deepcompile else "torch.compile"
+
+
+def compile_wait(parallel: ParallelConfig, device: torch.device, start_step: int) -> str:
+    """What the silence before the first step is, for a compiled run (minutes of it)."""
+    mode = compile_mode(parallel, device)
+    if mode == "DeepCompile":
+        return (f"; the first step waits for DeepCompile to compile and profile (~6 min at 1.1B on an H200), "
+                f"step {start_step + deepcompile_warmup() + 1} again for its prefetching (~2.5 min)")
+    return "; the first step waits for torch.compile (1-3 min at 1.1B on an H100)" if mode else ""
+
+
+def deepcompile_warmup() -> int:
+    """Steps DeepCompile profiles before it adds prefetching and selective unsharding."""
+    from deepspeed.compile.init_z3 import WARMUP
+
+    return WARMUP
+
+
+def deepcompile_schedule(start_step: int) -> list[tuple[int, list[str]]]:
+    """DeepCompile's default ZeRO-3 pass schedule, counted from ``start_step``: the gathers and
+    releases in the graph first, then after its warm-up steps of profiling also prefetching and
+    selective unsharding. DeepSpeed 0.19.8 launches a scheduled pass set only when the engine's
+    step count equals its step exactly, and its own schedule starts at 0: a run resumed at step 4
+    ran with no passes at all and failed in its first forward (TypeError: 'NoneType' object is not
+    iterable). The passes and the warm-up are DeepSpeed's own names and constant."""
+    from deepspeed.compile.passes import prefetch, selective_gather, zero3_compile
+
+    return [(start_step, [zero3_compile.NAME]),
+            (start_step + deepcompile_warmup(), [zero3_compile.NAME, prefetch.NAME, selective_gather.NAME])]
+
+
+def reduces_for_nothing(engine: "deepspeed.DeepSpeedEngine") -> bool:
+    """Whether DeepSpeed would all-reduce whole gradients over a data-parallel group of one rank.
+
+    At ZeRO-0, and at ZeRO-1 under bf16 with fp32 accumulation (its BF16_Optimizer), DeepSpeed
+    reduces gradients by copying them into flat 500M-element buffers, all-reducing those and
+    copying them back, whatever the rank count. Alone, that is an identity that moves ~16 bytes
+    per parameter every step (about 18 GB at 1.1B parameters, several ms on an H100), and under
+    bf16 it also rounds the fp32-accumulated gradients to bf16 on the way. ZeRO-1
+    with DeepSpeed's ZeRO optimizer (fp16, bf16 without fp32 accumulation) and ZeRO-2/3 move
+    gradients into their partitions on that same path, so they keep it.
+    """
+    whole_gradients = engine.zero_optimization_stage() == 0 or isinstance(engine.optimizer, BF16_Optimizer)
+    return whole_gradients and engine.dp_world_size == 1 and engine.seq_dp_world_size == 1
+
+
+def check_cpu_adam() -> None:
+    """Optimizer offload steps with DeepSpeed's CPU Adam, a C++ op built on first use: say so
+    before any process starts if it is neither prebuilt nor buildable here."""
+    if importlib.util.find_spec("deepspeed.ops.adam.cpu_adam_op") is not None:
+        return  # DeepSpeed was installed with its ops prebuilt (DS_BUILD_CPU_ADAM=1)
+    from torch.utils.cpp_extension import is_ninja_available
+
+    compiler = os.environ.get("CXX", "c++")
+    missing = [what for what, ok in ((f"a C++ compiler ({compiler})", shutil.which(compiler)),
+                                     ("ninja", is_ninja_available())) if not ok]
+    if missing:
+        raise UserError(f"config error: parallel.offload_optimizer=true needs DeepSpeed's CPU Adam op, built on "
+                        f"first use, but {' and '.join(missing)} cannot be found; install them (apt-get install "
+                        "g++; pip install ninja) or set parallel.offload_optimizer=false")
+
+
+def restore_weight_decay(engine: "deepspeed.DeepSpeedEngine", optim: OptimConfig) -> None:
+    """Give each parameter group its own weight decay again after a universal checkpoint load:
+    DeepSpeed's ZeRO-3 universal loader copies the first group's hyperparameters into every
+    group, which would decay the norms. Our two groups are in param_groups' order (with experts
+    or Muon there are more, whose order this does not know: they are left alone)."""
+    if len(engine.optimizer.param_groups) != 2:
+        return
+    for group, decay in zip(engine.optimizer.param_groups, (optim.weight_decay, 0.0)):
+        group["weight_decay"] = decay
+        group["betas"], group["eps"] = (optim.beta1, optim.beta2), optim.eps
+
+
+def set_lr(engine: "deepspeed.DeepSpeedEngine", lr: float, optim: OptimConfig) -> None:
+    """The schedule's learning rate for this step; Muon's matrices get it scaled to muon_lr."""
+    muon_scale = optim.muon_lr / optim.lr
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr * muon_scale if group.get("use_muon") else lr
+
+
+def step(engine: "deepspeed.DeepSpeedEngine") -> tuple[torch.Tensor | float | None, bool]:
+    """The optimizer step at the accumulation boundary. Returns the global gradient norm before
+    clipping (a tensor or a float, or None if unknown) and whether the update was applied: an
+    update whose gradients hold NaN or inf is skipped, by DeepSpeed's optimizers at ZeRO 1-3 and
+    in fp16/bf16, and here at ZeRO-0 fp32, where DeepSpeed steps the plain optimizer."""
+    if engine.zero_optimization_stage() == 0 and not (engine.bfloat16_enabled() or engine.fp16_enabled()):
+        # DeepSpeed clips fp32 stage-0 gradients without keeping the norm: take it here, where
+        # the gradients are already all-reduced.
+        params = [p for p in engine.module.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else None
+        if norm is not None and not torch.isfinite(norm):  # host-device sync, once per step
+            for p in params:
+                p.grad = None  # torch's AdamW leaves a parameter without a gradient untouched
+            engine.step()
+            return norm, False
+        engine.step()
+        return norm, True
+    engine.step()  # DeepSpeed checks the norm for NaN/inf itself (a sync inside) and skips
+    return engine.get_global_grad_norm(), engine.was_step_applied()
+
+
+def first_nonfinite_grad(engine: "deepspeed.DeepSpeedEngine") -> str | None:
+    """Name of the first parameter whose gradient holds NaN or inf (call after backward, before
+    step, on every rank: under ZeRO-3 assembling a gradient is a collective)."""
+    for name, p in engine.module.named_parameters():
+        grad = safe_get_full_grad(p)
+        if grad is not None and not torch.isfinite(grad).all():  # host-device sync per parameter
+            return name
+    return None
+
+
+EXPERTS = ".deepspeed_moe.experts.deepspeed_experts."  # DeepSpeed's MoE: where a layer's local experts sit
+
+
+def master_weights(engine: "deepspeed.DeepSpeedEngine", rank: int, world_size: int) -> dict[str, torch.Tensor]:
+    """This rank's share of the model's full-precision weights, on the CPU, for the checkpoint's
+    weights files. A collective: every rank calls it at the same point.
+
+    The weights are the optimizer's fp32 masters where there are any (bf16 and fp16 keep the
+    module in low precision), assembled through DeepSpeed's own accessor, which knows every
+    optimizer it builds: ZeRO 1-3, BF16_Optimizer, offload. At ZeRO-0 under bf16 or fp16 the
+    masters are its FP16 optimizer's fp32 copies; in fp32 at ZeRO-0 the parameters themselves.
+    Each parameter is gathered by all ranks, and kept by one (index modulo world size), so that
+    writing costs each rank 1/world_size of the model in host memory and disk. An expert's
+    weights are kept by the first rank of its expert-data-parallel group, under the expert's
+    global index (as DeepSpeed names them in its own expert files), so the files of all ranks
+    hold every expert once.
+    """
+    fp32_copies: dict[int, torch.Tensor] = {}
+    if isinstance(engine.optimizer, FP16_UnfusedOptimizer):
+        fp32_copies = {id(low): high for lows, highs in zip(engine.optimizer.fp16_groups, engine.optimizer.fp32_groups)
+                       for low, high in zip(lows, highs)}
+    moe_layers = {name + EXPERTS: layer for name, layer in engine.module.named_modules() if isinstance(layer, MoE)}
+    owned = {}
+    for i, (name, param) in enumerate(engine.module.named_parameters()):
+        full = safe_get_full_fp32_param(param)  # ZeRO 1-3: gathered over the parameter's group
+        if full is None:
+            full = fp32_copies.get(id(param), param)
+        if getattr(param, "allreduce", True) is False:  # an expert: this rank holds its own experts
+            if groups._get_expert_data_parallel_rank(param.group_name) == 0:
+                owned[_global_expert_name(name, moe_layers)] = full.detach().float().cpu()
+        elif i % world_size == rank:
+            owned[name] = full.detach().float().cpu()
+    return owned
+
+
+def _global_expert_name(name: str, moe_layers: dict[str, MoE]) -> str:
+    prefix = next(p for p in moe_layers if name.startswith(p))
+    layer = moe_layers[prefix]
+    local, rest = re.match(r"(\d+)(\..*)", name[len(prefix):]).groups()
+    first = groups._get_expert_parallel_rank(layer.expert_group_name) * layer.num_local_experts
+    return f"{prefix}{first + int(local)}{rest}"
+
+
+def tied_names(module: torch.nn.Module) -> dict[str, str]:
+    """Names in the module's state dict that share another name's parameter (tied embeddings):
+    {alias: name}, name being the one named_parameters() gives."""
+    first: dict[int, str] = {}
+    aliases = {}
+    for name, tensor in module.state_dict(keep_vars=True).items():
+        if id(tensor) in first:
+            aliases[name] = first[id(tensor)]
+        else:
+            first.setdefault(id(tensor), name)
+    return aliases

@@ -1,0 +1,387 @@
+"""Checkpoints through DeepSpeed's engine, with our resumable state as explicit client state.
+
+Layout (the root is checkpoint.dir, by default RUN_DIR/checkpoints)::
+
+    step00000100/   DeepSpeed's files, sharded per rank as ZeRO makes them
+                    weights-rank<N>.safetensors   the model's full fp32 weights, a share per rank
+                    rng-rank<N>.json   each rank's random-number generators
+                    state.json         our state and a manifest of every file with its size
+    latest          the tag of the newest complete checkpoint
+    best            the tag of the complete checkpoint with the lowest validation loss
+
+A save is complete only when state.json exists: rank 0 writes it after every rank has finished
+writing and the files were flushed to disk, then moves ``latest`` (write a temporary file and
+rename). A checkpoint without state.json, or whose files do not match the manifest (truncated,
+deleted), is never chosen. Older checkpoints are deleted only after a newer one is complete.
+
+Our state is plain JSON, so it is read before the engine exists, e.g. to refuse a resume on
+other data before loading any tensor, or to see that the run was saved on another world size
+or ZeRO stage and must go through DeepSpeed's universal checkpoint format.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from dist_lm.config.schema import UserError
+from dist_lm.files import write_atomic
+from dist_lm.train.state import STATE, RunState
+
+Engine = Any  # a deepspeed.DeepSpeedEngine; only its methods are used here
+LATEST = "latest"
+BEST = "best"
+WEIGHTS = "weights-rank{rank:05d}.safetensors"
+WEIGHTS_GLOB = "weights-rank*.safetensors"
+UNIVERSAL = "universal"  # subdirectory of a tag holding its universal-format conversion
+
+
+class CheckpointError(UserError):
+    """A checkpoint cannot be written or read; the message names the path and the way out."""
+
+
+def tag_for(step: int) -> str:
+    return f"step{step:08d}"
+
+
+def step_of(path: Path) -> int | None:
+    name = path.name
+    return int(name[4:]) if name.startswith("step") and name[4:].isdigit() else None
+
+
+# --------------------------------------------------------------------------------- finding one
+def problem_with(path: Path) -> str | None:
+    """Why the checkpoint at ``path`` cannot be resumed from, or None if it is complete."""
+    try:
+        state = RunState.read(path)
+    except FileNotFoundError:
+        return f"it has no {STATE} (the save did not finish)"
+    except (OSError, json.JSONDecodeError, UserError) as e:
+        return f"its {STATE} is unreadable ({e})"
+    for name, size in state.manifest.items():
+        f = path / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != size:
+            return f"{name} has {f.stat().st_size} bytes, {size} were written"
+    return None
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """The complete checkpoints under ``root``, oldest first."""
+    if not root.is_dir():
+        return []
+    tags = sorted((p for p in root.iterdir() if p.is_dir() and step_of(p) is not None), key=step_of)
+    return [p for p in tags if problem_with(p) is None]
+
+
+@dataclass
+class Found:
+    path: Path
+    state: RunState
+    note: str | None = None
+    """Said when the checkpoint is not the one ``latest`` names."""
+
+
+def find(resume: str, root: Path) -> Found | None:
+    """The checkpoint to resume from: ``auto`` (the newest complete one under root, if any),
+    ``none``, or a path (a checkpoint directory, or a run directory / checkpoint root)."""
+    if resume == "none":
+        return None
+    if resume != "auto":
+        path = Path(resume)
+        if (path / STATE).exists() or step_of(path) is not None:
+            problem = problem_with(path)
+            if problem:
+                raise CheckpointError(f"checkpoint error: checkpoint.resume={resume}: {problem}; give another "
+                                      "checkpoint, or checkpoint.resume=auto for the newest complete one")
+            return Found(path, RunState.read(path))
+        root = checkpoint_root(path, f"checkpoint.resume={resume}")
+    return _newest(root, resume != "auto", f"checkpoint.resume={resume}")
+
+
+def checkpoint_root(path: Path, what: str) -> Path:
+    """The checkpoint root of ``path``: a run directory's checkpoints/, or ``path`` itself when it
+    holds checkpoints; ``what`` names the argument in the error."""
+    if (path / "checkpoints").is_dir():
+        return path / "checkpoints"
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint error: {what}: {path} does not exist; give a checkpoint directory "
+                              "(…/checkpoints/stepNNNNNNNN) or a run directory")
+    if not (path / LATEST).is_file() and not any(step_of(p) is not None for p in path.iterdir()):
+        raise CheckpointError(f"checkpoint error: {what}: {path} is not a checkpoint, a run directory or a checkpoint "
+                              f"root (it has no {STATE}, no checkpoints/ and no stepNNNNNNNN/); give one of those")
+    return path
+
+
+def find_for_reading(path: Path, best: bool = False) -> Found:
+    """The checkpoint a tool reads: ``path`` itself if it is a checkpoint directory, else the newest
+    complete one of a run directory or checkpoint root, or with ``best`` the one ``best`` names."""
+    if (path / STATE).exists() or step_of(path) is not None:
+        if best:
+            raise CheckpointError(f"checkpoint error: --best takes a run directory, and {path} is one checkpoint; "
+                                  "give its run directory, or leave out --best")
+        problem = problem_with(path)
+        if problem:
+            raise CheckpointError(f"checkpoint error: {path} cannot be read: {problem}; give another checkpoint, "
+                                  "or the run directory for its newest complete one")
+        return Found(path, RunState.read(path))
+    root = checkpoint_root(path, str(path))
+    if not best:
+        found = _newest(root, True, str(path))
+        assert found is not None  # _newest raises when a checkpoint is required and there is none
+        return found
+    pointer = root / BEST
+    if not pointer.is_file():
+        raise CheckpointError(f"checkpoint error: --best: {root} has no {BEST} pointer: no checkpoint was saved at a "
+                              "step with a validation loss (checkpoints save it when train.eval_interval divides "
+                              "their step); leave out --best for the newest checkpoint")
+    named = root / pointer.read_text().strip()
+    problem = problem_with(named)
+    if problem:
+        raise CheckpointError(f"checkpoint error: --best: {named}, the best checkpoint, cannot be read: {problem}; "
+                              "leave out --best for the newest complete checkpoint")
+    return Found(named, RunState.read(named))
+
+
+def _newest(root: Path, required: bool, what: str) -> Found | None:
+    """The newest complete checkpoint under root, by step: normally the one ``latest`` names, but
+    also after a process died between writing a checkpoint's state.json and moving ``latest``.
+    Its note names every newer checkpoint directory that is incomplete (a save that died)."""
+    complete = complete_checkpoints(root)
+    tags = sorted((p for p in root.iterdir() if p.is_dir() and step_of(p) is not None), key=step_of) \
+        if root.is_dir() else []
+    if not complete:
+        if required:
+            why = "".join(f"; {p.name} is incomplete ({problem_with(p)})" for p in tags[-1:])
+            raise CheckpointError(f"checkpoint error: {what}: no complete checkpoint in {root}{why}; give another "
+                                  "checkpoint or run directory")
+        return None
+    newest = complete[-1]
+    skipped = [f"{p.name} is incomplete ({problem_with(p)})" for p in reversed(tags) if step_of(p) > step_of(newest)]
+    note = f"{'; '.join(skipped)}; resuming from {newest.name}, the newest complete checkpoint" if skipped else None
+    return Found(newest, RunState.read(newest), note)
+
+
+# ------------------------------------------------------------------------------------- saving
+def rng_state() -> dict:
+    """This process's random-number generators as JSON-able plain values."""
+    py = random.getstate()
+    np_state = np.random.get_state()
+    state = {"python": [py[0], list(py[1]), py[2]],
+             "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+             "torch": torch.get_rng_state().tolist()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state().tolist()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
+
+
+def bytes_needed(root: Path, fallback: int) -> int:
+    """Room for one more checkpoint: the size of the newest complete one, else ``fallback``."""
+    complete = complete_checkpoints(root)
+    if not complete:
+        return fallback
+    return sum(RunState.read(complete[-1]).manifest.values()) or fallback
+
+
+def check_room(root: Path, need: int) -> str | None:
+    """Why a checkpoint of ``need`` bytes cannot be written under root, or None. Creates nothing
+    (it runs at start-up too, before the run directory is written): it probes the nearest
+    directory that exists, root or one above it, with a file it removes at once."""
+    existing = next((p for p in (root, *root.parents) if p.exists()), Path("/"))
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(20, f"{existing} is a file")
+        probe = existing / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        return f"{root} is not writable ({e.strerror or e}); set checkpoint.dir to a writable directory"
+    free = shutil.disk_usage(existing).free
+    if free < need:
+        return (f"not enough space in {root}: a checkpoint needs about {need / 1e9:.2f} GB ({need:,} bytes), "
+                f"{free / 1e9:.2f} GB are free; free some, lower checkpoint.keep_last, or set checkpoint.dir")
+    return None
+
+
+def save(engine: Engine, root: Path, step: int, state: RunState, rank: int, weights: Callable[[], dict],
+         aliases: dict[str, str], barrier: Callable[[], None], any_rank: Callable[[bool], bool]) -> Path:
+    """Save on every rank (a collective). ``weights()`` gathers this rank's share of the full
+    weights (a collective too: dist_lm.engine.master_weights); ``aliases`` names the tied ones
+    ({alias: name}). ``barrier`` waits for all ranks; ``any_rank(flag)`` is True on every rank if
+    it is True on some rank (both over a CPU group)."""
+    path = root / tag_for(step)
+    failed = None
+    try:
+        engine.save_checkpoint(str(root), tag=tag_for(step), save_latest=False)
+        write_weights(path, rank, weights(), aliases)
+        write_atomic(path / f"rng-rank{rank}.json", json.dumps(rng_state()), durable=True)
+    except Exception as e:  # a full or failing disk: agree on it below instead of leaving others waiting.
+        # Any exception: torch's writer reports a full disk as RuntimeError ("unexpected pos").
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else (str(e).strip().splitlines() or [repr(e)])[0]
+        failed = f"rank {rank}: writing {path} failed: {reason}"
+    if any_rank(failed is not None):
+        if rank == 0:
+            shutil.rmtree(path, ignore_errors=True)  # incomplete: free what it took
+        raise CheckpointError(f"checkpoint error: {failed or 'another rank could not write the checkpoint'}; "
+                              "the previous complete checkpoint is intact")
+    barrier()  # every rank's files are written
+    if rank == 0:
+        manifest = {}
+        for f in sorted(p for p in path.rglob("*") if p.is_file() and p.name != STATE):
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())  # on disk before state.json says the checkpoint is complete
+            manifest[str(f.relative_to(path))] = f.stat().st_size
+        write_atomic(path / STATE, replace(state, manifest=manifest).to_json(), durable=True)
+        write_atomic(root / LATEST, tag_for(step), durable=True)
+    barrier()
+    return path
+
+
+def write_weights(path: Path, rank: int, tensors: dict[str, torch.Tensor], aliases: dict[str, str]) -> None:
+    """This rank's share of the full weights as safetensors (rank 0's file also says which names
+    are tied). Why a file of full weights beside DeepSpeed's: DeepSpeed's optimizer files differ
+    by ZeRO stage, precision and optimizer (zero_to_fp32 cannot read BF16_Optimizer's, which bf16
+    at ZeRO-1 uses), while every tool needs only the weights. Gathering them while the engine is
+    up is exact (the fp32 masters) and the same for every configuration; reading them back is a
+    plain, memory-mapped load at any world size. What it costs is in docs/benchmarks.md."""
+    from safetensors.torch import save_file
+
+    if not tensors and rank != 0:
+        return
+    metadata = {"format": "pt", "aliases": json.dumps(aliases)} if rank == 0 else {"format": "pt"}
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path / WEIGHTS.format(rank=rank)), metadata)
+
+
+def update_best(root: Path) -> Path | None:
+    """Point ``best`` at the complete checkpoint with the lowest validation loss (saved at a step
+    that evaluated), written atomically like ``latest``; None if no checkpoint has one. Rank 0."""
+    scored = [(v, p) for p in complete_checkpoints(root) if (v := RunState.read(p).val_loss) is not None]
+    if not scored:
+        return None
+    best = min(scored, key=lambda vp: vp[0])[1]
+    if not (root / BEST).is_file() or (root / BEST).read_text().strip() != best.name:
+        write_atomic(root / BEST, best.name, durable=True)
+    return best
+
+
+def prune(root: Path, keep_last: int, keep_best: bool) -> list[Path]:
+    """Delete all but the newest ``keep_last`` complete checkpoints (and the best by validation
+    loss), and incomplete ones older than the newest complete one. Rank 0 only."""
+    complete = complete_checkpoints(root)
+    if not complete:
+        return []
+    keep = set(complete[-keep_last:]) if keep_last > 0 else set(complete)
+    if keep_best:
+        scored = [(RunState.read(p).val_loss, p) for p in complete]
+        scored = [(v, p) for v, p in scored if v is not None]
+        if scored:
+            keep.add(min(scored, key=lambda vp: vp[0])[1])
+    newest = step_of(complete[-1])
+    removed = []
+    for p in root.iterdir():
+        step = step_of(p)
+        if step is None or not p.is_dir() or p in keep:
+            continue
+        if p in complete or step < newest:
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
+# ------------------------------------------------------------------------------------ loading
+def needs_universal(state: RunState, world_size: int, zero_stage: int) -> bool:
+    """Whether the checkpoint's ZeRO shards no longer line up with this run's ranks."""
+    saved_world, saved_stage = state.world_size, state.zero_stage
+    if saved_world is None or (saved_world == world_size and saved_stage == zero_stage):
+        return False
+    if saved_stage == 0 or zero_stage == 0:
+        if saved_stage == zero_stage:
+            return False  # ZeRO-0 keeps whole copies: any world size loads them
+        raise CheckpointError(f"checkpoint error: the checkpoint was saved at ZeRO stage {saved_stage} and this run "
+                              f"uses stage {zero_stage}; across stage 0 it cannot be converted: resume with "
+                              f"parallel.zero_stage={saved_stage}")
+    return True
+
+
+def convert_to_universal(path: Path, rank: int, barrier: Callable[[], None]) -> Path:
+    """DeepSpeed's ds_to_universal on rank 0 (once per checkpoint; kept beside it)."""
+    out = path / UNIVERSAL
+    if rank == 0 and not (out / ".complete").exists():
+        shutil.rmtree(out, ignore_errors=True)
+        proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                               str(path), "--output_folder", str(out)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise CheckpointError(f"checkpoint error: converting {path} to DeepSpeed's universal format failed: "
+                                  f"{(proc.stderr.strip().splitlines() or ['?'])[-1]}")
+        (out / ".complete").write_text("")
+    barrier()
+    return out
+
+
+def consolidated_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The model's full fp32 weights from a complete checkpoint directory, whatever its precision,
+    ZeRO stage, optimizer and world size: its weights files. Checkpoints from before those files
+    were written are read as then: the module itself at ZeRO-0, DeepSpeed's zero_to_fp32 for
+    ZeRO 1-3, and where it refuses BF16_Optimizer's files, DeepSpeed's universal format."""
+    files = sorted(path.glob(WEIGHTS_GLOB))
+    if files:
+        return _read_weights(files)
+    if RunState.read(path).zero_stage == 0:
+        module = torch.load(path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+        return {k: v.float() for k, v in module.items()}
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints its progress; our tools print results
+            return get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
+    except ValueError:  # "... is not a zero checkpoint": BF16_Optimizer's files (bf16 at ZeRO-1)
+        universal = convert_to_universal(path, 0, lambda: None)
+        return {f.parent.name: torch.load(f, map_location="cpu", weights_only=False)["param"].float()
+                for f in sorted((universal / "zero").glob("*/fp32.pt"))}
+
+
+def _read_weights(files: list[Path]) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError, safe_open
+
+    weights: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as shard:
+                aliases |= json.loads((shard.metadata() or {}).get("aliases", "{}"))
+                weights |= {name: shard.get_tensor(name) for name in shard.keys()}
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"checkpoint error: {f} is unreadable ({e}); use another checkpoint") from None
+    return weights | {alias: weights[name] for alias, name in aliases.items() if name in weights}
+
+
+def load(engine: Engine, found: Found, universal: bool) -> None:
+    """Load ``found`` into the engine (built with load_universal when ``universal``)."""
+    load_dir, tag = (found.path, UNIVERSAL) if universal else (found.path.parent, found.path.name)
+    loaded, _ = engine.load_checkpoint(str(load_dir), tag=tag)
+    if loaded is None:
+        raise CheckpointError(f"checkpoint error: {found.path} could not be loaded; give another one with "
+                              "checkpoint.resume=PATH, or start fresh with checkpoint.resume=none")

@@ -1,0 +1,89 @@
+"""Stopping on purpose: SIGTERM / SIGUSR1 (what SLURM sends before a job's time is up or when it
+is preempted), a step to stop at, and a time limit.
+
+A signal handler only sets a flag, so a second signal during a checkpoint save changes nothing.
+Ranks agree on stopping through an all-reduce over a separate gloo group: a CPU collective,
+with no host-device sync in the training loop, so all of them stop after the same step even
+when only one rank got the signal.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import statistics
+import time
+from collections import deque
+
+import torch
+import torch.distributed as dist
+
+from dist_lm.runtime.distributed import any_rank, control_group
+from dist_lm.train.exits import Exit
+from dist_lm.files import write_atomic
+
+# Set by the launch templates (launchers/exit_status.sh): a launcher would take a rank's 75 for a
+# failure, so rank 0 writes the status to this file, every rank exits 0, and the template exits 75.
+STATUS_FILE_VARIABLE = "DIST_LM_STATUS_FILE"
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+RECENT_STEPS = 10  # the steps whose median is what one more step is expected to take
+
+
+def status_for_the_launcher(status: int, rank0: bool) -> int:
+    """The exit status for this rank to exit with (see STATUS_FILE_VARIABLE)."""
+    path = os.environ.get(STATUS_FILE_VARIABLE)
+    if status != Exit.REQUEUE or not path:
+        return status
+    if rank0:
+        write_atomic(path, f"{status}\n")
+    return 0
+
+
+def seconds_to_keep(recent_steps: list[float], save_seconds: float, eval_seconds: float) -> float:
+    """Time to leave before train.time_limit_minutes: one more step and a checkpoint save, each
+    counted twice for a margin, and the evaluation the next step holds (0 if none). A step is the
+    median of the recent ones, not the longest: the steps that compiled (the first, 2-6 minutes in
+    the compiled presets; DeepCompile's sixth), evaluated or saved are not what the next one costs,
+    and a margin of twice the first step's compilation threw away minutes of every allocation."""
+    step = statistics.median(recent_steps) if recent_steps else 0.0
+    return 2 * step + 2 * save_seconds + eval_seconds
+
+
+class StopControl:
+    def __init__(self, stop_at_step: int | None, time_limit_minutes: float | None, start_time: float):
+        self.stop_at_step = stop_at_step
+        self.deadline = start_time + 60 * time_limit_minutes if time_limit_minutes else None
+        self.signal_name: str | None = None
+        self.recent_steps: deque[float] = deque(maxlen=RECENT_STEPS)
+        self._group = control_group()
+        for sig in SIGNALS:
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum: int, _frame) -> None:
+        self.signal_name = self.signal_name or signal.Signals(signum).name
+
+    def signalled(self) -> bool:
+        """Has any rank been signalled? (A collective: every rank calls it at the same point.)"""
+        flag = any_rank(self.signal_name is not None)
+        if flag and not self.signal_name:
+            self.signal_name = "a signal to another rank"
+        return flag
+
+    def reason_to_stop(self, step: int, step_seconds: float, save_seconds: float,
+                       next_eval_seconds: float = 0.0) -> str | None:
+        """Why to stop after ``step``, or None. A collective, called by every rank after every step.
+        ``next_eval_seconds``: what the evaluation in the next step will take, if it has one."""
+        self.recent_steps.append(step_seconds)
+        out_of_time = self.deadline is not None and (
+            time.perf_counter() + seconds_to_keep(list(self.recent_steps), save_seconds, next_eval_seconds)
+            >= self.deadline)
+        flags = torch.tensor([1.0 if self.signal_name else 0.0, 1.0 if out_of_time else 0.0])
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self._group)
+        if flags[0]:
+            self.signal_name = self.signal_name or "a signal to another rank"
+            return f"received {self.signal_name}"
+        if flags[1]:
+            return "train.time_limit_minutes is nearly up"
+        if self.stop_at_step is not None and step >= self.stop_at_step:
+            return f"train.stop_at_step={self.stop_at_step}"
+        return None

@@ -1,0 +1,112 @@
+"""A checkpoint -> a Hugging Face ``LlamaForCausalLM`` directory (config.json, model.safetensors,
+tokenizer.json, tokenizer_config.json), loadable by ``transformers`` and the runtimes that read
+that format. tools/export_hf.py is the command line.
+
+Our model is Llama's architecture with the same conventions (RMSNorm computed in fp32, rotary
+embedding on the two halves of each head, SwiGLU, no biases), so the export renames weights and
+changes nothing else. Options without a Llama equivalent (GeGLU, GELU) are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from dist_lm.train import checkpoint
+from dist_lm.config.schema import Config, UserError
+from dist_lm.use.inference import DTYPES, find_tokenizer, saved_config
+from dist_lm.data.prepare import EOT
+
+# our name -> Hugging Face Llama's name; {i} is the block index
+NAMES = {
+    "tok_embeddings.weight": "model.embed_tokens.weight",
+    "norm.weight": "model.norm.weight",
+    "lm_head.weight": "lm_head.weight",
+    "blocks.{i}.attn_norm.weight": "model.layers.{i}.input_layernorm.weight",
+    "blocks.{i}.mlp_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
+    "blocks.{i}.attn.wq.weight": "model.layers.{i}.self_attn.q_proj.weight",
+    "blocks.{i}.attn.wk.weight": "model.layers.{i}.self_attn.k_proj.weight",
+    "blocks.{i}.attn.wv.weight": "model.layers.{i}.self_attn.v_proj.weight",
+    "blocks.{i}.attn.wo.weight": "model.layers.{i}.self_attn.o_proj.weight",
+    "blocks.{i}.mlp.w_gate.weight": "model.layers.{i}.mlp.gate_proj.weight",
+    "blocks.{i}.mlp.w_in.weight": "model.layers.{i}.mlp.up_proj.weight",
+    "blocks.{i}.mlp.w_out.weight": "model.layers.{i}.mlp.down_proj.weight",
+}
+
+
+def hf_name(name: str) -> str:
+    parts = name.split(".")
+    if parts[0] == "blocks":
+        return NAMES[".".join(["blocks", "{i}", *parts[2:]])].format(i=parts[1])
+    return NAMES[name]
+
+
+def hf_config(cfg: Config, eot_id: int | None, dtype: torch.dtype = torch.float32) -> dict:
+    m = cfg.model
+    unlike_llama = [f"model.activation={m.activation} (Llama's MLP is SwiGLU)"] if m.activation != "swiglu" else []
+    if m.position != "rope":
+        unlike_llama.append(f"model.position={m.position} (Llama uses rotary embeddings)")
+    if "moe" in m.layer_types:
+        unlike_llama.append("mixture-of-experts layers (model.layer_types)")
+    if unlike_llama:
+        raise UserError(f"export error: {'; '.join(unlike_llama)}: no LlamaForCausalLM equivalent, so this model "
+                        "cannot be exported in that format")
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": m.vocab_size,
+        "hidden_size": m.d_model, "intermediate_size": m.ffn_dim, "num_hidden_layers": m.n_layers,
+        "num_attention_heads": m.n_heads, "num_key_value_heads": m.kv_heads, "head_dim": m.head_dim,
+        "hidden_act": "silu", "max_position_embeddings": m.seq_len, "rms_norm_eps": m.norm_eps,
+        "rope_theta": m.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": m.rope_theta},
+        "tie_word_embeddings": m.tie_embeddings, "attention_bias": False, "mlp_bias": False,
+        "initializer_range": m.init_std, "torch_dtype": str(dtype).removeprefix("torch."), "bos_token_id": None, "eos_token_id": eot_id,
+    }
+
+
+def export_hf(source: Path, out: Path, overwrite: bool = False, best: bool = False,
+              dtype: str = "trained") -> tuple[Path, Path]:
+    """Export the checkpoint ``source`` (a checkpoint directory, or a run directory: its newest
+    complete checkpoint, or with ``best`` its best) to ``out``, with weights in ``dtype`` (fp32,
+    bf16, fp16, or "trained": the run's precision, its fp32 masters rounded as the training
+    loop's forward saw them). Returns (checkpoint exported, out)."""
+    from safetensors.torch import save_file
+    from tokenizers import Tokenizer
+
+    found = checkpoint.find_for_reading(Path(source), best)
+    if out.exists() and not overwrite:
+        raise UserError(f"export error: {out} exists; choose another directory or pass --overwrite")
+    cfg = saved_config(found)
+    tokenizer_path = find_tokenizer(cfg, found.state.tokenizer_sha256)
+    if tokenizer_path is None:
+        raise UserError(f"export error: the tokenizer of {found.path} (data.dir={cfg.data.dir}) is not there any more; "
+                        "the export needs its tokenizer.json")
+    tokenizer = Tokenizer.from_file(str(tokenizer_path))
+    eot_id = tokenizer.token_to_id(EOT)
+    torch_dtype = DTYPES[found.state.precision if dtype == "trained" else dtype]
+    config = hf_config(cfg, eot_id, torch_dtype)
+
+    weights = checkpoint.consolidated_weights(found.path)
+    tensors = {hf_name(k): v.to(torch_dtype).contiguous() for k, v in weights.items()
+               if not (cfg.model.tie_embeddings and k == "lm_head.weight")}
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))  # renamed into place when whole
+    try:
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        (tmp / "generation_config.json").write_text(json.dumps({"eos_token_id": eot_id, "bos_token_id": None}))
+        shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")
+        (tmp / "tokenizer_config.json").write_text(json.dumps({
+            "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOT, "bos_token": None,
+            "model_max_length": cfg.model.seq_len, "clean_up_tokenization_spaces": False}, indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return found.path, out

@@ -1,0 +1,89 @@
+"""Using a trained checkpoint outside training: its model with consolidated weights, its
+config and its tokenizer (for tools/generate.py, tools/evaluate.py and the export)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from dist_lm.train import checkpoint
+from dist_lm.data import corpus
+from dist_lm.config.schema import Config, UserError
+from dist_lm.config.io import from_dict
+from dist_lm.data.sampler import ValData
+from dist_lm.model.transformer import Transformer
+from dist_lm.data.shards import sha256_file
+
+
+def saved_config(found: checkpoint.Found) -> Config:
+    return from_dict(found.state.config, str(found.path / checkpoint.STATE))
+
+
+def find_tokenizer(cfg: Config, sha256: str | None) -> Path | None:
+    """The tokenizer.json the run trained with (the same bytes, by hash), if it is still there."""
+    if cfg.data.dir:
+        candidates = [Path(cfg.data.dir) / "tokenizer.json"]
+    else:
+        candidates = sorted(corpus.cache_root(cfg.data.cache_dir).glob("embedded-*/tokenizer.json"))
+    return next((p for p in candidates if p.is_file() and (sha256 is None or sha256_file(p) == sha256)), None)
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def load_model(path: Path, best: bool = False, dtype: str = "fp32") -> tuple[Transformer, Config, checkpoint.Found]:
+    """Our model with a checkpoint's full weights, in eval mode, on the CPU. ``path``: a
+    checkpoint directory, or a run directory (its newest complete checkpoint, or with ``best``
+    the one with the lowest validation loss). ``dtype``: fp32, bf16, fp16, or "trained" for the
+    precision the run trained in (the weights the training loop's forward used: its fp32
+    masters rounded to that precision)."""
+    found = checkpoint.find_for_reading(Path(path), best)
+    cfg = saved_config(found)
+    if "moe" in cfg.model.layer_types:
+        raise UserError(f"{found.path} has mixture-of-experts layers, which need DeepSpeed's engine to run; "
+                        "use the training launcher's evaluation (train.eval_interval) for them")
+    model = Transformer(cfg.model)
+    weights = checkpoint.consolidated_weights(found.path)
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:  # names or shapes that are not this model's
+        raise checkpoint.CheckpointError(f"checkpoint error: the weights of {found.path} do not fit the model its "
+                                         f"state.json describes ({str(e).splitlines()[0]}); use another "
+                                         "checkpoint") from None
+    precision = found.state.precision if dtype == "trained" else dtype
+    return model.to(DTYPES[precision]).eval(), cfg, found
+
+
+def load_tokenizer(cfg: Config, found: checkpoint.Found):
+    from tokenizers import Tokenizer
+
+    path = find_tokenizer(cfg, found.state.tokenizer_sha256)
+    if path is None:
+        raise UserError(f"the tokenizer of {found.path} (data.dir={cfg.data.dir}) is not there any more")
+    return Tokenizer.from_file(str(path))
+
+
+@torch.no_grad()
+def evaluate(model: Transformer, val: ValData, tokenizer=None) -> dict:
+    """Loss, perplexity and (with the tokenizer) bits per byte over ``val``'s windows, summed
+    over every rank of the process group (each rank holds its share of the windows)."""
+    device = next(model.parameters()).device
+    totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, tokens, bytes
+    for x, y in val.batches:
+        logits = model(x)
+        totals[0] += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").double()
+        totals[1] += y.numel()
+        if tokenizer is not None:  # the bytes the predicted tokens stand for
+            totals[2] += sum(len(text.encode()) for text in tokenizer.decode_batch(y.tolist()))
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(totals)
+    loss = (totals[0] / totals[1]).item()
+    result = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": int(totals[1].item())}
+    if tokenizer is not None:
+        result["bits_per_byte"] = (totals[0] / (math.log(2) * totals[2])).item()
+        result["bytes"] = int(totals[2].item())
+    return result
