@@ -7,7 +7,7 @@ import torch
 
 from dist_lm.config.io import load_config
 from dist_lm.data.sampler import TrainData
-from dist_lm.runtime.ds_config import BatchPlan
+from dist_lm.config.batch import BatchPlan
 from dist_lm.model.transformer import Transformer
 from dist_lm.runtime.optim import lr_at, param_groups
 from dist_lm.data.checks import resolve_data
@@ -15,7 +15,7 @@ from dist_lm.data.checks import resolve_data
 
 def reference_losses(preset: str, overrides: list[str], steps: int) -> list[float]:
     cfg = load_config(preset, overrides)
-    data_dir, meta = resolve_data(cfg)
+    cfg, data_dir, meta = resolve_data(cfg)
     torch.manual_seed(cfg.train.seed)
     model = Transformer(cfg.model)
     o = cfg.optim

@@ -6,7 +6,8 @@ import pytest
 
 from dist_lm.config.schema import ConfigError, OptimConfig, ParallelConfig, TrainConfig
 from dist_lm.config.io import load_config
-from dist_lm.runtime.ds_config import batch_plan, deepspeed_config
+from dist_lm.config.batch import batch_plan
+from dist_lm.runtime.ds_config import deepspeed_config
 
 
 def test_global_batch_splits_into_micro_accum_ranks():

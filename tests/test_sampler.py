@@ -8,7 +8,7 @@ import torch
 
 from dist_lm.data import shards
 from dist_lm.data.sampler import TrainData, ValData, permute
-from dist_lm.runtime.ds_config import BatchPlan
+from dist_lm.config.batch import BatchPlan
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 17, 1000, 4097])

@@ -28,31 +28,33 @@ def main() -> None:
 
     from dist_lm.train import checkpoint
     from dist_lm.runtime import distributed
-    from dist_lm.runtime import engine as engine_ops
+    from dist_lm.runtime import engine
     from dist_lm.config.io import load_config
-    from dist_lm.train.session import Trainer
+    from dist_lm.train.loop import Trainer
+    from dist_lm.train.session import start
 
     with tempfile.TemporaryDirectory(dir=args.dir) as work:
         cfg = load_config(args.config, [*args.overrides, "train.max_steps=1", "train.eval_interval=0",
                                         "train.sample_tokens=0", "checkpoint.interval=0", "checkpoint.save_at_end=false",
                                         "logging.wandb=disabled", "logging.progress=false", f"run.dir={work}/run"])
-        trainer = Trainer(cfg)
+        trainer = Trainer(start(cfg))
         trainer.fit()
-        rank, world = trainer.dist_env.rank, trainer.dist_env.world_size
+        model_engine = trainer.model_engine
+        rank, world = trainer.session.dist_env.rank, trainer.session.dist_env.world_size
         root, state = Path(work) / "checkpoints", trainer.state_dict()
 
         def timed_save(step: int, weights) -> float:
             distributed.barrier()
             start = time.perf_counter()
-            checkpoint.save(trainer.engine, root, step, state, rank, weights, engine_ops.tied_names(trainer.engine.module),
+            checkpoint.save(model_engine, root, step, state, rank, weights, engine.tied_names(model_engine.module),
                             distributed.barrier, distributed.any_rank)
             return time.perf_counter() - start
 
         without = timed_save(1, dict)
         gather_start = time.perf_counter()
-        engine_ops.master_weights(trainer.engine, rank, world)
+        engine.master_weights(model_engine, rank, world)
         gather = time.perf_counter() - gather_start
-        with_weights = timed_save(2, lambda: engine_ops.master_weights(trainer.engine, rank, world))
+        with_weights = timed_save(2, lambda: engine.master_weights(model_engine, rank, world))
         if distributed.is_rank0():
             path = root / checkpoint.tag_for(2)
             read_start = time.perf_counter()
@@ -61,7 +63,7 @@ def main() -> None:
             sizes = checkpoint.RunState.read(path).manifest
             weight_bytes = sum(v for k, v in sizes.items() if k.startswith("weights-rank"))
             print(json.dumps({
-                "config": args.config, "overrides": args.overrides, "ranks": world, "precision": trainer.precision,
+                "config": args.config, "overrides": args.overrides, "ranks": world, "precision": trainer.session.precision,
                 "zero_stage": cfg.parallel.zero_stage, "parameters": sum(v.numel() for v in weights.values()),
                 "save_s_without_weights": round(without, 2), "save_s_with_weights": round(with_weights, 2),
                 "gather_s": round(gather, 2), "read_weights_s": round(read, 2),

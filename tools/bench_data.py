@@ -24,7 +24,7 @@ import torch
 from dist_lm.data import corpus
 from dist_lm.data import shards
 from dist_lm.data.sampler import TrainData
-from dist_lm.runtime.ds_config import BatchPlan
+from dist_lm.config.batch import BatchPlan
 from dist_lm.data.prepare import prepare
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 
 from dist_lm.config.io import load_config
+from dist_lm.config.schema import replaced
 from dist_lm.plan.memory import GB, estimate
 from dist_lm.plan.planner import vocab_size_for
 
@@ -48,7 +49,7 @@ def run_case(case: str, nproc: int, work: Path) -> dict:
     micro = cfg.train.micro_batch_size
     overrides.append(f"train.global_batch_size={2 * micro * nproc}")  # two micro-batches accumulated
     cfg = load_config(preset, overrides)
-    cfg.model.vocab_size = vocab_size_for(cfg)
+    cfg = replaced(cfg, "model", vocab_size=vocab_size_for(cfg))
     predicted = estimate(cfg.model, cfg.parallel, "bf16", micro, nproc)
     run_dir = work / f"case{abs(hash(case))}"
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \

@@ -52,7 +52,7 @@ def file_name(variant: str) -> str:
 def batch_override(config: str, overrides: list[str], accum: int, ranks: int = 1) -> str:
     """train.global_batch_size for ``accum`` micro-batches per optimizer step on each of ``ranks`` GPUs."""
     from dist_lm.config.io import load_config
-    from dist_lm.runtime.ds_config import BatchPlan
+    from dist_lm.config.batch import BatchPlan
 
     micro = load_config(config, overrides).train.micro_batch_size
     return f"train.global_batch_size={BatchPlan(micro, accum, ranks).global_batch_size}"
@@ -131,14 +131,14 @@ def run_baseline(config: str, overrides: list[str], steps: int, warmup: int, acc
     from dist_lm.plan import hardware
     from dist_lm.config.io import load_config
     from dist_lm.data.sampler import TrainData
-    from dist_lm.runtime.ds_config import batch_plan
+    from dist_lm.config.batch import batch_plan
     from dist_lm.model.transformer import Transformer, flops_per_token
     from dist_lm.observe.profiling import StepProfiler
     from dist_lm.data.checks import resolve_data
 
     cfg = load_config(config, [*overrides, batch_override(config, overrides, accum)])
     device = torch.device("cuda")
-    data_dir, meta = resolve_data(cfg)
+    cfg, data_dir, meta = resolve_data(cfg)
     plan = batch_plan(cfg.train, 1)
     data = TrainData(data_dir, meta, cfg.model.seq_len, plan, 0, cfg.train.seed, device)
     model = Transformer(cfg.model).to(device)

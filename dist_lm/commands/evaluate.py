@@ -37,12 +37,13 @@ def main(argv: list[str] | None = None) -> int:
     from dist_lm.data.sampler import ValData
     from dist_lm.use.inference import evaluate, load_model, load_tokenizer
     from dist_lm.data.checks import resolve_data
+    from dist_lm.config.schema import replaced
 
     try:
         model, cfg, found = load_model(args.checkpoint, args.best, args.dtype)
         if args.data:
-            cfg.data.dir = args.data
-        data_dir, meta = resolve_data(cfg)
+            cfg = replaced(cfg, "data", dir=args.data)
+        cfg, data_dir, meta = resolve_data(cfg)
         env = distributed.detect(os.environ)
         device = distributed.device_for(env)
         distributed.init_process_group(env, device, cfg.parallel.timeout_minutes)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
 
 from dist_lm.config.schema import UserError
@@ -59,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         auto = args.config == "auto"
         cfg = None if auto else load_config(args.config, overrides)
         if args.plan and not auto:
-            raise UserError("--plan shows the auto plan: drop --config, or use tools/plan.py")
+            raise UserError("--plan shows the auto plan: drop --config, or use dist-lm plan")
         if args.print_config and cfg is not None:
             print(to_yaml(cfg), end="")
             return 0
@@ -71,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         from dist_lm.plan.planner import format_plan, plan_for_this_machine
         from dist_lm.train.preemption import status_for_the_launcher
         from dist_lm.train.faults import ExitOnOutOfMemory, TrainingDiverged
-        from dist_lm.train.session import Trainer
+        from dist_lm.train.loop import Trainer
+        from dist_lm.train.session import start
 
         dist_env = detect(os.environ)
         if args.debug and dist_env.world_size > 1:
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg, summary, data = plan.config, plan.summary(), resolve_data(plan.config)
         out_of_memory = ExitOnOutOfMemory(dist_env.rank, cfg.train.micro_batch_size, cfg.model.seq_len)
         with out_of_memory:  # placing the model and the optimizer state
-            trainer = Trainer(cfg, summary, data)
+            trainer = Trainer(start(cfg, summary, data))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         _leave_after_bad_input()

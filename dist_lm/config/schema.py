@@ -1,6 +1,8 @@
 """The configuration schema: typed dataclasses, one per section, a docstring per field.
 
-These classes are the only schema. YAML presets (``configs/*.yaml``) and dotted command-line
+These classes are the only schema. They are frozen: a config never changes once it validated;
+what is resolved later (the vocabulary from the data, the run's name) makes a new one with
+``dataclasses.replace``, which validates again. YAML presets (``configs/*.yaml``) and dotted command-line
 overrides (``optim.lr=3e-4``) are mapped onto them by :mod:`dist_lm.config.io`, which also
 checks types. Range and consistency checks live here, in ``__post_init__``, and raise
 :class:`ConfigError` naming the field, so every bad value gets one line that says how to fix it.
@@ -8,6 +10,7 @@ checks types. Range and consistency checks live here, in ``__post_init__``, and 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -38,7 +41,7 @@ def _require(ok: bool, key: str, message: str) -> None:
         raise ConfigError(key, message)
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig:
     """A decoder-only transformer of the Llama family."""
 
@@ -133,7 +136,7 @@ class ModelConfig:
         return (hidden + m - 1) // m * m
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataConfig:
     """Where the training tokens come from."""
 
@@ -156,7 +159,7 @@ class DataConfig:
         _require(self.embedded_vocab_size >= 512, "embedded_vocab_size", "must be at least 512")
 
 
-@dataclass
+@dataclass(frozen=True)
 class OptimConfig:
     """The optimizer (AdamW, or Muon for hidden matrices) and the learning-rate schedule."""
 
@@ -201,7 +204,8 @@ class OptimConfig:
         _require(0 <= self.muon_momentum < 1, "muon_momentum", "must be in [0, 1)")
         if self.min_lr_ratio is not None:
             _require(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "must be in [0, 1] or null")
-            self.min_lr = self.lr * self.min_lr_ratio
+            # Derived while the section is built; a config never changes once it validated.
+            object.__setattr__(self, "min_lr", self.lr * self.min_lr_ratio)
         _require(0 <= self.min_lr <= self.lr, "min_lr", f"must be between 0 and lr={self.lr}")
         _require(self.weight_decay >= 0, "weight_decay", "must be >= 0")
         _require(0 <= self.beta1 < 1, "beta1", "must be in [0, 1)")
@@ -213,7 +217,7 @@ class OptimConfig:
         _require(0 < self.decay_fraction <= 1, "decay_fraction", "must be in (0, 1]")
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     """The training loop: length, batch, cadences."""
 
@@ -285,7 +289,7 @@ class TrainConfig:
         _require(self.spike_factor == 0 or self.spike_factor > 1, "spike_factor", "must be 0 (off) or above 1")
 
 
-@dataclass
+@dataclass(frozen=True)
 class ParallelConfig:
     """How DeepSpeed runs the model: ZeRO stage, precision, memory savers."""
 
@@ -339,7 +343,7 @@ class ParallelConfig:
         _require(self.expert_parallel_size > 0, "expert_parallel_size", "must be positive")
 
 
-@dataclass
+@dataclass(frozen=True)
 class CheckpointConfig:
     """When checkpoints are written, where, how many are kept, and what a run resumes from."""
 
@@ -374,7 +378,7 @@ class CheckpointConfig:
         _require(self.save_timeout_minutes > 0, "save_timeout_minutes", "must be positive")
 
 
-@dataclass
+@dataclass(frozen=True)
 class LoggingConfig:
     """Where metrics go besides metrics.jsonl and metrics.csv (always written)."""
 
@@ -407,7 +411,7 @@ class LoggingConfig:
         _require(self.profile_steps >= 1, "profile_steps", "must be at least 1")
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunConfig:
     """Naming and placing the run."""
 
@@ -423,7 +427,7 @@ class RunConfig:
                  "must be a non-empty name without '/' (use run.dir for a path)")
 
 
-@dataclass
+@dataclass(frozen=True)
 class Config:
     """The whole configuration of a run."""
 
@@ -437,3 +441,9 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     preset: str = "custom"
     """Name of the preset the config was loaded from (set by the loader)."""
+
+
+def replaced(cfg: Config, section: str, **changes) -> Config:
+    """``cfg`` with fields of one section changed, e.g. ``replaced(cfg, "model", vocab_size=512)``:
+    a new config, validated again; ``cfg`` itself never changes."""
+    return dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **changes)})

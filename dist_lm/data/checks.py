@@ -14,7 +14,7 @@ import numpy as np
 
 from dist_lm.data import corpus
 from dist_lm.data import shards
-from dist_lm.config.schema import Config, ConfigError, UserError
+from dist_lm.config.schema import Config, ConfigError, UserError, replaced
 
 
 class Windows:
@@ -49,20 +49,26 @@ def eval_split(meta: dict) -> str:
     return "val" if meta["splits"].get("val") else "train"
 
 
-def resolve_data(cfg: Config) -> tuple[Path, dict]:
-    """The dataset directory and its meta.json, checked against the model; fills in
-    model.vocab_size from the data when it is null."""
+def padded_vocab_size(tokens: int) -> int:
+    """The model's vocabulary for a tokenizer of ``tokens``: a multiple of 64, which suits the
+    matmul kernels."""
+    return (tokens + 63) // 64 * 64
+
+
+def resolve_data(cfg: Config) -> tuple[Config, Path, dict]:
+    """The config with model.vocab_size taken from the data when it is null (a new config: the
+    given one is left as it is), the dataset directory and its meta.json, checked against the model."""
     data_dir = Path(cfg.data.dir) if cfg.data.dir else corpus.prepare(cfg.data.cache_dir, cfg.data.embedded_vocab_size)
     meta = shards.read_meta(data_dir, cfg.data.dtype)
     if meta["vocab_size"] is None and cfg.model.vocab_size is None:
         raise ConfigError("model.vocab_size", f"{data_dir} has no meta.json to take the vocabulary size from; "
                           "set it (50304 for nanoGPT's GPT-2 tokens)")
     if cfg.model.vocab_size is None:
-        cfg.model.vocab_size = (meta["vocab_size"] + 63) // 64 * 64  # a multiple of 64 suits the matmul kernels
+        cfg = replaced(cfg, "model", vocab_size=padded_vocab_size(meta["vocab_size"]))
     elif meta["vocab_size"] is not None and cfg.model.vocab_size < meta["vocab_size"]:
         raise ConfigError("model.vocab_size", f"{cfg.model.vocab_size} is smaller than the vocabulary of "
                           f"{data_dir / 'meta.json'} ({meta['vocab_size']}); raise it or leave it null")
     shards.check_token_ids(data_dir, meta, cfg.model.vocab_size)
     for split in {"train", eval_split(meta)}:
         Windows.of_split(data_dir, meta, split, cfg.model.seq_len)  # at least one window of each
-    return data_dir, meta
+    return cfg, data_dir, meta

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from dist_lm.data.checks import Windows, eval_split
-from dist_lm.runtime.ds_config import BatchPlan
+from dist_lm.config.batch import BatchPlan
 
 _MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 

@@ -1,19 +1,15 @@
-"""Rank-0 output and metrics: the one place that decides which rank speaks.
-
-``log`` prints on rank 0 and appends to the run's log file; ``MetricsWriter`` sends each
-metrics row to the sinks (dist_lm.observe.sinks); ``Progress`` is the console's progress bar;
+"""Metrics: ``MetricsWriter`` sends each row to the sinks (dist_lm.observe.sinks) on rank 0;
 ``LogWindow`` holds the steps since the last row; ``RunSummary`` is RUN_DIR/run.json, what a
-process set up, for tools to read instead of the log. Other ranks stay silent.
+process set up, for tools to read instead of the log. (Rank-0 text output: dist_lm.observe.log.)
 """
 
 from __future__ import annotations
 
 import json
-import sys
+import resource
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import TextIO
 
 import torch
 
@@ -21,38 +17,6 @@ from dist_lm.observe import sinks
 from dist_lm.config.schema import LoggingConfig
 from dist_lm.runtime.distributed import all_gather_floats, is_rank0
 from dist_lm.files import write_atomic
-
-_log_file: TextIO | None = None
-_bar = None  # the progress bar while one is shown
-
-
-def set_log_file(path: Path | None) -> None:
-    """Also append rank 0's messages to ``path`` (the run directory's train.log)."""
-    global _log_file
-    if _log_file is not None:
-        _log_file.close()
-    _log_file = open(path, "a", buffering=1) if path is not None and is_rank0() else None
-
-
-def log(message: str) -> None:
-    """Print a line on rank 0 (and into the run log)."""
-    if not is_rank0():
-        return
-    if _bar is not None:
-        _bar.write(message, file=sys.stdout)
-    else:
-        print(message, file=sys.stdout, flush=True)
-    if _log_file is not None:
-        _log_file.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
-
-
-def warn(message: str) -> None:
-    """A warning from rank 0, on stderr so it is never lost among the metrics."""
-    if is_rank0():
-        print(f"warning: {message}", file=sys.stderr, flush=True)
-        if _log_file is not None:
-            _log_file.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} warning: {message}\n")
-
 
 class MetricsWriter:
     """Every metrics row to every sink, on rank 0: metrics.jsonl and metrics.csv always,
@@ -99,35 +63,6 @@ class MetricsWriter:
         for sink in self.sinks:
             sink.close()
         self.sinks = []
-
-
-class Progress:
-    """A progress bar on rank 0 when stderr is a terminal (steps, ETA, loss, tokens/s, MFU).
-    While it is shown, :func:`log` prints above it."""
-
-    def __init__(self, enabled: bool, total: int, initial: int):
-        global _bar
-        self.bar = None
-        if enabled and is_rank0():
-            from tqdm import tqdm
-
-            # disable=None: tqdm turns itself off when stderr is not a terminal (CI, log files).
-            self.bar = tqdm(total=total, initial=initial, disable=None, unit="step", dynamic_ncols=True)
-            _bar = self.bar
-
-    def update(self, row: dict | None) -> None:
-        if self.bar is None:
-            return
-        if row and "loss" in row:
-            mfu = f" mfu {100 * row['mfu']:.3g}%" if row.get("mfu") is not None else ""
-            self.bar.set_postfix_str(f"loss {row['loss']:.4f} {row['tokens_per_s']:,.0f} tok/s{mfu}", refresh=False)
-        self.bar.update(1)
-
-    def close(self) -> None:
-        global _bar
-        if self.bar is not None:
-            self.bar.close()
-            _bar = None
 
 
 RUN_SUMMARY = "run.json"
@@ -229,3 +164,10 @@ def format_step(r: dict) -> str:
     if r.get("peak_mem_gb") is not None:
         parts.append(f"mem {r['peak_mem_gb']:.2f} GB")
     return " | ".join(parts)
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak GPU memory allocated on this rank; on CPU the process's peak resident memory."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # ru_maxrss is in KiB

@@ -18,7 +18,7 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-from dist_lm.observe import metrics
+from dist_lm.observe import log
 
 
 class StepProfiler:
@@ -63,7 +63,7 @@ class StepProfiler:
             busy_s = busy_seconds(prof.events())
             summary += f"; the GPU was busy {busy_s * 1000:.1f} ms of it ({100 * busy_s / wall_s:.1f}%)"
         (self.out_dir / f"{self.name}-ops.txt").write_text(summary + "\n\n" + table + "\n")
-        metrics.log(f"profile of {summary}; trace and table in {self.out_dir}")
+        log.info(f"profile of {summary}; trace and table in {self.out_dir}")
 
     def _sync(self) -> None:
         if self.device.type == "cuda":

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 import psutil
 import torch
 
-from dist_lm.config.schema import ConfigError
 
 # Dense (no sparsity) bf16/fp16 tensor-core peak FLOP/s per GPU, from the vendors' data sheets.
 # Matched against torch.cuda.get_device_name(); the first substring that matches wins, so the
@@ -138,17 +137,3 @@ def bind_cores(local_rank: int, local_world_size: int) -> list[int]:
     os.sched_setaffinity(0, mine)
     torch.set_num_threads(len(mine))
     return mine
-
-
-def resolve_precision(requested: str, device: torch.device) -> tuple[str, str]:
-    """The precision to train in and why: (precision, reason)."""
-    bf16_ok = device.type == "cpu" or torch.cuda.is_bf16_supported()
-    if requested == "auto":
-        if device.type == "cpu":
-            return "fp32", "auto: fp32 on CPU"
-        if torch.cuda.is_bf16_supported():
-            return "bf16", f"auto: bf16, supported by {device_name(device)}"
-        return "fp16", f"auto: fp16 with dynamic loss scaling, {device_name(device)} has no bf16"
-    if requested == "bf16" and not bf16_ok:
-        raise ConfigError("parallel.precision", f"bf16 is not supported by {device_name(device)}; use fp16 or auto")
-    return requested, "as configured"

@@ -17,6 +17,7 @@ from dataclasses import dataclass, fields
 
 from dist_lm.config.schema import ModelConfig, ParallelConfig
 from dist_lm.model.transformer import count_parameters
+from dist_lm.runtime.precision import Precision
 
 GB = 1e9
 WORKSPACES = 0.07 * GB  # measured: a 1.4M-parameter model at ZeRO-0 peaks at 0.12 GB on an H100
@@ -73,13 +74,14 @@ def activation_bytes_per_token(model: ModelConfig, act_bytes: int, compiled: boo
     return norms + attention + mlp, act_bytes * d
 
 
-def estimate(model: ModelConfig, parallel: ParallelConfig, precision: str, micro_batch: int, dp_size: int) -> MemoryEstimate:
-    """Peak bytes on one GPU for a resolved precision ('bf16', 'fp16' or 'fp32')."""
+def estimate(model: ModelConfig, parallel: ParallelConfig, precision: Precision | str, micro_batch: int,
+             dp_size: int) -> MemoryEstimate:
+    """Peak bytes on one GPU for a resolved precision (a Precision, or its name)."""
+    precision = Precision(precision)
     if model.vocab_size is None:
         raise ValueError("model.vocab_size must be resolved before estimating memory")
     params = count_parameters(model)["total"]
-    mixed = precision in ("bf16", "fp16")
-    w_bytes = 2 if mixed else 4
+    w_bytes = precision.bytes_per_weight
     stage, n = parallel.zero_stage, dp_size
 
     weights = w_bytes * params / (n if stage == 3 else 1)
@@ -90,24 +92,24 @@ def estimate(model: ModelConfig, parallel: ParallelConfig, precision: str, micro
     # grad_accum_dtype=fp32) and, with immediate_grad_update, frees each bf16 gradient as soon as
     # it is added there. Stage 2 reduces gradients through its buckets into a partition in the
     # accumulation dtype; stage 3 keeps a partition in the model's dtype and one in fp32.
-    accum_bytes = 4 if precision == "bf16" else w_bytes
+    accum_bytes = 4 if precision.accumulates_in_fp32 else w_bytes
     if stage <= 1:
         grads = w_bytes * params
-        if precision == "bf16" and stage == 1:
+        if precision.accumulates_in_fp32 and stage == 1:
             grads = 4 * params + (grads if parallel.offload_optimizer else 0)  # offload: ZeRO's optimizer
     elif stage == 2:
         grads = accum_bytes * params / n
     else:
-        grads = (w_bytes + (4 if precision == "bf16" else 0)) * params / n
+        grads = (w_bytes + (4 if precision.accumulates_in_fp32 else 0)) * params / n
     # Adam's two fp32 moments, and an fp32 master copy with mixed precision (or with ZeRO,
     # which keeps its own fp32 partition even in fp32), partitioned from stage 1.
-    optimizer = (8 + (4 if mixed or stage >= 1 else 0)) * params / (n if stage >= 1 else 1)
+    optimizer = (8 + (4 if precision.mixed or stage >= 1 else 0)) * params / (n if stage >= 1 else 1)
     if parallel.offload_optimizer:
         optimizer = 0.0
     # Reduction buckets of reduce_bucket_size elements in the model's dtype, two with overlap,
     # allocated whole whatever the model's size (stage 1 under bf16 uses none).
     buffers = 0.0
-    if stage == 2 or (stage == 1 and precision != "bf16"):
+    if stage == 2 or (stage == 1 and not precision.accumulates_in_fp32):
         buffers = parallel.reduce_bucket_size * w_bytes * (2 if parallel.overlap_comm else 1)
     elif stage == 3:
         buffers = parallel.reduce_bucket_size * w_bytes

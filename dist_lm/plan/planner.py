@@ -15,11 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from dist_lm.config.schema import Config, UserError
+from dist_lm.config.schema import Config, UserError, replaced
+from dist_lm.data.checks import padded_vocab_size
+from dist_lm.config.batch import batch_plan, global_batch_size, rounded_up
 from dist_lm.config.io import load_config, parse_override
 from dist_lm.plan.hardware import Machine
 from dist_lm.plan.memory import GB, MemoryEstimate, estimate
 from dist_lm.model.transformer import count_parameters, flops_per_token
+from dist_lm.runtime.precision import Precision
 
 # Model presets for GPUs, largest first; "debug" is the CPU plan.
 GPU_PRESETS = ("h100-multinode", "h100-80gb", "rtx-24gb", "rtx-12gb")
@@ -131,7 +134,7 @@ def vocab_size_for(cfg: Config) -> int:
             vocab = json.loads((Path(cfg.data.dir) / "meta.json").read_text())["vocab_size"]
         except (OSError, ValueError, KeyError, TypeError):
             vocab = 50257  # not readable from here (e.g. planning for another machine): GPT-2's
-    return (vocab + 63) // 64 * 64
+    return padded_vocab_size(vocab)
 
 
 def _with(cfg: Config, parallel: dict, micro: int, global_batch: int | None) -> Config:
@@ -144,7 +147,7 @@ def step_seconds(cfg: Config, machine: Machine, world_size: int) -> float | None
     """Time of one optimizer step at MFU_ASSUMED, or None when the GPU's peak is unknown."""
     if machine.peak_flops is None:
         return None
-    tokens = (cfg.train.global_batch_size or cfg.train.micro_batch_size * world_size) * cfg.model.seq_len
+    tokens = global_batch_size(cfg.train, world_size) * cfg.model.seq_len
     return flops_per_token(cfg.model) * tokens / (world_size * machine.peak_flops * MFU_ASSUMED)
 
 
@@ -166,8 +169,9 @@ def make_plan(machine: Machine, overrides: list[str] = (), world_size: int | Non
     if plan is not None:
         return plan
     smallest = load_config(GPU_PRESETS[-1], overrides)
-    smallest.model.vocab_size = vocab_size_for(smallest)
-    need = estimate(smallest.model, dataclasses.replace(smallest.parallel, **OFFLOAD_STRATEGIES[-1]), "bf16", 1, world)
+    smallest = replaced(smallest, "model", vocab_size=vocab_size_for(smallest))
+    need = estimate(smallest.model, dataclasses.replace(smallest.parallel, **OFFLOAD_STRATEGIES[-1]), Precision.BF16, 1,
+                    world)
     raise UserError(f"plan: nothing fits in {max(usable_gb(machine), 0):.1f} GB of each {machine.gpu_mem_gb:g} GB GPU "
                     f"({HEADROOM_FRACTION:.0%} and {HEADROOM_FIXED_GB} GB are kept free); the smallest preset "
                     f"({GPU_PRESETS[-1]}) needs {need.total / GB:.1f} GB even with micro-batch 1 and offload; "
@@ -177,21 +181,21 @@ def make_plan(machine: Machine, overrides: list[str] = (), world_size: int | Non
 def _plan_preset(preset: str, machine: Machine, overrides: list[str], fixed: set[str], world: int,
                  strategies: tuple[dict, ...], check_speed: bool = True) -> Plan | None:
     cfg = load_config(preset, overrides)
-    cfg.model.vocab_size = vocab_size_for(cfg)
+    cfg = replaced(cfg, "model", vocab_size=vocab_size_for(cfg))
     reasons: list[str] = []
     if check_speed and preset != GPU_PRESETS[-1]:
         seconds = step_seconds(cfg, machine, world)
         if seconds is not None and seconds > MAX_STEP_SECONDS:
             return None
     precision = cfg.parallel.precision
+    best, why = Precision.for_gpu(machine.bf16)  # the trainer's policy for auto (Precision.resolve)
     if "parallel.precision" not in fixed:
-        precision = "bf16" if machine.bf16 else "fp16"
-        reasons.append(f"precision {precision}: " + ("the GPU has bf16 tensor cores" if machine.bf16 else
-                                                      "the GPU has no bf16; fp16 with dynamic loss scaling"))
-    resolved = precision if precision != "auto" else ("bf16" if machine.bf16 else "fp16")
+        precision = best
+        reasons.append(f"precision {precision}: {why}")
+    resolved = best if precision == "auto" else Precision(precision)
 
     global_batch = cfg.train.global_batch_size
-    per_rank = (global_batch or cfg.train.micro_batch_size * world) // world
+    per_rank = global_batch_size(cfg.train, world) // world
     micros = [cfg.train.micro_batch_size] if "train.micro_batch_size" in fixed else \
         [m for m in MICRO_BATCHES if m <= max(per_rank, 1)]
     budget = usable_gb(machine) * GB
@@ -210,7 +214,8 @@ def _plan_preset(preset: str, machine: Machine, overrides: list[str], fixed: set
         for micro in micros:
             if micro < smallest and "train.micro_batch_size" not in fixed:
                 break
-            if global_batch is not None and global_batch % (micro * world) and "train.global_batch_size" in fixed:
+            if global_batch is not None and rounded_up(global_batch, micro, world) != global_batch \
+                    and "train.global_batch_size" in fixed:
                 continue
             trial = _with(cfg, parallel, micro, global_batch)
             mem = estimate(trial.model, trial.parallel, resolved, micro, world)
@@ -235,8 +240,8 @@ def _finish(preset: str, machine: Machine, world: int, cfg: Config, mem: MemoryE
     if "train.micro_batch_size" not in fixed:
         choices.append(f"train.micro_batch_size={micro}")
     global_batch = cfg.train.global_batch_size
-    if global_batch is not None and global_batch % (micro * world):
-        rounded = -(-global_batch // (micro * world)) * micro * world
+    if global_batch is not None and rounded_up(global_batch, micro, world) != global_batch:
+        rounded = rounded_up(global_batch, micro, world)
         reasons.append(f"global batch {global_batch} is not a multiple of micro-batch x ranks = {micro * world}: "
                        f"{rounded} instead")
         choices.append(f"train.global_batch_size={rounded}")
@@ -249,9 +254,9 @@ def _finish(preset: str, machine: Machine, world: int, cfg: Config, mem: MemoryE
     reasons.insert(0, f"model {params / 1e6:.0f}M parameters (the largest preset that fits and steps in under "
                       f"{MAX_STEP_SECONDS:.0f} s at {MFU_ASSUMED:.0%} MFU)")
     reasons.append(f"{how}, micro-batch {micro}: the fastest settings that fit")
-    accum = (cfg.train.global_batch_size or micro * world) // (micro * world)
-    reasons.append(f"global batch {cfg.train.global_batch_size or micro * world} = micro {micro} x accumulation "
-                   f"{accum} x ranks {world}")
+    batch = batch_plan(cfg.train, world)
+    reasons.append(f"global batch {batch.global_batch_size} = micro {micro} x accumulation "
+                   f"{batch.grad_accum_steps} x ranks {world}")
     kept = sorted(k for k in fixed)
     if kept:
         reasons.append(f"kept as given: {', '.join(kept)}")

@@ -1,53 +1,22 @@
-"""Our config -> DeepSpeed's config dict, and all batch-size arithmetic. Pure functions.
+"""Our config -> DeepSpeed's config dict. A pure function.
 
-This is the only module that writes DeepSpeed's keys or multiplies micro-batch, gradient
+This is the only module that writes DeepSpeed's keys. The batch sizes it writes come from
+:class:`dist_lm.config.batch.BatchPlan`, the only place that multiplies micro-batch, gradient
 accumulation and data-parallel size.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from dist_lm.config.schema import ConfigError, OptimConfig, ParallelConfig, TrainConfig
-
-
-@dataclass(frozen=True)
-class BatchPlan:
-    micro_batch_size: int
-    """Sequences per rank per forward/backward."""
-    grad_accum_steps: int
-    """Micro-batches per rank per optimizer step."""
-    dp_size: int
-    """Data-parallel ranks."""
-
-    @property
-    def global_batch_size(self) -> int:
-        return self.micro_batch_size * self.grad_accum_steps * self.dp_size
-
-    @property
-    def per_rank_batch_size(self) -> int:
-        return self.micro_batch_size * self.grad_accum_steps
+from dist_lm.config.batch import BatchPlan
+from dist_lm.config.schema import OptimConfig, ParallelConfig
+from dist_lm.runtime.precision import Precision
 
 
-def batch_plan(train: TrainConfig, dp_size: int) -> BatchPlan:
-    """Split train.global_batch_size into micro-batch x accumulation x ranks, or say why it can't."""
-    micro = train.micro_batch_size
-    if train.global_batch_size is None:
-        return BatchPlan(micro, 1, dp_size)
-    per_step = micro * dp_size
-    if train.global_batch_size % per_step:
-        lower = max(per_step, train.global_batch_size // per_step * per_step)
-        raise ConfigError(
-            "train.global_batch_size",
-            f"{train.global_batch_size} is not a multiple of micro_batch_size x ranks = {micro} x {dp_size} = {per_step}; "
-            f"use {lower} or {lower + per_step}, or change train.micro_batch_size")
-    return BatchPlan(micro, train.global_batch_size // per_step, dp_size)
-
-
-def deepspeed_config(parallel: ParallelConfig, optim: OptimConfig, plan: BatchPlan, precision: str,
+def deepspeed_config(parallel: ParallelConfig, optim: OptimConfig, plan: BatchPlan, precision: Precision | str,
                      load_universal: bool = False) -> dict:
-    """DeepSpeed's JSON config for a resolved precision ('bf16', 'fp16' or 'fp32').
+    """DeepSpeed's JSON config for a resolved precision (a Precision, or its name).
     ``load_universal``: the checkpoint to resume is in DeepSpeed's universal format."""
+    precision = Precision(precision)
     zero: dict = {"stage": parallel.zero_stage}
     if parallel.zero_stage > 0:
         zero.update(
@@ -74,9 +43,10 @@ def deepspeed_config(parallel: ParallelConfig, optim: OptimConfig, plan: BatchPl
         # to the fp32 accumulation buffer as soon as backward produces it and then freed, instead
         # of all being kept to the end of backward and zeroed after: 2 bytes per parameter less
         # memory, and as fast or faster (docs/benchmarks.md, fourth session). Other stages ignore it.
-        "bf16": {"enabled": precision == "bf16", "check_grad_overflow": True, "immediate_grad_update": True},
+        "bf16": {"enabled": precision.deepspeed_section == "bf16", "check_grad_overflow": True,
+                 "immediate_grad_update": True},
         "fp16": {
-            "enabled": precision == "fp16",
+            "enabled": precision.deepspeed_section == "fp16",
             "loss_scale": 0,  # 0 = dynamic loss scaling
             "initial_scale_power": 16,
             "loss_scale_window": 1000,
@@ -94,10 +64,8 @@ def deepspeed_config(parallel: ParallelConfig, optim: OptimConfig, plan: BatchPl
         config["checkpoint"] = {"load_universal": True}
     if parallel.uses_deepcompile:  # takes effect in engine.compile(), which runs on GPUs only
         config["compile"] = {"deepcompile": True}
-    if precision == "bf16" and parallel.zero_stage >= 1:
-        # Accumulate gradients across micro-batches in fp32: summing in bf16 loses the small
-        # contributions and is a known cause of divergence. (At stage 0 DeepSpeed only supports
-        # accumulating in the model's dtype.)
+    if precision.accumulates_in_fp32 and parallel.zero_stage >= 1:
+        # (At stage 0 DeepSpeed only supports accumulating in the model's dtype.)
         config["data_types"] = {"grad_accum_dtype": "fp32"}
     if optim.name == "muon":
         # DeepSpeed's Muon: matrices of the blocks (it tags parameters by shape, and by name

@@ -23,16 +23,18 @@ if not torch.cuda.is_available():
 import deepspeed  # noqa: E402
 from deepspeed.checkpoint.constants import (  # noqa: E402
     UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY, UNIVERSAL_CHECKPOINT_VERSION_VALUE)
-from deepspeed.moe.layer import MoE  # noqa: E402
+from deepspeed.moe.layer import MoE  # noqa: E402  (what dist_lm.model.moe wraps)
 from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer  # noqa: E402
 from deepspeed.runtime.bf16_optimizer import BF16_Optimizer  # noqa: E402
 from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer  # noqa: E402
 from deepspeed.utils import groups, safe_get_full_fp32_param, safe_get_full_grad  # noqa: E402
 
-from dist_lm.config.schema import ConfigError, ModelConfig, OptimConfig, ParallelConfig, UserError  # noqa: E402
-from dist_lm.runtime.ds_config import BatchPlan, deepspeed_config  # noqa: E402
-from dist_lm.model.transformer import MLP, Transformer  # noqa: E402
-from dist_lm.runtime.optim import param_groups  # noqa: E402
+from dist_lm.config.batch import BatchPlan  # noqa: E402
+from dist_lm.config.schema import OptimConfig, ParallelConfig, UserError  # noqa: E402
+from dist_lm.model.transformer import Transformer  # noqa: E402
+from dist_lm.runtime.ds_config import deepspeed_config  # noqa: E402
+from dist_lm.runtime.optim import client_optimizer, param_groups  # noqa: E402
+from dist_lm.runtime.precision import Precision  # noqa: E402
 
 
 def quiet(verbose: bool) -> None:
@@ -43,43 +45,8 @@ def quiet(verbose: bool) -> None:
         warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
 
 
-class ExpertsMLP(torch.nn.Module):
-    """DeepSpeed's MoE layer in the shape the model expects of an MLP: it returns the output and
-    keeps the load-balancing loss of its last forward in ``aux_loss``."""
-
-    def __init__(self, model: ModelConfig, parallel: ParallelConfig):
-        super().__init__()
-        self.moe = MoE(hidden_size=model.d_model, expert=MLP(model), num_experts=model.n_experts,
-                       ep_size=parallel.expert_parallel_size, k=model.moe_top_k,
-                       capacity_factor=model.moe_capacity_factor, eval_capacity_factor=model.moe_capacity_factor,
-                       min_capacity=4, drop_tokens=True)
-        self.aux_loss: torch.Tensor | None = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out, self.aux_loss, _ = self.moe(x)
-        return out
-
-
-def check_moe(model: ModelConfig, parallel: ParallelConfig, world_size: int) -> None:
-    """What DeepSpeed's MoE layer needs, checked before any process starts."""
-    if "moe" not in model.layer_types:
-        return
-    if parallel.zero_stage == 3:
-        raise ConfigError("parallel.zero_stage", "DeepSpeed's MoE layer (model.layer_types with moe) works at "
-                          "ZeRO stages 0-2, not 3; use parallel.zero_stage=2")
-    for n, what in ((model.n_experts, "model.n_experts"), (world_size, "the rank count")):
-        if n % parallel.expert_parallel_size:
-            raise ConfigError("parallel.expert_parallel_size", f"{parallel.expert_parallel_size} must divide "
-                              f"{what} ({n})")
-
-
-def build_model(model: ModelConfig, parallel: ParallelConfig) -> Transformer:
-    """The model, with DeepSpeed's MoE layers where model.layer_types says moe."""
-    return Transformer(model, moe_layer=lambda _: ExpertsMLP(model, parallel))
-
-
 def initialize(model: Transformer, parallel: ParallelConfig, optim: OptimConfig, plan: BatchPlan,
-               precision: str, device: torch.device, load_universal: bool = False,
+               precision: Precision, device: torch.device, load_universal: bool = False,
                start_step: int = 0, verbose: bool = False) -> "deepspeed.DeepSpeedEngine":
     """The DeepSpeed engine around ``model``. ``start_step``: the step of the checkpoint the run
     will load (0 for a fresh run), which DeepCompile's pass schedule counts from. ``verbose``:

@@ -1,12 +1,14 @@
-"""Parameter groups and learning-rate schedules (pure functions of the step)."""
+"""The optimizer: parameter groups, the torch optimizer handed to DeepSpeed, and the
+learning-rate schedule (a pure function of the step)."""
 
 from __future__ import annotations
 
 import math
 
+import torch
 from torch import nn
 
-from dist_lm.config.schema import OptimConfig
+from dist_lm.config.schema import OptimConfig, ParallelConfig
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -19,6 +21,19 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         {"params": decay, "weight_decay": weight_decay, "name": "decay"},
         {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
     ]
+
+
+def client_optimizer(param_sets: list[dict], optim: OptimConfig, parallel: ParallelConfig,
+                     device: torch.device) -> torch.optim.Optimizer | None:
+    """The optimizer DeepSpeed wraps, or None where DeepSpeed builds its own from the "optimizer"
+    section of its config (dist_lm.runtime.ds_config): its CPU Adam for optimizer offload (several
+    times faster on the host than a torch optimizer), its Muon."""
+    if parallel.offload_optimizer or optim.name == "muon":
+        return None
+    # Fused on GPU (DeepSpeed's own FusedAdam is a JIT build that fails on some images), the
+    # default foreach kernel on CPU. The learning rate is set before every step (lr_at).
+    return torch.optim.AdamW(param_sets, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps,
+                             fused=device.type == "cuda")
 
 
 def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:

@@ -3,17 +3,21 @@ memory."""
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from collections import deque
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from dist_lm.train import checkpoint
 from dist_lm.runtime import distributed
-from dist_lm.observe import metrics
+from dist_lm.observe import log
+from dist_lm.runtime import engine
 from dist_lm.train.exits import Exit
+from dist_lm.runtime.precision import Precision
 
 
 class TrainingDiverged(RuntimeError):
@@ -47,13 +51,15 @@ class ExitOnOutOfMemory:
 
 class SpikeGuard:
     """Flags a loss above ``factor`` x the mean of the last WINDOW accepted losses (once
-    MIN_HISTORY of them are known); flagged losses stay out of the mean."""
+    MIN_HISTORY of them are known); flagged losses stay out of the mean. ``run_dir``: where
+    spikes.jsonl records them (rank 0); ``skip``: whether a spiking micro-batch is dropped."""
 
     WINDOW, MIN_HISTORY = 50, 10
 
-    def __init__(self, factor: float):
-        self.factor = factor
+    def __init__(self, factor: float, run_dir: Path | None = None, skip: bool = False):
+        self.factor, self.skip = factor, skip
         self.history: deque[float] = deque(maxlen=self.WINDOW)
+        self.records = run_dir / "spikes.jsonl" if run_dir is not None and distributed.is_rank0() else None
 
     @property
     def mean(self) -> float:
@@ -65,11 +71,46 @@ class SpikeGuard:
             self.history.append(loss)
         return spike
 
+    def check_micro_batch(self, loss: torch.Tensor, step: int, micro: int, micros: int, ids) -> bool:
+        """Whether to drop this micro-batch: its loss, averaged over ranks (a collective), spikes
+        and ``skip`` is on. A spike is logged with the global sample ids of the micro-batch on
+        every rank (``ids``: this rank's ids of the step's ``micros`` micro-batches)."""
+        world_size = dist.get_world_size()
+        mean_loss = loss.detach().float().clone()
+        dist.all_reduce(mean_loss)  # host-device sync per micro-batch: only with the guard on
+        value = mean_loss.item() / world_size
+        if not self.check(value):
+            return False
+        micro_size = len(ids) // micros
+        everyone: list = [None] * world_size
+        dist.all_gather_object(everyone, ids[micro * micro_size:(micro + 1) * micro_size].tolist())
+        record = {"step": step, "micro_batch": micro, "loss": value, "running_mean": self.mean, "skipped": self.skip,
+                  "sample_ids": sorted(i for rank_ids in everyone for i in rank_ids)}
+        log.warn(f"step {step}: loss spike {value:.4f} > {self.factor} x running mean {record['running_mean']:.4f} "
+                 f"on samples {record['sample_ids']}" + ("; skipped" if self.skip else ""))
+        if self.records is not None:
+            with open(self.records, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        return self.skip
+
+
+def check_finite(model_engine, loss_sum: torch.Tensor, step: int) -> None:
+    """Raise TrainingDiverged, on every rank alike, if step ``step``'s loss or any gradient is NaN
+    or inf (train.check_finite)."""
+    bad = engine.first_nonfinite_grad(model_engine)  # a collective under ZeRO-3: every rank calls
+    loss_bad = torch.tensor(0.0 if torch.isfinite(loss_sum) else 1.0, device=loss_sum.device)
+    dist.all_reduce(loss_bad, op=dist.ReduceOp.MAX)  # losses are per rank: agree before raising
+    if loss_bad.item():
+        raise TrainingDiverged(f"step {step}: loss is not finite on some rank"
+                               + (f"; first non-finite gradient: {bad}" if bad else ""))
+    if bad is not None:
+        raise TrainingDiverged(f"step {step}: gradient of {bad} is not finite")
+
 
 class SkipCounter:
     """Counts updates skipped for NaN/inf gradients; too many in a row end the run."""
 
-    def __init__(self, limit: int, precision: str, checkpoints: Path | str):
+    def __init__(self, limit: int, precision: Precision, checkpoints: Path | str):
         self.limit, self.precision, self.checkpoints = limit, precision, Path(checkpoints)
         self.in_a_row = 0
         self.first_skipped: int | None = None  # the step of the first skip of those in a row
@@ -84,8 +125,8 @@ class SkipCounter:
         self.total += 1
         if self.first_skipped is None:
             self.first_skipped = step
-        what = "fp16 overflow, loss scale lowered" if self.precision == "fp16" else f"gradient norm {float(grad_norm)}"
-        metrics.warn(f"step {step}: update skipped ({what}); {self.in_a_row} in a row, {self.total} in this run")
+        what = "fp16 overflow, loss scale lowered" if self.precision is Precision.FP16 else f"gradient norm {float(grad_norm)}"
+        log.warn(f"step {step}: update skipped ({what}); {self.in_a_row} in a row, {self.total} in this run")
         if self.limit and self.in_a_row >= self.limit:
             good = [p for p in checkpoint.complete_checkpoints(self.checkpoints)
                     if checkpoint.step_of(p) < self.first_skipped]

@@ -19,7 +19,8 @@ import torch
 
 from dist_lm.train import checkpoint
 from dist_lm.config.schema import Config, UserError
-from dist_lm.use.inference import DTYPES, find_tokenizer, saved_config
+from dist_lm.runtime.precision import Precision
+from dist_lm.use.inference import find_tokenizer, saved_config
 from dist_lm.data.prepare import EOT
 
 # our name -> Hugging Face Llama's name; {i} is the block index
@@ -86,7 +87,7 @@ def export_hf(source: Path, out: Path, overwrite: bool = False, best: bool = Fal
                         "the export needs its tokenizer.json")
     tokenizer = Tokenizer.from_file(str(tokenizer_path))
     eot_id = tokenizer.token_to_id(EOT)
-    torch_dtype = DTYPES[found.state.precision if dtype == "trained" else dtype]
+    torch_dtype = Precision(found.state.precision if dtype == "trained" else dtype).dtype
     config = hf_config(cfg, eot_id, torch_dtype)
 
     weights = checkpoint.consolidated_weights(found.path)

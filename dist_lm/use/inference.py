@@ -16,6 +16,7 @@ from dist_lm.config.schema import Config, UserError
 from dist_lm.config.io import from_dict
 from dist_lm.data.sampler import ValData
 from dist_lm.model.transformer import Transformer
+from dist_lm.runtime.precision import Precision
 from dist_lm.data.shards import sha256_file
 
 
@@ -32,7 +33,6 @@ def find_tokenizer(cfg: Config, sha256: str | None) -> Path | None:
     return next((p for p in candidates if p.is_file() and (sha256 is None or sha256_file(p) == sha256)), None)
 
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def load_model(path: Path, best: bool = False, dtype: str = "fp32") -> tuple[Transformer, Config, checkpoint.Found]:
@@ -55,7 +55,7 @@ def load_model(path: Path, best: bool = False, dtype: str = "fp32") -> tuple[Tra
                                          f"state.json describes ({str(e).splitlines()[0]}); use another "
                                          "checkpoint") from None
     precision = found.state.precision if dtype == "trained" else dtype
-    return model.to(DTYPES[precision]).eval(), cfg, found
+    return model.to(Precision(precision).dtype).eval(), cfg, found
 
 
 def load_tokenizer(cfg: Config, found: checkpoint.Found):

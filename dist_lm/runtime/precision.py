@@ -1,0 +1,76 @@
+"""The precision a run trains in: one type that carries its torch dtype, the section of
+DeepSpeed's config it enables, and what it costs per parameter. Pure: no deepspeed, no process group.
+
+``parallel.precision`` in the config may say ``auto``; :meth:`Precision.resolve` turns that into
+one of these for a device, and the planner asks :meth:`Precision.for_gpu` the same question
+about a machine it only describes. Everything past that point holds a ``Precision``.
+``Precision`` is a ``str`` enum, so it is written to JSON (state.json, run.json) as its name.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import torch
+
+from dist_lm.config.schema import ConfigError
+
+
+class Precision(str, enum.Enum):
+    FP32 = "fp32"
+    BF16 = "bf16"
+    FP16 = "fp16"
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the module's weights and of its activations."""
+        return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.value]
+
+    @property
+    def mixed(self) -> bool:
+        """Low-precision weights with fp32 master copies in the optimizer."""
+        return self is not Precision.FP32
+
+    @property
+    def bytes_per_weight(self) -> int:
+        """Bytes of one parameter (and one activation element) as the module holds it."""
+        return 4 if self is Precision.FP32 else 2
+
+    @property
+    def deepspeed_section(self) -> str | None:
+        """The section of DeepSpeed's config that this precision enables (None: fp32, neither);
+        dist_lm.runtime.ds_config writes it."""
+        return None if self is Precision.FP32 else self.value
+
+    @property
+    def accumulates_in_fp32(self) -> bool:
+        """Gradients are accumulated across micro-batches in fp32 at ZeRO 1-3 (bf16: summing in
+        bf16 loses the small contributions, a known cause of divergence), 4 bytes per parameter."""
+        return self is Precision.BF16
+
+    @classmethod
+    def for_gpu(cls, has_bf16: bool) -> tuple["Precision", str]:
+        """What ``auto`` means on a GPU, and why."""
+        if has_bf16:
+            return cls.BF16, "the GPU has bf16 tensor cores"
+        return cls.FP16, "the GPU has no bf16; fp16 with dynamic loss scaling"
+
+    @classmethod
+    def resolve(cls, requested: str, device: torch.device) -> tuple["Precision", str]:
+        """The precision to train in on ``device`` for parallel.precision=``requested``, and why."""
+        from dist_lm.plan.hardware import device_name  # (hardware imports torch.cuda queries only)
+
+        on_gpu = device.type == "cuda"
+        has_bf16 = not on_gpu or torch.cuda.is_bf16_supported()
+        if requested == "auto":
+            if not on_gpu:
+                return cls.FP32, "auto: fp32 on CPU"
+            precision = cls.for_gpu(has_bf16)[0]
+            return precision, (f"auto: bf16, supported by {device_name(device)}" if precision is cls.BF16 else
+                               f"auto: fp16 with dynamic loss scaling, {device_name(device)} has no bf16")
+        if requested == "bf16" and not has_bf16:
+            raise ConfigError("parallel.precision", f"bf16 is not supported by {device_name(device)}; use fp16 or auto")
+        return cls(requested), "as configured"

@@ -1,0 +1,291 @@
+"""The training loop: the cadences of a run built by :mod:`dist_lm.train.session` (step, evaluate,
+log, checkpoint, stop), and the counters a checkpoint carries (:meth:`Trainer.state_dict`)."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from dist_lm.config.io import to_dict
+from dist_lm.data import shards
+from dist_lm.model.transformer import count_parameters, flops_per_token
+from dist_lm.observe import log, metrics
+from dist_lm.plan import hardware
+from dist_lm.runtime import distributed, engine
+from dist_lm.runtime.optim import lr_at
+from dist_lm.train import checkpoint, faults
+from dist_lm.train.faults import SkipCounter, SpikeGuard
+from dist_lm.train.session import Session, check_room_for_a_checkpoint
+from dist_lm.train.state import RunState
+from dist_lm.use.generate import sample
+
+
+class Trainer:
+    def __init__(self, session: Session):
+        self.session = s = session
+        self.cfg, self.model_engine, self.run_dir = s.cfg, s.model_engine, s.run_dir
+        self.stop, self.watchdog = s.stop, s.watchdog
+        self.flops_per_token = flops_per_token(s.cfg.model)
+        self.peak_flops = hardware.peak_flops(s.device)
+        self.stop_reason: str | None = None
+        self.last_save_seconds = self.last_eval_seconds = 0.0
+        self.step = 0
+        self.best_val_loss = math.inf
+        self.val_history: list[tuple[int, float]] = []  # this process's evaluations, for the summary
+        self.last_saved_step: int | None = None
+        self.evals_without_improvement = 0
+        self.last_val_loss: tuple[int, float] | None = None  # (step, loss) of the newest evaluation
+        self.skips = SkipCounter(s.cfg.train.max_skipped_steps, s.precision, s.ckpt_root)
+        self.spike_guard = SpikeGuard(s.cfg.train.spike_factor, s.run_dir, s.cfg.train.spike_skip) \
+            if s.cfg.train.spike_factor else None
+        self.window = metrics.LogWindow(s.device)
+        self.elapsed_before = 0.0  # elapsed_s of earlier processes of this run (from the checkpoint)
+        if s.resumed is not None:
+            self.load_state_dict(s.resumed)
+
+    def load_state_dict(self, state: RunState) -> None:
+        """The loop's counters from a checkpoint (the session loaded the engine and the data)."""
+        self.step = state.step
+        self.best_val_loss = state.best_val_loss if state.best_val_loss is not None else math.inf
+        self.elapsed_before = state.elapsed_s
+        self.evals_without_improvement = state.evals_without_improvement
+        self.skips.total = state.skipped_steps
+        if state.log_window is not None:  # (older checkpoints: the first row averages the steps since the resume)
+            self.window.load_state_dict(state.log_window, self.session.dist_env.rank, self.session.dist_env.world_size)
+
+    def state_dict(self) -> RunState:
+        """Our resumable state, saved as state.json beside the engine's own checkpoint (a collective:
+        the log window gathers every rank's sums)."""
+        s = self.session
+        best = self.best_val_loss if math.isfinite(self.best_val_loss) else None  # JSON has no infinity
+        val = self.last_val_loss[1] if self.last_val_loss and self.last_val_loss[0] == self.step else None
+        return RunState(
+            step=self.step, config=to_dict(self.cfg), data=s.train_data.state_dict(), best_val_loss=best,
+            val_loss=val, elapsed_s=self.elapsed_s(), evals_without_improvement=self.evals_without_improvement,
+            skipped_steps=self.skips.total, tokens=self.tokens_seen(), world_size=s.dist_env.world_size,
+            zero_stage=self.cfg.parallel.zero_stage, precision=s.precision,
+            parameters=count_parameters(self.cfg.model)["total"], tokenizer_sha256=s.meta["tokenizer_sha256"],
+            data_fingerprint=shards.fingerprint(s.meta), wandb_run_id=s.metrics.wandb_run_id,
+            log_window=self.window.state_dict())
+
+    def tokens_seen(self) -> int:
+        return self.session.train_data.samples_consumed * self.cfg.model.seq_len
+
+    def elapsed_s(self) -> float:
+        """Training time of the run, earlier processes of it (before a resume) included."""
+        return self.elapsed_before + time.perf_counter() - self.session.start_time
+
+    # ------------------------------------------------------------------------------------ loop
+    def fit(self) -> None:
+        cfg, s = self.cfg.train, self.session
+        if self.step >= cfg.max_steps:
+            log.info(f"nothing to do: the run is already at step {self.step} of train.max_steps={cfg.max_steps}")
+            return
+        log.info(f"training from step {self.step} to {cfg.max_steps}"
+                 f"{engine.compile_wait(self.cfg.parallel, s.device, self.step)}")
+        self.model_engine.train()
+        self.watchdog.progress(f"training step {self.step + 1}")
+        progress = log.Progress(self.cfg.logging.progress, cfg.max_steps, self.step)
+        self.window.restart_clock()
+        first_step = self.step
+        try:
+            while self.step < cfg.max_steps and (cfg.max_tokens is None or self.tokens_seen() < cfg.max_tokens):
+                step_start = time.perf_counter()
+                s.profiler.before_step(self.step + 1)
+                grad_norm, micro_steps = self._train_step()
+                self.step += 1
+                self.watchdog.progress(f"training step {self.step + 1}")
+                s.profiler.after_step(self.step)
+                self.window.add_step()
+                if self.step == first_step + 1:
+                    s.summary.first_step_s = time.perf_counter() - s.start_time
+                    s.summary.write(self.run_dir)
+                    log.info(f"first step done {s.summary.first_step_s:.1f} s after the trainer started")
+                row: dict = {}
+                if self.step % cfg.log_interval == 0 or self.step == cfg.max_steps:
+                    row |= self._train_metrics(micro_steps, grad_norm)
+                    self.window.reset()
+                if cfg.eval_interval and self.step % cfg.eval_interval == 0:
+                    row |= self.evaluate()
+                    if cfg.sample_at_eval and cfg.sample_tokens:
+                        self.print_sample()
+                if row:
+                    self._emit(row)
+                progress.update(row)
+                # (the last step's checkpoint comes after the final evaluation, below)
+                if self.cfg.checkpoint.interval and self.step % self.cfg.checkpoint.interval == 0 \
+                        and self.step < cfg.max_steps:
+                    self.save()
+                if self._patience_exhausted():
+                    break
+                eval_next = cfg.eval_interval and (self.step + 1) % cfg.eval_interval == 0
+                self.stop_reason = self.stop.reason_to_stop(self.step, time.perf_counter() - step_start,
+                                                            self.last_save_seconds,
+                                                            self.last_eval_seconds if eval_next else 0.0)
+                if self.stop_reason:
+                    log.info(f"stopping after step {self.step} of {cfg.max_steps}: {self.stop_reason}; "
+                             "run the same run directory again to continue")
+                    break
+        finally:
+            progress.close()
+        if self.stop_reason:  # a stop on purpose: a checkpoint, and no more than that
+            if self.last_saved_step != self.step:
+                self.save()
+            return
+        if cfg.eval_interval and self.step % cfg.eval_interval != 0:  # the final evaluation
+            self._emit(self.evaluate())
+        if len(self.val_history) >= 2:
+            (first_at, first), (last_at, last) = self.val_history[0], self.val_history[-1]
+            log.info(f"validation loss {first:.3f} -> {last:.3f} (perplexity {math.exp(first):.1f} -> "
+                     f"{math.exp(last):.1f}) from step {first_at} to {last_at}")
+        if self.last_saved_step != self.step and self.cfg.checkpoint.save_at_end:
+            self.save()
+        if cfg.sample_tokens:
+            self.print_sample()
+
+    def _train_step(self) -> tuple[torch.Tensor | float | None, int]:
+        """One optimizer step over this rank's micro-batches; adds their losses to the log window.
+        Returns the gradient norm and the number of micro-batches."""
+        model_engine, data = self.model_engine, self.session.train_data
+        engine.set_lr(model_engine, lr_at(self.step, self.cfg.optim, self.cfg.train.max_steps), self.cfg.optim)
+        batches = data.next_batches()
+        if self.session.sample_log is not None:
+            self.session.sample_log.write(self.step + 1, data.last_ids)
+        for i, (x, y) in enumerate(batches):
+            loss = model_engine(x, y)
+            skip = self.spike_guard is not None and \
+                self.spike_guard.check_micro_batch(loss, self.step + 1, i, len(batches), data.last_ids)
+            # A skipped micro-batch still goes through backward (with no gradient), so that
+            # DeepSpeed's micro-step count and ZeRO's collectives stay in line on every rank.
+            model_engine.backward(loss * 0.0 if skip else loss)
+            aux = model_engine.module.aux_loss  # the experts' load-balancing loss, inside ``loss``
+            if aux is not None:
+                self.window.aux_sum += aux.detach().float()
+                loss = loss.detach() - self.cfg.model.moe_aux_loss_coef * aux.detach().float()
+            self.window.loss_sum += loss.detach()
+            if i < len(batches) - 1:
+                model_engine.step()  # DeepSpeed counts micro-steps; it updates only at the boundary
+        if self.cfg.train.check_finite:
+            faults.check_finite(model_engine, self.window.loss_sum, self.step + 1)
+        grad_norm, applied = engine.step(model_engine)
+        self.skips.update(applied, grad_norm, self.step + 1)
+        return grad_norm, len(batches)
+
+    def _train_metrics(self, micro_steps: int, grad_norm) -> dict:
+        """``micro_steps``: micro-batches per step on each rank."""
+        # The window's mean loss over every micro-batch of every rank. This all-reduce is a
+        # host-device sync point, which is why it happens only every log_interval steps.
+        window, s = self.window, self.session
+        micro_batches = window.steps * micro_steps * s.batch.dp_size
+        dist.all_reduce(window.loss_sum)  # in place: the window is reset after this row
+        loss = window.loss_sum.item() / micro_batches
+        if not math.isfinite(loss):
+            s.metrics.alert("non-finite loss", f"{self.run_dir.name} step {self.step}: loss {loss}")
+        steps, seconds = window.timed_steps, time.perf_counter() - window.start
+        tokens = steps * s.batch.global_batch_size * self.cfg.model.seq_len
+        tokens_per_s, mfu = metrics.throughput(tokens, seconds, self.flops_per_token, s.dist_env.world_size,
+                                               self.peak_flops)
+        lr = lr_at(self.step - 1, self.cfg.optim, self.cfg.train.max_steps)  # the last step's (Muon: x muon_lr/lr)
+        aux = None
+        if "moe" in self.cfg.model.layer_types:
+            dist.all_reduce(window.aux_sum)
+            aux = window.aux_sum.item() / micro_batches
+        return {"loss": loss, "aux_loss": aux, "lr": lr, "grad_norm": None if grad_norm is None else float(grad_norm),
+                "tokens_per_s": tokens_per_s, "mfu": mfu, "step_time": seconds / steps,
+                "peak_mem_gb": metrics.peak_memory_gb(s.device)}
+
+    def _emit(self, row: dict) -> None:
+        row = {"step": self.step, "tokens": self.tokens_seen(), **row, "elapsed_s": self.elapsed_s()}
+        self.session.metrics.write(row)
+        if "loss" in row:
+            log.info(metrics.format_step(row))
+        if "val_loss" in row:
+            log.info(f"step {self.step:>6} | val loss {row['val_loss']:.4f} | val ppl {row['val_ppl']:.2f}")
+
+    def _patience_exhausted(self) -> bool:
+        patience = self.cfg.train.early_stop_patience
+        if patience and self.evals_without_improvement >= patience:
+            log.info(f"early stop at step {self.step}: {patience} evaluations without improving on "
+                     f"the best validation loss {self.best_val_loss:.4f} by {self.cfg.train.early_stop_min_delta}")
+            return True
+        return False
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Mean validation loss over the fixed validation windows, the same for every rank count."""
+        start, val_data = time.perf_counter(), self.session.val_data
+        self.model_engine.eval()
+        totals = torch.zeros(2, device=self.session.device, dtype=torch.float64)  # loss sum, token count
+        # Every rank runs the same number of forward passes (ZeRO-3 forwards are collective): its
+        # own batches, then padding. A signal between any two ends the evaluation on all ranks.
+        for batch in val_data.batches + [None] * val_data.padding_batches:
+            if self.stop.signalled():
+                self.model_engine.train()
+                return {}
+            self.watchdog.progress(f"evaluating at step {self.step}")
+            if batch is None:
+                self.model_engine(val_data.filler)
+                continue
+            x, y = batch
+            logits = self.model_engine(x)
+            totals[0] += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").double()
+            totals[1] += y.numel()
+        dist.all_reduce(totals)  # sync point
+        val_loss = (totals[0] / totals[1]).item()
+        if val_loss < self.best_val_loss - self.cfg.train.early_stop_min_delta:
+            self.evals_without_improvement = 0
+        else:
+            self.evals_without_improvement += 1
+        self.best_val_loss = min(self.best_val_loss, val_loss)
+        self.val_history.append((self.step, val_loss))
+        self.last_val_loss = (self.step, val_loss)
+        self.model_engine.train()
+        self.last_eval_seconds = time.perf_counter() - start
+        return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
+
+    def save(self) -> None:
+        if self.skips.in_a_row:  # the weights since the first skipped update may be bad: keep the good ones
+            log.warn(f"step {self.step}: no checkpoint while updates are being skipped (since step "
+                     f"{self.skips.first_skipped}); the last good one stays the newest")
+            return
+        start, s = time.perf_counter(), self.session
+        check_room_for_a_checkpoint(self.cfg, s.ckpt_root, f"step {self.step}")
+        path = s.ckpt_root / checkpoint.tag_for(self.step)
+        self.watchdog.progress(f"saving checkpoint {path}", 60 * self.cfg.checkpoint.save_timeout_minutes,
+                               "checkpoint.save_timeout_minutes")
+        rank, world_size = s.dist_env.rank, s.dist_env.world_size
+        checkpoint.save(self.model_engine, s.ckpt_root, self.step, self.state_dict(), rank,
+                        lambda: engine.master_weights(self.model_engine, rank, world_size),
+                        engine.tied_names(self.model_engine.module), distributed.barrier, distributed.any_rank)
+        self.watchdog.progress(f"training step {self.step + 1}")
+        if distributed.is_rank0():
+            for old in checkpoint.prune(s.ckpt_root, self.cfg.checkpoint.keep_last, self.cfg.checkpoint.keep_best):
+                log.info(f"removed old checkpoint {old.name}")
+            checkpoint.update_best(s.ckpt_root)
+        self.last_save_seconds = time.perf_counter() - start
+        self.last_saved_step = self.step
+        log.info(f"saved checkpoint {path}")
+
+    def print_sample(self) -> None:
+        from tokenizers import Tokenizer
+
+        s = self.session
+        if not s.meta.get("tokenizer"):
+            log.warn(f"no sample: {s.data_dir} has no tokenizer.json to decode with")
+            return
+        self.watchdog.progress(f"sampling at step {self.step}")
+        tokenizer = Tokenizer.from_file(str(s.data_dir / s.meta["tokenizer"]))
+        eot = s.meta.get("eot_id")
+        prompt = tokenizer.encode(self.cfg.train.sample_prompt).ids or [eot if eot is not None else 0]
+        self.model_engine.eval()
+        out = sample(self.model_engine.module, prompt, self.cfg.train.sample_tokens, self.cfg.model.seq_len,
+                     s.device, seed=self.cfg.train.seed, stop_id=eot)
+        self.model_engine.train()
+        log.info(f"sample at step {self.step}: " + tokenizer.decode(prompt + out))
+
+    def close(self) -> None:
+        self.session.close()
