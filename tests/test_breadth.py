@@ -12,10 +12,11 @@ import pytest
 import torch
 
 from conftest import ROOT, assert_ok, child_env, launch, read_metrics
-from dist_lm.train import checkpoint
+from dist_lm.train import restore
 from dist_lm.config.schema import ModelConfig
 from dist_lm.use.generate import sample
-from dist_lm.model.transformer import KVCache, Transformer
+from dist_lm.model.layers import KVCache
+from dist_lm.model.transformer import Transformer
 from dist_lm.model.positional import BASES, gram
 
 TINY = dict(vocab_size=128, seq_len=32, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2)
@@ -93,7 +94,7 @@ def test_mixture_of_experts_with_expert_parallelism_on_two_ranks(env, ds_ops, tm
     assert train[-1]["loss"] < train[0]["loss"] and evals
     assert "aux " in proc.stdout
     ckpt = tmp_path / "checkpoints" / "step00000040"
-    weights = checkpoint.consolidated_weights(ckpt)
+    weights = restore.consolidated_weights(ckpt)
     for expert in range(4):
         theirs = torch.load(ckpt / f"layer_0_expert_{expert}_mp_rank_00_model_states.pt", weights_only=False)
         assert theirs and all(torch.equal(weights[k], v) for k, v in theirs.items())

@@ -96,7 +96,7 @@ def test_validation_loss_does_not_depend_on_rank_count(tmp_path, env, ds_ops):
     assert one == pytest.approx(two, abs=1e-4)
 
 
-# Trains the debug model 3 steps (accumulation 2) in one process, as dist_lm.engine.initialize
+# Trains the debug model 3 steps (accumulation 2) in one process, as dist_lm.runtime.engine.initialize
 # sets it up or ("deepspeed") with DeepSpeed's own ways put back: its gradient all-reduce, and its
 # bf16 accumulation at the end of backward (no immediate_grad_update). Prints whether initialize
 # skipped that all-reduce, whether the model's gradients were kept after a micro-batch's backward,
@@ -146,7 +146,7 @@ print(json.dumps({"skipped": skipped, "grads_kept": grads_kept[0], "before": bef
 @pytest.mark.parametrize("stage,precision,skipped", [(1, "bf16", True), (2, "bf16", False)])
 def test_one_rank_skips_deepspeeds_identity_allreduce(env, ds_ops, stage, precision, skipped):
     """Alone, DeepSpeed's BF16_Optimizer (and stage-0) gradient all-reduce is an identity through
-    flattened copies (dist_lm.engine.reduces_for_nothing): skipped, the weights after 3 steps are
+    flattened copies (dist_lm.runtime.engine.reduces_for_nothing): skipped, the weights after 3 steps are
     bit for bit those of DeepSpeed's own path sending fp32 (by default it rounds bf16 runs'
     gradients to bf16 there, which the skip also spares), and so is adding each bf16 gradient to
     the fp32 buffer as backward makes it (immediate_grad_update, which frees the model's bf16

@@ -85,7 +85,7 @@ def test_find_batch_stops_at_the_edge_of_the_budget(env):
 
 def test_zero3_under_deepcompile_resumes_where_it_stopped(env, tmp_path):
     """A run stopped at step 4 and resumed. DeepCompile's passes change five steps after the start
-    (dist_lm.engine.deepcompile_schedule): after step 5 in the uninterrupted run, after step 9 in
+    (dist_lm.runtime.engine.deepcompile_schedule): after step 5 in the uninterrupted run, after step 9 in
     the resumed one. So step 5, the first after the resume, is compiled alike in both and must match
     to bf16's noise (2e-3); steps 6-8 run differently compiled graphs and match within 2e-2 (they
     differed by up to 0.010 on an H100), far less than training moves the loss (0.33 in 8 steps)."""

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from conftest import ROOT, assert_ok, child_env, launch, read_metrics
-from dist_lm.train import checkpoint
+from dist_lm.train import checkpoint, restore
 from dist_lm.use.export import export_hf
 from dist_lm.use.inference import load_model
 
@@ -55,14 +55,14 @@ def deepspeeds_own_weights(ckpt: Path, stage: int) -> tuple[dict[str, torch.Tens
         return dict(module), False
     legacy = ckpt.parent.parent / f"legacy-{ckpt.name}"  # the checkpoint as written before weights files
     shutil.copytree(ckpt, legacy, ignore=shutil.ignore_patterns(checkpoint.WEIGHTS_GLOB))
-    return checkpoint.consolidated_weights(legacy), True
+    return restore.consolidated_weights(legacy), True
 
 
 @pytest.mark.parametrize("stage", STAGES)
 def test_bf16_checkpoints_hold_the_fp32_masters(bf16_runs, stage):
     run, _ = bf16_runs[stage]
     ckpt = run / "checkpoints" / "step00000004"
-    ours = checkpoint.consolidated_weights(ckpt)
+    ours = restore.consolidated_weights(ckpt)
     theirs, masters = deepspeeds_own_weights(ckpt, stage)
     assert sorted(theirs) == sorted(ours) and all(v.dtype == torch.float32 for v in ours.values())
     for name, value in theirs.items():
@@ -133,7 +133,7 @@ def test_a_two_rank_bf16_zero1_checkpoint_resumes_on_one_rank_and_its_checkpoint
     rows = {r["checkpoint"]: r for r in map(json.loads, listed.stdout.splitlines())}
     assert rows["step00000006"]["latest"] and rows["step00000006"]["precision"] == "bf16"
     assert rows["step00000006"]["world_size"] == 1
-    weights = checkpoint.consolidated_weights(tmp_path / "checkpoints" / "step00000006")
+    weights = restore.consolidated_weights(tmp_path / "checkpoints" / "step00000006")
     module = torch.load(tmp_path / "checkpoints" / "step00000006" / "mp_rank_00_model_states.pt",
                         weights_only=False)["module"]
     assert all(torch.equal(weights[k].bfloat16(), v) for k, v in module.items())

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from dist_lm.config.schema import ModelConfig
-from dist_lm.model.transformer import Transformer, count_parameters, flops_per_token
+from dist_lm.model.counts import count_parameters, flops_per_token
+from dist_lm.model.transformer import Transformer
 
 
 def tiny(**kw) -> ModelConfig:
@@ -73,3 +74,50 @@ def test_flops_per_token_follows_the_6n_plus_attention_formula():
 def test_longer_sequence_than_configured_is_refused():
     with pytest.raises(ValueError, match="longer than model.seq_len"):
         Transformer(tiny())(torch.zeros(1, 33, dtype=torch.long))
+
+
+# The model counts itself: each layer's parameter count against what it allocates, and each
+# block's count of saved activations against what autograd actually keeps (saved-tensor hooks).
+@pytest.mark.parametrize("kw", [{}, {"n_kv_heads": 1}, {"activation": "gelu"}, {"activation": "geglu"}])
+def test_each_layer_counts_the_parameters_it_allocates(kw):
+    from dist_lm.model.layers import MLP, Attention, RMSNorm
+
+    cfg = tiny(**kw)
+    numel = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
+    assert numel(RMSNorm(cfg.d_model, cfg.norm_eps)) == RMSNorm.parameter_count(cfg.d_model)
+    assert numel(Attention(cfg, 0)) == Attention.parameter_count(cfg)
+    assert numel(MLP(cfg)) == MLP.parameter_count(cfg)
+
+
+def saved_bytes(block, x: torch.Tensor, pos, constants: list[torch.Tensor]) -> int:
+    """Bytes of the distinct storages autograd keeps for backward in one block's forward, leaving
+    out the parameters and ``constants`` (the rotary tables, shared by every layer and batch)."""
+    skip = {t.untyped_storage().data_ptr() for t in [*block.parameters(), *constants]}
+    kept: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in skip:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        block(x, pos)
+    return sum(kept.values())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kw", [{}, {"n_kv_heads": 2}, {"activation": "gelu"}, {"activation": "geglu", "n_kv_heads": 1}])
+def test_a_block_counts_the_activations_autograd_saves(dtype, kw):
+    from dist_lm.model.counts import saved_bytes_per_token
+    from dist_lm.model.layers import Positions, rope_tables
+    from dist_lm.model.transformer import Block
+
+    cfg = tiny(**kw)
+    block = Block(cfg, 0).to(dtype)
+    batch, tokens = 2, cfg.seq_len
+    x = torch.randn(batch, tokens, cfg.d_model, dtype=dtype, requires_grad=True)
+    rope = rope_tables(cfg.head_dim, tokens, cfg.rope_theta)
+    act_bytes = torch.finfo(dtype).bits // 8
+    per_block, _ = saved_bytes_per_token(cfg, act_bytes)
+    assert saved_bytes(block, x, Positions(rope, None, None), list(rope)) == per_block * batch * tokens

@@ -4,7 +4,7 @@ saved twice, without and with them (seconds each, and disk), and the time to rea
     python tools/bench_checkpoint.py --config h100-80gb [section.key=value ...]
     torchrun --nproc_per_node 2 tools/bench_checkpoint.py --config h100-80gb   # the share per rank
 
-Prints one JSON object (rank 0). Each save is dist_lm.checkpoint.save, as the trainer calls it;
+Prints one JSON object (rank 0). Each save is dist_lm.train.checkpoint.save, as the trainer calls it;
 the first passes no weights, as checkpoints were written before the weights files existed.
 """
 
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,7 +25,7 @@ def main() -> None:
     p.add_argument("overrides", nargs="*", metavar="section.key=value")
     args = p.parse_args()
 
-    from dist_lm.train import checkpoint
+    from dist_lm.train import checkpoint, restore
     from dist_lm.runtime import distributed
     from dist_lm.runtime import engine
     from dist_lm.config.io import load_config
@@ -58,7 +57,7 @@ def main() -> None:
         if distributed.is_rank0():
             path = root / checkpoint.tag_for(2)
             read_start = time.perf_counter()
-            weights = checkpoint.consolidated_weights(path)
+            weights = restore.consolidated_weights(path)
             read = time.perf_counter() - read_start
             sizes = checkpoint.RunState.read(path).manifest
             weight_bytes = sum(v for k, v in sizes.items() if k.startswith("weights-rank"))

@@ -6,7 +6,7 @@ log's peak (torch.cuda.max_memory_allocated) for a few model sizes and ZeRO stag
 Each case is a real training run of a few steps (launchers/pretrain.py, with torchrun when
 --nproc > 1) with two micro-batches of accumulation, on the embedded corpus. Cases run eager
 (parallel.compile=false) unless they set parallel.compile=true: compiling takes minutes, and the
-model counts the two ways apart (dist_lm.memory.activation_bytes_per_token).
+model counts the two ways apart (dist_lm.model.counts.saved_bytes_per_token).
 """
 
 from __future__ import annotations

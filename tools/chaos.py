@@ -37,7 +37,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-from dist_lm.train import checkpoint
+from dist_lm.train import checkpoint, restore
 from dist_lm.runtime.distributed import free_port
 
 PRETRAIN = ROOT / "launchers" / "pretrain.py"
@@ -148,7 +148,7 @@ def wait_all(procs, bound: float) -> tuple[list[int | None], float]:
 
 
 def final_weights(run_dir: Path) -> dict:
-    return checkpoint.consolidated_weights(checkpoint.find_for_reading(run_dir).path)
+    return restore.consolidated_weights(checkpoint.find_for_reading(run_dir).path)
 
 
 def main() -> int:

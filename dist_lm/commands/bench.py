@@ -132,7 +132,8 @@ def run_baseline(config: str, overrides: list[str], steps: int, warmup: int, acc
     from dist_lm.config.io import load_config
     from dist_lm.data.sampler import TrainData
     from dist_lm.config.batch import batch_plan
-    from dist_lm.model.transformer import Transformer, flops_per_token
+    from dist_lm.model.counts import flops_per_token
+    from dist_lm.model.transformer import Transformer
     from dist_lm.observe.profiling import StepProfiler
     from dist_lm.data.checks import resolve_data
 

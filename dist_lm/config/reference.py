@@ -1,6 +1,6 @@
 """The config reference (README's table), generated from the dataclasses' field docstrings.
 
-Python keeps no docstrings for attributes at run time, so they are read from config.py's source.
+Python keeps no docstrings for attributes at run time, so they are read from the schema's source.
 """
 
 from __future__ import annotations
@@ -12,15 +12,16 @@ import json
 import typing
 from pathlib import Path
 
-from dist_lm.config import schema as config
+from dist_lm.config import run_sections, schema as config
 from dist_lm.config.io import type_name
 
 
 def field_docs() -> dict[str, dict[str, str]]:
-    """{class name: {field name: docstring}} for every dataclass in dist_lm.config.schema."""
-    tree = ast.parse(inspect.getsource(config))
+    """{class name: {field name: docstring}} for every dataclass of the schema."""
+    classes = [n for module in (config, run_sections) for n in ast.parse(inspect.getsource(module)).body
+               if isinstance(n, ast.ClassDef)]
     docs: dict[str, dict[str, str]] = {}
-    for cls in (n for n in tree.body if isinstance(n, ast.ClassDef)):
+    for cls in classes:
         fields = docs.setdefault(cls.name, {})
         for stmt, after in zip(cls.body, cls.body[1:]):
             if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)

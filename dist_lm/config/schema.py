@@ -1,9 +1,9 @@
 """The configuration schema: typed dataclasses, one per section, a docstring per field.
 
-These classes are the only schema. They are frozen: a config never changes once it validated;
-what is resolved later (the vocabulary from the data, the run's name) makes a new one with
-``dataclasses.replace``, which validates again. YAML presets (``configs/*.yaml``) and dotted command-line
-overrides (``optim.lr=3e-4``) are mapped onto them by :mod:`dist_lm.config.io`, which also
+These classes, with :mod:`dist_lm.config.run_sections` (how a run executes), are the only
+schema. They are frozen: a config never changes once it validated; what is resolved later (the
+vocabulary from the data, the run's name) makes a new one with :func:`replaced`, which validates
+again. YAML presets (``configs/*.yaml``) and dotted command-line overrides (``optim.lr=3e-4``) are mapped onto them by :mod:`dist_lm.config.io`, which also
 checks types. Range and consistency checks live here, in ``__post_init__``, and raise
 :class:`ConfigError` naming the field, so every bad value gets one line that says how to fix it.
 """
@@ -14,31 +14,11 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
+from dist_lm.config.errors import ConfigError, UserError, require
+from dist_lm.config.run_sections import CheckpointConfig, LoggingConfig, ParallelConfig, RunConfig
 
-class UserError(Exception):
-    """Bad input from the user (config, data, launch environment).
-
-    The launcher prints ``str(error)`` as a single line and exits with status 2.
-    """
-
-
-class ConfigError(UserError):
-    """A config value is wrong. ``key`` is the dotted key; sections prefix it as it bubbles up."""
-
-    def __init__(self, key: str, message: str, source: str | None = None):
-        self.key = key
-        self.message = message
-        self.source = source
-        super().__init__(str(self))
-
-    def __str__(self) -> str:
-        where = f"{self.source}: " if self.source else ""
-        return f"config error: {where}{self.key}: {self.message}"
-
-
-def _require(ok: bool, key: str, message: str) -> None:
-    if not ok:
-        raise ConfigError(key, message)
+__all__ = ["CheckpointConfig", "Config", "ConfigError", "DataConfig", "LoggingConfig", "ModelConfig", "OptimConfig",
+           "ParallelConfig", "RunConfig", "TrainConfig", "UserError", "replaced"]
 
 
 @dataclass(frozen=True)
@@ -95,29 +75,29 @@ class ModelConfig:
     """Weight of the load-balancing loss added to the training loss."""
 
     def __post_init__(self) -> None:
-        _require(self.vocab_size is None or self.vocab_size > 0, "vocab_size", "must be a positive integer or null")
+        require(self.vocab_size is None or self.vocab_size > 0, "vocab_size", "must be a positive integer or null")
         for name in ("seq_len", "d_model", "n_layers", "n_heads", "ffn_multiple_of"):
-            _require(getattr(self, name) > 0, name, "must be a positive integer")
-        _require(self.d_model % self.n_heads == 0, "n_heads",
+            require(getattr(self, name) > 0, name, "must be a positive integer")
+        require(self.d_model % self.n_heads == 0, "n_heads",
                  f"must divide d_model={self.d_model} (got {self.n_heads})")
-        _require((self.d_model // self.n_heads) % 2 == 0, "n_heads",
+        require((self.d_model // self.n_heads) % 2 == 0, "n_heads",
                  f"head dimension d_model/n_heads={self.d_model // self.n_heads} must be even for rotary embeddings")
         if self.n_kv_heads is not None:
-            _require(self.n_kv_heads > 0 and self.n_heads % self.n_kv_heads == 0, "n_kv_heads",
+            require(self.n_kv_heads > 0 and self.n_heads % self.n_kv_heads == 0, "n_kv_heads",
                      f"must divide n_heads={self.n_heads} (got {self.n_kv_heads})")
-        _require(self.ffn_hidden is None or self.ffn_hidden > 0, "ffn_hidden", "must be a positive integer or null")
-        _require(self.rope_theta > 0, "rope_theta", "must be positive")
-        _require(self.norm_eps > 0, "norm_eps", "must be positive")
-        _require(self.init_std > 0, "init_std", "must be positive")
-        _require(self.bias_num_basis > 0, "bias_num_basis", "must be positive")
-        _require(not self.layer_types or len(self.layer_types) == self.n_layers, "layer_types",
+        require(self.ffn_hidden is None or self.ffn_hidden > 0, "ffn_hidden", "must be a positive integer or null")
+        require(self.rope_theta > 0, "rope_theta", "must be positive")
+        require(self.norm_eps > 0, "norm_eps", "must be positive")
+        require(self.init_std > 0, "init_std", "must be positive")
+        require(self.bias_num_basis > 0, "bias_num_basis", "must be positive")
+        require(not self.layer_types or len(self.layer_types) == self.n_layers, "layer_types",
                  f"must list one type per block (n_layers={self.n_layers}), or be empty")
         bad = [t for t in self.layer_types if t not in ("mlp", "moe")]
-        _require(not bad, "layer_types", f"each entry is mlp or moe, not {bad}")
-        _require(self.n_experts >= 2, "n_experts", "must be at least 2")
-        _require(self.moe_top_k in (1, 2), "moe_top_k", "DeepSpeed's MoE routes to 1 or 2 experts")
-        _require(self.moe_capacity_factor > 0, "moe_capacity_factor", "must be positive")
-        _require(self.moe_aux_loss_coef >= 0, "moe_aux_loss_coef", "must be >= 0")
+        require(not bad, "layer_types", f"each entry is mlp or moe, not {bad}")
+        require(self.n_experts >= 2, "n_experts", "must be at least 2")
+        require(self.moe_top_k in (1, 2), "moe_top_k", "DeepSpeed's MoE routes to 1 or 2 experts")
+        require(self.moe_capacity_factor > 0, "moe_capacity_factor", "must be positive")
+        require(self.moe_aux_loss_coef >= 0, "moe_aux_loss_coef", "must be >= 0")
 
     @property
     def kv_heads(self) -> int:
@@ -156,7 +136,7 @@ class DataConfig:
     first drops the lines of the steps it trains again."""
 
     def __post_init__(self) -> None:
-        _require(self.embedded_vocab_size >= 512, "embedded_vocab_size", "must be at least 512")
+        require(self.embedded_vocab_size >= 512, "embedded_vocab_size", "must be at least 512")
 
 
 @dataclass(frozen=True)
@@ -199,22 +179,22 @@ class OptimConfig:
     """Fraction of train.max_steps spent decaying, for schedule=wsd."""
 
     def __post_init__(self) -> None:
-        _require(self.lr > 0, "lr", "must be positive")
-        _require(self.muon_lr > 0, "muon_lr", "must be positive")
-        _require(0 <= self.muon_momentum < 1, "muon_momentum", "must be in [0, 1)")
+        require(self.lr > 0, "lr", "must be positive")
+        require(self.muon_lr > 0, "muon_lr", "must be positive")
+        require(0 <= self.muon_momentum < 1, "muon_momentum", "must be in [0, 1)")
         if self.min_lr_ratio is not None:
-            _require(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "must be in [0, 1] or null")
+            require(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "must be in [0, 1] or null")
             # Derived while the section is built; a config never changes once it validated.
             object.__setattr__(self, "min_lr", self.lr * self.min_lr_ratio)
-        _require(0 <= self.min_lr <= self.lr, "min_lr", f"must be between 0 and lr={self.lr}")
-        _require(self.weight_decay >= 0, "weight_decay", "must be >= 0")
-        _require(0 <= self.beta1 < 1, "beta1", "must be in [0, 1)")
-        _require(0 <= self.beta2 < 1, "beta2", "must be in [0, 1)")
-        _require(self.eps > 0, "eps", "must be positive")
-        _require(self.grad_clip >= 0, "grad_clip", "must be >= 0 (0 disables clipping)")
-        _require(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
-        _require(self.restart_period > 0, "restart_period", "must be positive")
-        _require(0 < self.decay_fraction <= 1, "decay_fraction", "must be in (0, 1]")
+        require(0 <= self.min_lr <= self.lr, "min_lr", f"must be between 0 and lr={self.lr}")
+        require(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        require(0 <= self.beta1 < 1, "beta1", "must be in [0, 1)")
+        require(0 <= self.beta2 < 1, "beta2", "must be in [0, 1)")
+        require(self.eps > 0, "eps", "must be positive")
+        require(self.grad_clip >= 0, "grad_clip", "must be >= 0 (0 disables clipping)")
+        require(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+        require(self.restart_period > 0, "restart_period", "must be positive")
+        require(0 < self.decay_fraction <= 1, "decay_fraction", "must be in (0, 1]")
 
 
 @dataclass(frozen=True)
@@ -271,160 +251,22 @@ class TrainConfig:
     """With the spike guard on, also drop the spiking micro-batch's gradient."""
 
     def __post_init__(self) -> None:
-        _require(self.max_steps > 0, "max_steps", "must be positive")
-        _require(self.max_tokens is None or self.max_tokens > 0, "max_tokens", "must be positive or null")
-        _require(self.micro_batch_size > 0, "micro_batch_size", "must be positive")
-        _require(self.global_batch_size is None or self.global_batch_size > 0, "global_batch_size",
+        require(self.max_steps > 0, "max_steps", "must be positive")
+        require(self.max_tokens is None or self.max_tokens > 0, "max_tokens", "must be positive or null")
+        require(self.micro_batch_size > 0, "micro_batch_size", "must be positive")
+        require(self.global_batch_size is None or self.global_batch_size > 0, "global_batch_size",
                  "must be positive or null")
-        _require(self.log_interval > 0, "log_interval", "must be positive")
-        _require(self.eval_interval >= 0, "eval_interval", "must be >= 0 (0 disables evaluation)")
-        _require(self.eval_samples > 0, "eval_samples", "must be positive")
-        _require(self.sample_tokens >= 0, "sample_tokens", "must be >= 0")
-        _require(self.stop_at_step is None or self.stop_at_step > 0, "stop_at_step", "must be positive or null")
-        _require(self.time_limit_minutes is None or self.time_limit_minutes > 0, "time_limit_minutes",
+        require(self.log_interval > 0, "log_interval", "must be positive")
+        require(self.eval_interval >= 0, "eval_interval", "must be >= 0 (0 disables evaluation)")
+        require(self.eval_samples > 0, "eval_samples", "must be positive")
+        require(self.sample_tokens >= 0, "sample_tokens", "must be >= 0")
+        require(self.stop_at_step is None or self.stop_at_step > 0, "stop_at_step", "must be positive or null")
+        require(self.time_limit_minutes is None or self.time_limit_minutes > 0, "time_limit_minutes",
                  "must be positive or null")
-        _require(self.early_stop_patience >= 0, "early_stop_patience", "must be >= 0 (0 disables)")
-        _require(self.early_stop_min_delta >= 0, "early_stop_min_delta", "must be >= 0")
-        _require(self.max_skipped_steps >= 0, "max_skipped_steps", "must be >= 0 (0: never stop)")
-        _require(self.spike_factor == 0 or self.spike_factor > 1, "spike_factor", "must be 0 (off) or above 1")
-
-
-@dataclass(frozen=True)
-class ParallelConfig:
-    """How DeepSpeed runs the model: ZeRO stage, precision, memory savers."""
-
-    zero_stage: Literal[0, 1, 2, 3] = 1
-    """ZeRO stage: 0 data parallel, 1 shards optimizer state, 2 also gradients, 3 also parameters."""
-    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
-    """auto: bf16 on GPUs that support it, fp16 with dynamic loss scaling on older GPUs, fp32 on CPU."""
-    activation_checkpointing: bool = False
-    """Recompute each block's activations in backward instead of storing them."""
-    offload_optimizer: bool = False
-    """Keep optimizer state on the CPU and step it with DeepSpeed's CPU Adam (ZeRO 1-3)."""
-    offload_params: bool = False
-    """Keep parameters on the CPU between uses (ZeRO 3 only)."""
-    overlap_comm: bool = True
-    """Overlap gradient reduction with backward (ZeRO 1-3)."""
-    reduce_bucket_size: int = 500_000_000
-    """Elements per gradient-reduction bucket."""
-    allgather_bucket_size: int = 500_000_000
-    """Elements per parameter all-gather bucket (ZeRO 1-2)."""
-    compile: bool = False
-    """torch.compile the model inside the DeepSpeed engine (engine.compile()); on a GPU only, a
-    CPU run ignores it. The first step waits for compilation (1-2.5 min on an H200)."""
-    deepcompile: bool = False
-    """With compile at ZeRO-3: DeepSpeed's DeepCompile, which puts ZeRO-3's parameter gathers and
-    releases into the compiled graph; torch.compile alone breaks the graph at each of DeepSpeed's
-    hooks. 1.1B on two H200s: 1.75x eager ZeRO-3's tokens/s, 93% of ZeRO-2 compiled's; the first
-    step waits ~6 min and step 6 ~2.5 min (compiling, profiling). Ignored without compile or below
-    ZeRO-3, where plain torch.compile is the fast path."""
-    timeout_minutes: float = 30.0
-    """The longest a rank may go without finishing a step or an evaluation batch (the first,
-    compiling, step included): then it ends with one line naming the rank that stopped answering,
-    exit status 3. Every collective's timeout too (plus a minute)."""
-    expert_parallel_size: int = 1
-    """Ranks the experts of a moe layer are spread over (must divide the rank count and
-    model.n_experts); DeepSpeed's MoE layer does the all-to-all."""
-
-    @property
-    def uses_deepcompile(self) -> bool:
-        # A preset may turn DeepCompile on and a user lower the ZeRO stage or turn compile off:
-        # that is a plain torch.compile (or eager) run, not a config error.
-        return self.deepcompile and self.compile and self.zero_stage == 3
-
-    def __post_init__(self) -> None:
-        _require(not self.offload_optimizer or self.zero_stage >= 1, "offload_optimizer",
-                 "needs parallel.zero_stage 1, 2 or 3")
-        _require(not self.offload_params or self.zero_stage == 3, "offload_params",
-                 "needs parallel.zero_stage=3")
-        _require(self.reduce_bucket_size > 0, "reduce_bucket_size", "must be positive")
-        _require(self.allgather_bucket_size > 0, "allgather_bucket_size", "must be positive")
-        _require(self.timeout_minutes > 0, "timeout_minutes", "must be positive")
-        _require(self.expert_parallel_size > 0, "expert_parallel_size", "must be positive")
-
-
-@dataclass(frozen=True)
-class CheckpointConfig:
-    """When checkpoints are written, where, how many are kept, and what a run resumes from."""
-
-    interval: int = 500
-    """Save every this many steps (and always at the end); 0 saves only at the end."""
-    dir: str | None = None
-    """Where checkpoints go. null: checkpoints/ in the run directory."""
-    resume: str = "auto"
-    """auto: continue from the newest complete checkpoint of this run, if there is one. none:
-    start afresh (existing checkpoints are kept until newer ones replace them). A path: that
-    checkpoint directory (.../checkpoints/stepNNNNNNNN) or the newest of that run directory.
-    Also --resume on the command line."""
-    keep_last: int = 3
-    """Keep the newest this many complete checkpoints; 0 keeps all."""
-    keep_best: bool = True
-    """Also keep the checkpoint with the lowest validation loss."""
-    allow_data_change: bool = False
-    """Resume even though the data differs from the checkpoint's (meta.json, shard sizes or
-    tokenizer); the data order continues by sample count. Also --allow-data-change."""
-    save_timeout_minutes: float = 30.0
-    """A save not finished in this time ends the process with one line (status 3) instead of
-    hanging; the previous checkpoint stays the latest."""
-    save_at_end: bool = True
-    """Save when the run ends at train.max_steps or by early stopping. false for throwaway runs
-    (tools/find_batch.py's probes); a stop by signal, train.stop_at_step or
-    train.time_limit_minutes still saves, so that the run can continue."""
-
-    def __post_init__(self) -> None:
-        _require(self.interval >= 0, "interval", "must be >= 0 (0 saves only at the end)")
-        _require(bool(self.resume), "resume", "must be auto, none, or a checkpoint path")
-        _require(self.keep_last >= 0, "keep_last", "must be >= 0 (0 keeps all)")
-        _require(self.save_timeout_minutes > 0, "save_timeout_minutes", "must be positive")
-
-
-@dataclass(frozen=True)
-class LoggingConfig:
-    """Where metrics go besides metrics.jsonl and metrics.csv (always written)."""
-
-    wandb: Literal["auto", "online", "offline", "disabled"] = "auto"
-    """Weights & Biases, on rank 0. auto: online when an API key is configured (WANDB_API_KEY or
-    `wandb login`) and wandb starts online within WANDB_INIT_TIMEOUT (30 s), else offline (files
-    in the run directory, uploaded later with `wandb sync`). online: fail if it cannot."""
-    wandb_project: str = "dist-lm"
-    """wandb project."""
-    wandb_entity: str | None = None
-    """wandb entity (user or team). null: your default entity."""
-    wandb_group: str | None = None
-    """wandb group, e.g. one per sweep."""
-    wandb_tags: list[str] = field(default_factory=list)
-    """wandb tags; on the command line: logging.wandb_tags=a,b."""
-    tensorboard: bool = False
-    """Also write TensorBoard event files to tensorboard/ in the run directory (needs the
-    tensorboard package)."""
-    progress: bool = True
-    """A progress bar on rank 0 (steps, ETA, loss, tokens/s, MFU) when stderr is a terminal."""
-    profile_start: int = 0
-    """Profile the optimizer steps from this one (0: no profiling) with torch.profiler: each
-    rank writes a Chrome trace and a table of its costliest operations to profile/ in the run
-    directory, and the log says how busy the GPU was."""
-    profile_steps: int = 3
-    """How many steps to profile from logging.profile_start."""
-
-    def __post_init__(self) -> None:
-        _require(self.profile_start >= 0, "profile_start", "must be 0 (off) or the first step to profile")
-        _require(self.profile_steps >= 1, "profile_steps", "must be at least 1")
-
-
-@dataclass(frozen=True)
-class RunConfig:
-    """Naming and placing the run."""
-
-    name: str | None = None
-    """Run name. null: the config's name and the start time, e.g. debug-20261123-014500."""
-    dir: str | None = None
-    """Run directory (resolved config, log, metrics.jsonl, checkpoints). null: runs/<name>."""
-    verbose: bool = False
-    """Show DeepSpeed's own start-up output (quiet by default)."""
-
-    def __post_init__(self) -> None:
-        _require(self.name is None or (self.name and "/" not in self.name), "name",
-                 "must be a non-empty name without '/' (use run.dir for a path)")
+        require(self.early_stop_patience >= 0, "early_stop_patience", "must be >= 0 (0 disables)")
+        require(self.early_stop_min_delta >= 0, "early_stop_min_delta", "must be >= 0")
+        require(self.max_skipped_steps >= 0, "max_skipped_steps", "must be >= 0 (0: never stop)")
+        require(self.spike_factor == 0 or self.spike_factor > 1, "spike_factor", "must be 0 (off) or above 1")
 
 
 @dataclass(frozen=True)

@@ -12,12 +12,23 @@ from __future__ import annotations
 import torch
 
 from dist_lm.config.schema import ConfigError, ModelConfig, ParallelConfig
-from dist_lm.model.transformer import MLP, Transformer
+from dist_lm.model.layers import MLP
+from dist_lm.model.transformer import Transformer
 
 
 class ExpertsMLP(torch.nn.Module):
     """DeepSpeed's MoE layer in the shape the model expects of an MLP: it returns the output and
     keeps the load-balancing loss of its last forward in ``aux_loss``."""
+
+    @staticmethod
+    def parameter_count(cfg: ModelConfig) -> int:
+        """n_experts MLPs and the router (d_model x n_experts)."""
+        return cfg.n_experts * MLP.parameter_count(cfg) + cfg.d_model * cfg.n_experts
+
+    @staticmethod
+    def active_parameter_count(cfg: ModelConfig) -> int:
+        """What one token passes through: the router and top_k of the experts."""
+        return cfg.moe_top_k * MLP.parameter_count(cfg) + cfg.d_model * cfg.n_experts
 
     def __init__(self, model: ModelConfig, parallel: ParallelConfig):
         super().__init__()

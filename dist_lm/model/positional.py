@@ -183,6 +183,11 @@ class RelativeBias(torch.nn.Module):
     """Per-head additive attention bias from a basis of the relative distance, with causal
     masking folded in: a float mask for scaled_dot_product_attention."""
 
+    @staticmethod
+    def parameter_count(n_heads: int, num_basis: int) -> int:
+        """The learned coefficients, one per head and basis function."""
+        return n_heads * num_basis
+
     def __init__(self, n_heads: int, basis: str, num_basis: int, seq_len: int):
         super().__init__()
         if basis not in BASES:

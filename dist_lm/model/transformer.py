@@ -19,110 +19,19 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from dist_lm.config.schema import ModelConfig
+from dist_lm.model.layers import MLP, Attention, KVCache, Positions, RMSNorm, rope_tables
 from dist_lm.model.positional import RelativeBias
 
 
-class KVCache:
-    """Keys and values of the tokens seen so far, per layer, for generation one token at a time."""
-
-    def __init__(self) -> None:
-        self.keys: dict[int, torch.Tensor] = {}
-        self.values: dict[int, torch.Tensor] = {}
-        self.length = 0
-
-    def extend(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if layer in self.keys:
-            k, v = torch.cat([self.keys[layer], k], dim=2), torch.cat([self.values[layer], v], dim=2)
-        self.keys[layer], self.values[layer] = k, v
-        return k, v
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 whatever the compute dtype: bf16 loses too much in the mean of squares.
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return x32.type_as(x) * self.weight
-
-
-def rope_tables(head_dim: int, seq_len: int, theta: float, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of shape (seq_len, head_dim / 2)."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
-    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
-    return angles.cos(), angles.sin()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x[..., :d/2], x[..., d/2:]) of x (batch, heads, seq, head_dim)."""
-    x1, x2 = x.float().chunk(2, dim=-1)
-    out = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
-    return out.type_as(x)
-
-
-class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int):
-        super().__init__()
-        self.layer = layer
-        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
-        self.wq = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
-        self.wk = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
-        self.wv = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
-        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
-
-    def forward(self, x: torch.Tensor, pos: "Positions") -> torch.Tensor:
-        b, t, _ = x.shape
-        q = self.wq(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.wk(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.wv(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        if pos.rope is not None:
-            q, k = apply_rope(q, *pos.rope), apply_rope(k, *pos.rope)
-        if pos.cache is not None:
-            k, v = pos.cache.extend(self.layer, k, v)
-        if pos.bias is not None:  # the causal mask is in the bias
-            mask, causal = pos.bias, False
-        elif t == k.shape[2]:
-            mask, causal = None, True
-        else:  # new queries against cached keys: each sees the keys up to its own position
-            mask, causal = torch.ones(t, k.shape[2], dtype=torch.bool, device=x.device).tril(k.shape[2] - t), False
-        # enable_gqa lets the fused kernels read the shared K/V heads without copying them.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                           enable_gqa=self.n_kv_heads != self.n_heads)
-        return self.wo(y.transpose(1, 2).reshape(b, t, -1))
-
-
-class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.activation = cfg.activation
-        gated = cfg.activation in ("swiglu", "geglu")
-        self.w_in = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=False)
-        self.w_gate = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=False) if gated else None
-        self.w_out = nn.Linear(cfg.ffn_dim, cfg.d_model, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.activation == "swiglu":
-            h = F.silu(self.w_gate(x)) * self.w_in(x)
-        elif self.activation == "geglu":
-            h = F.gelu(self.w_gate(x), approximate="tanh") * self.w_in(x)
-        else:
-            h = F.gelu(self.w_in(x), approximate="tanh")
-        return self.w_out(h)
-
-
-class Positions:
-    """What attention needs to know of positions for one forward pass."""
-
-    def __init__(self, rope: tuple[torch.Tensor, torch.Tensor] | None, bias: torch.Tensor | None,
-                 cache: KVCache | None):
-        self.rope, self.bias, self.cache = rope, bias, cache
-
-
 class Block(nn.Module):
+    @staticmethod
+    def saved_bytes_per_token(cfg: ModelConfig, act_bytes: int, compiled: bool) -> float:
+        """What one block keeps for backward per token: its two norms, attention and MLP (a block
+        of experts is counted as one dense MLP; its routing is not modelled). The residual adds
+        keep nothing."""
+        return (2 * RMSNorm.saved_bytes_per_token(cfg.d_model, act_bytes, compiled)
+                + Attention.saved_bytes_per_token(cfg, act_bytes, compiled) + MLP.saved_bytes_per_token(cfg, act_bytes, compiled))
+
     def __init__(self, cfg: ModelConfig, layer: int, mlp: nn.Module | None = None):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
@@ -211,43 +120,3 @@ class Transformer(nn.Module):
         if self._rope is None or self._rope[0].device != device:
             self._rope = rope_tables(self.cfg.head_dim, self.cfg.seq_len, self.cfg.rope_theta, device)
         return self._rope[0][start:start + t], self._rope[1][start:start + t]
-
-
-def parameter_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """The shape of every tensor in the model's state dict, from a model built on the meta device
-    (no memory); a mixture-of-experts layer counts as model.n_experts MLPs."""
-    with torch.device("meta"):
-        model = Transformer(cfg, moe_layer=lambda _: nn.ModuleList(MLP(cfg) for _ in range(cfg.n_experts)))
-    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
-
-
-def count_parameters(cfg: ModelConfig) -> dict[str, int]:
-    """Parameter counts from the shapes alone (no model needed).
-
-    total: unique parameters (a tied head is not counted twice). matmul: the parameters that
-    take part in a matrix multiply per token, i.e. everything but the embedding lookup; the
-    output head is always one, tied or not.
-    """
-    d, f, L, V = cfg.d_model, cfg.ffn_dim, cfg.n_layers, cfg.vocab_size
-    attn = 2 * d * cfg.n_heads * cfg.head_dim + 2 * d * cfg.kv_heads * cfg.head_dim
-    mlp = d * f * (3 if cfg.activation in ("swiglu", "geglu") else 2)
-    n_moe = (cfg.layer_types or []).count("moe")
-    # An MoE layer holds n_experts MLPs and a router; a token passes through top_k of them.
-    moe_total, moe_active = cfg.n_experts * mlp + d * cfg.n_experts, cfg.moe_top_k * mlp + d * cfg.n_experts
-    shared = L * (attn + 2 * d) + d  # attention, the blocks' two norms each, and the final norm
-    body_total = shared + (L - n_moe) * mlp + n_moe * moe_total
-    body_active = shared + (L - n_moe) * mlp + n_moe * moe_active
-    head = V * d
-    positions = (cfg.seq_len * d if cfg.position == "learned" else 0) + \
-        (cfg.n_heads * cfg.bias_num_basis if cfg.position == "bias" else 0)
-    return {"total": V * d + body_total + positions + (0 if cfg.tie_embeddings else head),
-            "matmul": body_active + head}
-
-
-def flops_per_token(cfg: ModelConfig) -> float:
-    """Training FLOPs per token (forward + backward), the figure MFU is computed from.
-
-    6 per matmul parameter, plus attention's 12 * n_layers * d_model * seq_len (PaLM, appendix B),
-    counted without the causal halving, as PaLM and nanoGPT do.
-    """
-    return 6.0 * count_parameters(cfg)["matmul"] + 12.0 * cfg.n_layers * cfg.d_model * cfg.seq_len

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from dist_lm.observe import sinks
+from dist_lm.observe import log, sinks
 from dist_lm.config.schema import LoggingConfig
 from dist_lm.runtime.distributed import all_gather_floats, is_rank0
 from dist_lm.files import write_atomic
@@ -30,7 +30,7 @@ class MetricsWriter:
         if not is_rank0():
             return
         if removed := sinks.drop_rows_after(run_dir, start_step):
-            log(f"metrics: {removed} row(s) after step {start_step}, from the process that stopped there, "
+            log.info(f"metrics: {removed} row(s) after step {start_step}, from the process that stopped there, "
                 "removed from metrics.jsonl and metrics.csv (those steps are trained again)")
         self.sinks += [sinks.JsonlSink(run_dir / "metrics.jsonl"), sinks.CsvSink(run_dir / "metrics.csv")]
         mode, note = sinks.wandb_mode(cfg.wandb)
@@ -38,10 +38,10 @@ class MetricsWriter:
             self.wandb = sinks.WandbSink(cfg, mode, run_dir, run_name, config)
             self.sinks.append(self.wandb)
             if self.wandb.fallback:
-                warn(f"wandb: {self.wandb.fallback} to {self.wandb.offline_dir}; upload later with: "
+                log.warn(f"wandb: {self.wandb.fallback} to {self.wandb.offline_dir}; upload later with: "
                      f"wandb sync {self.wandb.offline_dir}")
             elif note:
-                log(f"wandb: {note} to {self.wandb.offline_dir}; upload later with: wandb sync {self.wandb.offline_dir}")
+                log.info(f"wandb: {note} to {self.wandb.offline_dir}; upload later with: wandb sync {self.wandb.offline_dir}")
         if cfg.tensorboard:
             self.sinks.append(sinks.TensorBoardSink(run_dir / "tensorboard"))
 
@@ -55,7 +55,7 @@ class MetricsWriter:
 
     def alert(self, title: str, text: str) -> None:
         """A warning on the console, and a wandb alert when wandb is on."""
-        warn(f"{title}: {text}")
+        log.warn(f"{title}: {text}")
         if self.wandb is not None:
             self.wandb.alert(title, text)
 

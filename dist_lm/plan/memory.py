@@ -5,8 +5,9 @@ compiled.
 A model of our model family under DeepSpeed, in bytes, compared with
 ``torch.cuda.max_memory_allocated`` (what the training log's ``mem`` reports; the CUDA
 context and allocator slack come on top, which is why the planner keeps headroom).
-The activation counts follow what autograd saves in :mod:`dist_lm.model.transformer` (or, compiled, what
-torch.compile keeps); the DeepSpeed buffer terms follow what its ZeRO optimizers allocate.
+The activation counts are the model's own (each layer counts what autograd keeps for it, eager,
+or what torch.compile keeps: dist_lm.model.layers); the DeepSpeed buffer terms follow what its
+ZeRO optimizers allocate.
 ``tools/bench_memory.py`` measures the same configurations on a GPU; the README records how
 close the two came.
 """
@@ -16,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 from dist_lm.config.schema import ModelConfig, ParallelConfig
-from dist_lm.model.transformer import count_parameters
+from dist_lm.model.counts import count_parameters, saved_bytes_per_token
 from dist_lm.runtime.precision import Precision
 
 GB = 1e9
@@ -47,31 +48,6 @@ class MemoryEstimate:
     def describe(self) -> str:
         parts = ", ".join(f"{f.name} {getattr(self, f.name) / GB:.1f}" for f in fields(self))
         return f"{self.total / GB:.1f} GB ({parts})"
-
-
-def activation_bytes_per_token(model: ModelConfig, act_bytes: int, compiled: bool = False) -> tuple[float, float]:
-    """Bytes one block keeps for backward per token, and bytes of the block input alone.
-
-    Eager, per block (see dist_lm.model.transformer): two RMSNorms each keep their fp32 input and their output
-    (4 + act_bytes per element of d); attention keeps q, k, v, its output and the re-laid-out
-    output that enters wo; the MLP keeps gate, up, the activation and the product (4 x ffn).
-
-    Compiled (parallel.compile), torch.compile's partitioner recomputes elementwise work in backward
-    instead of keeping it. Counted with saved-tensor hooks on our model at 82M and 1.1B shapes:
-    seven tensors of d per block (both norms' inputs and outputs, q, attention's output and its
-    re-laid-out copy), k and v, three of ffn with a gated MLP (gate, up, product) or two without,
-    all in the compute dtype, and fp32 per token: attention's log-sum-exp per head and each
-    norm's reciprocal RMS. That count came within 1% of the measured peaks (docs/benchmarks.md).
-    """
-    d, kvd, f = model.d_model, model.kv_heads * model.head_dim, model.ffn_dim
-    gated = model.activation in ("swiglu", "geglu")
-    if compiled:
-        kept = act_bytes * (7 * d + 2 * kvd + (3 if gated else 2) * f) + 4 * (model.n_heads + 2)
-        return kept, act_bytes * d
-    norms = 2 * (4 + act_bytes) * d
-    attention = act_bytes * (3 * d + 2 * kvd)
-    mlp = act_bytes * (4 * f if gated else 2 * f)
-    return norms + attention + mlp, act_bytes * d
 
 
 def estimate(model: ModelConfig, parallel: ParallelConfig, precision: Precision | str, micro_batch: int,
@@ -120,7 +96,7 @@ def estimate(model: ModelConfig, parallel: ParallelConfig, precision: Precision 
     # compiled (82M and 274M, whose peak is then not at the start of backward), while the eager
     # count held them (+2.7% at 274M): so checkpointed runs are counted eager.
     compiled = parallel.compile and not parallel.activation_checkpointing
-    per_block, block_input = activation_bytes_per_token(model, act_bytes, compiled)
+    per_block, block_input = saved_bytes_per_token(model, act_bytes, compiled)
     # Every block's input when checkpointing, plus one block's activations while it is
     # recomputed; else every block's activations, plus (eager) one block's worth of temporaries
     # in backward, the gradients flowing through it. Compiled, the kept tensors alone matched.

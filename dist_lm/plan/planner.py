@@ -21,7 +21,7 @@ from dist_lm.config.batch import batch_plan, global_batch_size, rounded_up
 from dist_lm.config.io import load_config, parse_override
 from dist_lm.plan.hardware import Machine
 from dist_lm.plan.memory import GB, MemoryEstimate, estimate
-from dist_lm.model.transformer import count_parameters, flops_per_token
+from dist_lm.model.counts import count_parameters, flops_per_token
 from dist_lm.runtime.precision import Precision
 
 # Model presets for GPUs, largest first; "debug" is the CPU plan.

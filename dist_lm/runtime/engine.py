@@ -65,14 +65,7 @@ def initialize(model: Transformer, parallel: ParallelConfig, optim: OptimConfig,
         # its Newton-Schulz step): Inductor's C++ build costs more than it saves on a CPU run,
         # a minute and a half before the first Muon step on two cores.
         torch._dynamo.config.disable = True
-    if parallel.offload_optimizer or optim.name == "muon":
-        optimizer = None  # DeepSpeed builds its CPU Adam or its Muon from the config's "optimizer"
-    else:
-        # A torch AdamW passed in as the client optimizer: fused on GPU (DeepSpeed's own FusedAdam
-        # is a JIT build that fails on some images), the default foreach kernel on CPU. The
-        # learning rate is set before every step by the trainer (dist_lm.optim.lr_at).
-        optimizer = torch.optim.AdamW(param_sets, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps,
-                                      fused=device.type == "cuda")
+    optimizer = client_optimizer(param_sets, optim, parallel, device)
     # DeepSpeed prints some of its start-up output bare, past its logger: at bf16 ZeRO-1 its
     # BF16_Optimizer prints memory lines ("begin bf16_optimizer", "MA 0.38 GB ...") on every start.
     # Its logger keeps its own handle on stdout, so its warnings still show.

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from dist_lm.config.io import to_dict
 from dist_lm.data import shards
-from dist_lm.model.transformer import count_parameters, flops_per_token
+from dist_lm.model.counts import count_parameters, flops_per_token
 from dist_lm.observe import log, metrics
 from dist_lm.plan import hardware
 from dist_lm.runtime import distributed, engine

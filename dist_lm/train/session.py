@@ -27,14 +27,14 @@ from dist_lm.data.checks import resolve_data
 from dist_lm.data.sampler import TrainData, ValData
 from dist_lm.files import write_atomic
 from dist_lm.model.moe import build_model, check_moe
-from dist_lm.model.transformer import count_parameters, flops_per_token, parameter_shapes
+from dist_lm.model.counts import count_parameters, flops_per_token, parameter_shapes
 from dist_lm.observe import log, metrics, sinks
 from dist_lm.observe.profiling import StepProfiler
 from dist_lm.plan import hardware, memory
 from dist_lm.runtime import distributed, engine
 from dist_lm.runtime.distributed import DistEnv
 from dist_lm.runtime.precision import Precision
-from dist_lm.train import checkpoint, run_lock, watchdog
+from dist_lm.train import checkpoint, restore, run_lock, watchdog
 from dist_lm.train.preemption import StopControl
 from dist_lm.train.state import RunState
 
@@ -129,7 +129,7 @@ def start(cfg: Config, plan_summary: list[str] = (), data: tuple[Config, Path, d
             "use another run.name or checkpoint.dir, or resume it (checkpoint.resume=auto)")
     if cfg.checkpoint.interval or cfg.checkpoint.save_at_end:  # not train to checkpoint.interval for nothing
         check_room_for_a_checkpoint(cfg, ckpt_root, "at start-up")
-    universal = found is not None and checkpoint.needs_universal(found.state, dist_env.world_size,
+    universal = found is not None and restore.needs_universal(found.state, dist_env.world_size,
                                                                  cfg.parallel.zero_stage)
     dir_lock = _take_run_dir(cfg, run_dir)
     log.set_log_file(run_dir / "train.log")
@@ -156,7 +156,7 @@ def start(cfg: Config, plan_summary: list[str] = (), data: tuple[Config, Path, d
         log.info(f"predicted peak GPU memory per rank {predicted.describe()}")
     engine.quiet(cfg.run.verbose)
     if universal:  # saved on another world size or ZeRO stage: DeepSpeed's universal format
-        checkpoint.convert_to_universal(found.path, rank, distributed.barrier)
+        restore.convert_to_universal(found.path, rank, distributed.barrier)
     start_step = found.state.step if found else 0
     summary = metrics.RunSummary(
         launcher=dist_env.launcher, world_size=dist_env.world_size, precision=precision,
@@ -259,7 +259,7 @@ def _resume(model_engine: Any, train_data: TrainData, found: checkpoint.Found, u
             rank: int) -> None:
     """The engine's and the data's side of a resume: weights, optimizer state, this rank's random
     state, where the data order continues. (The loop restores its own counters: Trainer.)"""
-    checkpoint.load(model_engine, found, universal)
+    restore.load(model_engine, found, universal)
     if universal:
         engine.restore_weight_decay(model_engine, cfg.optim)
     rng = found.path / f"rng-rank{rank}.json"

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from dist_lm.train import checkpoint
+from dist_lm.train import checkpoint, restore
 from dist_lm.config.schema import Config, UserError
 from dist_lm.runtime.precision import Precision
 from dist_lm.use.inference import find_tokenizer, saved_config
@@ -90,7 +90,7 @@ def export_hf(source: Path, out: Path, overwrite: bool = False, best: bool = Fal
     torch_dtype = Precision(found.state.precision if dtype == "trained" else dtype).dtype
     config = hf_config(cfg, eot_id, torch_dtype)
 
-    weights = checkpoint.consolidated_weights(found.path)
+    weights = restore.consolidated_weights(found.path)
     tensors = {hf_name(k): v.to(torch_dtype).contiguous() for k, v in weights.items()
                if not (cfg.model.tie_embeddings and k == "lm_head.weight")}
 

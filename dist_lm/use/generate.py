@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dist_lm.model.transformer import KVCache
+from dist_lm.model.layers import KVCache
 
 
 @torch.no_grad()

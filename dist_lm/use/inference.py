@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from dist_lm.train import checkpoint
+from dist_lm.train import checkpoint, restore
 from dist_lm.data import corpus
 from dist_lm.config.schema import Config, UserError
 from dist_lm.config.io import from_dict
@@ -47,7 +47,7 @@ def load_model(path: Path, best: bool = False, dtype: str = "fp32") -> tuple[Tra
         raise UserError(f"{found.path} has mixture-of-experts layers, which need DeepSpeed's engine to run; "
                         "use the training launcher's evaluation (train.eval_interval) for them")
     model = Transformer(cfg.model)
-    weights = checkpoint.consolidated_weights(found.path)
+    weights = restore.consolidated_weights(found.path)
     try:
         model.load_state_dict(weights)
     except RuntimeError as e:  # names or shapes that are not this model's

@@ -1,0 +1,148 @@
+"""The config sections of how a run executes: parallelism and precision, checkpoints, logging,
+naming. (What is trained: :mod:`dist_lm.config.schema`, which gathers all sections into Config.)
+Frozen, typed, a docstring per field, as there."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from dist_lm.config.errors import require
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """How DeepSpeed runs the model: ZeRO stage, precision, memory savers."""
+
+    zero_stage: Literal[0, 1, 2, 3] = 1
+    """ZeRO stage: 0 data parallel, 1 shards optimizer state, 2 also gradients, 3 also parameters."""
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    """auto: bf16 on GPUs that support it, fp16 with dynamic loss scaling on older GPUs, fp32 on CPU."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in backward instead of storing them."""
+    offload_optimizer: bool = False
+    """Keep optimizer state on the CPU and step it with DeepSpeed's CPU Adam (ZeRO 1-3)."""
+    offload_params: bool = False
+    """Keep parameters on the CPU between uses (ZeRO 3 only)."""
+    overlap_comm: bool = True
+    """Overlap gradient reduction with backward (ZeRO 1-3)."""
+    reduce_bucket_size: int = 500_000_000
+    """Elements per gradient-reduction bucket."""
+    allgather_bucket_size: int = 500_000_000
+    """Elements per parameter all-gather bucket (ZeRO 1-2)."""
+    compile: bool = False
+    """torch.compile the model inside the DeepSpeed engine (engine.compile()); on a GPU only, a
+    CPU run ignores it. The first step waits for compilation (1-2.5 min on an H200)."""
+    deepcompile: bool = False
+    """With compile at ZeRO-3: DeepSpeed's DeepCompile, which puts ZeRO-3's parameter gathers and
+    releases into the compiled graph; torch.compile alone breaks the graph at each of DeepSpeed's
+    hooks. 1.1B on two H200s: 1.75x eager ZeRO-3's tokens/s, 93% of ZeRO-2 compiled's; the first
+    step waits ~6 min and step 6 ~2.5 min (compiling, profiling). Ignored without compile or below
+    ZeRO-3, where plain torch.compile is the fast path."""
+    timeout_minutes: float = 30.0
+    """The longest a rank may go without finishing a step or an evaluation batch (the first,
+    compiling, step included): then it ends with one line naming the rank that stopped answering,
+    exit status 3. Every collective's timeout too (plus a minute)."""
+    expert_parallel_size: int = 1
+    """Ranks the experts of a moe layer are spread over (must divide the rank count and
+    model.n_experts); DeepSpeed's MoE layer does the all-to-all."""
+
+    @property
+    def uses_deepcompile(self) -> bool:
+        # A preset may turn DeepCompile on and a user lower the ZeRO stage or turn compile off:
+        # that is a plain torch.compile (or eager) run, not a config error.
+        return self.deepcompile and self.compile and self.zero_stage == 3
+
+    def __post_init__(self) -> None:
+        require(not self.offload_optimizer or self.zero_stage >= 1, "offload_optimizer",
+                 "needs parallel.zero_stage 1, 2 or 3")
+        require(not self.offload_params or self.zero_stage == 3, "offload_params",
+                 "needs parallel.zero_stage=3")
+        require(self.reduce_bucket_size > 0, "reduce_bucket_size", "must be positive")
+        require(self.allgather_bucket_size > 0, "allgather_bucket_size", "must be positive")
+        require(self.timeout_minutes > 0, "timeout_minutes", "must be positive")
+        require(self.expert_parallel_size > 0, "expert_parallel_size", "must be positive")
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """When checkpoints are written, where, how many are kept, and what a run resumes from."""
+
+    interval: int = 500
+    """Save every this many steps (and always at the end); 0 saves only at the end."""
+    dir: str | None = None
+    """Where checkpoints go. null: checkpoints/ in the run directory."""
+    resume: str = "auto"
+    """auto: continue from the newest complete checkpoint of this run, if there is one. none:
+    start afresh (existing checkpoints are kept until newer ones replace them). A path: that
+    checkpoint directory (.../checkpoints/stepNNNNNNNN) or the newest of that run directory.
+    Also --resume on the command line."""
+    keep_last: int = 3
+    """Keep the newest this many complete checkpoints; 0 keeps all."""
+    keep_best: bool = True
+    """Also keep the checkpoint with the lowest validation loss."""
+    allow_data_change: bool = False
+    """Resume even though the data differs from the checkpoint's (meta.json, shard sizes or
+    tokenizer); the data order continues by sample count. Also --allow-data-change."""
+    save_timeout_minutes: float = 30.0
+    """A save not finished in this time ends the process with one line (status 3) instead of
+    hanging; the previous checkpoint stays the latest."""
+    save_at_end: bool = True
+    """Save when the run ends at train.max_steps or by early stopping. false for throwaway runs
+    (tools/find_batch.py's probes); a stop by signal, train.stop_at_step or
+    train.time_limit_minutes still saves, so that the run can continue."""
+
+    def __post_init__(self) -> None:
+        require(self.interval >= 0, "interval", "must be >= 0 (0 saves only at the end)")
+        require(bool(self.resume), "resume", "must be auto, none, or a checkpoint path")
+        require(self.keep_last >= 0, "keep_last", "must be >= 0 (0 keeps all)")
+        require(self.save_timeout_minutes > 0, "save_timeout_minutes", "must be positive")
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    """Where metrics go besides metrics.jsonl and metrics.csv (always written)."""
+
+    wandb: Literal["auto", "online", "offline", "disabled"] = "auto"
+    """Weights & Biases, on rank 0. auto: online when an API key is configured (WANDB_API_KEY or
+    `wandb login`) and wandb starts online within WANDB_INIT_TIMEOUT (30 s), else offline (files
+    in the run directory, uploaded later with `wandb sync`). online: fail if it cannot."""
+    wandb_project: str = "dist-lm"
+    """wandb project."""
+    wandb_entity: str | None = None
+    """wandb entity (user or team). null: your default entity."""
+    wandb_group: str | None = None
+    """wandb group, e.g. one per sweep."""
+    wandb_tags: list[str] = field(default_factory=list)
+    """wandb tags; on the command line: logging.wandb_tags=a,b."""
+    tensorboard: bool = False
+    """Also write TensorBoard event files to tensorboard/ in the run directory (needs the
+    tensorboard package)."""
+    progress: bool = True
+    """A progress bar on rank 0 (steps, ETA, loss, tokens/s, MFU) when stderr is a terminal."""
+    profile_start: int = 0
+    """Profile the optimizer steps from this one (0: no profiling) with torch.profiler: each
+    rank writes a Chrome trace and a table of its costliest operations to profile/ in the run
+    directory, and the log says how busy the GPU was."""
+    profile_steps: int = 3
+    """How many steps to profile from logging.profile_start."""
+
+    def __post_init__(self) -> None:
+        require(self.profile_start >= 0, "profile_start", "must be 0 (off) or the first step to profile")
+        require(self.profile_steps >= 1, "profile_steps", "must be at least 1")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Naming and placing the run."""
+
+    name: str | None = None
+    """Run name. null: the config's name and the start time, e.g. debug-20261123-014500."""
+    dir: str | None = None
+    """Run directory (resolved config, log, metrics.jsonl, checkpoints). null: runs/<name>."""
+    verbose: bool = False
+    """Show DeepSpeed's own start-up output (quiet by default)."""
+
+    def __post_init__(self) -> None:
+        require(self.name is None or (self.name and "/" not in self.name), "name",
+                 "must be a non-empty name without '/' (use run.dir for a path)")

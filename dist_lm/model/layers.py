@@ -1,0 +1,157 @@
+"""The layers of the transformer: RMSNorm, rotary embeddings, grouped-query attention, the MLP,
+and the key/value cache of generation.
+
+Each layer counts itself from the config alone (static methods, no instance needed): its
+parameters, and the bytes per token that autograd keeps for backward, eager or compiled. The
+whole model's counts (dist_lm.model.counts) and the memory model (dist_lm.plan.memory) sum these,
+and tests/test_model.py holds them to what the layers allocate and save.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dist_lm.config.schema import ModelConfig
+
+
+class KVCache:
+    """Keys and values of the tokens seen so far, per layer, for generation one token at a time."""
+
+    def __init__(self) -> None:
+        self.keys: dict[int, torch.Tensor] = {}
+        self.values: dict[int, torch.Tensor] = {}
+        self.length = 0
+
+    def extend(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if layer in self.keys:
+            k, v = torch.cat([self.keys[layer], k], dim=2), torch.cat([self.values[layer], v], dim=2)
+        self.keys[layer], self.values[layer] = k, v
+        return k, v
+
+
+class RMSNorm(nn.Module):
+    @staticmethod
+    def parameter_count(dim: int) -> int:
+        return dim
+
+    @staticmethod
+    def saved_bytes_per_token(dim: int, act_bytes: int, compiled: bool) -> float:
+        """What autograd keeps for backward. Eager: the fp32 input (x.float(), a copy unless it
+        is fp32 already), the normalised tensor in the compute dtype (the weight multiply keeps
+        it) and the output (the next matmul keeps it), and the fp32 reciprocal RMS per token.
+        Compiled: the input and output in the compute dtype, and the reciprocal RMS."""
+        return (2 * act_bytes if compiled else 4 + 2 * act_bytes) * dim + 4
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 whatever the compute dtype: bf16 loses too much in the mean of squares.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return x32.type_as(x) * self.weight
+
+
+def rope_tables(head_dim: int, seq_len: int, theta: float, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of shape (seq_len, head_dim / 2)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x[..., :d/2], x[..., d/2:]) of x (batch, heads, seq, head_dim)."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    out = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    return out.type_as(x)
+
+
+class Attention(nn.Module):
+    @staticmethod
+    def parameter_count(cfg: ModelConfig) -> int:
+        return 2 * cfg.d_model * cfg.n_heads * cfg.head_dim + 2 * cfg.d_model * cfg.kv_heads * cfg.head_dim
+
+    @staticmethod
+    def attention_flops_per_token(cfg: ModelConfig) -> float:
+        """The score and value products' training FLOPs per token, beside its matmul parameters'
+        6 each: 12 x d_model x seq_len (PaLM, appendix B), without the causal halving, as PaLM and
+        nanoGPT count it."""
+        return 12.0 * cfg.d_model * cfg.seq_len
+
+    @staticmethod
+    def saved_bytes_per_token(cfg: ModelConfig, act_bytes: int, compiled: bool) -> float:
+        """q, k and v after rotation, the attention output and its re-laid-out copy that enters wo
+        (its input, the norm's output, is the norm's count), in the compute dtype, and the fp32
+        log-sum-exp per head that the fused kernels keep; the same compiled."""
+        return act_bytes * (3 * cfg.d_model + 2 * cfg.kv_heads * cfg.head_dim) + 4 * cfg.n_heads
+
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        self.wq = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor, pos: "Positions") -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.wq(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if pos.rope is not None:
+            q, k = apply_rope(q, *pos.rope), apply_rope(k, *pos.rope)
+        if pos.cache is not None:
+            k, v = pos.cache.extend(self.layer, k, v)
+        if pos.bias is not None:  # the causal mask is in the bias
+            mask, causal = pos.bias, False
+        elif t == k.shape[2]:
+            mask, causal = None, True
+        else:  # new queries against cached keys: each sees the keys up to its own position
+            mask, causal = torch.ones(t, k.shape[2], dtype=torch.bool, device=x.device).tril(k.shape[2] - t), False
+        # enable_gqa lets the fused kernels read the shared K/V heads without copying them.
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                           enable_gqa=self.n_kv_heads != self.n_heads)
+        return self.wo(y.transpose(1, 2).reshape(b, t, -1))
+
+
+class MLP(nn.Module):
+    @staticmethod
+    def parameter_count(cfg: ModelConfig) -> int:
+        return cfg.d_model * cfg.ffn_dim * (3 if cfg.activation in ("swiglu", "geglu") else 2)
+
+    @staticmethod
+    def saved_bytes_per_token(cfg: ModelConfig, act_bytes: int, compiled: bool) -> float:
+        """Gated, eager: gate, up, the activation and the product (4 x ffn); compiled, the
+        activation is recomputed (3 x ffn). Plain GELU: its input and output (2 x ffn)."""
+        gated = cfg.activation in ("swiglu", "geglu")
+        return act_bytes * cfg.ffn_dim * ((3 if compiled else 4) if gated else 2)
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.activation = cfg.activation
+        gated = cfg.activation in ("swiglu", "geglu")
+        self.w_in = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=False)
+        self.w_gate = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=False) if gated else None
+        self.w_out = nn.Linear(cfg.ffn_dim, cfg.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.activation == "swiglu":
+            h = F.silu(self.w_gate(x)) * self.w_in(x)
+        elif self.activation == "geglu":
+            h = F.gelu(self.w_gate(x), approximate="tanh") * self.w_in(x)
+        else:
+            h = F.gelu(self.w_in(x), approximate="tanh")
+        return self.w_out(h)
+
+
+class Positions:
+    """What attention needs to know of positions for one forward pass."""
+
+    def __init__(self, rope: tuple[torch.Tensor, torch.Tensor] | None, bias: torch.Tensor | None,
+                 cache: KVCache | None):
+        self.rope, self.bias, self.cache = rope, bias, cache
