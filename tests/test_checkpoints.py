@@ -40,7 +40,7 @@ def test_two_rank_zero_checkpoint_resumes_on_one_and_two_ranks(env, ds_ops, tmp_
     """Same world size: DeepSpeed's own files. One rank: through DeepSpeed's universal format.
     Tolerance 1e-4 in loss, as for any ZeRO run against the reference; except ZeRO-3 through the
     universal format, where DeepSpeed 0.19.8's loader continued 2.5e-3 off by the third step
-    (README, 'Checkpoints'), so 1e-2 there."""
+    (docs/checkpoints.md), so 1e-2 there."""
     args = [*BASE, f"parallel.zero_stage={stage}", "train.micro_batch_size=2", "train.global_batch_size=8",
             "data.log_samples=true"]
     whole = tmp_path / "whole"  # uninterrupted, with the checkpoint at step 3 that the others resume from

@@ -1,4 +1,5 @@
-"""The README tells the truth: its first two commands, its config reference, and CI's command."""
+"""The docs tell the truth: the README's first two commands, the config reference, CI's command,
+the README's size and its links."""
 
 from __future__ import annotations
 
@@ -19,8 +20,9 @@ def test_first_two_commands_are_make_demo_and_make_test():
 
 
 def test_config_reference_is_generated_from_the_dataclasses():
-    assert embedded_reference(readme()).strip() == reference_markdown().strip(), \
-        "README's config reference is stale: python tools/config_reference.py --update README.md"
+    page = (ROOT / "docs" / "configuration.md").read_text()
+    assert embedded_reference(page).strip() == reference_markdown().strip(), \
+        "docs/configuration.md's config reference is stale: python tools/config_reference.py --update docs/configuration.md"
 
 
 def test_every_config_field_has_a_docstring():
@@ -31,3 +33,11 @@ def test_every_config_field_has_a_docstring():
 
 def test_ci_runs_the_readme_test_command():
     assert "make test" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_readme_is_a_front_door_and_its_links_resolve():
+    """At most 15 KB, and every relative link in the README and docs/ points at a file that exists."""
+    assert len(readme().encode()) <= 15_000
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", page.read_text()):
+            assert (page.parent / target).exists(), f"{page.name} links to {target}, which does not exist"

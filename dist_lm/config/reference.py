@@ -1,4 +1,4 @@
-"""The config reference (README's table), generated from the dataclasses' field docstrings.
+"""The config reference (docs/configuration.md's tables), generated from the dataclasses' field docstrings.
 
 Python keeps no docstrings for attributes at run time, so they are read from the schema's source.
 """
@@ -52,10 +52,11 @@ START, END = "<!-- config-reference:start -->\n", "<!-- config-reference:end -->
 
 
 def embedded_reference(text: str) -> str:
-    """The reference as embedded in a README between the markers."""
+    """The reference as embedded in a page (docs/configuration.md) between the markers."""
     return text[text.index(START) + len(START):text.index(END)]
 
 
-def update_readme(path: Path) -> None:
+def update_page(path: Path) -> None:
+    """Rewrite the reference between the page's markers."""
     text = path.read_text()
     path.write_text(text.replace(embedded_reference(text), reference_markdown() + "\n"))

@@ -32,12 +32,12 @@ class ParallelConfig:
     """Elements per parameter all-gather bucket (ZeRO 1-2)."""
     compile: bool = False
     """torch.compile the model inside the DeepSpeed engine (engine.compile()); on a GPU only, a
-    CPU run ignores it. The first step waits for compilation (1-2.5 min on an H200)."""
+    CPU run ignores it. The first step waits for compilation (minutes at 1B parameters)."""
     deepcompile: bool = False
     """With compile at ZeRO-3: DeepSpeed's DeepCompile, which puts ZeRO-3's parameter gathers and
     releases into the compiled graph; torch.compile alone breaks the graph at each of DeepSpeed's
-    hooks. 1.1B on two H200s: 1.75x eager ZeRO-3's tokens/s, 93% of ZeRO-2 compiled's; the first
-    step waits ~6 min and step 6 ~2.5 min (compiling, profiling). Ignored without compile or below
+    hooks (docs/benchmarks.md has what each gives). The first step waits for it to compile and
+    profile, and a step a few later again for its prefetching. Ignored without compile or below
     ZeRO-3, where plain torch.compile is the fast path."""
     timeout_minutes: float = 30.0
     """The longest a rank may go without finishing a step or an evaluation batch (the first,

@@ -127,13 +127,13 @@ def read_meta(data_dir: Path, dtype: str = "auto") -> dict:
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise UserError(f"data error: data.dir={data_dir} does not exist; point it at a directory of token "
-                        "shards with a meta.json (README, 'Data'), or leave it unset for the embedded corpus")
+                        "shards with a meta.json (docs/data.md), or leave it unset for the embedded corpus")
     path = data_dir / "meta.json"
     if not path.is_file():
         if (data_dir / "train.bin").is_file():
             return _nanogpt_meta(data_dir, dtype)
         raise UserError(f"data error: {path} is missing; data.dir must be a directory of token shards "
-                        "with a meta.json (README, 'Data') or nanoGPT's train.bin/val.bin") from None
+                        "with a meta.json (docs/data.md) or nanoGPT's train.bin/val.bin") from None
     try:
         meta = json.loads(path.read_text())
     except json.JSONDecodeError as e:

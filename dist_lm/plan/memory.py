@@ -8,7 +8,7 @@ context and allocator slack come on top, which is why the planner keeps headroom
 The activation counts are the model's own (each layer counts what autograd keeps for it, eager,
 or what torch.compile keeps: dist_lm.model.layers); the DeepSpeed buffer terms follow what its
 ZeRO optimizers allocate.
-``tools/bench_memory.py`` measures the same configurations on a GPU; the README records how
+``tools/bench_memory.py`` measures the same configurations on a GPU; docs/benchmarks.md records how
 close the two came.
 """
 
@@ -21,7 +21,7 @@ from dist_lm.model.counts import count_parameters, saved_bytes_per_token
 from dist_lm.runtime.precision import Precision
 
 GB = 1e9
-WORKSPACES = 0.07 * GB  # measured: a 1.4M-parameter model at ZeRO-0 peaks at 0.12 GB on an H100
+WORKSPACES = 0.07 * GB  # what a tiny model's measured peak leaves over its states (docs/benchmarks.md)
 
 
 @dataclass(frozen=True)
@@ -92,9 +92,9 @@ def estimate(model: ModelConfig, parallel: ParallelConfig, precision: Precision 
 
     tokens = micro_batch * model.seq_len
     act_bytes = w_bytes
-    # With checkpointing, the compiled count fell 10% short of both checkpointed presets measured
-    # compiled (82M and 274M, whose peak is then not at the start of backward), while the eager
-    # count held them (+2.7% at 274M): so checkpointed runs are counted eager.
+    # With checkpointing, the compiled count fell short of the checkpointed presets measured
+    # compiled (whose peak is then not at the start of backward), while the eager count held
+    # them (docs/benchmarks.md): so checkpointed runs are counted eager.
     compiled = parallel.compile and not parallel.activation_checkpointing
     per_block, block_input = saved_bytes_per_token(model, act_bytes, compiled)
     # Every block's input when checkpointing, plus one block's activations while it is

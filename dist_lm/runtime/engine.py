@@ -93,9 +93,9 @@ def compile_wait(parallel: ParallelConfig, device: torch.device, start_step: int
     """What the silence before the first step is, for a compiled run (minutes of it)."""
     mode = compile_mode(parallel, device)
     if mode == "DeepCompile":
-        return (f"; the first step waits for DeepCompile to compile and profile (~6 min at 1.1B on an H200), "
-                f"step {start_step + deepcompile_warmup() + 1} again for its prefetching (~2.5 min)")
-    return "; the first step waits for torch.compile (1-3 min at 1.1B on an H100)" if mode else ""
+        return (f"; the first step waits for DeepCompile to compile and profile (minutes at 1B parameters), "
+                f"step {start_step + deepcompile_warmup() + 1} again for its prefetching")
+    return "; the first step waits for torch.compile (minutes at 1B parameters)" if mode else ""
 
 
 def deepcompile_warmup() -> int:
@@ -124,7 +124,7 @@ def reduces_for_nothing(engine: "deepspeed.DeepSpeedEngine") -> bool:
     At ZeRO-0, and at ZeRO-1 under bf16 with fp32 accumulation (its BF16_Optimizer), DeepSpeed
     reduces gradients by copying them into flat 500M-element buffers, all-reducing those and
     copying them back, whatever the rank count. Alone, that is an identity that moves ~16 bytes
-    per parameter every step (about 18 GB at 1.1B parameters, several ms on an H100), and under
+    per parameter every step (milliseconds a step at 1B parameters), and under
     bf16 it also rounds the fp32-accumulated gradients to bf16 on the way. ZeRO-1
     with DeepSpeed's ZeRO optimizer (fp16, bf16 without fp32 accumulation) and ZeRO-2/3 move
     gradients into their partitions on that same path, so they keep it.
