@@ -118,14 +118,18 @@ def env(cache_dir) -> dict:
 
 
 def launch(launcher: str, args: list[str], env: dict, nproc: int = 2, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run launchers/pretrain.py under ``launcher`` (python, torchrun or deepspeed)."""
+    """Run the training entry point under ``launcher``: python (launchers/pretrain.py, the path
+    form), torchrun (-m dist_lm train) or deepspeed (--module dist_lm train), so that both forms
+    are what the suite runs."""
     if launcher == "python":
         cmd = [sys.executable, str(PRETRAIN)]
     elif launcher == "torchrun":
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(PRETRAIN)]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "dist_lm", "train"]
     elif launcher == "deepspeed":
         # --num_gpus is needed on CPU: without it the launcher counts NUMA nodes and starts one rank.
-        cmd = [str(BIN / "deepspeed"), f"--num_gpus={nproc}", f"--master_port={free_port()}", str(PRETRAIN)]
+        cmd = [str(BIN / "deepspeed"), f"--num_gpus={nproc}", f"--master_port={free_port()}", "--module", "dist_lm",
+               "train"]
     else:
         raise ValueError(launcher)
     return subprocess.run(cmd + args, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
