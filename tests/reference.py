@@ -7,7 +7,7 @@ import torch
 
 from dist_lm.config.io import load_config
 from dist_lm.data.sampler import TrainData
-from dist_lm.config.batch import BatchPlan
+from dist_lm.config.batch import BatchSizes
 from dist_lm.model.transformer import Transformer
 from dist_lm.runtime.optim import lr_at, param_groups
 from dist_lm.data.checks import resolve_data
@@ -22,8 +22,8 @@ def reference_losses(preset: str, overrides: list[str], steps: int) -> list[floa
     opt = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
     micro = cfg.train.micro_batch_size
     # The whole global batch in this one process, as micro-batches in the global order.
-    plan = BatchPlan(micro, cfg.train.global_batch_size // micro, 1)
-    data = TrainData(data_dir, meta, cfg.model.seq_len, plan, 0, cfg.train.seed, torch.device("cpu"))
+    batch = BatchSizes(micro, cfg.train.global_batch_size // micro, 1)
+    data = TrainData(data_dir, meta, cfg.model.seq_len, batch, 0, cfg.train.seed, torch.device("cpu"))
     losses = []
     for step in range(steps):
         for group in opt.param_groups:

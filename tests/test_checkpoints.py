@@ -240,7 +240,7 @@ def test_full_disk_names_the_path_and_the_bytes(tmp_path):
 
 
 def test_a_hung_save_is_reported_and_ends_the_process(tmp_path):
-    code = ("import time; from dist_lm import watchdog\n"
+    code = ("import time; from dist_lm.train import watchdog\n"
             "w = watchdog.start(3, 1, '127.0.0.1', 0, 600)\n"
             "w.progress('saving checkpoint /ckpt/step00000007', 3, 'checkpoint.save_timeout_minutes')\n"
             "time.sleep(30)\n")

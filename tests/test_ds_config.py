@@ -6,26 +6,26 @@ import pytest
 
 from dist_lm.config.schema import ConfigError, OptimConfig, ParallelConfig, TrainConfig
 from dist_lm.config.io import load_config
-from dist_lm.config.batch import batch_plan
+from dist_lm.config.batch import batch_sizes
 from dist_lm.runtime.ds_config import deepspeed_config
 
 
 def test_global_batch_splits_into_micro_accum_ranks():
-    plan = batch_plan(TrainConfig(micro_batch_size=4, global_batch_size=64), dp_size=4)
+    plan = batch_sizes(TrainConfig(micro_batch_size=4, global_batch_size=64), dp_size=4)
     assert (plan.micro_batch_size, plan.grad_accum_steps, plan.dp_size) == (4, 4, 4)
     assert plan.global_batch_size == 64 and plan.per_rank_batch_size == 16
-    assert batch_plan(TrainConfig(micro_batch_size=4), dp_size=3).global_batch_size == 12
+    assert batch_sizes(TrainConfig(micro_batch_size=4), dp_size=3).global_batch_size == 12
 
 
 def test_indivisible_global_batch_names_key_and_fix():
     with pytest.raises(ConfigError, match=r"train.global_batch_size: 10 is not a multiple of .* = 4 x 2 = 8; use 8 or 16"):
-        batch_plan(TrainConfig(micro_batch_size=4, global_batch_size=10), dp_size=2)
+        batch_sizes(TrainConfig(micro_batch_size=4, global_batch_size=10), dp_size=2)
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
 def test_deepspeed_config_keys(stage, precision):
-    plan = batch_plan(TrainConfig(micro_batch_size=2, global_batch_size=16), dp_size=2)
+    plan = batch_sizes(TrainConfig(micro_batch_size=2, global_batch_size=16), dp_size=2)
     ds = deepspeed_config(ParallelConfig(zero_stage=stage), OptimConfig(grad_clip=0.5), plan, precision)
     assert ds["train_batch_size"] == 16 and ds["gradient_accumulation_steps"] == 4
     assert ds["train_micro_batch_size_per_gpu"] == 2 and ds["gradient_clipping"] == 0.5
@@ -38,7 +38,7 @@ def test_deepspeed_config_keys(stage, precision):
 
 
 def test_deepcompile_is_deepspeeds_compile_section():
-    plan = batch_plan(TrainConfig(micro_batch_size=1), dp_size=1)
+    plan = batch_sizes(TrainConfig(micro_batch_size=1), dp_size=1)
     on = ParallelConfig(zero_stage=3, compile=True, deepcompile=True)
     assert deepspeed_config(on, OptimConfig(), plan, "bf16")["compile"] == {"deepcompile": True}
     assert "compile" not in deepspeed_config(ParallelConfig(zero_stage=3, compile=True), OptimConfig(), plan, "bf16")
@@ -47,7 +47,7 @@ def test_deepcompile_is_deepspeeds_compile_section():
 def test_deepcompile_from_a_preset_gives_way_to_a_lower_stage_or_no_compile():
     """h100-multinode turns DeepCompile on; lowering its ZeRO stage or turning compile off is a
     plain run, not a config error."""
-    plan = batch_plan(TrainConfig(micro_batch_size=1), dp_size=1)
+    plan = batch_sizes(TrainConfig(micro_batch_size=1), dp_size=1)
     assert load_config("h100-multinode").parallel.uses_deepcompile
     for overrides in (["parallel.zero_stage=2"], ["parallel.compile=false"]):
         parallel = load_config("h100-multinode", overrides).parallel
@@ -88,7 +88,7 @@ def test_a_compiled_run_says_why_its_first_step_is_slow():
 
 
 def test_offload_uses_deepspeed_cpu_adam():
-    plan = batch_plan(TrainConfig(micro_batch_size=1), dp_size=1)
+    plan = batch_sizes(TrainConfig(micro_batch_size=1), dp_size=1)
     ds = deepspeed_config(ParallelConfig(zero_stage=3, offload_optimizer=True, offload_params=True),
                           OptimConfig(lr=1e-3, weight_decay=0.05), plan, "bf16")
     assert ds["optimizer"]["type"] == "AdamW" and ds["optimizer"]["params"]["weight_decay"] == 0.05

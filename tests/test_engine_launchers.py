@@ -107,7 +107,7 @@ import torch
 from dist_lm.runtime import distributed
 from dist_lm.runtime import engine as engine_ops
 from dist_lm.config.io import load_config
-from dist_lm.config.batch import BatchPlan
+from dist_lm.config.batch import BatchSizes
 from dist_lm.model.moe import build_model
 
 stage, precision = int(sys.argv[1]), sys.argv[2]
@@ -123,7 +123,7 @@ if sys.argv[3] == "deepspeed":
     engine_ops.deepspeed_config = deepspeeds_own
 torch.manual_seed(0)
 engine = engine_ops.initialize(build_model(cfg.model, cfg.parallel), cfg.parallel, cfg.optim,
-                               BatchPlan(2, 2, 1), precision, device)
+                               BatchSizes(2, 2, 1), precision, device)
 skipped = not engine.enable_backward_allreduce
 if sys.argv[3] == "deepspeed":
     engine.enable_backward_allreduce = True

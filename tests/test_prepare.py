@@ -194,10 +194,10 @@ def test_two_ranks_read_disjoint_data_that_adds_up_to_one_process(env, ds_ops, p
                                             "train.micro_batch_size=2"), env))
     ranks = [read_sample_log(run / "samples" / f"rank{r}.txt") for r in (0, 1)]
     from dist_lm.data.sampler import TrainData
-    from dist_lm.config.batch import BatchPlan
+    from dist_lm.config.batch import BatchSizes
     import torch
 
-    one = TrainData(prepared, shards.read_meta(prepared), 32, BatchPlan(8, 1, 1), 0, seed=1337, device=torch.device("cpu"))
+    one = TrainData(prepared, shards.read_meta(prepared), 32, BatchSizes(8, 1, 1), 0, seed=1337, device=torch.device("cpu"))
     assert list(ranks[0]) == list(ranks[1]) == [1, 2, 3, 4]
     for step in range(4):
         r0, r1 = ranks[0][step + 1], ranks[1][step + 1]

@@ -8,7 +8,7 @@ import torch
 
 from dist_lm.data import shards
 from dist_lm.data.sampler import TrainData, ValData, permute
-from dist_lm.config.batch import BatchPlan
+from dist_lm.config.batch import BatchSizes
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 17, 1000, 4097])
@@ -35,7 +35,7 @@ def dataset(tmp_path, cache_dir):
 def rank_reads(dataset, world: int, micro: int, accum: int, steps: int, start: int = 0) -> list[list[int]]:
     """Window ids read by each rank over ``steps`` optimizer steps, per step, concatenated over ranks."""
     out_dir, meta = dataset
-    plan = BatchPlan(micro, accum, world)
+    plan = BatchSizes(micro, accum, world)
     per_step: list[list[int]] = [[] for _ in range(steps)]
     for rank in range(world):
         data = TrainData(out_dir, meta, 16, plan, rank, seed=3, device=torch.device("cpu"))
@@ -65,7 +65,7 @@ def test_resume_on_another_rank_count_reads_the_next_samples(dataset):
 
 def test_epochs_wrap_with_a_new_order(dataset):
     out_dir, meta = dataset
-    data = TrainData(out_dir, meta, 16, BatchPlan(1, 1, 1), 0, seed=3, device=torch.device("cpu"))
+    data = TrainData(out_dir, meta, 16, BatchSizes(1, 1, 1), 0, seed=3, device=torch.device("cpu"))
     n = data.windows.n
     first, second = data.global_ids(0, n), data.global_ids(n, n)
     assert sorted(first) == sorted(second) == list(range(n)) and list(first) != list(second)
@@ -74,7 +74,7 @@ def test_epochs_wrap_with_a_new_order(dataset):
 
 def test_windows_do_not_cross_shards(dataset):
     out_dir, meta = dataset
-    data = TrainData(out_dir, meta, 16, BatchPlan(1, 1, 1), 0, seed=3, device=torch.device("cpu"))
+    data = TrainData(out_dir, meta, 16, BatchSizes(1, 1, 1), 0, seed=3, device=torch.device("cpu"))
     # 3 shards of 1200 tokens: (1200 - 1) // 16 = 74 windows each
     assert data.windows.n == 3 * 74
     x = data.windows.gather(np.arange(data.windows.n))

@@ -23,7 +23,7 @@ import torch
 from dist_lm.data import corpus
 from dist_lm.data import shards
 from dist_lm.data.sampler import TrainData
-from dist_lm.config.batch import BatchPlan
+from dist_lm.config.batch import BatchSizes
 from dist_lm.data.prepare import prepare
 
 
@@ -36,7 +36,7 @@ def bench_loader(work: Path, tokens: int, seq_len: int, micro: int, accum: int, 
     meta = shards.read_meta(out)
     for m in shards.open_split(out, meta, "train"):
         m.sum()  # into the page cache
-    data = TrainData(out, meta, seq_len, BatchPlan(micro, accum, 1), 0, seed=0, device=torch.device("cpu"))
+    data = TrainData(out, meta, seq_len, BatchSizes(micro, accum, 1), 0, seed=0, device=torch.device("cpu"))
     data.next_batches()  # warm-up, starts the prefetch
     start = time.perf_counter()
     for _ in range(steps):

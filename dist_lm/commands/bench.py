@@ -52,10 +52,10 @@ def file_name(variant: str) -> str:
 def batch_override(config: str, overrides: list[str], accum: int, ranks: int = 1) -> str:
     """train.global_batch_size for ``accum`` micro-batches per optimizer step on each of ``ranks`` GPUs."""
     from dist_lm.config.io import load_config
-    from dist_lm.config.batch import BatchPlan
+    from dist_lm.config.batch import BatchSizes
 
     micro = load_config(config, overrides).train.micro_batch_size
-    return f"train.global_batch_size={BatchPlan(micro, accum, ranks).global_batch_size}"
+    return f"train.global_batch_size={BatchSizes(micro, accum, ranks).global_batch_size}"
 
 
 def run_logged(cmd: list[str], log: Path, timeout: float) -> int | None:
@@ -131,7 +131,7 @@ def run_baseline(config: str, overrides: list[str], steps: int, warmup: int, acc
     from dist_lm.plan import hardware
     from dist_lm.config.io import load_config
     from dist_lm.data.sampler import TrainData
-    from dist_lm.config.batch import batch_plan
+    from dist_lm.config.batch import batch_sizes
     from dist_lm.model.counts import flops_per_token
     from dist_lm.model.transformer import Transformer
     from dist_lm.observe.profiling import StepProfiler
@@ -140,8 +140,8 @@ def run_baseline(config: str, overrides: list[str], steps: int, warmup: int, acc
     cfg = load_config(config, [*overrides, batch_override(config, overrides, accum)])
     device = torch.device("cuda")
     cfg, data_dir, meta = resolve_data(cfg)
-    plan = batch_plan(cfg.train, 1)
-    data = TrainData(data_dir, meta, cfg.model.seq_len, plan, 0, cfg.train.seed, device)
+    batch = batch_sizes(cfg.train, 1)
+    data = TrainData(data_dir, meta, cfg.model.seq_len, batch, 0, cfg.train.seed, device)
     model = Transformer(cfg.model).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, fused=True)
     compiled = torch.compile(model)
@@ -169,7 +169,7 @@ def run_baseline(config: str, overrides: list[str], steps: int, warmup: int, acc
             seconds, timed_waiting = time.perf_counter() - start, waiting
         profiler.after_step(i + 1)
     data.close()
-    tokens = steps * plan.global_batch_size * cfg.model.seq_len
+    tokens = steps * batch.global_batch_size * cfg.model.seq_len
     peak = hardware.peak_flops(device)
     return {"variant": "plain PyTorch (compile, fused AdamW, autocast)", "tokens_per_s": tokens / seconds,
             "mfu": tokens / seconds * flops_per_token(cfg.model) / peak if peak else 0.0, "step_s": seconds / steps,

@@ -15,18 +15,14 @@ import argparse
 import json
 import os
 import sys
-from pathlib import Path
 
-
+from dist_lm.commands.arguments import add_checkpoint_choice
 from dist_lm.config.schema import UserError
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", type=Path, help="a checkpoint directory, or a run directory (its newest)")
-    p.add_argument("--best", action="store_true", help="the run's checkpoint with the lowest validation loss")
-    p.add_argument("--dtype", choices=["trained", "fp32", "bf16", "fp16"], default="trained",
-                   help="precision to run the model in (default: the run's, as the training loop evaluates)")
+    add_checkpoint_choice(p)
     p.add_argument("--data", help="a dataset directory (default: the checkpoint's training data)")
     p.add_argument("--samples", type=int, help="windows to evaluate (default: the run's train.eval_samples)")
     p.add_argument("--micro-batch", type=int, default=8, help="windows per forward pass")

@@ -11,18 +11,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-
+from dist_lm.commands.arguments import add_checkpoint_choice
 from dist_lm.config.schema import UserError
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", type=Path, help="a checkpoint directory, or a run directory (its newest)")
-    p.add_argument("--best", action="store_true", help="the run's checkpoint with the lowest validation loss")
-    p.add_argument("--dtype", choices=["trained", "fp32", "bf16", "fp16"], default="trained",
-                   help="precision to run the model in (default: the run's, as the training loop evaluates)")
+    add_checkpoint_choice(p)
     p.add_argument("--prompt", default="", help="text to continue")
     p.add_argument("--max-tokens", type=int, default=100)
     p.add_argument("--temperature", type=float, default=0.8)

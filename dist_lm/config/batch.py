@@ -9,7 +9,7 @@ from dist_lm.config.schema import ConfigError, TrainConfig
 
 
 @dataclass(frozen=True)
-class BatchPlan:
+class BatchSizes:
     micro_batch_size: int
     """Sequences per rank per forward/backward."""
     grad_accum_steps: int
@@ -26,11 +26,11 @@ class BatchPlan:
         return self.micro_batch_size * self.grad_accum_steps
 
 
-def batch_plan(train: TrainConfig, dp_size: int) -> BatchPlan:
+def batch_sizes(train: TrainConfig, dp_size: int) -> BatchSizes:
     """Split train.global_batch_size into micro-batch x accumulation x ranks, or say why it can't."""
     micro = train.micro_batch_size
     if train.global_batch_size is None:
-        return BatchPlan(micro, 1, dp_size)
+        return BatchSizes(micro, 1, dp_size)
     per_step = micro * dp_size
     if train.global_batch_size % per_step:
         lower = max(per_step, train.global_batch_size // per_step * per_step)
@@ -38,7 +38,7 @@ def batch_plan(train: TrainConfig, dp_size: int) -> BatchPlan:
             "train.global_batch_size",
             f"{train.global_batch_size} is not a multiple of micro_batch_size x ranks = {micro} x {dp_size} = {per_step}; "
             f"use {lower} or {lower + per_step}, or change train.micro_batch_size")
-    return BatchPlan(micro, train.global_batch_size // per_step, dp_size)
+    return BatchSizes(micro, train.global_batch_size // per_step, dp_size)
 
 
 def global_batch_size(train: TrainConfig, dp_size: int) -> int:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from dist_lm.data.checks import Windows, eval_split
-from dist_lm.config.batch import BatchPlan
+from dist_lm.config.batch import BatchSizes
 
 _MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 
@@ -72,10 +72,10 @@ def _to_batches(tokens: np.ndarray, micro: int, device: torch.device) -> list[tu
 class TrainData:
     """This rank's micro-batches, step after step, in the world-size independent global order."""
 
-    def __init__(self, data_dir: Path, meta: dict, seq_len: int, plan: BatchPlan, dp_rank: int,
+    def __init__(self, data_dir: Path, meta: dict, seq_len: int, batch: BatchSizes, dp_rank: int,
                  seed: int, device: torch.device):
         self.windows = Windows.of_split(data_dir, meta, "train", seq_len)
-        self.plan, self.dp_rank, self.seed, self.device = plan, dp_rank, seed, device
+        self.batch, self.dp_rank, self.seed, self.device = batch, dp_rank, seed, device
         self.samples_consumed = 0
         self.last_ids = np.empty(0, dtype=np.int64)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
@@ -93,12 +93,12 @@ class TrainData:
 
     def rank_ids(self, samples_consumed: int) -> np.ndarray:
         """The window ids this rank reads for the global batch starting at samples_consumed."""
-        per_rank = self.plan.per_rank_batch_size
+        per_rank = self.batch.per_rank_batch_size
         return self.global_ids(samples_consumed + self.dp_rank * per_rank, per_rank)
 
     def _load(self, samples_consumed: int) -> tuple[np.ndarray, list[tuple[torch.Tensor, torch.Tensor]]]:
         ids = self.rank_ids(samples_consumed)
-        return ids, _to_batches(self.windows.gather(ids), self.plan.micro_batch_size, self.device)
+        return ids, _to_batches(self.windows.gather(ids), self.batch.micro_batch_size, self.device)
 
     def next_batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The micro-batches (inputs, targets) of the next optimizer step; prefetches the one after.
@@ -107,7 +107,7 @@ class TrainData:
             self.last_ids, batches = self._next[1].result()
         else:
             self.last_ids, batches = self._load(self.samples_consumed)
-        self.samples_consumed += self.plan.global_batch_size
+        self.samples_consumed += self.batch.global_batch_size
         self._next = (self.samples_consumed, self._pool.submit(self._load, self.samples_consumed))
         return batches
 

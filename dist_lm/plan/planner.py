@@ -17,7 +17,7 @@ from typing import Callable
 
 from dist_lm.config.schema import Config, UserError, replaced
 from dist_lm.data.checks import padded_vocab_size
-from dist_lm.config.batch import batch_plan, global_batch_size, rounded_up
+from dist_lm.config.batch import batch_sizes, global_batch_size, rounded_up
 from dist_lm.config.io import load_config, parse_override
 from dist_lm.plan.hardware import Machine
 from dist_lm.plan.memory import GB, MemoryEstimate, estimate
@@ -254,7 +254,7 @@ def _finish(preset: str, machine: Machine, world: int, cfg: Config, mem: MemoryE
     reasons.insert(0, f"model {params / 1e6:.0f}M parameters (the largest preset that fits and steps in under "
                       f"{MAX_STEP_SECONDS:.0f} s at {MFU_ASSUMED:.0%} MFU)")
     reasons.append(f"{how}, micro-batch {micro}: the fastest settings that fit")
-    batch = batch_plan(cfg.train, world)
+    batch = batch_sizes(cfg.train, world)
     reasons.append(f"global batch {batch.global_batch_size} = micro {micro} x accumulation "
                    f"{batch.grad_accum_steps} x ranks {world}")
     kept = sorted(k for k in fixed)

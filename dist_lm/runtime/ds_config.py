@@ -1,18 +1,18 @@
 """Our config -> DeepSpeed's config dict. A pure function.
 
 This is the only module that writes DeepSpeed's keys. The batch sizes it writes come from
-:class:`dist_lm.config.batch.BatchPlan`, the only place that multiplies micro-batch, gradient
+:class:`dist_lm.config.batch.BatchSizes`, the only place that multiplies micro-batch, gradient
 accumulation and data-parallel size.
 """
 
 from __future__ import annotations
 
-from dist_lm.config.batch import BatchPlan
+from dist_lm.config.batch import BatchSizes
 from dist_lm.config.schema import OptimConfig, ParallelConfig
 from dist_lm.runtime.precision import Precision
 
 
-def deepspeed_config(parallel: ParallelConfig, optim: OptimConfig, plan: BatchPlan, precision: Precision | str,
+def deepspeed_config(parallel: ParallelConfig, optim: OptimConfig, batch: BatchSizes, precision: Precision | str,
                      load_universal: bool = False) -> dict:
     """DeepSpeed's JSON config for a resolved precision (a Precision, or its name).
     ``load_universal``: the checkpoint to resume is in DeepSpeed's universal format."""
@@ -32,9 +32,9 @@ def deepspeed_config(parallel: ParallelConfig, optim: OptimConfig, plan: BatchPl
         zero["offload_param"] = {"device": "cpu", "pin_memory": True}
 
     config = {
-        "train_batch_size": plan.global_batch_size,
-        "train_micro_batch_size_per_gpu": plan.micro_batch_size,
-        "gradient_accumulation_steps": plan.grad_accum_steps,
+        "train_batch_size": batch.global_batch_size,
+        "train_micro_batch_size_per_gpu": batch.micro_batch_size,
+        "gradient_accumulation_steps": batch.grad_accum_steps,
         "gradient_clipping": optim.grad_clip,
         "zero_optimization": zero,
         # check_grad_overflow: at ZeRO 1-2 DeepSpeed skips an update whose gradient norm is NaN or

@@ -29,7 +29,7 @@ from deepspeed.runtime.bf16_optimizer import BF16_Optimizer  # noqa: E402
 from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer  # noqa: E402
 from deepspeed.utils import groups, safe_get_full_fp32_param, safe_get_full_grad  # noqa: E402
 
-from dist_lm.config.batch import BatchPlan  # noqa: E402
+from dist_lm.config.batch import BatchSizes  # noqa: E402
 from dist_lm.config.schema import OptimConfig, ParallelConfig, UserError  # noqa: E402
 from dist_lm.model.transformer import Transformer  # noqa: E402
 from dist_lm.runtime.ds_config import deepspeed_config  # noqa: E402
@@ -45,7 +45,7 @@ def quiet(verbose: bool) -> None:
         warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
 
 
-def initialize(model: Transformer, parallel: ParallelConfig, optim: OptimConfig, plan: BatchPlan,
+def initialize(model: Transformer, parallel: ParallelConfig, optim: OptimConfig, batch: BatchSizes,
                precision: Precision, device: torch.device, load_universal: bool = False,
                start_step: int = 0, verbose: bool = False) -> "deepspeed.DeepSpeedEngine":
     """The DeepSpeed engine around ``model``. ``start_step``: the step of the checkpoint the run
@@ -72,7 +72,7 @@ def initialize(model: Transformer, parallel: ParallelConfig, optim: OptimConfig,
     with contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO()):
         engine, *_ = deepspeed.initialize(
             model=model, optimizer=optimizer, model_parameters=param_sets if optimizer is None else None,
-            config=deepspeed_config(parallel, optim, plan, precision, load_universal))
+            config=deepspeed_config(parallel, optim, batch, precision, load_universal))
     if reduces_for_nothing(engine):
         engine.enable_backward_allreduce = False
     mode = compile_mode(parallel, device)

@@ -19,7 +19,7 @@ from typing import IO, Any
 import torch
 import torch.distributed as dist
 
-from dist_lm.config.batch import BatchPlan, batch_plan
+from dist_lm.config.batch import BatchSizes, batch_sizes
 from dist_lm.config.io import from_dict, to_dict, to_yaml
 from dist_lm.config.schema import Config, UserError, replaced
 from dist_lm.data import shards
@@ -56,7 +56,7 @@ class Session:
     dist_env: DistEnv
     device: torch.device
     precision: Precision
-    batch: BatchPlan
+    batch: BatchSizes
     data_dir: Path
     meta: dict
     train_data: TrainData
@@ -99,7 +99,7 @@ def start(cfg: Config, plan_summary: list[str] = (), data: tuple[Config, Path, d
         engine.check_cpu_adam()
         bound_cores = hardware.bind_cores(dist_env.local_rank, dist_env.local_world_size)
     precision, precision_reason = Precision.resolve(cfg.parallel.precision, device)
-    batch = batch_plan(cfg.train, dist_env.world_size)
+    batch = batch_sizes(cfg.train, dist_env.world_size)
     check_moe(cfg.model, cfg.parallel, dist_env.world_size)
     cfg, data_dir, meta = data or resolve_data(cfg)
     if cfg.logging.tensorboard:
