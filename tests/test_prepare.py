@@ -15,7 +15,7 @@ from tokenizers import Tokenizer
 
 from conftest import ROOT, assert_ok, launch, read_metrics
 from dist_lm.data import shards
-from dist_lm.data.prepare import SPECIAL_TOKENS
+from dist_lm.data.readers import SPECIAL_TOKENS
 from dist_lm.observe.sinks import read_sample_log
 
 TOOL = ROOT / "tools" / "prepare_data.py"

@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from dist_lm.use.generate import sample
     from dist_lm.use.inference import load_model, load_tokenizer
-    from dist_lm.data.prepare import EOT
+    from dist_lm.data.readers import EOT
 
     try:
         model, cfg, found = load_model(args.checkpoint, args.best, args.dtype)

@@ -19,7 +19,8 @@ from pathlib import Path
 
 
 from dist_lm.config.schema import UserError
-from dist_lm.data.prepare import expand_inputs, prepare
+from dist_lm.data.prepare import prepare
+from dist_lm.data.readers import expand_inputs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,7 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     src.add_argument("--tokenizer", type=Path, help="an existing HF tokenizer.json")
     src.add_argument("--vocab-size", type=int, default=32768, help="train a byte-level BPE of this size (default 32768)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenizer processes (default: all cores)")
-    p.add_argument("--val-fraction", type=float, default=0.01, help="documents held out for validation (default 0.01)")
+    p.add_argument("--val-fraction", type=float, default=0.01,
+                   help="documents held out for validation (default 0.01); of one .txt input, that share of its "
+                        "end, cut at a line end")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/validation split")
     p.add_argument("--field", help="JSONL field holding the text (default: detected)")
     p.add_argument("--skip-bad-lines", action="store_true", help="skip and count invalid JSONL lines")
@@ -53,6 +56,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     s = result.stats
+    if result.tokens["val"] == 0:
+        print(f"warning: {result.out} has no validation data (--val-fraction {args.val_fraction} held out no "
+              "document): training will measure validation loss on training windows; raise --val-fraction",
+              file=sys.stderr)
     print(f"{result.out}: {s.documents:,} documents, {result.tokens['train']:,} train and {result.tokens['val']:,} "
           f"validation tokens, {s.chars / 1e6:.1f} MB in {result.seconds:.1f} s"
           + (f", {s.skipped_lines} bad lines skipped" if s.skipped_lines else ""))

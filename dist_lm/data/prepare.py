@@ -1,7 +1,7 @@
-"""Raw text -> token shards (the library behind tools/prepare_data.py).
+"""Raw text -> token shards (the library behind `dist-lm prepare`).
 
-Inputs are .txt files (each file one document), and .jsonl / .jsonl.gz / .jsonl.zst files (each
-line one document). Text is tokenized in parallel worker processes in pieces whose boundaries
+Inputs are read as documents by :mod:`dist_lm.data.readers` (txt, JSONL, Parquet, Arrow, saved
+datasets). Text is tokenized in parallel worker processes in pieces whose boundaries
 depend only on the input, and written in input order, so the output is byte-identical whatever
 the number of workers. Documents are assigned to the validation split by a seeded hash of their
 index, so the split is deterministic too.
@@ -9,12 +9,7 @@ index, so the split is deterministic too.
 
 from __future__ import annotations
 
-import codecs
-import glob
-import gzip
 import hashlib
-import io
-import json
 import multiprocessing
 import os
 import time
@@ -24,155 +19,11 @@ from typing import Iterator
 
 import numpy as np
 
-from dist_lm.config.schema import UserError
+from dist_lm.data.readers import EOT, SPECIAL_TOKENS, DataError, ReadStats, documents
 from dist_lm.data.shards import DatasetWriter
 
-EOT = "<|endoftext|>"
-TEXT_FIELDS = ("text", "content", "message", "body", "output")
-CHAT_ROLES = ("system", "user", "assistant", "tool")
-SPECIAL_TOKENS = [EOT] + [f"<|{role}|>" for role in CHAT_ROLES]
-SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".jsonl.zst")
 PIECE_CHARS = 1 << 20  # a long .txt file is tokenized in pieces of about 1 MB cut at line ends
 CHUNK_CHARS = 1 << 20  # text sent to a worker at a time: small enough to keep all workers busy
-
-
-class DataError(UserError):
-    def __init__(self, message: str):
-        super().__init__(f"data error: {message}")
-
-
-def expand_inputs(patterns: list[str]) -> list[Path]:
-    """Files, directories (searched recursively) and globs -> the input files, in a fixed order."""
-    files: list[Path] = []
-    for pattern in patterns:
-        path = Path(pattern)
-        if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.name.endswith(SUFFIXES))
-            if not found:
-                raise DataError(f"{path} holds no {', '.join(SUFFIXES)} files")
-            files += found
-        elif path.is_file():
-            if not path.name.endswith(SUFFIXES):
-                raise DataError(f"{path}: unsupported file type; inputs are {', '.join(SUFFIXES)}")
-            files.append(path)
-        else:
-            matches = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if p.endswith(SUFFIXES))
-            if not matches:
-                raise DataError(f"{pattern}: no such file, directory, or matching {', '.join(SUFFIXES)} files")
-            files += matches
-    return files
-
-
-def _open_text(path: Path) -> io.TextIOBase:
-    if path.name.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8")
-    if path.name.endswith(".zst"):
-        try:
-            import zstandard
-        except ImportError:
-            raise DataError(f"{path}: reading .zst needs the zstandard package; pip install zstandard") from None
-        return io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(open(path, "rb")), encoding="utf-8")
-    return open(path, encoding="utf-8")
-
-
-def render_chat(messages: list, where: str) -> str:
-    """A conversation as text, each turn opened by its role's special token."""
-    parts = []
-    for m in messages:
-        if not isinstance(m, dict) or m.get("role") not in CHAT_ROLES or not isinstance(m.get("content"), str):
-            raise DataError(f"{where}: each entry of 'messages' needs a role ({', '.join(CHAT_ROLES)}) "
-                            "and a string content")
-        parts.append(f"<|{m['role']}|>\n{m['content']}\n")
-    return "".join(parts)
-
-
-@dataclass
-class ReadStats:
-    documents: int = 0
-    skipped_lines: int = 0
-    chars: int = 0
-
-
-def _record_text(record: object, text_field: str | None, where: str) -> str:
-    if not isinstance(record, dict):
-        raise DataError(f"{where}: a JSONL line must be an object")
-    if text_field is not None:
-        value = record.get(text_field)
-        if not isinstance(value, str):
-            raise DataError(f"{where}: no string field '{text_field}' (from --field)")
-        return value
-    if isinstance(record.get("messages"), list):
-        return render_chat(record["messages"], where)
-    for name in TEXT_FIELDS:
-        if isinstance(record.get(name), str):
-            return record[name]
-    raise DataError(f"{where}: none of the fields {', '.join(TEXT_FIELDS)} or 'messages' is present; "
-                    "name the text field with --field")
-
-
-def documents(path: Path, text_field: str | None, skip_bad_lines: bool, stats: ReadStats) -> Iterator[str]:
-    """The documents of one input file."""
-    if path.stat().st_size == 0:
-        raise DataError(f"{path} is empty; remove it from the inputs")
-    if path.name.endswith(".txt"):
-        try:
-            with _open_text(path) as f:
-                text = f.read()
-        except UnicodeDecodeError:  # a binary file named .txt, or another encoding
-            raise DataError(f"{path} is not UTF-8 text: byte {first_undecodable_byte(path):,} does not decode; "
-                            "remove it from the inputs, or convert it to UTF-8") from None
-        if text.strip():
-            stats.documents += 1
-            stats.chars += len(text)
-            yield text
-        return
-    with _open_text(path) as f:
-        yield from _jsonl_documents(path, f, text_field, skip_bad_lines, stats)
-
-
-def first_undecodable_byte(path: Path) -> int:
-    """The offset in the file of the first byte that is not UTF-8 (read again, in blocks, since a
-    text reader's error counts from the start of its block)."""
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    offset = 0
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            pending = len(decoder.getstate()[0])  # bytes of a character cut by the last block
-            try:
-                decoder.decode(block)
-            except UnicodeDecodeError as e:
-                return offset - pending + e.start
-            offset += len(block)
-    return offset
-
-
-def _jsonl_documents(path: Path, f: io.TextIOBase, text_field: str | None, skip_bad_lines: bool,
-                     stats: ReadStats) -> Iterator[str]:
-    try:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path} line {number}"
-            try:
-                text = _record_text(json.loads(line), text_field, where)
-            except json.JSONDecodeError:
-                if skip_bad_lines:
-                    stats.skipped_lines += 1
-                    continue
-                raise DataError(f"{where} is not valid JSON; fix it, or pass --skip-bad-lines to skip and count such lines") from None
-            except DataError:
-                if skip_bad_lines:
-                    stats.skipped_lines += 1
-                    continue
-                raise
-            if text:
-                stats.documents += 1
-                stats.chars += len(text)
-                yield text
-    except UnicodeDecodeError:
-        where = f"byte {first_undecodable_byte(path):,}" if path.name.endswith(".jsonl") else "its decompressed text"
-        raise DataError(f"{path} is not UTF-8 text: {where} does not decode; remove it from the inputs, or convert "
-                        "it to UTF-8") from None
 
 
 def pieces(doc: str) -> list[str]:
@@ -265,8 +116,9 @@ def prepare(inputs: list[Path], out: Path, tokenizer_path: Path | None, vocab_si
     staged_tokenizer.write_text(tokenizer_json)
     try:
         with DatasetWriter(out, staged_tokenizer, vocab, shard_tokens) as writer:
-            tokens = _tokenize_into(writer, all_documents(stats), tokenizer_json, workers, val_fraction, seed,
-                                    stats, progress)
+            one_text_file = len(inputs) == 1 and inputs[0].name.endswith(".txt")
+            docs = with_splits(all_documents(stats), val_fraction, seed, tail=one_text_file)
+            tokens = _tokenize_into(writer, docs, tokenizer_json, workers, stats, progress)
             if stats.documents == 0:
                 raise DataError("the inputs hold no documents")
             writer.commit({"eot_id": tokenizer.token_to_id(EOT), "special_tokens": SPECIAL_TOKENS,
@@ -277,13 +129,36 @@ def prepare(inputs: list[Path], out: Path, tokenizer_path: Path | None, vocab_si
     return PrepareResult(out, stats, tokens, time.perf_counter() - start)
 
 
-def _chunks(docs: Iterator[str], val_fraction: float, seed: int) -> Iterator[tuple[list[str], list[tuple[str, bool]]]]:
+def split_tail(doc: str, fraction: float) -> tuple[str, str]:
+    """(head, tail): the last ``fraction`` of ``doc`` held out, cut at the line end at or after
+    that point (at the one before it when there is none after), as nanoGPT holds out the end of
+    its one text file."""
+    if fraction <= 0 or not doc:
+        return doc, ""
+    cut = len(doc) - max(1, round(fraction * len(doc)))
+    after = doc.find("\n", cut)
+    cut = after + 1 if 0 <= after < len(doc) - 1 else doc.rfind("\n", 0, cut) + 1
+    return doc[:cut], doc[cut:]
+
+
+def with_splits(docs: Iterator[str], val_fraction: float, seed: int, tail: bool) -> Iterator[tuple[str, str]]:
+    """(text, split) pairs. By document, from a seeded hash of its index; or, ``tail`` (one text
+    file, one document), its last val_fraction as the validation split."""
+    for index, doc in enumerate(docs):
+        if tail:
+            for text, split in zip(split_tail(doc, val_fraction), ("train", "val")):
+                if text:
+                    yield text, split
+        else:
+            yield doc, "val" if is_val(index, val_fraction, seed) else "train"
+
+
+def _chunks(docs: Iterator[tuple[str, str]]) -> Iterator[tuple[list[str], list[tuple[str, bool]]]]:
     """Groups of pieces to tokenize, with the split of each piece; boundaries depend on content only."""
     splits: list[str] = []
     chunk: list[tuple[str, bool]] = []
     size = 0
-    for index, doc in enumerate(docs):
-        split = "val" if is_val(index, val_fraction, seed) else "train"
+    for doc, split in docs:
         parts = pieces(doc)
         for i, part in enumerate(parts):
             chunk.append((part, i == len(parts) - 1))
@@ -296,12 +171,12 @@ def _chunks(docs: Iterator[str], val_fraction: float, seed: int) -> Iterator[tup
         yield splits, chunk
 
 
-def _tokenize_into(writer: DatasetWriter, docs: Iterator[str], tokenizer_json: str, workers: int,
-                   val_fraction: float, seed: int, stats: ReadStats, progress: bool) -> dict[str, int]:
+def _tokenize_into(writer: DatasetWriter, docs: Iterator[tuple[str, str]], tokenizer_json: str, workers: int,
+                   stats: ReadStats, progress: bool) -> dict[str, int]:
     from tqdm import tqdm
 
     tokens = {"train": 0, "val": 0}
-    chunks = _chunks(docs, val_fraction, seed)
+    chunks = _chunks(docs)
     bar = tqdm(disable=not progress, unit=" docs", mininterval=1.0, desc="tokenizing")
     start = time.perf_counter()
 

@@ -14,6 +14,7 @@ import enum
 import torch
 
 from dist_lm.config.schema import ConfigError
+from dist_lm.plan.hardware import device_name
 
 
 class Precision(str, enum.Enum):
@@ -61,8 +62,6 @@ class Precision(str, enum.Enum):
     @classmethod
     def resolve(cls, requested: str, device: torch.device) -> tuple["Precision", str]:
         """The precision to train in on ``device`` for parallel.precision=``requested``, and why."""
-        from dist_lm.plan.hardware import device_name  # (hardware imports torch.cuda queries only)
-
         on_gpu = device.type == "cuda"
         has_bf16 = not on_gpu or torch.cuda.is_bf16_supported()
         if requested == "auto":

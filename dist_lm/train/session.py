@@ -144,6 +144,9 @@ def start(cfg: Config, plan_summary: list[str] = (), data: tuple[Config, Path, d
              f"{', ' + compiled if compiled else ''}; batch {batch.global_batch_size} = micro {batch.micro_batch_size} "
              f"x accum {batch.grad_accum_steps} x ranks {batch.dp_size}")
     log.info(f"data {data_dir}; run dir {run_dir}")
+    if val_data.split == "train":
+        log.warn(f"{data_dir} has no validation split: validation loss is measured on training windows "
+                 "(prepare the data with a --val-fraction that holds some out)")
 
     # --- model and engine
     torch.manual_seed(cfg.train.seed)

@@ -21,7 +21,7 @@ from dist_lm.train import checkpoint, restore
 from dist_lm.config.schema import Config, UserError
 from dist_lm.runtime.precision import Precision
 from dist_lm.use.inference import find_tokenizer, saved_config
-from dist_lm.data.prepare import EOT
+from dist_lm.data.readers import EOT
 
 # our name -> Hugging Face Llama's name; {i} is the block index
 NAMES = {
