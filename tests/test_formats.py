@@ -102,3 +102,39 @@ def test_a_dataset_without_validation_data_is_warned_about(tmp_path):
                     "--val-fraction", 0)
     assert_ok(proc)
     assert "has no validation data" in proc.stderr
+
+
+def test_an_interrupted_prepare_started_again_skips_the_files_done_and_gives_the_same_bytes(tmp_path, cache_dir):
+    import subprocess
+    import sys
+    import time
+
+    from test_prepare import TOOL
+
+    src = tmp_path / "many"
+    src.mkdir()
+    for i in range(40):
+        as_jsonl(src / f"{i:02d}.jsonl", [text(1000 * i + j, 1500) for j in range(20)])
+    tokenizer = next(cache_dir.glob("embedded-*/tokenizer.json"))
+    args = ["--tokenizer", tokenizer, "--val-fraction", 0.1, "--workers", 1]
+    assert_ok(run_tool(src, "--out", tmp_path / "whole", *args))
+    reference = dataset_files(tmp_path / "whole")
+
+    out = tmp_path / "out"
+    finished = tmp_path / ".out.partial" / "files"
+    proc = subprocess.Popen([sys.executable, str(TOOL), str(src), "--out", str(out), *map(str, args), "--quiet"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while proc.poll() is None and time.time() < deadline:
+        if finished.is_dir() and len([d for d in finished.iterdir() if not d.name.endswith(".tmp")]) >= 3:
+            proc.kill()
+            break
+        time.sleep(0.01)
+    assert proc.wait() != 0, "the run finished before it could be interrupted"
+    assert not out.exists()  # never half a dataset
+
+    again = run_tool(src, "--out", out, *args)
+    assert_ok(again)
+    assert "of the input files were done by an interrupted run" in again.stdout
+    assert dataset_files(out) == reference
+    assert not (tmp_path / ".out.partial").exists()

@@ -1,11 +1,12 @@
 """Data-path benchmark: the loader's tokens/s per rank and the tokenizer's MB/s per worker.
 
     python tools/bench_data.py [--tokens 100_000_000] [--seq-len 2048] [--micro 8] [--accum 4]
-                               [--text-mb 20] [--workers 1 2]
+                               [--text-mb 20] [--files 1] [--workers 1 2]
 
 The loader reads a synthetic dataset of random token ids from the page cache (it is read once
 before timing) exactly as training does: permuted window ids, a gather per step, int64 tensors.
-The tokenizer runs tools/prepare_data.py's pipeline on the embedded corpus repeated to --text-mb.
+The tokenizer runs `dist-lm prepare`'s pipeline on the embedded corpus repeated to --text-mb,
+in --files JSONL files.
 """
 
 from __future__ import annotations
@@ -47,16 +48,17 @@ def bench_loader(work: Path, tokens: int, seq_len: int, micro: int, accum: int, 
     return {"tokens_per_s": steps * per_step / seconds, "ms_per_step": 1000 * seconds / steps, "tokens_per_step": per_step}
 
 
-def bench_tokenizer(work: Path, text_mb: float, workers: int) -> dict:
+def bench_tokenizer(work: Path, text_mb: float, workers: int, files: int) -> dict:
     docs = corpus.documents()
     size = sum(len(d) for d in docs)
-    source = work / "text.jsonl"
-    if not source.exists():
-        with open(source, "w") as f:
-            for _ in range(max(1, int(text_mb * 1e6 / size))):
-                f.writelines(json.dumps({"text": d}) + "\n" for d in docs)
+    sources = [work / "text" / f"{i:04d}.jsonl" for i in range(files)]
+    if not sources[0].exists():
+        sources[0].parent.mkdir()
+        lines = [json.dumps({"text": d}) + "\n" for _ in range(max(1, int(text_mb * 1e6 / size))) for d in docs]
+        for i, source in enumerate(sources):
+            source.write_text("".join(lines[i::files]))
     tok = corpus.prepare(None, 4096) / "tokenizer.json"
-    result = prepare([source], work / f"tok{workers}", tok, 0, workers, 0.01, 0, progress=False)
+    result = prepare(sources, work / f"tok{workers}", tok, 0, workers, 0.01, 0, progress=False)
     mb = result.stats.chars / 1e6
     return {"workers": workers, "mb": mb, "seconds": result.seconds, "mb_per_s": mb / result.seconds,
             "mb_per_s_per_worker": mb / result.seconds / workers}
@@ -70,6 +72,7 @@ def main() -> None:
     p.add_argument("--accum", type=int, default=4)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--text-mb", type=float, default=20)
+    p.add_argument("--files", type=int, default=1, help="input files the text is spread over")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -78,9 +81,9 @@ def main() -> None:
         print(f"loader: {r['tokens_per_s'] / 1e6:.1f} M tokens/s per rank ({r['ms_per_step']:.2f} ms per step of "
               f"{r['tokens_per_step']:,} tokens; seq {args.seq_len}, micro {args.micro} x accum {args.accum})")
         for w in args.workers:
-            t = bench_tokenizer(work, args.text_mb, w)
+            t = bench_tokenizer(work, args.text_mb, w, args.files)
             print(f"tokenizer: {w} worker(s): {t['mb_per_s']:.2f} MB/s, {t['mb_per_s_per_worker']:.2f} MB/s per worker "
-                  f"({t['mb']:.1f} MB in {t['seconds']:.1f} s)")
+                  f"({t['mb']:.1f} MB in {args.files} file(s), {t['seconds']:.1f} s)")
 
 
 if __name__ == "__main__":

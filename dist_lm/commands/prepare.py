@@ -56,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     s = result.stats
+    if result.files_already_done:
+        print(f"{result.files_already_done} of the input files were done by an interrupted run of this command "
+              "and were not read again")
     if result.tokens["val"] == 0:
         print(f"warning: {result.out} has no validation data (--val-fraction {args.val_fraction} held out no "
               "document): training will measure validation loss on training windows; raise --val-fraction",

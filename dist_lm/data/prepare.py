@@ -19,8 +19,10 @@ from typing import Iterator
 
 import numpy as np
 
+from dist_lm.config.schema import UserError
+from dist_lm.data.partial import FileTokens, PartialWork, arguments_of
 from dist_lm.data.readers import EOT, SPECIAL_TOKENS, DataError, ReadStats, documents
-from dist_lm.data.shards import DatasetWriter
+from dist_lm.data.shards import DatasetWriter, sha256_file
 
 PIECE_CHARS = 1 << 20  # a long .txt file is tokenized in pieces of about 1 MB cut at line ends
 CHUNK_CHARS = 1 << 20  # text sent to a worker at a time: small enough to keep all workers busy
@@ -82,51 +84,70 @@ class PrepareResult:
     stats: ReadStats
     tokens: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
+    files_already_done: int = 0
+    """Input files an earlier, interrupted run of the same command had finished."""
 
 
 def prepare(inputs: list[Path], out: Path, tokenizer_path: Path | None, vocab_size: int, workers: int,
             val_fraction: float, seed: int, text_field: str | None = None, skip_bad_lines: bool = False,
             shard_tokens: int = 100_000_000, command: str = "", progress: bool = True) -> PrepareResult:
+    """Tokenize ``inputs`` into a dataset at ``out``, resuming the partial work of an interrupted
+    run of the same arguments (:mod:`dist_lm.data.partial`)."""
     from tokenizers import Tokenizer
 
     start = time.perf_counter()
-    stats = ReadStats()
+    settings = {"tokenizer": sha256_file(tokenizer_path) if tokenizer_path and tokenizer_path.is_file() else None,
+                "vocab_size": vocab_size, "val_fraction": val_fraction, "seed": seed, "text_field": text_field,
+                "skip_bad_lines": skip_bad_lines, "shard_tokens": shard_tokens}
+    work = PartialWork(out, arguments_of(inputs, settings))
 
-    def all_documents(s: ReadStats) -> Iterator[str]:
-        for path in inputs:
-            yield from documents(path, text_field, skip_bad_lines, s)
+    def read(path: Path, stats: ReadStats) -> Iterator[str]:
+        return documents(path, text_field, skip_bad_lines, stats)
 
-    if tokenizer_path is not None:
-        try:
-            tokenizer = Tokenizer.from_file(str(tokenizer_path))
-        except Exception as e:  # tokenizers raises plain Exceptions for unreadable files
-            raise DataError(f"{tokenizer_path} is not a readable tokenizer.json ({e})") from None
-        if tokenizer.token_to_id(EOT) is None:
-            raise DataError(f"{tokenizer_path} has no {EOT} token; add it as a special token or train one "
-                            "with --vocab-size")
-        missing = [t for t in SPECIAL_TOKENS if tokenizer.token_to_id(t) is None]
-        tokenizer.add_special_tokens(missing)  # chat role tokens, only if the tokenizer lacks them
-    else:
-        tokenizer = train_tokenizer(all_documents(ReadStats()), vocab_size)
-    vocab = tokenizer.get_vocab_size()
-    tokenizer_json = tokenizer.to_str()
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staged_tokenizer = out.parent / f".{out.name}.tokenizer-{os.getpid()}.json"
-    staged_tokenizer.write_text(tokenizer_json)
     try:
-        with DatasetWriter(out, staged_tokenizer, vocab, shard_tokens) as writer:
-            one_text_file = len(inputs) == 1 and inputs[0].name.endswith(".txt")
-            docs = with_splits(all_documents(stats), val_fraction, seed, tail=one_text_file)
-            tokens = _tokenize_into(writer, docs, tokenizer_json, workers, stats, progress)
-            if stats.documents == 0:
-                raise DataError("the inputs hold no documents")
+        tokenizer_json = work.tokenizer() or _make_tokenizer(tokenizer_path, vocab_size, inputs, read)
+        work.keep_tokenizer(tokenizer_json)
+        tokenizer = Tokenizer.from_str(tokenizer_json)
+        done = [work.done(i) for i in range(len(inputs))]
+        already = sum(d is not None for d in done)
+        _tokenize_files(work, inputs, done, read, tokenizer_json, workers, val_fraction, seed, progress)
+        stats = ReadStats()
+        for i in range(len(inputs)):
+            for name, value in work.done(i).__dict__.items():
+                setattr(stats, name, getattr(stats, name) + value)
+        if stats.documents == 0:
+            raise DataError("the inputs hold no documents")
+        staged_tokenizer = work.root / "tokenizer.json"
+        with DatasetWriter(out, staged_tokenizer, tokenizer.get_vocab_size(), shard_tokens) as writer:
+            tokens = {"train": 0, "val": 0}
+            for i in range(len(inputs)):
+                for split, n in work.replay(i, writer.add).items():
+                    tokens[split] += n
             writer.commit({"eot_id": tokenizer.token_to_id(EOT), "special_tokens": SPECIAL_TOKENS,
                            "val_fraction": val_fraction, "seed": seed, "documents": stats.documents,
                            "skipped_lines": stats.skipped_lines, "command": command})
-    finally:
-        staged_tokenizer.unlink(missing_ok=True)
-    return PrepareResult(out, stats, tokens, time.perf_counter() - start)
+    except UserError:
+        work.remove()  # bad input: nothing of this run would be reused
+        raise
+    work.remove()
+    return PrepareResult(out, stats, tokens, time.perf_counter() - start, already)
+
+
+def _make_tokenizer(path: Path | None, vocab_size: int, inputs: list[Path], read) -> str:
+    """An existing tokenizer.json (with the chat role tokens added if it lacks them), or a BPE
+    trained on every document of the inputs."""
+    from tokenizers import Tokenizer
+
+    if path is None:
+        return train_tokenizer((doc for p in inputs for doc in read(p, ReadStats())), vocab_size).to_str()
+    try:
+        tokenizer = Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises plain Exceptions for unreadable files
+        raise DataError(f"{path} is not a readable tokenizer.json ({e})") from None
+    if tokenizer.token_to_id(EOT) is None:
+        raise DataError(f"{path} has no {EOT} token; add it as a special token or train one with --vocab-size")
+    tokenizer.add_special_tokens([t for t in SPECIAL_TOKENS if tokenizer.token_to_id(t) is None])
+    return tokenizer.to_str()
 
 
 def split_tail(doc: str, fraction: float) -> tuple[str, str]:
@@ -141,10 +162,12 @@ def split_tail(doc: str, fraction: float) -> tuple[str, str]:
     return doc[:cut], doc[cut:]
 
 
-def with_splits(docs: Iterator[str], val_fraction: float, seed: int, tail: bool) -> Iterator[tuple[str, str]]:
-    """(text, split) pairs. By document, from a seeded hash of its index; or, ``tail`` (one text
-    file, one document), its last val_fraction as the validation split."""
-    for index, doc in enumerate(docs):
+def with_splits(docs: Iterator[str], val_fraction: float, seed: int, tail: bool,
+                first_index: int = 0) -> Iterator[tuple[str, str]]:
+    """(text, split) pairs. By document, from a seeded hash of its index in the whole input
+    (``first_index``: of the first of ``docs``); or, ``tail`` (one text file, one document), its
+    last val_fraction as the validation split."""
+    for index, doc in enumerate(docs, first_index):
         if tail:
             for text, split in zip(split_tail(doc, val_fraction), ("train", "val")):
                 if text:
@@ -171,40 +194,73 @@ def _chunks(docs: Iterator[tuple[str, str]]) -> Iterator[tuple[list[str], list[t
         yield splits, chunk
 
 
-def _tokenize_into(writer: DatasetWriter, docs: Iterator[tuple[str, str]], tokenizer_json: str, workers: int,
-                   stats: ReadStats, progress: bool) -> dict[str, int]:
+def _tokenize_files(work: PartialWork, inputs: list[Path], done: list[ReadStats | None], read, tokenizer_json: str,
+                    workers: int, val_fraction: float, seed: int, progress: bool) -> None:
+    """Tokenize the inputs not yet done into ``work``, each file kept as it is finished, with one
+    progress bar over all of them (files, MB, tokens, MB/s, ETA)."""
     from tqdm import tqdm
 
-    tokens = {"train": 0, "val": 0}
-    chunks = _chunks(docs)
-    bar = tqdm(disable=not progress, unit=" docs", mininterval=1.0, desc="tokenizing")
-    start = time.perf_counter()
+    tail = len(inputs) == 1 and inputs[0].name.endswith(".txt")
+    sizes = [input_bytes(p) for p in inputs]
+    bar = tqdm(total=sum(sizes), initial=sum(s for s, d in zip(sizes, done) if d), disable=not progress,
+               unit="B", unit_scale=True, mininterval=1.0, desc="tokenizing")
+    files_done, tokens = sum(d is not None for d in done), 0
+    open_files: dict[int, FileTokens] = {}
+    counted = [0] * len(inputs)  # bytes of each file shown on the bar so far
 
-    def consume(splits: list[str], arrays: list[np.ndarray]) -> None:
+    def tasks() -> Iterator[tuple[tuple, list[tuple[str, bool]]]]:
+        """(index, splits, last of its file, its stats once read), chunk: every input file's chunks
+        in order, at least one per file, none spanning two files."""
+        first_doc = 0
+        for i, path in enumerate(inputs):
+            if done[i] is not None:
+                first_doc += done[i].documents
+                continue
+            stats = ReadStats()
+            held = None
+            for splits, chunk in _chunks(with_splits(read(path, stats), val_fraction, seed, tail, first_doc)):
+                if held is not None:
+                    yield (i, held[0], False, None), held[1]
+                held = splits, chunk
+            splits, chunk = held or ([], [])
+            yield (i, splits, True, stats), chunk
+            first_doc += stats.documents
+
+    def consume(meta: tuple, arrays: list[np.ndarray], chars: int) -> None:
+        nonlocal files_done, tokens
+        i, splits, last, stats = meta
+        out = open_files.get(i) or open_files.setdefault(i, work.start_file(i))
         for split, array in zip(splits, arrays):
-            writer.add(split, array)
-            tokens[split] += len(array)
-        bar.n = stats.documents
-        mb_per_s = stats.chars / 1e6 / max(1e-9, time.perf_counter() - start)
-        bar.set_postfix_str(f"{sum(tokens.values()):,} tokens, {mb_per_s:.1f} MB/s", refresh=False)
-        bar.refresh()
+            out.add(split, array)
+            tokens += len(array)
+        step = sizes[i] - counted[i] if last else min(chars, sizes[i] - counted[i])
+        counted[i] += step
+        if last:
+            open_files.pop(i).finish(stats)
+            files_done += 1
+        bar.set_postfix_str(f"files {files_done}/{len(inputs)}, {tokens:,} tokens", refresh=False)
+        bar.update(step)
 
     if workers <= 1:
         _init_worker(tokenizer_json)
-        for splits, chunk in chunks:
-            consume(splits, _encode(chunk))
+        for meta, chunk in tasks():
+            consume(meta, _encode(chunk), sum(len(text) for text, _ in chunk))
     else:
         # spawn, not fork: the parent may already have used the tokenizers' thread pool.
         with multiprocessing.get_context("spawn").Pool(workers, _init_worker, (tokenizer_json,)) as pool:
-            order: list[list[str]] = []
+            pending: list = []  # what each task's result belongs to, in order (imap keeps it)
 
-            def tasks() -> Iterator[list[tuple[str, bool]]]:
-                for splits, chunk in chunks:
-                    order.append(splits)
+            def chunks() -> Iterator[list[tuple[str, bool]]]:
+                for meta, chunk in tasks():
+                    pending.append((meta, sum(len(text) for text, _ in chunk)))
                     yield chunk
 
-            for i, arrays in enumerate(pool.imap(_encode, tasks())):  # imap keeps input order
-                consume(order[i], arrays)
-                order[i] = []
+            for i, arrays in enumerate(pool.imap(_encode, chunks())):
+                meta, chars = pending[i]
+                consume(meta, arrays, chars)
+                pending[i] = None
     bar.close()
-    return tokens
+
+
+def input_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
