@@ -78,7 +78,8 @@ def test_longer_sequence_than_configured_is_refused():
 
 # The model counts itself: each layer's parameter count against what it allocates, and each
 # block's count of saved activations against what autograd actually keeps (saved-tensor hooks).
-@pytest.mark.parametrize("kw", [{}, {"n_kv_heads": 1}, {"activation": "gelu"}, {"activation": "geglu"}])
+@pytest.mark.parametrize("kw", [{}, {"n_kv_heads": 1}, {"activation": "gelu"}, {"activation": "geglu"},
+                                {"qk_norm": True, "n_kv_heads": 2}])
 def test_each_layer_counts_the_parameters_it_allocates(kw):
     from dist_lm.model.layers import MLP, Attention, RMSNorm
 
@@ -107,7 +108,8 @@ def saved_bytes(block, x: torch.Tensor, pos, constants: list[torch.Tensor]) -> i
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("kw", [{}, {"n_kv_heads": 2}, {"activation": "gelu"}, {"activation": "geglu", "n_kv_heads": 1}])
+@pytest.mark.parametrize("kw", [{}, {"n_kv_heads": 2}, {"activation": "gelu"}, {"activation": "geglu", "n_kv_heads": 1},
+                                {"qk_norm": True, "n_kv_heads": 2}])
 def test_a_block_counts_the_activations_autograd_saves(dtype, kw):
     from dist_lm.model.counts import saved_bytes_per_token
     from dist_lm.model.layers import Positions, rope_tables

@@ -50,7 +50,7 @@ def run_case(case: str, nproc: int, work: Path) -> dict:
     overrides.append(f"train.global_batch_size={2 * micro * nproc}")  # two micro-batches accumulated
     cfg = load_config(preset, overrides)
     cfg = replaced(cfg, "model", vocab_size=vocab_size_for(cfg))
-    predicted = estimate(cfg.model, cfg.parallel, "bf16", micro, nproc)
+    predicted = estimate(cfg.model, cfg.parallel, "bf16", micro, nproc, z_loss=cfg.optim.z_loss > 0)
     run_dir = work / f"case{abs(hash(case))}"
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
         if nproc > 1 else [sys.executable]

@@ -1,4 +1,4 @@
-"""Export a checkpoint to a Hugging Face LlamaForCausalLM directory.
+"""Export a checkpoint to a Hugging Face LlamaForCausalLM directory (Qwen3ForCausalLM with model.qk_norm).
 
     dist-lm export runs/NAME OUT_DIR                        # the run's newest complete checkpoint
     dist-lm export runs/NAME/checkpoints/step00001000 OUT_DIR [--overwrite]

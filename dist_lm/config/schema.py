@@ -73,6 +73,12 @@ class ModelConfig:
     """Tokens an expert takes per batch, as a multiple of an even share; the rest are dropped."""
     moe_aux_loss_coef: float = 0.01
     """Weight of the load-balancing loss added to the training loss."""
+    dropout: float = 0.0
+    """Dropout probability of the attention weights and of each block's two residual branches
+    while training (nanoGPT's attn and resid dropout); 0 turns it off. Off in an export."""
+    qk_norm: bool = False
+    """RMSNorm on each head's queries and keys before the rotary embedding (as Qwen3, and OLMo 2
+    over whole projections, do against attention-logit growth). Exports as Qwen3ForCausalLM."""
 
     def __post_init__(self) -> None:
         require(self.vocab_size is None or self.vocab_size > 0, "vocab_size", "must be a positive integer or null")
@@ -98,6 +104,7 @@ class ModelConfig:
         require(self.moe_top_k in (1, 2), "moe_top_k", "DeepSpeed's MoE routes to 1 or 2 experts")
         require(self.moe_capacity_factor > 0, "moe_capacity_factor", "must be positive")
         require(self.moe_aux_loss_coef >= 0, "moe_aux_loss_coef", "must be >= 0")
+        require(0 <= self.dropout < 1, "dropout", "must be in [0, 1) (0 turns dropout off)")
 
     @property
     def kv_heads(self) -> int:
@@ -177,6 +184,10 @@ class OptimConfig:
     """Length in steps of one cosine cycle, for schedule=cosine_restarts."""
     decay_fraction: float = 0.2
     """Fraction of train.max_steps spent decaying, for schedule=wsd."""
+    z_loss: float = 0.0
+    """Weight of the z-loss (PaLM, OLMo): z_loss x mean(logsumexp(logits)^2) is added to the
+    training loss, keeping the log-partition function near 0; logged apart as z_loss (the logged
+    loss stays the cross-entropy). 1e-4 is the usual value; 0 turns it off."""
 
     def __post_init__(self) -> None:
         require(self.lr > 0, "lr", "must be positive")
@@ -195,6 +206,7 @@ class OptimConfig:
         require(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
         require(self.restart_period > 0, "restart_period", "must be positive")
         require(0 < self.decay_fraction <= 1, "decay_fraction", "must be in (0, 1]")
+        require(self.z_loss >= 0, "z_loss", "must be >= 0 (0 turns it off)")
 
 
 @dataclass(frozen=True)

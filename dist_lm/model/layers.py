@@ -37,12 +37,14 @@ class RMSNorm(nn.Module):
         return dim
 
     @staticmethod
-    def saved_bytes_per_token(dim: int, act_bytes: int, compiled: bool) -> float:
-        """What autograd keeps for backward. Eager: the fp32 input (x.float(), a copy unless it
-        is fp32 already), the normalised tensor in the compute dtype (the weight multiply keeps
-        it) and the output (the next matmul keeps it), and the fp32 reciprocal RMS per token.
-        Compiled: the input and output in the compute dtype, and the reciprocal RMS."""
-        return (2 * act_bytes if compiled else 4 + 2 * act_bytes) * dim + 4
+    def saved_bytes_per_token(dim: int, act_bytes: int, compiled: bool, rows: int = 1, output_kept: bool = True) -> float:
+        """What autograd keeps for backward, for ``rows`` vectors of ``dim`` per token (the heads,
+        for a per-head norm). Eager: the fp32 input (x.float(), a copy unless it is fp32 already),
+        the normalised tensor in the compute dtype (the weight multiply keeps it), the output when
+        the next op keeps it (a matmul does; the rotary embedding does not), and the fp32
+        reciprocal RMS of each row. Compiled: the input, the output, and the reciprocal RMS."""
+        output = act_bytes * dim if output_kept else 0
+        return (act_bytes if compiled else 4 + act_bytes) * dim + output + 4 * rows
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -73,7 +75,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class Attention(nn.Module):
     @staticmethod
     def parameter_count(cfg: ModelConfig) -> int:
-        return 2 * cfg.d_model * cfg.n_heads * cfg.head_dim + 2 * cfg.d_model * cfg.kv_heads * cfg.head_dim
+        norms = 2 * RMSNorm.parameter_count(cfg.head_dim) if cfg.qk_norm else 0
+        return 2 * cfg.d_model * cfg.n_heads * cfg.head_dim + 2 * cfg.d_model * cfg.kv_heads * cfg.head_dim + norms
 
     @staticmethod
     def attention_flops_per_token(cfg: ModelConfig) -> float:
@@ -86,8 +89,16 @@ class Attention(nn.Module):
     def saved_bytes_per_token(cfg: ModelConfig, act_bytes: int, compiled: bool) -> float:
         """q, k and v after rotation, the attention output and its re-laid-out copy that enters wo
         (its input, the norm's output, is the norm's count), in the compute dtype, and the fp32
-        log-sum-exp per head that the fused kernels keep; the same compiled."""
-        return act_bytes * (3 * cfg.d_model + 2 * cfg.kv_heads * cfg.head_dim) + 4 * cfg.n_heads
+        log-sum-exp per head that the fused kernels keep; the same compiled. With model.qk_norm, the
+        two per-head norms (their outputs go on to the rotary embedding, which does not keep them).
+        Attention dropout adds nothing here: the fused GPU kernels keep only their random state
+        (torch's math path, which CPUs take with dropout, keeps the attention weights)."""
+        kvd = cfg.kv_heads * cfg.head_dim
+        norms = 0.0
+        if cfg.qk_norm:
+            norms = RMSNorm.saved_bytes_per_token(cfg.d_model, act_bytes, compiled, cfg.n_heads, output_kept=False) + \
+                RMSNorm.saved_bytes_per_token(kvd, act_bytes, compiled, cfg.kv_heads, output_kept=False)
+        return act_bytes * (3 * cfg.d_model + 2 * kvd) + 4 * cfg.n_heads + norms
 
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
@@ -97,11 +108,17 @@ class Attention(nn.Module):
         self.wk = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
         self.wv = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.dropout = cfg.dropout
 
     def forward(self, x: torch.Tensor, pos: "Positions") -> torch.Tensor:
         b, t, _ = x.shape
-        q = self.wq(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.wk(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q = self.wq(x).view(b, t, self.n_heads, self.head_dim)
+        k = self.wk(x).view(b, t, self.n_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.wv(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if pos.rope is not None:
             q, k = apply_rope(q, *pos.rope), apply_rope(k, *pos.rope)
@@ -115,6 +132,7 @@ class Attention(nn.Module):
             mask, causal = torch.ones(t, k.shape[2], dtype=torch.bool, device=x.device).tril(k.shape[2] - t), False
         # enable_gqa lets the fused kernels read the shared K/V heads without copying them.
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                           dropout_p=self.dropout if self.training else 0.0,
                                            enable_gqa=self.n_kv_heads != self.n_heads)
         return self.wo(y.transpose(1, 2).reshape(b, t, -1))
 

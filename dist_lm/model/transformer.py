@@ -27,9 +27,10 @@ class Block(nn.Module):
     @staticmethod
     def saved_bytes_per_token(cfg: ModelConfig, act_bytes: int, compiled: bool) -> float:
         """What one block keeps for backward per token: its two norms, attention and MLP (a block
-        of experts is counted as one dense MLP; its routing is not modelled). The residual adds
-        keep nothing."""
-        return (2 * RMSNorm.saved_bytes_per_token(cfg.d_model, act_bytes, compiled)
+        of experts is counted as one dense MLP; its routing is not modelled), and with dropout the
+        one-byte masks of its two residual branches. The residual adds keep nothing."""
+        masks = 2 * cfg.d_model if cfg.dropout else 0
+        return (2 * RMSNorm.saved_bytes_per_token(cfg.d_model, act_bytes, compiled) + masks
                 + Attention.saved_bytes_per_token(cfg, act_bytes, compiled) + MLP.saved_bytes_per_token(cfg, act_bytes, compiled))
 
     def __init__(self, cfg: ModelConfig, layer: int, mlp: nn.Module | None = None):
@@ -38,10 +39,11 @@ class Block(nn.Module):
         self.attn = Attention(cfg, layer)
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = mlp if mlp is not None else MLP(cfg)
+        self.resid_dropout = nn.Dropout(cfg.dropout) if cfg.dropout else nn.Identity()
 
     def forward(self, x: torch.Tensor, pos: Positions) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), pos)
-        return x + self.mlp(self.mlp_norm(x))
+        x = x + self.resid_dropout(self.attn(self.attn_norm(x), pos))
+        return x + self.resid_dropout(self.mlp(self.mlp_norm(x)))
 
 
 class Transformer(nn.Module):
@@ -71,6 +73,10 @@ class Transformer(nn.Module):
         # (as DeepSpeed does) cannot round them: they are made in fp32 on first use per device.
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
         self.aux_loss: torch.Tensor | None = None  # the experts' load-balancing loss of the last forward
+        # The z-loss weight (optim.z_loss), set from outside like activation_checkpointing; z_loss
+        # is mean(logsumexp(logits)^2) of the last forward with targets, when the weight is on.
+        self.z_loss_coef = 0.0
+        self.z_loss: torch.Tensor | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -109,7 +115,11 @@ class Transformer(nn.Module):
         if targets is None:
             return logits
         # Cross-entropy in fp32: bf16 logits lose the small differences the loss depends on.
-        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.reshape(-1))
+        logits = logits.float().flatten(0, 1)
+        loss = F.cross_entropy(logits, targets.reshape(-1))
+        if self.z_loss_coef:
+            self.z_loss = torch.logsumexp(logits, dim=-1).pow(2).mean()
+            loss = loss + self.z_loss_coef * self.z_loss
         if self.aux_loss is not None:
             loss = loss + self.cfg.moe_aux_loss_coef * self.aux_loss.float()
         return loss

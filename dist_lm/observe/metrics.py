@@ -112,6 +112,7 @@ class LogWindow:
     def __init__(self, device: torch.device):
         self.loss_sum = torch.zeros((), device=device)
         self.aux_sum = torch.zeros((), device=device)
+        self.z_sum = torch.zeros((), device=device)
         self.steps = 0
         self.restart_clock()
 
@@ -125,20 +126,24 @@ class LogWindow:
     def reset(self) -> None:
         self.loss_sum.zero_()
         self.aux_sum.zero_()
+        self.z_sum.zero_()
         self.steps = 0
         self.restart_clock()
 
     def state_dict(self) -> dict:
         """Every rank's sums (a collective: every rank calls it)."""
-        sums = all_gather_floats([self.loss_sum.item(), self.aux_sum.item()])
-        return {"steps": self.steps, "loss_sums": [s[0] for s in sums], "aux_sums": [s[1] for s in sums]}
+        sums = all_gather_floats([self.loss_sum.item(), self.aux_sum.item(), self.z_sum.item()])
+        return {"steps": self.steps, "loss_sums": [s[0] for s in sums], "aux_sums": [s[1] for s in sums],
+                "z_sums": [s[2] for s in sums]}
 
     def load_state_dict(self, state: dict, rank: int, world_size: int) -> None:
         """On the world size it was saved at, each rank takes its own sums back (the row is then
         bitwise the same); on another, rank 0 takes their totals (the same to rounding)."""
         self.steps = state["steps"]
         same = len(state["loss_sums"]) == world_size
-        for tensor, sums in ((self.loss_sum, state["loss_sums"]), (self.aux_sum, state["aux_sums"])):
+        zeros = [0.0] * len(state["loss_sums"])  # (checkpoints from before the z-loss have no z_sums)
+        for tensor, sums in ((self.loss_sum, state["loss_sums"]), (self.aux_sum, state["aux_sums"]),
+                             (self.z_sum, state.get("z_sums", zeros))):
             tensor.fill_(sums[rank] if same else (sum(sums) if rank == 0 else 0.0))
 
 
@@ -155,6 +160,8 @@ def format_step(r: dict) -> str:
     parts = [f"step {r['step']:>6}", f"loss {r['loss']:.4f}", f"lr {r['lr']:.2e}"]
     if r.get("aux_loss") is not None:
         parts.append(f"aux {r['aux_loss']:.4f}")
+    if r.get("z_loss") is not None:
+        parts.append(f"z {r['z_loss']:.2e}")
     if r.get("grad_norm") is not None:
         parts.append(f"gnorm {r['grad_norm']:.3f}")
     parts.append(f"{r['tokens_per_s']:,.0f} tok/s")

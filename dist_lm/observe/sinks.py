@@ -23,7 +23,7 @@ from dist_lm.files import write_atomic
 # The columns of metrics.csv, in order; a row leaves empty what it does not have (val_loss is
 # there only on evaluation steps, the training figures only on logging steps).
 COLUMNS = ["step", "tokens", "loss", "val_loss", "val_ppl", "lr", "grad_norm", "tokens_per_s", "mfu",
-           "step_time", "peak_mem_gb", "elapsed_s", "aux_loss"]
+           "step_time", "peak_mem_gb", "elapsed_s", "aux_loss", "z_loss"]
 
 
 def _finite(v: object) -> object:

@@ -51,8 +51,10 @@ class MemoryEstimate:
 
 
 def estimate(model: ModelConfig, parallel: ParallelConfig, precision: Precision | str, micro_batch: int,
-             dp_size: int) -> MemoryEstimate:
-    """Peak bytes on one GPU for a resolved precision (a Precision, or its name)."""
+             dp_size: int, z_loss: bool = False) -> MemoryEstimate:
+    """Peak bytes on one GPU for a resolved precision (a Precision, or its name); ``z_loss``:
+    optim.z_loss is on (eager, its logsumexp keeps the fp32 logits; compiled, assumed fused with
+    the cross-entropy, not measured)."""
     precision = Precision(precision)
     if model.vocab_size is None:
         raise ValueError("model.vocab_size must be resolved before estimating memory")
@@ -111,4 +113,6 @@ def estimate(model: ModelConfig, parallel: ParallelConfig, precision: Precision 
     # out of it, and its cast to the compute dtype. Compiled, the cross-entropy is fused and only
     # the logits in the compute dtype are kept.
     logits = tokens * model.vocab_size * (act_bytes if compiled else 4 + 4 + act_bytes)
+    if z_loss and not compiled:
+        logits += tokens * model.vocab_size * 4  # logsumexp keeps the fp32 logits themselves
     return MemoryEstimate(weights, grads, optimizer, buffers, activations, logits, WORKSPACES)

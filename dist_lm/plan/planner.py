@@ -218,7 +218,7 @@ def _plan_preset(preset: str, machine: Machine, overrides: list[str], fixed: set
                     and "train.global_batch_size" in fixed:
                 continue
             trial = _with(cfg, parallel, micro, global_batch)
-            mem = estimate(trial.model, trial.parallel, resolved, micro, world)
+            mem = estimate(trial.model, trial.parallel, resolved, micro, world, z_loss=trial.optim.z_loss > 0)
             if mem.total > budget:
                 continue
             return _finish(preset, machine, world, trial, mem, parallel, precision, fixed, overrides, reasons)

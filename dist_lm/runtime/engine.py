@@ -52,6 +52,7 @@ def initialize(model: Transformer, parallel: ParallelConfig, optim: OptimConfig,
     will load (0 for a fresh run), which DeepCompile's pass schedule counts from. ``verbose``:
     let DeepSpeed print what it prints bare at start-up."""
     model.activation_checkpointing = parallel.activation_checkpointing
+    model.z_loss_coef = optim.z_loss
     # Marks the checkpoints DeepSpeed writes as convertible to its universal format (for resuming
     # on another world size or ZeRO stage; see dist_lm.train.checkpoint).
     setattr(model, UNIVERSAL_CHECKPOINT_INFO, {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE})

@@ -162,11 +162,17 @@ class Trainer:
             # A skipped micro-batch still goes through backward (with no gradient), so that
             # DeepSpeed's micro-step count and ZeRO's collectives stay in line on every rank.
             model_engine.backward(loss * 0.0 if skip else loss)
-            aux = model_engine.module.aux_loss  # the experts' load-balancing loss, inside ``loss``
+            # The logged loss is the cross-entropy: the experts' load-balancing loss and the
+            # z-loss, both inside ``loss``, are logged apart.
+            loss = loss.detach()
+            aux, z = model_engine.module.aux_loss, model_engine.module.z_loss
             if aux is not None:
                 self.window.aux_sum += aux.detach().float()
-                loss = loss.detach() - self.cfg.model.moe_aux_loss_coef * aux.detach().float()
-            self.window.loss_sum += loss.detach()
+                loss = loss - self.cfg.model.moe_aux_loss_coef * aux.detach().float()
+            if z is not None:
+                self.window.z_sum += z.detach()
+                loss = loss - self.cfg.optim.z_loss * z.detach()
+            self.window.loss_sum += loss
             if i < len(batches) - 1:
                 model_engine.step()  # DeepSpeed counts micro-steps; it updates only at the boundary
         if self.cfg.train.check_finite:
@@ -190,11 +196,14 @@ class Trainer:
         tokens_per_s, mfu = metrics.throughput(tokens, seconds, self.flops_per_token, s.dist_env.world_size,
                                                self.peak_flops)
         lr = lr_at(self.step - 1, self.cfg.optim, self.cfg.train.max_steps)  # the last step's (Muon: x muon_lr/lr)
-        aux = None
+        aux = z = None
         if "moe" in self.cfg.model.layer_types:
             dist.all_reduce(window.aux_sum)
             aux = window.aux_sum.item() / micro_batches
-        return {"loss": loss, "aux_loss": aux, "lr": lr, "grad_norm": None if grad_norm is None else float(grad_norm),
+        if self.cfg.optim.z_loss:
+            dist.all_reduce(window.z_sum)
+            z = self.cfg.optim.z_loss * window.z_sum.item() / micro_batches  # the term added to the loss
+        return {"loss": loss, "aux_loss": aux, "z_loss": z, "lr": lr, "grad_norm": None if grad_norm is None else float(grad_norm),
                 "tokens_per_s": tokens_per_s, "mfu": mfu, "step_time": seconds / steps,
                 "peak_mem_gb": metrics.peak_memory_gb(s.device)}
 

@@ -155,7 +155,8 @@ def start(cfg: Config, plan_summary: list[str] = (), data: tuple[Config, Path, d
     log.info(f"model {parameters / 1e6:.2f}M parameters, {flops_per_token(cfg.model) / 1e6:.1f} MFLOP/token")
     predicted = None
     if device.type == "cuda":
-        predicted = memory.estimate(cfg.model, cfg.parallel, precision, batch.micro_batch_size, batch.dp_size)
+        predicted = memory.estimate(cfg.model, cfg.parallel, precision, batch.micro_batch_size, batch.dp_size,
+                                    z_loss=cfg.optim.z_loss > 0)
         log.info(f"predicted peak GPU memory per rank {predicted.describe()}")
     engine.quiet(cfg.run.verbose)
     if universal:  # saved on another world size or ZeRO stage: DeepSpeed's universal format

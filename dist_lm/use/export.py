@@ -1,10 +1,12 @@
-"""A checkpoint -> a Hugging Face ``LlamaForCausalLM`` directory (config.json, model.safetensors,
-tokenizer.json, tokenizer_config.json), loadable by ``transformers`` and the runtimes that read
-that format. tools/export_hf.py is the command line.
+"""A checkpoint -> a Hugging Face ``LlamaForCausalLM`` directory (``Qwen3ForCausalLM`` with
+model.qk_norm) (config.json, model.safetensors, tokenizer.json, tokenizer_config.json), loadable by
+``transformers`` and the runtimes that read that format. `dist-lm export` is the command line.
 
 Our model is Llama's architecture with the same conventions (RMSNorm computed in fp32, rotary
 embedding on the two halves of each head, SwiGLU, no biases), so the export renames weights and
-changes nothing else. Options without a Llama equivalent (GeGLU, GELU) are refused.
+changes nothing else; Qwen3 is the same with per-head query and key norms. Options without an
+equivalent (GeGLU, GELU, other positions, experts) are refused. Dropout is off in the export.
+HF's attention sees a whole window: it does not keep documents of a packed window apart.
 """
 
 from __future__ import annotations
@@ -37,6 +39,9 @@ NAMES = {
     "blocks.{i}.mlp.w_gate.weight": "model.layers.{i}.mlp.gate_proj.weight",
     "blocks.{i}.mlp.w_in.weight": "model.layers.{i}.mlp.up_proj.weight",
     "blocks.{i}.mlp.w_out.weight": "model.layers.{i}.mlp.down_proj.weight",
+    # model.qk_norm, exported as Qwen3 (Llama's layout with per-head query and key norms)
+    "blocks.{i}.attn.q_norm.weight": "model.layers.{i}.self_attn.q_norm.weight",
+    "blocks.{i}.attn.k_norm.weight": "model.layers.{i}.self_attn.k_norm.weight",
 }
 
 
@@ -57,13 +62,18 @@ def hf_config(cfg: Config, eot_id: int | None, dtype: torch.dtype = torch.float3
     if unlike_llama:
         raise UserError(f"export error: {'; '.join(unlike_llama)}: no LlamaForCausalLM equivalent, so this model "
                         "cannot be exported in that format")
+    # Qwen3 is Llama with RMSNorm on each head's queries and keys before the rotary embedding,
+    # exactly model.qk_norm; without it, Llama. Dropout is a training device: off in the export.
+    architecture = {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "use_sliding_window": False,
+                    "layer_types": ["full_attention"] * m.n_layers} if m.qk_norm else \
+        {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "mlp_bias": False}
     return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": m.vocab_size,
+        **architecture, "attention_dropout": 0.0, "vocab_size": m.vocab_size,
         "hidden_size": m.d_model, "intermediate_size": m.ffn_dim, "num_hidden_layers": m.n_layers,
         "num_attention_heads": m.n_heads, "num_key_value_heads": m.kv_heads, "head_dim": m.head_dim,
         "hidden_act": "silu", "max_position_embeddings": m.seq_len, "rms_norm_eps": m.norm_eps,
         "rope_theta": m.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": m.rope_theta},
-        "tie_word_embeddings": m.tie_embeddings, "attention_bias": False, "mlp_bias": False,
+        "tie_word_embeddings": m.tie_embeddings, "attention_bias": False,
         "initializer_range": m.init_std, "torch_dtype": str(dtype).removeprefix("torch."), "bos_token_id": None, "eos_token_id": eot_id,
     }
 
