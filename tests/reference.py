@@ -15,7 +15,8 @@ from dist_lm.data.checks import resolve_data
 
 def reference_losses(preset: str, overrides: list[str], steps: int) -> list[float]:
     cfg = load_config(preset, overrides)
-    cfg, data_dir, meta = resolve_data(cfg)
+    data = resolve_data(cfg)
+    cfg, data_dir, meta = data.config, data.dir, data.meta
     torch.manual_seed(cfg.train.seed)
     model = Transformer(cfg.model)
     o = cfg.optim

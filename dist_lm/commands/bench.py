@@ -139,7 +139,8 @@ def run_baseline(config: str, overrides: list[str], steps: int, warmup: int, acc
 
     cfg = load_config(config, [*overrides, batch_override(config, overrides, accum)])
     device = torch.device("cuda")
-    cfg, data_dir, meta = resolve_data(cfg)
+    data = resolve_data(cfg)
+    cfg, data_dir, meta = data.config, data.dir, data.meta
     batch = batch_sizes(cfg.train, 1)
     data = TrainData(data_dir, meta, cfg.model.seq_len, batch, 0, cfg.train.seed, device)
     model = Transformer(cfg.model).to(device)

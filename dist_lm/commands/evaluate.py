@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 
@@ -38,16 +39,25 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model, cfg, found = load_model(args.checkpoint, args.best, args.dtype)
         if args.data:
-            cfg = replaced(cfg, "data", dir=args.data)
-        cfg, data_dir, meta = resolve_data(cfg)
+            cfg = replaced(cfg, "data", dir=args.data, mixture=[])
+        data = resolve_data(cfg)
+        cfg = data.config
         env = distributed.detect(os.environ)
         device = distributed.device_for(env)
         distributed.init_process_group(env, device, cfg.parallel.timeout_minutes)
-        tokenizer = load_tokenizer(cfg, found) if meta.get("tokenizer") else None
-        val = ValData(data_dir, meta, cfg.model.seq_len, args.samples or cfg.train.eval_samples, args.micro_batch,
-                      env.rank, env.world_size, device)
-        result = {"checkpoint": str(found.path), "data": str(data_dir), "split": val.split,
-                  **evaluate(model.to(device), val, tokenizer)}
+        tokenizer = load_tokenizer(cfg, found) if data.meta.get("tokenizer") else None
+        model = model.to(device)
+        results = {}
+        for source in data.sources:
+            val = ValData(source.dir, source.meta, cfg.model.seq_len, args.samples or cfg.train.eval_samples,
+                          args.micro_batch, env.rank, env.world_size, device)
+            results[source.name] = {"data": str(source.dir), "split": val.split, **evaluate(model, val, tokenizer)}
+        if len(results) == 1:
+            result = {"checkpoint": str(found.path), **results[data.sources[0].name]}
+        else:  # a mixture: each source, and the loss weighted as the mixture is (as training reports it)
+            loss = sum(s.weight * results[s.name]["loss"] for s in data.sources)
+            result = {"checkpoint": str(found.path), "data": data.describe(), "loss": loss,
+                      "perplexity": math.exp(min(loss, 50.0)), "sources": results}
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -165,6 +165,14 @@ def build(cls: type, data: dict, sources: dict[str, str], prefix: str = "") -> A
         if key not in hints:
             raise _unknown_key(dotted, sources.get(dotted))
         hint = hints[key]
+        item = typing.get_args(hint)[0] if typing.get_origin(hint) is list else None
+        if dataclasses.is_dataclass(item):  # a list of mappings, each one of these dataclasses
+            fields = ", ".join(f"{f.name}: ..." for f in dataclasses.fields(item) if f.default is dataclasses.MISSING)
+            if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+                raise ConfigError(dotted, f"expected a list of mappings like [{{{fields}}}, ...] (on the command line "
+                                  f"in quotes), got {value!r}", sources.get(dotted))
+            kwargs[key] = [build(item, v, sources, f"{dotted}[{i}].") for i, v in enumerate(value)]
+            continue
         if dataclasses.is_dataclass(hint):
             if not isinstance(value, dict):
                 raise ConfigError(dotted, "must be a mapping of its fields", sources.get(dotted))
@@ -177,6 +185,13 @@ def build(cls: type, data: dict, sources: dict[str, str], prefix: str = "") -> A
             kwargs[key] = _coerce(value, hint)
         except (ValueError, TypeError):
             raise ConfigError(dotted, f"expected {type_name(hint)}, got {value!r}", sources.get(dotted)) from None
+    required = [f.name for f in dataclasses.fields(cls)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [name for name in required if name not in kwargs]
+    if missing:
+        key = f"{prefix}{missing[0]}"
+        where = prefix.rstrip(".")
+        raise ConfigError(key, "is required", sources.get(where) or sources.get(where.rsplit("[", 1)[0]))
     try:
         return cls(**kwargs)
     except ConfigError as e:

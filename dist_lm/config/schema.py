@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from dist_lm.config.errors import ConfigError, UserError, require
 from dist_lm.config.run_sections import CheckpointConfig, LoggingConfig, ParallelConfig, RunConfig
 
-__all__ = ["CheckpointConfig", "Config", "ConfigError", "DataConfig", "LoggingConfig", "ModelConfig", "OptimConfig",
+__all__ = ["CheckpointConfig", "Config", "ConfigError", "DataConfig", "LoggingConfig", "MixtureSource", "ModelConfig",
+           "OptimConfig",
            "ParallelConfig", "RunConfig", "TrainConfig", "UserError", "replaced"]
 
 
@@ -124,6 +126,28 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class MixtureSource:
+    """One dataset of a mixture (data.mixture)."""
+
+    dir: str
+    """A directory of token shards with a meta.json (made by dist-lm prepare)."""
+    weight: float
+    """Its share of the training samples; the weights are normalised to sum to 1."""
+    name: str | None = None
+    """Its name in the metrics (val_loss_NAME). null: the directory's own name."""
+
+    def __post_init__(self) -> None:
+        require(bool(self.dir), "dir", "must name a dataset directory")
+        require(self.weight > 0, "weight", "must be positive")
+        require(self.name is None or (self.name and self.name.replace("-", "_").isidentifier()), "name",
+                "must be a name of letters, digits, _ and - (it becomes a metric's name)")
+
+    @property
+    def label(self) -> str:
+        return self.name or Path(self.dir).name
+
+
+@dataclass(frozen=True)
 class DataConfig:
     """Where the training tokens come from."""
 
@@ -140,10 +164,22 @@ class DataConfig:
     log_samples: bool = False
     """Each rank appends the window ids it reads, a line "STEP: IDS" per step, to samples/rank<N>.txt
     in the run directory: an audit trail of exactly what every rank trained on. A resumed run
-    first drops the lines of the steps it trains again."""
+    first drops the lines of the steps it trains again. (In a mixture, an id is window x
+    sources + source.)"""
+    mixture: list[MixtureSource] = field(default_factory=list)
+    """Train on several prepared datasets at once, instead of data.dir: a list of {dir, weight}
+    (and an optional name), e.g. on the command line data.mixture='[{dir: A, weight: 0.7}, {dir:
+    B, weight: 0.3}]'. They must share one tokenizer. Each sample comes from one source, in
+    proportion to the weights over any stretch of samples; the order does not depend on the rank
+    count and resumes exactly. Validation reports each source's loss and their weighted mean.
+    Weights may change on resume (docs/data.md)."""
 
     def __post_init__(self) -> None:
         require(self.embedded_vocab_size >= 512, "embedded_vocab_size", "must be at least 512")
+        require(not (self.dir and self.mixture), "mixture", "replaces data.dir: set one of them, not both")
+        labels = [m.label for m in self.mixture]
+        require(len(set(labels)) == len(labels), "mixture", f"names its sources twice ({labels}); give each a "
+                "name: [{dir: ..., weight: ..., name: ...}, ...]")
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,9 @@ here into batches on the device.
 
 from __future__ import annotations
 
+import hashlib
+import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -55,20 +58,76 @@ def padded_vocab_size(tokens: int) -> int:
     return (tokens + 63) // 64 * 64
 
 
-def resolve_data(cfg: Config) -> tuple[Config, Path, dict]:
-    """The config with model.vocab_size taken from the data when it is null (a new config: the
-    given one is left as it is), the dataset directory and its meta.json, checked against the model."""
-    data_dir = Path(cfg.data.dir) if cfg.data.dir else corpus.prepare(cfg.data.cache_dir, cfg.data.embedded_vocab_size)
-    meta = shards.read_meta(data_dir, cfg.data.dtype)
-    if meta["vocab_size"] is None and cfg.model.vocab_size is None:
-        raise ConfigError("model.vocab_size", f"{data_dir} has no meta.json to take the vocabulary size from; "
+@dataclass(frozen=True)
+class Source:
+    """One dataset a run trains on: data.dir (or the embedded corpus), or one of data.mixture."""
+
+    name: str
+    dir: Path
+    meta: dict
+    weight: float  # normalised: the weights of a run's sources sum to 1
+
+
+@dataclass(frozen=True)
+class ResolvedData:
+    """The datasets of a run, checked against its model; ``config`` has model.vocab_size filled
+    in from them when it was null (a new config: the given one is left as it is)."""
+
+    config: Config
+    sources: list[Source]
+
+    @property
+    def dir(self) -> Path:
+        """The first source's directory, whose tokenizer every source shares."""
+        return self.sources[0].dir
+
+    @property
+    def meta(self) -> dict:
+        return self.sources[0].meta
+
+    def fingerprint(self) -> dict:
+        """What identifies the data for a resume: a dataset's own fingerprint, or for a mixture
+        one over its sources' in order. The weights are not in it: they may change on resume."""
+        if len(self.sources) == 1:
+            return shards.fingerprint(self.meta)
+        parts = [shards.fingerprint(s.meta) for s in self.sources]
+        digest = hashlib.sha256(json.dumps([p["sha256"] for p in parts]).encode()).hexdigest()
+        return {"sha256": digest, "train_tokens": sum(p["train_tokens"] for p in parts),
+                "tokenizer_sha256": parts[0]["tokenizer_sha256"]}
+
+    def describe(self) -> str:
+        if len(self.sources) == 1:
+            return str(self.dir)
+        return "mixture of " + ", ".join(f"{s.name} {s.weight:.3g} ({s.dir})" for s in self.sources)
+
+
+def resolve_data(cfg: Config) -> ResolvedData:
+    """The datasets of ``cfg`` (data.mixture, data.dir or the embedded corpus), each checked
+    against the model before torch is imported; a mixture's must share one tokenizer."""
+    if cfg.data.mixture:
+        total = sum(m.weight for m in cfg.data.mixture)
+        named = [(m.label, Path(m.dir), m.weight / total) for m in cfg.data.mixture]
+    else:
+        data_dir = Path(cfg.data.dir) if cfg.data.dir else corpus.prepare(cfg.data.cache_dir,
+                                                                            cfg.data.embedded_vocab_size)
+        named = [(data_dir.name, data_dir, 1.0)]
+    metas = [shards.read_meta(d, cfg.data.dtype) for _, d, _ in named]
+    tokenizers = {m.get("tokenizer_sha256") for m in metas}
+    if len(tokenizers) > 1:
+        listed = ", ".join(f"{d} {str(m.get('tokenizer_sha256'))[:12]}" for (_, d, _), m in zip(named, metas))
+        raise ConfigError("data.mixture", f"its datasets were made with different tokenizers ({listed}); prepare "
+                          "them all with one --tokenizer")
+    vocab = max((m["vocab_size"] for m in metas if m["vocab_size"] is not None), default=None)
+    if vocab is None and cfg.model.vocab_size is None:
+        raise ConfigError("model.vocab_size", f"{named[0][1]} has no meta.json to take the vocabulary size from; "
                           "set it (50304 for nanoGPT's GPT-2 tokens)")
     if cfg.model.vocab_size is None:
-        cfg = replaced(cfg, "model", vocab_size=padded_vocab_size(meta["vocab_size"]))
-    elif meta["vocab_size"] is not None and cfg.model.vocab_size < meta["vocab_size"]:
+        cfg = replaced(cfg, "model", vocab_size=padded_vocab_size(vocab))
+    elif vocab is not None and cfg.model.vocab_size < vocab:
         raise ConfigError("model.vocab_size", f"{cfg.model.vocab_size} is smaller than the vocabulary of "
-                          f"{data_dir / 'meta.json'} ({meta['vocab_size']}); raise it or leave it null")
-    shards.check_token_ids(data_dir, meta, cfg.model.vocab_size)
-    for split in {"train", eval_split(meta)}:
-        Windows.of_split(data_dir, meta, split, cfg.model.seq_len)  # at least one window of each
-    return cfg, data_dir, meta
+                          f"{named[0][1] / 'meta.json'} ({vocab}); raise it or leave it null")
+    for (_, data_dir, _), meta in zip(named, metas):
+        shards.check_token_ids(data_dir, meta, cfg.model.vocab_size)
+        for split in {"train", eval_split(meta)}:
+            Windows.of_split(data_dir, meta, split, cfg.model.seq_len)  # at least one window of each
+    return ResolvedData(cfg, [Source(name, d, meta, w) for (name, d, w), meta in zip(named, metas)])

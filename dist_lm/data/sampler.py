@@ -69,53 +69,132 @@ def _to_batches(tokens: np.ndarray, micro: int, device: torch.device) -> list[tu
     return [(t[i:i + micro, :-1], t[i:i + micro, 1:]) for i in range(0, len(t), micro)]
 
 
+# frac(n x golden ratio) in 64-bit fixed point: the Weyl sequence that assigns mixture samples to
+# sources. Its points spread evenly over [0, 1) for any stretch of positions, so each source gets
+# its weight's share of every 1,000 consecutive samples to within a few samples, and the source
+# of a position is a function of the position alone.
+GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
 class TrainData:
-    """This rank's micro-batches, step after step, in the world-size independent global order."""
+    """This rank's micro-batches, step after step, in the world-size independent global order.
+
+    One dataset, or a mixture (:meth:`mixture`): then global position n belongs to the source
+    whose share of [0, 1) holds frac((n + 1) x golden ratio), and is that source's next sample
+    in its own keyed order. The state is then also each source's count of samples consumed, so
+    a resume continues every source where it stopped, on any number of ranks, also with other
+    weights: from the resume on, positions are assigned by the new weights."""
 
     def __init__(self, data_dir: Path, meta: dict, seq_len: int, batch: BatchSizes, dp_rank: int,
-                 seed: int, device: torch.device):
-        self.windows = Windows.of_split(data_dir, meta, "train", seq_len)
+                 seed: int, device: torch.device, weights: list[float] | None = None,
+                 more: list[tuple[Path, dict]] = ()):
+        """One dataset; ``more`` and ``weights`` (one per dataset, the first included) make it a
+        mixture (use :meth:`mixture`)."""
+        self.source_windows = [Windows.of_split(d, m, "train", seq_len) for d, m in [(data_dir, meta), *more]]
+        self.windows = self.source_windows[0]
+        weights = np.asarray(weights or [1.0], dtype=np.float64)
+        self.thresholds = (np.cumsum(weights / weights.sum())[:-1] * 2.0**64).astype(np.uint64)
         self.batch, self.dp_rank, self.seed, self.device = batch, dp_rank, seed, device
         self.samples_consumed = 0
+        self.source_samples = np.zeros(len(self.source_windows), dtype=np.int64)
         self.last_ids = np.empty(0, dtype=np.int64)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
         self._next: tuple[int, Future] | None = None
 
-    def global_ids(self, start: int, count: int) -> np.ndarray:
-        """Window ids of global sample positions [start, start + count)."""
-        pos = np.arange(start, start + count, dtype=np.int64)
-        epoch, within = pos // self.windows.n, pos % self.windows.n
-        out = np.empty(count, dtype=np.int64)
+    @classmethod
+    def mixture(cls, sources: list[tuple[Path, dict, float]], seq_len: int, batch: BatchSizes, dp_rank: int,
+                seed: int, device: torch.device) -> "TrainData":
+        (first_dir, first_meta, _), *more = sources
+        return cls(first_dir, first_meta, seq_len, batch, dp_rank, seed, device, [w for _, _, w in sources],
+                   [(d, m) for d, m, _ in more])
+
+    def _source_ids(self, source: int, ks: np.ndarray) -> np.ndarray:
+        """Window ids of the samples ``ks`` (counted from 0) of one source's own order."""
+        n = self.source_windows[source].n
+        epoch, within = ks // n, ks % n
+        out = np.empty(len(ks), dtype=np.int64)
         for e in np.unique(epoch):
             sel = epoch == e
-            out[sel] = permute(within[sel], self.windows.n, key=self.seed * 65_537 + int(e))
+            out[sel] = permute(within[sel], n, key=self.seed * 65_537 + int(e) + source * 1_000_003)
         return out
 
-    def rank_ids(self, samples_consumed: int) -> np.ndarray:
-        """The window ids this rank reads for the global batch starting at samples_consumed."""
-        per_rank = self.batch.per_rank_batch_size
-        return self.global_ids(samples_consumed + self.dp_rank * per_rank, per_rank)
+    def assign(self, start: int, count: int, before: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(source, window id) of global positions [start, start + count), given each source's
+        samples before ``start``."""
+        if len(self.source_windows) == 1:
+            return np.zeros(count, dtype=np.int64), self._source_ids(0, np.arange(start, start + count, dtype=np.int64))
+        with np.errstate(over="ignore"):
+            u = (np.arange(start, start + count, dtype=np.uint64) + np.uint64(1)) * GOLDEN
+        sources = np.searchsorted(self.thresholds, u, side="right").astype(np.int64)
+        ids = np.empty(count, dtype=np.int64)
+        for s in np.unique(sources):
+            sel = sources == s
+            ids[sel] = self._source_ids(int(s), before[s] + np.arange(int(sel.sum()), dtype=np.int64))
+        return sources, ids
 
-    def _load(self, samples_consumed: int) -> tuple[np.ndarray, list[tuple[torch.Tensor, torch.Tensor]]]:
-        ids = self.rank_ids(samples_consumed)
-        return ids, _to_batches(self.windows.gather(ids), self.batch.micro_batch_size, self.device)
+    def global_ids(self, start: int, count: int) -> np.ndarray:
+        """Window ids of global positions [start, start + count) of one dataset's order."""
+        return self.assign(start, count, np.array([start]))[1]
+
+    def _encoded(self, sources: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """One id per sample: the window id, or in a mixture window x sources + source."""
+        return ids if len(self.source_windows) == 1 else ids * len(self.source_windows) + sources
+
+    def rank_ids(self, samples_consumed: int, before: np.ndarray | None = None) -> np.ndarray:
+        """The sample ids this rank reads for the global batch starting at samples_consumed."""
+        before = np.array([samples_consumed]) if before is None else before
+        sources, ids = self._rank_samples(samples_consumed, before)
+        return self._encoded(sources, ids)
+
+    def _rank_samples(self, samples_consumed: int, before: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        # Every rank assigns the whole global batch (cheap), so each source's count before its
+        # own slice is known, then takes its slice.
+        sources, ids = self.assign(samples_consumed, self.batch.global_batch_size, before)
+        per_rank = self.batch.per_rank_batch_size
+        mine = slice(self.dp_rank * per_rank, (self.dp_rank + 1) * per_rank)
+        return sources[mine], ids[mine]
+
+    def _load(self, samples_consumed: int, before: np.ndarray) -> tuple[np.ndarray, list]:
+        sources, ids = self._rank_samples(samples_consumed, before)
+        tokens = np.empty((len(ids), self.windows.seq_len + 1), dtype=np.int64)
+        for s in np.unique(sources):
+            sel = sources == s
+            tokens[sel] = self.source_windows[int(s)].gather(ids[sel])
+        return self._encoded(sources, ids), _to_batches(tokens, self.batch.micro_batch_size, self.device)
+
+    def _after(self, samples_consumed: int, before: np.ndarray) -> np.ndarray:
+        """Each source's samples consumed after the global batch at samples_consumed."""
+        if len(self.source_windows) == 1:
+            return before + self.batch.global_batch_size
+        sources, _ = self.assign(samples_consumed, self.batch.global_batch_size, before)
+        return before + np.bincount(sources, minlength=len(self.source_windows))
 
     def next_batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The micro-batches (inputs, targets) of the next optimizer step; prefetches the one after.
-        ``last_ids`` holds the window ids they were cut from."""
+        ``last_ids`` holds the sample ids they were cut from."""
         if self._next is not None and self._next[0] == self.samples_consumed:
             self.last_ids, batches = self._next[1].result()
         else:
-            self.last_ids, batches = self._load(self.samples_consumed)
+            self.last_ids, batches = self._load(self.samples_consumed, self.source_samples)
+        self.source_samples = self._after(self.samples_consumed, self.source_samples)
         self.samples_consumed += self.batch.global_batch_size
-        self._next = (self.samples_consumed, self._pool.submit(self._load, self.samples_consumed))
+        self._next = (self.samples_consumed, self._pool.submit(self._load, self.samples_consumed, self.source_samples))
         return batches
 
     def state_dict(self) -> dict:
-        return {"samples_consumed": self.samples_consumed}
+        state = {"samples_consumed": self.samples_consumed}
+        if len(self.source_windows) > 1:
+            state["source_samples"] = self.source_samples.tolist()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
+        """Where the order continues. A checkpoint of another set of sources (a resume with
+        checkpoint.allow_data_change) starts each source from its beginning."""
         self.samples_consumed = int(state["samples_consumed"])
+        counts = state.get("source_samples", [self.samples_consumed])
+        if len(counts) != len(self.source_windows):
+            counts = [0] * len(self.source_windows)
+        self.source_samples = np.asarray(counts, dtype=np.int64)
         self._next = None
 
     def close(self) -> None:

@@ -22,7 +22,8 @@ class MetricsWriter:
     """Every metrics row to every sink, on rank 0: metrics.jsonl and metrics.csv always,
     wandb and TensorBoard as configured. Other ranks hold no sinks."""
 
-    def __init__(self, run_dir: Path, cfg: LoggingConfig, run_name: str, config: dict, start_step: int = 0):
+    def __init__(self, run_dir: Path, cfg: LoggingConfig, run_name: str, config: dict, start_step: int = 0,
+                 extra_columns: list[str] = ()):
         """``start_step``: the step the run continues from (its checkpoint's, or 0). Rows of later
         steps, logged by an earlier process in this run directory, are removed from the files."""
         self.sinks: list[sinks.Sink] = []
@@ -32,7 +33,7 @@ class MetricsWriter:
         if removed := sinks.drop_rows_after(run_dir, start_step):
             log.info(f"metrics: {removed} row(s) after step {start_step}, from the process that stopped there, "
                 "removed from metrics.jsonl and metrics.csv (those steps are trained again)")
-        self.sinks += [sinks.JsonlSink(run_dir / "metrics.jsonl"), sinks.CsvSink(run_dir / "metrics.csv")]
+        self.sinks += [sinks.JsonlSink(run_dir / "metrics.jsonl"), sinks.CsvSink(run_dir / "metrics.csv", extra_columns)]
         mode, note = sinks.wandb_mode(cfg.wandb)
         if mode != "disabled":
             self.wandb = sinks.WandbSink(cfg, mode, run_dir, run_name, config)

@@ -106,15 +106,17 @@ class JsonlSink:
 
 
 class CsvSink:
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, extra_columns: list[str] = ()):
+        """``extra_columns``: beyond COLUMNS, e.g. a mixture's val_loss_NAME per source."""
         fresh = not path.exists() or path.stat().st_size == 0
         self._file = open(path, "a", newline="", buffering=1)
-        self._writer = csv.DictWriter(self._file, fieldnames=COLUMNS)
+        self.columns = [*COLUMNS, *extra_columns]
+        self._writer = csv.DictWriter(self._file, fieldnames=self.columns)
         if fresh:
             self._writer.writeheader()
 
     def write(self, row: dict) -> None:
-        unknown = [k for k in row if k not in COLUMNS]
+        unknown = [k for k in row if k not in self.columns]
         if unknown:  # a metric added to the trainer but not here would be missing from the CSV unseen
             raise ValueError(f"metrics.csv has no column for {', '.join(unknown)}: add it to dist_lm.observe.sinks.COLUMNS")
         self._writer.writerow({k: ("" if _finite(v) is None else v) for k, v in row.items()})

@@ -11,7 +11,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from dist_lm.config.io import to_dict
-from dist_lm.data import shards
 from dist_lm.model.counts import count_parameters, flops_per_token
 from dist_lm.observe import log, metrics
 from dist_lm.plan import hardware
@@ -68,8 +67,8 @@ class Trainer:
             val_loss=val, elapsed_s=self.elapsed_s(), evals_without_improvement=self.evals_without_improvement,
             skipped_steps=self.skips.total, tokens=self.tokens_seen(), world_size=s.dist_env.world_size,
             zero_stage=self.cfg.parallel.zero_stage, precision=s.precision,
-            parameters=count_parameters(self.cfg.model)["total"], tokenizer_sha256=s.meta["tokenizer_sha256"],
-            data_fingerprint=shards.fingerprint(s.meta), wandb_run_id=s.metrics.wandb_run_id,
+            parameters=count_parameters(self.cfg.model)["total"], tokenizer_sha256=s.data.meta["tokenizer_sha256"],
+            data_fingerprint=s.data.fingerprint(), wandb_run_id=s.metrics.wandb_run_id,
             log_window=self.window.state_dict())
 
     def tokens_seen(self) -> int:
@@ -223,18 +222,42 @@ class Trainer:
             return True
         return False
 
-    @torch.no_grad()
     def evaluate(self) -> dict:
-        """Mean validation loss over the fixed validation windows, the same for every rank count."""
-        start, val_data = time.perf_counter(), self.session.val_data
+        """Mean validation loss over the fixed validation windows, the same for every rank count;
+        in a mixture each source's too, and their mean weighted as the mixture is."""
+        start = time.perf_counter()
         self.model_engine.eval()
+        losses = {}
+        for source, val_data in self.session.val_sets:
+            loss = self._validation_loss(val_data)
+            if loss is None:  # a signal: the evaluation ends on every rank
+                self.model_engine.train()
+                return {}
+            losses[source.name] = (source.weight, loss)
+        self.model_engine.train()
+        val_loss = sum(weight * loss for weight, loss in losses.values())
+        if val_loss < self.best_val_loss - self.cfg.train.early_stop_min_delta:
+            self.evals_without_improvement = 0
+        else:
+            self.evals_without_improvement += 1
+        self.best_val_loss = min(self.best_val_loss, val_loss)
+        self.val_history.append((self.step, val_loss))
+        self.last_val_loss = (self.step, val_loss)
+        self.last_eval_seconds = time.perf_counter() - start
+        row = {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
+        if len(losses) > 1:
+            row |= {f"val_loss_{name}": loss for name, (_, loss) in losses.items()}
+        return row
+
+    @torch.no_grad()
+    def _validation_loss(self, val_data) -> float | None:
+        """One validation set's mean loss (None if a signal came first)."""
         totals = torch.zeros(2, device=self.session.device, dtype=torch.float64)  # loss sum, token count
         # Every rank runs the same number of forward passes (ZeRO-3 forwards are collective): its
         # own batches, then padding. A signal between any two ends the evaluation on all ranks.
         for batch in val_data.batches + [None] * val_data.padding_batches:
             if self.stop.signalled():
-                self.model_engine.train()
-                return {}
+                return None
             self.watchdog.progress(f"evaluating at step {self.step}")
             if batch is None:
                 self.model_engine(val_data.filler)
@@ -244,17 +267,7 @@ class Trainer:
             totals[0] += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").double()
             totals[1] += y.numel()
         dist.all_reduce(totals)  # sync point
-        val_loss = (totals[0] / totals[1]).item()
-        if val_loss < self.best_val_loss - self.cfg.train.early_stop_min_delta:
-            self.evals_without_improvement = 0
-        else:
-            self.evals_without_improvement += 1
-        self.best_val_loss = min(self.best_val_loss, val_loss)
-        self.val_history.append((self.step, val_loss))
-        self.last_val_loss = (self.step, val_loss)
-        self.model_engine.train()
-        self.last_eval_seconds = time.perf_counter() - start
-        return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
+        return (totals[0] / totals[1]).item()
 
     def save(self) -> None:
         if self.skips.in_a_row:  # the weights since the first skipped update may be bad: keep the good ones
@@ -283,12 +296,13 @@ class Trainer:
         from tokenizers import Tokenizer
 
         s = self.session
-        if not s.meta.get("tokenizer"):
-            log.warn(f"no sample: {s.data_dir} has no tokenizer.json to decode with")
+        meta = s.data.meta
+        if not meta.get("tokenizer"):
+            log.warn(f"no sample: {s.data.dir} has no tokenizer.json to decode with")
             return
         self.watchdog.progress(f"sampling at step {self.step}")
-        tokenizer = Tokenizer.from_file(str(s.data_dir / s.meta["tokenizer"]))
-        eot = s.meta.get("eot_id")
+        tokenizer = Tokenizer.from_file(str(s.data.dir / meta["tokenizer"]))
+        eot = meta.get("eot_id")
         prompt = tokenizer.encode(self.cfg.train.sample_prompt).ids or [eot if eot is not None else 0]
         self.model_engine.eval()
         out = sample(self.model_engine.module, prompt, self.cfg.train.sample_tokens, self.cfg.model.seq_len,

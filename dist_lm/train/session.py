@@ -22,8 +22,7 @@ import torch.distributed as dist
 from dist_lm.config.batch import BatchSizes, batch_sizes
 from dist_lm.config.io import from_dict, to_dict, to_yaml
 from dist_lm.config.schema import Config, UserError, replaced
-from dist_lm.data import shards
-from dist_lm.data.checks import resolve_data
+from dist_lm.data.checks import ResolvedData, Source, resolve_data
 from dist_lm.data.sampler import TrainData, ValData
 from dist_lm.files import write_atomic
 from dist_lm.model.moe import build_model, check_moe
@@ -57,10 +56,10 @@ class Session:
     device: torch.device
     precision: Precision
     batch: BatchSizes
-    data_dir: Path
-    meta: dict
+    data: ResolvedData
     train_data: TrainData
-    val_data: ValData
+    val_sets: list[tuple[Source, ValData]]
+    """Each source's validation windows (one source outside a mixture)."""
     watchdog: watchdog.Watchdog
     stop: StopControl
     run_dir: Path
@@ -85,7 +84,7 @@ class Session:
             self.dir_lock.close()  # the directory is free for the next process
 
 
-def start(cfg: Config, plan_summary: list[str] = (), data: tuple[Config, Path, dict] | None = None) -> Session:
+def start(cfg: Config, plan_summary: list[str] = (), data: ResolvedData | None = None) -> Session:
     """Check, start and load everything for ``cfg``. ``plan_summary``: the lines of the --config
     auto plan that produced cfg, for the log. ``data``: what ``resolve_data(cfg)`` returned, when
     the caller checked the data already."""
@@ -101,13 +100,15 @@ def start(cfg: Config, plan_summary: list[str] = (), data: tuple[Config, Path, d
     precision, precision_reason = Precision.resolve(cfg.parallel.precision, device)
     batch = batch_sizes(cfg.train, dist_env.world_size)
     check_moe(cfg.model, cfg.parallel, dist_env.world_size)
-    cfg, data_dir, meta = data or resolve_data(cfg)
+    data = data or resolve_data(cfg)
+    cfg = data.config
     if cfg.logging.tensorboard:
         sinks.require_tensorboard()
     rank = dist_env.rank  # data-parallel rank: no tensor or pipeline parallelism here
-    train_data = TrainData(data_dir, meta, cfg.model.seq_len, batch, rank, cfg.train.seed, device)
-    val_data = ValData(data_dir, meta, cfg.model.seq_len, cfg.train.eval_samples, batch.micro_batch_size, rank,
-                       batch.dp_size, device)
+    train_data = TrainData.mixture([(s.dir, s.meta, s.weight) for s in data.sources], cfg.model.seq_len, batch, rank,
+                                   cfg.train.seed, device)
+    val_sets = [(s, ValData(s.dir, s.meta, cfg.model.seq_len, cfg.train.eval_samples, batch.micro_batch_size, rank,
+                            batch.dp_size, device)) for s in data.sources]
 
     # --- the process group, then the run directory (its name is rank 0's choice); a
     # checkpoint to resume is checked against the data before anything is written there
@@ -121,7 +122,7 @@ def start(cfg: Config, plan_summary: list[str] = (), data: tuple[Config, Path, d
     ckpt_root = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else run_dir / "checkpoints"
     found = checkpoint.find(cfg.checkpoint.resume, ckpt_root)
     if found is not None:
-        _check_same_data(cfg, found, data_dir, meta)
+        _check_same_data(cfg, found, data)
         _check_same_model(cfg, found)
     elif cfg.checkpoint.resume == "none" and checkpoint.complete_checkpoints(ckpt_root):
         raise checkpoint.CheckpointError(
@@ -143,10 +144,11 @@ def start(cfg: Config, plan_summary: list[str] = (), data: tuple[Config, Path, d
     log.info(f"precision {precision} ({precision_reason}); ZeRO stage {cfg.parallel.zero_stage}"
              f"{', ' + compiled if compiled else ''}; batch {batch.global_batch_size} = micro {batch.micro_batch_size} "
              f"x accum {batch.grad_accum_steps} x ranks {batch.dp_size}")
-    log.info(f"data {data_dir}; run dir {run_dir}")
-    if val_data.split == "train":
-        log.warn(f"{data_dir} has no validation split: validation loss is measured on training windows "
-                 "(prepare the data with a --val-fraction that holds some out)")
+    log.info(f"data {data.describe()}; run dir {run_dir}")
+    for source, val in val_sets:
+        if val.split == "train":
+            log.warn(f"{source.dir} has no validation split: validation loss is measured on training windows "
+                     "(prepare the data with a --val-fraction that holds some out)")
 
     # --- model and engine
     torch.manual_seed(cfg.train.seed)
@@ -174,7 +176,8 @@ def start(cfg: Config, plan_summary: list[str] = (), data: tuple[Config, Path, d
     # Lines past start_step in the run directory's logs were written by an earlier process.
     problem = None
     try:  # rank 0's sinks; wandb=online that cannot start is a UserError there, and so on every rank
-        writer = metrics.MetricsWriter(run_dir, cfg.logging, cfg.run.name, to_dict(cfg), start_step)
+        per_source = [f"val_loss_{s.name}" for s in data.sources] if len(data.sources) > 1 else []
+        writer = metrics.MetricsWriter(run_dir, cfg.logging, cfg.run.name, to_dict(cfg), start_step, per_source)
     except UserError as e:
         problem = str(e)
     problem = distributed.from_rank0(problem)
@@ -185,7 +188,7 @@ def start(cfg: Config, plan_summary: list[str] = (), data: tuple[Config, Path, d
     sample_log = sinks.SampleLog(run_dir, rank, dist_env.world_size, start_step) if cfg.data.log_samples else None
     if found is not None:
         _resume(model_engine, train_data, found, universal, cfg, rank)
-    return Session(cfg, dist_env, device, precision, batch, data_dir, meta, train_data, val_data, dog, stop, run_dir,
+    return Session(cfg, dist_env, device, precision, batch, data, train_data, val_sets, dog, stop, run_dir,
                    ckpt_root, model_engine, writer, profiler, sample_log, summary, start_time,
                    found.state if found else None, dir_lock)
 
@@ -214,18 +217,19 @@ def _take_run_dir(cfg: Config, run_dir: Path) -> IO[str] | None:
     return lock
 
 
-def _check_same_data(cfg: Config, found: checkpoint.Found, data_dir: Path, meta: dict) -> None:
-    """Refuse to resume on other data (unless checkpoint.allow_data_change)."""
+def _check_same_data(cfg: Config, found: checkpoint.Found, data: ResolvedData) -> None:
+    """Refuse to resume on other data (unless checkpoint.allow_data_change). A mixture's weights
+    are not its data: they may change."""
     state = found.state
-    if state.tokenizer_sha256 != meta["tokenizer_sha256"]:
+    if state.tokenizer_sha256 != data.meta["tokenizer_sha256"]:
         problem = (f"{found.path} was trained on tokens of tokenizer {str(state.tokenizer_sha256)[:12]}, but "
-                   f"{data_dir} was made with {str(meta['tokenizer_sha256'])[:12]}")
+                   f"{data.dir} was made with {str(data.meta['tokenizer_sha256'])[:12]}")
     else:
-        saved, now = state.data_fingerprint, shards.fingerprint(meta)
+        saved, now = state.data_fingerprint, data.fingerprint()
         if saved is None or saved["sha256"] == now["sha256"]:
             return
         problem = (f"{found.path} was trained on data {saved['sha256'][:12]} ({saved['train_tokens']:,} training "
-                   f"tokens), but {data_dir} is {now['sha256'][:12]} ({now['train_tokens']:,} tokens)")
+                   f"tokens), but {data.describe()} is {now['sha256'][:12]} ({now['train_tokens']:,} tokens)")
     if cfg.checkpoint.allow_data_change:
         log.warn(f"{problem}; continuing as --allow-data-change asks (the data order continues by sample count)")
         return

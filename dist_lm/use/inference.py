@@ -26,13 +26,11 @@ def saved_config(found: checkpoint.Found) -> Config:
 
 def find_tokenizer(cfg: Config, sha256: str | None) -> Path | None:
     """The tokenizer.json the run trained with (the same bytes, by hash), if it is still there."""
-    if cfg.data.dir:
-        candidates = [Path(cfg.data.dir) / "tokenizer.json"]
+    if cfg.data.dir or cfg.data.mixture:  # a mixture's sources share one tokenizer
+        candidates = [Path(d) / "tokenizer.json" for d in [cfg.data.dir] + [m.dir for m in cfg.data.mixture] if d]
     else:
         candidates = sorted(corpus.cache_root(cfg.data.cache_dir).glob("embedded-*/tokenizer.json"))
     return next((p for p in candidates if p.is_file() and (sha256 is None or sha256_file(p) == sha256)), None)
-
-
 
 
 def load_model(path: Path, best: bool = False, dtype: str = "fp32") -> tuple[Transformer, Config, checkpoint.Found]:
