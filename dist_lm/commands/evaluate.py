@@ -50,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
         results = {}
         for source in data.sources:
             val = ValData(source.dir, source.meta, cfg.model.seq_len, args.samples or cfg.train.eval_samples,
-                          args.micro_batch, env.rank, env.world_size, device)
+                          args.micro_batch, env.rank, env.world_size, device,
+                          data.meta.get("eot_id") if cfg.data.document_mask else None)
             results[source.name] = {"data": str(source.dir), "split": val.split, **evaluate(model, val, tokenizer)}
         if len(results) == 1:
             result = {"checkpoint": str(found.path), **results[data.sources[0].name]}

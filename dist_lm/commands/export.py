@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 
+from dist_lm.commands.arguments import DTYPES
 from dist_lm.config.schema import UserError
 
 
@@ -27,10 +28,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("out", type=Path, help="the directory to write")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.add_argument("--best", action="store_true", help="the run's checkpoint with the lowest validation loss")
-    p.add_argument("--dtype", choices=["trained", "fp32", "bf16", "fp16"], default="trained",
-                   help="precision of the exported weights (default: the run's)")
+    p.add_argument("--dtype", choices=DTYPES, default="trained", help="precision of the exported weights (default: the run's)")
     args = p.parse_args(argv)
-    from dist_lm.use.export import export_hf
+    from dist_lm.use.export import export_hf, export_notes
+    from dist_lm.use.inference import saved_config
+    from dist_lm.train import checkpoint
 
     try:
         exported, out = export_hf(args.source, args.out, args.overwrite, args.best, args.dtype)
@@ -38,4 +40,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"exported {exported} to {out}")
+    for note in export_notes(saved_config(checkpoint.find_for_reading(exported))):
+        print(f"note: {note}")
     return 0

@@ -166,6 +166,11 @@ class DataConfig:
     in the run directory: an audit trail of exactly what every rank trained on. A resumed run
     first drops the lines of the steps it trains again. (In a mixture, an id is window x
     sources + source.)"""
+    document_mask: bool = False
+    """Document-aware packing: in a window packed with several documents, each token attends
+    only to its own document and positions restart at each one (end-of-text closes a
+    document). FlexAttention's block masks on GPUs. Off by default (its cost: docs/benchmarks.md);
+    not with model.dropout or model.position=bias."""
     mixture: list[MixtureSource] = field(default_factory=list)
     """Train on several prepared datasets at once, instead of data.dir: a list of {dir, weight}
     (and an optional name), e.g. on the command line data.mixture='[{dir: A, weight: 0.7}, {dir:
@@ -331,6 +336,13 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     preset: str = "custom"
     """Name of the preset the config was loaded from (set by the loader)."""
+
+    def __post_init__(self) -> None:
+        if self.data.document_mask:
+            require(self.model.position != "bias", "data.document_mask",
+                    "does not combine with model.position=bias (its bias is the attention mask); use rope")
+            require(not self.model.dropout, "data.document_mask",
+                    "does not combine with model.dropout (FlexAttention has no attention dropout); set one of them")
 
 
 def replaced(cfg: Config, section: str, **changes) -> Config:

@@ -126,6 +126,9 @@ def resolve_data(cfg: Config) -> ResolvedData:
     elif vocab is not None and cfg.model.vocab_size < vocab:
         raise ConfigError("model.vocab_size", f"{cfg.model.vocab_size} is smaller than the vocabulary of "
                           f"{named[0][1] / 'meta.json'} ({vocab}); raise it or leave it null")
+    if cfg.data.document_mask and metas[0].get("eot_id") is None:
+        raise ConfigError("data.document_mask", f"needs the end-of-text id that closes each document, and "
+                          f"{named[0][1]} has none in a meta.json; prepare the data with dist-lm prepare")
     for (_, data_dir, _), meta in zip(named, metas):
         shards.check_token_ids(data_dir, meta, cfg.model.vocab_size)
         for split in {"train", eval_split(meta)}:

@@ -22,6 +22,7 @@ import torch
 
 from dist_lm.data.checks import Windows, eval_split
 from dist_lm.config.batch import BatchSizes
+from dist_lm.model.documents import document_ids
 
 _MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 
@@ -61,12 +62,17 @@ def permute(positions: np.ndarray, n: int, key: int, rounds: int = 4) -> np.ndar
     return x.astype(np.int64)
 
 
-def _to_batches(tokens: np.ndarray, micro: int, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _to_batches(tokens: np.ndarray, micro: int, device: torch.device, eot_id: int | None = None) -> list[tuple]:
+    """Micro-batches (inputs, targets), and with ``eot_id`` (data.document_mask) each input
+    token's document as a third tensor (dist_lm.model.documents)."""
     t = torch.from_numpy(tokens)
     if device.type == "cuda":
         t = t.pin_memory()  # so the copy below can overlap with compute
     t = t.to(device, non_blocking=True)
-    return [(t[i:i + micro, :-1], t[i:i + micro, 1:]) for i in range(0, len(t), micro)]
+    batches = [(t[i:i + micro, :-1], t[i:i + micro, 1:]) for i in range(0, len(t), micro)]
+    if eot_id is None:
+        return batches
+    return [(x, y, document_ids(x, eot_id)) for x, y in batches]
 
 
 # frac(n x golden ratio) in 64-bit fixed point: the Weyl sequence that assigns mixture samples to
@@ -87,9 +93,10 @@ class TrainData:
 
     def __init__(self, data_dir: Path, meta: dict, seq_len: int, batch: BatchSizes, dp_rank: int,
                  seed: int, device: torch.device, weights: list[float] | None = None,
-                 more: list[tuple[Path, dict]] = ()):
+                 more: list[tuple[Path, dict]] = (), eot_id: int | None = None):
         """One dataset; ``more`` and ``weights`` (one per dataset, the first included) make it a
-        mixture (use :meth:`mixture`)."""
+        mixture (use :meth:`mixture`). ``eot_id``: batches carry each token's document."""
+        self.eot_id = eot_id
         self.source_windows = [Windows.of_split(d, m, "train", seq_len) for d, m in [(data_dir, meta), *more]]
         self.windows = self.source_windows[0]
         weights = np.asarray(weights or [1.0], dtype=np.float64)
@@ -103,10 +110,10 @@ class TrainData:
 
     @classmethod
     def mixture(cls, sources: list[tuple[Path, dict, float]], seq_len: int, batch: BatchSizes, dp_rank: int,
-                seed: int, device: torch.device) -> "TrainData":
+                seed: int, device: torch.device, eot_id: int | None = None) -> "TrainData":
         (first_dir, first_meta, _), *more = sources
         return cls(first_dir, first_meta, seq_len, batch, dp_rank, seed, device, [w for _, _, w in sources],
-                   [(d, m) for d, m, _ in more])
+                   [(d, m) for d, m, _ in more], eot_id)
 
     def _source_ids(self, source: int, ks: np.ndarray) -> np.ndarray:
         """Window ids of the samples ``ks`` (counted from 0) of one source's own order."""
@@ -160,7 +167,7 @@ class TrainData:
         for s in np.unique(sources):
             sel = sources == s
             tokens[sel] = self.source_windows[int(s)].gather(ids[sel])
-        return self._encoded(sources, ids), _to_batches(tokens, self.batch.micro_batch_size, self.device)
+        return self._encoded(sources, ids), _to_batches(tokens, self.batch.micro_batch_size, self.device, self.eot_id)
 
     def _after(self, samples_consumed: int, before: np.ndarray) -> np.ndarray:
         """Each source's samples consumed after the global batch at samples_consumed."""
@@ -211,12 +218,12 @@ class ValData:
     """
 
     def __init__(self, data_dir: Path, meta: dict, seq_len: int, count: int, micro: int,
-                 dp_rank: int, dp_size: int, device: torch.device):
+                 dp_rank: int, dp_size: int, device: torch.device, eot_id: int | None = None):
         split = eval_split(meta)
         windows = Windows.of_split(data_dir, meta, split, seq_len)
         ids = np.arange(min(count, windows.n), dtype=np.int64)
         mine = np.array_split(ids, dp_size)[dp_rank]
-        self.batches = _to_batches(windows.gather(mine), micro, device) if len(mine) else []
+        self.batches = _to_batches(windows.gather(mine), micro, device, eot_id) if len(mine) else []
         most = math.ceil(math.ceil(len(ids) / dp_size) / micro)
         self.padding_batches = most - len(self.batches)
         self.filler = torch.from_numpy(windows.gather(ids[:1])[:, :-1]).to(device)

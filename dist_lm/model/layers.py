@@ -131,9 +131,12 @@ class Attention(nn.Module):
         else:  # new queries against cached keys: each sees the keys up to its own position
             mask, causal = torch.ones(t, k.shape[2], dtype=torch.bool, device=x.device).tril(k.shape[2] - t), False
         # enable_gqa lets the fused kernels read the shared K/V heads without copying them.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                           dropout_p=self.dropout if self.training else 0.0,
-                                           enable_gqa=self.n_kv_heads != self.n_heads)
+        if pos.documents is not None:
+            y = pos.documents.attend(q, k, v, enable_gqa=self.n_kv_heads != self.n_heads)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                               dropout_p=self.dropout if self.training else 0.0,
+                                               enable_gqa=self.n_kv_heads != self.n_heads)
         return self.wo(y.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -171,5 +174,7 @@ class Positions:
     """What attention needs to know of positions for one forward pass."""
 
     def __init__(self, rope: tuple[torch.Tensor, torch.Tensor] | None, bias: torch.Tensor | None,
-                 cache: KVCache | None):
-        self.rope, self.bias, self.cache = rope, bias, cache
+                 cache: KVCache | None, documents=None):
+        """``documents``: a DocumentAttention (dist_lm.model.documents) for a packed window whose
+        documents attend apart; then ``rope`` holds per-token tables (batch, 1, seq, head_dim/2)."""
+        self.rope, self.bias, self.cache, self.documents = rope, bias, cache, documents

@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from dist_lm.config.schema import ModelConfig
+from dist_lm.model.documents import document_attention
 from dist_lm.model.layers import MLP, Attention, KVCache, Positions, RMSNorm, rope_tables
 from dist_lm.model.positional import RelativeBias
 
@@ -90,16 +91,24 @@ class Transformer(nn.Module):
             nn.init.normal_(p, mean=0.0, std=residual_std if name.endswith(("wo.weight", "w_out.weight")) else std)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> torch.Tensor:
+                cache: KVCache | None = None, documents: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (batch, seq, vocab) or, with targets, the mean cross-entropy loss (plus the
-        experts' load-balancing loss, if any). With a cache, idx continues the cached tokens."""
+        experts' load-balancing loss, if any). With a cache, idx continues the cached tokens.
+        ``documents`` (batch, seq): each token's document in a packed window
+        (dist_lm.model.documents.document_ids): attention stays inside each document and positions
+        restart at each."""
         start, t = (cache.length if cache is not None else 0), idx.shape[1]
         if start + t > self.cfg.seq_len:
             raise ValueError(f"sequence of {start + t} tokens is longer than model.seq_len={self.cfg.seq_len}")
         x = self.tok_embeddings(idx)
+        packed = document_attention(documents) if documents is not None else None
+        positions = packed.positions if packed is not None else torch.arange(start, start + t, device=idx.device)
         if self.pos_embeddings is not None:
-            x = x + self.pos_embeddings(torch.arange(start, start + t, device=idx.device))
-        pos = Positions(self._rope_for(start, t, idx.device), None, cache)
+            x = x + self.pos_embeddings(positions)
+        rope = self._rope_for(start, t, idx.device)
+        if rope is not None and packed is not None:  # each token's own position: (batch, 1, seq, head_dim / 2)
+            rope = tuple(table[positions].unsqueeze(1) for table in self._rope)
+        pos = Positions(rope, None, cache, packed)
         if self.relative_bias is not None:
             pos.bias = self.relative_bias(start, t, start + t, x.dtype, idx.device)
         for block in self.blocks:

@@ -154,8 +154,8 @@ class Trainer:
         batches = data.next_batches()
         if self.session.sample_log is not None:
             self.session.sample_log.write(self.step + 1, data.last_ids)
-        for i, (x, y) in enumerate(batches):
-            loss = model_engine(x, y)
+        for i, (x, y, *documents) in enumerate(batches):  # documents: with data.document_mask
+            loss = model_engine(x, y, documents=documents[0]) if documents else model_engine(x, y)
             skip = self.spike_guard is not None and \
                 self.spike_guard.check_micro_batch(loss, self.step + 1, i, len(batches), data.last_ids)
             # A skipped micro-batch still goes through backward (with no gradient), so that
@@ -262,8 +262,8 @@ class Trainer:
             if batch is None:
                 self.model_engine(val_data.filler)
                 continue
-            x, y = batch
-            logits = self.model_engine(x)
+            x, y, *documents = batch
+            logits = self.model_engine(x, documents=documents[0]) if documents else self.model_engine(x)
             totals[0] += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").double()
             totals[1] += y.numel()
         dist.all_reduce(totals)  # sync point

@@ -105,10 +105,11 @@ def start(cfg: Config, plan_summary: list[str] = (), data: ResolvedData | None =
     if cfg.logging.tensorboard:
         sinks.require_tensorboard()
     rank = dist_env.rank  # data-parallel rank: no tensor or pipeline parallelism here
+    eot_id = data.meta.get("eot_id") if cfg.data.document_mask else None
     train_data = TrainData.mixture([(s.dir, s.meta, s.weight) for s in data.sources], cfg.model.seq_len, batch, rank,
-                                   cfg.train.seed, device)
+                                   cfg.train.seed, device, eot_id)
     val_sets = [(s, ValData(s.dir, s.meta, cfg.model.seq_len, cfg.train.eval_samples, batch.micro_batch_size, rank,
-                            batch.dp_size, device)) for s in data.sources]
+                            batch.dp_size, device, eot_id)) for s in data.sources]
 
     # --- the process group, then the run directory (its name is rank 0's choice); a
     # checkpoint to resume is checked against the data before anything is written there

@@ -121,3 +121,12 @@ def export_hf(source: Path, out: Path, overwrite: bool = False, best: bool = Fal
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return found.path, out
+
+
+def export_notes(cfg: Config) -> list[str]:
+    """What a user of the export must know that its config cannot say."""
+    if cfg.data.document_mask:
+        return ["this model trained with data.document_mask (attention within each document of a packed window, "
+                "positions restarting at each); Hugging Face's default attention does not mask documents: give it "
+                "one document per sequence"]
+    return []

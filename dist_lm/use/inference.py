@@ -71,8 +71,8 @@ def evaluate(model: Transformer, val: ValData, tokenizer=None) -> dict:
     over every rank of the process group (each rank holds its share of the windows)."""
     device = next(model.parameters()).device
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, tokens, bytes
-    for x, y in val.batches:
-        logits = model(x)
+    for x, y, *documents in val.batches:  # documents: a run with data.document_mask
+        logits = model(x, documents=documents[0]) if documents else model(x)
         totals[0] += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").double()
         totals[1] += y.numel()
         if tokenizer is not None:  # the bytes the predicted tokens stand for
