@@ -1,12 +1,10 @@
 """The configuration schema: typed dataclasses, one per section, a docstring per field.
 
-These classes, with :mod:`dist_lm.config.run_sections` (how a run executes), are the only
-schema. They are frozen: a config never changes once it validated; what is resolved later (the
-vocabulary from the data, the run's name) makes a new one with :func:`replaced`, which validates
-again. YAML presets (``configs/*.yaml``) and dotted command-line overrides (``optim.lr=3e-4``) are mapped onto them by :mod:`dist_lm.config.io`, which also
-checks types. Range and consistency checks live here, in ``__post_init__``, and raise
-:class:`ConfigError` naming the field, so every bad value gets one line that says how to fix it.
-"""
+These classes, with :mod:`dist_lm.config.run_sections` (how a run executes), are the only schema.
+They are frozen: what is resolved later (the vocabulary from the data, the run's name) makes a new
+config with :func:`replaced`, which validates again. Presets and dotted overrides are mapped onto
+them by :mod:`dist_lm.config.io`, which checks types; range and consistency checks live here, in
+``__post_init__``, and raise :class:`ConfigError` naming the field and the fix, in one line."""
 
 from __future__ import annotations
 
