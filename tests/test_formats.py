@@ -113,8 +113,8 @@ def test_an_interrupted_prepare_started_again_skips_the_files_done_and_gives_the
 
     src = tmp_path / "many"
     src.mkdir()
-    for i in range(40):
-        as_jsonl(src / f"{i:02d}.jsonl", [text(1000 * i + j, 1500) for j in range(20)])
+    for i in range(30):
+        as_jsonl(src / f"{i:02d}.jsonl", [text(1000 * i + j, 1000) for j in range(15)])
     tokenizer = next(cache_dir.glob("embedded-*/tokenizer.json"))
     args = ["--tokenizer", tokenizer, "--val-fraction", 0.1, "--workers", 1]
     assert_ok(run_tool(src, "--out", tmp_path / "whole", *args))

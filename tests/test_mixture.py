@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import assert_ok, launch, read_metrics
+from conftest import ROOT, assert_ok, launch, read_metrics
 from dist_lm.config.batch import BatchSizes
 from dist_lm.data import shards
 from dist_lm.data.sampler import TrainData
@@ -91,7 +93,14 @@ def test_new_weights_on_resume_take_over_and_each_source_continues_where_it_stop
 
 
 def test_a_run_on_a_mixture_reports_a_validation_loss_per_source(env, ds_ops, tmp_path, cache_dir):
+    """Also the recipe options all on (tests/test_recipe.py), in bf16 at ZeRO-1 (a GPU run's
+    default): the z-loss logged apart, and the export, in fp32 masters, gives transformers' Qwen3
+    our logits with dropout off."""
+    from transformers import AutoModelForCausalLM
+
+    from dist_lm.use.inference import load_model
     from test_prepare import run_tool, text
+    from test_recipe import RECIPE
 
     tok = next(cache_dir.glob("embedded-*")) / "tokenizer.json"
     for name, seed in (("prose", 0), ("code", 100)):
@@ -100,14 +109,30 @@ def test_a_run_on_a_mixture_reports_a_validation_loss_per_source(env, ds_ops, tm
         assert_ok(run_tool(src, "--out", tmp_path / name, "--tokenizer", tok, "--val-fraction", 0.2))
     mixture = f"data.mixture=[{{dir: {tmp_path / 'prose'}, weight: 0.7}}, {{dir: {tmp_path / 'code'}, weight: 0.3}}]"
     run = tmp_path / "run"
-    assert_ok(launch("python", ["--config", "debug", mixture, "model.vocab_size=4096", "train.max_steps=4",
-                                "train.eval_interval=2", "train.log_interval=2", f"run.dir={run}"], env))
-    _, evals = read_metrics(run)
-    assert len(evals) == 2
+    assert_ok(launch("python", ["--config", "debug", mixture, *RECIPE, "parallel.precision=bf16", "parallel.zero_stage=1",
+                                "train.max_steps=4", "train.eval_interval=2", "train.log_interval=2",
+                                f"run.dir={run}"], env))
+    rows, evals = read_metrics(run)
+    assert len(evals) == 2 and len(rows) == 2
     for row in evals:
         assert row["val_loss"] == pytest.approx(0.7 * row["val_loss_prose"] + 0.3 * row["val_loss_code"], rel=1e-12)
-    rows = [r for r in csv.DictReader(open(run / "metrics.csv")) if r["val_loss"]]
-    assert float(rows[-1]["val_loss_code"]) == pytest.approx(evals[-1]["val_loss_code"])
+    csv_rows = list(csv.DictReader(open(run / "metrics.csv")))
+    assert float([r for r in csv_rows if r["val_loss"]][-1]["val_loss_code"]) == pytest.approx(evals[-1]["val_loss_code"])
+    assert all(r["z_loss"] > 0 and r["loss"] > 0 for r in rows)
+    assert all(r["z_loss"] for r in csv_rows if r["loss"])
+
+    out = tmp_path / "hf"
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "export_hf.py"), str(run), str(out), "--dtype", "fp32"],
+                          env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["Qwen3ForCausalLM"] and config["attention_dropout"] == 0.0
+    ours, cfg, _ = load_model(run)
+    assert cfg.model.qk_norm and cfg.model.dropout == 0.1
+    hf = AutoModelForCausalLM.from_pretrained(out, torch_dtype=torch.float32).eval()
+    ids = torch.randint(0, cfg.model.vocab_size, (1, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, ours(ids), atol=1e-4, rtol=0)
 
 
 def test_datasets_of_different_tokenizers_are_refused(env, tmp_path):
