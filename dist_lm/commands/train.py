@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-
+from typing import NoReturn
 
 from dist_lm.config.schema import UserError
 from dist_lm.config.io import load_config, to_yaml
@@ -91,8 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         _leave_after_bad_input()
         return Exit.BAD_INPUT
     except Exception as e:  # a rank lost during the set-up (a dead peer fails a collective at once)
-        return _lost_rank(e)
-    status = Exit.OK
+        _exit_for_a_lost_rank(e)
+    status, lost = Exit.OK, None
     try:
         with out_of_memory:
             trainer.fit()
@@ -105,9 +105,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         status = Exit.BAD_INPUT
     except Exception as e:
-        return _lost_rank(e)
+        lost = e
     finally:
         trainer.close()
+    if lost is not None:
+        _exit_for_a_lost_rank(lost)
     # Not reached after a crash: a barrier there would wait for ranks that may never come.
     trainer.watchdog.progress(f"finishing the run after step {trainer.step}")
     status = status_for_the_launcher(status, is_rank0())
@@ -127,12 +129,17 @@ def _leave_after_bad_input() -> None:
         sys.modules["dist_lm.runtime.distributed"].leave_alone()
 
 
-def _lost_rank(error: Exception) -> int:
-    """A collective that failed because another rank is gone: one line naming it, and
-    Exit.HANG, without the teardown (its barrier would wait for that rank). Any other
-    error is a bug: its traceback."""
+def _exit_for_a_lost_rank(error: Exception) -> NoReturn:
+    """A collective that failed because another rank is gone: one line naming it, and exit
+    status Exit.HANG at once. The process group cannot be closed (its barrier would wait for
+    that rank), and left open for the interpreter's shutdown its gloo threads can abort the exit
+    ("terminate called without an active exception": status -6 instead of 3, seen once in the
+    chaos test), so the process leaves without that shutdown, its output flushed first. Any
+    other error is a bug: its traceback."""
     line = watchdog.explain(error)
     if line is None:
         raise error
     print(line, file=sys.stderr)
-    return Exit.HANG
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(Exit.HANG)
