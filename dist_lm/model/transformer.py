@@ -102,12 +102,12 @@ class Transformer(nn.Module):
             raise ValueError(f"sequence of {start + t} tokens is longer than model.seq_len={self.cfg.seq_len}")
         x = self.tok_embeddings(idx)
         packed = document_attention(documents) if documents is not None else None
-        positions = packed.positions if packed is not None else torch.arange(start, start + t, device=idx.device)
         if self.pos_embeddings is not None:
+            positions = packed.positions if packed is not None else torch.arange(start, start + t, device=idx.device)
             x = x + self.pos_embeddings(positions)
         rope = self._rope_for(start, t, idx.device)
         if rope is not None and packed is not None:  # each token's own position: (batch, 1, seq, head_dim / 2)
-            rope = tuple(table[positions].unsqueeze(1) for table in self._rope)
+            rope = tuple(table[packed.positions].unsqueeze(1) for table in self._rope)
         pos = Positions(rope, None, cache, packed)
         if self.relative_bias is not None:
             pos.bias = self.relative_bias(start, t, start + t, x.dtype, idx.device)
