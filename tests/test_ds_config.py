@@ -58,12 +58,13 @@ def test_deepcompile_from_a_preset_gives_way_to_a_lower_stage_or_no_compile():
 def test_compile_mode_is_what_the_engine_runs_and_the_log_says():
     import torch
 
-    from dist_lm.runtime.engine import compile_mode
+    from dist_lm.runtime.engine import REGIONAL, compile_mode
 
     gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
     multinode = load_config("h100-multinode").parallel
     assert compile_mode(multinode, gpu) == "DeepCompile"
-    assert compile_mode(load_config("h100-multinode", ["parallel.zero_stage=2"]).parallel, gpu) == "torch.compile"
+    assert compile_mode(load_config("h100-multinode", ["parallel.deepcompile=false"]).parallel, gpu) == "torch.compile"
+    assert compile_mode(load_config("h100-multinode", ["parallel.zero_stage=2"]).parallel, gpu) == REGIONAL
     assert compile_mode(load_config("h100-multinode", ["parallel.compile=false"]).parallel, gpu) == ""
     assert compile_mode(multinode, cpu) == ""
 

@@ -176,3 +176,51 @@ def test_document_masks_through_flexattention_equal_the_dense_mask(env):
     torch.testing.assert_close(flex, dense, atol=2e-4, rtol=1e-3)
     model(x.cuda(), torch.randint(0, 512, (2, 256)).cuda(), documents=ids.cuda()).backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_fp8_trains_stops_resumes_and_exports(env, tmp_path, stage):
+    """parallel.precision=fp8 through the engine, compiled (regionally at ZeRO-1, the whole model at
+    ZeRO-3): it trains, a stopped run resumes, and its checkpoint exports like a bf16 one."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    run = tmp_path / "run"
+    env = {**env, "DS_ACCELERATOR": "cuda"}
+    args = ["--config", "debug", "parallel.precision=fp8", f"parallel.zero_stage={stage}", "parallel.compile=true",
+            "train.max_steps=8", "train.log_interval=1", "train.eval_interval=4", "checkpoint.interval=4",
+            f"run.dir={run}"]
+    first = launch("python", [*args, "train.stop_at_step=4"], env)
+    assert_ok(first)
+    assert "fp8: 14 linear layers of the blocks multiply in float8 (torchao, tensorwise scaling)" in first.stdout
+    resumed = launch("python", args, env)
+    assert_ok(resumed)
+    assert "at step 4 " in resumed.stdout
+    train, evals = read_metrics(run)
+    assert [r["step"] for r in train] == list(range(1, 9)) and train[-1]["loss"] < train[0]["loss"] and evals
+    export = subprocess.run([sys.executable, "-m", "dist_lm", "export", str(run), str(tmp_path / "hf")], env=env,
+                            capture_output=True, text=True, cwd=ROOT)
+    assert export.returncode == 0, export.stderr[-3000:]
+
+
+def test_chunked_cross_entropy_on_the_gpu_gives_the_full_loss():
+    """DeepSpeed's Triton kernel (what model.cross_entropy=chunked runs on a GPU) at Llama 3's
+    vocabulary, against the full fp32 loss, with the z-loss."""
+    from dist_lm.model.loss import language_model_loss
+    from dist_lm.runtime.engine import token_cross_entropy
+
+    torch.manual_seed(0)
+    logits = (3 * torch.randn(2, 512, 128256, device="cuda")).bfloat16()
+    targets = torch.randint(0, 128256, (2, 512), device="cuda")
+    results = []
+    for rows in (None, token_cross_entropy):
+        leaf = logits.clone().requires_grad_()
+        loss, z = language_model_loss(leaf, targets, 1e-4, rows)
+        loss.backward()
+        results.append((loss, z, leaf.grad.float()))
+    (full, full_z, full_grad), (chunked, chunked_z, chunked_grad) = results
+    torch.testing.assert_close(chunked, full)
+    torch.testing.assert_close(chunked_z, full_z)
+    torch.testing.assert_close(chunked_grad, full_grad, atol=1e-7, rtol=1e-2)

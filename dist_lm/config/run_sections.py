@@ -16,8 +16,14 @@ class ParallelConfig:
 
     zero_stage: Literal[0, 1, 2, 3] = 1
     """ZeRO stage: 0 data parallel, 1 shards optimizer state, 2 also gradients, 3 also parameters."""
-    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
-    """auto: bf16 on GPUs that support it, fp16 with dynamic loss scaling on older GPUs, fp32 on CPU."""
+    precision: Literal["auto", "bf16", "fp16", "fp32", "fp8"] = "auto"
+    """auto: bf16 on GPUs that support it, fp16 with dynamic loss scaling on older GPUs, fp32 on CPU.
+    fp8: bf16, with the blocks' linear layers multiplying in float8 through torchao (pip install
+    torchao); needs a GPU of compute capability 8.9 or more (Ada, Hopper) and parallel.compile=true.
+    The embeddings and the output head stay in bf16."""
+    fp8_recipe: Literal["tensorwise", "rowwise"] = "tensorwise"
+    """With precision=fp8: torchao's scaling recipe, one scale per tensor (tensorwise, the faster)
+    or per row (rowwise, finer against outliers)."""
     activation_checkpointing: bool = False
     """Recompute each block's activations in backward instead of storing them."""
     offload_optimizer: bool = False
@@ -62,6 +68,8 @@ class ParallelConfig:
         require(self.allgather_bucket_size > 0, "allgather_bucket_size", "must be positive")
         require(self.timeout_minutes > 0, "timeout_minutes", "must be positive")
         require(self.expert_parallel_size > 0, "expert_parallel_size", "must be positive")
+        require(self.precision != "fp8" or self.compile, "precision",
+                 "fp8 needs parallel.compile=true (torchao's float8 casts are fast only compiled); set it")
 
 
 @dataclass(frozen=True)

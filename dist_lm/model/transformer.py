@@ -14,13 +14,13 @@ import math
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from dist_lm.config.schema import ModelConfig
 from dist_lm.model.documents import document_attention
 from dist_lm.model.layers import MLP, Attention, KVCache, Positions, RMSNorm, rope_tables
+from dist_lm.model.loss import RowLosses, language_model_loss
 from dist_lm.model.positional import RelativeBias
 
 
@@ -78,6 +78,9 @@ class Transformer(nn.Module):
         # is mean(logsumexp(logits)^2) of the last forward with targets, when the weight is on.
         self.z_loss_coef = 0.0
         self.z_loss: torch.Tensor | None = None
+        # model.cross_entropy=chunked: the per-token cross-entropy to train with, set from outside
+        # (dist_lm.model.loss); None: the full fp32 cross-entropy.
+        self.row_losses: RowLosses | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -118,20 +121,27 @@ class Transformer(nn.Module):
                 x = block(x, pos)
         if cache is not None:
             cache.length += t
-        logits = self.lm_head(self.norm(x))
         aux = [block.mlp.aux_loss for block in self.blocks if getattr(block.mlp, "aux_loss", None) is not None]
         self.aux_loss = torch.stack(aux).sum() if aux else None
         if targets is None:
-            return logits
-        # Cross-entropy in fp32: bf16 logits lose the small differences the loss depends on.
-        logits = logits.float().flatten(0, 1)
-        loss = F.cross_entropy(logits, targets.reshape(-1))
-        if self.z_loss_coef:
-            self.z_loss = torch.logsumexp(logits, dim=-1).pow(2).mean()
-            loss = loss + self.z_loss_coef * self.z_loss
+            return self.lm_head(self.norm(x))
+        loss, self.z_loss = self.head_loss(x, targets)
         if self.aux_loss is not None:
             loss = loss + self.cfg.moe_aux_loss_coef * self.aux_loss.float()
         return loss
+
+    def head_loss(self, x: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The last block's output -> (training loss, z-loss term or None): the final norm, the
+        output head and the loss (dist_lm.model.loss), one region for compile_regions."""
+        return language_model_loss(self.lm_head(self.norm(x)), targets, self.z_loss_coef, self.row_losses)
+
+    def compile_regions(self) -> None:
+        """torch.compile the repeated block and the output (head and loss), not the whole model:
+        blocks of one class share one compiled graph, so a 24-block model compiles about what a
+        one-block model does, and the embedding and the document structure stay eager."""
+        for block in self.blocks:
+            block.compile()
+        self.head_loss = torch.compile(self.head_loss)
 
     def _rope_for(self, start: int, t: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
         if self.cfg.position != "rope":

@@ -1,5 +1,10 @@
 """What this machine has: GPUs (count, name, memory, compute capability), CPU cores and RAM;
-what its GPUs can do (bf16, dense peak FLOP/s for MFU)."""
+what its GPUs can do (bf16, dense peak FLOP/s for MFU).
+
+DIST_LM_GPU_MEMORY_GB=12 makes a larger GPU act as one of 12 GB: the planner sees 12 GB and
+every rank's allocator is capped there (torch.cuda.set_per_process_memory_fraction), so a plan
+for a small card can be proven on a large one (docs/planner.md).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,10 @@ from dataclasses import dataclass
 
 import psutil
 import torch
+
+from dist_lm.config.errors import UserError
+
+MEMORY_CAP_VARIABLE = "DIST_LM_GPU_MEMORY_GB"
 
 
 # Dense (no sparsity) bf16/fp16 tensor-core peak FLOP/s per GPU, from the vendors' data sheets.
@@ -117,8 +126,35 @@ def detect_machine(nodes: int = 1) -> Machine:
     if not torch.cuda.is_available():
         return Machine(0, nodes=nodes, cpu_cores=cores, ram_gb=ram_gb)
     props = torch.cuda.get_device_properties(0)
-    return Machine(torch.cuda.device_count(), props.name, props.total_memory / 1e9, (props.major, props.minor),
-                   nodes, cores, ram_gb)
+    memory_gb = min(props.total_memory / 1e9, gpu_memory_cap_gb() or float("inf"))
+    return Machine(torch.cuda.device_count(), props.name, memory_gb, (props.major, props.minor), nodes, cores, ram_gb)
+
+
+def gpu_memory_cap_gb() -> float | None:
+    """The GB that DIST_LM_GPU_MEMORY_GB caps each GPU to, or None when it is not set."""
+    text = os.environ.get(MEMORY_CAP_VARIABLE, "").strip()
+    if not text:
+        return None
+    try:
+        cap = float(text)
+    except ValueError:
+        cap = 0.0
+    if not cap > 0:
+        raise UserError(f"launch environment: {MEMORY_CAP_VARIABLE}={text!r} is not a positive number of GB; "
+                        f"set it to the memory of the GPU to act as (e.g. 12), or unset it")
+    return cap
+
+
+def apply_gpu_memory_cap(device: torch.device) -> str:
+    """Cap this process's allocator on ``device`` to DIST_LM_GPU_MEMORY_GB; a line saying so, or ""."""
+    cap = gpu_memory_cap_gb()
+    if cap is None or device.type != "cuda":
+        return ""
+    total = torch.cuda.get_device_properties(device).total_memory / 1e9
+    if cap >= total:
+        return f"{MEMORY_CAP_VARIABLE}={cap:g} is not below the GPU's {total:.0f} GB: no cap"
+    torch.cuda.set_per_process_memory_fraction(cap / total, device)
+    return f"GPU memory capped at {cap:g} GB of {total:.0f} GB ({MEMORY_CAP_VARIABLE}): an allocation past it fails"
 
 
 def device_name(device: torch.device) -> str:

@@ -7,7 +7,8 @@ A model of our model family under DeepSpeed, in bytes, compared with
 context and allocator slack come on top, which is why the planner keeps headroom).
 The activation counts are the model's own (each layer counts what autograd keeps for it, eager,
 or what torch.compile keeps: dist_lm.model.layers); the DeepSpeed buffer terms follow what its
-ZeRO optimizers allocate.
+ZeRO optimizers allocate. parallel.precision=fp8 is counted as bf16: torchao's float8 layers
+keep bf16 weights with fp32 masters as bf16 does, and their float8 casts are transient.
 ``tools/bench_memory.py`` measures the same configurations on a GPU; docs/benchmarks.md records how
 close the two came.
 """
@@ -18,6 +19,7 @@ from dataclasses import dataclass, fields
 
 from dist_lm.config.schema import ModelConfig, ParallelConfig
 from dist_lm.model.counts import count_parameters, saved_bytes_per_token
+from dist_lm.model.loss import uses_chunked
 from dist_lm.runtime.precision import Precision
 
 GB = 1e9
@@ -115,4 +117,8 @@ def estimate(model: ModelConfig, parallel: ParallelConfig, precision: Precision 
     logits = tokens * model.vocab_size * (act_bytes if compiled else 4 + 4 + act_bytes)
     if z_loss and not compiled:
         logits += tokens * model.vocab_size * 4  # logsumexp keeps the fp32 logits themselves
+    if uses_chunked(model, on_gpu=True):
+        # Chunked (dist_lm.model.loss): the logits in the compute dtype, kept for backward, and
+        # their gradient in the same dtype; no fp32 copy, compiled or not.
+        logits = tokens * model.vocab_size * 2 * act_bytes
     return MemoryEstimate(weights, grads, optimizer, buffers, activations, logits, WORKSPACES)

@@ -193,6 +193,12 @@ def _plan_preset(preset: str, machine: Machine, overrides: list[str], fixed: set
         precision = best
         reasons.append(f"precision {precision}: {why}")
     resolved = best if precision == "auto" else Precision(precision)
+    if resolved is Precision.FP8:
+        cc = machine.compute_capability
+        if cc is not None and cc < (8, 9):
+            raise UserError(f"plan: parallel.precision=fp8 needs GPUs of compute capability 8.9 or more; "
+                            f"these have {cc[0]}.{cc[1]}: use bf16 or auto")
+        reasons.append("precision fp8 (as given): memory counted as bf16, speed estimated at the bf16 peak")
 
     global_batch = cfg.train.global_batch_size
     per_rank = global_batch_size(cfg.train, world) // world

@@ -26,13 +26,16 @@ from deepspeed.checkpoint.constants import (  # noqa: E402
 from deepspeed.moe.layer import MoE  # noqa: E402  (what dist_lm.model.moe wraps)
 from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer  # noqa: E402
 from deepspeed.runtime.bf16_optimizer import BF16_Optimizer  # noqa: E402
+from deepspeed.runtime.chunked_cross_entropy import chunked_cross_entropy  # noqa: E402
 from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer  # noqa: E402
 from deepspeed.utils import groups, safe_get_full_fp32_param, safe_get_full_grad  # noqa: E402
 
 from dist_lm.config.batch import BatchSizes  # noqa: E402
 from dist_lm.config.schema import OptimConfig, ParallelConfig, UserError  # noqa: E402
+from dist_lm.model.loss import uses_chunked  # noqa: E402
 from dist_lm.model.transformer import Transformer  # noqa: E402
 from dist_lm.runtime.ds_config import deepspeed_config  # noqa: E402
+from dist_lm.runtime import fp8  # noqa: E402
 from dist_lm.runtime.optim import client_optimizer, param_groups  # noqa: E402
 from dist_lm.runtime.precision import Precision  # noqa: E402
 
@@ -53,6 +56,10 @@ def initialize(model: Transformer, parallel: ParallelConfig, optim: OptimConfig,
     let DeepSpeed print what it prints bare at start-up."""
     model.activation_checkpointing = parallel.activation_checkpointing
     model.z_loss_coef = optim.z_loss
+    if uses_chunked(model.cfg, device.type == "cuda"):
+        model.row_losses = token_cross_entropy
+    if precision is Precision.FP8:  # before the optimizer's groups: the same parameters, new modules
+        fp8.convert(model, parallel.fp8_recipe)
     # Marks the checkpoints DeepSpeed writes as convertible to its universal format (for resuming
     # on another world size or ZeRO stage; see dist_lm.train.checkpoint).
     setattr(model, UNIVERSAL_CHECKPOINT_INFO, {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE})
@@ -77,17 +84,32 @@ def initialize(model: Transformer, parallel: ParallelConfig, optim: OptimConfig,
     if reduces_for_nothing(engine):
         engine.enable_backward_allreduce = False
     mode = compile_mode(parallel, device)
-    if mode:
+    if mode == REGIONAL:
+        model.compile_regions()
+    elif mode:
         engine.compile(schedule=deepcompile_schedule(start_step) if mode == "DeepCompile" else None)
     return engine
 
 
+@torch.compiler.disable  # DeepSpeed's Triton kernels run as they are, outside a compiled region
+def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """model.cross_entropy=chunked: DeepSpeed's chunked cross-entropy, per token (dist_lm.model.loss)."""
+    return chunked_cross_entropy(logits, targets, reduction="none")
+
+
+REGIONAL = "regional torch.compile"
+
+
 def compile_mode(parallel: ParallelConfig, device: torch.device) -> str:
-    """How the engine compiles the model: "DeepCompile", "torch.compile", or "" (eager: compile
-    off, or a CPU run, where compiling costs more than it saves)."""
+    """How the engine compiles the model: REGIONAL (each block and the output, compiled once for
+    all blocks: ZeRO 0-2), "torch.compile" (the whole model: ZeRO-3, whose parameter hooks sit
+    inside every block), "DeepCompile", or "" (eager: compile off, or a CPU run, where compiling
+    costs more than it saves)."""
     if not parallel.compile or device.type != "cuda":
         return ""
-    return "DeepCompile" if parallel.uses_deepcompile else "torch.compile"
+    if parallel.uses_deepcompile:
+        return "DeepCompile"
+    return "torch.compile" if parallel.zero_stage == 3 else REGIONAL
 
 
 def compile_wait(parallel: ParallelConfig, device: torch.device, start_step: int) -> str:
@@ -96,6 +118,8 @@ def compile_wait(parallel: ParallelConfig, device: torch.device, start_step: int
     if mode == "DeepCompile":
         return (f"; the first step waits for DeepCompile to compile and profile (minutes at 1B parameters), "
                 f"step {start_step + deepcompile_warmup() + 1} again for its prefetching")
+    if mode == REGIONAL:
+        return "; the first step waits for torch.compile of one block and the output (cached for restarts)"
     return "; the first step waits for torch.compile (minutes at 1B parameters)" if mode else ""
 
 

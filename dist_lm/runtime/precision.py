@@ -21,6 +21,7 @@ class Precision(str, enum.Enum):
     FP32 = "fp32"
     BF16 = "bf16"
     FP16 = "fp16"
+    FP8 = "fp8"  # bf16 weights and activations; the blocks' matrix products in float8 (dist_lm.runtime.fp8)
 
     def __str__(self) -> str:
         return self.value
@@ -28,7 +29,7 @@ class Precision(str, enum.Enum):
     @property
     def dtype(self) -> torch.dtype:
         """The dtype of the module's weights and of its activations."""
-        return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.value]
+        return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.bfloat16}[self.value]
 
     @property
     def mixed(self) -> bool:
@@ -44,13 +45,15 @@ class Precision(str, enum.Enum):
     def deepspeed_section(self) -> str | None:
         """The section of DeepSpeed's config that this precision enables (None: fp32, neither);
         dist_lm.runtime.ds_config writes it."""
-        return None if self is Precision.FP32 else self.value
+        if self is Precision.FP32:
+            return None
+        return "bf16" if self is Precision.FP8 else self.value
 
     @property
     def accumulates_in_fp32(self) -> bool:
         """Gradients are accumulated across micro-batches in fp32 at ZeRO 1-3 (bf16: summing in
         bf16 loses the small contributions, a known cause of divergence), 4 bytes per parameter."""
-        return self is Precision.BF16
+        return self in (Precision.BF16, Precision.FP8)
 
     @classmethod
     def for_gpu(cls, has_bf16: bool) -> tuple["Precision", str]:
@@ -70,6 +73,10 @@ class Precision(str, enum.Enum):
             precision = cls.for_gpu(has_bf16)[0]
             return precision, (f"auto: bf16, supported by {device_name(device)}" if precision is cls.BF16 else
                                f"auto: fp16 with dynamic loss scaling, {device_name(device)} has no bf16")
+        if requested == "fp8":
+            from dist_lm.runtime.fp8 import check_fp8_device
+
+            check_fp8_device(device)
         if requested == "bf16" and not has_bf16:
             raise ConfigError("parallel.precision", f"bf16 is not supported by {device_name(device)}; use fp16 or auto")
         return cls(requested), "as configured"

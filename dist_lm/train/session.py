@@ -27,10 +27,11 @@ from dist_lm.data.sampler import TrainData, ValData
 from dist_lm.files import write_atomic
 from dist_lm.model.moe import build_model, check_moe
 from dist_lm.model.counts import count_parameters, flops_per_token, parameter_shapes
+from dist_lm.model.loss import uses_chunked
 from dist_lm.observe import log, metrics, sinks
 from dist_lm.observe.profiling import StepProfiler
 from dist_lm.plan import hardware, memory
-from dist_lm.runtime import distributed, engine
+from dist_lm.runtime import distributed, engine, fp8
 from dist_lm.runtime.distributed import DistEnv
 from dist_lm.runtime.precision import Precision
 from dist_lm.train import checkpoint, restore, run_lock, watchdog
@@ -93,6 +94,7 @@ def start(cfg: Config, plan_summary: list[str] = (), data: ResolvedData | None =
     dist_env = distributed.detect(os.environ)
     distributed.check_master_reachable(dist_env)
     device = distributed.device_for(dist_env)
+    memory_cap = hardware.apply_gpu_memory_cap(device)
     bound_cores: list[int] = []
     if cfg.parallel.offload_optimizer:
         engine.check_cpu_adam()
@@ -141,10 +143,19 @@ def start(cfg: Config, plan_summary: list[str] = (), data: ResolvedData | None =
     if bound_cores:
         log.warn(f"optimizer offload: CPU Adam steps on the host; each rank is bound to its own "
                  f"{len(bound_cores)} of this node's cores (rank 0: cores {bound_cores[0]}-{bound_cores[-1]})")
+    if memory_cap:
+        log.warn(memory_cap)
     compiled = engine.compile_mode(cfg.parallel, device)
+    if compiled and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        # The compiled kernels outlive the process: a restart of this run (a resume, a requeued
+        # job on another node of a shared file system) loads them instead of compiling again.
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(run_dir / "compile-cache")
     log.info(f"precision {precision} ({precision_reason}); ZeRO stage {cfg.parallel.zero_stage}"
              f"{', ' + compiled if compiled else ''}; batch {batch.global_batch_size} = micro {batch.micro_batch_size} "
              f"x accum {batch.grad_accum_steps} x ranks {batch.dp_size}")
+    if uses_chunked(cfg.model, device.type == "cuda"):
+        log.info(f"loss: DeepSpeed's chunked cross-entropy over the {cfg.model.vocab_size:,}-token vocabulary "
+                 "(model.cross_entropy), no fp32 logits")
     log.info(f"data {data.describe()}; run dir {run_dir}")
     for source, val in val_sets:
         if val.split == "train":
@@ -156,6 +167,10 @@ def start(cfg: Config, plan_summary: list[str] = (), data: ResolvedData | None =
     model = build_model(cfg.model, cfg.parallel)
     parameters = count_parameters(cfg.model)["total"]
     log.info(f"model {parameters / 1e6:.2f}M parameters, {flops_per_token(cfg.model) / 1e6:.1f} MFLOP/token")
+    if precision is Precision.FP8:
+        log.info(f"fp8: {len(fp8.converted_layers(model))} linear layers of the blocks multiply in float8 (torchao, "
+                 f"{cfg.parallel.fp8_recipe} scaling), the embeddings and the output head in bf16; MFU is against "
+                 "the GPU's bf16 peak")
     predicted = None
     if device.type == "cuda":
         predicted = memory.estimate(cfg.model, cfg.parallel, precision, batch.micro_batch_size, batch.dp_size,

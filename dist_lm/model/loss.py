@@ -1,0 +1,59 @@
+"""The training loss from the output head's logits: the mean next-token cross-entropy, plus
+the z-loss (optim.z_loss) when it is on.
+
+Two ways to the same numbers (model.cross_entropy). full: the logits are cast to fp32 and given
+to cross_entropy, which keeps an fp32 log-softmax for backward and makes an fp32 gradient; at a
+128k vocabulary those are 0.5 MB per token each. chunked: a per-token cross-entropy function from
+outside (``row_losses``: DeepSpeed's chunked cross-entropy, handed in by dist_lm.runtime.engine,
+since the model knows nothing of DeepSpeed) reads the logits in their own dtype and computes in
+fp32 a block of rows at a time, keeping one fp32 log-sum-exp per token.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from dist_lm.config.schema import ModelConfig
+
+CHUNKED_FROM_VOCAB = 65_536
+"""model.cross_entropy=auto computes the loss chunked on a GPU from this vocabulary size (Llama
+3's 128k, Qwen's 152k); below it the compiled full loss is as fast and the logits are small."""
+
+RowLosses = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""(tokens, vocab) logits and (tokens,) targets -> (tokens,) fp32 cross-entropy, differentiable."""
+
+
+def uses_chunked(cfg: ModelConfig, on_gpu: bool) -> bool:
+    """Whether a model of ``cfg`` computes its training loss chunked (model.cross_entropy)."""
+    if cfg.cross_entropy != "auto":
+        return cfg.cross_entropy == "chunked"
+    return on_gpu and cfg.vocab_size is not None and cfg.vocab_size >= CHUNKED_FROM_VOCAB
+
+
+def language_model_loss(logits: torch.Tensor, targets: torch.Tensor, z_loss_coef: float,
+                        row_losses: RowLosses | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(batch, seq, vocab) logits and (batch, seq) targets -> (the loss to train on, the z-loss
+    term mean(logsumexp(logits)^2) or None when its weight is 0). The loss is the mean
+    cross-entropy plus ``z_loss_coef`` times the z-loss."""
+    targets = targets.reshape(-1)
+    if row_losses is None:
+        # Cross-entropy in fp32: bf16 logits lose the small differences the loss depends on.
+        logits = logits.float().flatten(0, 1)
+        loss = F.cross_entropy(logits, targets)
+        if not z_loss_coef:
+            return loss, None
+        z = torch.logsumexp(logits, dim=-1).pow(2).mean()
+        return loss + z_loss_coef * z, z
+    logits = logits.flatten(0, 1)
+    rows = row_losses(logits, targets)
+    loss = rows.mean()
+    if not z_loss_coef:
+        return loss, None
+    # logsumexp = cross-entropy + the target's logit, so the z-loss needs no fp32 logits either;
+    # its gradient reaches the logits through both terms (softmax - onehot, then + onehot).
+    log_sum_exp = rows + logits.gather(-1, targets[:, None]).squeeze(-1).float()
+    z = log_sum_exp.pow(2).mean()
+    return loss + z_loss_coef * z, z

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The GPU measurements behind docs/benchmarks.md's 2026-12-02 tables (issues 20 and 21), in parts
+# that each fit one device call. Each writes its log to $OUT/<part>.log (default: ./bench-out).
+#   tools/bench_session.sh tests|small|large|startup [more parts]
+# Shapes are the issue's: 12M (6 x 384, seq 256, micro 64, vocab 2048), 124M (12 x 768, MHA,
+# vocab 50304, micro 8), 1.3B (24 x 2048, MHA, ffn 5632, vocab 50304, micro 8; 128k vocab: micro 4).
+set -u
+OUT=${OUT:-bench-out}
+mkdir -p "$OUT"
+DL="python3 -m dist_lm"
+S12="model.n_layers=6 model.d_model=384 model.n_heads=6 model.n_kv_heads=null model.seq_len=256 data.embedded_vocab_size=2048 train.micro_batch_size=64 parallel.activation_checkpointing=false"
+S124="model.n_layers=12 model.d_model=768 model.n_heads=12 model.n_kv_heads=null model.seq_len=2048 model.vocab_size=50304 train.micro_batch_size=8 parallel.activation_checkpointing=false"
+S1300="model.n_kv_heads=null model.ffn_hidden=5632 model.vocab_size=50304 train.micro_batch_size=8"
+S128K="model.n_kv_heads=null model.ffn_hidden=5632 model.vocab_size=128256 train.micro_batch_size=4"
+BENCH="$DL bench --warmup 5 --steps 10 --timeout 300 --baseline"
+
+part() {  # part NAME SECONDS COMMAND...: runs COMMAND with its output in $OUT/NAME.log
+  local name=$1 limit=$2; shift 2
+  echo "== $name: $*" | tee -a "$OUT/$name.log"
+  timeout -k 10 "$limit" "$@" >>"$OUT/$name.log" 2>&1
+  echo "== $name: exit $?" | tee -a "$OUT/$name.log"
+  grep -E '^\||scaling|passed|failed|error' "$OUT/$name.log" | tail -20
+}
+
+for what in "$@"; do case $what in
+tests)
+  part tests 540 python3 -m pytest -m gpu -q -x tests/test_gpu.py \
+    -k "fp8 or chunked or document or lifecycle or debug_preset" ;;
+large)  # 1.3B: bf16, fp8, the document mask; the 128k vocabulary, chunked
+  part large-1.3b 420 $BENCH --config h100-80gb --variant "bf16: parallel.precision=bf16" \
+    --variant "fp8: parallel.precision=fp8" --variant "bf16, document mask: data.document_mask=true" $S1300
+  part large-128k 200 $BENCH --config h100-80gb --variant "bf16, chunked loss: model.cross_entropy=auto" $S128K ;;
+small)  # 12M and 124M, every micro-batch a step; the 12M engine profiled; document masks at 124M
+  part small-12m 150 $BENCH --config h100-80gb --profile "$OUT/profile" --variant "zero1: parallel.zero_stage=1" $S12
+  part small-124m 200 $BENCH --config h100-80gb --variant "zero1: parallel.zero_stage=1" \
+    --variant "document mask: data.document_mask=true" $S124 ;;
+fp8loss)  # 300 steps of 124M in bf16 and in fp8 on the same data
+  for p in bf16 fp8; do
+    part fp8loss-$p 200 $DL train --config h100-80gb $S124 parallel.precision=$p train.max_steps=300 \
+      train.global_batch_size=8 optim.warmup_steps=30 train.log_interval=10 train.eval_interval=0 checkpoint.interval=0 \
+      checkpoint.save_at_end=false logging.wandb=disabled logging.progress=false run.dir=/tmp/fp8loss-$p
+    cp /tmp/fp8loss-$p/metrics.jsonl "$OUT/fp8loss-$p.jsonl"
+  done ;;
+startup)  # the auto plan on this GPU, to its first step; the plan for 12 and 24 GB cards under caps
+  for cap in "" 12 24; do
+    part "auto${cap:+-$cap}gb" 240 env ${cap:+DIST_LM_GPU_MEMORY_GB=$cap} $DL train train.max_steps=30 \
+      train.log_interval=10 train.eval_interval=0 checkpoint.interval=0 checkpoint.save_at_end=false \
+      logging.wandb=disabled logging.progress=false run.dir=/tmp/auto$cap
+    grep -E "plan|predicted|first step|mem " "$OUT/auto${cap:+-$cap}gb.log" | head -12
+  done ;;
+*) echo "unknown part $what"; exit 2 ;;
+esac; done
