@@ -64,7 +64,11 @@ def test_compile_mode_is_what_the_engine_runs_and_the_log_says():
     multinode = load_config("h100-multinode").parallel
     assert compile_mode(multinode, gpu) == "DeepCompile"
     assert compile_mode(load_config("h100-multinode", ["parallel.deepcompile=false"]).parallel, gpu) == "torch.compile"
-    assert compile_mode(load_config("h100-multinode", ["parallel.zero_stage=2"]).parallel, gpu) == REGIONAL
+    assert compile_mode(load_config("h100-multinode", ["parallel.zero_stage=2"]).parallel, gpu) == "torch.compile"
+    regions = ["parallel.compile_regions=true"]
+    assert compile_mode(load_config("h100-multinode", ["parallel.zero_stage=2", *regions]).parallel, gpu) == REGIONAL
+    assert compile_mode(load_config("h100-multinode", ["parallel.deepcompile=false", *regions]).parallel,
+                        gpu) == "torch.compile"  # not at ZeRO-3
     assert compile_mode(load_config("h100-multinode", ["parallel.compile=false"]).parallel, gpu) == ""
     assert compile_mode(multinode, cpu) == ""
 

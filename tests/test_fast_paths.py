@@ -63,16 +63,17 @@ def test_a_model_trains_the_same_through_either_loss():
         torch.testing.assert_close(b.grad, a.grad, msg=name)
 
 
-def test_chunked_is_chosen_for_large_vocabularies_on_gpus_and_counted_by_the_memory_model():
+def test_chunked_is_chosen_for_large_vocabularies_in_eager_gpu_runs_and_counted_by_the_memory_model():
     from dist_lm.plan import memory
 
-    llama3 = load_config("h100-80gb", ["model.vocab_size=128256"])
-    gpt2 = load_config("h100-80gb", ["model.vocab_size=50304"])
-    assert uses_chunked(llama3.model, on_gpu=True) and not uses_chunked(llama3.model, on_gpu=False)
-    assert not uses_chunked(gpt2.model, on_gpu=True) and 50304 < CHUNKED_FROM_VOCAB <= 128256
-    assert uses_chunked(load_config("debug", ["model.cross_entropy=chunked"]).model, on_gpu=False)
-    full = load_config("h100-80gb", ["model.vocab_size=128256", "model.cross_entropy=full",
-                                      "parallel.compile=false"])
+    llama3 = load_config("h100-80gb", ["model.vocab_size=128256", "parallel.compile=false"])
+    gpt2 = load_config("h100-80gb", ["model.vocab_size=50304", "parallel.compile=false"])
+    assert uses_chunked(llama3.model, on_gpu=True, compiled=False)
+    assert not uses_chunked(llama3.model, on_gpu=True, compiled=True)  # compiled, the full loss is fused
+    assert not uses_chunked(llama3.model, on_gpu=False, compiled=False)
+    assert not uses_chunked(gpt2.model, on_gpu=True, compiled=False) and 50304 < CHUNKED_FROM_VOCAB <= 128256
+    assert uses_chunked(load_config("debug", ["model.cross_entropy=chunked"]).model, on_gpu=False, compiled=False)
+    full = load_config("h100-80gb", ["model.vocab_size=128256", "model.cross_entropy=full", "parallel.compile=false"])
     chunked, eager = (memory.estimate(c.model, c.parallel, "bf16", 4, 1) for c in (llama3, full))
     tokens = 4 * llama3.model.seq_len
     assert chunked.logits == tokens * 128256 * 2 * 2  # bf16 logits and their bf16 gradient

@@ -180,8 +180,8 @@ def test_document_masks_through_flexattention_equal_the_dense_mask(env):
 
 @pytest.mark.parametrize("stage", [1, 3])
 def test_fp8_trains_stops_resumes_and_exports(env, tmp_path, stage):
-    """parallel.precision=fp8 through the engine, compiled (regionally at ZeRO-1, the whole model at
-    ZeRO-3): it trains, a stopped run resumes, and its checkpoint exports like a bf16 one."""
+    """parallel.precision=fp8 through the engine, the whole model compiled: it trains, a stopped run
+    resumes, and its checkpoint exports like a bf16 one."""
     import subprocess
     import sys
 

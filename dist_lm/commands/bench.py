@@ -93,7 +93,7 @@ def run_variant(config: str, overrides: list[str], variant: str, steps: int, war
         extra += f" logging.profile_start={warmup + steps + 1} logging.profile_steps={profiled}"
     args = [config, *overrides, *extra.split(), f"train.max_steps={warmup + steps + profiled}",
             f"train.log_interval={warmup}",
-            "train.eval_interval=0", "checkpoint.interval=0", "logging.wandb=disabled", "logging.progress=false",
+            "train.eval_interval=0", "checkpoint.interval=0", "checkpoint.save_at_end=false", "logging.wandb=disabled", "logging.progress=false",
             f"run.dir={run_dir}"]
     launcher = [sys.executable] if ranks == 1 else \
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]

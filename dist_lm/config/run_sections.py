@@ -39,6 +39,10 @@ class ParallelConfig:
     compile: bool = False
     """torch.compile the model inside the DeepSpeed engine (engine.compile()); on a GPU only, a
     CPU run ignores it. The first step waits for compilation (minutes at 1B parameters)."""
+    compile_regions: bool = False
+    """With compile at ZeRO 0-2: compile each block (one graph shared by all of them) and the
+    output, instead of the whole model. The first step comes sooner (47 s at 1.3B on an H200, about
+    half the whole model's), the steps are slower (4% at 1.3B, a quarter at 124M: docs/benchmarks.md)."""
     deepcompile: bool = False
     """With compile at ZeRO-3: DeepSpeed's DeepCompile, which puts ZeRO-3's parameter gathers and
     releases into the compiled graph; torch.compile alone breaks the graph at each of DeepSpeed's

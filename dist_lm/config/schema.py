@@ -81,11 +81,11 @@ class ModelConfig:
     over whole projections, do against attention-logit growth). Exports as Qwen3ForCausalLM."""
     cross_entropy: Literal["auto", "full", "chunked"] = "auto"
     """How the training loss is computed from the output head's logits. full: the logits in fp32
-    (cast, log-softmax and its gradient, each a tokens x vocab fp32 tensor). chunked: DeepSpeed's
-    chunked cross-entropy (a Triton kernel on GPUs), which reads the logits in their own dtype and
-    never holds them in fp32. auto: chunked on a GPU from a vocabulary of
-    dist_lm.model.loss.CHUNKED_FROM_VOCAB tokens (where it pays, docs/benchmarks.md), full below
-    it and on CPU."""
+    (eager: the cast, the log-softmax and its gradient, each a tokens x vocab fp32 tensor;
+    compiled, fused without them). chunked: DeepSpeed's chunked cross-entropy (a Triton kernel on
+    GPUs), which reads the logits in their own dtype and never holds them in fp32. auto: chunked
+    in an eager GPU run from a vocabulary of dist_lm.model.loss.CHUNKED_FROM_VOCAB tokens, full
+    otherwise (docs/benchmarks.md: no faster and no lighter than the compiled full loss)."""
 
     def __post_init__(self) -> None:
         require(self.vocab_size is None or self.vocab_size > 0, "vocab_size", "must be a positive integer or null")

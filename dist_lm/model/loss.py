@@ -19,18 +19,20 @@ import torch.nn.functional as F
 from dist_lm.config.schema import ModelConfig
 
 CHUNKED_FROM_VOCAB = 65_536
-"""model.cross_entropy=auto computes the loss chunked on a GPU from this vocabulary size (Llama
-3's 128k, Qwen's 152k); below it the compiled full loss is as fast and the logits are small."""
+"""model.cross_entropy=auto computes the loss chunked in an eager GPU run from this vocabulary
+size (Llama 3's 128k, Qwen's 152k). A compiled run fuses the full loss itself (no fp32 logits are
+stored) and was as fast with it as chunked and 1.6 GB lighter at 128k (docs/benchmarks.md)."""
 
 RowLosses = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """(tokens, vocab) logits and (tokens,) targets -> (tokens,) fp32 cross-entropy, differentiable."""
 
 
-def uses_chunked(cfg: ModelConfig, on_gpu: bool) -> bool:
-    """Whether a model of ``cfg`` computes its training loss chunked (model.cross_entropy)."""
+def uses_chunked(cfg: ModelConfig, on_gpu: bool, compiled: bool) -> bool:
+    """Whether a model of ``cfg`` computes its training loss chunked (model.cross_entropy), on a
+    GPU or not, its loss compiled (parallel.compile on a GPU) or eager."""
     if cfg.cross_entropy != "auto":
         return cfg.cross_entropy == "chunked"
-    return on_gpu and cfg.vocab_size is not None and cfg.vocab_size >= CHUNKED_FROM_VOCAB
+    return on_gpu and not compiled and cfg.vocab_size is not None and cfg.vocab_size >= CHUNKED_FROM_VOCAB
 
 
 def language_model_loss(logits: torch.Tensor, targets: torch.Tensor, z_loss_coef: float,

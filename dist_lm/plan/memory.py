@@ -117,7 +117,7 @@ def estimate(model: ModelConfig, parallel: ParallelConfig, precision: Precision 
     logits = tokens * model.vocab_size * (act_bytes if compiled else 4 + 4 + act_bytes)
     if z_loss and not compiled:
         logits += tokens * model.vocab_size * 4  # logsumexp keeps the fp32 logits themselves
-    if uses_chunked(model, on_gpu=True):
+    if uses_chunked(model, on_gpu=True, compiled=parallel.compile):
         # Chunked (dist_lm.model.loss): the logits in the compute dtype, kept for backward, and
         # their gradient in the same dtype; no fp32 copy, compiled or not.
         logits = tokens * model.vocab_size * 2 * act_bytes

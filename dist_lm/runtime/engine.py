@@ -56,7 +56,7 @@ def initialize(model: Transformer, parallel: ParallelConfig, optim: OptimConfig,
     let DeepSpeed print what it prints bare at start-up."""
     model.activation_checkpointing = parallel.activation_checkpointing
     model.z_loss_coef = optim.z_loss
-    if uses_chunked(model.cfg, device.type == "cuda"):
+    if uses_chunked(model.cfg, device.type == "cuda", compiled=bool(compile_mode(parallel, device))):
         model.row_losses = token_cross_entropy
     if precision is Precision.FP8:  # before the optimizer's groups: the same parameters, new modules
         fp8.convert(model, parallel.fp8_recipe)
@@ -101,15 +101,15 @@ REGIONAL = "regional torch.compile"
 
 
 def compile_mode(parallel: ParallelConfig, device: torch.device) -> str:
-    """How the engine compiles the model: REGIONAL (each block and the output, compiled once for
-    all blocks: ZeRO 0-2), "torch.compile" (the whole model: ZeRO-3, whose parameter hooks sit
-    inside every block), "DeepCompile", or "" (eager: compile off, or a CPU run, where compiling
-    costs more than it saves)."""
+    """How the engine compiles the model: "torch.compile" (the whole model), REGIONAL (each block
+    and the output, parallel.compile_regions, at ZeRO 0-2: at ZeRO-3 DeepSpeed's parameter hooks
+    sit inside every block), "DeepCompile", or "" (eager: compile off, or a CPU run, where
+    compiling costs more than it saves)."""
     if not parallel.compile or device.type != "cuda":
         return ""
     if parallel.uses_deepcompile:
         return "DeepCompile"
-    return "torch.compile" if parallel.zero_stage == 3 else REGIONAL
+    return REGIONAL if parallel.compile_regions and parallel.zero_stage < 3 else "torch.compile"
 
 
 def compile_wait(parallel: ParallelConfig, device: torch.device, start_step: int) -> str:

@@ -153,7 +153,7 @@ def start(cfg: Config, plan_summary: list[str] = (), data: ResolvedData | None =
     log.info(f"precision {precision} ({precision_reason}); ZeRO stage {cfg.parallel.zero_stage}"
              f"{', ' + compiled if compiled else ''}; batch {batch.global_batch_size} = micro {batch.micro_batch_size} "
              f"x accum {batch.grad_accum_steps} x ranks {batch.dp_size}")
-    if uses_chunked(cfg.model, device.type == "cuda"):
+    if uses_chunked(cfg.model, device.type == "cuda", compiled=bool(compiled)):
         log.info(f"loss: DeepSpeed's chunked cross-entropy over the {cfg.model.vocab_size:,}-token vocabulary "
                  "(model.cross_entropy), no fp32 logits")
     log.info(f"data {data.describe()}; run dir {run_dir}")
