@@ -99,3 +99,14 @@ def test_offload_uses_deepspeed_cpu_adam():
     assert ds["optimizer"]["type"] == "AdamW" and ds["optimizer"]["params"]["weight_decay"] == 0.05
     assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     assert ds["zero_optimization"]["offload_param"]["device"] == "cpu"
+
+
+def test_deepspeeds_throughput_timer_is_off():
+    """It synchronizes the device twice a step (dist_lm.runtime.ds_config says why that costs);
+    read back through DeepSpeed's own parser, so a misspelt key cannot pass."""
+    from deepspeed.utils.config import get_timers_config
+
+    ds = deepspeed_config(ParallelConfig(), OptimConfig(), batch_sizes(TrainConfig(micro_batch_size=2), 1), "bf16")
+    assert get_timers_config(ds).enabled is False
+    assert get_timers_config({}).enabled and get_timers_config({}).synchronized  # DeepSpeed's default
+
