@@ -41,6 +41,7 @@ from dist_lm.train.state import RunState
 # A first checkpoint's size per parameter, before one was written to measure: the optimizer's
 # fp32 master and two Adam moments (12), the module in bf16 (2; 4 in fp32) and the weights file (4).
 CHECKPOINT_BYTES_PER_PARAMETER = 18
+COMPILE_CACHE = ".compile-cache"  # beside the run directories: torch.compile's kernels, for every run there
 
 
 def default_run_name(preset: str) -> str:
@@ -147,9 +148,11 @@ def start(cfg: Config, plan_summary: list[str] = (), data: ResolvedData | None =
         log.warn(memory_cap)
     compiled = engine.compile_mode(cfg.parallel, device)
     if compiled and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
-        # The compiled kernels outlive the process: a restart of this run (a resume, a requeued
-        # job on another node of a shared file system) loads them instead of compiling again.
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(run_dir / "compile-cache")
+        # The compiled kernels outlive the process and the node: a restart of this run (a resume,
+        # a job requeued on another node of a shared file system) and the other runs beside it
+        # (a sweep's trials) load them instead of compiling again. Inductor keys its cache by
+        # the graph's content, so runs of other models beside it share it safely.
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(run_dir.parent / COMPILE_CACHE)
     log.info(f"precision {precision} ({precision_reason}); ZeRO stage {cfg.parallel.zero_stage}"
              f"{', ' + compiled if compiled else ''}; batch {batch.global_batch_size} = micro {batch.micro_batch_size} "
              f"x accum {batch.grad_accum_steps} x ranks {batch.dp_size}")
