@@ -250,3 +250,14 @@ def test_largest_fitting_finds_the_edge_trying_each_size_once(start, largest):
     assert largest_fitting(fits, start, limit=100) == largest
     assert len(tried) == len(set(tried)) and all(1 <= n <= 100 for n in tried)
     assert len(tried) <= 16  # doubling or halving, then bisection: logarithmic
+
+
+def test_fp8_is_planned_as_bf16_on_gpus_with_float8_and_refused_on_others():
+    fp8 = ["parallel.precision=fp8", "parallel.compile=true"]
+    plan = make_plan(RTX_4090, fp8)
+    assert plan.config.parallel.precision == "fp8" and fits(plan)
+    assert any("precision fp8 (as given): memory counted as bf16" in r for r in plan.reasons)
+    with pytest.raises(UserError, match="needs GPUs with float8 tensor cores .* which NVIDIA GeForce RTX 3060 lack"):
+        make_plan(RTX_3060, fp8)
+    by_name = [Machine(1, name, 80.0).fp8 for name in ("NVIDIA A100-SXM4-80GB", "NVIDIA H200", "Some GPU")]
+    assert by_name == [False, True, None]  # described without a compute capability (dist-lm plan --gpu-name)

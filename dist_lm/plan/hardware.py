@@ -17,6 +17,10 @@ import torch
 from dist_lm.config.errors import UserError
 
 MEMORY_CAP_VARIABLE = "DIST_LM_GPU_MEMORY_GB"
+FP8_CAPABILITY = (8, 9)  # float8 tensor cores: Ada and Hopper onwards
+# By name, for a machine described without its compute capability (dist-lm plan --gpu-name).
+FP8_GPUS = ("H100", "H200", "H800", "GH200", "B200", "B100", "L40", "L4", "RTX 40", "RTX 50", "Ada")
+NO_FP8_GPUS = ("A100", "A800", "A10", "A30", "A40", "V100", "T4", "P100", "RTX 30", "RTX 20", "RTX A")
 
 
 # Dense (no sparsity) bf16/fp16 tensor-core peak FLOP/s per GPU, from the vendors' data sheets.
@@ -105,6 +109,15 @@ class Machine:
         if self.compute_capability is not None:
             return self.compute_capability >= (8, 0)
         return not any(old in self.gpu_name for old in ("V100", "T4", "P100", "RTX 20"))
+
+    @property
+    def fp8(self) -> bool | None:
+        """Float8 tensor cores (compute capability 8.9 on); None: the name does not tell."""
+        if self.compute_capability is not None:
+            return self.compute_capability >= FP8_CAPABILITY
+        if any(new in self.gpu_name for new in FP8_GPUS):
+            return True
+        return False if any(old in self.gpu_name for old in NO_FP8_GPUS) else None
 
     @property
     def peak_flops(self) -> float | None:

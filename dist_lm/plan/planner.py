@@ -194,11 +194,11 @@ def _plan_preset(preset: str, machine: Machine, overrides: list[str], fixed: set
         reasons.append(f"precision {precision}: {why}")
     resolved = best if precision == "auto" else Precision(precision)
     if resolved is Precision.FP8:
-        cc = machine.compute_capability
-        if cc is not None and cc < (8, 9):
-            raise UserError(f"plan: parallel.precision=fp8 needs GPUs of compute capability 8.9 or more; "
-                            f"these have {cc[0]}.{cc[1]}: use bf16 or auto")
-        reasons.append("precision fp8 (as given): memory counted as bf16, speed estimated at the bf16 peak")
+        if machine.fp8 is False:
+            raise UserError(f"plan: parallel.precision=fp8 needs GPUs with float8 tensor cores (compute capability "
+                            f"8.9 or more: Ada, Hopper), which {machine.gpu_name or 'these GPUs'} lack: use bf16 or auto")
+        known = "" if machine.fp8 else " (whether these GPUs have float8 tensor cores is unknown: the run checks)"
+        reasons.append(f"precision fp8 (as given): memory counted as bf16, speed estimated at the bf16 peak{known}")
 
     global_batch = cfg.train.global_batch_size
     per_rank = global_batch_size(cfg.train, world) // world

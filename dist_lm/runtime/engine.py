@@ -56,7 +56,8 @@ def initialize(model: Transformer, parallel: ParallelConfig, optim: OptimConfig,
     let DeepSpeed print what it prints bare at start-up."""
     model.activation_checkpointing = parallel.activation_checkpointing
     model.z_loss_coef = optim.z_loss
-    if uses_chunked(model.cfg, device.type == "cuda", compiled=bool(compile_mode(parallel, device))):
+    mode = compile_mode(parallel, device)
+    if uses_chunked(model.cfg, device.type == "cuda", compiled=bool(mode)):
         model.row_losses = token_cross_entropy
     if precision is Precision.FP8:  # before the optimizer's groups: the same parameters, new modules
         fp8.convert(model, parallel.fp8_recipe)
@@ -83,7 +84,6 @@ def initialize(model: Transformer, parallel: ParallelConfig, optim: OptimConfig,
             config=deepspeed_config(parallel, optim, batch, precision, load_universal))
     if reduces_for_nothing(engine):
         engine.enable_backward_allreduce = False
-    mode = compile_mode(parallel, device)
     if mode == REGIONAL:
         model.compile_regions()
     elif mode:

@@ -16,9 +16,7 @@ import importlib.util
 import torch
 
 from dist_lm.config.errors import ConfigError, UserError
-from dist_lm.plan.hardware import device_name
-
-MIN_CAPABILITY = (8, 9)  # float8 tensor cores: Ada and Hopper onwards
+from dist_lm.plan.hardware import FP8_CAPABILITY, device_name
 
 
 def check_fp8_device(device: torch.device) -> None:
@@ -28,7 +26,7 @@ def check_fp8_device(device: torch.device) -> None:
         raise ConfigError("parallel.precision", "fp8 needs a CUDA GPU of compute capability 8.9 or more (Ada, "
                                                 "Hopper); this run is on the CPU: use bf16 or auto")
     capability = torch.cuda.get_device_capability(device)
-    if capability < MIN_CAPABILITY:
+    if capability < FP8_CAPABILITY:
         raise ConfigError("parallel.precision", f"fp8 needs a GPU of compute capability 8.9 or more (Ada, Hopper); "
                                                 f"{device_name(device)} has {capability[0]}.{capability[1]}: "
                                                 "use bf16 or auto")
