@@ -178,10 +178,11 @@ def test_document_masks_through_flexattention_equal_the_dense_mask(env):
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
 
 
-@pytest.mark.parametrize("stage", [1, 3])
-def test_fp8_trains_stops_resumes_and_exports(env, tmp_path, stage):
-    """parallel.precision=fp8 through the engine, the whole model compiled: it trains, a stopped run
-    resumes, and its checkpoint exports like a bf16 one."""
+@pytest.mark.parametrize("stage,checkpointing", [(0, False), (1, False), (2, True), (3, False)])
+def test_fp8_trains_stops_resumes_and_exports(env, tmp_path, stage, checkpointing):
+    """parallel.precision=fp8 through the engine at every ZeRO stage, the whole model compiled (at
+    ZeRO-2 with activation checkpointing): it trains, a stopped run resumes, and its checkpoint
+    exports like a bf16 one."""
     import subprocess
     import sys
 
@@ -190,6 +191,7 @@ def test_fp8_trains_stops_resumes_and_exports(env, tmp_path, stage):
     run = tmp_path / "run"
     env = {**env, "DS_ACCELERATOR": "cuda"}
     args = ["--config", "debug", "parallel.precision=fp8", f"parallel.zero_stage={stage}", "parallel.compile=true",
+            f"parallel.activation_checkpointing={str(checkpointing).lower()}",
             "train.max_steps=8", "train.log_interval=1", "train.eval_interval=4", "checkpoint.interval=4",
             f"run.dir={run}"]
     first = launch("python", [*args, "train.stop_at_step=4"], env)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU measurements behind docs/benchmarks.md's 2026-12-02 tables (issues 20 and 21), in parts
 # that each fit one device call. Each writes its log to $OUT/<part>.log (default: ./bench-out).
-#   tools/bench_session.sh tests|large|docmask|small|fp8loss|startup [more parts]
+#   tools/bench_session.sh tests|large|regions|docmask|small|fp8loss|startup|caps [more parts]
 # Shapes are the issue's: 12M (6 x 384, seq 256, micro 64, vocab 2048), 124M (12 x 768, MHA,
 # vocab 50304, micro 8), 1.3B (24 x 2048, MHA, ffn 5632, vocab 50304, micro 8; 128k vocab: micro 4).
 set -u
@@ -25,22 +25,20 @@ part() {  # part NAME SECONDS COMMAND...: runs COMMAND with its output in $OUT/N
 for what in "$@"; do case $what in
 tests)
   part tests 540 python3 -m pytest -m gpu -q -x tests/test_gpu.py \
-    -k "fp8 or chunked or document or lifecycle or debug_preset" ;;
-large)  # 1.3B in bf16 and fp8, the whole model or its blocks compiled; the document mask; 128k vocabulary
-  part large-1.3b 560 $BENCH --config h100-80gb --variant "bf16: parallel.precision=bf16" \
-    --variant "bf16, regions: parallel.compile_regions=true" --variant "fp8: parallel.precision=fp8" \
-    --variant "fp8, regions: parallel.precision=fp8 parallel.compile_regions=true" $S1300
-  part large-128k 400 $BENCH --config h100-80gb --variant "compiled, full loss: model.cross_entropy=full" \
-    --variant "compiled, chunked loss: model.cross_entropy=chunked" \
-    --variant "eager, chunked loss: parallel.compile=false" $S128K ;;
+    -k "fp8 or chunked or lifecycle" ;;
+large)  # 1.3B in bf16 and fp8 (the whole model compiled, the default) and the 128k vocabulary, beside plain PyTorch
+  part large-1.3b 330 $BENCH --config h100-80gb --variant "bf16: parallel.precision=bf16" \
+    --variant "fp8: parallel.precision=fp8" $S1300
+  part large-128k 240 $BENCH --config h100-80gb --variant "bf16, full loss (auto): model.cross_entropy=auto" $S128K ;;
+regions)  # the blocks compiled one by one (parallel.compile_regions) at 1.3B, bf16 and fp8
+  part regions 400 $BENCH --config h100-80gb --variant "bf16, regions: parallel.compile_regions=true" \
+    --variant "fp8, regions: parallel.precision=fp8 parallel.compile_regions=true" $S1300 ;;
 docmask)  # what the document mask costs at 1.3B (the packed row: large's bf16)
   part docmask 200 $DL bench --warmup 5 --steps 10 --config h100-80gb \
     --variant "bf16, document mask: data.document_mask=true" $S1300 ;;
-small)  # 12M and 124M, every micro-batch a step, the whole model or its blocks compiled; the 12M engine profiled
-  part small-12m 200 $BENCH --config h100-80gb --profile "$OUT/profile" --variant "zero1: parallel.zero_stage=1" \
-    --variant "zero1, regions: parallel.compile_regions=true" $S12
-  part small-124m 300 $BENCH --config h100-80gb --variant "zero1: parallel.zero_stage=1" \
-    --variant "zero1, regions: parallel.compile_regions=true" --variant "document mask: data.document_mask=true" $S124 ;;
+small)  # 12M and 124M, every micro-batch a step, the whole model compiled; the 12M engine profiled
+  part small-12m 150 $BENCH --config h100-80gb --profile "$OUT/profile" --variant "zero1: parallel.zero_stage=1" $S12
+  part small-124m 150 $BENCH --config h100-80gb --variant "zero1: parallel.zero_stage=1" $S124 ;;
 fp8loss)  # 300 steps of 124M in bf16 and in fp8 on the same data
   for p in bf16 fp8; do
     part fp8loss-$p 200 $DL train --config h100-80gb $S124 parallel.precision=$p train.max_steps=300 \
@@ -48,14 +46,17 @@ fp8loss)  # 300 steps of 124M in bf16 and in fp8 on the same data
       checkpoint.save_at_end=false logging.wandb=disabled logging.progress=false run.dir=/tmp/fp8loss-$p
     cp /tmp/fp8loss-$p/metrics.jsonl "$OUT/fp8loss-$p.jsonl"
   done ;;
-startup)  # the auto plan on this GPU to its first step, whole or regions; the plans for 12 and 24 GB cards under caps
-  for run in "auto" "auto-regions parallel.compile_regions=true" "auto-12gb" "auto-24gb"; do
-    name=${run%% *}; extra=${run#"$name"}; cap=${name#auto-}; cap=${cap%gb}
-    [ "$cap" = "$name" ] || [ "$cap" = regions ] && cap=""
-    part "$name" 240 env ${cap:+DIST_LM_GPU_MEMORY_GB=$cap} $DL train train.max_steps=30 $extra \
-      train.log_interval=10 train.eval_interval=0 checkpoint.interval=0 checkpoint.save_at_end=false \
-      logging.wandb=disabled logging.progress=false run.dir=/tmp/$name
-    grep -E "plan|predicted|first step|mem " "$OUT/$name.log" | head -12
+startup)  # the auto plan on this GPU, whole model compiled, to its first step
+  part startup 240 $DL train train.max_steps=30 train.log_interval=10 train.eval_interval=0 \
+    checkpoint.interval=0 checkpoint.save_at_end=false logging.wandb=disabled logging.progress=false run.dir=/tmp/startup
+  grep -E "plan|predicted|first step|mem " "$OUT/startup.log" | head -12 ;;
+caps)  # the auto plans for 12 and 24 GB cards, trained under those caps (peak against prediction)
+  for cap in 12 24; do
+    part caps-${cap}gb 240 env DIST_LM_GPU_MEMORY_GB=$cap $DL train train.max_steps=30 train.log_interval=10 \
+      train.eval_interval=0 checkpoint.interval=0 checkpoint.save_at_end=false logging.wandb=disabled \
+      logging.progress=false run.dir=/tmp/caps-${cap}gb
+    grep -E "plan|predicted|first step|mem |out of" "$OUT/caps-${cap}gb.log" | head -12
+    cp /tmp/caps-${cap}gb/metrics.jsonl "$OUT/caps-${cap}gb.jsonl"
   done ;;
 *) echo "unknown part $what"; exit 2 ;;
 esac; done
