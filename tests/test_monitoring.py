@@ -206,6 +206,21 @@ def test_analyze_a_run(env, ds_ops, tmp_path):
         assert_png(tmp_path / "plots" / name)
 
 
+def test_analyze_compares_runs_at_the_last_step_they_share(tmp_path):
+    """Several run directories: one plot of their training losses, and each run's gap to the
+    first at the last step all of them logged (how fp8 is compared with bf16 in the docs)."""
+    for name, losses in {"bf16": {10: 6.0, 20: 4.0, 30: 3.0}, "fp8": {10: 6.1, 20: 4.2}}.items():
+        (tmp_path / name).mkdir()
+        rows = [{"step": step, "loss": loss} for step, loss in losses.items()] + [{"step": 20, "val_loss": 9.0}]
+        (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    proc = tool("analyze.py", tmp_path / "bf16", tmp_path / "fp8", "--out", tmp_path / "plots")
+    assert_ok(proc)
+    assert "| bf16 | 20 | 4.0000 | +0.00% |" in proc.stdout and "| fp8 | 20 | 4.2000 | +5.00% |" in proc.stdout
+    assert_png(tmp_path / "plots" / "compare.png")
+    refused = tool("analyze.py", tmp_path / "bf16", tmp_path / "plots", "--out", tmp_path / "plots")
+    assert refused.returncode == 2 and "has no metrics.jsonl" in refused.stderr
+
+
 def assert_png(path: Path) -> None:
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, path

@@ -1,7 +1,8 @@
 """Plots and rankings of runs and sweeps (the library behind tools/analyze.py), with matplotlib.
 
 A run directory gets PNGs of loss (train and validation), learning rate, tokens/s and MFU over
-steps; a sweep directory a heatmap of the best validation loss over its two axes, the learning
+steps; several run directories one plot of their training losses and a table of their gaps; a
+sweep directory a heatmap of the best validation loss over its two axes, the learning
 curves of its best trials, a ranked table and the recommended overrides.
 """
 
@@ -61,6 +62,36 @@ def plot_run(run_dir: Path, out: Path) -> list[Path]:
     left.grid(alpha=0.3)
     written.append(_save(fig, out / "throughput.png"))
     return written
+
+
+def compare_runs(run_dirs: list[Path], out: Path) -> tuple[list[dict], Path]:
+    """The training losses of several runs on one plot (compare.png), and per run its loss at
+    the last step all of them logged, with its gap to the first run's there: how two precisions,
+    recipes or settings are compared on the same data."""
+    series = {Path(d).name: dict(zip(*_series(read_rows(Path(d)), "loss"))) for d in run_dirs}
+    shared = set.intersection(*(set(points) for points in series.values()))
+    last = max(shared) if shared else None
+    out.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, points in series.items():
+        ax.plot(list(points), list(points.values()), label=name)
+    ax.set(xlabel="step", ylabel="training loss", title="training loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    reference = series[Path(run_dirs[0]).name].get(last)
+    table = [{"run": name, "step": last, "loss": points.get(last),
+              "gap": points[last] / reference - 1 if last is not None and reference else None}
+             for name, points in series.items()]
+    return table, _save(fig, out / "compare.png")
+
+
+def comparison_table(table: list[dict]) -> str:
+    lines = ["| run | step | training loss | against the first |", "| --- | --- | --- | --- |"]
+    for r in table:
+        loss = "-" if r["loss"] is None else f"{r['loss']:.4f}"
+        gap = "-" if r["gap"] is None else f"{100 * r['gap']:+.2f}%"
+        lines.append(f"| {r['run']} | {r['step'] if r['step'] is not None else '-'} | {loss} | {gap} |")
+    return "\n".join(lines)
 
 
 def _save(fig, path: Path) -> Path:
