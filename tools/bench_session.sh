@@ -39,13 +39,21 @@ docmask)  # what the document mask costs at 1.3B (the packed row: large's bf16)
 small)  # 12M and 124M, every micro-batch a step, the whole model compiled; the 12M engine profiled
   part small-12m 150 $BENCH --config h100-80gb --profile "$OUT/profile" --variant "zero1: parallel.zero_stage=1" $S12
   part small-124m 150 $BENCH --config h100-80gb --variant "zero1: parallel.zero_stage=1" $S124 ;;
-fp8loss)  # 300 steps of 124M in bf16 and in fp8 on the same data
+fp8loss)  # 300 steps of 124M in bf16 and in fp8 on the same data, which does not repeat: 300 x 16,384
+  # tokens is ten passes over the embedded corpus, so the corpus is this machine's Python sources
+  stdlib=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')
+  mkdir -p /tmp/stdlib-text
+  find "$stdlib" -name '*.py' -not -path '*-packages*' -size +2k | head -6000 | while read -r f; do
+    iconv -f utf-8 -t utf-8 "$f" >/dev/null 2>&1 && cp "$f" "/tmp/stdlib-text/$(echo "$f" | md5sum | cut -c1-16).txt"; done
+  part fp8loss-data 120 $DL prepare /tmp/stdlib-text --out /tmp/stdlib-tokens --vocab-size 32768 --overwrite --quiet
   for p in bf16 fp8; do
-    part fp8loss-$p 200 $DL train --config h100-80gb $S124 parallel.precision=$p train.max_steps=300 \
-      train.global_batch_size=8 optim.warmup_steps=30 train.log_interval=10 train.eval_interval=0 checkpoint.interval=0 \
-      checkpoint.save_at_end=false logging.wandb=disabled logging.progress=false run.dir=/tmp/fp8loss-$p
-    cp /tmp/fp8loss-$p/metrics.jsonl "$OUT/fp8loss-$p.jsonl"
-  done ;;
+    part fp8loss-$p 200 $DL train --config h100-80gb $S124 model.vocab_size=null data.dir=/tmp/stdlib-tokens \
+      parallel.precision=$p train.max_steps=300 train.global_batch_size=8 optim.warmup_steps=30 train.log_interval=10 \
+      train.eval_interval=100 checkpoint.interval=0 checkpoint.save_at_end=false logging.wandb=disabled \
+      logging.progress=false run.dir=/tmp/fp8loss-$p
+    mkdir -p "$OUT/fp8loss/$p" && cp /tmp/fp8loss-$p/metrics.jsonl "$OUT/fp8loss/$p/"
+  done
+  $DL analyze "$OUT/fp8loss/bf16" "$OUT/fp8loss/fp8" --out "$OUT/fp8loss" ;;
 startup)  # the auto plan on this GPU, whole model compiled, to its first step
   part startup 240 $DL train train.max_steps=30 train.log_interval=10 train.eval_interval=0 \
     checkpoint.interval=0 checkpoint.save_at_end=false logging.wandb=disabled logging.progress=false run.dir=/tmp/startup
