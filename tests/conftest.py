@@ -135,6 +135,43 @@ def launch(launcher: str, args: list[str], env: dict, nproc: int = 2, timeout: i
     return subprocess.run(cmd + args, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
 
+def stop_one_of_two_ranks(args: list[str], env: dict, run_dir: Path) -> tuple[subprocess.CompletedProcess, int, float]:
+    """Two ranks started by hand (RANK, WORLD_SIZE, ... in the environment: no launcher to end the
+    others); once three steps are logged rank 1 is stopped with SIGSTOP (its process lives on, its
+    collectives never come). Returns rank 0 as it ended, rank 1's pid, and the seconds rank 0 took
+    to end after the signal."""
+    import time
+
+    port = str(free_port())
+    procs = []
+    for rank in (0, 1):
+        e = {**env, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2",
+             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+        procs.append(subprocess.Popen([sys.executable, str(PRETRAIN), *args], env=e, cwd=ROOT,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    try:
+        metrics, deadline = run_dir / "metrics.jsonl", time.time() + 300
+        while time.time() < deadline and not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
+            time.sleep(0.1)
+        procs[1].send_signal(signal.SIGSTOP)
+        signalled_at = time.time()
+        out, err = procs[0].communicate(timeout=300)
+        waited = time.time() - signalled_at
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    return subprocess.CompletedProcess(procs[0].args, procs[0].returncode, out, err), procs[1].pid, waited
+
+
+def assert_one_hang_line(stderr: str, stopped_pid: int, timeout_minutes: float) -> None:
+    """The survivor's stderr holds one error line, naming the stopped rank and the timeout."""
+    errors = [line for line in stderr.splitlines() if "error" in line.lower() or "Traceback" in line]
+    assert len(errors) == 1 and errors[0].startswith("error: rank 0: ") and \
+        f"rank 1 (pid {stopped_pid} on " in errors[0] and "stopped answering" in errors[0], stderr[-3000:]
+    assert f"no progress for {timeout_minutes:g} minutes (parallel.timeout_minutes)" in errors[0]
+
+
 def free_port() -> int:
     import socket
 

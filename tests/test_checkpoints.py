@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -14,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PRETRAIN, ROOT, assert_ok, free_port, launch, read_metrics
+from conftest import (PRETRAIN, ROOT, assert_ok, assert_one_hang_line, launch, read_metrics,
+                      stop_one_of_two_ranks)
 from dist_lm.train import checkpoint
 from dist_lm.train.exits import Exit
 from dist_lm.observe.sinks import read_sample_log
@@ -68,34 +68,13 @@ def test_a_hung_rank_ends_the_other_with_one_line_naming_it(env, ds_ops, tmp_pat
     others); rank 1 is stopped (SIGSTOP: its process lives on, its collectives never come). Rank 0
     ends within the timeout plus the watchdog's margins, with one line naming rank 1. (A dead rank,
     SIGKILL, is tests/test_chaos.py's "kill-one": the survivor's one line is checked there.)"""
-    port = str(free_port())
-    procs = []
-    for rank in (0, 1):
-        e = {**env, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2",
-             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
-        procs.append(subprocess.Popen([sys.executable, str(PRETRAIN), *BASE, "train.max_steps=100000",
-                                       "parallel.timeout_minutes=0.25", f"run.dir={tmp_path}"], env=e, cwd=ROOT,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline and not (tmp_path / "metrics.jsonl").is_file() or \
-                len((tmp_path / "metrics.jsonl").read_text().splitlines()) < 3:
-            time.sleep(0.1)
-        procs[1].send_signal(signal.SIGSTOP)
-        signalled_at = time.time()
-        out, err = procs[0].communicate(timeout=90)
-        waited = time.time() - signalled_at
-    finally:
-        for p in procs:
-            p.kill()
-            p.wait()
-    assert procs[0].returncode == Exit.HANG, err[-3000:]
+    rank0, pid1, waited = stop_one_of_two_ranks([*BASE, "train.max_steps=100000", "parallel.timeout_minutes=0.25",
+                                                 f"run.dir={tmp_path}"], env, tmp_path)
+    out, err = rank0.stdout, rank0.stderr
+    assert rank0.returncode == Exit.HANG, err[-3000:]
     assert waited < 40  # the deadline (15 s), plus beats and slack
     assert "launcher=env world_size=2" in out
-    errors = [line for line in err.splitlines() if "error" in line.lower() or "Traceback" in line]
-    assert len(errors) == 1 and errors[0].startswith("error: rank 0: ") and \
-        f"rank 1 (pid {procs[1].pid} on " in errors[0] and "stopped answering" in errors[0], err[-3000:]
-    assert "no progress for 0.25 minutes (parallel.timeout_minutes)" in errors[0]
+    assert_one_hang_line(err, pid1, 0.25)
 
 
 def test_a_truncated_latest_checkpoint_is_skipped_with_a_note(env, ds_ops, tmp_path):
