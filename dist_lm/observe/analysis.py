@@ -68,7 +68,10 @@ def compare_runs(run_dirs: list[Path], out: Path) -> tuple[list[dict], Path]:
     """The training losses of several runs on one plot (compare.png), and per run its loss at
     the last step all of them logged, with its gap to the first run's there: how two precisions,
     recipes or settings are compared on the same data."""
-    series = {Path(d).name: dict(zip(*_series(read_rows(Path(d)), "loss"))) for d in run_dirs}
+    names = [Path(d).name for d in run_dirs]
+    if len(set(names)) < len(names):  # runs/a/run against runs/b/run: the paths tell them apart
+        names = [str(d) for d in run_dirs]
+    series = {name: dict(zip(*_series(read_rows(Path(d)), "loss"))) for name, d in zip(names, run_dirs)}
     shared = set.intersection(*(set(points) for points in series.values()))
     last = max(shared) if shared else None
     out.mkdir(parents=True, exist_ok=True)
@@ -78,7 +81,7 @@ def compare_runs(run_dirs: list[Path], out: Path) -> tuple[list[dict], Path]:
     ax.set(xlabel="step", ylabel="training loss", title="training loss")
     ax.legend()
     ax.grid(alpha=0.3)
-    reference = series[Path(run_dirs[0]).name].get(last)
+    reference = series[names[0]].get(last)
     table = [{"run": name, "step": last, "loss": points.get(last),
               "gap": points[last] / reference - 1 if last is not None and reference else None}
              for name, points in series.items()]
