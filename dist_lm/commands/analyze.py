@@ -24,9 +24,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if len(args.paths) > 1:
         return compare(args.paths, args.out)
-    args.path = args.paths[0]
-    if (args.path / "results.csv").is_file() and (args.path / "sweep.json").is_file():
-        result = analysis.analyze_sweep(args.path, args.out)
+    path = args.paths[0]
+    if (path / "results.csv").is_file() and (path / "sweep.json").is_file():
+        result = analysis.analyze_sweep(path, args.out)
         print(analysis.ranking_table(result["ranking"], result["keys"]) if result["ranking"] else "no trial finished")
         for r in result["failed"]:
             print(f"{r['trial']}: {r['status']}")
@@ -34,10 +34,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"best: {result['best']['trial']} (best val loss {float(result['best']['best_val_loss']):.4f})")
             print(f"recommended overrides: {result['recommended']}")
         files = result["files"]
-    elif (args.path / "metrics.jsonl").is_file():
-        files = analysis.plot_run(args.path, args.out)
+    elif (path / "metrics.jsonl").is_file():
+        files = analysis.plot_run(path, args.out)
     else:
-        print(f"error: {args.path} has neither metrics.jsonl (a run) nor results.csv and sweep.json (a sweep)",
+        print(f"error: {path} has neither metrics.jsonl (a run) nor results.csv and sweep.json (a sweep)",
               file=sys.stderr)
         return 2
     for f in files:
