@@ -3,8 +3,6 @@ And the single-process debug mode."""
 
 from __future__ import annotations
 
-import pytest
-
 from conftest import assert_ok, launch, read_metrics
 
 

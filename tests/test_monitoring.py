@@ -112,7 +112,7 @@ def test_profiling_a_few_steps(env, ds_ops, tmp_path):
     proc = launch("python", [*SHORT, "logging.wandb=disabled", "logging.profile_start=2", "logging.profile_steps=2",
                              f"run.dir={run}"], env)
     assert_ok(proc)
-    assert f"profile of steps 2-3: " in proc.stdout and f"trace and table in {run / 'profile'}" in proc.stdout
+    assert "profile of steps 2-3: " in proc.stdout and f"trace and table in {run / 'profile'}" in proc.stdout
     trace = json.loads(gzip.decompress((run / "profile" / "rank0-trace.json.gz").read_bytes()))
     assert any(e.get("name") == "aten::mm" for e in trace["traceEvents"])
     table = (run / "profile" / "rank0-ops.txt").read_text()
