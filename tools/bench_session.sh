@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU measurements behind docs/benchmarks.md's 2026-12-02 tables (issues 20, 21 and 22), in parts
 # that each fit one device call. Each writes its log to $OUT/<part>.log (default: ./bench-out).
-#   tools/bench_session.sh tests|large|regions|docmask|small|fp8loss|startup|caps|scaling|scaling3|launcher [more parts]
+#   tools/bench_session.sh tests|large|regions|docmask|small|small50|fp8loss|startup|caps|scaling|scaling3|launcher [more parts]
 # scaling, scaling3 and launcher need two GPUs (nvidia-h200-x2).
 # Shapes are the issue's: 12M (6 x 384, seq 256, micro 64, vocab 2048), 124M (12 x 768, MHA,
 # vocab 50304, micro 8), 1.3B (24 x 2048, MHA, ffn 5632, vocab 50304, micro 8; 128k vocab: micro 4).
@@ -40,11 +40,17 @@ docmask)  # what the document mask costs at 1.3B (the packed row: large's bf16)
 small)  # 12M and 124M, every micro-batch a step, the whole model compiled; the 12M engine profiled
   part small-12m 150 $BENCH --config h100-80gb --profile "$OUT/profile" --variant "zero1: parallel.zero_stage=1" $S12
   part small-124m 150 $BENCH --config h100-80gb --variant "zero1: parallel.zero_stage=1" $S124 ;;
-fp8loss)  # 300 steps of 124M in bf16 and in fp8 on the same data, which does not repeat: 300 x 16,384
-  # tokens is ten passes over the embedded corpus, so the corpus is this machine's Python sources
+small50)  # 12M again over 50 timed steps (small's 10 are a fifth of a second), beside plain PyTorch
+  part small-12m-50 200 $DL bench --warmup 10 --steps 50 --timeout 150 --baseline --config h100-80gb \
+    --variant "zero1: parallel.zero_stage=1" $S12 ;;
+fp8loss)  # 300 steps of 124M in bf16 and in fp8 on the same data: 300 x 16,384 tokens, 4.9M. The
+  # embedded corpus (0.47M tokens) would repeat ten times; the device's standard library alone
+  # gave 2.5M tokens (2026-12-02), so torch's Python sources are added to it
   stdlib=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')
+  torchdir=$(python3 -c 'import os, torch; print(os.path.dirname(torch.__file__))')
   mkdir -p /tmp/stdlib-text
-  find "$stdlib" -name '*.py' -not -path '*-packages*' -size +2k | head -6000 | while read -r f; do
+  { find "$stdlib" -name '*.py' -not -path '*-packages*' -size +2k; find "$torchdir" -name '*.py' -size +2k; } |
+    head -8000 | while read -r f; do
     iconv -f utf-8 -t utf-8 "$f" >/dev/null 2>&1 && cp "$f" "/tmp/stdlib-text/$(echo "$f" | md5sum | cut -c1-16).txt"; done
   part fp8loss-data 120 $DL prepare /tmp/stdlib-text --out /tmp/stdlib-tokens --vocab-size 32768 --overwrite --quiet
   for p in bf16 fp8; do
