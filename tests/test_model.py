@@ -63,6 +63,25 @@ def test_activation_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(p.grad, plain[n], rtol=0, atol=0, msg=n)
 
 
+def test_compiled_model_compiles_once_and_its_rotary_tables_stay_fp32():
+    """The rotary tables exist before the first forward and follow the module's device, not its
+    dtype. Made lazily in forward, torch.compile traced them in the first call and compiled the
+    whole model again in the second (its guard on the empty table cache failed); under CUDA
+    graphs they were a graph output the next replay overwrote."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = Transformer(tiny()).to(torch.bfloat16)
+    assert all(t.dtype == torch.float32 for t in model._rope)
+    compiled = torch.compile(model, backend="eager")  # dynamo's tracing and guards, no code generation
+    x = torch.randint(0, 512, (2, 32))
+    for _ in range(3):
+        compiled(x, x).backward()
+    assert counters["stats"]["unique_graphs"] == 1
+    torch._dynamo.reset()
+
+
 def test_flops_per_token_follows_the_6n_plus_attention_formula():
     cfg = tiny()
     expected = 6 * count_parameters(cfg)["matmul"] + 12 * 2 * 64 * 32

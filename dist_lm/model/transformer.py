@@ -71,8 +71,12 @@ class Transformer(nn.Module):
         # Recompute each block in backward; set from outside (see dist_lm.runtime.engine).
         self.activation_checkpointing = False
         # Rotary tables are kept out of the module's buffers so that casting the model to bf16/fp16
-        # (as DeepSpeed does) cannot round them: they are made in fp32 on first use per device.
-        self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
+        # (as DeepSpeed does) cannot round them. They are made in fp32 here and again whenever the
+        # module moves (_apply), not in forward: made on forward's first call, inside a compiled
+        # forward, torch.compile compiled the whole model a second time at the second call (its
+        # guard on the empty cache failed), and under CUDA graphs they were a graph output that the
+        # next replay overwrote.
+        self._rope = self._rope_tables(None)
         self.aux_loss: torch.Tensor | None = None  # the experts' load-balancing loss of the last forward
         # The z-loss weight (optim.z_loss), set from outside like activation_checkpointing; z_loss
         # is mean(logsumexp(logits)^2) of the last forward with targets, when the weight is on.
@@ -143,9 +147,19 @@ class Transformer(nn.Module):
             block.compile()
         self.head_loss = torch.compile(self.head_loss)
 
-    def _rope_for(self, start: int, t: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def _rope_tables(self, device: torch.device | None) -> tuple[torch.Tensor, torch.Tensor] | None:
         if self.cfg.position != "rope":
             return None
-        if self._rope is None or self._rope[0].device != device:
-            self._rope = rope_tables(self.cfg.head_dim, self.cfg.seq_len, self.cfg.rope_theta, device)
+        return rope_tables(self.cfg.head_dim, self.cfg.seq_len, self.cfg.rope_theta, device)
+
+    def _apply(self, fn, recurse=True):  # .to(), .cuda(), .bfloat16(): the tables follow the device only
+        super()._apply(fn, recurse)
+        self._rope = self._rope_tables(self.tok_embeddings.weight.device)
+        return self
+
+    def _rope_for(self, start: int, t: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if self._rope is None:
+            return None
+        if self._rope[0].device != device:  # parameters moved one by one, past _apply
+            self._rope = self._rope_tables(device)
         return self._rope[0][start:start + t], self._rope[1][start:start + t]
