@@ -63,17 +63,19 @@ def test_activation_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(p.grad, plain[n], rtol=0, atol=0, msg=n)
 
 
-def test_compiled_model_compiles_once_and_its_rotary_tables_stay_fp32():
-    """The rotary tables exist before the first forward and follow the module's device, not its
-    dtype. Made lazily in forward, torch.compile traced them in the first call and compiled the
-    whole model again in the second (its guard on the empty table cache failed); under CUDA
-    graphs they were a graph output the next replay overwrote."""
+@pytest.mark.parametrize("position", ["rope", "bias"])
+def test_compiled_model_compiles_once_and_its_position_tables_stay_fp32(position):
+    """The rotary tables (and the relative bias's basis table) exist before the first forward
+    and follow the module's device, not its dtype. Made lazily in forward, torch.compile traced
+    them in the first call and compiled the whole model again in the second (its guard on the
+    empty table cache failed); under CUDA graphs they were a graph output the next replay overwrote."""
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
     counters.clear()
-    model = Transformer(tiny()).to(torch.bfloat16)
-    assert all(t.dtype == torch.float32 for t in model._rope)
+    model = Transformer(tiny(position=position)).to(torch.bfloat16)
+    tables = model._rope if position == "rope" else [model.relative_bias._table]
+    assert all(t.dtype == torch.float32 for t in tables)
     compiled = torch.compile(model, backend="eager")  # dynamo's tracing and guards, no code generation
     x = torch.randint(0, 512, (2, 32))
     for _ in range(3):

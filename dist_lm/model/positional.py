@@ -195,16 +195,24 @@ class RelativeBias(torch.nn.Module):
         self.basis, self.num_basis, self.seq_len = basis, num_basis, seq_len
         # Zero: training starts with no positional preference and learns one.
         self.coefficients = torch.nn.Parameter(torch.zeros(n_heads, num_basis))
-        self._table: dict[tuple, torch.Tensor] = {}  # (device,) -> (num_basis, seq_len) values
+        # phi_k at every relative distance 0..seq_len-1, (num_basis, seq_len) in float32 whatever
+        # the module's dtype: made here (on the CPU, in float64) and moved with the module
+        # (_apply), not in forward, where torch.compile compiled the model again at the second
+        # call (its guard on the empty cache failed).
+        with torch.device("cpu"):
+            u = torch.arange(self.seq_len, dtype=torch.float64) / max(self.seq_len - 1, 1)
+            self._table = evaluate(basis, num_basis, to_domain(basis, u, num_basis)).float()
+
+    def _apply(self, fn, recurse=True):  # .to(), .cuda(), .bfloat16(): the table follows the device only
+        super()._apply(fn, recurse)
+        self._table = self._table.to(self.coefficients.device)
+        return self
 
     def table(self, device: torch.device) -> torch.Tensor:
-        """phi_k at every relative distance 0..seq_len-1, computed once per device (float32)."""
-        key = (str(device),)
-        if key not in self._table:
-            u = torch.arange(self.seq_len, dtype=torch.float64) / max(self.seq_len - 1, 1)
-            values = evaluate(self.basis, self.num_basis, to_domain(self.basis, u, self.num_basis))
-            self._table[key] = values.to(device=device, dtype=torch.float32)
-        return self._table[key]
+        """phi_k at every relative distance, on ``device``."""
+        if self._table.device != device:  # parameters moved one by one, past _apply
+            self._table = self._table.to(device)
+        return self._table
 
     def forward(self, q_start: int, q_len: int, k_len: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """Bias (1, heads, q_len, k_len) for queries at positions q_start.. and keys 0..k_len-1."""
