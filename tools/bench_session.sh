@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU measurements behind docs/benchmarks.md's 2026-12-02 tables (issues 20, 21 and 22), in parts
 # that each fit one device call. Each writes its log to $OUT/<part>.log (default: ./bench-out).
-#   tools/bench_session.sh tests|large|regions|docmask|small|small50|fp8loss|startup|caps|scaling|scaling3|launcher [more parts]
+#   tools/bench_session.sh tests|large|large128k|regions|docmask|small|small50|accum|fp8loss|startup|caps|scaling|scaling3|launcher [more parts]
 # scaling, scaling3 and launcher need two GPUs (nvidia-h200-x2).
 # Shapes are the issue's: 12M (6 x 384, seq 256, micro 64, vocab 2048), 124M (12 x 768, MHA,
 # vocab 50304, micro 8), 1.3B (24 x 2048, MHA, ffn 5632, vocab 50304, micro 8; 128k vocab: micro 4).
@@ -30,6 +30,8 @@ tests)
 large)  # 1.3B in bf16 and fp8 (the whole model compiled, the default) and the 128k vocabulary, beside plain PyTorch
   part large-1.3b 330 $BENCH --config h100-80gb --variant "bf16: parallel.precision=bf16" \
     --variant "fp8: parallel.precision=fp8" $S1300
+  bash "$0" large128k ;;
+large128k)  # 1.3B with Llama 3's 128k vocabulary, beside plain PyTorch
   part large-128k 240 $BENCH --config h100-80gb --variant "bf16, full loss (auto): model.cross_entropy=auto" $S128K ;;
 regions)  # the blocks compiled one by one (parallel.compile_regions) at 1.3B, bf16 and fp8
   part regions 400 $BENCH --config h100-80gb --variant "bf16, regions: parallel.compile_regions=true" \
@@ -43,6 +45,12 @@ small)  # 12M and 124M, every micro-batch a step, the whole model compiled; the 
 small50)  # 12M again over 50 timed steps (small's 10 are a fifth of a second), beside plain PyTorch
   part small-12m-50 200 $DL bench --warmup 10 --steps 50 --timeout 150 --baseline --config h100-80gb \
     --variant "zero1: parallel.zero_stage=1" $S12 ;;
+accum)  # the preset's accumulation instead of a step per micro-batch: 124M at h100-80gb's 64
+  # micro-batches per step, 1.3B at 16 (64 would be 17 s a step)
+  part accum-124m 200 $DL bench --warmup 2 --steps 4 --accum 64 --timeout 120 --baseline --config h100-80gb \
+    --variant "zero1: parallel.zero_stage=1" $S124
+  part accum-1.3b 330 $DL bench --warmup 2 --steps 4 --accum 16 --timeout 200 --baseline --config h100-80gb \
+    --variant "zero1: parallel.zero_stage=1" $S1300 ;;
 fp8loss)  # 300 steps of 124M in bf16 and in fp8 on the same data: 300 x 16,384 tokens, 4.9M. The
   # embedded corpus (0.47M tokens) would repeat ten times; the device's standard library alone
   # gave 2.5M tokens (2026-12-02), so torch's Python sources are added to it
