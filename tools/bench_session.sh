@@ -73,8 +73,8 @@ startup)  # the auto plan on this GPU, whole model compiled, to its first step
   part startup 240 $DL train train.max_steps=30 train.log_interval=10 train.eval_interval=0 \
     checkpoint.interval=0 checkpoint.save_at_end=false logging.wandb=disabled logging.progress=false run.dir=/tmp/startup
   grep -E "plan|predicted|first step|mem " "$OUT/startup.log" | head -12 ;;
-caps)  # the auto plans for 12 and 24 GB cards, trained under those caps (peak against prediction)
-  for cap in 12 24; do
+caps)  # the auto plans for 12 and 24 GB cards (CAPS="24": one of them), trained under those caps (peak against prediction)
+  for cap in ${CAPS:-12 24}; do
     part caps-${cap}gb 240 env DIST_LM_GPU_MEMORY_GB=$cap $DL train train.max_steps=30 train.log_interval=10 \
       train.eval_interval=0 checkpoint.interval=0 checkpoint.save_at_end=false logging.wandb=disabled \
       logging.progress=false run.dir=/tmp/caps-${cap}gb
