@@ -31,6 +31,22 @@ def test_skip_counter_resets_on_an_applied_update_and_stops_at_the_limit():
         skips.update(False, float("nan"), 6)
 
 
+def test_skip_counter_reads_a_flag_on_the_device_one_step_late():
+    """A flag the optimizer left on the device (engine.step at ZeRO-0 with fp32 weights) is
+    counted at the next update, or at settle() (before a checkpoint), not when it is given."""
+    skips = SkipCounter(limit=2, precision="bf16-autocast", checkpoints="/runs/x/checkpoints")
+    skips.update(torch.tensor(False), torch.tensor(float("nan")), 1)
+    assert (skips.in_a_row, skips.total) == (0, 0)
+    skips.settle()
+    assert (skips.in_a_row, skips.total, skips.first_skipped) == (1, 1, 1)
+    skips.update(torch.tensor(True), torch.tensor(1.0), 2)
+    skips.update(torch.tensor(False), torch.tensor(float("inf")), 3)
+    assert (skips.in_a_row, skips.total) == (0, 1)  # step 2 counted, step 3 still on the device
+    with pytest.raises(TrainingDiverged, match=r"2 updates in a row .* from step 3"):
+        skips.update(torch.tensor(False), torch.tensor(float("nan")), 4)  # counts step 3, holds 4
+        skips.settle()
+
+
 def test_out_of_memory_becomes_one_line_and_its_own_exit_status(capsys):
     guard = ExitOnOutOfMemory(rank=1, micro_batch_size=64, seq_len=2048)
     with guard:  # nothing raised: nothing happens

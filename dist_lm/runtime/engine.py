@@ -74,7 +74,7 @@ def initialize(model: Transformer, parallel: ParallelConfig, optim: OptimConfig,
         # its Newton-Schulz step): Inductor's C++ build costs more than it saves on a CPU run,
         # a minute and a half before the first Muon step on two cores.
         torch._dynamo.config.disable = True
-    optimizer = client_optimizer(param_sets, optim, parallel, device)
+    optimizer = client_optimizer(param_sets, optim, parallel)
     # DeepSpeed prints some of its start-up output bare, past its logger: at bf16 ZeRO-1 its
     # BF16_Optimizer prints memory lines ("begin bf16_optimizer", "MA 0.38 GB ...") on every start.
     # Its logger keeps its own handle on stdout, so its warnings still show.
@@ -193,21 +193,39 @@ def set_lr(engine: "deepspeed.DeepSpeedEngine", lr: float, optim: OptimConfig) -
         group["lr"] = lr * muon_scale if group.get("use_muon") else lr
 
 
-def step(engine: "deepspeed.DeepSpeedEngine") -> tuple[torch.Tensor | float | None, bool]:
-    """The optimizer step at the accumulation boundary. Returns the global gradient norm before
-    clipping (a tensor or a float, or None if unknown) and whether the update was applied: an
-    update whose gradients hold NaN or inf is skipped, by DeepSpeed's optimizers at ZeRO 1-3 and
-    in fp16/bf16, and here at ZeRO-0 fp32, where DeepSpeed steps the plain optimizer."""
+def step(engine: "deepspeed.DeepSpeedEngine", grad_clip: float) -> tuple[torch.Tensor | float | None, bool]:
+    """The optimizer step at the accumulation boundary, clipping the gradients' global norm to
+    ``grad_clip`` (0: no clipping). Returns that norm before clipping (a tensor or a float, or
+    None if unknown) and whether the update was applied: an update whose gradients hold NaN or
+    inf is skipped, by DeepSpeed's optimizers at ZeRO 1-3 and in fp16/bf16, and here at ZeRO-0
+    with fp32 weights (fp32, bf16-autocast), where DeepSpeed steps the torch optimizer as it is."""
     if engine.zero_optimization_stage() == 0 and not (engine.bfloat16_enabled() or engine.fp16_enabled()):
-        # DeepSpeed clips fp32 stage-0 gradients without keeping the norm: take it here, where
-        # the gradients are already all-reduced.
+        # The gradients are already all-reduced. DeepSpeed's own clip would take the norm one
+        # kernel per tensor (dist_lm.runtime.ds_config turns it off here); torch's foreach kernels
+        # take it in a few, as plain PyTorch does.
         params = [p for p in engine.module.parameters() if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else None
-        if norm is not None and not torch.isfinite(norm):  # host-device sync, once per step
+        if not params:
+            engine.step()
+            return None, True
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        optimizer = engine.optimizer  # at ZeRO-0 with fp32 weights, the torch optimizer itself
+        if getattr(optimizer, "defaults", {}).get("fused"):
+            # torch's fused AdamW skips the update on the device where found_inf is set (as
+            # for its GradScaler), so the host need not wait for the norm: the flag is returned
+            # as a tensor, read a step later (dist_lm.train.faults.SkipCounter).
+            nonfinite = (~torch.isfinite(norm)).float()
+            optimizer.found_inf = nonfinite
+            if grad_clip > 0:
+                torch.nn.utils.clip_grads_with_norm_(params, grad_clip, norm)
+            engine.step()
+            return norm, nonfinite == 0
+        if not torch.isfinite(norm):  # host-device sync, once per step
             for p in params:
                 p.grad = None  # torch's AdamW leaves a parameter without a gradient untouched
             engine.step()
             return norm, False
+        if grad_clip > 0:
+            torch.nn.utils.clip_grads_with_norm_(params, grad_clip, norm)
         engine.step()
         return norm, True
     engine.step()  # DeepSpeed checks the norm for NaN/inf itself (a sync inside) and skips

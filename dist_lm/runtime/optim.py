@@ -23,17 +23,17 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def client_optimizer(param_sets: list[dict], optim: OptimConfig, parallel: ParallelConfig,
-                     device: torch.device) -> torch.optim.Optimizer | None:
+def client_optimizer(param_sets: list[dict], optim: OptimConfig,
+                     parallel: ParallelConfig) -> torch.optim.Optimizer | None:
     """The optimizer DeepSpeed wraps, or None where DeepSpeed builds its own from the "optimizer"
     section of its config (dist_lm.runtime.ds_config): its CPU Adam for optimizer offload (several
     times faster on the host than a torch optimizer), its Muon."""
     if parallel.offload_optimizer or optim.name == "muon":
         return None
-    # Fused on GPU (DeepSpeed's own FusedAdam is a JIT build that fails on some images), the
-    # default foreach kernel on CPU. The learning rate is set before every step (lr_at).
-    return torch.optim.AdamW(param_sets, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps,
-                             fused=device.type == "cuda")
+    # torch's fused kernel, on GPU and CPU alike (DeepSpeed's own FusedAdam is a JIT build that
+    # fails on some images); it can also skip a non-finite update on the device
+    # (dist_lm.runtime.engine.step). The learning rate is set before every step (lr_at).
+    return torch.optim.AdamW(param_sets, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps, fused=True)
 
 
 def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:

@@ -115,9 +115,27 @@ class SkipCounter:
         self.in_a_row = 0
         self.first_skipped: int | None = None  # the step of the first skip of those in a row
         self.total = 0  # over the whole run (kept in the checkpoint)
+        self.pending: tuple[torch.Tensor, object, int] | None = None
 
-    def update(self, applied: bool, grad_norm, step: int) -> None:
-        """After the optimizer step ``step``: was its update applied? (Every rank agrees.)"""
+    def update(self, applied: bool | torch.Tensor, grad_norm, step: int) -> None:
+        """After the optimizer step ``step``: was its update applied? (Every rank agrees.) A flag
+        still on the device (the optimizer skipped on the device: dist_lm.runtime.engine.step) is
+        read at the next step's update, when the GPU has long finished it: reading it now would
+        make the host wait for this step and leave the GPU idle while the next one is launched."""
+        self.settle()
+        if isinstance(applied, torch.Tensor):
+            self.pending = (applied, grad_norm, step)
+        else:
+            self._count(applied, grad_norm, step)
+
+    def settle(self) -> None:
+        """Count the step whose flag is still on the device (before a checkpoint, and at the end)."""
+        if self.pending is not None:
+            applied, grad_norm, step = self.pending
+            self.pending = None
+            self._count(bool(applied), grad_norm, step)
+
+    def _count(self, applied: bool, grad_norm, step: int) -> None:
         if applied:
             self.in_a_row, self.first_skipped = 0, None
             return

@@ -131,6 +131,7 @@ class Trainer:
                     break
         finally:
             progress.close()
+        self.skips.settle()
         if self.stop_reason:  # a stop on purpose: a checkpoint, and no more than that
             if self.last_saved_step != self.step:
                 self.save()
@@ -176,7 +177,7 @@ class Trainer:
                 model_engine.step()  # DeepSpeed counts micro-steps; it updates only at the boundary
         if self.cfg.train.check_finite:
             faults.check_finite(model_engine, self.window.loss_sum, self.step + 1)
-        grad_norm, applied = engine.step(model_engine)
+        grad_norm, applied = engine.step(model_engine, self.cfg.optim.grad_clip)
         self.skips.update(applied, grad_norm, self.step + 1)
         return grad_norm, len(batches)
 
@@ -270,6 +271,7 @@ class Trainer:
         return (totals[0] / totals[1]).item()
 
     def save(self) -> None:
+        self.skips.settle()
         if self.skips.in_a_row:  # the weights since the first skipped update may be bad: keep the good ones
             log.warn(f"step {self.step}: no checkpoint while updates are being skipped (since step "
                      f"{self.skips.first_skipped}); the last good one stays the newest")
