@@ -67,7 +67,7 @@ def test_unknown_section():
 def test_wrong_type_names_key_and_expected_type(tmp_path):
     msg = error_of(write(tmp_path, "train:\n  max_steps: many\n"))
     assert "train.max_steps" in msg and "expected int" in msg and "'many'" in msg
-    assert "expected one of 'auto', 'bf16', 'fp16', 'fp32', 'fp8'" in error_of(None, ["parallel.precision=fp4"])
+    assert "expected one of 'auto', 'bf16', 'bf16-autocast', 'fp16', 'fp32', 'fp8'" in error_of(None, ["parallel.precision=fp4"])
     assert "expected bool" in error_of(None, ["parallel.compile=maybe"])
     assert "must be a mapping" in error_of(write(tmp_path, "model: 3\n"))
 

@@ -23,14 +23,21 @@ def test_indivisible_global_batch_names_key_and_fix():
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
-@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16", "bf16-autocast"])
 def test_deepspeed_config_keys(stage, precision):
+    if precision == "bf16-autocast" and stage:
+        with pytest.raises(ConfigError, match="precision: bf16-autocast .* set parallel.zero_stage=0"):
+            ParallelConfig(zero_stage=stage, precision=precision)
+        return
     plan = batch_sizes(TrainConfig(micro_batch_size=2, global_batch_size=16), dp_size=2)
     ds = deepspeed_config(ParallelConfig(zero_stage=stage), OptimConfig(grad_clip=0.5), plan, precision)
     assert ds["train_batch_size"] == 16 and ds["gradient_accumulation_steps"] == 4
-    assert ds["train_micro_batch_size_per_gpu"] == 2 and ds["gradient_clipping"] == 0.5
+    # With fp32 weights at ZeRO-0 the trainer clips (dist_lm.runtime.engine.step), DeepSpeed not
+    fp32_weights_at_zero0 = stage == 0 and precision in ("fp32", "bf16-autocast")
+    assert ds["train_micro_batch_size_per_gpu"] == 2 and ds["gradient_clipping"] == (0 if fp32_weights_at_zero0 else 0.5)
     assert ds["zero_optimization"]["stage"] == stage
     assert ds["bf16"]["enabled"] == (precision == "bf16") and ds["fp16"]["enabled"] == (precision == "fp16")
+    assert ds.get("torch_autocast") == ({"enabled": True, "dtype": "bfloat16"} if precision == "bf16-autocast" else None)
     assert "optimizer" not in ds  # a torch AdamW is passed in
     # bf16 gradients accumulate in fp32 wherever DeepSpeed can (ZeRO 1-3)
     fp32_accum = ds.get("data_types", {}).get("grad_accum_dtype") == "fp32"

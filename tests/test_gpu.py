@@ -107,8 +107,10 @@ def test_zero3_under_deepcompile_resumes_where_it_stopped(env, tmp_path):
     assert expected[1] - expected[8] > 0.2
 
 
-def test_bf16_compiled_run_lifecycle_train_stop_resume_best_evaluate_generate_export(env, tmp_path):
-    """The precision and compile mode GPU runs use (bf16 at ZeRO-1 is DeepSpeed's BF16_Optimizer):
+@pytest.mark.parametrize("precision,stage", [("bf16", 1), ("bf16-autocast", 0)])
+def test_compiled_run_lifecycle_train_stop_resume_best_evaluate_generate_export(env, tmp_path, precision, stage):
+    """The precisions and compile mode GPU runs use (bf16 at ZeRO-1 is DeepSpeed's BF16_Optimizer;
+    bf16-autocast at ZeRO-0, fp32 weights under autocast, the planner's choice for one GPU):
     a run stopped at step 4 and resumed to 8; --best names the checkpoint with the lowest
     validation loss; evaluate gives the loop's validation loss; generate samples from it; the
     export loads in transformers with our logits."""
@@ -120,7 +122,7 @@ def test_bf16_compiled_run_lifecycle_train_stop_resume_best_evaluate_generate_ex
 
     run = tmp_path / "run"
     env = {**env, "DS_ACCELERATOR": "cuda"}
-    args = ["--config", "debug", "parallel.precision=bf16", "parallel.zero_stage=1", "parallel.compile=true",
+    args = ["--config", "debug", f"parallel.precision={precision}", f"parallel.zero_stage={stage}", "parallel.compile=true",
             "train.max_steps=8", "train.log_interval=1", "train.eval_interval=2", "train.eval_samples=32",
             "checkpoint.interval=2", "checkpoint.keep_last=1", f"run.dir={run}"]
     assert_ok(launch("python", [*args, "train.stop_at_step=4"], env))
@@ -148,10 +150,12 @@ def test_bf16_compiled_run_lifecycle_train_stop_resume_best_evaluate_generate_ex
     from dist_lm.use.inference import load_model
 
     ours, _, _ = load_model(run, best=True)
+    ours.autocast_dtype = None  # computed in fp32 on both sides
+    exported = ours.to(torch.bfloat16).float() if precision == "bf16" else ours  # as the export holds them
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
     ids = torch.randint(0, ours.cfg.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():  # bf16 weights, computed in fp32 on both sides
-        assert torch.allclose(hf(ids).logits, ours.to(torch.bfloat16).float()(ids), atol=1e-4, rtol=0)
+    with torch.no_grad():
+        assert torch.allclose(hf(ids).logits, exported(ids), atol=1e-4, rtol=0)
 
 
 def test_document_masks_through_flexattention_equal_the_dense_mask(env):

@@ -7,6 +7,7 @@ the ``best`` pointer and --best; bad checkpoints. Muon and MoE checkpoints: test
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -163,3 +164,53 @@ def test_bad_checkpoints_get_one_line_and_status_2(bf16_runs, cache_dir, tmp_pat
         assert proc.returncode == 2 and message in proc.stderr, (name, args, proc.stderr)
         assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def autocast_run(tmp_path_factory, cache_dir, ds_ops) -> Path:
+    """A two-rank bf16-autocast run (fp32 weights, forward under torch.autocast, ZeRO-0: the
+    planner's choice for one GPU), checkpoints at steps 2 and 4, each after an evaluation."""
+    run = tmp_path_factory.mktemp("autocast") / "run"
+    assert_ok(launch("torchrun", [*BF16, "parallel.precision=bf16-autocast", "parallel.zero_stage=0",
+                                  f"run.dir={run}"], child_env(cache_dir)))
+    return run
+
+
+def test_a_bf16_autocast_checkpoint_is_fp32_and_every_tool_runs_it_as_it_trained(autocast_run, cache_dir, tmp_path):
+    env = child_env(cache_dir)
+    ckpt = autocast_run / "checkpoints" / "step00000002"
+    state = json.loads((ckpt / "state.json").read_text())
+    assert (state["precision"], state["zero_stage"], state["world_size"]) == ("bf16-autocast", 0, 2)
+    weights = restore.consolidated_weights(ckpt)
+    module = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    assert sorted(module) == sorted(weights)
+    assert all(v.dtype == torch.float32 and torch.equal(weights[k], v) for k, v in module.items())
+    # evaluate runs it under autocast as the training loop did: the same loss; in plain fp32 not
+    val = {r["step"]: r["val_loss"] for r in read_metrics(autocast_run)[1]}
+    losses = {}
+    for dtype in ("trained", "fp32"):
+        result = tool("evaluate.py", ckpt, "--samples", "16", "--micro-batch", "4", "--dtype", dtype, "--json", env=env)
+        assert result.returncode == 0, result.stderr
+        losses[dtype] = json.loads(result.stdout.splitlines()[-1])["loss"]
+    assert losses["trained"] == pytest.approx(val[2], abs=1e-6) and abs(losses["fp32"] - val[2]) > 1e-5, (losses, val)
+    sample = tool("generate.py", autocast_run, "--prompt", "The", "--max-tokens", "8", "--temperature", "0", env=env)
+    assert sample.returncode == 0 and sample.stdout.startswith("The"), sample.stderr
+    exported = tool("export_hf.py", autocast_run, tmp_path / "hf", env=env)
+    assert exported.returncode == 0, exported.stderr
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["torch_dtype"] == "float32"
+
+
+def test_a_bf16_autocast_checkpoint_resumes_on_one_rank_but_not_in_bf16(autocast_run, cache_dir, tmp_path):
+    env = child_env(cache_dir)
+    source = str(autocast_run / "checkpoints" / "step00000004")
+    common = [*BF16, "parallel.zero_stage=0", "train.max_steps=6", "--resume", source]
+    refused = launch("python", [*common, f"run.dir={tmp_path / 'bf16'}"], env)
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert "saved in parallel.precision=bf16-autocast and this run trains in bf16" in refused.stderr
+    assert "resume with parallel.precision=bf16-autocast" in refused.stderr and not (tmp_path / "bf16").exists()
+    proc = launch("python", [*common, "parallel.precision=bf16-autocast", f"run.dir={tmp_path / 'one'}"], env)
+    assert_ok(proc)
+    losses = [r["loss"] for r in read_metrics(tmp_path / "one")[0]]
+    assert len(losses) == 1 and math.isfinite(losses[0])  # the row of steps 5-6
+    state = json.loads((tmp_path / "one" / "checkpoints" / "step00000006" / "state.json").read_text())
+    assert (state["step"], state["world_size"], state["precision"]) == (6, 1, "bf16-autocast")

@@ -5,7 +5,8 @@
     dist-lm export runs/NAME OUT_DIR --best [--dtype fp32]   # the lowest validation loss; fp32 masters
 
 The weights are the checkpoint's fp32 masters, written in the precision the run trained in
-(--dtype trained, the default: bf16 for a bf16 run, as its training forward saw them), or in
+(--dtype trained, the default: bf16 for a bf16 run, as its training forward saw them; fp32 for a
+bf16-autocast run, whose weights are fp32), or in
 --dtype fp32, bf16 or fp16.
 
 Then: transformers.AutoModelForCausalLM.from_pretrained(OUT_DIR), AutoTokenizer.from_pretrained(OUT_DIR).

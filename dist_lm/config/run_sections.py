@@ -16,8 +16,11 @@ class ParallelConfig:
 
     zero_stage: Literal[0, 1, 2, 3] = 1
     """ZeRO stage: 0 data parallel, 1 shards optimizer state, 2 also gradients, 3 also parameters."""
-    precision: Literal["auto", "bf16", "fp16", "fp32", "fp8"] = "auto"
+    precision: Literal["auto", "bf16", "bf16-autocast", "fp16", "fp32", "fp8"] = "auto"
     """auto: bf16 on GPUs that support it, fp16 with dynamic loss scaling on older GPUs, fp32 on CPU.
+    bf16: bf16 weights, fp32 master weights in DeepSpeed's optimizer. bf16-autocast (ZeRO-0 only):
+    fp32 weights, the matrix products in bf16 under torch.autocast, torch's fused AdamW stepped
+    directly, as plain PyTorch trains; faster than bf16 on one GPU (docs/benchmarks.md).
     fp8: bf16, with the blocks' linear layers multiplying in float8 through torchao (pip install
     torchao); needs a GPU of compute capability 8.9 or more (Ada, Hopper) and parallel.compile=true.
     The embeddings and the output head stay in bf16."""
@@ -72,6 +75,9 @@ class ParallelConfig:
         require(self.allgather_bucket_size > 0, "allgather_bucket_size", "must be positive")
         require(self.timeout_minutes > 0, "timeout_minutes", "must be positive")
         require(self.expert_parallel_size > 0, "expert_parallel_size", "must be positive")
+        require(self.precision != "bf16-autocast" or self.zero_stage == 0, "precision",
+                 "bf16-autocast keeps whole fp32 weights and steps torch's optimizer itself, which is "
+                 "ZeRO-0's path; set parallel.zero_stage=0, or use precision=bf16 with ZeRO 1-3")
         require(self.precision != "fp8" or self.compile, "precision",
                  "fp8 needs parallel.compile=true (torchao's float8 casts are fast only compiled); set it")
 

@@ -85,6 +85,10 @@ class Transformer(nn.Module):
         # model.cross_entropy=chunked: the per-token cross-entropy to train with, set from outside
         # (dist_lm.model.loss); None: the full fp32 cross-entropy.
         self.row_losses: RowLosses | None = None
+        # With fp32 weights, run forward under torch.autocast in this dtype: how a bf16-autocast
+        # run computed (parallel.precision). The tools set it to run such a checkpoint as it
+        # trained (dist_lm.use.inference); in training DeepSpeed's torch_autocast section does it.
+        self.autocast_dtype: torch.dtype | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -104,6 +108,9 @@ class Transformer(nn.Module):
         ``documents`` (batch, seq): each token's document in a packed window
         (dist_lm.model.documents.document_ids): attention stays inside each document and positions
         restart at each."""
+        if self.autocast_dtype is not None and not torch.is_autocast_enabled(idx.device.type):
+            with torch.autocast(idx.device.type, dtype=self.autocast_dtype):
+                return self.forward(idx, targets, cache, documents)
         start, t = (cache.length if cache is not None else 0), idx.shape[1]
         if start + t > self.cfg.seq_len:
             raise ValueError(f"sequence of {start + t} tokens is longer than model.seq_len={self.cfg.seq_len}")

@@ -67,6 +67,8 @@ def estimate(model: ModelConfig, parallel: ParallelConfig, precision: Precision 
     weights = w_bytes * params / (n if stage == 3 else 1)
     if parallel.offload_params:
         weights = w_bytes * params / max(model.n_layers, 1)  # roughly one block resident at a time
+    if precision.autocast:
+        weights += 2 * params  # autocast's bf16 copy of each weight, kept for backward
     # Gradients. Stages 0-1 keep every gradient in the model's dtype, except under bf16 at stage 1:
     # there DeepSpeed's BF16_Optimizer accumulates into a whole fp32 buffer (dist_lm.runtime.ds_config sets
     # grad_accum_dtype=fp32) and, with immediate_grad_update, frees each bf16 gradient as soon as
@@ -95,7 +97,7 @@ def estimate(model: ModelConfig, parallel: ParallelConfig, precision: Precision 
         buffers = parallel.reduce_bucket_size * w_bytes
 
     tokens = micro_batch * model.seq_len
-    act_bytes = w_bytes
+    act_bytes = precision.bytes_per_activation
     # With checkpointing, the compiled count fell short of the checkpointed presets measured
     # compiled (whose peak is then not at the start of backward), while the eager count held
     # them (docs/benchmarks.md): so checkpointed runs are counted eager.
@@ -109,6 +111,12 @@ def estimate(model: ModelConfig, parallel: ParallelConfig, precision: Precision 
     else:
         blocks = (model.n_layers + (0 if compiled else 1)) * per_block
     activations = tokens * blocks
+    if precision.autocast:
+        # Under autocast the residual stream stays fp32 (the embedding and the norms are not
+        # autocast's): 2 bytes more for each copy of it a block keeps, its input when
+        # checkpointing, else its two norms' inputs. 13 GB at 1.1B with micro-batch 32 on an
+        # H200 (docs/benchmarks.md).
+        activations += tokens * model.n_layers * model.d_model * 2 * (1 if parallel.activation_checkpointing else 2)
     # The embedding output and the final norm's input, kept in fp32 too when eager.
     activations += tokens * (2 * act_bytes if compiled else 4 + 2 * act_bytes) * model.d_model
     # At the start of backward, eager: log-softmax's saved fp32 output, the fp32 gradient flowing

@@ -200,6 +200,13 @@ def _plan_preset(preset: str, machine: Machine, overrides: list[str], fixed: set
         known = "" if machine.fp8 else " (whether these GPUs have float8 tensor cores is unknown: the run checks)"
         reasons.append(f"precision fp8 (as given): memory counted as bf16, speed estimated at the bf16 peak{known}")
 
+    # One GPU at ZeRO 0-1 shards nothing. There, with every micro-batch an optimizer step, fp32
+    # weights under torch.autocast stepped by torch's fused AdamW (bf16-autocast at ZeRO-0) train
+    # faster than DeepSpeed's bf16 optimizer, whose per-step copies then count (1.09x at 124M);
+    # accumulating, bf16's lighter micro-batches win (0.97x at 64 micro-batches a step:
+    # docs/benchmarks.md). Not when the user chose the precision or the stage.
+    autocast = world == 1 and resolved is Precision.BF16 and not fixed & {"parallel.precision", "parallel.zero_stage"}
+
     global_batch = cfg.train.global_batch_size
     per_rank = global_batch_size(cfg.train, world) // world
     micros = [cfg.train.micro_batch_size] if "train.micro_batch_size" in fixed else \
@@ -210,6 +217,7 @@ def _plan_preset(preset: str, machine: Machine, overrides: list[str], fixed: set
         parallel = {k: v for k, v in strategy.items() if f"parallel.{k}" not in fixed}
         if world == 1 and parallel.get("zero_stage", 0) >= 2 and not parallel.get("offload_optimizer"):
             continue  # one rank: stages 2 and 3 shard nothing
+        autocast_here = autocast and parallel.get("zero_stage") == 1 and not parallel.get("offload_optimizer")
         key = tuple(sorted(parallel.items()))
         if key in seen:
             continue
@@ -223,11 +231,21 @@ def _plan_preset(preset: str, machine: Machine, overrides: list[str], fixed: set
             if global_batch is not None and rounded_up(global_batch, micro, world) != global_batch \
                     and "train.global_batch_size" in fixed:
                 continue
-            trial = _with(cfg, parallel, micro, global_batch)
-            mem = estimate(trial.model, trial.parallel, resolved, micro, world, z_loss=trial.optim.z_loss > 0)
+            trial, trial_parallel, trial_precision = _with(cfg, parallel, micro, global_batch), parallel, precision
+            if autocast_here and batch_sizes(trial.train, world).grad_accum_steps == 1:
+                trial_parallel, trial_precision = {**parallel, "zero_stage": 0}, Precision.BF16_AUTOCAST.value
+                trial = _with(cfg, trial_parallel, micro, global_batch)
+            resolved_here = best if trial_precision == "auto" else Precision(trial_precision)
+            mem = estimate(trial.model, trial.parallel, resolved_here, micro, world, z_loss=trial.optim.z_loss > 0)
             if mem.total > budget:
                 continue
-            return _finish(preset, machine, world, trial, mem, parallel, precision, fixed, overrides, reasons)
+            if resolved_here is Precision.BF16_AUTOCAST:
+                reasons.append("bf16-autocast at ZeRO stage 0: one GPU shards nothing, and with every micro-batch "
+                               "a step, fp32 weights under torch.autocast with torch's fused AdamW step faster than "
+                               "DeepSpeed's bf16 optimizer (its checkpoints resume at ZeRO stage 0 on any number "
+                               "of GPUs)")
+            return _finish(preset, machine, world, trial, mem, trial_parallel, trial_precision, fixed, overrides,
+                           reasons)
     return None
 
 

@@ -35,7 +35,9 @@ def deepspeed_config(parallel: ParallelConfig, optim: OptimConfig, batch: BatchS
         "train_batch_size": batch.global_batch_size,
         "train_micro_batch_size_per_gpu": batch.micro_batch_size,
         "gradient_accumulation_steps": batch.grad_accum_steps,
-        "gradient_clipping": optim.grad_clip,
+        # At ZeRO-0 with fp32 weights the trainer clips (dist_lm.runtime.engine.step): DeepSpeed
+        # would take the norm again, one kernel per tensor.
+        "gradient_clipping": 0.0 if clips_itself(parallel, precision) else optim.grad_clip,
         "zero_optimization": zero,
         # check_grad_overflow: at ZeRO 1-2 DeepSpeed skips an update whose gradient norm is NaN or
         # inf under bf16 too, as it does for fp16 and fp32 (the trainer counts the skips).
@@ -65,6 +67,8 @@ def deepspeed_config(parallel: ParallelConfig, optim: OptimConfig, batch: BatchS
         # a standard torch optimizer and ZeRO handles it like its own.
         "zero_allow_untested_optimizer": True,
     }
+    if precision.autocast:
+        config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
     if load_universal:
         config["checkpoint"] = {"load_universal": True}
     if parallel.uses_deepcompile:  # takes effect in engine.compile(), which runs on GPUs only
@@ -89,3 +93,9 @@ def deepspeed_config(parallel: ParallelConfig, optim: OptimConfig, batch: BatchS
                        "weight_decay": optim.weight_decay},
         }
     return config
+
+
+def clips_itself(parallel: ParallelConfig, precision: Precision) -> bool:
+    """Whether DeepSpeed steps the torch optimizer as it is, leaving the norm and the clip to us:
+    ZeRO-0 with fp32 weights (fp32, bf16-autocast)."""
+    return parallel.zero_stage == 0 and precision.deepspeed_section is None

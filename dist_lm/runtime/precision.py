@@ -22,30 +22,48 @@ class Precision(str, enum.Enum):
     BF16 = "bf16"
     FP16 = "fp16"
     FP8 = "fp8"  # bf16 weights and activations; the blocks' matrix products in float8 (dist_lm.runtime.fp8)
+    # fp32 weights, gradients and optimizer; the matrix products (and so most activations) in bf16
+    # under torch.autocast, which DeepSpeed's "torch_autocast" section turns on around forward.
+    BF16_AUTOCAST = "bf16-autocast"
 
     def __str__(self) -> str:
         return self.value
 
     @property
     def dtype(self) -> torch.dtype:
-        """The dtype of the module's weights and of its activations."""
-        return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.bfloat16}[self.value]
+        """The dtype of the module's weights."""
+        return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp8": torch.bfloat16}.get(self.value, torch.float32)
 
     @property
     def mixed(self) -> bool:
         """Low-precision weights with fp32 master copies in the optimizer."""
-        return self is not Precision.FP32
+        return self.dtype != torch.float32
 
     @property
     def bytes_per_weight(self) -> int:
-        """Bytes of one parameter (and one activation element) as the module holds it."""
+        """Bytes of one parameter as the module holds it."""
+        return self.dtype.itemsize
+
+    @property
+    def bytes_per_activation(self) -> int:
+        """Bytes of one activation element (of those autocast does not keep in fp32)."""
         return 4 if self is Precision.FP32 else 2
 
     @property
+    def autocast(self) -> bool:
+        """fp32 weights computed in bf16 under torch.autocast (DeepSpeed's torch_autocast section)."""
+        return self is Precision.BF16_AUTOCAST
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        """The dtype forward computes in under torch.autocast, if it does."""
+        return torch.bfloat16 if self.autocast else None
+
+    @property
     def deepspeed_section(self) -> str | None:
-        """The section of DeepSpeed's config that this precision enables (None: fp32, neither);
-        dist_lm.runtime.ds_config writes it."""
-        if self is Precision.FP32:
+        """The section of DeepSpeed's config that this precision enables, "bf16" or "fp16" (None:
+        fp32 weights, neither); dist_lm.runtime.ds_config writes it."""
+        if not self.mixed:
             return None
         return "bf16" if self is Precision.FP8 else self.value
 
@@ -77,6 +95,7 @@ class Precision(str, enum.Enum):
             from dist_lm.runtime.fp8 import check_fp8_device
 
             check_fp8_device(device)
-        if requested == "bf16" and not has_bf16:
-            raise ConfigError("parallel.precision", f"bf16 is not supported by {device_name(device)}; use fp16 or auto")
+        if requested in ("bf16", "bf16-autocast") and not has_bf16:
+            raise ConfigError("parallel.precision", f"{requested} is not supported by {device_name(device)}; "
+                              "use fp16 or auto")
         return cls(requested), "as configured"

@@ -16,6 +16,7 @@ from typing import Callable
 
 import torch
 
+from dist_lm.runtime.precision import Precision
 from dist_lm.train.checkpoint import WEIGHTS_GLOB, CheckpointError, Engine, Found
 from dist_lm.train.state import RunState
 
@@ -34,6 +35,17 @@ def needs_universal(state: RunState, world_size: int, zero_stage: int) -> bool:
                               f"uses stage {zero_stage}; across stage 0 it cannot be converted: resume with "
                               f"parallel.zero_stage={saved_stage}")
     return True
+
+
+def check_precision(state: RunState, precision: Precision) -> None:
+    """Refuse to resume a bf16-autocast checkpoint (fp32 weights, torch's optimizer state) in a
+    precision with low-precision weights and DeepSpeed's fp32 masters, or the other way round:
+    their optimizer states are not the same thing. (fp32 and bf16-autocast share theirs.)"""
+    saved = Precision(state.precision)
+    if Precision.BF16_AUTOCAST in (saved, precision) and saved.mixed != precision.mixed:
+        raise CheckpointError(f"checkpoint error: the checkpoint was saved in parallel.precision={saved} and this "
+                              f"run trains in {precision}, whose weights and optimizer state are kept differently: "
+                              f"resume with parallel.precision={saved}")
 
 
 def convert_to_universal(path: Path, rank: int, barrier: Callable[[], None]) -> Path:

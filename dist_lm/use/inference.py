@@ -38,7 +38,7 @@ def load_model(path: Path, best: bool = False, dtype: str = "fp32") -> tuple[Tra
     checkpoint directory, or a run directory (its newest complete checkpoint, or with ``best``
     the one with the lowest validation loss). ``dtype``: fp32, bf16, fp16, or "trained" for the
     precision the run trained in (the weights the training loop's forward used: its fp32
-    masters rounded to that precision)."""
+    masters rounded to that precision; for bf16-autocast the fp32 weights, run under autocast)."""
     found = checkpoint.find_for_reading(Path(path), best)
     cfg = saved_config(found)
     if "moe" in cfg.model.layer_types:
@@ -52,8 +52,9 @@ def load_model(path: Path, best: bool = False, dtype: str = "fp32") -> tuple[Tra
         raise checkpoint.CheckpointError(f"checkpoint error: the weights of {found.path} do not fit the model its "
                                          f"state.json describes ({str(e).splitlines()[0]}); use another "
                                          "checkpoint") from None
-    precision = found.state.precision if dtype == "trained" else dtype
-    return model.to(Precision(precision).dtype).eval(), cfg, found
+    precision = Precision(found.state.precision if dtype == "trained" else dtype)
+    model.autocast_dtype = precision.autocast_dtype  # a bf16-autocast run: fp32 weights, bf16 products
+    return model.to(precision.dtype).eval(), cfg, found
 
 
 def load_tokenizer(cfg: Config, found: checkpoint.Found):
