@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU measurements behind docs/benchmarks.md's 2026-12-02 tables (issues 20, 21 and 22), in parts
 # that each fit one device call. Each writes its log to $OUT/<part>.log (default: ./bench-out).
-#   tools/bench_session.sh tests|large|large128k|regions|docmask|small|small50|accum|fp8loss|startup|caps|scaling|scaling3|launcher [more parts]
+#   tools/bench_session.sh tests|lifecycle|large|large128k|regions|docmask|small|small50|accum|autocast|autocast124|
+#     autocast13|fp8loss|startup|caps|scaling|scaling3|launcher [more parts]
 # scaling, scaling3 and launcher need two GPUs (nvidia-h200-x2).
 # Shapes are the issue's: 12M (6 x 384, seq 256, micro 64, vocab 2048), 124M (12 x 768, MHA,
 # vocab 50304, micro 8), 1.3B (24 x 2048, MHA, ffn 5632, vocab 50304, micro 8; 128k vocab: micro 4).
@@ -30,6 +31,8 @@ for what in "$@"; do case $what in
 tests)
   part tests 540 python3 -m pytest -m gpu -q -x tests/test_gpu.py \
     -k "fp8 or chunked or lifecycle" ;;
+lifecycle)  # the compiled lifecycle in bf16 at ZeRO-1 and in bf16-autocast at ZeRO-0
+  part lifecycle 300 python3 -m pytest -m gpu -q tests/test_gpu.py -k lifecycle ;;
 large)  # 1.3B in bf16 and fp8 (the whole model compiled, the default) and the 128k vocabulary, beside plain PyTorch
   part large-1.3b 330 $BENCH --config h100-80gb --variant "bf16: parallel.precision=bf16" \
     --variant "fp8: parallel.precision=fp8" $S1300
@@ -54,6 +57,20 @@ accum)  # the preset's accumulation instead of a step per micro-batch: 124M at h
     --variant "zero1: parallel.zero_stage=1" $S124
   part accum-1.3b 330 $DL bench --warmup 2 --steps 4 --accum 16 --timeout 200 --baseline --config h100-80gb \
     --variant "zero1: parallel.zero_stage=1" $S1300 ;;
+autocast)  # bf16-autocast (fp32 weights under torch.autocast, ZeRO-0) beside plain PyTorch and bf16 at ZeRO-1: 124M, 1.3B at 128k
+  part autocast-124m 200 $BENCH --config h100-80gb --variant "bf16 zero1: parallel.zero_stage=1" \
+    --variant "bf16-autocast: parallel.precision=bf16-autocast parallel.zero_stage=0" $S124
+  part autocast-128k 260 $BENCH --config h100-80gb \
+    --variant "bf16-autocast: parallel.precision=bf16-autocast parallel.zero_stage=0" $S128K ;;
+autocast124)  # bf16-autocast at 124M beside plain PyTorch (after its skip moved onto the device)
+  part autocast-124m 200 $BENCH --config h100-80gb \
+    --variant "bf16-autocast: parallel.precision=bf16-autocast parallel.zero_stage=0" $S124 ;;
+autocast13)  # the same at 1.3B with the 50k vocabulary, and at 12M over 50 timed steps
+  part autocast-1.3b 300 $BENCH --config h100-80gb \
+    --variant "bf16-autocast: parallel.precision=bf16-autocast parallel.zero_stage=0" $S1300
+  part autocast-12m 200 $DL bench --warmup 10 --steps 50 --timeout 150 --baseline --config h100-80gb \
+    --variant "bf16 zero1: parallel.zero_stage=1" \
+    --variant "bf16-autocast: parallel.precision=bf16-autocast parallel.zero_stage=0" $S12 ;;
 fp8loss)  # 300 steps of 124M in bf16 and in fp8 on the same data: 300 x 16,384 tokens, 4.9M. The
   # embedded corpus (0.47M tokens) would repeat ten times; the device's standard library alone
   # gave 2.5M tokens (2026-12-02), so torch's Python sources are added to it
