@@ -34,7 +34,9 @@ def test_debug_preset_runs_in_bf16_and_reports_mfu(env, tmp_path):
 @pytest.mark.parametrize("case", ["rtx-12gb parallel.activation_checkpointing=false train.micro_batch_size=8",
                                   "rtx-12gb parallel.zero_stage=2 parallel.activation_checkpointing=true",
                                   "rtx-12gb parallel.activation_checkpointing=false parallel.compile=true "
-                                  "model.activation=gelu train.micro_batch_size=16"])
+                                  "model.activation=gelu train.micro_batch_size=16",
+                                  "rtx-12gb parallel.precision=bf16-autocast parallel.zero_stage=0 "
+                                  "parallel.activation_checkpointing=false parallel.compile=true train.micro_batch_size=16"])
 def test_memory_estimate_within_15_percent(env, tmp_path, monkeypatch, case):
     import runpy
 

@@ -200,14 +200,19 @@ def test_a_bf16_autocast_checkpoint_is_fp32_and_every_tool_runs_it_as_it_trained
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["torch_dtype"] == "float32"
 
 
-def test_a_bf16_autocast_checkpoint_resumes_on_one_rank_but_not_in_bf16(autocast_run, cache_dir, tmp_path):
+def test_a_bf16_autocast_checkpoint_resumes_on_one_rank_but_not_in_bf16(autocast_run, bf16_runs, cache_dir, tmp_path):
     env = child_env(cache_dir)
+    bf16_zero0, _ = bf16_runs[0]  # and the other way round
+    proc = launch("python", [*BF16, "parallel.precision=bf16-autocast", "parallel.zero_stage=0", "train.max_steps=6",
+                             "--resume", str(bf16_zero0 / "checkpoints" / "step00000004"), f"run.dir={tmp_path / 'x'}"], env)
+    assert proc.returncode == 2 and "saved in parallel.precision=bf16 and this run trains in bf16-autocast" in proc.stderr
+    assert "resume with parallel.precision=bf16 parallel.zero_stage=0" in proc.stderr, proc.stderr
     source = str(autocast_run / "checkpoints" / "step00000004")
     common = [*BF16, "parallel.zero_stage=0", "train.max_steps=6", "--resume", source]
     refused = launch("python", [*common, f"run.dir={tmp_path / 'bf16'}"], env)
     assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
     assert "saved in parallel.precision=bf16-autocast and this run trains in bf16" in refused.stderr
-    assert "resume with parallel.precision=bf16-autocast" in refused.stderr and not (tmp_path / "bf16").exists()
+    assert "resume with parallel.precision=bf16-autocast parallel.zero_stage=0" in refused.stderr and not (tmp_path / "bf16").exists()
     proc = launch("python", [*common, "parallel.precision=bf16-autocast", f"run.dir={tmp_path / 'one'}"], env)
     assert_ok(proc)
     losses = [r["loss"] for r in read_metrics(tmp_path / "one")[0]]

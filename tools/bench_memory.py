@@ -37,20 +37,22 @@ CASES = [
     "h100-80gb parallel.zero_stage=2 parallel.activation_checkpointing=true train.micro_batch_size=8",
     "h100-80gb parallel.zero_stage=3 parallel.activation_checkpointing=true train.micro_batch_size=4",
     "rtx-24gb parallel.zero_stage=2 parallel.offload_optimizer=true train.micro_batch_size=4",
+    # fp32 weights under autocast (the compiled plans were measured: docs/benchmarks.md, 2026-12-03)
+    "h100-80gb parallel.precision=bf16-autocast parallel.zero_stage=0 parallel.compile=true train.micro_batch_size=8",
 ]
 
 
 def run_case(case: str, nproc: int, work: Path) -> dict:
     preset, *overrides = case.split()
-    overrides = ["parallel.compile=false", *overrides]
-    overrides += ["parallel.precision=bf16", "train.max_steps=3", "train.log_interval=1", "train.eval_interval=0",
+    overrides = ["parallel.compile=false", "parallel.precision=bf16", *overrides]  # a case may set either
+    overrides += ["train.max_steps=3", "train.log_interval=1", "train.eval_interval=0",
                   "checkpoint.interval=0", "logging.wandb=disabled", "logging.progress=false"]
     cfg = load_config(preset, overrides)
     micro = cfg.train.micro_batch_size
     overrides.append(f"train.global_batch_size={2 * micro * nproc}")  # two micro-batches accumulated
     cfg = load_config(preset, overrides)
     cfg = replaced(cfg, "model", vocab_size=vocab_size_for(cfg))
-    predicted = estimate(cfg.model, cfg.parallel, "bf16", micro, nproc, z_loss=cfg.optim.z_loss > 0)
+    predicted = estimate(cfg.model, cfg.parallel, cfg.parallel.precision, micro, nproc, z_loss=cfg.optim.z_loss > 0)
     run_dir = work / f"case{abs(hash(case))}"
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
         if nproc > 1 else [sys.executable]

@@ -43,9 +43,10 @@ def check_precision(state: RunState, precision: Precision) -> None:
     their optimizer states are not the same thing. (fp32 and bf16-autocast share theirs.)"""
     saved = Precision(state.precision)
     if Precision.BF16_AUTOCAST in (saved, precision) and saved.mixed != precision.mixed:
+        stage = f" parallel.zero_stage={state.zero_stage}" if state.zero_stage is not None else ""
         raise CheckpointError(f"checkpoint error: the checkpoint was saved in parallel.precision={saved} and this "
                               f"run trains in {precision}, whose weights and optimizer state are kept differently: "
-                              f"resume with parallel.precision={saved}")
+                              f"resume with parallel.precision={saved}{stage}")
 
 
 def convert_to_universal(path: Path, rank: int, barrier: Callable[[], None]) -> Path:
