@@ -208,6 +208,8 @@ def step(engine: "deepspeed.DeepSpeedEngine", grad_clip: float) -> tuple[torch.T
             engine.step()
             return None, True
         norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        if grad_clip > 0:  # (a non-finite norm makes the gradients NaN: that update is skipped below)
+            torch.nn.utils.clip_grads_with_norm_(params, grad_clip, norm)
         optimizer = engine.optimizer  # at ZeRO-0 with fp32 weights, the torch optimizer itself
         if getattr(optimizer, "defaults", {}).get("fused"):
             # torch's fused AdamW skips the update on the device where found_inf is set (as
@@ -215,19 +217,14 @@ def step(engine: "deepspeed.DeepSpeedEngine", grad_clip: float) -> tuple[torch.T
             # as a tensor, read a step later (dist_lm.train.faults.SkipCounter).
             nonfinite = (~torch.isfinite(norm)).float()
             optimizer.found_inf = nonfinite
-            if grad_clip > 0:
-                torch.nn.utils.clip_grads_with_norm_(params, grad_clip, norm)
             engine.step()
             return norm, nonfinite == 0
-        if not torch.isfinite(norm):  # host-device sync, once per step
+        applied = bool(torch.isfinite(norm))  # host-device sync, once per step
+        if not applied:
             for p in params:
                 p.grad = None  # torch's AdamW leaves a parameter without a gradient untouched
-            engine.step()
-            return norm, False
-        if grad_clip > 0:
-            torch.nn.utils.clip_grads_with_norm_(params, grad_clip, norm)
         engine.step()
-        return norm, True
+        return norm, applied
     engine.step()  # DeepSpeed checks the norm for NaN/inf itself (a sync inside) and skips
     return engine.get_global_grad_norm(), engine.was_step_applied()
 
