@@ -231,21 +231,21 @@ def _plan_preset(preset: str, machine: Machine, overrides: list[str], fixed: set
             if global_batch is not None and rounded_up(global_batch, micro, world) != global_batch \
                     and "train.global_batch_size" in fixed:
                 continue
-            trial, trial_parallel, trial_precision = _with(cfg, parallel, micro, global_batch), parallel, precision
-            if autocast_here and batch_sizes(trial.train, world).grad_accum_steps == 1:
-                trial_parallel, trial_precision = {**parallel, "zero_stage": 0}, Precision.BF16_AUTOCAST.value
-                trial = _with(cfg, trial_parallel, micro, global_batch)
-            resolved_here = best if trial_precision == "auto" else Precision(trial_precision)
-            mem = estimate(trial.model, trial.parallel, resolved_here, micro, world, z_loss=trial.optim.z_loss > 0)
+            one_micro_batch_a_step = global_batch is None or rounded_up(global_batch, micro, world) == micro * world
+            use_autocast = autocast_here and one_micro_batch_a_step
+            trial_parallel = {**parallel, "zero_stage": 0} if use_autocast else parallel
+            trial = _with(cfg, trial_parallel, micro, global_batch)
+            trial_resolved = Precision.BF16_AUTOCAST if use_autocast else resolved
+            mem = estimate(trial.model, trial.parallel, trial_resolved, micro, world, z_loss=trial.optim.z_loss > 0)
             if mem.total > budget:
                 continue
-            if resolved_here is Precision.BF16_AUTOCAST:
+            if use_autocast:
                 reasons.append("bf16-autocast at ZeRO stage 0: one GPU shards nothing, and with every micro-batch "
                                "a step, fp32 weights under torch.autocast with torch's fused AdamW step faster than "
                                "DeepSpeed's bf16 optimizer (its checkpoints resume at ZeRO stage 0 on any number "
                                "of GPUs)")
-            return _finish(preset, machine, world, trial, mem, trial_parallel, trial_precision, fixed, overrides,
-                           reasons)
+            return _finish(preset, machine, world, trial, mem, trial_parallel,
+                           trial_resolved.value if use_autocast else precision, fixed, overrides, reasons)
     return None
 
 
