@@ -2,7 +2,7 @@
 # The GPU measurements behind docs/benchmarks.md's 2026-12-02 tables (issues 20, 21 and 22), in parts
 # that each fit one device call. Each writes its log to $OUT/<part>.log (default: ./bench-out).
 #   tools/bench_session.sh tests|lifecycle|large|large128k|regions|docmask|small|small50|accum|autocast|autocast124|
-#     autocast13|fp8loss|startup|caps|scaling|scaling3|launcher [more parts]
+#     autocast13|syncs|order124|fp8loss|fp8loss13|startup|caps|scaling|scaling3|launcher [more parts]
 # scaling, scaling3 and launcher need two GPUs (nvidia-h200-x2).
 # Shapes are the issue's: 12M (6 x 384, seq 256, micro 64, vocab 2048), 124M (12 x 768, MHA,
 # vocab 50304, micro 8), 1.3B (24 x 2048, MHA, ffn 5632, vocab 50304, micro 8; 128k vocab: micro 4).
@@ -71,9 +71,23 @@ autocast13)  # the same at 1.3B with the 50k vocabulary, and at 12M over 50 time
   part autocast-12m 200 $DL bench --warmup 10 --steps 50 --timeout 150 --baseline --config h100-80gb \
     --variant "bf16 zero1: parallel.zero_stage=1" \
     --variant "bf16-autocast: parallel.precision=bf16-autocast parallel.zero_stage=0" $S12 ;;
-fp8loss)  # 300 steps of 124M in bf16 and in fp8 on the same data: 300 x 16,384 tokens, 4.9M. The
-  # embedded corpus (0.47M tokens) would repeat ten times; the device's standard library alone
-  # gave 2.5M tokens (2026-12-02), so torch's Python sources are added to it
+syncs)  # the host-device syncs of the steady training step (tools/sync_audit.py): 124M in bf16-autocast and bf16 ZeRO-1
+  for v in "autocast parallel.precision=bf16-autocast parallel.zero_stage=0" "bf16z1 parallel.precision=bf16 parallel.zero_stage=1"; do
+    set -- $v
+    part syncs-124m-$1 200 python3 tools/sync_audit.py --from-step 20 --steps 3 -- --config h100-80gb $S124 "${@:2}" \
+      train.max_steps=24 train.log_interval=100 train.eval_interval=0 checkpoint.interval=0 checkpoint.save_at_end=false \
+      train.sample_tokens=0 logging.wandb=disabled logging.progress=false run.dir=/tmp/syncs-$1
+    grep -A12 "^== \|^-- " "$OUT/syncs-124m-$1.log" | head -60
+  done ;;
+order124)  # bf16-autocast at 124M against plain PyTorch run before it and again after it (two bench calls)
+  part order-124m-1 200 $BENCH --config h100-80gb \
+    --variant "bf16-autocast: parallel.precision=bf16-autocast parallel.zero_stage=0" $S124
+  part order-124m-2 200 $BENCH --config h100-80gb \
+    --variant "bf16-autocast: parallel.precision=bf16-autocast parallel.zero_stage=0" $S124 ;;
+fp8loss|fp8loss13)  # 300 steps in bf16 and in fp8 on the same data, 124M (fp8loss) or 1.3B (fp8loss13):
+  # 300 x 16,384 tokens, 4.9M. The embedded corpus (0.47M tokens) would repeat ten times; the
+  # device's standard library alone gave 2.5M tokens (2026-12-02), so torch's Python sources are added to it
+  if [ "$what" = fp8loss13 ]; then shape="$S1300" size=1.3b limit=260; else shape="$S124" size=124m limit=200; fi
   stdlib=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')
   torchdir=$(python3 -c 'import os, torch; print(os.path.dirname(torch.__file__))')
   mkdir -p /tmp/stdlib-text
@@ -82,13 +96,13 @@ fp8loss)  # 300 steps of 124M in bf16 and in fp8 on the same data: 300 x 16,384 
     iconv -f utf-8 -t utf-8 "$f" >/dev/null 2>&1 && cp "$f" "/tmp/stdlib-text/$(echo "$f" | md5sum | cut -c1-16).txt"; done
   part fp8loss-data 120 $DL prepare /tmp/stdlib-text --out /tmp/stdlib-tokens --vocab-size 32768 --overwrite --quiet
   for p in bf16 fp8; do
-    part fp8loss-$p 200 $DL train --config h100-80gb $S124 model.vocab_size=null data.dir=/tmp/stdlib-tokens \
+    part fp8loss-$size-$p $limit $DL train --config h100-80gb $shape model.vocab_size=null data.dir=/tmp/stdlib-tokens \
       parallel.precision=$p train.max_steps=300 train.global_batch_size=8 optim.warmup_steps=30 train.log_interval=10 \
       train.eval_interval=100 checkpoint.interval=0 checkpoint.save_at_end=false logging.wandb=disabled \
-      logging.progress=false run.dir=/tmp/fp8loss-$p
-    mkdir -p "$OUT/fp8loss/$p" && cp /tmp/fp8loss-$p/metrics.jsonl "$OUT/fp8loss/$p/"
+      logging.progress=false run.dir=/tmp/fp8loss-$size-$p
+    mkdir -p "$OUT/fp8loss-$size/$p" && cp /tmp/fp8loss-$size-$p/metrics.jsonl "$OUT/fp8loss-$size/$p/"
   done
-  $DL analyze "$OUT/fp8loss/bf16" "$OUT/fp8loss/fp8" --out "$OUT/fp8loss" ;;
+  $DL analyze "$OUT/fp8loss-$size/bf16" "$OUT/fp8loss-$size/fp8" --out "$OUT/fp8loss-$size" ;;
 startup)  # the auto plan on this GPU, whole model compiled, to its first step
   part startup 240 $DL train train.max_steps=30 train.log_interval=10 train.eval_interval=0 \
     checkpoint.interval=0 checkpoint.save_at_end=false logging.wandb=disabled logging.progress=false run.dir=/tmp/startup
