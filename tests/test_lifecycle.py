@@ -200,7 +200,26 @@ def test_a_bf16_autocast_checkpoint_is_fp32_and_every_tool_runs_it_as_it_trained
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["torch_dtype"] == "float32"
 
 
-def test_a_bf16_autocast_checkpoint_resumes_on_one_rank_but_not_in_bf16(autocast_run, bf16_runs, cache_dir, tmp_path):
+def test_the_auto_plan_reads_the_precision_and_stage_of_the_checkpoint_it_resumes(autocast_run, bf16_runs, tmp_path):
+    """What dist_lm.plan.planner.make_plan keeps for a resumed run (tested there) comes from the
+    checkpoint the run's own overrides lead to: run.dir, run.name, checkpoint.dir or --resume."""
+    from dist_lm.runtime.precision import Precision
+
+    resumed_settings = restore.resumed_settings
+    autocast = (Precision.BF16_AUTOCAST, 0)
+    assert resumed_settings([f"run.dir={autocast_run}"]) == autocast
+    assert resumed_settings([f"checkpoint.dir={autocast_run / 'checkpoints'}", "run.name=other"]) == autocast
+    assert resumed_settings([f"checkpoint.resume={autocast_run / 'checkpoints' / 'step00000002'}"]) == autocast
+    for stage in STAGES:
+        assert resumed_settings([f"run.dir={bf16_runs[stage][0]}"]) == (Precision.BF16, stage)
+    assert resumed_settings([f"run.dir={autocast_run}", "checkpoint.resume=none"]) is None
+    assert resumed_settings([f"run.dir={tmp_path / 'new'}"]) is None  # a fresh run directory
+    assert resumed_settings(["train.max_steps=6"]) is None  # unnamed: a new, timestamped directory
+    with pytest.raises(checkpoint.CheckpointError, match="does not exist"):
+        resumed_settings([f"checkpoint.resume={tmp_path / 'missing'}"])
+
+
+def test_a_bf16_autocast_checkpoint_resumes_on_one_rank_by_the_auto_plan_but_not_in_bf16(autocast_run, bf16_runs, cache_dir, tmp_path):
     env = child_env(cache_dir)
     bf16_zero0, _ = bf16_runs[0]  # and the other way round
     proc = launch("python", [*BF16, "parallel.precision=bf16-autocast", "parallel.zero_stage=0", "train.max_steps=6",
@@ -213,8 +232,13 @@ def test_a_bf16_autocast_checkpoint_resumes_on_one_rank_but_not_in_bf16(autocast
     assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
     assert "saved in parallel.precision=bf16-autocast and this run trains in bf16" in refused.stderr
     assert "resume with parallel.precision=bf16-autocast parallel.zero_stage=0" in refused.stderr and not (tmp_path / "bf16").exists()
-    proc = launch("python", [*common, "parallel.precision=bf16-autocast", f"run.dir={tmp_path / 'one'}"], env)
+    # The auto plan (no --config; on this CPU machine the debug preset in fp32 at ZeRO-1) keeps the
+    # checkpoint's bf16-autocast at ZeRO-0, where its state loads, and says so.
+    auto = [a for a in common if a not in ("--config", "debug", "parallel.precision=bf16", "parallel.zero_stage=0")]
+    proc = launch("python", [*auto, f"run.dir={tmp_path / 'one'}"], env)
     assert_ok(proc)
+    assert "kept from the checkpoint it resumes, whose state loads only so: parallel.precision=bf16-autocast " \
+           "parallel.zero_stage=0" in proc.stdout, proc.stdout
     losses = [r["loss"] for r in read_metrics(tmp_path / "one")[0]]
     assert len(losses) == 1 and math.isfinite(losses[0])  # the row of steps 5-6
     state = json.loads((tmp_path / "one" / "checkpoints" / "step00000006" / "state.json").read_text())

@@ -17,7 +17,8 @@ from dist_lm.config.io import load_config
 from dist_lm.runtime.distributed import check_master_reachable, detect
 from dist_lm.plan.hardware import Machine, detect_machine, peak_flops_for
 from dist_lm.plan.memory import GB, estimate
-from dist_lm.plan.planner import format_plan, largest_fitting, launch_commands, make_plan, usable_gb
+from dist_lm.plan.planner import format_plan, largest_fitting, launch_commands, make_plan, settings_to_keep, usable_gb
+from dist_lm.runtime.precision import Precision
 
 RTX_3060 = Machine(1, "NVIDIA GeForce RTX 3060", 12.0, (8, 6), 1, 12, 32)
 RTX_4090 = Machine(1, "NVIDIA GeForce RTX 4090", 24.0, (8, 9), 1, 16, 64)
@@ -126,6 +127,25 @@ def test_one_gpu_without_accumulation_trains_bf16_autocast_unless_the_precision_
         assert (plan.config.parallel.precision, option(plan, "parallel.zero_stage")) == ("bf16", 1), given
     eight = make_plan(dataclasses.replace(H100, gpus_per_node=8), ["train.global_batch_size=64"])
     assert (option(eight, "parallel.precision"), option(eight, "parallel.zero_stage")) == ("bf16", 1)
+
+
+def test_a_resumed_run_keeps_what_its_checkpoint_can_load():
+    """The plan of a run that resumes keeps the checkpoint's bf16-autocast (fp32 weights and torch
+    optimizer state) on any number of GPUs, and its ZeRO-0, which no other stage loads; a
+    checkpoint with low-precision weights is not resumed in bf16-autocast; what the user gives wins."""
+    two = dataclasses.replace(H100, gpus_per_node=2)
+    plan = make_plan(two, ["train.global_batch_size=16"], resumed=(Precision.BF16_AUTOCAST, 0))
+    assert (plan.config.parallel.precision, plan.config.parallel.zero_stage) == ("bf16-autocast", 0)
+    assert plan.reasons[-1] == ("kept from the checkpoint it resumes, whose state loads only so: "
+                                "parallel.precision=bf16-autocast parallel.zero_stage=0")
+    assert "parallel.precision=bf16-autocast parallel.zero_stage=0" in launch_commands(plan)["torchrun"]
+    for resumed, expected in (((Precision.BF16, 1), ("bf16", 1)), ((Precision.FP8, 1), ("bf16", 1)),
+                              ((Precision.BF16, 0), ("bf16", 0)), ((Precision.FP32, 2), ("bf16", 1))):
+        plan = make_plan(H100, ["train.global_batch_size=8"], resumed=resumed)  # fresh: bf16-autocast
+        assert (plan.config.parallel.precision, plan.config.parallel.zero_stage) == expected, resumed
+    given = make_plan(H100, ["train.global_batch_size=8", "parallel.zero_stage=1"], resumed=(Precision.BF16, 0))
+    assert given.config.parallel.zero_stage == 1 and not any(r.startswith("kept from") for r in given.reasons)
+    assert settings_to_keep(None, set()) == [] and settings_to_keep((Precision.FP16, 3), set()) == []
 
 
 def test_rtx_4090_gets_the_24gb_preset():

@@ -13,10 +13,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-
 from dist_lm.config.schema import UserError
 from dist_lm.plan.hardware import Machine
 from dist_lm.plan.planner import format_plan, make_plan, plan_for_this_machine
+from dist_lm.train.restore import resumed_settings
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,13 +32,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", metavar="section.key=value")
     args = p.parse_args(argv)
     try:
+        resumed = resumed_settings(args.overrides)  # a run that resumes keeps what its checkpoint needs
         if args.gpus is None:
-            plan = plan_for_this_machine(args.overrides, args.nodes, None)
+            plan = plan_for_this_machine(args.overrides, args.nodes, None, resumed)
         else:
             cc = tuple(int(x) for x in args.compute_capability.split(".")) if args.compute_capability else None
             machine = Machine(args.gpus, args.gpu_name, args.gpu_mem if args.gpus else 0.0, cc, args.nodes,
                               args.cpu_cores, args.ram)
-            plan = make_plan(machine, args.overrides)
+            plan = make_plan(machine, args.overrides, resumed=resumed)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

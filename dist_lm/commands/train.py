@@ -68,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         # These import torch and deepspeed (seconds): only after the cheap checks above.
         from dist_lm.runtime.distributed import detect, is_rank0, teardown
         from dist_lm.plan.planner import format_plan, plan_for_this_machine
+        from dist_lm.train import restore
         from dist_lm.train.preemption import status_for_the_launcher
         from dist_lm.train.faults import ExitOnOutOfMemory, TrainingDiverged
         from dist_lm.train.loop import Trainer
@@ -76,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         dist_env = detect(os.environ)
         if args.debug and dist_env.world_size > 1:
             raise UserError("--debug runs one process: start it with plain python, not a launcher")
-        plan = plan_for_this_machine(overrides, dist_env.num_nodes, dist_env.world_size) if auto else None
+        plan = plan_for_this_machine(overrides, dist_env.num_nodes, dist_env.world_size,
+                                     restore.resumed_settings(overrides)) if auto else None
         if args.plan or (args.print_config and plan is not None):
             print(format_plan(plan) if args.plan else to_yaml(plan.config), end="\n" if args.plan else "")
             return 0

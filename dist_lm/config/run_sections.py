@@ -5,6 +5,7 @@ Frozen, typed, a docstring per field, as there."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from dist_lm.config.errors import require
@@ -116,6 +117,10 @@ class CheckpointConfig:
         require(self.keep_last >= 0, "keep_last", "must be >= 0 (0 keeps all)")
         require(self.save_timeout_minutes > 0, "save_timeout_minutes", "must be positive")
 
+    def root(self, run_dir: Path) -> Path:
+        """Where the run's checkpoints are: checkpoint.dir, or checkpoints/ in ``run_dir``."""
+        return Path(self.dir) if self.dir else run_dir / "checkpoints"
+
 
 @dataclass(frozen=True)
 class LoggingConfig:
@@ -160,6 +165,10 @@ class RunConfig:
     """Run directory (resolved config, log, metrics.jsonl, checkpoints). null: runs/<name>."""
     verbose: bool = False
     """Show DeepSpeed's own start-up output (quiet by default)."""
+
+    def dir_for(self, name: str) -> Path:
+        """The run directory: run.dir, or runs/<name> (``name``: run.name, or the one made for it)."""
+        return Path(self.dir) if self.dir else Path("runs") / name
 
     def __post_init__(self) -> None:
         require(self.name is None or (self.name and "/" not in self.name), "name",

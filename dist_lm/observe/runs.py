@@ -8,6 +8,7 @@ from pathlib import Path
 
 import yaml
 
+from dist_lm.config.run_sections import CheckpointConfig
 from dist_lm.train import checkpoint
 from dist_lm.train.state import RunState
 
@@ -17,7 +18,7 @@ def _checkpoint_root(run_dir: Path) -> Path:
         configured = (yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("checkpoint", {}).get("dir")
     except (OSError, yaml.YAMLError, AttributeError):
         configured = None
-    return Path(configured) if configured else run_dir / "checkpoints"
+    return CheckpointConfig(dir=str(configured) if configured else None).root(run_dir)
 
 
 def list_runs(root: Path) -> list[dict]:

@@ -151,10 +151,32 @@ def step_seconds(cfg: Config, machine: Machine, world_size: int) -> float | None
     return flops_per_token(cfg.model) * tokens / (world_size * machine.peak_flops * MFU_ASSUMED)
 
 
-def make_plan(machine: Machine, overrides: list[str] = (), world_size: int | None = None) -> Plan:
-    """The plan for ``machine``; ``world_size`` defaults to one rank per GPU."""
-    overrides = list(overrides)
-    world = world_size or machine.world_size
+def make_plan(machine: Machine, overrides: list[str] = (), world_size: int | None = None,
+              resumed: tuple[Precision, int | None] | None = None) -> Plan:
+    """The plan for ``machine``; ``world_size`` defaults to one rank per GPU. ``resumed``: the
+    precision and ZeRO stage of the checkpoint the run resumes (dist_lm.train.restore.resumed_settings)."""
+    given = list(overrides)
+    kept = settings_to_keep(resumed, _keys(given))
+    plan = _make_plan(machine, kept + given, world_size or machine.world_size, allow_autocast=resumed is None)
+    if kept:
+        plan.reasons.append(f"kept from the checkpoint it resumes, whose state loads only so: {' '.join(kept)}")
+    return plan
+
+
+def settings_to_keep(resumed: tuple[Precision, int | None] | None, given: set[str]) -> list[str]:
+    """The overrides a resumed checkpoint imposes where the user gave none: ZeRO-0 state does not
+    convert to another stage, nor bf16-autocast's fp32 weights and torch optimizer state to a
+    low-precision one (dist_lm.train.restore: needs_universal, check_precision)."""
+    if resumed is None:
+        return []
+    precision, stage = resumed
+    keep = {"parallel.precision": precision.value} if precision is Precision.BF16_AUTOCAST else {}
+    if stage == 0:
+        keep["parallel.zero_stage"] = 0
+    return [f"{key}={value}" for key, value in keep.items() if key not in given]
+
+
+def _make_plan(machine: Machine, overrides: list[str], world: int, allow_autocast: bool) -> Plan:
     if not machine.has_gpu:
         cfg = load_config(CPU_PRESET, overrides)
         plan = Plan(machine, world, CPU_PRESET, cfg, [], overrides)
@@ -162,10 +184,11 @@ def make_plan(machine: Machine, overrides: list[str] = (), world_size: int | Non
         return plan
     fixed = _keys(overrides)
     for preset in GPU_PRESETS:
-        plan = _plan_preset(preset, machine, overrides, fixed, world, STRATEGIES)
+        plan = _plan_preset(preset, machine, overrides, fixed, world, STRATEGIES, allow_autocast)
         if plan is not None:
             return plan
-    plan = _plan_preset(GPU_PRESETS[-1], machine, overrides, fixed, world, OFFLOAD_STRATEGIES, check_speed=False)
+    plan = _plan_preset(GPU_PRESETS[-1], machine, overrides, fixed, world, OFFLOAD_STRATEGIES, allow_autocast,
+                        check_speed=False)
     if plan is not None:
         return plan
     smallest = load_config(GPU_PRESETS[-1], overrides)
@@ -179,7 +202,7 @@ def make_plan(machine: Machine, overrides: list[str] = (), world_size: int | Non
 
 
 def _plan_preset(preset: str, machine: Machine, overrides: list[str], fixed: set[str], world: int,
-                 strategies: tuple[dict, ...], check_speed: bool = True) -> Plan | None:
+                 strategies: tuple[dict, ...], allow_autocast: bool, check_speed: bool = True) -> Plan | None:
     cfg = load_config(preset, overrides)
     cfg = replaced(cfg, "model", vocab_size=vocab_size_for(cfg))
     reasons: list[str] = []
@@ -204,8 +227,10 @@ def _plan_preset(preset: str, machine: Machine, overrides: list[str], fixed: set
     # weights under torch.autocast stepped by torch's fused AdamW (bf16-autocast at ZeRO-0) train
     # faster than DeepSpeed's bf16 optimizer, whose per-step copies then count (1.09x at 124M);
     # accumulating, bf16's lighter micro-batches win (0.97x at 64 micro-batches a step:
-    # docs/benchmarks.md). Not when the user chose the precision or the stage.
-    autocast = world == 1 and resolved is Precision.BF16 and not fixed & {"parallel.precision", "parallel.zero_stage"}
+    # docs/benchmarks.md). Not when the user chose the precision or the stage, nor when the run
+    # resumes a checkpoint (make_plan keeps what its state needs).
+    autocast = allow_autocast and world == 1 and resolved is Precision.BF16 and \
+        not fixed & {"parallel.precision", "parallel.zero_stage"}
 
     global_batch = cfg.train.global_batch_size
     per_rank = global_batch_size(cfg.train, world) // world
@@ -325,8 +350,9 @@ def format_plan(plan: Plan) -> str:
     return "\n".join(lines)
 
 
-def plan_for_this_machine(overrides: list[str], nodes: int, world_size: int | None) -> Plan:
+def plan_for_this_machine(overrides: list[str], nodes: int, world_size: int | None,
+                          resumed: tuple[Precision, int | None] | None = None) -> Plan:
     """The plan for the machine we run on (imports torch to look at the GPUs)."""
     from dist_lm.plan.hardware import detect_machine
 
-    return make_plan(detect_machine(nodes), overrides, world_size)
+    return make_plan(detect_machine(nodes), overrides, world_size, resumed)

@@ -16,7 +16,10 @@ from typing import Callable
 
 import torch
 
+from dist_lm.config.io import parse_override
+from dist_lm.config.run_sections import CheckpointConfig, RunConfig
 from dist_lm.runtime.precision import Precision
+from dist_lm.train import checkpoint
 from dist_lm.train.checkpoint import WEIGHTS_GLOB, CheckpointError, Engine, Found
 from dist_lm.train.state import RunState
 
@@ -47,6 +50,26 @@ def check_precision(state: RunState, precision: Precision) -> None:
         raise CheckpointError(f"checkpoint error: the checkpoint was saved in parallel.precision={saved} and this "
                               f"run trains in {precision}, whose weights and optimizer state are kept differently: "
                               f"resume with parallel.precision={saved}{stage}")
+
+
+def resumed_settings(overrides: list[str]) -> tuple[Precision, int | None] | None:
+    """The precision and ZeRO stage of the checkpoint that a run given only these dotted overrides
+    (the auto plan, which has no config file) resumes; None for a fresh start. Read before
+    planning, so that the plan does not choose what check_precision or needs_universal would
+    refuse. A run named by neither run.dir, run.name nor checkpoint.dir starts in a new directory."""
+    given = {key: value for key, value in map(parse_override, overrides)
+             if key in ("run.name", "run.dir", "checkpoint.dir", "checkpoint.resume")}
+    resume = str(given.get("checkpoint.resume", "auto"))
+    if resume == "none" or (resume == "auto" and not given.keys() - {"checkpoint.resume"}):
+        return None
+    run = RunConfig(dir=_text(given.get("run.dir")))
+    root = CheckpointConfig(dir=_text(given.get("checkpoint.dir"))).root(run.dir_for(str(given.get("run.name", ""))))
+    found = checkpoint.find(resume, root)
+    return None if found is None else (Precision(found.state.precision), found.state.zero_stage)
+
+
+def _text(value) -> str | None:
+    return None if value is None else str(value)
 
 
 def convert_to_universal(path: Path, rank: int, barrier: Callable[[], None]) -> Path:

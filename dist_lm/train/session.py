@@ -123,7 +123,7 @@ def start(cfg: Config, plan_summary: list[str] = (), data: ResolvedData | None =
     stop = StopControl(cfg.train.stop_at_step, cfg.train.time_limit_minutes, start_time)
     cfg = _with_run_dir(cfg)
     run_dir = Path(cfg.run.dir)
-    ckpt_root = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else run_dir / "checkpoints"
+    ckpt_root = cfg.checkpoint.root(run_dir)
     found = checkpoint.find(cfg.checkpoint.resume, ckpt_root)
     if found is not None:
         _check_same_data(cfg, found, data)
@@ -217,7 +217,7 @@ def _with_run_dir(cfg: Config) -> Config:
     """cfg with run.name and run.dir filled in, the same on every rank (rank 0's timestamp)."""
     name = [cfg.run.name or default_run_name(cfg.preset)]
     dist.broadcast_object_list(name, src=0)
-    return replaced(cfg, "run", name=name[0], dir=cfg.run.dir or str(Path("runs") / name[0]))
+    return replaced(cfg, "run", name=name[0], dir=str(cfg.run.dir_for(name[0])))
 
 
 def _take_run_dir(cfg: Config, run_dir: Path) -> IO[str] | None:
