@@ -57,19 +57,14 @@ def resumed_settings(overrides: list[str]) -> tuple[Precision, int | None] | Non
     (the auto plan, which has no config file) resumes; None for a fresh start. Read before
     planning, so that the plan does not choose what check_precision or needs_universal would
     refuse. A run named by neither run.dir, run.name nor checkpoint.dir starts in a new directory."""
-    given = {key: value for key, value in map(parse_override, overrides)
-             if key in ("run.name", "run.dir", "checkpoint.dir", "checkpoint.resume")}
-    resume = str(given.get("checkpoint.resume", "auto"))
-    if resume == "none" or (resume == "auto" and not given.keys() - {"checkpoint.resume"}):
-        return None
-    run = RunConfig(dir=_text(given.get("run.dir")))
-    root = CheckpointConfig(dir=_text(given.get("checkpoint.dir"))).root(run.dir_for(str(given.get("run.name", ""))))
-    found = checkpoint.find(resume, root)
+    given = {key: None if value is None else str(value) for key, value in map(parse_override, overrides)}
+    resume = given.get("checkpoint.resume") or "auto"
+    named = any(given.get(key) for key in ("run.name", "run.dir", "checkpoint.dir"))
+    if resume == "none" or (resume == "auto" and not named):
+        return None  # a fresh start: nothing to resume, or a new directory named by the start time
+    run_dir = RunConfig(dir=given.get("run.dir")).dir_for(given.get("run.name") or "")
+    found = checkpoint.find(resume, CheckpointConfig(dir=given.get("checkpoint.dir")).root(run_dir))
     return None if found is None else (Precision(found.state.precision), found.state.zero_stage)
-
-
-def _text(value) -> str | None:
-    return None if value is None else str(value)
 
 
 def convert_to_universal(path: Path, rank: int, barrier: Callable[[], None]) -> Path:
