@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU measurements behind docs/benchmarks.md's 2026-12-02 tables (issues 20, 21 and 22), in parts
 # that each fit one device call. Each writes its log to $OUT/<part>.log (default: ./bench-out).
-#   tools/bench_session.sh tests|lifecycle|large|large128k|regions|docmask|small|small50|accum|autocast|autocast124|
-#     autocast13|syncs|order124|fp8loss|fp8loss13|startup|caps|scaling|scaling3|launcher [more parts]
+#   tools/bench_session.sh gputests|tests|lifecycle|large|large128k|regions|docmask|small|small50|accum|autocast|autocast124|
+#     autocast13|syncs|order124|trace|fp8loss|fp8loss13|startup|caps|scaling|scaling3|launcher [more parts]
 # scaling, scaling3 and launcher need two GPUs (nvidia-h200-x2).
 # Shapes are the issue's: 12M (6 x 384, seq 256, micro 64, vocab 2048), 124M (12 x 768, MHA,
 # vocab 50304, micro 8), 1.3B (24 x 2048, MHA, ffn 5632, vocab 50304, micro 8; 128k vocab: micro 4).
@@ -28,6 +28,9 @@ part() {  # part NAME SECONDS COMMAND...: runs COMMAND with its output in $OUT/N
 }
 
 for what in "$@"; do case $what in
+gputests)  # the GPU tests other than the compiled lifecycle, fp8, DeepCompile and find_batch
+  part gputests 330 python3 -m pytest -m gpu -v tests/test_gpu.py --durations=0 \
+    -k "not lifecycle and not fp8 and not deepcompile and not find_batch" ;;
 tests)
   part tests 540 python3 -m pytest -m gpu -q -x tests/test_gpu.py \
     -k "fp8 or chunked or lifecycle" ;;
@@ -84,6 +87,12 @@ order124)  # bf16-autocast at 124M against plain PyTorch run before it and again
     --variant "bf16-autocast: parallel.precision=bf16-autocast parallel.zero_stage=0" $S124
   part order-124m-2 200 $BENCH --config h100-80gb \
     --variant "bf16-autocast: parallel.precision=bf16-autocast parallel.zero_stage=0" $S124 ;;
+trace)  # the 12M and 124M steps under torch.profiler, bf16-autocast beside plain PyTorch: $OUT/traces.tar.gz
+  part trace-12m 200 $DL bench --warmup 10 --steps 50 --timeout 150 --baseline --config h100-80gb --profile /tmp/trace-12m \
+    --variant "bf16-autocast: parallel.precision=bf16-autocast parallel.zero_stage=0" $S12
+  part trace-124m 200 $BENCH --config h100-80gb --profile /tmp/trace-124m \
+    --variant "bf16-autocast: parallel.precision=bf16-autocast parallel.zero_stage=0" $S124
+  tar czf "$OUT/traces.tar.gz" -C /tmp trace-12m trace-124m ;;
 fp8loss|fp8loss13)  # 300 steps in bf16 and in fp8 on the same data, 124M (fp8loss) or 1.3B (fp8loss13):
   # 300 x 16,384 tokens, 4.9M. At 1.3B the two do not fit one call (2026-12-03: fp8's first step came
   # 131 s after its trainer started, and more than a minute into its step-100 evaluation it had not finished):
