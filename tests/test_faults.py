@@ -42,9 +42,11 @@ def test_skip_counter_reads_a_flag_on_the_device_one_step_late():
     skips.update(torch.tensor(True), torch.tensor(1.0), 2)
     skips.update(torch.tensor(False), torch.tensor(float("inf")), 3)
     assert (skips.in_a_row, skips.total) == (0, 1)  # step 2 counted, step 3 still on the device
+    # Step 4's update counts step 3, a skip; from then on each flag is read when it is given, so
+    # the limit ends the run at step 4, the step that reaches it, without waiting for step 5.
     with pytest.raises(TrainingDiverged, match=r"2 updates in a row .* from step 3"):
-        skips.update(torch.tensor(False), torch.tensor(float("nan")), 4)  # counts step 3, holds 4
-        skips.settle()
+        skips.update(torch.tensor(False), torch.tensor(float("nan")), 4)
+    assert (skips.in_a_row, skips.pending) == (2, None)
 
 
 def test_out_of_memory_becomes_one_line_and_its_own_exit_status(capsys):

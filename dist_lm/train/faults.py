@@ -121,12 +121,14 @@ class SkipCounter:
         """After the optimizer step ``step``: was its update applied? (Every rank agrees.) A flag
         still on the device (the optimizer skipped on the device: dist_lm.runtime.engine.step) is
         read at the next step's update, when the GPU has long finished it: reading it now would
-        make the host wait for this step and leave the GPU idle while the next one is launched."""
+        make the host wait for this step and leave the GPU idle while the next one is launched.
+        While updates are being skipped the flag is read at once, so that train.max_skipped_steps
+        ends the run at the step that reaches it, not one step later."""
         self.settle()
-        if isinstance(applied, torch.Tensor):
+        if isinstance(applied, torch.Tensor) and not self.in_a_row:
             self.pending = (applied, grad_norm, step)
         else:
-            self._count(applied, grad_norm, step)
+            self._count(bool(applied), grad_norm, step)
 
     def settle(self) -> None:
         """Count the step whose flag is still on the device (before a checkpoint, and at the end)."""
