@@ -15,10 +15,7 @@ import statistics
 import time
 from collections import deque
 
-import torch
-import torch.distributed as dist
-
-from dist_lm.runtime.distributed import any_rank, control_group
+from dist_lm.runtime.distributed import any_rank, any_rank_each
 from dist_lm.train.exits import Exit
 from dist_lm.files import write_atomic
 
@@ -55,7 +52,6 @@ class StopControl:
         self.deadline = start_time + 60 * time_limit_minutes if time_limit_minutes else None
         self.signal_name: str | None = None
         self.recent_steps: deque[float] = deque(maxlen=RECENT_STEPS)
-        self._group = control_group()
         for sig in SIGNALS:
             signal.signal(sig, self._on_signal)
 
@@ -77,12 +73,11 @@ class StopControl:
         out_of_time = self.deadline is not None and (
             time.perf_counter() + seconds_to_keep(list(self.recent_steps), save_seconds, next_eval_seconds)
             >= self.deadline)
-        flags = torch.tensor([1.0 if self.signal_name else 0.0, 1.0 if out_of_time else 0.0])
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self._group)
-        if flags[0]:
+        signalled, out_of_time = any_rank_each([self.signal_name is not None, out_of_time])
+        if signalled:
             self.signal_name = self.signal_name or "a signal to another rank"
             return f"received {self.signal_name}"
-        if flags[1]:
+        if out_of_time:
             return "train.time_limit_minutes is nearly up"
         if self.stop_at_step is not None and step >= self.stop_at_step:
             return f"train.stop_at_step={self.stop_at_step}"
