@@ -74,7 +74,7 @@ def test_resuming_continues_the_same_wandb_run(env, ds_ops, tmp_path):
 
 def test_metrics_csv_and_jsonl_columns_and_values(env, ds_ops, tmp_path):
     run = tmp_path / "run"
-    assert_ok(launch("python", [*SHORT, "logging.wandb=disabled", f"run.dir={run}"], env))
+    assert_ok(launch("python", [*SHORT, "train.eval_samples=512", "logging.wandb=disabled", f"run.dir={run}"], env))
     with open(run / "metrics.csv", newline="") as f:
         reader = csv.DictReader(f)
         assert reader.fieldnames == COLUMNS
@@ -89,6 +89,11 @@ def test_metrics_csv_and_jsonl_columns_and_values(env, ds_ops, tmp_path):
     assert [int(r["tokens"]) for r in rows] == [1024, 2048, 3072, 4096]  # 8 sequences x 128 tokens a step
     elapsed = [float(r["elapsed_s"]) for r in rows]
     assert elapsed == sorted(elapsed) and elapsed[0] > 0
+    # step_time and tokens/s time training steps: the evaluation after step 2 (512 samples, a few
+    # steps' worth) is in the time between rows 2 and 3, not in row 3's step_time.
+    step_time = [float(r["step_time"]) for r in rows]
+    evaluation = elapsed[1] - elapsed[0] - step_time[1]
+    assert evaluation > 2 * step_time[1] and step_time[2] <= elapsed[2] - elapsed[1] + 0.01, (evaluation, step_time)
     summary = RunSummary.read(run)  # what tools read instead of the log
     assert (summary.launcher, summary.world_size, summary.precision, summary.global_batch_size) == ("none", 1, "fp32", 8)
     assert summary.first_step_s > 0 and summary.start_step == 0 and summary.predicted_peak_mem_gb is None  # (CPU)

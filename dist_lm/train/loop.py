@@ -108,7 +108,8 @@ class Trainer:
                 if self.step % cfg.log_interval == 0 or self.step == cfg.max_steps:
                     row |= self._train_metrics(micro_steps, grad_norm)
                     self.window.reset()
-                if cfg.eval_interval and self.step % cfg.eval_interval == 0:
+                evaluates = cfg.eval_interval and self.step % cfg.eval_interval == 0
+                if evaluates:
                     row |= self.evaluate()
                     if cfg.sample_at_eval and cfg.sample_tokens:
                         self.print_sample()
@@ -116,9 +117,12 @@ class Trainer:
                     self._emit(row)
                 progress.update(row)
                 # (the last step's checkpoint comes after the final evaluation, below)
-                if self.cfg.checkpoint.interval and self.step % self.cfg.checkpoint.interval == 0 \
-                        and self.step < cfg.max_steps:
+                saves = self.cfg.checkpoint.interval and self.step % self.cfg.checkpoint.interval == 0 \
+                    and self.step < cfg.max_steps
+                if saves:
                     self.save()
+                if evaluates or saves:  # tokens/s and step_time time training steps, not these
+                    self.window.restart_clock()
                 if self._patience_exhausted():
                     break
                 eval_next = cfg.eval_interval and (self.step + 1) % cfg.eval_interval == 0
