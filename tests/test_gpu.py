@@ -52,10 +52,12 @@ def test_memory_estimate_within_15_percent(env, tmp_path, monkeypatch, case):
     assert abs(result["error"]) < 0.15, result
 
 
-def test_bf16_autocast_step_waits_for_the_gpu_only_to_read_the_previous_steps_skip_flag(env, tmp_path):
-    """The small-model fast path (bf16-autocast at ZeRO-0) keeps the host ahead of the GPU: its
-    one host-device sync a step reads the previous step's skip flag (dist_lm.train.faults), a
-    step the GPU has finished. A new sync in the step would show here before it shows in tokens/s."""
+def test_bf16_autocast_step_waits_for_the_gpu_only_in_its_log_rows(env, tmp_path):
+    """The small-model fast path (bf16-autocast at ZeRO-0) keeps the host ahead of the GPU: the
+    step makes no host-device sync (its skip flag comes back through pinned memory,
+    dist_lm.train.faults.FlagInFlight); a metrics row reads the loss, on purpose, every
+    train.log_interval steps. Audited steps 4-7 hold the log row of step 5, which shows that the
+    audit sees syncs; a sync anywhere else in the step fails the test before it shows in tokens/s."""
     import json
     import subprocess
     import sys
@@ -64,14 +66,14 @@ def test_bf16_autocast_step_waits_for_the_gpu_only_to_read_the_previous_steps_sk
 
     report = tmp_path / "syncs.json"
     cmd = [sys.executable, str(ROOT / "tools" / "sync_audit.py"), "--from-step", "4", "--steps", "4",
-           "--max-per-step", "1", "--json", str(report), "--", "--config", "debug", "parallel.precision=bf16-autocast",
-           "parallel.zero_stage=0", "train.max_steps=10", "train.log_interval=10", "train.eval_interval=0",
+           "--json", str(report), "--", "--config", "debug", "parallel.precision=bf16-autocast",
+           "parallel.zero_stage=0", "train.max_steps=10", "train.log_interval=5", "train.eval_interval=0",
            "train.sample_tokens=0", "logging.wandb=disabled", "logging.progress=false", f"run.dir={tmp_path / 'run'}"]
     proc = subprocess.run(cmd, env={**env, "DS_ACCELERATOR": "cuda"}, capture_output=True, text=True, timeout=300)
     assert_ok(proc)
     audit = json.loads(report.read_text())
-    assert 1 <= audit["syncs"] <= audit["steps"], audit  # one a step; none would mean the audit saw nothing
-    assert all("faults.py" in s["stack"] and "settle" in s["stack"] for s in audit["stacks"]), audit
+    assert audit["syncs"] >= 1, audit  # the log row's
+    assert all("_train_metrics" in s["stack"] for s in audit["stacks"]), audit
 
 
 # ~100M parameters at seq 2048 in the debug preset: micro-batch 64 takes about 61 GB (eager).

@@ -87,12 +87,15 @@ order124)  # bf16-autocast at 124M against plain PyTorch run before it and again
     --variant "bf16-autocast: parallel.precision=bf16-autocast parallel.zero_stage=0" $S124
   part order-124m-2 200 $BENCH --config h100-80gb \
     --variant "bf16-autocast: parallel.precision=bf16-autocast parallel.zero_stage=0" $S124 ;;
-trace)  # the 12M and 124M steps under torch.profiler, bf16-autocast beside plain PyTorch: $OUT/traces.tar.gz
-  part trace-12m 200 $DL bench --warmup 10 --steps 50 --timeout 150 --baseline --config h100-80gb --profile /tmp/trace-12m \
-    --variant "bf16-autocast: parallel.precision=bf16-autocast parallel.zero_stage=0" $S12
-  part trace-124m 200 $BENCH --config h100-80gb --profile /tmp/trace-124m \
-    --variant "bf16-autocast: parallel.precision=bf16-autocast parallel.zero_stage=0" $S124
-  tar czf "$OUT/traces.tar.gz" -C /tmp trace-12m trace-124m ;;
+trace)  # the 12M and 124M steps (TRACE="12m": one of them) under torch.profiler, bf16-autocast beside
+  # plain PyTorch: the traces and tables in $OUT/traces-<size>.tar.gz, compared by tools/trace_gaps.py
+  for size in ${TRACE:-12m 124m}; do
+    if [ "$size" = 12m ]; then args="--warmup 10 --steps 50 --timeout 150 --baseline $S12"; else args="--warmup 5 --steps 10 --timeout 300 --baseline $S124"; fi
+    part trace-$size 200 $DL bench --config h100-80gb --profile /tmp/trace-$size \
+      --variant "bf16-autocast: parallel.precision=bf16-autocast parallel.zero_stage=0" $args
+    tar czf "$OUT/traces-$size.tar.gz" -C /tmp trace-$size
+    python3 tools/trace_gaps.py /tmp/trace-$size/*-trace.json.gz | tee -a "$OUT/trace-$size.log"
+  done ;;
 fp8loss|fp8loss13)  # 300 steps in bf16 and in fp8 on the same data, 124M (fp8loss) or 1.3B (fp8loss13):
   # 300 x 16,384 tokens, 4.9M. At 1.3B the two do not fit one call (2026-12-03: fp8's first step came
   # 131 s after its trainer started, and more than a minute into its step-100 evaluation it had not finished):

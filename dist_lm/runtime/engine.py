@@ -214,7 +214,8 @@ def step(engine: "deepspeed.DeepSpeedEngine", grad_clip: float) -> tuple[torch.T
         if getattr(optimizer, "defaults", {}).get("fused"):
             # torch's fused AdamW skips the update on the device where found_inf is set (as
             # for its GradScaler), so the host need not wait for the norm: the flag is returned
-            # as a tensor, read a step later (dist_lm.train.faults.SkipCounter).
+            # as a tensor, read a step later through pinned memory
+            # (dist_lm.train.faults.FlagInFlight).
             nonfinite = (~torch.isfinite(norm)).float()
             optimizer.found_inf = nonfinite
             engine.step()

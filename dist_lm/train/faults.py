@@ -107,6 +107,34 @@ def check_finite(model_engine, loss_sum: torch.Tensor, step: int) -> None:
         raise TrainingDiverged(f"step {step}: gradient of {bad} is not finite")
 
 
+class FlagInFlight:
+    """A one-element tensor on its way to the host: on a GPU, copied into pinned memory without
+    waiting, then read when the copy is done. Reading the device tensor itself (``bool(t)``,
+    ``.item()``) would wait for everything launched on the stream so far, since a copy to the
+    host is ordered after all of it: read a step late that way, the flag still made the host wait
+    for the step just launched, and the GPU idle while the host launched the next one."""
+
+    def __init__(self) -> None:
+        self._host: torch.Tensor | None = None  # pinned, made on first use, reused
+        self._copied: torch.cuda.Event | None = None
+
+    def send(self, flag: torch.Tensor) -> None:
+        if flag.device.type != "cuda":
+            self._host, self._copied = flag, None
+            return
+        if self._host is None or self._host.dtype != flag.dtype or self._copied is None:
+            self._host = torch.empty((), dtype=flag.dtype, pin_memory=True)
+            self._copied = torch.cuda.Event()
+        self._host.copy_(flag.reshape(()), non_blocking=True)
+        self._copied.record()
+
+    def read(self) -> bool:
+        """Waits only for the work launched before ``send``."""
+        if self._copied is not None:
+            self._copied.synchronize()
+        return bool(self._host)
+
+
 class SkipCounter:
     """Counts updates skipped for NaN/inf gradients; too many in a row end the run."""
 
@@ -115,27 +143,31 @@ class SkipCounter:
         self.in_a_row = 0
         self.first_skipped: int | None = None  # the step of the first skip of those in a row
         self.total = 0  # over the whole run (kept in the checkpoint)
-        self.pending: tuple[torch.Tensor, object, int] | None = None
+        self.flag = FlagInFlight()
+        self.pending: tuple[object, int] | None = None  # (grad_norm, step) of the flag in flight
 
     def update(self, applied: bool | torch.Tensor, grad_norm, step: int) -> None:
         """After the optimizer step ``step``: was its update applied? (Every rank agrees.) A flag
         still on the device (the optimizer skipped on the device: dist_lm.runtime.engine.step) is
-        read at the next step's update, when the GPU has long finished it: reading it now would
-        make the host wait for this step and leave the GPU idle while the next one is launched.
-        While updates are being skipped the flag is read at once, so that train.max_skipped_steps
-        ends the run at the step that reaches it, not one step later."""
+        sent to the host without waiting and read at the next step's update, when the GPU has
+        finished this step, so the host never waits for the GPU. While updates are being skipped
+        the flag is read at once, so that train.max_skipped_steps ends the run at the step that
+        reaches it, not one step later."""
         self.settle()
-        if isinstance(applied, torch.Tensor) and not self.in_a_row:
-            self.pending = (applied, grad_norm, step)
+        if isinstance(applied, torch.Tensor):
+            self.flag.send(applied)
+            self.pending = (grad_norm, step)
+            if self.in_a_row:
+                self.settle()
         else:
-            self._count(bool(applied), grad_norm, step)
+            self._count(applied, grad_norm, step)
 
     def settle(self) -> None:
-        """Count the step whose flag is still on the device (before a checkpoint, and at the end)."""
+        """Count the step whose flag is still in flight (before a checkpoint, and at the end)."""
         if self.pending is not None:
-            applied, grad_norm, step = self.pending
+            grad_norm, step = self.pending
             self.pending = None
-            self._count(bool(applied), grad_norm, step)
+            self._count(self.flag.read(), grad_norm, step)
 
     def _count(self, applied: bool, grad_norm, step: int) -> None:
         if applied:
