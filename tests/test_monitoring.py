@@ -123,6 +123,8 @@ def test_profiling_a_few_steps(env, ds_ops, tmp_path):
     table = (run / "profile" / "rank0-ops.txt").read_text()
     assert table.startswith("steps 2-3: ") and "aten::mm" in table
     assert [r["step"] for r in read_metrics(run)[0]] == [1, 2, 3, 4]  # the run itself goes on as usual
+    gaps = tool("trace_gaps.py", run / "profile" / "rank0-trace.json.gz")
+    assert gaps.returncode == 0 and "no GPU work in the trace" in gaps.stdout, gaps.stderr  # (a CPU run)
 
 
 def test_gpu_busy_time_counts_overlapping_kernels_once():
@@ -130,7 +132,7 @@ def test_gpu_busy_time_counts_overlapping_kernels_once():
 
     from torch.autograd import DeviceType
 
-    from dist_lm.observe.profiling import busy_seconds
+    from dist_lm.observe.profiling import busy_and_idle, busy_seconds
 
     def event(device, start_us, end_us):
         return Event(device_type=device, time_range=Event(start=start_us, end=end_us))
@@ -138,6 +140,8 @@ def test_gpu_busy_time_counts_overlapping_kernels_once():
     kernels = [event(DeviceType.CUDA, 30, 40), event(DeviceType.CUDA, 0, 10), event(DeviceType.CUDA, 5, 20)]
     assert busy_seconds([*kernels, event(DeviceType.CPU, 0, 100)]) == pytest.approx(30e-6)
     assert busy_seconds([]) == 0
+    spans = [(30, 40), (0, 10), (5, 20), (41, 45)]
+    assert busy_and_idle(spans, min_gap=5) == (34, [(20, 30)])  # the 1 us gap before 41 is too short to list
 
 
 def test_early_stopping_on_validation_patience(env, ds_ops, tmp_path):

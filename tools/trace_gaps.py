@@ -1,46 +1,68 @@
-"""Compare chrome traces: GPU busy, kernel count, idle gaps and what the host ran during them."""
-import gzip, json, sys
-from collections import Counter, defaultdict
+"""Where the GPU sat idle in a torch.profiler trace, and what the host was doing meanwhile.
 
-def load(path):
-    with gzip.open(path) if path.endswith(".gz") else open(path) as f:
-        return json.load(f)["traceEvents"]
+    python tools/trace_gaps.py RUN/profile/rank0-trace.json.gz [MORE TRACES] [--min-gap-us 30]
 
-def analyze(path, min_gap_us=30):
-    ev = [e for e in load(path) if e.get("ph") == "X"]
-    gpu = sorted((e["ts"], e["ts"] + e["dur"], e["name"]) for e in ev if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"))
-    cpu = [e for e in ev if e.get("cat") in ("cpu_op", "python_function", "user_annotation", "cuda_runtime", "cuda_driver")]
-    t0, t1 = gpu[0][0], gpu[-1][1]
-    busy, gaps, end = 0.0, [], None
-    start = None
-    for s, e, n in gpu:
-        if end is None:
-            start, end = s, e
-        elif s > end:
-            busy += end - start
-            if s - end >= min_gap_us:
-                gaps.append((end, s))
-            start, end = s, e
-        else:
-            end = max(end, e)
-    busy += end - start
-    runtime = Counter(e["name"] for e in cpu if e.get("cat") == "cuda_runtime")
-    print(f"== {path}\n  GPU span {(t1 - t0)/1000:.2f} ms, busy {busy/1000:.2f} ms ({100*busy/(t1-t0):.1f}%), kernels {len(gpu)}, "
-          f"gaps>={min_gap_us}us: {len(gaps)} totalling {sum(b-a for a,b in gaps)/1000:.2f} ms")
-    print("  runtime calls:", ", ".join(f"{n} {c}" for n, c in runtime.most_common(8)))
-    # for each gap, the outermost cpu_op running on the host at the gap's start
-    ops = sorted((e["ts"], e["ts"] + e["dur"], e["name"], e.get("cat")) for e in cpu if e.get("cat") in ("cpu_op", "user_annotation", "cuda_runtime"))
-    blame = defaultdict(float)
+For each Chrome trace (``logging.profile_start``, ``dist-lm bench --profile``): the span from
+the first kernel to the last, the time at least one kernel or copy ran, the kernel count, the
+idle gaps of at least --min-gap-us, and for the gaps the host operations that overlapped them,
+largest total first. Given the engine's trace beside plain PyTorch's (``dist-lm bench --baseline
+--profile DIR``), the difference in idle time is the step time the engine loses to its host.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+from collections import Counter
+from pathlib import Path
+
+from dist_lm.observe.profiling import busy_and_idle
+
+GPU_WORK = ("kernel", "gpu_memcpy", "gpu_memset")
+HOST_WORK = ("cpu_op", "user_annotation", "cuda_runtime")
+
+
+def load_events(path: Path) -> list[dict]:
+    with (gzip.open(path, "rt") if path.suffix == ".gz" else open(path)) as f:
+        return [e for e in json.load(f)["traceEvents"] if e.get("ph") == "X"]
+
+
+def report(path: Path, min_gap_us: float) -> str:
+    events = load_events(path)
+    gpu = [(e["ts"], e["ts"] + e["dur"]) for e in events if e.get("cat") in GPU_WORK]
+    if not gpu:
+        return f"== {path}: no GPU work in the trace"
+    host = [(e["ts"], e["ts"] + e["dur"], e["name"]) for e in events if e.get("cat") in HOST_WORK]
+    span = max(e for _, e in gpu) - min(s for s, _ in gpu)
+    busy, gaps = busy_and_idle(gpu, min_gap_us)
+    launches = Counter(e["name"] for e in events if e.get("cat") == "cuda_runtime")
+    lines = [f"== {path}",
+             f"  GPU span {span / 1000:.2f} ms, busy {busy / 1000:.2f} ms ({100 * busy / span:.1f}%), "
+             f"{len(gpu)} kernels and copies; {len(gaps)} gaps of {min_gap_us:g} us or more, "
+             f"{sum(b - a for a, b in gaps) / 1000:.2f} ms in all",
+             "  runtime calls: " + ", ".join(f"{name} {n}" for name, n in launches.most_common(8))]
+    # Each gap goes to the three host operations that overlapped it most (nested operations each
+    # count their own overlap: a look at where the host was, not an exact split).
+    blame: Counter[str] = Counter()
     for a, b in gaps:
-        # which host events overlap the gap: sum their overlap by name (innermost ones double count; fine for a look)
-        names = Counter()
-        for s, e, n, c in ops:
+        overlap: Counter[str] = Counter()
+        for s, e, name in host:
             if s < b and e > a:
-                names[n] += min(e, b) - max(s, a)
-        top = names.most_common(3)
-        blame[" | ".join(n for n, _ in top) or "(host outside ops)"] += b - a
-    for k, v in sorted(blame.items(), key=lambda kv: -kv[1])[:15]:
-        print(f"  {v/1000:7.2f} ms  {k[:160]}")
+                overlap[name] += min(e, b) - max(s, a)
+        blame[" | ".join(name for name, _ in overlap.most_common(3)) or "(no host operation)"] += b - a
+    lines += [f"  {t / 1000:7.2f} ms  {who[:150]}" for who, t in blame.most_common(15)]
+    return "\n".join(lines)
 
-for p in sys.argv[1:]:
-    analyze(p)
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("traces", nargs="+", type=Path)
+    p.add_argument("--min-gap-us", type=float, default=30.0, help="shorter idle gaps are not listed")
+    args = p.parse_args()
+    for path in args.traces:
+        print(report(path, args.min_gap_us))
+
+
+if __name__ == "__main__":
+    main()

@@ -75,12 +75,23 @@ def busy_seconds(events) -> float:
     so that kernels of concurrent streams are counted once. (The table's "Self CUDA" column
     cannot be summed for this: it gives a kernel's time both to its own row and to the
     operation that launched it.)"""
-    spans = sorted((e.time_range.start, e.time_range.end) for e in events if e.device_type == DeviceType.CUDA)
-    busy, start, end = 0.0, None, None  # the run of overlapping spans being merged: [start, end]
-    for span_start, span_end in spans:
-        if end is None or span_start > end:
-            busy += 0 if end is None else end - start
+    spans = [(e.time_range.start, e.time_range.end) for e in events if e.device_type == DeviceType.CUDA]
+    return busy_and_idle(spans)[0] / 1e6  # the profiler's times are in microseconds
+
+
+def busy_and_idle(spans: list[tuple[float, float]], min_gap: float = 0.0) -> tuple[float, list[tuple[float, float]]]:
+    """The time covered by ``spans`` (start, end), overlaps counted once, and the gaps between
+    them of at least ``min_gap``, in order (tools/trace_gaps.py: where the GPU sat idle)."""
+    busy, gaps = 0.0, []
+    start = end = None  # the run of overlapping spans being merged
+    for span_start, span_end in sorted(spans):
+        if end is None:
+            start, end = span_start, span_end
+        elif span_start > end:
+            busy += end - start
+            if span_start - end >= min_gap:
+                gaps.append((end, span_start))
             start, end = span_start, span_end
         else:
             end = max(end, span_end)
-    return (busy + (0 if end is None else end - start)) / 1e6  # the profiler's times are in microseconds
+    return busy + (0.0 if end is None else end - start), gaps
