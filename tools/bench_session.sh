@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU measurements behind docs/benchmarks.md's 2026-12-02 tables (issues 20, 21 and 22), in parts
+# The GPU measurements behind docs/benchmarks.md's tables (issues 20, 21 and 22), in parts
 # that each fit one device call. Each writes its log to $OUT/<part>.log (default: ./bench-out).
 #   tools/bench_session.sh gputests|tests|lifecycle|large|large128k|regions|docmask|small|small50|accum|autocast|autocast124|
 #     autocast13|syncs|order124|trace|fp8loss|fp8loss13|startup|caps|scaling|scaling3|launcher [more parts]

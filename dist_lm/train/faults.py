@@ -108,7 +108,7 @@ def check_finite(model_engine, loss_sum: torch.Tensor, step: int) -> None:
 
 
 class FlagInFlight:
-    """A one-element tensor on its way to the host: on a GPU, copied into pinned memory without
+    """A one-element bool tensor on its way to the host: on a GPU, copied into pinned memory without
     waiting, then read when the copy is done. Reading the device tensor itself (``bool(t)``,
     ``.item()``) would wait for everything launched on the stream so far, since a copy to the
     host is ordered after all of it: read a step late that way, the flag still made the host wait
@@ -122,8 +122,8 @@ class FlagInFlight:
         if flag.device.type != "cuda":
             self._host, self._copied = flag, None
             return
-        if self._host is None or self._host.dtype != flag.dtype or self._copied is None:
-            self._host = torch.empty((), dtype=flag.dtype, pin_memory=True)
+        if self._copied is None:
+            self._host = torch.empty((), dtype=torch.bool, pin_memory=True)
             self._copied = torch.cuda.Event()
         self._host.copy_(flag.reshape(()), non_blocking=True)
         self._copied.record()
