@@ -13,7 +13,8 @@ plus the time from start to the first optimizer step and the memory model's pred
 --ranks 1,2 runs every variant on one GPU and again on two under torchrun (NCCL), with the same
 micro-batches per rank, and prints each variant's scaling: its tokens/s over its one-rank row's.
 --baseline adds a row for plain PyTorch, measured in this process before the variants, with the
-share of its step time spent waiting for data.
+share of its step time spent waiting for data. It trains as the variants train (dist_lm.train.plain:
+the same seed, data, AdamW settings and learning rate at every step).
 --profile DIR: after the timed steps, each variant (and the baseline) runs 3 more under
 torch.profiler; DIR/<variant>-ops.txt gets the costliest operations and how busy the GPU was
 (dist_lm.observe.profiling), DIR/<variant>-trace.json.gz the Chrome trace. Profiled steps are not timed.
@@ -125,63 +126,48 @@ def run_variant(config: str, overrides: list[str], variant: str, steps: int, war
 
 def run_baseline(config: str, overrides: list[str], steps: int, warmup: int, accum: int,
                  profile_dir: Path | None) -> dict:
-    """The same model and data in plain PyTorch: torch.compile, fused AdamW, bf16 autocast."""
+    """The same training in plain PyTorch (dist_lm.train.plain): torch.compile, fused AdamW, bf16
+    autocast, and the variants' seed, data and learning rate at every step."""
     import torch
 
     from dist_lm.plan import hardware
     from dist_lm.config.io import load_config
-    from dist_lm.data.sampler import TrainData
-    from dist_lm.config.batch import batch_sizes
     from dist_lm.model.counts import flops_per_token
-    from dist_lm.model.transformer import Transformer
     from dist_lm.observe.profiling import StepProfiler
-    from dist_lm.data.checks import resolve_data
+    from dist_lm.train.plain import PlainTraining
 
-    cfg = load_config(config, [*overrides, batch_override(config, overrides, accum)])
-    device = torch.device("cuda")
-    data = resolve_data(cfg)
-    cfg, data_dir, meta = data.config, data.dir, data.meta
-    batch = batch_sizes(cfg.train, 1)
-    data = TrainData(data_dir, meta, cfg.model.seq_len, batch, 0, cfg.train.seed, device)
-    model = Transformer(cfg.model).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, fused=True)
-    compiled = torch.compile(model)
-    torch.cuda.reset_peak_memory_stats()
     profiled = PROFILED_STEPS if profile_dir else 0
+    # train.max_steps as the variants have it (run_variant): the schedule spans the same steps
+    cfg = load_config(config, [*overrides, batch_override(config, overrides, accum),
+                               f"train.max_steps={warmup + steps + profiled}"])
+    device = torch.device("cuda")
+    plain = PlainTraining(cfg, device, compiled=True, autocast=True)
+    cfg = plain.cfg
+    torch.cuda.reset_peak_memory_stats()
     profiler = StepProfiler(warmup + steps + 1 if profiled else 0, profiled, profile_dir, "baseline", device)
-    waiting = 0.0
     for i in range(warmup + steps + profiled):
         if i == warmup:
             torch.cuda.synchronize()
-            start, waiting = time.perf_counter(), 0.0
+            start, plain.data_wait_s = time.perf_counter(), 0.0
         profiler.before_step(i + 1)
-        t0 = time.perf_counter()
-        batches = data.next_batches()
-        waiting += time.perf_counter() - t0
-        for x, y in batches:
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = compiled(x, y)
-            (loss / len(batches)).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        plain.step()
         if i + 1 == warmup + steps:  # the timed steps end here; profiled ones may follow
             torch.cuda.synchronize()
-            seconds, timed_waiting = time.perf_counter() - start, waiting
+            seconds, waiting = time.perf_counter() - start, plain.data_wait_s
         profiler.after_step(i + 1)
-    data.close()
+    plain.close()
     peak_mem_gb = torch.cuda.max_memory_allocated() / 1e9
     # The variants run after it in processes of their own: give their GPU memory back.
-    del compiled, model, opt, loss
+    del plain
     torch._dynamo.reset()
     torch.cuda.empty_cache()
-    tokens = steps * batch.global_batch_size * cfg.model.seq_len
+    tokens = steps * cfg.train.global_batch_size * cfg.model.seq_len
     peak = hardware.peak_flops(device)
     return {"variant": "plain PyTorch (compile, fused AdamW, autocast)", "tokens_per_s": tokens / seconds,
             "mfu": tokens / seconds * flops_per_token(cfg.model) / peak if peak else 0.0, "step_s": seconds / steps,
             "peak_mem_gb": peak_mem_gb, "first_step_s": None,
             "flops_per_token": flops_per_token(cfg.model),
-            "data_wait_share": timed_waiting / seconds}
+            "data_wait_share": waiting / seconds}
 
 
 def positive(text: str) -> int:

@@ -32,7 +32,13 @@ def client_optimizer(param_sets: list[dict], optim: OptimConfig,
         return None
     # torch's fused kernel, on GPU and CPU alike (DeepSpeed's own FusedAdam is a JIT build that
     # fails on some images); it can also skip a non-finite update on the device
-    # (dist_lm.runtime.engine.step). The learning rate is set before every step (lr_at).
+    # (dist_lm.runtime.engine.step).
+    return fused_adamw(param_sets, optim)
+
+
+def fused_adamw(param_sets: list[dict], optim: OptimConfig) -> torch.optim.AdamW:
+    """torch's fused AdamW with the run's betas and eps; the weight decay is the groups'
+    (param_groups) and the learning rate is set before every step (lr_at)."""
     return torch.optim.AdamW(param_sets, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps, fused=True)
 
 
