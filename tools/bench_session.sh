@@ -19,12 +19,28 @@ BENCH="$DL bench --warmup 5 --steps 10 --timeout 300 --baseline"
 # A training run that SIGTERM stops finishes its step and saves a checkpoint (35-38 s at 1.1B on
 # the H200's disk), more than the 10 s grace below: such a part ends "exit 137" after its
 # one-line stop message. Nothing here needs that checkpoint.
+# At 1.3B an H200 trains at its 700 W power cap, where the SM clock (and so a step's time) follows
+# the values multiplied: each part samples clock and power into $OUT/NAME-gpu.csv and prints the
+# GPU's busy stretches (a bench's baseline and its variants, in order) with their means.
 part() {  # part NAME SECONDS COMMAND...: runs COMMAND with its output in $OUT/NAME.log
-  local name=$1 limit=$2; shift 2
+  local name=$1 limit=$2 sampler="" status; shift 2
   echo "== $name: $*" | tee -a "$OUT/$name.log"
+  if command -v nvidia-smi >/dev/null; then
+    nvidia-smi --query-gpu=timestamp,utilization.gpu,clocks.sm,power.draw,clocks_throttle_reasons.active \
+      --format=csv,noheader,nounits -lms 250 >>"$OUT/$name-gpu.csv" 2>/dev/null &
+    sampler=$!
+  fi
   timeout -k 10 "$limit" "$@" >>"$OUT/$name.log" 2>&1
-  echo "== $name: exit $?" | tee -a "$OUT/$name.log"
+  status=$?
+  [ -n "$sampler" ] && kill "$sampler" 2>/dev/null
+  echo "== $name: exit $status" | tee -a "$OUT/$name.log"
   grep -E '^\||scaling|passed|failed|error' "$OUT/$name.log" | tail -20
+  [ -n "$sampler" ] && busy_stretches "$OUT/$name-gpu.csv" | tee -a "$OUT/$name.log"
+}
+
+busy_stretches() {  # busy_stretches CSV: runs of 2 s or more at 90% utilisation or above, with mean clock and power
+  awk -F', *' 'function flush() { if (n >= 8) printf "   GPU busy from %s for %d samples: SM clock %.0f MHz, %.0f W\n", start, n, c / n, w / n; n = c = w = 0 }
+    $2 + 0 >= 90 { if (!n) start = substr($1, 12, 8); n++; c += $3; w += $4; next } { flush() } END { flush() }' "$1"
 }
 
 for what in "$@"; do case $what in
