@@ -243,3 +243,12 @@ def test_a_bf16_autocast_checkpoint_resumes_on_one_rank_by_the_auto_plan_but_not
     assert len(losses) == 1 and math.isfinite(losses[0])  # the row of steps 5-6
     state = json.loads((tmp_path / "one" / "checkpoints" / "step00000006" / "state.json").read_text())
     assert (state["step"], state["world_size"], state["precision"]) == (6, 1, "bf16-autocast")
+    # fp32 shares bf16-autocast's weights and optimizer state: it loads, and the run says it
+    # trains on in another precision than it began in (as a resumed fp8 run does in bf16)
+    proc = launch("python", [*common, "parallel.precision=fp32", f"run.dir={tmp_path / 'fp32'}"], env)
+    assert_ok(proc)
+    assert "warning: the checkpoint was saved in parallel.precision=bf16-autocast; this run goes on in fp32 " \
+           "(parallel.precision); to keep training as it began, resume with parallel.precision=bf16-autocast" \
+           in proc.stderr, proc.stderr
+    state = json.loads((tmp_path / "fp32" / "checkpoints" / "step00000006" / "state.json").read_text())
+    assert (state["step"], state["precision"]) == (6, "fp32")

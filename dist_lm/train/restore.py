@@ -40,16 +40,22 @@ def needs_universal(state: RunState, world_size: int, zero_stage: int) -> bool:
     return True
 
 
-def check_precision(state: RunState, precision: Precision) -> None:
+def check_precision(state: RunState, precision: Precision) -> str | None:
     """Refuse to resume a bf16-autocast checkpoint (fp32 weights, torch's optimizer state) in a
     precision with low-precision weights and DeepSpeed's fp32 masters, or the other way round:
-    their optimizer states are not the same thing. (fp32 and bf16-autocast share theirs.)"""
+    their optimizer states are not the same thing. (fp32 and bf16-autocast share theirs.)
+    Another change of precision loads, but the run then trains differently from how it began (a
+    resumed fp8 run whose command no longer says fp8 goes on in bf16): returns the line that says so."""
     saved = Precision(state.precision)
     if Precision.BF16_AUTOCAST in (saved, precision) and saved.mixed != precision.mixed:
         stage = f" parallel.zero_stage={state.zero_stage}" if state.zero_stage is not None else ""
         raise CheckpointError(f"checkpoint error: the checkpoint was saved in parallel.precision={saved} and this "
                               f"run trains in {precision}, whose weights and optimizer state are kept differently: "
                               f"resume with parallel.precision={saved}{stage}")
+    if saved is precision:
+        return None
+    return (f"the checkpoint was saved in parallel.precision={saved}; this run goes on in {precision} "
+            f"(parallel.precision); to keep training as it began, resume with parallel.precision={saved}")
 
 
 def resumed_settings(overrides: list[str]) -> tuple[Precision, int | None] | None:

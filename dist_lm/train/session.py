@@ -128,7 +128,9 @@ def start(cfg: Config, plan_summary: list[str] = (), data: ResolvedData | None =
     if found is not None:
         _check_same_data(cfg, found, data)
         _check_same_model(cfg, found)
-        restore.check_precision(found.state, precision)
+        precision_change = restore.check_precision(found.state, precision)
+        if precision_change:
+            log.warn(precision_change)
     elif cfg.checkpoint.resume == "none" and checkpoint.complete_checkpoints(ckpt_root):
         raise checkpoint.CheckpointError(
             f"checkpoint error: checkpoint.resume=none but {ckpt_root} holds checkpoints of an earlier run; "
