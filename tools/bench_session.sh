@@ -19,9 +19,9 @@ BENCH="$DL bench --warmup 5 --steps 10 --timeout 300 --baseline"
 # A training run that SIGTERM stops finishes its step and saves a checkpoint (35-38 s at 1.1B on
 # the H200's disk), more than the 10 s grace below: such a part ends "exit 137" after its
 # one-line stop message. Nothing here needs that checkpoint.
-# At 1.3B an H200 trains at its 700 W power cap, where the SM clock (and so a step's time) follows
-# the values multiplied: each part samples clock and power into $OUT/NAME-gpu.csv and prints the
-# GPU's busy stretches (a bench's baseline and its variants, in order) with their means.
+# At 1.3B an H200 trains at its 700 W power cap, where the SM clock (and so a step's time) moves
+# with the power the work draws: each part samples clock and power into $OUT/NAME-gpu.csv and prints
+# the GPU's busy stretches (a bench's baseline and its variants, in order) with their means.
 part() {  # part NAME SECONDS COMMAND...: runs COMMAND with its output in $OUT/NAME.log
   local name=$1 limit=$2 sampler="" status; shift 2
   echo "== $name: $*" | tee -a "$OUT/$name.log"

@@ -5,9 +5,9 @@ reference for the engine's losses (tests/reference.py) and the bench's baseline 
 It starts as a run starts (the seed and so the initial weights, AdamW's betas, eps and
 weight-decay groups, the samples in the global order) and sets every step's learning rate by the
 run's schedule, so the engine and it train the same weights. For the bench that is more than
-tidiness: at 1.3B an H200 trains at its power cap, where a matmul's speed depends on the values
-it multiplies, and a baseline at another learning rate is another workload (docs/benchmarks.md,
-2026-12-03, fourth session)."""
+tidiness: at 1.3B an H200 trains at its power cap, where the clock moves with the power the
+matmuls draw, and that depends on the values they multiply; a baseline at another learning rate
+ran at another clock (docs/benchmarks.md, 2026-12-03, fourth session)."""
 
 from __future__ import annotations
 
