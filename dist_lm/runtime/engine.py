@@ -193,16 +193,17 @@ def set_lr(engine: "deepspeed.DeepSpeedEngine", lr: float, optim: OptimConfig) -
         group["lr"] = lr * muon_scale if group.get("use_muon") else lr
 
 
-def step(engine: "deepspeed.DeepSpeedEngine", grad_clip: float) -> tuple[torch.Tensor | float | None, bool]:
+def step(engine: "deepspeed.DeepSpeedEngine", grad_clip: float,
+         clips_itself: bool) -> tuple[torch.Tensor | float | None, bool]:
     """The optimizer step at the accumulation boundary, clipping the gradients' global norm to
     ``grad_clip`` (0: no clipping). Returns that norm before clipping (a tensor or a float, or
     None if unknown) and whether the update was applied: an update whose gradients hold NaN or
-    inf is skipped, by DeepSpeed's optimizers at ZeRO 1-3 and in fp16/bf16, and here at ZeRO-0
-    with fp32 weights (fp32, bf16-autocast), where DeepSpeed steps the torch optimizer as it is."""
-    if engine.zero_optimization_stage() == 0 and not (engine.bfloat16_enabled() or engine.fp16_enabled()):
+    inf is skipped, by DeepSpeed's optimizers at ZeRO 1-3 and in fp16/bf16, and here where
+    DeepSpeed steps the torch optimizer as it is (``clips_itself``: the answer of
+    dist_lm.runtime.ds_config.clips_itself for this run, which also turned DeepSpeed's clip off)."""
+    if clips_itself:
         # The gradients are already all-reduced. DeepSpeed's own clip would take the norm one
-        # kernel per tensor (dist_lm.runtime.ds_config turns it off here); torch's foreach kernels
-        # take it in a few, as plain PyTorch does.
+        # kernel per tensor; torch's foreach kernels take it in a few, as plain PyTorch does.
         params = [p for p in engine.module.parameters() if p.grad is not None]
         if not params:
             engine.step()

@@ -15,6 +15,7 @@ from dist_lm.model.counts import count_parameters, flops_per_token
 from dist_lm.observe import log, metrics
 from dist_lm.plan import hardware
 from dist_lm.runtime import distributed, engine
+from dist_lm.runtime.ds_config import clips_itself
 from dist_lm.runtime.optim import lr_at
 from dist_lm.train import checkpoint, faults
 from dist_lm.train.faults import SkipCounter, SpikeGuard
@@ -38,6 +39,7 @@ class Trainer:
         self.last_saved_step: int | None = None
         self.evals_without_improvement = 0
         self.last_val_loss: tuple[int, float] | None = None  # (step, loss) of the newest evaluation
+        self.clips_itself = clips_itself(s.cfg.parallel, s.precision)
         self.skips = SkipCounter(s.cfg.train.max_skipped_steps, s.precision, s.ckpt_root)
         self.spike_guard = SpikeGuard(s.cfg.train.spike_factor, s.run_dir, s.cfg.train.spike_skip) \
             if s.cfg.train.spike_factor else None
@@ -181,7 +183,7 @@ class Trainer:
                 model_engine.step()  # DeepSpeed counts micro-steps; it updates only at the boundary
         if self.cfg.train.check_finite:
             faults.check_finite(model_engine, self.window.loss_sum, self.step + 1)
-        grad_norm, applied = engine.step(model_engine, self.cfg.optim.grad_clip)
+        grad_norm, applied = engine.step(model_engine, self.cfg.optim.grad_clip, self.clips_itself)
         self.skips.update(applied, grad_norm, self.step + 1)
         return grad_norm, len(batches)
 
