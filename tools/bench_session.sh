@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU measurements behind docs/benchmarks.md's tables (issues 20, 21 and 22), in parts
 # that each fit one device call. Each writes its log to $OUT/<part>.log (default: ./bench-out).
-#   tools/bench_session.sh gputests|tests|lifecycle|large|large128k|regions|docmask|small|small50|accum|autocast|autocast124|
+#   tools/bench_session.sh gputests|tests|lifecycle|large|large128k|regions|docmask|small|small50|accum|autocast|autocast124|autocast128k|accum13|
 #     autocast13|syncs|order124|trace|fp8loss|fp8loss13|startup|caps|scaling|scaling3|launcher [more parts]
 # scaling, scaling3 and launcher need two GPUs (nvidia-h200-x2).
 # Shapes are the issue's: 12M (6 x 384, seq 256, micro 64, vocab 2048), 124M (12 x 768, MHA,
@@ -74,11 +74,15 @@ accum)  # the preset's accumulation instead of a step per micro-batch: 124M at h
   # micro-batches per step, 1.3B at 16 (64 would be 17 s a step)
   part accum-124m 200 $DL bench --warmup 2 --steps 4 --accum 64 --timeout 120 --baseline --config h100-80gb \
     --variant "zero1: parallel.zero_stage=1" $S124
+  bash "$0" accum13 ;;
+accum13)  # 1.3B at 16 micro-batches a step, beside plain PyTorch
   part accum-1.3b 330 $DL bench --warmup 2 --steps 4 --accum 16 --timeout 200 --baseline --config h100-80gb \
     --variant "zero1: parallel.zero_stage=1" $S1300 ;;
 autocast)  # bf16-autocast (fp32 weights under torch.autocast, ZeRO-0) beside plain PyTorch and bf16 at ZeRO-1: 124M, 1.3B at 128k
   part autocast-124m 200 $BENCH --config h100-80gb --variant "bf16 zero1: parallel.zero_stage=1" \
     --variant "bf16-autocast: parallel.precision=bf16-autocast parallel.zero_stage=0" $S124
+  bash "$0" autocast128k ;;
+autocast128k)  # bf16-autocast at 1.3B with the 128k vocabulary, beside plain PyTorch
   part autocast-128k 260 $BENCH --config h100-80gb \
     --variant "bf16-autocast: parallel.precision=bf16-autocast parallel.zero_stage=0" $S128K ;;
 autocast124)  # bf16-autocast at 124M beside plain PyTorch (after its skip moved onto the device)
