@@ -198,3 +198,16 @@ def test_bench_gives_a_failing_or_timed_out_variant_a_row(tmp_path, env):
     assert bad["error"].startswith("exit status 2: error: config error: ") and "train.micro_batch_size: must be positive" in bad["error"], bad
     assert slow["error"].startswith("timed out after 2 s: "), slow
     assert proc.stdout.count("| failed: ") == 2
+
+
+@pytest.mark.parametrize("args,message", [
+    (["data.embedded_vocab_size=2"], "error: config error: command line: data.embedded_vocab_size: must be at least 512"),
+    ([], "error: bench --baseline: plain PyTorch's row is measured on a CUDA GPU, and this machine has none; "
+         "drop --baseline"),
+])
+def test_bench_baseline_refuses_bad_input_in_one_line(env, args, message):
+    """--baseline trains the variants' shared config in the bench's own process: a bad one, or a
+    machine without a GPU, is one line and exit status 2 before any row, not a traceback."""
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "bench.py"), "--config", "debug", "--baseline", *args],
+                          env=env, capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert (proc.returncode, proc.stderr.strip(), proc.stdout) == (2, message, "")

@@ -36,6 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from dist_lm.config.schema import UserError
 from dist_lm.observe import metrics
 
 PROFILED_STEPS = 3
@@ -80,8 +81,6 @@ def last_line(log: Path) -> str:
 def run_variant(config: str, overrides: list[str], variant: str, steps: int, warmup: int, accum: int, work: Path,
                 profile_dir: Path | None, ranks: int = 1, label: str | None = None, timeout: float = 1800) -> dict:
     """One row: ``variant`` ('name: overrides') trained on ``ranks`` GPUs, shown as ``label``."""
-    from dist_lm.config.schema import UserError
-
     name, _, extra = variant.partition(":")
     name = label or name.strip()
     try:
@@ -140,6 +139,9 @@ def run_baseline(config: str, overrides: list[str], steps: int, warmup: int, acc
     # train.max_steps as the variants have it (run_variant): the schedule spans the same steps
     cfg = load_config(config, [*overrides, batch_override(config, overrides, accum),
                                f"train.max_steps={warmup + steps + profiled}"])
+    if not torch.cuda.is_available():
+        raise UserError("bench --baseline: plain PyTorch's row is measured on a CUDA GPU, and this machine has "
+                        "none; drop --baseline")
     device = torch.device("cuda")
     plain = PlainTraining(cfg, device, compiled=True, autocast=True)
     cfg = plain.cfg
@@ -212,11 +214,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="applied to every variant")
     args = p.parse_args(argv)
     rows = []
+    if args.baseline:  # first: a call cut short by its time limit still has the denominator
+        try:
+            rows.append(run_baseline(args.config, args.overrides, args.steps, args.warmup, args.accum, args.profile))
+        except UserError as e:  # the variants' shared config: they would all fail the same way
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     print("| variant | tokens/s | TFLOP/s | MFU | step | peak memory (predicted) | first step after |")
     print("|---|---|---|---|---|---|---|")
-    if args.baseline:  # first: a call cut short by its time limit still has the denominator
-        rows.append(run_baseline(args.config, args.overrides, args.steps, args.warmup, args.accum, args.profile))
-        print_row(rows[-1])
+    for row in rows:
+        print_row(row)
     with tempfile.TemporaryDirectory() as work:
         for variant in args.variant or DEFAULT_VARIANTS:
             base = variant.partition(":")[0].strip()
