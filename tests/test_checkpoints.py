@@ -79,7 +79,14 @@ def test_a_hung_rank_ends_the_other_with_one_line_naming_it(env, ds_ops, tmp_pat
 
 def test_a_truncated_latest_checkpoint_is_skipped_with_a_note(env, ds_ops, tmp_path):
     args = [*BASE, "train.max_steps=4", "checkpoint.interval=2", f"run.dir={tmp_path}"]
-    assert_ok(launch("python", args, env))
+    first_save_died = tmp_path / "checkpoints" / "step00000001"  # a run killed while saving its first checkpoint
+    first_save_died.mkdir(parents=True)
+    (first_save_died / "mp_rank_00_model_states.pt").write_bytes(b"\0" * 500)
+    first = launch("python", args, env)
+    assert_ok(first)
+    assert "step00000001 is incomplete (it has no state.json (the save did not finish)); no complete checkpoint " \
+           "to resume: training from step 0" in first.stderr
+    assert not first_save_died.exists()  # removed once a complete checkpoint is newer
     latest = tmp_path / "checkpoints" / "step00000004"
     shard = latest / "mp_rank_00_model_states.pt"
     shard.write_bytes(shard.read_bytes()[:1000])

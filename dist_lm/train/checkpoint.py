@@ -76,10 +76,14 @@ def problem_with(path: Path) -> str | None:
 
 def complete_checkpoints(root: Path) -> list[Path]:
     """The complete checkpoints under ``root``, oldest first."""
+    return [p for p in _step_dirs(root) if problem_with(p) is None]
+
+
+def _step_dirs(root: Path) -> list[Path]:
+    """The checkpoint directories (step<N>) under root, complete or not, oldest first."""
     if not root.is_dir():
         return []
-    tags = sorted((p for p in root.iterdir() if p.is_dir() and step_of(p) is not None), key=step_of)
-    return [p for p in tags if problem_with(p) is None]
+    return sorted((p for p in root.iterdir() if p.is_dir() and step_of(p) is not None), key=step_of)
 
 
 @dataclass
@@ -156,18 +160,23 @@ def _newest(root: Path, required: bool, what: str) -> Found | None:
     also after a process died between writing a checkpoint's state.json and moving ``latest``.
     Its note names every newer checkpoint directory that is incomplete (a save that died)."""
     complete = complete_checkpoints(root)
-    tags = sorted((p for p in root.iterdir() if p.is_dir() and step_of(p) is not None), key=step_of) \
-        if root.is_dir() else []
     if not complete:
         if required:
-            why = "".join(f"; {p.name} is incomplete ({problem_with(p)})" for p in tags[-1:])
+            why = "".join(f"; {note}" for note in incomplete_after(root)[:1])
             raise CheckpointError(f"checkpoint error: {what}: no complete checkpoint in {root}{why}; give another "
                                   "checkpoint or run directory")
         return None
     newest = complete[-1]
-    skipped = [f"{p.name} is incomplete ({problem_with(p)})" for p in reversed(tags) if step_of(p) > step_of(newest)]
+    skipped = incomplete_after(root, step_of(newest))
     note = f"{'; '.join(skipped)}; resuming from {newest.name}, the newest complete checkpoint" if skipped else None
     return Found(newest, RunState.read(newest), note)
+
+
+def incomplete_after(root: Path, step: int = -1) -> list[str]:
+    """Each checkpoint directory under root past ``step`` whose save did not finish, newest
+    first, said as "step00000012 is incomplete (why)"."""
+    return [f"{p.name} is incomplete ({why})" for p in reversed(_step_dirs(root))
+            if step_of(p) > step and (why := problem_with(p))]
 
 
 # ------------------------------------------------------------------------------------- saving
