@@ -129,6 +129,32 @@ def test_one_gpu_without_accumulation_trains_bf16_autocast_unless_the_precision_
     assert (option(eight, "parallel.precision"), option(eight, "parallel.zero_stage")) == ("bf16", 1)
 
 
+def test_a_short_run_on_one_gpu_is_compiled_by_regions():
+    """Compiling by regions reaches the first step sooner and costs a little on every micro-batch
+    (measured on an H200, docs/benchmarks.md): the plan takes it when the whole run then ends
+    sooner, and not for a long run, in bf16-autocast or on several GPUs (not measured there), or
+    when the user set a compile key."""
+    h200 = Machine(1, "NVIDIA H200", 150.11, (9, 0), 1, 16, 135)
+    short = make_plan(h200, ["train.max_steps=100"])
+    assert (short.config.train.micro_batch_size, short.config.train.global_batch_size) == (32, 512)
+    assert short.config.parallel.compile_regions is True
+    assert "compiled by regions: the run's 1,600 micro-batches end about 21 s sooner" in format_plan(short)
+    assert "parallel.compile_regions=true" in launch_commands(short)["python"]
+    by_tokens = make_plan(h200, ["train.max_steps=50000", "train.max_tokens=50000000"])  # 48 steps of 1M tokens
+    assert by_tokens.config.parallel.compile_regions is True
+    one_micro_batch_a_step = make_plan(H100, ["train.max_steps=100", "train.global_batch_size=8", "parallel.zero_stage=1"])
+    assert (one_micro_batch_a_step.config.parallel.precision, one_micro_batch_a_step.config.parallel.compile_regions) \
+        == ("bf16", True)
+    for machine, given in ((h200, []), (h200, ["train.max_steps=300"]),
+                           (h200, ["train.max_steps=100", "parallel.compile_regions=false"]),
+                           (h200, ["train.max_steps=100", "parallel.compile=false"]),
+                           (H100, ["train.max_steps=100", "train.global_batch_size=8"]),  # bf16-autocast
+                           (dataclasses.replace(h200, gpus_per_node=2), ["train.max_steps=100"])):
+        plan = make_plan(machine, given)
+        assert plan.config.parallel.compile_regions is False, given
+        assert not any(r.startswith("compiled by regions") for r in plan.reasons), given
+
+
 def test_a_resumed_run_keeps_what_its_checkpoint_can_load():
     """The plan of a run that resumes keeps the checkpoint's bf16-autocast (fp32 weights and torch
     optimizer state) on any number of GPUs, and its ZeRO-0, which no other stage loads; a

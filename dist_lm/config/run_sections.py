@@ -46,7 +46,8 @@ class ParallelConfig:
     compile_regions: bool = False
     """With compile at ZeRO 0-2: compile each block (one graph shared by all of them) and the
     output, instead of the whole model. The first step comes sooner (47 s at 1.3B on an H200, about
-    half the whole model's), the steps are slower (4% at 1.3B, a quarter at 124M: docs/benchmarks.md)."""
+    half the whole model's), the steps are slower (4% at 1.3B with micro-batch 8, 0.7% at 1.1B with
+    32, a quarter at 124M: docs/benchmarks.md). --config auto sets it for short runs (docs/planner.md)."""
     deepcompile: bool = False
     """With compile at ZeRO-3: DeepSpeed's DeepCompile, which puts ZeRO-3's parameter gathers and
     releases into the compiled graph; torch.compile alone breaks the graph at each of DeepSpeed's
