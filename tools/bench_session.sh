@@ -138,10 +138,15 @@ fp8loss|fp8loss13)  # 300 steps in bf16 and in fp8 on the same data, 124M (fp8lo
     mkdir -p "$OUT/fp8loss-$size/$p" && cp /tmp/fp8loss-$size-$p/metrics.jsonl "$OUT/fp8loss-$size/$p/"
   done
   [ -z "${PRECISIONS:-}" ] && $DL analyze "$OUT/fp8loss-$size/bf16" "$OUT/fp8loss-$size/fp8" --out "$OUT/fp8loss-$size" ;;
-startup)  # the auto plan on this GPU, whole model compiled, to its first step
-  part startup 240 $DL train train.max_steps=30 train.log_interval=10 train.eval_interval=0 \
-    checkpoint.interval=0 checkpoint.save_at_end=false logging.wandb=disabled logging.progress=false run.dir=/tmp/startup
-  grep -E "plan|predicted|first step|mem " "$OUT/startup.log" | head -12 ;;
+startup)  # the auto plan on this GPU to its first step: the whole model compiled in a fresh run directory,
+  # the same run directory again (Inductor's cache in it), and by regions in a fresh one (about 400 s in all)
+  run="train.max_steps=6 train.log_interval=1 train.eval_interval=0 checkpoint.interval=0 checkpoint.save_at_end=false
+    logging.wandb=disabled logging.progress=false"
+  rm -rf /tmp/startup /tmp/startup-regions
+  part startup 200 $DL train $run run.dir=/tmp/startup
+  part startup-restart 160 $DL train $run run.dir=/tmp/startup
+  part startup-regions 160 $DL train $run parallel.compile_regions=true run.dir=/tmp/startup-regions
+  grep -hE "^plan|first step|^step " "$OUT"/startup*.log ;;
 caps)  # the auto plans for 12 and 24 GB cards (CAPS="24": one of them), trained under those caps (peak against prediction)
   for cap in ${CAPS:-12 24}; do
     part caps-${cap}gb 240 env DIST_LM_GPU_MEMORY_GB=$cap $DL train train.max_steps=30 train.log_interval=10 \
