@@ -187,13 +187,14 @@ def test_bench_runs_each_variant_at_each_rank_count(tmp_path, env, ds_ops):
 
 def test_bench_gives_a_failing_or_timed_out_variant_a_row(tmp_path, env):
     """A variant that fails (a bad override: exit 2) or runs past --timeout still gets its row, with
-    its exit status and the last line of its log; the variants after it run."""
+    its exit status and the last line of its log; the variants after it run, and the bench ends
+    with exit status 1."""
     rows_file = tmp_path / "rows.json"
     proc = subprocess.run([sys.executable, str(ROOT / "tools" / "bench.py"), "--config", "debug", "--timeout", "2",
                            "--json", str(rows_file), "--variant", "bad: train.micro_batch_size=0",
                            "--variant", "slow: parallel.zero_stage=1"],
                           env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (proc.returncode, proc.stderr.splitlines()[-1]) == (1, "bench: 2 of 2 rows failed (their rows say why)")
     bad, slow = json.loads(rows_file.read_text())
     assert bad["error"].startswith("exit status 2: error: config error: ") and "train.micro_batch_size: must be positive" in bad["error"], bad
     assert slow["error"].startswith("timed out after 2 s: "), slow

@@ -19,7 +19,8 @@ the same seed, data, AdamW settings and learning rate at every step).
 torch.profiler; DIR/<variant>-ops.txt gets the costliest operations and how busy the GPU was
 (dist_lm.observe.profiling), DIR/<variant>-trace.json.gz the Chrome trace. Profiled steps are not timed.
 Prints one markdown table row per variant; a variant that fails, times out (--timeout) or runs no
-timed step gets a row that says so, with its exit status and the last line of its log.
+timed step gets a row that says so, with its exit status and the last line of its log, and the
+bench then ends with exit status 1 (after every row) so that a script does not read the table as whole.
 """
 
 from __future__ import annotations
@@ -236,7 +237,10 @@ def main(argv: list[str] | None = None) -> int:
         print(line)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
-    return 0
+    failed = sum("error" in r for r in rows)
+    if failed:
+        print(f"bench: {failed} of {len(rows)} rows failed (their rows say why)", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def print_row(r: dict) -> None:
