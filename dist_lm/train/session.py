@@ -131,10 +131,9 @@ def start(cfg: Config, plan_summary: list[str] = (), data: ResolvedData | None =
         precision_change = restore.check_precision(found.state, precision)
         if precision_change:
             log.warn(precision_change)
-    elif cfg.checkpoint.resume == "auto" and checkpoint.incomplete_after(ckpt_root):
+    elif cfg.checkpoint.resume == "auto" and (died := checkpoint.incomplete_after(ckpt_root)):
         # A save that died (a kill during the stop checkpoint) leaves a directory that is not resumed.
-        log.warn(f"{'; '.join(checkpoint.incomplete_after(ckpt_root))}; no complete checkpoint to resume: "
-                 "training from step 0")
+        log.warn(f"{'; '.join(died)}; no complete checkpoint to resume: training from step 0")
     elif cfg.checkpoint.resume == "none" and checkpoint.complete_checkpoints(ckpt_root):
         raise checkpoint.CheckpointError(
             f"checkpoint error: checkpoint.resume=none but {ckpt_root} holds checkpoints of an earlier run; "
