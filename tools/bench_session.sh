@@ -138,15 +138,17 @@ fp8loss|fp8loss13)  # 300 steps in bf16 and in fp8 on the same data, 124M (fp8lo
     mkdir -p "$OUT/fp8loss-$size/$p" && cp /tmp/fp8loss-$size-$p/metrics.jsonl "$OUT/fp8loss-$size/$p/"
   done
   [ -z "${PRECISIONS:-}" ] && $DL analyze "$OUT/fp8loss-$size/bf16" "$OUT/fp8loss-$size/fp8" --out "$OUT/fp8loss-$size" ;;
-startup)  # the auto plan on this GPU to its first step: the whole model compiled in a fresh run directory,
-  # the same run directory again (Inductor's cache in it), and by regions in a fresh one (about 400 s in all)
-  run="train.max_steps=6 train.log_interval=1 train.eval_interval=0 checkpoint.interval=0 checkpoint.save_at_end=false
+startup)  # the auto plan on this GPU to its first step, each in a directory of its own so that no
+  # run reuses another's compile cache (kept beside the run directory): a 3-step run, for which the
+  # planner compiles by regions; the whole model (compile_regions=false) in a fresh directory; and
+  # the same directory again, with Inductor's cache from the run before (about 300 s in all)
+  run="train.max_steps=3 train.log_interval=1 train.eval_interval=0 checkpoint.interval=0 checkpoint.save_at_end=false
     logging.wandb=disabled logging.progress=false"
-  rm -rf /tmp/startup /tmp/startup-regions
-  part startup 200 $DL train $run run.dir=/tmp/startup
-  part startup-restart 160 $DL train $run run.dir=/tmp/startup
-  part startup-regions 160 $DL train $run parallel.compile_regions=true run.dir=/tmp/startup-regions
-  grep -hE "^plan|first step|^step " "$OUT"/startup*.log ;;
+  rm -rf /tmp/startup-regions /tmp/startup-whole
+  part startup-regions 160 $DL train $run run.dir=/tmp/startup-regions/run
+  part startup 200 $DL train $run parallel.compile_regions=false run.dir=/tmp/startup-whole/run
+  part startup-restart 160 $DL train $run parallel.compile_regions=false run.dir=/tmp/startup-whole/run
+  grep -hE "^plan|compile|first step|^step " "$OUT"/startup*.log ;;
 caps)  # the auto plans for 12 and 24 GB cards (CAPS="24": one of them), trained under those caps (peak against prediction)
   for cap in ${CAPS:-12 24}; do
     part caps-${cap}gb 240 env DIST_LM_GPU_MEMORY_GB=$cap $DL train train.max_steps=30 train.log_interval=10 \
