@@ -46,4 +46,4 @@ else
   srun --kill-on-bad-exit=0 "$python" launchers/pretrain.py "${args[@]}" &
 fi
 source "$root/slurm/stop_and_requeue.sh"
-wait_and_requeue $!
+wait_and_requeue $! "$run_name"

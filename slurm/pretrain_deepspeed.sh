@@ -33,4 +33,4 @@ echo "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}): hostfile $hostfile:
 launchers/deepspeed.sh --config "$config" "run.name=$run_name" "$@" &
 CLEANUP="$hostfile"
 source "$root/slurm/stop_and_requeue.sh"
-wait_and_requeue $!
+wait_and_requeue $! "$run_name"

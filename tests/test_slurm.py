@@ -63,6 +63,21 @@ def test_usr1_checkpoints_requeues_and_continues(cluster, env, ds_ops, tmp_path,
     """Through torchrun (LAUNCH=torchrun), which would turn the ranks' 75 into its own 1 if the
     status did not come back through the status file (launchers/exit_status.sh)."""
     run = tmp_path / "run"
+    # Another run's training process on the node (as another job of the same user would have): the
+    # stop must pass it by. It dies of a USR1, which has no handler in it.
+    bystander_script = tmp_path / "another" / "launchers" / "pretrain.py"
+    bystander_script.parent.mkdir(parents=True)
+    bystander_script.write_text("import time\ntime.sleep(900)\n")
+    bystander = subprocess.Popen([sys.executable, str(bystander_script), "--config", "debug", "run.name=another-run"])
+    try:
+        _usr1_requeues_and_continues(cluster, env, tmp_path, run, script)
+        assert bystander.poll() is None, f"another run's process ended with {bystander.returncode}"
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
+def _usr1_requeues_and_continues(cluster, env, tmp_path, run, script):
     job = sbatch(cluster, env, tmp_path, "train.max_steps=60", "train.log_interval=1", "train.eval_interval=0",
                  f"run.dir={run}", script=script, launch="torchrun")
     deadline = time.time() + 180
