@@ -15,7 +15,9 @@ def test_eight_interruptions_lose_nothing(env, ds_ops, tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "tools" / "chaos.py"), "--interruptions", "8", "--steps", "24",
                            "--seed", "3", "--work", str(tmp_path)], env=env, cwd=ROOT, capture_output=True, text=True,
                           timeout=900)
-    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    lines = proc.stdout.strip().splitlines()
+    assert lines, f"exit {proc.returncode} without a summary\n{proc.stderr[-3000:]}"
+    summary = json.loads(lines[-1])
     assert proc.returncode == 0 and summary["problems"] == [], proc.stderr[-3000:]
     assert summary["interruptions"] == 8 and summary["starts"] >= 9
     kinds = {key.split(" in a ")[0] for key in summary["by_kind_and_phase"]}

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -62,7 +63,6 @@ def test_sigusr1_to_one_rank_checkpoints_all_and_asks_for_a_requeue(env, ds_ops,
     """The launch templates exit 75 ("run me again"): torchrun alone would exit 1 and the deepspeed
     launcher would kill the other rank, so the status comes back through launchers/exit_status.sh."""
     args = [*BASE, "train.max_steps=100000", "parallel.zero_stage=2", f"run.dir={tmp_path}"]
-    status_files = set(ROOT.glob(".dist-lm-status.*"))
     job = subprocess.Popen([str(ROOT / "launchers" / template), *args], cwd=ROOT, stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True,
                            env={**env, "PYTHON": sys.executable, "NPROC_PER_NODE": "2", "GPUS_PER_NODE": "2",
@@ -76,13 +76,15 @@ def test_sigusr1_to_one_rank_checkpoints_all_and_asks_for_a_requeue(env, ds_ops,
         workers = [p for p in psutil.Process(job.pid).children(recursive=True)
                    if any(part.endswith("pretrain.py") for part in p.cmdline()[1:3])]  # python [-u] pretrain.py
         assert len(workers) == 2
+        status_file = Path(workers[0].environ()["DIST_LM_STATUS_FILE"])
+        assert status_file.is_file()
         max(workers, key=lambda p: p.pid).send_signal(signal.SIGUSR1)  # one rank only
         out, err = job.communicate(timeout=120)
     finally:
         if job.poll() is None:
             job.kill()
     assert job.returncode == Exit.REQUEUE, err[-3000:]
-    assert set(ROOT.glob(".dist-lm-status.*")) == status_files  # the template removed its status file
+    assert not status_file.exists()  # the template removed its status file
     assert "stopping after step" in out and ("received SIGUSR1" in out or "a signal to another rank" in out)
     stopped = int(out.split("stopping after step ")[1].split()[0])
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == f"step{stopped:08d}"
