@@ -31,8 +31,12 @@ system-deps:
 	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PACKAGES) >/dev/null; } || \
 	  echo "note: could not install $(SYSTEM_PACKAGES); the mpirun and SLURM tests will be skipped"
 
+# Two pytest-xdist workers, a whole test file each at a time (module fixtures such as the SLURM
+# cluster are then set up once): most tests wait on the ranks they start, so one process keeps
+# about one core busy, and two halve the suite on CI's 2-core machine. TEST_WORKERS=0: one process.
+TEST_WORKERS ?= 2
 test: setup system-deps
-	$(PY) -m pytest -q --durations=15 tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 tests
 
 clean:
 	rm -rf $(VENV) runs

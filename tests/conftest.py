@@ -38,7 +38,7 @@ def cache_dir(tmp_path_factory) -> Path:
 # DeepSpeed compiles its CPU ops on first use: about 30-45 s each on two cores, and CPU Adam took
 # 2-3 minutes inside a rank bound to one core. Tests ask for the ops they need through these
 # fixtures. Once the session's tests are collected, one background process builds the ops they
-# need, in the order they are first needed, while tests that need none run (a CI run keeps about
+# need, in the order they are first needed, while tests that need none run (a test process keeps about
 # one of two cores busy), and the tests that need the Adam ops run last. A fixture then loads its
 # op, waiting for that build through torch's lock file in the extensions directory, as any
 # process would.
@@ -62,6 +62,8 @@ def pytest_collection_modifyitems(session, config, items) -> None:
 
 def pytest_collection_finish(session) -> None:
     global _op_builds
+    if os.environ.get("PYTEST_XDIST_WORKER", "gw0") != "gw0":
+        return  # under pytest-xdist every worker collects every test: one of them builds for all
     needed = []
     for item in session.items:
         needed += [op for op in _ops_needed(item) if op not in needed]
