@@ -109,3 +109,96 @@ def test_optional_float_takes_null_and_numbers():
     cfg = load_config(None, ["optim.lr=2e-3", "optim.min_lr_ratio=0.25"])
     assert cfg.optim.min_lr == pytest.approx(5e-4)
     assert "expected float or null" in error_of(None, ["optim.min_lr_ratio=[1]"])
+
+
+# ------------------------------------------------------------- names and values taken literally
+def test_a_field_that_holds_text_takes_the_override_as_written():
+    """run.name=007 is "007", not 7 (a run named 007 resumed run 7); 0123 is not 83, 12:30 not 750,
+    data.dir=0777 not 511, and a '#' is not a YAML comment."""
+    for text in ["007", "0123", "12:30", "a #x", "1e3", "true", "[a]", "2026-12-06"]:
+        assert load_config(None, [f"run.name={text}"]).run.name == text
+    assert load_config(None, ["data.dir=0777"]).data.dir == "0777"
+    assert load_config(None, ["train.sample_prompt= The"]).train.sample_prompt == " The"
+    assert load_config(None, ["run.name=null"]).run.name is None  # YAML's null words still mean null
+    assert load_config(None, ["logging.wandb_tags=007,a #b"]).logging.wandb_tags == ["007", "a #b"]
+    assert load_config(None, ["train.seed=0123"]).train.seed == 83  # a number field reads YAML, as always
+
+
+def test_a_yaml_file_keeps_the_text_of_a_name_that_looks_like_a_number(tmp_path):
+    cfg = load_config(write(tmp_path, "run:\n  name: 007\ndata:\n  dir: 0777\ntrain:\n  sample_prompt: 12:30\n"
+                                      "logging:\n  wandb_group: 2026-12-06\n"))
+    assert (cfg.run.name, cfg.data.dir, cfg.train.sample_prompt) == ("007", "0777", "12:30")
+    assert cfg.logging.wandb_group == "2026-12-06"
+    assert from_dict(to_dict(cfg), "x").run.name == "007"
+
+
+@pytest.mark.parametrize("name", [".", "..", ".hidden", "a/b", "a\\nb", " a", "x" * 201])
+def test_a_run_name_is_one_plain_directory_name(name):
+    assert "run.name" in error_of(None, [f"run.name={name}"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.lr=inf", "optim.lr: must be a finite number, got inf"),
+    ("optim.lr=nan", "optim.lr: must be a finite number, got nan"),
+    ("model.init_std=.inf", "model.init_std: must be a finite number, got inf"),
+    ("optim.min_lr_ratio=-.inf", "optim.min_lr_ratio: must be a finite number"),
+    ("train.max_steps=1e30", "train.max_steps: 1000000000000000019884624838656 is out of range"),
+    ("train.seed=-1", "train.seed: must be between 0 and 2**53"),
+    ("parallel.timeout_minutes=1e300", "parallel.timeout_minutes: must be positive and at most 1e+06"),
+    ("data.mixture=[{dir: a, weight: .inf}, {dir: b, weight: 1}]", "weight: must be a finite number"),
+])
+def test_non_finite_and_out_of_range_numbers_are_refused(override, message):
+    assert message in error_of(None, [override])
+
+
+def test_mixture_weights_are_normalised_without_overflow():
+    """1e308 and 1e308 summed to inf and normalised to 0 and 0 (a validation loss of 0.0, exit 0)."""
+    from dist_lm.data.checks import normalised
+
+    assert normalised([1e308, 1e308]) == [0.5, 0.5]
+    assert normalised([3.0, 1.0]) == [0.75, 0.25]
+    assert normalised([1e-300, 1e-300]) == [0.5, 0.5]
+
+
+# ------------------------------------------------------------------- any value, any key
+def _accepted_config_is_valid(cfg: Config) -> None:
+    """What a config that loaded must be: finite numbers in range, and the same after a round trip."""
+    import dataclasses
+    import math
+
+    from dist_lm.config.errors import MAX_INT
+
+    for section in dataclasses.fields(cfg):
+        value = getattr(cfg, section.name)
+        for f in dataclasses.fields(value) if dataclasses.is_dataclass(value) else []:
+            v = getattr(value, f.name)
+            if isinstance(v, float):
+                assert math.isfinite(v), (section.name, f.name, v)
+            if isinstance(v, int) and not isinstance(v, bool):
+                assert abs(v) <= MAX_INT, (section.name, f.name, v)
+    assert from_dict(to_dict(cfg), "round trip") == cfg
+
+
+def test_any_override_is_accepted_and_valid_or_refused_in_one_line():
+    """Property: for any key of the tree and any text, load_config gives a valid config or a
+    ConfigError of one line; nothing else (no TypeError, OverflowError, ... from deeper down)."""
+    from hypothesis import HealthCheck, given, settings, strategies as st
+
+    tricky = st.sampled_from(["inf", "-inf", ".inf", "nan", ".nan", "1e308", "1e400", "-1", "0", "007", "12:30",
+                              "0x10", "0777", "a #x", "null", "~", "", "true", "yes", "[1, 2]", "{a: 1}",
+                              "9007199254740993", "-9007199254740993", "1.5", "[{dir: x, weight: 1e308}]",
+                              "'", "\"", "mlp,moe", "a\x00b", "\t"])
+    numbers = st.one_of(st.integers(), st.floats(allow_nan=True, allow_infinity=True)).map(str)
+    values = st.one_of(tricky, numbers, st.text(max_size=12))
+
+    @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(key=st.sampled_from([k for k in all_keys() if k != "preset"]), value=values)
+    def check(key: str, value: str) -> None:
+        try:
+            cfg = load_config(None, [f"{key}={value}"])
+        except ConfigError as e:
+            assert "\n" not in str(e) and key.split(".")[0] in str(e) or "data.mixture" in str(e), str(e)
+            return
+        _accepted_config_is_valid(cfg)
+
+    check()

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+# The largest integer a config or tool argument takes: exact in a double (JSON readers, wandb,
+# YAML) and far inside torch's int64; a field with a tighter range checks it itself.
+MAX_INT = 2**53
+
 
 class UserError(Exception):
     """Bad input from the user (config, data, launch environment).

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from pathlib import Path
@@ -17,8 +18,8 @@ from typing import Any, Literal
 
 import yaml
 
+from dist_lm.config.errors import MAX_INT
 from dist_lm.config.schema import Config, ConfigError
-
 CONFIGS_DIR = Path(__file__).resolve().parent / "presets"  # package data; a checkout's configs/ links here
 COMMAND_LINE = "command line"
 
@@ -39,8 +40,30 @@ def resolve_config_path(name_or_path: str) -> Path:
                       f"presets: {', '.join(available_presets())}")
 
 
+class _TextInt(int):
+    """An int read from YAML that keeps the text it was written as: a field typed str takes the
+    text (``name: 007`` is "007", not "7"; ``dir: 0777`` is not 511)."""
+
+    text: str
+
+
+class _TextFloat(float):
+    """A float read from YAML that keeps its text, as :class:`_TextInt`."""
+
+    text: str
+
+
+def _with_text(number_type: type, construct):
+    def constructor(loader: yaml.SafeLoader, node: yaml.ScalarNode):
+        value = number_type(construct(loader, node))
+        value.text = node.value
+        return value
+    return constructor
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """A SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+    """A SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last silently),
+    keeps the text of numbers (for fields typed str) and reads dates as text (no field is a date)."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         seen: set = set()
@@ -50,6 +73,12 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                 raise ConfigError(str(key), f"given twice (line {key_node.start_mark.line + 1}); keep one")
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor("tag:yaml.org,2002:int", _with_text(_TextInt, yaml.SafeLoader.construct_yaml_int))
+_UniqueKeyLoader.add_constructor("tag:yaml.org,2002:float",
+                                 _with_text(_TextFloat, yaml.SafeLoader.construct_yaml_float))
+_UniqueKeyLoader.add_constructor("tag:yaml.org,2002:timestamp", yaml.SafeLoader.construct_yaml_str)
 
 
 def read_yaml(path: Path) -> dict:
@@ -104,15 +133,23 @@ def type_name(hint: Any) -> str:
     return "null" if hint is type(None) else getattr(hint, "__name__", str(hint))
 
 
+class _OutOfRange(ValueError):
+    """A value of the right type that no field takes (inf, nan, an integer past MAX_INT)."""
+
+
 def _coerce(value: Any, hint: Any) -> Any:
-    """Return value as the annotated type, or raise ValueError. Strings come from overrides."""
+    """Return value as the annotated type, or raise ValueError (_OutOfRange: with what is wrong).
+    Strings come from overrides."""
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        refused = None
         for option in typing.get_args(hint):
             try:
                 return _coerce(value, option)
+            except _OutOfRange as e:
+                refused = e
             except ValueError:
                 pass
-        raise ValueError
+        raise refused or ValueError()
     if hint is type(None):
         if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):
             return None
@@ -138,20 +175,27 @@ def _coerce(value: Any, hint: Any) -> Any:
     if hint is int:
         if isinstance(value, bool):
             raise ValueError
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str) and float(value).is_integer():  # "1e6" from an override
-            return int(float(value))
-        raise ValueError
+        if isinstance(value, str):  # "1e6" from an override
+            value = int(value) if value.strip().lstrip("+-").isdigit() else float(value)
+        if isinstance(value, float):
+            if not value.is_integer():
+                raise ValueError
+            value = int(value)
+        if not isinstance(value, int):
+            raise ValueError
+        if abs(value) > MAX_INT:
+            raise _OutOfRange(f"{value} is out of range (at most 2**53 = {MAX_INT:,})")
+        return int(value)
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             raise ValueError
-        return float(value)  # ints and strings like "3e-4" (which YAML 1.1 reads as a string)
+        number = float(value)  # ints and strings like "3e-4" (which YAML 1.1 reads as a string)
+        if not math.isfinite(number):
+            raise _OutOfRange(f"must be a finite number, got {value}")
+        return number
     if hint is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
+            return getattr(value, "text", None) or str(value)  # a YAML number keeps its text
         raise ValueError
     raise TypeError(f"unsupported annotation {hint!r}")
 
@@ -183,7 +227,9 @@ def build(cls: type, data: dict, sources: dict[str, str], prefix: str = "") -> A
             raise ConfigError(dotted, f"'{key}' is not a section; set it as {dotted}=VALUE", source)
         try:
             kwargs[key] = _coerce(value, hint)
-        except (ValueError, TypeError):
+        except _OutOfRange as e:
+            raise ConfigError(dotted, str(e), sources.get(dotted)) from None
+        except (ValueError, TypeError, OverflowError):
             raise ConfigError(dotted, f"expected {type_name(hint)}, got {value!r}", sources.get(dotted)) from None
     required = [f.name for f in dataclasses.fields(cls)
                 if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
@@ -199,15 +245,48 @@ def build(cls: type, data: dict, sources: dict[str, str], prefix: str = "") -> A
         raise ConfigError(key, e.message, e.source or sources.get(key)) from None
 
 
+YAML_NULLS = ("null", "Null", "NULL", "~")
+
+
+def field_hint(key: str) -> Any:
+    """The annotation of the dotted ``key`` in the schema, or None if it names no field."""
+    cls, hint = Config, None
+    for part in key.split("."):
+        if not dataclasses.is_dataclass(cls):
+            return None
+        hint = typing.get_type_hints(cls).get(part)
+        if hint is None:
+            return None
+        cls = hint
+    return hint
+
+
+def _takes_text(hint: Any) -> bool:
+    """Whether a field of this annotation holds text: str, optional str, or a list of str."""
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union \
+        else (hint,)
+    return any(o is str or (typing.get_origin(o) is list and typing.get_args(o) == (str,)) for o in options)
+
+
 def parse_override(text: str) -> tuple[str, Any]:
+    """``section.key=value`` -> (key, value). A field that holds text (a name, a path, a prompt)
+    takes the text after ``=`` exactly as written, so ``run.name=007`` is "007", ``data.dir=0777``
+    is not 511 and ``a #x`` is not cut at the '#'; a YAML null word (null, ~) still means null
+    where the field allows it. Any other field reads the value as YAML (numbers, true/false,
+    lists, data.mixture's mappings), and its type is checked when the config is built."""
     key, sep, raw = text.partition("=")
+    key = key.strip()
     if not sep or not key:
         raise ConfigError(text, "an override is written key=value, e.g. optim.lr=3e-4", COMMAND_LINE)
+    hint = field_hint(key)
+    if hint is not None and _takes_text(hint):
+        nullable = type(None) in typing.get_args(hint)
+        return key, None if nullable and raw in YAML_NULLS else raw
     try:
         value = yaml.safe_load(raw) if raw else ""
     except yaml.YAMLError:
         value = raw
-    return key.strip(), value
+    return key, value
 
 
 def _set_dotted(tree: dict, key: str, value: Any, sources: dict[str, str], source: str) -> None:

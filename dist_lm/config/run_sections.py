@@ -10,6 +10,8 @@ from typing import Literal
 
 from dist_lm.config.errors import require
 
+MAX_MINUTES = 1e6  # about two years: a duration past it overflows Python's timedelta
+
 
 @dataclass(frozen=True)
 class ParallelConfig:
@@ -75,7 +77,7 @@ class ParallelConfig:
                  "needs parallel.zero_stage=3")
         require(self.reduce_bucket_size > 0, "reduce_bucket_size", "must be positive")
         require(self.allgather_bucket_size > 0, "allgather_bucket_size", "must be positive")
-        require(self.timeout_minutes > 0, "timeout_minutes", "must be positive")
+        require(0 < self.timeout_minutes <= MAX_MINUTES, "timeout_minutes", f"must be positive and at most {MAX_MINUTES:g}")
         require(self.expert_parallel_size > 0, "expert_parallel_size", "must be positive")
         require(self.precision != "bf16-autocast" or self.zero_stage == 0, "precision",
                  "bf16-autocast keeps whole fp32 weights and steps torch's optimizer itself, which is "
@@ -116,7 +118,8 @@ class CheckpointConfig:
         require(self.interval >= 0, "interval", "must be >= 0 (0 saves only at the end)")
         require(bool(self.resume), "resume", "must be auto, none, or a checkpoint path")
         require(self.keep_last >= 0, "keep_last", "must be >= 0 (0 keeps all)")
-        require(self.save_timeout_minutes > 0, "save_timeout_minutes", "must be positive")
+        require(0 < self.save_timeout_minutes <= MAX_MINUTES, "save_timeout_minutes",
+                f"must be positive and at most {MAX_MINUTES:g}")
 
     def root(self, run_dir: Path) -> Path:
         """Where the run's checkpoints are: checkpoint.dir, or checkpoints/ in ``run_dir``."""
@@ -172,5 +175,28 @@ class RunConfig:
         return Path(self.dir) if self.dir else Path("runs") / name
 
     def __post_init__(self) -> None:
-        require(self.name is None or (self.name and "/" not in self.name), "name",
-                 "must be a non-empty name without '/' (use run.dir for a path)")
+        if self.name is not None:
+            problem = name_problem(self.name)
+            require(problem is None, "name", f"{problem} (use run.dir for a path)")
+        require(self.dir is None or (self.dir.strip() and "\0" not in self.dir), "dir",
+                "must be a path, or null for runs/<run.name>")
+
+
+def name_problem(name: str) -> str | None:
+    """Why ``name`` cannot name a run directory under runs/, or None. A name is one directory:
+    not '.' or '..' (the current or the parent directory: a run would write into the user's own
+    files), not hidden (runs/.compile-cache sits beside the runs), no '/', no control characters,
+    no spaces at either end, and at most 200 characters."""
+    if not name:
+        return "must not be empty"
+    if name.startswith("."):
+        return f"{name!r} starts with '.': it would be the current or parent directory, or a hidden one"
+    if "/" in name or "\\" in name:
+        return f"{name!r} holds a path separator"
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        return f"{name!r} holds a control character"
+    if name != name.strip():
+        return f"{name!r} starts or ends with a space"
+    if len(name.encode()) > 200:
+        return f"is {len(name.encode())} bytes long, more than 200"
+    return None

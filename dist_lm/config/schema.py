@@ -9,16 +9,19 @@ them by :mod:`dist_lm.config.io`, which checks types; range and consistency chec
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from dist_lm.config.errors import ConfigError, UserError, require
-from dist_lm.config.run_sections import CheckpointConfig, LoggingConfig, ParallelConfig, RunConfig
+from dist_lm.config.errors import MAX_INT, ConfigError, UserError, require
+from dist_lm.config.run_sections import MAX_MINUTES, CheckpointConfig, LoggingConfig, ParallelConfig, RunConfig
+
+MAX_SEED = MAX_INT  # torch's generators take any seed in [0, 2**64); the sampler hashes it mod 2**64
 
 __all__ = ["CheckpointConfig", "Config", "ConfigError", "DataConfig", "LoggingConfig", "MixtureSource", "ModelConfig",
            "OptimConfig",
-           "ParallelConfig", "RunConfig", "TrainConfig", "UserError", "replaced"]
+           "ParallelConfig", "RunConfig", "TrainConfig", "UserError", "MAX_SEED", "replaced"]
 
 
 @dataclass(frozen=True)
@@ -143,7 +146,7 @@ class MixtureSource:
 
     def __post_init__(self) -> None:
         require(bool(self.dir), "dir", "must name a dataset directory")
-        require(self.weight > 0, "weight", "must be positive")
+        require(math.isfinite(self.weight) and self.weight > 0, "weight", "must be a positive, finite number")
         require(self.name is None or (self.name and self.name.replace("-", "_").isidentifier()), "name",
                 "must be a name of letters, digits, _ and - (it becomes a metric's name)")
 
@@ -183,6 +186,13 @@ class DataConfig:
     proportion to the weights over any stretch of samples; the order does not depend on the rank
     count and resumes exactly. Validation reports each source's loss and their weighted mean.
     Weights may change on resume (docs/data.md)."""
+
+    verify: Literal["auto", "full", "sampled", "none"] = "auto"
+    """Check the shards' content against the hashes dist-lm prepare recorded in meta.json when a
+    run starts or resumes (a shard rewritten in place or damaged is refused, not trained on).
+    full: every byte (about 5 GB/s per rank; ranks share the shards). sampled: 4 MiB of each
+    shard. auto: full up to 16 GiB of shards, sampled above. none: sizes only. At every checkpoint
+    the shards are also checked for a change on disk since the start (docs/data.md)."""
 
     def __post_init__(self) -> None:
         require(self.embedded_vocab_size >= 512, "embedded_vocab_size", "must be at least 512")
@@ -309,6 +319,7 @@ class TrainConfig:
     """With the spike guard on, also drop the spiking micro-batch's gradient."""
 
     def __post_init__(self) -> None:
+        require(0 <= self.seed <= MAX_SEED, "seed", f"must be between 0 and 2**53 (got {self.seed})")
         require(self.max_steps > 0, "max_steps", "must be positive")
         require(self.max_tokens is None or self.max_tokens > 0, "max_tokens", "must be positive or null")
         require(self.micro_batch_size > 0, "micro_batch_size", "must be positive")
@@ -319,8 +330,8 @@ class TrainConfig:
         require(self.eval_samples > 0, "eval_samples", "must be positive")
         require(self.sample_tokens >= 0, "sample_tokens", "must be >= 0")
         require(self.stop_at_step is None or self.stop_at_step > 0, "stop_at_step", "must be positive or null")
-        require(self.time_limit_minutes is None or self.time_limit_minutes > 0, "time_limit_minutes",
-                 "must be positive or null")
+        require(self.time_limit_minutes is None or 0 < self.time_limit_minutes <= MAX_MINUTES, "time_limit_minutes",
+                 f"must be positive and at most {MAX_MINUTES:g}, or null")
         require(self.early_stop_patience >= 0, "early_stop_patience", "must be >= 0 (0 disables)")
         require(self.early_stop_min_delta >= 0, "early_stop_min_delta", "must be >= 0")
         require(self.max_skipped_steps >= 0, "max_skipped_steps", "must be >= 0 (0: never stop)")

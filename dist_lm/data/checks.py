@@ -101,12 +101,20 @@ class ResolvedData:
         return "mixture of " + ", ".join(f"{s.name} {s.weight:.3g} ({s.dir})" for s in self.sources)
 
 
+def normalised(weights: list[float]) -> list[float]:
+    """Positive, finite weights scaled to sum to 1, without overflow: divided by the largest first
+    (1e308 and 1e308 sum to inf, which would make both 0)."""
+    top = max(weights)
+    scaled = [w / top for w in weights]
+    return [w / sum(scaled) for w in scaled]
+
+
 def resolve_data(cfg: Config) -> ResolvedData:
     """The datasets of ``cfg`` (data.mixture, data.dir or the embedded corpus), each checked
     against the model before torch is imported; a mixture's must share one tokenizer."""
     if cfg.data.mixture:
-        total = sum(m.weight for m in cfg.data.mixture)
-        named = [(m.label, Path(m.dir), m.weight / total) for m in cfg.data.mixture]
+        named = [(m.label, Path(m.dir), w) for m, w in zip(cfg.data.mixture, normalised([m.weight for m in
+                                                                                          cfg.data.mixture]))]
     else:
         data_dir = Path(cfg.data.dir) if cfg.data.dir else corpus.prepare(cfg.data.cache_dir,
                                                                             cfg.data.embedded_vocab_size)

@@ -44,7 +44,8 @@ def permute(positions: np.ndarray, n: int, key: int, rounds: int = 4) -> np.ndar
         return np.zeros_like(positions, dtype=np.int64)
     half_bits = max(1, (int(n - 1).bit_length() + 1) // 2)
     half_mask = np.uint64((1 << half_bits) - 1)
-    keys = [_mix(np.array([key * 1_000_003 + r], dtype=np.uint64))[0] for r in range(rounds)]
+    # mod 2**64: the same keys as before for every seed whose product fits, and any seed works
+    keys = [_mix(np.array([(key * 1_000_003 + r) % 2**64], dtype=np.uint64))[0] for r in range(rounds)]
 
     def feistel(x: np.ndarray) -> np.ndarray:
         left, right = x >> np.uint64(half_bits), x & half_mask
