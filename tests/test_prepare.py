@@ -6,6 +6,7 @@ import gzip
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ from tokenizers import Tokenizer
 
 from conftest import ROOT, assert_ok, launch, read_metrics
 from dist_lm.data import shards
+from dist_lm.train import checkpoint
 from dist_lm.data.readers import SPECIAL_TOKENS
 from dist_lm.observe.sinks import read_sample_log
 
@@ -150,12 +152,49 @@ def test_skip_bad_lines_counts_them(tmp_path):
 
 def test_an_existing_output_is_kept_unless_overwrite(corpus_dir, tmp_path):
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep").write_text("x")
-    proc = run_tool(corpus_dir, "--out", out, "--vocab-size", 300)
-    assert proc.returncode == 2 and "pass --overwrite" in proc.stderr and (out / "keep").exists()
-    assert_ok(run_tool(corpus_dir, "--out", out, "--vocab-size", 300, "--overwrite"))
-    assert not (out / "keep").exists() and (out / "meta.json").exists()
+    assert_ok(run_tool(corpus_dir, "--out", out, "--vocab-size", 300))
+    first = (out / "meta.json").read_text()
+    proc = run_tool(corpus_dir, "--out", out, "--vocab-size", 320)
+    assert proc.returncode == 2 and "pass --overwrite" in proc.stderr and (out / "meta.json").read_text() == first
+    assert_ok(run_tool(corpus_dir, "--out", out, "--vocab-size", 320, "--overwrite"))
+    assert shards.read_meta(out)["vocab_size"] > 300 and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_overwrite_never_removes_what_prepare_did_not_write(corpus_dir, tmp_path):
+    """--out DIR --overwrite with DIR the input deleted every input file (exit 0); with --out the
+    input's parent, also an unrelated file there. --overwrite replaces only a dataset prepare made."""
+    unrelated = tmp_path / "notes.txt.bak"
+    unrelated.write_text("mine")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    for out in (corpus_dir, tmp_path):  # the input directory itself, and its parent
+        proc = run_tool(corpus_dir, "--out", out, "--vocab-size", 300, "--overwrite")
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and f"--out {out} holds the input" in lines[0], proc.stderr
+    not_a_dataset = tmp_path / "project"
+    not_a_dataset.mkdir()
+    (not_a_dataset / "keep").write_text("x")
+    proc = run_tool(corpus_dir, "--out", not_a_dataset, "--vocab-size", 300, "--overwrite")
+    assert proc.returncode == 2 and "holds keep, which prepare does not write" in proc.stderr
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == {**before, not_a_dataset / "keep": b"x"}
+
+
+def test_a_single_line_text_file_is_split_and_tokenized_in_bounded_pieces(tmp_path):
+    """A .txt file without a line end went wholly to validation ("0 train and 10,992,028 validation
+    tokens") and reached the tokenizer as one string (a 20 MB line peaked at 3.4 GB, a 200 MB one
+    grew past 18 GB). It is held out by bytes now, and read and tokenized in pieces of at most
+    MAX_PIECE_CHARS (peak memory: docs/reliability.md)."""
+    from dist_lm.data.prepare import MAX_PIECE_CHARS, pieces
+
+    line = text(5, 700_000)  # about 4 MB, no line end
+    (tmp_path / "one.txt").write_text(line)
+    proc = run_tool(tmp_path / "one.txt", "--out", tmp_path / "out", "--vocab-size", 300, "--val-fraction", 0.1,
+                    "--workers", 2)
+    assert_ok(proc)
+    meta = shards.read_meta(tmp_path / "out")
+    train, val = (sum(s["tokens"] for s in meta["splits"][split]) for split in ("train", "val"))
+    assert 0.08 < val / (train + val) < 0.12, (train, val)
+    cut = list(pieces([line[i:i + 100_000] for i in range(0, len(line), 100_000)]))
+    assert "".join(cut) == line and max(map(len, cut)) <= MAX_PIECE_CHARS and cut == list(pieces([line]))
 
 
 # ------------------------------------------------------------------- the loader reading it
@@ -222,6 +261,65 @@ def test_nanogpt_layout_needs_its_dtype(env, ds_ops, tmp_path):
     proc = launch("python", train_args(data, run, "data.dtype=uint16", "model.vocab_size=320"), env)
     assert_ok(proc)
     assert len(read_metrics(run)[0]) == 4
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda m: m.update(dtype="float16"), "dtype is 'float16'; token shards are uint16 or uint32"),
+    (lambda m: m.update(vocab_size=-5), "vocab_size is -5, not a positive integer"),
+    (lambda m: m.update(vocab_size="400"), "vocab_size is '400', not a positive integer"),
+    (lambda m: m["splits"]["train"][0].update(file="../other/train_0001.bin"),
+     "splits.train[0].file must be a file name in the dataset directory"),
+    (lambda m: m["splits"]["train"][0].update(tokens=True), "splits.train[0].tokens is True, not a count"),
+    (lambda m: m["splits"].update(train="train_0000.bin"), "splits.train is not a list of shards"),
+    (lambda m: m.pop("splits"), "splits must map train (and val) to lists of shards"),
+    (lambda m: m.update(eot_id=10**9), "eot_id is 1000000000, not a token id below vocab_size"),
+    (lambda m: m.update(tokenizer="/etc/passwd"), "tokenizer is '/etc/passwd', not a file name"),
+])
+def test_a_malformed_meta_json_is_refused_in_one_line(env, prepared, tmp_path, change, message):
+    """meta.json is read through one schema (dist_lm.data.shards.meta_problem): "dtype": "float16"
+    trained on zeros with exit 0, several fields ended in KeyError/TypeError tracebacks, and a
+    shard named ../other/... was read from outside the data directory. Refused before torch."""
+    meta = json.loads((prepared / "meta.json").read_text())
+    change(meta)
+    (prepared / "meta.json").write_text(json.dumps(meta))
+    line = bad_run(env, train_args(prepared, tmp_path / "run"))
+    assert f"{prepared / 'meta.json'}: {message}" in line and not (tmp_path / "run").exists()
+
+
+def test_a_shard_rewritten_in_place_is_refused_at_the_start_and_during_a_run(env, ds_ops, prepared, tmp_path):
+    """Same size, other tokens: trained on without a word before. At the start the content is
+    checked against meta.json's hashes (data.verify); during a run, every checkpoint first checks
+    that no shard changed on disk, and stops without saving if one did."""
+    run = tmp_path / "run"
+    meta = json.loads((prepared / "meta.json").read_text())
+    shard = prepared / meta["splits"]["train"][0]["file"]
+    original = shard.read_bytes()
+    tokens = np.frombuffer(original, dtype=np.uint16).copy()
+    tokens[len(tokens) // 2] = (tokens[len(tokens) // 2] + 1) % 300
+    shard.write_bytes(tokens.tobytes())
+    for verify in ("auto", "full"):
+        line = bad_run(env, train_args(prepared, run, f"data.verify={verify}"))
+        assert f"shard {shard} does not hold what meta.json recorded" in line
+    assert not run.exists()
+    assert_ok(launch("python", train_args(prepared, run, "data.verify=none", "train.max_steps=2"), env))
+    shard.write_bytes(original)
+
+    # during a run: a checkpoint every 2 steps; the shard changes after the first
+    args = train_args(prepared, tmp_path / "during", "train.max_steps=400", "checkpoint.interval=2",
+                      "train.eval_interval=0")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "launchers" / "pretrain.py"), *args], env=env, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    step2 = tmp_path / "during" / "checkpoints" / "step00000002" / "state.json"
+    deadline = time.monotonic() + 240
+    while not step2.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    shard.write_bytes(tokens.tobytes())
+    out, err = proc.communicate(timeout=240)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and f"shard {shard} changed on disk while the run read it" \
+        in lines[0], err
+    saved = sorted(p.name for p in (tmp_path / "during" / "checkpoints").iterdir() if p.name.startswith("step"))
+    assert saved and all(checkpoint.problem_with(tmp_path / "during" / "checkpoints" / n) is None for n in saved)
 
 
 def test_damaged_datasets_are_named(env, prepared, tmp_path):

@@ -10,35 +10,70 @@ index, so the split is deterministic too.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import multiprocessing
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 
 from dist_lm.config.schema import UserError
 from dist_lm.data.partial import FileTokens, PartialWork, arguments_of
-from dist_lm.data.readers import EOT, SPECIAL_TOKENS, DataError, ReadStats, documents
+from dist_lm.data.readers import EOT, SPECIAL_TOKENS, DataError, ReadStats, TextFile, documents
 from dist_lm.data.shards import DatasetWriter, sha256_file
 
-PIECE_CHARS = 1 << 20  # a long .txt file is tokenized in pieces of about 1 MB cut at line ends
+PIECE_CHARS = 1 << 20  # a long document is tokenized in pieces of about 1 MB, cut at line ends
+MAX_PIECE_CHARS = 2 * PIECE_CHARS  # ... and never more: at a space, or here, where a line is longer
 CHUNK_CHARS = 1 << 20  # text sent to a worker at a time: small enough to keep all workers busy
 
 
-def pieces(doc: str) -> list[str]:
-    """Cut a long document at line ends into pieces of about PIECE_CHARS (content-determined)."""
-    out, start = [], 0
-    while len(doc) - start > PIECE_CHARS:
-        cut = doc.find("\n", start + PIECE_CHARS)
-        if cut < 0:
-            break
-        out.append(doc[start:cut + 1])
-        start = cut + 1
-    out.append(doc[start:])
-    return out
+def text_blocks(doc: str | TextFile) -> Iterable[str]:
+    """A document's text, in the blocks it is read in (a .txt file is never read whole)."""
+    return doc.blocks() if isinstance(doc, TextFile) else (doc,)
+
+
+def pieces(blocks: Iterable[str]) -> Iterator[str]:
+    """Cut a document's text (given in blocks of any size) into pieces of PIECE_CHARS to
+    MAX_PIECE_CHARS: after the first line end past PIECE_CHARS; where a line runs on past
+    MAX_PIECE_CHARS, before the last space there (where a byte-level tokenizer's words begin),
+    else at MAX_PIECE_CHARS. Each cut depends on the next MAX_PIECE_CHARS characters alone, so
+    the pieces do not depend on how the text was read, and the tokenizer never holds more than a
+    piece."""
+    held: list[str] = []  # blocks not yet cut, joined only when enough are held
+    count, cut_any = 0, False
+    for block in blocks:
+        held.append(block)
+        count += len(block)
+        if count < MAX_PIECE_CHARS:
+            continue
+        text = "".join(held)
+        while len(text) >= MAX_PIECE_CHARS:
+            cut = _cut(text, complete=False)
+            yield text[:cut]
+            text, cut_any = text[cut:], True
+        held, count = [text], len(text)
+    text = "".join(held)
+    while len(text) > PIECE_CHARS:
+        cut = _cut(text, complete=True)
+        yield text[:cut]
+        text, cut_any = text[cut:], True
+    if text or not cut_any:
+        yield text
+
+
+def _cut(text: str, complete: bool) -> int:
+    """Where the next piece ends in ``text`` (which holds at least MAX_PIECE_CHARS characters, or
+    is the rest of the document when ``complete``)."""
+    line_end = text.find("\n", PIECE_CHARS, MAX_PIECE_CHARS)
+    if line_end >= 0:
+        return line_end + 1
+    if complete and len(text) < MAX_PIECE_CHARS:
+        return len(text)
+    space = text.rfind(" ", PIECE_CHARS, MAX_PIECE_CHARS)
+    return space if space > 0 else MAX_PIECE_CHARS
 
 
 def is_val(doc_index: int, fraction: float, seed: int) -> bool:
@@ -101,7 +136,7 @@ def prepare(inputs: list[Path], out: Path, tokenizer_path: Path | None, vocab_si
                 "skip_bad_lines": skip_bad_lines, "shard_tokens": shard_tokens}
     work = PartialWork(out, arguments_of(inputs, settings))
 
-    def read(path: Path, stats: ReadStats) -> Iterator[str]:
+    def read(path: Path, stats: ReadStats) -> Iterator[str | TextFile]:
         return documents(path, text_field, skip_bad_lines, stats)
 
     try:
@@ -138,8 +173,9 @@ def _make_tokenizer(path: Path | None, vocab_size: int, inputs: list[Path], read
     trained on every document of the inputs."""
     from tokenizers import Tokenizer
 
-    if path is None:
-        return train_tokenizer((doc for p in inputs for doc in read(p, ReadStats())), vocab_size).to_str()
+    if path is None:  # trained on pieces: a tokenizer trainer given a whole long document holds it whole
+        texts = (piece for p in inputs for doc in read(p, ReadStats()) for piece in pieces(text_blocks(doc)))
+        return train_tokenizer(texts, vocab_size).to_str()
     try:
         tokenizer = Tokenizer.from_file(str(path))
     except Exception as e:  # tokenizers raises plain Exceptions for unreadable files
@@ -150,46 +186,48 @@ def _make_tokenizer(path: Path | None, vocab_size: int, inputs: list[Path], read
     return tokenizer.to_str()
 
 
-def split_tail(doc: str, fraction: float) -> tuple[str, str]:
-    """(head, tail): the last ``fraction`` of ``doc`` held out, cut at the line end at or after
-    that point (at the one before it when there is none after), as nanoGPT holds out the end of
-    its one text file."""
-    if fraction <= 0 or not doc:
-        return doc, ""
-    cut = len(doc) - max(1, round(fraction * len(doc)))
-    after = doc.find("\n", cut)
-    cut = after + 1 if 0 <= after < len(doc) - 1 else doc.rfind("\n", 0, cut) + 1
-    return doc[:cut], doc[cut:]
+def split_tail(doc: TextFile, fraction: float) -> list[tuple[Iterable[str], str]]:
+    """A .txt file's head for training and its last ``fraction`` (of its bytes) held out for
+    validation, as nanoGPT holds out the end of its one text file: cut at the line end at or
+    after that point (at the one before it when there is none after), or, in a file without line
+    ends, at that point itself. Each part as (its text blocks, split), empty parts left out."""
+    if fraction <= 0 or not doc.size:
+        return [(doc.blocks(), "train")]
+    target = doc.size - max(1, round(fraction * doc.size))
+    cut = doc.line_end_near(target)
+    cut = doc.char_boundary(target) if cut is None else cut
+    parts = [(doc.blocks(0, cut), "train"), (doc.blocks(cut), "val")]
+    return [part for part, (start, end) in zip(parts, [(0, cut), (cut, doc.size)]) if end > start]
 
 
-def with_splits(docs: Iterator[str], val_fraction: float, seed: int, tail: bool,
-                first_index: int = 0) -> Iterator[tuple[str, str]]:
-    """(text, split) pairs. By document, from a seeded hash of its index in the whole input
-    (``first_index``: of the first of ``docs``); or, ``tail`` (one text file, one document), its
-    last val_fraction as the validation split."""
+def with_splits(docs: Iterator[str | TextFile], val_fraction: float, seed: int, tail: bool,
+                first_index: int = 0) -> Iterator[tuple[Iterable[str], str]]:
+    """(text blocks, split) pairs. By document, from a seeded hash of its index in the whole
+    input (``first_index``: of the first of ``docs``); or, ``tail`` (one text file, one
+    document), its last val_fraction as the validation split."""
     for index, doc in enumerate(docs, first_index):
-        if tail:
-            for text, split in zip(split_tail(doc, val_fraction), ("train", "val")):
-                if text:
-                    yield text, split
+        if tail and isinstance(doc, TextFile):
+            yield from split_tail(doc, val_fraction)
         else:
-            yield doc, "val" if is_val(index, val_fraction, seed) else "train"
+            yield text_blocks(doc), "val" if is_val(index, val_fraction, seed) else "train"
 
 
-def _chunks(docs: Iterator[tuple[str, str]]) -> Iterator[tuple[list[str], list[tuple[str, bool]]]]:
+def _chunks(docs: Iterator[tuple[Iterable[str], str]]) -> Iterator[tuple[list[str], list[tuple[str, bool]]]]:
     """Groups of pieces to tokenize, with the split of each piece; boundaries depend on content only."""
     splits: list[str] = []
     chunk: list[tuple[str, bool]] = []
     size = 0
-    for doc, split in docs:
-        parts = pieces(doc)
-        for i, part in enumerate(parts):
-            chunk.append((part, i == len(parts) - 1))
+    for blocks, split in docs:
+        parts = pieces(blocks)
+        part = next(parts)  # a document has at least one piece (an empty one if it is empty)
+        for following in itertools.chain(parts, [None]):  # one ahead, to know which piece is its last
+            chunk.append((part, following is None))
             splits.append(split)
             size += len(part)
             if size >= CHUNK_CHARS:
                 yield splits, chunk
                 splits, chunk, size = [], [], 0
+            part = following
     if chunk:
         yield splits, chunk
 

@@ -25,6 +25,7 @@ SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet", ".arrow")
 SAVED_DATASET = "state.json"  # what marks a directory written by datasets' save_to_disk
 SAVED_DATASET_DICT = "dataset_dict.json"  # ... and one of several splits, each a directory like that
 ROWS_PER_BATCH = 1024
+TEXT_BLOCK_CHARS = 1 << 20  # a .txt input is read this many characters at a time
 
 
 class DataError(UserError):
@@ -104,27 +105,100 @@ def _record_text(record: object, text_field: str | None, where: str) -> str:
                     "name the text field with --field")
 
 
-def documents(path: Path, text_field: str | None, skip_bad_lines: bool, stats: ReadStats) -> Iterator[str]:
-    """The documents of one input (a file, or a directory saved by datasets' save_to_disk)."""
+def documents(path: Path, text_field: str | None, skip_bad_lines: bool,
+              stats: ReadStats) -> Iterator["str | TextFile"]:
+    """The documents of one input (a file, or a directory saved by datasets' save_to_disk): each a
+    string, or for a .txt file a :class:`TextFile` read in blocks."""
     if path.is_dir() or path.name.endswith((".parquet", ".arrow")):
         yield from _table_documents(path, text_field, stats)
         return
     if path.stat().st_size == 0:
         raise DataError(f"{path} is empty; remove it from the inputs")
     if path.name.endswith(".txt"):
-        try:
-            with _open_text(path) as f:
-                text = f.read()
-        except UnicodeDecodeError:  # a binary file named .txt, or another encoding
-            raise DataError(f"{path} is not UTF-8 text: byte {first_undecodable_byte(path):,} does not decode; "
-                            "remove it from the inputs, or convert it to UTF-8") from None
-        if text.strip():
+        if _has_text(path):
             stats.documents += 1
-            stats.chars += len(text)
-            yield text
+            yield TextFile(path, stats)
         return
     with _open_text(path) as f:
         yield from _jsonl_documents(path, f, text_field, skip_bad_lines, stats)
+
+
+class _ByteRange(io.RawIOBase):
+    """Bytes [start, end) of an open binary file, as a file of their own."""
+
+    def __init__(self, f: io.BufferedReader, start: int, end: int):
+        f.seek(start)
+        self.f, self.left = f, end - start
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        n = self.f.readinto(memoryview(buffer)[:min(len(buffer), self.left)]) or 0
+        self.left -= n
+        return n
+
+
+class TextFile:
+    """A .txt input: one document, read as text a block at a time and never whole, so that memory
+    stays bounded whatever its line lengths (a 200 MB file of one line included). Ranges are in
+    bytes (:meth:`blocks`), so that a part of it is read without reading what comes before."""
+
+    def __init__(self, path: Path, stats: ReadStats):
+        self.path, self.stats = path, stats
+        self.size = path.stat().st_size
+
+    def blocks(self, start: int = 0, end: int | None = None) -> Iterator[str]:
+        """The text of bytes [start, end) (all of it by default), decoded as UTF-8 with universal
+        newlines, in blocks of about TEXT_BLOCK_CHARS. ``start`` and ``end`` are at character
+        boundaries (after a line end, or as :meth:`char_boundary` gives)."""
+        end = self.size if end is None else end
+        with open(self.path, "rb") as raw:
+            text = io.TextIOWrapper(io.BufferedReader(_ByteRange(raw, start, end)), encoding="utf-8")
+            try:
+                while block := text.read(TEXT_BLOCK_CHARS):
+                    self.stats.chars += len(block)
+                    yield block
+            except UnicodeDecodeError:  # a binary file named .txt, or another encoding
+                raise DataError(f"{self.path} is not UTF-8 text: byte {first_undecodable_byte(self.path):,} does "
+                                "not decode; remove it from the inputs, or convert it to UTF-8") from None
+
+    def line_end_near(self, offset: int) -> int | None:
+        """The offset just after the first line end at or after ``offset`` (not the file's last
+        byte), else after the last one before it; None if the file has no line end there."""
+        with open(self.path, "rb") as f:
+            f.seek(offset)
+            position = offset
+            while position < self.size - 1 and (block := f.read(min(TEXT_BLOCK_CHARS, self.size - 1 - position))):
+                found = block.find(b"\n")
+                if found >= 0:
+                    return position + found + 1
+                position += len(block)
+            position = offset
+            while position > 0:
+                start = max(0, position - TEXT_BLOCK_CHARS)
+                f.seek(start)
+                found = f.read(position - start).rfind(b"\n")
+                if found >= 0:
+                    return start + found + 1
+                position = start
+        return None
+
+    def char_boundary(self, offset: int) -> int:
+        """``offset`` moved forward to the start of a UTF-8 character (past continuation bytes)."""
+        with open(self.path, "rb") as f:
+            f.seek(offset)
+            tail = f.read(4)
+        return offset + next((i for i, b in enumerate(tail) if b & 0xC0 != 0x80), len(tail))
+
+
+def _has_text(path: Path) -> bool:
+    """Whether a file holds anything but whitespace, read only as far as the first such byte."""
+    with open(path, "rb") as f:
+        while block := f.read(TEXT_BLOCK_CHARS):
+            if block.strip():
+                return True
+    return False
 
 
 def first_undecodable_byte(path: Path) -> int:

@@ -1,6 +1,8 @@
 """The on-disk token format: a directory of flat token shards and a meta.json describing them.
 
-    DIR/meta.json          format, dtype, vocab size, tokenizer hash, each shard's tokens and sha256
+    DIR/meta.json          format, dtype, vocab size, tokenizer hash, each shard's tokens and
+                           content hashes (sha256 and xxh3_128 of the whole file, and xxh3_128
+                           of a sample of its blocks: dist_lm.data.integrity checks them)
     DIR/tokenizer.json     the HF tokenizers file the tokens were made with
     DIR/train_0000.bin ... raw little-endian token ids (uint16 when the vocabulary fits, else uint32)
     DIR/val_0000.bin ...
@@ -13,15 +15,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterable
 
 import numpy as np
+import xxhash
 
 from dist_lm.config.schema import UserError
+from dist_lm.files import CHECKSUM, replace_dir, sampled_checksum
 
 FORMAT = "dist-lm-shards/1"
 SPLITS = ("train", "val")
@@ -46,24 +49,28 @@ class ShardWriter:
         self.directory, self.split, self.dtype, self.shard_tokens = directory, split, dtype, shard_tokens
         self.shards: list[dict] = []
         self._file = None
-        self._hash = None
+        self._hashes: tuple = ()
         self._tokens = 0
 
     def add(self, tokens: np.ndarray) -> None:
         if self._file is None:
             path = self.directory / f"{self.split}_{len(self.shards):04d}.bin"
-            self._file, self._hash, self._tokens = open(path, "wb"), hashlib.sha256(), 0
+            self._file, self._tokens = open(path, "wb"), 0
+            self._hashes = (hashlib.sha256(), xxhash.xxh3_128())
         data = np.ascontiguousarray(tokens, dtype=self.dtype).tobytes()
         self._file.write(data)
-        self._hash.update(data)
+        for digest in self._hashes:
+            digest.update(data)
         self._tokens += len(tokens)
         if self._tokens >= self.shard_tokens:
             self._finish_shard()
 
     def _finish_shard(self) -> None:
-        name = Path(self._file.name).name
+        path = Path(self._file.name)
         self._file.close()
-        self.shards.append({"file": name, "tokens": self._tokens, "sha256": self._hash.hexdigest()})
+        sha256, xxh = self._hashes
+        self.shards.append({"file": path.name, "tokens": self._tokens, "sha256": sha256.hexdigest(),
+                            "xxh3_128": f"{CHECKSUM}:{xxh.hexdigest()}", "sample_xxh3_128": sampled_checksum(path)})
         self._file = None
 
     def close(self) -> list[dict]:
@@ -100,14 +107,15 @@ class DatasetWriter:
     def commit(self, extra_meta: dict | None = None) -> Path:
         meta = {**self.meta, "splits": {s: w.close() for s, w in self.writers.items()}, **(extra_meta or {})}
         (self.tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        if self.out_dir.exists():
-            old = self.out_dir.with_name(f".{self.out_dir.name}.old-{os.getpid()}")
-            os.rename(self.out_dir, old)
-            os.rename(self.tmp, self.out_dir)
-            shutil.rmtree(old)
-        else:
-            os.rename(self.tmp, self.out_dir)
+        replace_dir(self.tmp, self.out_dir)
         return self.out_dir
+
+
+def is_dataset_file(name: str) -> bool:
+    """Whether a dataset directory's entry ``name`` is one that a DatasetWriter writes."""
+    split, _, rest = name.partition("_")
+    return name in ("meta.json", "tokenizer.json") or (split in SPLITS and rest.endswith(".bin")
+                                                        and rest[:-4].isdigit())
 
 
 def write_dataset(out_dir: Path, tokenizer_json: Path, vocab_size: int,
@@ -136,17 +144,70 @@ def read_meta(data_dir: Path, dtype: str = "auto") -> dict:
                         "with a meta.json (docs/data.md) or nanoGPT's train.bin/val.bin") from None
     try:
         meta = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"data error: {path} is not valid JSON (line {e.lineno}); re-create the dataset") from None
-    if meta.get("format") != FORMAT:
-        raise UserError(f"data error: {path} has format {meta.get('format')!r}, expected {FORMAT!r}")
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        where = f" (line {e.lineno})" if isinstance(e, json.JSONDecodeError) else ""
+        raise UserError(f"data error: {path} is not valid JSON{where}; re-create the dataset") from None
+    except OSError as e:
+        raise UserError(f"data error: {path} cannot be read ({e.strerror or e})") from None
+    problem = meta_problem(meta)
+    if problem:
+        raise UserError(f"data error: {path}: {problem}; re-create the dataset with dist-lm prepare")
     if dtype != "auto" and dtype != meta["dtype"]:
         raise UserError(f"data error: data.dtype={dtype} but {path} says {meta['dtype']}; "
                         "leave data.dtype=auto when there is a meta.json")
-    if np.dtype(meta["dtype"]).itemsize < token_dtype(meta["vocab_size"]).itemsize:
-        raise UserError(f"data error: {path} says dtype {meta['dtype']} but vocab_size {meta['vocab_size']}, "
-                        "which does not fit; re-create the dataset")
     return meta
+
+
+SHARD_DTYPES = ("uint16", "uint32")
+
+
+def _is_count(value, low: int = 0, high: int = 2**53) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def plain_file_name(name) -> bool:
+    """A file of the dataset directory itself: a name, not a path out of it."""
+    return isinstance(name, str) and bool(name) and "/" not in name and "\\" not in name \
+        and not name.startswith(".") and "\0" not in name
+
+
+def meta_problem(meta) -> str | None:
+    """What is wrong with a meta.json's content, naming the field, or None: the one schema it is
+    read through. Shards are files inside the dataset directory, counts are counts, the token type
+    is one the shards are written in and holds the vocabulary."""
+    if not isinstance(meta, dict):
+        return "is not a JSON object"
+    if meta.get("format") != FORMAT:
+        return f"format is {meta.get('format')!r}, expected {FORMAT!r}"
+    if meta.get("dtype") not in SHARD_DTYPES:
+        return f"dtype is {meta.get('dtype')!r}; token shards are {' or '.join(SHARD_DTYPES)}"
+    vocab = meta.get("vocab_size")
+    if not _is_count(vocab, 1, 2**32):
+        return f"vocab_size is {vocab!r}, not a positive integer of at most 2**32"
+    if np.dtype(meta["dtype"]).itemsize < token_dtype(vocab).itemsize:
+        return f"dtype {meta['dtype']} cannot hold the ids of vocab_size {vocab}"
+    if meta.get("tokenizer") is not None and not plain_file_name(meta["tokenizer"]):
+        return f"tokenizer is {meta['tokenizer']!r}, not a file name in the dataset directory"
+    if meta.get("tokenizer_sha256") is not None and not isinstance(meta["tokenizer_sha256"], str):
+        return "tokenizer_sha256 is not a string"
+    if meta.get("eot_id") is not None and not _is_count(meta["eot_id"], 0, vocab - 1):
+        return f"eot_id is {meta['eot_id']!r}, not a token id below vocab_size {vocab}"
+    splits = meta.get("splits")
+    if not isinstance(splits, dict) or not splits.get("train") or set(splits) - set(SPLITS):
+        return f"splits must map train (and val) to lists of shards, not {str(splits)[:80]!r}"
+    for split, listed in splits.items():
+        if not isinstance(listed, list):
+            return f"splits.{split} is not a list of shards"
+        for i, shard in enumerate(listed):
+            where = f"splits.{split}[{i}]"
+            if not isinstance(shard, dict) or not plain_file_name(shard.get("file")):
+                return f"{where}.file must be a file name in the dataset directory, not {str(shard)[:80]!r}"
+            if not _is_count(shard.get("tokens")):
+                return f"{where}.tokens is {shard.get('tokens')!r}, not a count of tokens"
+            for digest in ("sha256", "xxh3_128", "sample_xxh3_128"):
+                if shard.get(digest) is not None and not isinstance(shard[digest], str):
+                    return f"{where}.{digest} is not a string"
+    return None
 
 
 def fingerprint(meta: dict) -> dict:
