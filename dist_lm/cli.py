@@ -54,7 +54,12 @@ def main(argv: list[str] | None = None) -> int:
 def run(name: str, argv: list[str], prog: str) -> int:
     """Run one subcommand with ``argv``; ``prog`` is the name its --help and errors show."""
     sys.argv[0] = prog  # argparse names the program after it
-    status = importlib.import_module(f"dist_lm.commands.{name}").main(argv)
+    try:
+        status = importlib.import_module(f"dist_lm.commands.{name}").main(argv)
+    except KeyboardInterrupt:  # Ctrl-C before a command takes it over (a training run checkpoints first)
+        print(f"error: {prog}: interrupted (Ctrl-C); what it was writing was not left half-written",
+              file=sys.stderr)
+        return 130
     return int(status or 0)
 
 

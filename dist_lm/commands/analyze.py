@@ -7,16 +7,16 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 
+from dist_lm.commands.arguments import Parser
 from dist_lm.observe import analysis
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(__doc__)
     p.add_argument("paths", nargs="+", type=Path, metavar="path",
                    help="a run directory (metrics.jsonl) or a sweep directory (results.csv); several run "
                         "directories are compared")

@@ -37,6 +37,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from dist_lm.commands.arguments import Parser, integer
 from dist_lm.config.schema import UserError
 from dist_lm.observe import metrics
 
@@ -173,10 +174,7 @@ def run_baseline(config: str, overrides: list[str], steps: int, warmup: int, acc
             "data_wait_share": waiting / seconds}
 
 
-def positive(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
-    return int(text)
+positive = integer(1)
 
 
 def rank_counts(text: str) -> list[int]:
@@ -200,7 +198,7 @@ def scaling_lines(rows: list[dict]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(__doc__)
     p.add_argument("--config", required=True, help="a preset or YAML file")
     p.add_argument("--variant", action="append", help="'name: override ...' (default: ZeRO-1, ZeRO-2, ZeRO-1 compiled)")
     p.add_argument("--steps", type=positive, default=10, help="timed steps (a multiple of --warmup)")

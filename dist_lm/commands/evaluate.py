@@ -11,22 +11,21 @@ Default data: the data the checkpoint was trained on.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import sys
 
-from dist_lm.commands.arguments import add_checkpoint_choice
+from dist_lm.commands.arguments import Parser, add_checkpoint_choice, integer
 from dist_lm.config.schema import UserError
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(__doc__)
     add_checkpoint_choice(p)
     p.add_argument("--data", help="a dataset directory (default: the checkpoint's training data)")
-    p.add_argument("--samples", type=int, help="windows to evaluate (default: the run's train.eval_samples)")
-    p.add_argument("--micro-batch", type=int, default=8, help="windows per forward pass")
+    p.add_argument("--samples", type=integer(1), help="windows to evaluate (default: the run's train.eval_samples)")
+    p.add_argument("--micro-batch", type=integer(1, 1 << 20), default=8, help="windows per forward pass")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)
 
@@ -36,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     from dist_lm.data.checks import resolve_data
     from dist_lm.config.schema import replaced
 
+    from dist_lm.train import restore
+
+    restore.trust_checkpoints(args.trust_checkpoint)
     try:
         model, cfg, found = load_model(args.checkpoint, args.best, args.dtype)
         if args.data:

@@ -14,26 +14,28 @@ Then: transformers.AutoModelForCausalLM.from_pretrained(OUT_DIR), AutoTokenizer.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 
-from dist_lm.commands.arguments import DTYPES
+from dist_lm.commands.arguments import DTYPES, Parser, add_trust_option
 from dist_lm.config.schema import UserError
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(__doc__)
     p.add_argument("source", type=Path, help="a run directory or a checkpoint directory")
     p.add_argument("out", type=Path, help="the directory to write")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.add_argument("--best", action="store_true", help="the run's checkpoint with the lowest validation loss")
     p.add_argument("--dtype", choices=DTYPES, default="trained", help="precision of the exported weights (default: the run's)")
+    add_trust_option(p)
     args = p.parse_args(argv)
     from dist_lm.use.export import export_hf, export_notes
     from dist_lm.use.inference import saved_config
-    from dist_lm.train import checkpoint
+    from dist_lm.train import checkpoint, restore
+
+    restore.trust_checkpoints(args.trust_checkpoint)
 
     try:
         exported, out = export_hf(args.source, args.out, args.overwrite, args.best, args.dtype)

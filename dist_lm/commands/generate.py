@@ -9,22 +9,22 @@ Temperature 0 is greedy decoding.
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from dist_lm.commands.arguments import add_checkpoint_choice
+from dist_lm.commands.arguments import Parser, add_checkpoint_choice, integer, number
+from dist_lm.config.schema import MAX_SEED
 from dist_lm.config.schema import UserError
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(__doc__)
     add_checkpoint_choice(p)
     p.add_argument("--prompt", default="", help="text to continue")
-    p.add_argument("--max-tokens", type=int, default=100)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=50, help="0: no top-k cut")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling; 1: off")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-tokens", type=integer(0), default=100)
+    p.add_argument("--temperature", type=number(0, 1e6), default=0.8, help="0: greedy")
+    p.add_argument("--top-k", type=integer(0), default=50, help="0: no top-k cut")
+    p.add_argument("--top-p", type=number(0, 1, low_open=True), default=1.0, help="nucleus sampling; 1: off")
+    p.add_argument("--seed", type=integer(0, MAX_SEED), default=0)
     p.add_argument("--no-cache", action="store_true", help="recompute the whole context for every token")
     args = p.parse_args(argv)
 
@@ -34,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     from dist_lm.use.inference import load_model, load_tokenizer
     from dist_lm.data.readers import EOT
 
+    from dist_lm.train import restore
+
+    restore.trust_checkpoints(args.trust_checkpoint)
     try:
         model, cfg, found = load_model(args.checkpoint, args.best, args.dtype)
         tokenizer = load_tokenizer(cfg, found)

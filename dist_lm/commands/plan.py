@@ -11,24 +11,36 @@ Nothing is trained and no process group is started.
 from __future__ import annotations
 
 import argparse
+
 import sys
 
+from dist_lm.commands.arguments import Parser, integer, number
 from dist_lm.config.schema import UserError
 from dist_lm.plan.hardware import Machine
 from dist_lm.plan.planner import format_plan, make_plan, plan_for_this_machine
 from dist_lm.train.restore import resumed_settings
 
 
+def compute_capability(text: str) -> tuple[int, int]:
+    """An argument type: a CUDA compute capability, major.minor (8.6)."""
+    major, dot, minor = text.partition(".")
+    if not (dot and major.isdigit() and minor.isdigit()):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a compute capability like 8.6")
+    return int(major), int(minor)
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--gpus", type=int, help="GPUs per node of the described machine (0: CPU only)")
-    p.add_argument("--gpu-mem", type=float, default=80.0, help="memory of one GPU in GB (default 80)")
+    p = Parser(__doc__)
+    p.add_argument("--gpus", type=integer(0, 4096), help="GPUs per node of the described machine (0: CPU only)")
+    p.add_argument("--gpu-mem", type=number(0, 1e6, low_open=True), default=80.0,
+                   help="memory of one GPU in GB (default 80)")
     p.add_argument("--gpu-name", default="", help="GPU model, e.g. 'H100' or 'RTX 4090' (for its peak FLOP/s "
                                                   "and bf16 support; default unknown)")
-    p.add_argument("--compute-capability", help="e.g. 8.6; default: from the name (bf16 unless a pre-Ampere card)")
-    p.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
-    p.add_argument("--cpu-cores", type=int, default=32, help="CPU cores per node (default 32)")
-    p.add_argument("--ram", type=float, default=256.0, help="RAM per node in GB (default 256)")
+    p.add_argument("--compute-capability", type=compute_capability,
+                   help="e.g. 8.6; default: from the name (bf16 unless a pre-Ampere card)")
+    p.add_argument("--nodes", type=integer(1, 1 << 20), default=1, help="nodes (default 1)")
+    p.add_argument("--cpu-cores", type=integer(1, 1 << 20), default=32, help="CPU cores per node (default 32)")
+    p.add_argument("--ram", type=number(0, 1e9, low_open=True), default=256.0, help="RAM per node in GB (default 256)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value")
     args = p.parse_args(argv)
     try:
@@ -36,8 +48,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.gpus is None:
             plan = plan_for_this_machine(args.overrides, args.nodes, None, resumed)
         else:
-            cc = tuple(int(x) for x in args.compute_capability.split(".")) if args.compute_capability else None
-            machine = Machine(args.gpus, args.gpu_name, args.gpu_mem if args.gpus else 0.0, cc, args.nodes,
+            machine = Machine(args.gpus, args.gpu_name, args.gpu_mem if args.gpus else 0.0, args.compute_capability,
+                              args.nodes,
                               args.cpu_cores, args.ram)
             plan = make_plan(machine, args.overrides, resumed=resumed)
     except UserError as e:

@@ -9,17 +9,17 @@ finish, or whose files do not match what was written, is marked INCOMPLETE.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 
+from dist_lm.commands.arguments import Parser
 from dist_lm.observe.runs import format_table, list_runs
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(__doc__)
     p.add_argument("root", nargs="?", type=Path, default=Path("runs"))
     p.add_argument("--json", action="store_true", help="one JSON object per checkpoint instead of a table")
     args = p.parse_args(argv)

@@ -12,24 +12,25 @@ same command again resumes an interrupted sweep. Then: dist-lm analyze OUT --out
 
 from __future__ import annotations
 
-import argparse
 import shlex
 import sys
 from pathlib import Path
 
 
+from dist_lm.commands.arguments import Parser, integer
+from dist_lm.config.schema import MAX_SEED
 from dist_lm.train import sweep
 from dist_lm.config.schema import UserError
 from dist_lm.config.io import load_config
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(__doc__)
     p.add_argument("--config", required=True, help="preset or YAML file every trial starts from")
     p.add_argument("--out", required=True, type=Path, help="sweep directory")
     p.add_argument("--param", action="append", default=[], help="KEY=v1,v2 (grid) or KEY=DIST (--random); repeatable")
-    p.add_argument("--random", type=int, metavar="N", help="N random trials instead of the grid")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random search")
+    p.add_argument("--random", type=integer(1), metavar="N", help="N random trials instead of the grid")
+    p.add_argument("--seed", type=integer(0, MAX_SEED), default=0, help="seed of the random search")
     p.add_argument("--launcher", default=None, help='command that starts a trial, e.g. "torchrun --nproc_per_node 2"')
     p.add_argument("overrides", nargs="*", metavar="section.key=value")
     args = p.parse_intermixed_args(argv)

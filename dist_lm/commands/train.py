@@ -17,6 +17,7 @@ import os
 import sys
 from typing import NoReturn
 
+from dist_lm.commands.arguments import Parser, add_trust_option
 from dist_lm.config.schema import UserError
 from dist_lm.config.io import load_config, to_yaml
 from dist_lm.data.checks import resolve_data
@@ -30,7 +31,7 @@ DEBUG_OVERRIDES = ["parallel.precision=fp32", "train.check_finite=true", "train.
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(__doc__)
     p.add_argument("--config", "--preset", dest="config", default="auto",
                    help="a preset name (configs/NAME.yaml), a YAML file, or auto (the default): the preset "
                         "and parallel settings that fit this machine, around any overrides given")
@@ -42,6 +43,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--allow-data-change", action="store_true",
                    help="checkpoint.allow_data_change=true: resume even though the data differs")
     p.add_argument("--verbose", action="store_true", help="show DeepSpeed's start-up output (run.verbose=true)")
+    add_trust_option(p)
     p.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="dotted config overrides")
     return p.parse_intermixed_args(argv)  # overrides may come before or after the flags
@@ -74,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         from dist_lm.train.loop import Trainer
         from dist_lm.train.session import start
 
+        restore.trust_checkpoints(args.trust_checkpoint)
         dist_env = detect(os.environ)
         if args.debug and dist_env.world_size > 1:
             raise UserError("--debug runs one process: start it with plain python, not a launcher")
@@ -98,7 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with out_of_memory:
             trainer.fit()
-        if trainer.stop.signal_name:  # stopped by SIGTERM/SIGUSR1 after a checkpoint: ask to be run again
+        if trainer.stop.signal_name == "SIGINT":  # Ctrl-C, after a checkpoint
+            status = Exit.INTERRUPTED
+        elif trainer.stop.signal_name:  # stopped by SIGTERM/SIGUSR1 after a checkpoint: ask to be run again
             status = Exit.REQUEUE
     except TrainingDiverged as e:  # every rank raises it together, so the teardown below is safe
         print(f"error: training diverged: {e}", file=sys.stderr)
