@@ -5,6 +5,7 @@ problems. (kill -9 and resuming, many times over: tests/test_chaos.py.)"""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -81,6 +82,7 @@ def test_a_truncated_latest_checkpoint_is_skipped_with_a_note(env, ds_ops, tmp_p
     args = [*BASE, "train.max_steps=4", "checkpoint.interval=2", f"run.dir={tmp_path}"]
     first_save_died = tmp_path / "checkpoints" / "step00000001"  # a run killed while saving its first checkpoint
     first_save_died.mkdir(parents=True)
+    (tmp_path / ".lock").touch()  # which that run took before it wrote anything
     (first_save_died / "mp_rank_00_model_states.pt").write_bytes(b"\0" * 500)
     first = launch("python", args, env)
     assert_ok(first)
@@ -307,3 +309,140 @@ def test_state_json_is_versioned_and_reads_files_older_than_the_version(tmp_path
     with pytest.raises(UserError, match=f"is state version {VERSION + 1}, newer than this dist-lm reads"):
         RunState.read(tmp_path)
     assert "is unreadable" in checkpoint.problem_with(tmp_path)
+
+
+def test_state_json_content_is_checked_like_any_input(tmp_path):
+    """A state.json from elsewhere is data: a manifest naming files outside the checkpoint, a
+    step that is not a count or an unknown precision make the checkpoint unreadable (one line),
+    never a traceback further on. Its precisions are Precision's."""
+    from dist_lm.runtime.precision import Precision
+    from dist_lm.train.state import PRECISIONS, RunState
+
+    assert sorted(PRECISIONS) == sorted(p.value for p in Precision)
+    good = json.loads(RunState(step=4, config={}, data={}).to_json())
+    for change, message in [({"manifest": {"../../etc/passwd": 10}}, "manifest must map file names inside"),
+                            ({"step": "4"}, "step is '4'"), ({"precision": "fp4"}, "precision is 'fp4'"),
+                            ({"checksums": {"x.pt": "xxh3_128:00"}}, "checksums must map files of the manifest"),
+                            ({"zero_stage": 7}, "zero_stage is 7")]:
+        (tmp_path / "state.json").write_text(json.dumps({**good, **change}))
+        assert message in checkpoint.problem_with(tmp_path)
+
+
+# --------------------------------------------------- one checkpoint.dir, one run (reliability #4)
+def test_a_checkpoint_dir_belongs_to_one_run(env, ds_ops, tmp_path):
+    """Two runs given one checkpoint.dir both saved into its stepNNNNNNNN directories, and a new run
+    pointed at another run's checkpoint.dir "resumed" it and exited 0 without training. Now a
+    checkpoint.dir outside the run directory is locked while a run saves there, and a run is
+    refused one whose checkpoints are another run's: one line, exit 2, nothing written."""
+    shared = tmp_path / "shared"
+    args = [*BASE, f"checkpoint.dir={shared}"]
+    first = subprocess.Popen([sys.executable, str(PRETRAIN), *args, "train.max_steps=100000", "checkpoint.interval=0",
+                              "checkpoint.save_at_end=false", f"run.dir={tmp_path / 'a'}"],
+                             env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (tmp_path / "a" / "metrics.jsonl").is_file():
+            time.sleep(0.1)
+        err = bad(launch("python", [*args, "train.max_steps=4", f"run.dir={tmp_path / 'b'}"], env))
+        assert len(err.strip().splitlines()) == 1 and f"run error: {shared} is in use by another run (pid@host " \
+            f"{first.pid}@" in err and "another checkpoint.dir" in err, err
+        assert first.poll() is None and not (tmp_path / "b").exists()
+    finally:
+        first.kill()
+        first.wait()
+    assert_ok(launch("python", [*args, "train.max_steps=4", "checkpoint.interval=2", f"run.dir={tmp_path / 'a'}"], env))
+    newest = shared / "step00000004"
+    before = {p: p.stat().st_mtime_ns for p in shared.rglob("*")}
+    for other in ([*BASE, f"checkpoint.dir={shared}", f"run.dir={tmp_path / 'c'}"],  # a new run, auto-resume
+                  [*BASE, f"checkpoint.dir={shared}", f"run.dir={tmp_path / 'c'}", "checkpoint.resume=none"]):
+        err = bad(launch("python", [*other, "train.max_steps=100000"], env))
+        assert len(err.strip().splitlines()) == 1 and "holds the checkpoints of the run in " \
+            f"{(tmp_path / 'a').resolve()}" in err and f"--resume {newest}" in err, err
+    assert {p: p.stat().st_mtime_ns for p in shared.rglob("*")} == before and not (tmp_path / "c").exists()
+    proc = launch("python", [*args, "train.max_steps=5", f"run.dir={tmp_path / 'a'}"], env)  # the run itself
+    assert_ok(proc)
+    assert f"resumed from {newest}" in proc.stdout
+
+
+# ------------------------------------------------ checkpoints checked by content (reliability #7)
+def damage(path: Path) -> None:
+    """4 KiB of random bytes in the middle of a file: the same size, other content."""
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 4096] = os.urandom(min(4096, len(data) - middle))
+    path.write_bytes(bytes(data))
+
+
+def test_a_damaged_checkpoint_of_the_right_size_is_passed_over_by_resume_and_tools(env, ds_ops, tmp_path):
+    """Only sizes were checked: 4 KiB of random bytes in the middle of the optimizer file gave nan
+    losses and exit 0. The manifest records each file's checksum: a resume passes over to the
+    previous complete checkpoint with one warning, as for a missing file; named explicitly, it
+    is refused; a tool reading the weights passes over a damaged weights file the same way."""
+    run = tmp_path / "run"
+    args = [*BASE, "train.max_steps=4", "checkpoint.interval=2", "parallel.zero_stage=1", f"run.dir={run}"]
+    assert_ok(launch("python", args, env))
+    step4 = run / "checkpoints" / "step00000004"
+    assert set(json.loads((step4 / "state.json").read_text())["checksums"]) == \
+        {p.name for p in step4.iterdir() if p.name != "state.json"}
+    damage(step4 / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    explicit = launch("python", [*args, "train.max_steps=6", f"run.dir={tmp_path / 'other'}", "--resume", str(step4)], env)
+    assert "zero_pp_rank_0_mp_rank_00_optim_states.pt does not match the checksum recorded when it was saved" in \
+        bad(explicit) and not (tmp_path / "other").exists()
+    proc = launch("python", [*args, "train.max_steps=6"], env)
+    assert_ok(proc)
+    warnings = [line for line in proc.stderr.splitlines() if line.startswith("warning:")]
+    assert warnings == ["warning: step00000004 is damaged (zero_pp_rank_0_mp_rank_00_optim_states.pt does not match "
+                        "the checksum recorded when it was saved: it changed or is damaged); resuming from step00000002, the "
+                        "newest complete checkpoint"], proc.stderr
+    assert f"resumed from {run / 'checkpoints' / 'step00000002'} at step 2" in proc.stdout
+    assert all(math.isfinite(loss) for _, loss in losses(run))
+
+    damage(run / "checkpoints" / "step00000006" / "weights-rank00000.safetensors")
+    tool = subprocess.run([sys.executable, "-m", "dist_lm", "evaluate", str(run), "--json"], env=env,
+                          capture_output=True, text=True, cwd=ROOT)
+    assert tool.returncode == 0 and "step00000006 is damaged (weights-rank00000.safetensors" in tool.stderr
+    assert json.loads(tool.stdout)["checkpoint"].endswith("step00000004")
+    tool = subprocess.run([sys.executable, "-m", "dist_lm", "generate", str(run / "checkpoints" / "step00000006")],
+                          env=env, capture_output=True, text=True, cwd=ROOT)
+    assert tool.returncode == 2 and len(tool.stderr.strip().splitlines()) == 1 and "does not match" in tool.stderr
+
+
+# ------------------------------------------- the disk filling during training (reliability #14)
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts a tmpfs: run the suite as root, as CI does")
+def test_a_disk_that_fills_between_saves_ends_the_run_in_one_line_with_whole_metrics(env, ds_ops, tmp_path, small_disk):
+    """The run directory's disk fills while training (not in a save): an OSError traceback at the
+    next metrics write, and metrics.jsonl's last line cut short. Now one line and exit 2, every
+    metrics file whole, the last checkpoint kept; with room again the same command continues."""
+    run = small_disk / "run"
+    args = [*BASE, "train.max_steps=100000", "checkpoint.interval=3", f"checkpoint.dir={tmp_path / 'ckpt'}",
+            f"run.dir={run}"]
+    proc = subprocess.Popen([sys.executable, str(PRETRAIN), *args], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (tmp_path / "ckpt" / "latest").is_file():
+        time.sleep(0.05)
+    filler = small_disk / "filler"
+    with open(filler, "wb", buffering=0) as f:  # fill the disk to the last byte
+        for block in (1 << 16, 1):
+            try:
+                while f.write(b"\0" * block):
+                    pass
+            except OSError:
+                pass
+    out, err = proc.communicate(timeout=120)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, err[-3000:]
+    assert lines[0].startswith(f"error: run error: writing {run}/") and "failed (No space left on device) after " \
+        "step" in lines[0] and "the checkpoints so far are kept" in lines[0], lines
+    for name in ("metrics.jsonl", "metrics.csv"):
+        text = (run / name).read_text()
+        assert text.endswith("\n")
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    latest = (tmp_path / "ckpt" / "latest").read_text().strip()
+    assert checkpoint.problem_with(tmp_path / "ckpt" / latest) is None
+    filler.unlink()
+    step = checkpoint.step_of(Path(latest))
+    resumed = launch("python", [*args[:-2], f"train.max_steps={rows[-1]['step'] + 2}", *args[-2:]], env)
+    assert_ok(resumed)
+    assert f"resumed from {tmp_path / 'ckpt' / latest} at step {step}" in resumed.stdout
+    assert [r["step"] for r in read_metrics(run)[0]] == list(range(1, rows[-1]["step"] + 3))

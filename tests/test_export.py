@@ -70,3 +70,30 @@ def test_export_keeps_an_existing_directory(trained, tmp_path):
     proc = subprocess.run([sys.executable, str(TOOL), str(run), str(tmp_path / "out")], env=env,
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "exists; choose another directory or pass --overwrite" in proc.stderr
+
+
+def test_overwrite_replaces_an_earlier_export_and_nothing_else(trained, tmp_path):
+    """`export RUN RUN --overwrite` deleted the whole run, checkpoints and logs; `export runs/run1
+    runs --overwrite` deleted the sibling run too. --overwrite replaces only an earlier export."""
+    run, env = trained
+    sibling = run.parent / "sibling"
+    sibling.mkdir(exist_ok=True)
+    (sibling / "keep").write_text("x")
+    before = {p: p.stat().st_size for p in run.parent.rglob("*") if p.is_file()}
+
+    def export(out, *extra):
+        return subprocess.run([sys.executable, str(TOOL), str(run), str(out), "--overwrite", *extra], env=env,
+                              capture_output=True, text=True)
+
+    for out, message in [(run, "holds the checkpoint being exported"), (run.parent, "holds the checkpoint being exported"),
+                         (run / "checkpoints" / "step00000020" / "hf", "is inside the checkpoint"),
+                         (sibling, "holds keep, which an export does not write")]:
+        proc = export(out)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], (out, proc.stderr)
+    assert {p: p.stat().st_size for p in run.parent.rglob("*") if p.is_file()} == before
+    out = tmp_path / "hf"
+    assert_ok(export(out))
+    assert_ok(export(out, "--dtype", "bf16"))  # an earlier export is replaced
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # nothing left beside it

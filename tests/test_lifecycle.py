@@ -252,3 +252,90 @@ def test_a_bf16_autocast_checkpoint_resumes_on_one_rank_by_the_auto_plan_but_not
            in proc.stderr, proc.stderr
     state = json.loads((tmp_path / "fp32" / "checkpoints" / "step00000006" / "state.json").read_text())
     assert (state["step"], state["precision"]) == (6, "fp32")
+
+
+# ---------------------------- checkpoints from elsewhere: content checked, nothing unpickled
+@pytest.mark.parametrize("stage", STAGES)
+def test_a_damaged_bf16_checkpoint_is_passed_over_and_the_previous_resumes_weights_only(bf16_runs, cache_dir,
+                                                                                      tmp_path, stage):
+    """At every ZeRO stage in bf16 on two ranks: 4 KiB changed in the middle of the newest
+    checkpoint's largest DeepSpeed file (same size) fails its checksum; the resume warns once and
+    continues from the previous checkpoint, read through torch's weights-only unpickler (every
+    training process imposes it), on the same samples the uninterrupted run trained."""
+    run, _ = bf16_runs[stage]
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    step4 = copy / "checkpoints" / "step00000004"
+    largest = max((p for p in step4.glob("*.pt")), key=lambda p: p.stat().st_size)
+    data = bytearray(largest.read_bytes())
+    data[len(data) // 2:len(data) // 2 + 4096] = bytes(4096)
+    largest.write_bytes(bytes(data))
+    proc = launch("torchrun", [*BF16, f"parallel.zero_stage={stage}", "train.max_steps=4", f"run.dir={copy}"],
+                  child_env(cache_dir))
+    assert_ok(proc)
+    warnings = [line for line in proc.stderr.splitlines() if line.startswith("warning:")]
+    assert warnings == [f"warning: step00000004 is damaged ({largest.name} does not match the checksum recorded when "
+                        "it was saved: it changed or is damaged); resuming from step00000002, the newest complete checkpoint"]
+    assert f"resumed from {copy / 'checkpoints' / 'step00000002'} at step 2" in proc.stdout
+    expected = {r["step"]: r["loss"] for r in read_metrics(run)[0]}
+    assert {r["step"]: r["loss"] for r in read_metrics(copy)[0]} == pytest.approx(expected, abs=1e-6)
+
+
+class Payload:
+    """Unpickling this runs `touch MARKER`: what a crafted checkpoint file can hold."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def plant(ckpt: Path, marker: Path, legacy: bool) -> None:
+    """Add the payload to ckpt's model states file and make the manifest agree (sizes and
+    checksums are the attacker's to write too); ``legacy``: drop the weights files, so that the
+    tools read DeepSpeed's files as for a checkpoint from before them."""
+    from dist_lm.files import checksum
+
+    f = ckpt / "mp_rank_00_model_states.pt"
+    states = torch.load(f, weights_only=False)
+    states["payload"] = Payload(marker)
+    torch.save(states, f)
+    state = json.loads((ckpt / "state.json").read_text())
+    state["manifest"][f.name], state["checksums"][f.name] = f.stat().st_size, checksum(f)
+    for weights in ckpt.glob(checkpoint.WEIGHTS_GLOB) if legacy else []:
+        weights.unlink()
+        del state["manifest"][weights.name], state["checksums"][weights.name]
+    (ckpt / "state.json").write_text(json.dumps(state))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_by_every_command(bf16_runs, cache_dir, tmp_path):
+    """A crafted .pt ran its payload under export, evaluate, generate and train --resume (DeepSpeed's
+    loader and ours unpickled in full). Now no command makes the marker: each refuses in one line
+    naming the file and --trust-checkpoint, or (the tools, with weights files) never reads the
+    pickle at all. With --trust-checkpoint the legacy read does unpickle: the flag is the gate."""
+    env, marker = child_env(cache_dir), tmp_path / "marker"
+    for stage in (0, 2):
+        legacy = tmp_path / f"legacy{stage}"
+        shutil.copytree(bf16_runs[stage][0] / "checkpoints" / "step00000004", legacy / "step00000004")
+        plant(legacy / "step00000004", marker, legacy=True)
+        for name, extra in [("export_hf.py", [tmp_path / "out"]), ("evaluate.py", []), ("generate.py", [])]:
+            proc = tool(name, legacy, *extra, env=env)
+            lines = proc.stderr.strip().splitlines()
+            assert proc.returncode == 2 and len(lines) == 1 and "mp_rank_00_model_states.pt holds an object of type " \
+                "posix.system, which dist-lm does not unpickle" in lines[0] and "--trust-checkpoint" in lines[0], \
+                (stage, name, proc.stderr)
+    current = tmp_path / "current"
+    shutil.copytree(bf16_runs[1][0] / "checkpoints" / "step00000004", current / "step00000004")
+    plant(current / "step00000004", marker, legacy=False)
+    assert_ok(tool("evaluate.py", current, env=env))  # the weights files: safetensors, no pickle read
+    proc = launch("python", [*BF16, "parallel.zero_stage=1", "train.max_steps=6", f"run.dir={tmp_path / 'resumed'}",
+                             "--resume", str(current / "step00000004")], env)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "holds an object of type posix.system" in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "resumed").exists()
+    assert not marker.exists()
+    assert_ok(tool("export_hf.py", tmp_path / "legacy0", tmp_path / "out", "--trust-checkpoint", env=env))
+    assert marker.exists()

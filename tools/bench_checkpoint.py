@@ -1,5 +1,7 @@
 """What the full-weights files cost a checkpoint: one real training step, then the same checkpoint
-saved twice, without and with them (seconds each, and disk), and the time to read them back.
+saved twice, without and with them (seconds each, and disk), and the time to read them back;
+and what checking every file against the manifest's checksums costs (verify_checksums_s: a
+resume's check, and about what hashing adds to a save, which hashes the files it just wrote).
 
     python tools/bench_checkpoint.py --config h100-80gb [section.key=value ...]
     torchrun --nproc_per_node 2 tools/bench_checkpoint.py --config h100-80gb   # the share per rank
@@ -45,8 +47,7 @@ def main() -> None:
         def timed_save(step: int, weights) -> float:
             distributed.barrier()
             start = time.perf_counter()
-            checkpoint.save(model_engine, root, step, state, rank, weights, engine.tied_names(model_engine.module),
-                            distributed.barrier, distributed.any_rank)
+            checkpoint.save(model_engine, root, step, state, rank, world, weights, engine.tied_names(model_engine.module))
             return time.perf_counter() - start
 
         without = timed_save(1, dict)
@@ -54,6 +55,10 @@ def main() -> None:
         engine.master_weights(model_engine, rank, world)
         gather = time.perf_counter() - gather_start
         with_weights = timed_save(2, lambda: engine.master_weights(model_engine, rank, world))
+        distributed.barrier()
+        verify_start = time.perf_counter()  # what a resume's check of every file costs (page cache warm)
+        assert checkpoint.checksum_problem_together(root / checkpoint.tag_for(2)) is None
+        verify = time.perf_counter() - verify_start
         if distributed.is_rank0():
             path = root / checkpoint.tag_for(2)
             read_start = time.perf_counter()
@@ -65,7 +70,7 @@ def main() -> None:
                 "config": args.config, "overrides": args.overrides, "ranks": world, "precision": trainer.session.precision,
                 "zero_stage": cfg.parallel.zero_stage, "parameters": sum(v.numel() for v in weights.values()),
                 "save_s_without_weights": round(without, 2), "save_s_with_weights": round(with_weights, 2),
-                "gather_s": round(gather, 2), "read_weights_s": round(read, 2),
+                "gather_s": round(gather, 2), "read_weights_s": round(read, 2), "verify_checksums_s": round(verify, 2),
                 "checkpoint_bytes_without_weights": sum(sizes.values()) - weight_bytes, "weights_bytes": weight_bytes}))
         trainer.close()
         distributed.teardown()

@@ -206,6 +206,22 @@ def from_rank0(value):
     return box[0]
 
 
+def all_gather_objects(value) -> list:
+    """Every rank's ``value`` (any picklable value), in rank order, on every rank (a collective
+    over the CPU control group)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [value]
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, value, group=_control)
+    return everyone
+
+
+def first_problem(problem: str | None) -> str | None:
+    """The first rank's problem, in rank order, on every rank; None if no rank has one (a
+    collective): each rank checks its share of something, and all agree on the answer."""
+    return next((p for p in all_gather_objects(problem) if p is not None), None)
+
+
 def all_gather_floats(values: list[float]) -> list[list[float]]:
     """Every rank's ``values`` (the same length on each), in rank order (a collective). Exact for
     float32 values: they travel as float64."""
@@ -239,3 +255,13 @@ def leave_alone() -> None:
 
 def is_rank0() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def rank() -> int:
+    """This process's rank in the process group (0 without one)."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    """The process group's size (1 without one)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1

@@ -1,13 +1,23 @@
 """Reading a checkpoint back: into an engine, on the world size and ZeRO stage it was saved on
 or, through DeepSpeed's universal format, on others; or as the model's full weights, for the
 tools (evaluate, generate, export), whatever the run's precision, stage and world size.
-(Writing and finding checkpoints: :mod:`dist_lm.train.checkpoint`.)"""
+(Writing and finding checkpoints: :mod:`dist_lm.train.checkpoint`.)
+
+Nothing is unpickled. Our weights files are safetensors; DeepSpeed's own files are pickles,
+which torch reads here with its weights-only unpickler: tensors, plain containers and numbers,
+and the few DeepSpeed types named in :func:`allow_deepspeed_types`, rebuilt from their fields
+with no code run. :func:`impose_weights_only` makes that hold for every ``torch.load`` of the
+process, DeepSpeed's own (which ask for full unpickling) and its subprocesses' included; only
+``--trust-checkpoint`` lifts it (docs/reliability.md: the trust model)."""
 
 from __future__ import annotations
 
 import contextlib
 import io
 import json
+import os
+import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -24,6 +34,77 @@ from dist_lm.train.checkpoint import WEIGHTS_GLOB, CheckpointError, Engine, Foun
 from dist_lm.train.state import RunState
 
 UNIVERSAL = "universal"  # subdirectory of a tag holding its universal-format conversion
+FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"  # torch reads it at every torch.load
+NO_WEIGHTS_ONLY = "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"
+TRUST_FLAG = "--trust-checkpoint"
+_trusted = False
+
+
+def trust_checkpoints(trusted: bool) -> None:
+    """``--trust-checkpoint``: this process may unpickle whatever its checkpoints hold."""
+    global _trusted
+    _trusted = trusted
+
+
+def impose_weights_only() -> None:
+    """Unless checkpoints are trusted (:func:`trust_checkpoints`), make every ``torch.load`` of this
+    process and of the processes it starts weights-only, even where the caller (DeepSpeed's
+    loaders) asks for full unpickling. Called before anything is loaded."""
+    if _trusted:
+        os.environ.pop(FORCE_WEIGHTS_ONLY, None)
+    else:
+        os.environ.pop(NO_WEIGHTS_ONLY, None)  # torch refuses both set at once
+        os.environ[FORCE_WEIGHTS_ONLY] = "1"
+
+
+def allow_deepspeed_types() -> None:
+    """Let torch's weights-only unpickler rebuild the few DeepSpeed types its checkpoint files hold
+    besides tensors and plain data (found by loading every file of bf16 and fp32 checkpoints at
+    ZeRO 0-3): the loss scaler's state, the ZeRO stage, and BF16_Optimizer's fragment addresses.
+    They are rebuilt from their saved fields; none of their code runs."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    torch.serialization.add_safe_globals([LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address])
+
+
+def untrusted(path: Path, error: Exception | str) -> CheckpointError:
+    """The one line for a checkpoint file that holds more than weights-only unpickling builds."""
+    text = str(error)
+    found = re.search(r"(?:unsupported|Unsupported global:)\s+GLOBAL ([\w.]+)", text)
+    what = f"an object of type {found.group(1)}" if found else "objects that are not tensors or plain data"
+    return CheckpointError(f"checkpoint error: {path} holds {what}, which dist-lm does not unpickle (unpickling "
+                           f"runs code); if you made this checkpoint, or trust who did, pass {TRUST_FLAG}")
+
+
+def load_pickle(path: Path) -> dict:
+    """One of DeepSpeed's checkpoint files, weights-only unless the process trusts checkpoints."""
+    allow_deepspeed_types()
+    try:
+        return torch.load(path, map_location="cpu", weights_only=not _trusted)
+    except pickle.UnpicklingError as e:
+        raise untrusted(path, e) from None
+
+
+def unpickling_problem(path: Path, rank: int = 0, world_size: int = 1) -> str | None:
+    """Why a checkpoint's pickles cannot be read weights-only, or None: each of this rank's share of
+    its .pt files (every world_size-th) is unpickled weights-only with its tensors memory-mapped,
+    which reads no tensor data, before DeepSpeed's loader touches any of them. Checked by every
+    rank before the load, so that a refusal is agreed on instead of one rank failing inside
+    DeepSpeed's collectives."""
+    if _trusted:
+        return None
+    allow_deepspeed_types()
+    files = sorted(p for p in path.glob("*.pt"))
+    for f in files[rank::world_size]:
+        try:
+            torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+        except pickle.UnpicklingError as e:
+            return str(untrusted(f, e))
+        except (RuntimeError, OSError, EOFError, ValueError) as e:  # not torch's zip format, cut short, ...
+            return f"checkpoint error: {f} cannot be read ({str(e).strip().splitlines()[0] if str(e).strip() else e!r})"
+    return None
 
 
 def needs_universal(state: RunState, world_size: int, zero_stage: int) -> bool:
@@ -78,9 +159,13 @@ def convert_to_universal(path: Path, rank: int, barrier: Callable[[], None]) -> 
     out = path / UNIVERSAL
     if rank == 0 and not (out / ".complete").exists():
         shutil.rmtree(out, ignore_errors=True)
-        proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+        # dist_lm.train.to_universal: DeepSpeed's converter, with its types allowed to the
+        # weights-only unpickler that this process's environment imposes on it
+        proc = subprocess.run([sys.executable, "-m", "dist_lm.train.to_universal", "--input_folder",
                                str(path), "--output_folder", str(out)], capture_output=True, text=True)
         if proc.returncode != 0:
+            if "Weights only load failed" in proc.stderr:
+                raise untrusted(path, proc.stderr)
             raise CheckpointError(f"checkpoint error: converting {path} to DeepSpeed's universal format failed: "
                                   f"{(proc.stderr.strip().splitlines() or ['?'])[-1]}")
         (out / ".complete").write_text("")
@@ -93,21 +178,24 @@ def consolidated_weights(path: Path) -> dict[str, torch.Tensor]:
     ZeRO stage, optimizer and world size: its weights files. Checkpoints from before those files
     were written are read as then: the module itself at ZeRO-0, DeepSpeed's zero_to_fp32 for
     ZeRO 1-3, and where it refuses BF16_Optimizer's files, DeepSpeed's universal format."""
+    impose_weights_only()
     files = sorted(path.glob(WEIGHTS_GLOB))
     if files:
         return _read_weights(files)
     if RunState.read(path).zero_stage == 0:
-        module = torch.load(path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+        module = load_pickle(path / "mp_rank_00_model_states.pt")["module"]
         return {k: v.float() for k, v in module.items()}
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+    problem = unpickling_problem(path)  # zero_to_fp32 loads with full unpickling where trusted
+    if problem:
+        raise CheckpointError(problem)
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # it prints its progress; our tools print results
             return get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
     except ValueError:  # "... is not a zero checkpoint": BF16_Optimizer's files (bf16 at ZeRO-1)
         universal = convert_to_universal(path, 0, lambda: None)
-        return {f.parent.name: torch.load(f, map_location="cpu", weights_only=False)["param"].float()
-                for f in sorted((universal / "zero").glob("*/fp32.pt"))}
+        return {f.parent.name: load_pickle(f)["param"].float() for f in sorted((universal / "zero").glob("*/fp32.pt"))}
 
 
 def _read_weights(files: list[Path]) -> dict[str, torch.Tensor]:
@@ -126,9 +214,13 @@ def _read_weights(files: list[Path]) -> dict[str, torch.Tensor]:
 
 
 def load(engine: Engine, found: Found, universal: bool) -> None:
-    """Load ``found`` into the engine (built with load_universal when ``universal``)."""
+    """Load ``found`` into the engine (built with load_universal when ``universal``); its pickles
+    were checked by every rank (:func:`unpickling_problem`), and DeepSpeed's loader reads them
+    weights-only (:func:`impose_weights_only`)."""
     load_dir, tag = (found.path, UNIVERSAL) if universal else (found.path.parent, found.path.name)
-    loaded, _ = engine.load_checkpoint(str(load_dir), tag=tag)
+    allow_deepspeed_types()
+    with contextlib.redirect_stdout(io.StringIO()):  # BF16_Optimizer prints bare lines while it loads
+        loaded, _ = engine.load_checkpoint(str(load_dir), tag=tag)
     if loaded is None:
         raise CheckpointError(f"checkpoint error: {found.path} could not be loaded; give another one with "
                               "checkpoint.resume=PATH, or start fresh with checkpoint.resume=none")

@@ -1,9 +1,15 @@
 """One process (one job's rank 0) owns a run directory at a time: an exclusive ``flock`` on
 RUN_DIR/.lock, held while the process lives. Two runs writing one directory interleave
-metrics.jsonl, delete each other's rows and leave config.yaml describing the wrong model.
+metrics.jsonl, delete each other's rows and leave config.yaml describing the wrong model. A
+checkpoint.dir outside the run directory is locked the same way: two runs saving into one
+would write the same stepNNNNNNNN directories.
 
 The kernel drops the lock when its process dies however it dies (kill -9, a lost node), so a
 SLURM requeue or a restart after a crash reuses the directory without anyone removing a file.
+
+The lock file is also what marks a directory as a run's: a directory that holds files but no
+lock is somebody else's (the current directory, runs/ itself, a user's project), and a run is
+never started in it (:func:`problem_with_run_dir`).
 """
 
 from __future__ import annotations
@@ -23,9 +29,28 @@ class RunDirInUse(UserError):
     """Another live process holds the run directory."""
 
 
-def lock(run_dir: Path) -> IO[str]:
-    """Take the run directory's lock; the open file holds it (keep it until the process ends).
-    Raises RunDirInUse, naming the holder, if another process has it."""
+def problem_with_run_dir(run_dir: Path) -> str | None:
+    """Why ``run_dir`` cannot be a run's directory, or None: it must be new, empty, or a run's
+    (it has the lock file). Reads only."""
+    if not run_dir.exists():
+        return None
+    if not run_dir.is_dir():
+        return f"run error: {run_dir} is a file, not a directory; give the run another run.name or run.dir"
+    if (run_dir / LOCK).is_file():
+        return None
+    entries = sorted(p.name for p in run_dir.iterdir())
+    if not entries:
+        return None
+    shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+    return (f"run error: {run_dir} holds files ({shown}) and is not a run directory (it has no {LOCK}); a run "
+            "writes config.yaml, run.json, train.log and metrics there, so it starts only in a new or empty "
+            "directory or its own: give another run.name or run.dir")
+
+
+def lock(run_dir: Path, what: str = "run.name or run.dir") -> IO[str]:
+    """Take the directory's lock; the open file holds it (keep it until the process ends).
+    Raises RunDirInUse, naming the holder, if another process has it. ``what``: the settings
+    that give a run another directory, for the message."""
     run_dir.mkdir(parents=True, exist_ok=True)
     handle = open(run_dir / LOCK, "a+")
     try:
@@ -35,8 +60,7 @@ def lock(run_dir: Path) -> IO[str]:
         holder = handle.read().strip() or "unknown"
         handle.close()
         raise RunDirInUse(f"run error: {run_dir} is in use by another run (pid@host {holder}, holding "
-                          f"{run_dir / LOCK}); wait for it or stop it, or give this run another run.name or "
-                          "run.dir") from None
+                          f"{run_dir / LOCK}); wait for it or stop it, or give this run another {what}") from None
     handle.truncate(0)
     handle.write(f"{os.getpid()}@{socket.gethostname()}\n")
     handle.flush()

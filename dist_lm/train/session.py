@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -22,6 +23,7 @@ import torch.distributed as dist
 from dist_lm.config.batch import BatchSizes, batch_sizes
 from dist_lm.config.io import from_dict, to_dict, to_yaml
 from dist_lm.config.schema import Config, UserError, replaced
+from dist_lm.data import integrity
 from dist_lm.data.checks import ResolvedData, Source, resolve_data
 from dist_lm.data.sampler import TrainData, ValData
 from dist_lm.files import write_atomic
@@ -45,7 +47,9 @@ COMPILE_CACHE = ".compile-cache"  # beside the run directories: torch.compile's 
 
 
 def default_run_name(preset: str) -> str:
-    return f"{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    """The config's name, the start time and six random hex digits: runs started in the same
+    second (a sweep's, a job array's) get names of their own."""
+    return f"{preset}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
 
 
 @dataclass
@@ -74,7 +78,9 @@ class Session:
     start_time: float
     resumed: RunState | None
     """The state of the checkpoint the engine was loaded from (None: a fresh run)."""
-    dir_lock: IO[str] | None  # held by rank 0 from the run directory's first write
+    dir_locks: list[IO[str]]  # held by rank 0 from the run directory's first write
+    data_stamps: dict
+    """This rank's share of the shards as they were checked (dist_lm.data.integrity.stamps)."""
 
     def close(self) -> None:
         self.train_data.close()
@@ -82,8 +88,8 @@ class Session:
             self.sample_log.close()
         self.metrics.close()
         log.set_log_file(None)
-        if self.dir_lock is not None:
-            self.dir_lock.close()  # the directory is free for the next process
+        for held in self.dir_locks:
+            held.close()  # the directories are free for the next process
 
 
 def start(cfg: Config, plan_summary: list[str] = (), data: ResolvedData | None = None) -> Session:
@@ -119,13 +125,23 @@ def start(cfg: Config, plan_summary: list[str] = (), data: ResolvedData | None =
     port = distributed.init_process_group(dist_env, device, cfg.parallel.timeout_minutes)
     # Heartbeats from here; the deadline is armed when training starts (Trainer.fit).
     dog = watchdog.start(rank, dist_env.world_size, dist_env.master_addr, port, 60 * cfg.parallel.timeout_minutes)
+    data_stamps, data_checked = _check_data_content(cfg.data.verify, data, rank, dist_env.world_size)
     # From here on SIGTERM/SIGUSR1 end the run with a checkpoint (engine set-up included).
     stop = StopControl(cfg.train.stop_at_step, cfg.train.time_limit_minutes, start_time)
     cfg = _with_run_dir(cfg)
     run_dir = Path(cfg.run.dir)
     ckpt_root = cfg.checkpoint.root(run_dir)
-    found = checkpoint.find(cfg.checkpoint.resume, ckpt_root)
+    shared_root = _root_of_its_own(ckpt_root, run_dir)
+    if shared_root:  # the root could hold another run's checkpoints: rank 0 looks, for every rank
+        problem = distributed.from_rank0(checkpoint.owner_problem(ckpt_root, run_dir) if rank == 0 else None)
+        if problem:
+            raise checkpoint.CheckpointError(problem)
+    restore.impose_weights_only()
+    found = checkpoint.find(cfg.checkpoint.resume, ckpt_root, checkpoint.checksum_problem_together)
     if found is not None:
+        problem = distributed.first_problem(restore.unpickling_problem(found.path, rank, dist_env.world_size))
+        if problem:
+            raise checkpoint.CheckpointError(problem)
         _check_same_data(cfg, found, data)
         _check_same_model(cfg, found)
         precision_change = restore.check_precision(found.state, precision)
@@ -142,7 +158,7 @@ def start(cfg: Config, plan_summary: list[str] = (), data: ResolvedData | None =
         check_room_for_a_checkpoint(cfg, ckpt_root, "at start-up")
     universal = found is not None and restore.needs_universal(found.state, dist_env.world_size,
                                                                  cfg.parallel.zero_stage)
-    dir_lock = _take_run_dir(cfg, run_dir)
+    dir_locks = _take_run_dir(cfg, run_dir, ckpt_root if shared_root else None)
     log.set_log_file(run_dir / "train.log")
     log.info(f"dist-lm: {dist_env.describe()} device={hardware.device_name(device)}")
     for line in plan_summary:
@@ -166,6 +182,8 @@ def start(cfg: Config, plan_summary: list[str] = (), data: ResolvedData | None =
         log.info(f"loss: DeepSpeed's chunked cross-entropy over the {cfg.model.vocab_size:,}-token vocabulary "
                  "(model.cross_entropy), no fp32 logits")
     log.info(f"data {data.describe()}; run dir {run_dir}")
+    if data_checked:
+        log.info(data_checked)
     for source, val in val_sets:
         if val.split == "train":
             log.warn(f"{source.dir} has no validation split: validation loss is measured on training windows "
@@ -215,31 +233,69 @@ def start(cfg: Config, plan_summary: list[str] = (), data: ResolvedData | None =
         _resume(model_engine, train_data, found, universal, cfg, rank)
     return Session(cfg, dist_env, device, precision, batch, data, train_data, val_sets, dog, stop, run_dir,
                    ckpt_root, model_engine, writer, profiler, sample_log, summary, start_time,
-                   found.state if found else None, dir_lock)
+                   found.state if found else None, dir_locks, data_stamps)
+
+
+def _check_data_content(verify: str, data: ResolvedData, rank: int, world_size: int) -> tuple[dict, str]:
+    """The shards' content against meta.json's hashes (data.verify), each rank a share, all agreeing
+    (a collective); bad content is a UserError on every rank. Returns this rank's stamps of its
+    share, for the check at each checkpoint, and what was checked, for the log."""
+    shards = integrity.shards_of(data.sources)
+    mode = distributed.from_rank0(integrity.mode_for(verify, shards) if rank == 0 else None)  # one stat per shard
+    start = time.perf_counter()
+    problem = distributed.first_problem(integrity.check_content(shards, mode, rank, world_size))
+    if problem:
+        raise UserError(problem)
+    stamps = integrity.stamps(shards, rank, world_size)
+    if mode == "none" or not shards:
+        return stamps, ""
+    unchecked = integrity.unchecked(shards, mode) if rank == 0 else 0
+    if unchecked:
+        log.warn(f"data: {unchecked} of {len(shards)} shards were prepared before meta.json recorded the hashes "
+                 f"data.verify={mode} checks, so only their sizes are checked; prepare the data again, or set "
+                 "data.verify=full")
+    return stamps, (f"data: {len(shards) - unchecked} shards checked against meta.json's hashes ({mode}, "
+                    f"{time.perf_counter() - start:.1f} s)")
 
 
 def _with_run_dir(cfg: Config) -> Config:
-    """cfg with run.name and run.dir filled in, the same on every rank (rank 0's timestamp)."""
-    name = [cfg.run.name or default_run_name(cfg.preset)]
-    dist.broadcast_object_list(name, src=0)
-    return replaced(cfg, "run", name=name[0], dir=str(cfg.run.dir_for(name[0])))
+    """cfg with run.name and run.dir filled in, the same on every rank (rank 0's choice), once
+    rank 0 has seen that the directory can be a run's (new, empty, or a run's own)."""
+    name = cfg.run.name or default_run_name(cfg.preset)
+    run_dir = cfg.run.dir_for(name)
+    name, problem = distributed.from_rank0((name, run_lock.problem_with_run_dir(run_dir)) if distributed.is_rank0()
+                                           else None)
+    if problem:
+        raise UserError(problem)
+    return replaced(cfg, "run", name=name, dir=str(cfg.run.dir_for(name)))
 
 
-def _take_run_dir(cfg: Config, run_dir: Path) -> IO[str] | None:
-    """Take the run directory (its lock: dist_lm.train.run_lock), then write its config."""
-    problem, lock = None, None
+def _root_of_its_own(ckpt_root: Path, run_dir: Path) -> bool:
+    """Whether the checkpoint root is not simply the run directory's (checkpoint.dir names
+    another place), so that it must be locked and may hold another run's checkpoints."""
+    return ckpt_root.resolve() not in (run_dir.resolve() / "checkpoints", run_dir.resolve())
+
+
+def _take_run_dir(cfg: Config, run_dir: Path, shared_root: Path | None) -> list[IO[str]]:
+    """Take the run directory and a checkpoint.dir of its own (their locks:
+    dist_lm.train.run_lock), then write the config. Returns the locks, held by rank 0."""
+    problem, locks = None, []
     if distributed.is_rank0():
         try:
-            lock = run_lock.lock(run_dir)
+            if shared_root is not None:
+                locks.append(run_lock.lock(shared_root, "checkpoint.dir"))
+            locks.append(run_lock.lock(run_dir))
         except run_lock.RunDirInUse as e:
             problem = str(e)
+            for held in locks:
+                held.close()
     problem = distributed.from_rank0(problem)
     if problem:
         raise run_lock.RunDirInUse(problem)
     if distributed.is_rank0():
         write_atomic(run_dir / "config.yaml", to_yaml(cfg))
     dist.barrier()
-    return lock
+    return locks
 
 
 def _check_same_data(cfg: Config, found: checkpoint.Found, data: ResolvedData) -> None:

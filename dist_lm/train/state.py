@@ -17,8 +17,15 @@ from pathlib import Path
 from dist_lm.config.schema import UserError
 
 STATE = "state.json"
-# 1: "version" itself, "log_window". 0: every file written before (they have no "version").
-VERSION = 1
+PRECISIONS = ("fp32", "bf16", "bf16-autocast", "fp16", "fp8")  # dist_lm.runtime.precision.Precision's values
+
+
+def inside(name) -> bool:
+    """Whether a manifest's file name stays inside its checkpoint directory."""
+    return isinstance(name, str) and bool(name) and not Path(name).is_absolute() and ".." not in Path(name).parts
+# 2: "run_dir", "checksums". 1: "version" itself, "log_window". 0: every file written before
+# (they have no "version").
+VERSION = 2
 
 
 @dataclass
@@ -41,6 +48,8 @@ class RunState:
     wandb_run_id: str | None = None
     log_window: dict | None = None  # dist_lm.observe.metrics.LogWindow.state_dict(); None before version 1
     manifest: dict[str, int] = field(default_factory=dict)  # every other file of the checkpoint: its size
+    checksums: dict[str, str] = field(default_factory=dict)  # ... and its content ("xxh3_128:<hex>"); {} before 2
+    run_dir: str | None = None  # the absolute run directory that saved it; None before version 2
     version: int = VERSION
 
     def to_json(self) -> str:
@@ -54,9 +63,37 @@ class RunState:
                             f"reads ({VERSION}); update dist-lm to resume or read it")
         known = {f.name for f in fields(cls)}
         try:
-            return cls(**{k: v for k, v in data.items() if k in known and k != "version"}, version=version)
+            state = cls(**{k: v for k, v in data.items() if k in known and k != "version"}, version=version)
         except TypeError as e:  # a required field missing: not a state.json of ours
             raise UserError(f"{where} is not a dist-lm state file ({e})") from None
+        problem = state.problem()
+        if problem:
+            raise UserError(f"{where}: {problem}")
+        return state
+
+    def problem(self) -> str | None:
+        """What in a state.json's content is not what dist-lm writes, naming the field, or None:
+        a checkpoint from elsewhere is data, checked before anything is read by it (its manifest
+        names files inside the checkpoint, its counts are counts)."""
+        def count(v) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+        if not count(self.step):
+            return f"step is {self.step!r}, not a step count"
+        if not isinstance(self.config, dict) or not isinstance(self.data, dict):
+            return "config and data must be mappings"
+        if not isinstance(self.manifest, dict) or not all(inside(n) and count(v) for n, v in self.manifest.items()):
+            return "manifest must map file names inside the checkpoint to their sizes"
+        if not isinstance(self.checksums, dict) or not all(n in self.manifest and isinstance(v, str)
+                                                            for n, v in self.checksums.items()):
+            return "checksums must map files of the manifest to their checksums"
+        if self.world_size is not None and not (count(self.world_size) and self.world_size > 0):
+            return f"world_size is {self.world_size!r}"
+        if self.zero_stage not in (None, 0, 1, 2, 3) or isinstance(self.zero_stage, bool):
+            return f"zero_stage is {self.zero_stage!r}"
+        if self.precision not in PRECISIONS:
+            return f"precision is {self.precision!r}, not one of {', '.join(PRECISIONS)}"
+        return None
 
     @classmethod
     def read(cls, checkpoint_dir: Path) -> "RunState":

@@ -12,7 +12,6 @@ HF's attention sees a whole window: it does not keep documents of a packed windo
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -21,10 +20,15 @@ import torch
 
 from dist_lm.train import checkpoint, restore
 from dist_lm.config.schema import Config, UserError
+from dist_lm.observe import log
 from dist_lm.runtime.precision import Precision
 from dist_lm.use.inference import find_tokenizer, saved_config
 from dist_lm.data.readers import EOT
+from dist_lm.files import foreign_entries, holds, replace_dir
 
+# What an export writes, and so all that --overwrite may replace.
+EXPORT_FILES = frozenset({"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+                          "tokenizer_config.json"})
 # our name -> Hugging Face Llama's name; {i} is the block index
 NAMES = {
     "tok_embeddings.weight": "model.embed_tokens.weight",
@@ -88,8 +92,9 @@ def export_hf(source: Path, out: Path, overwrite: bool = False, best: bool = Fal
     from tokenizers import Tokenizer
 
     found = checkpoint.find_for_reading(Path(source), best)
-    if out.exists() and not overwrite:
-        raise UserError(f"export error: {out} exists; choose another directory or pass --overwrite")
+    if found.note:
+        log.warn(found.note)
+    check_out(out, Path(source), found.path, overwrite)
     cfg = saved_config(found)
     tokenizer_path = find_tokenizer(cfg, found.state.tokenizer_sha256)
     if tokenizer_path is None:
@@ -114,13 +119,33 @@ def export_hf(source: Path, out: Path, overwrite: bool = False, best: bool = Fal
         (tmp / "tokenizer_config.json").write_text(json.dumps({
             "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOT, "bos_token": None,
             "model_max_length": cfg.model.seq_len, "clean_up_tokenization_spaces": False}, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return found.path, out
+
+
+def check_out(out: Path, source: Path, checkpoint_dir: Path, overwrite: bool) -> None:
+    """Refuse an output directory that --overwrite would have to take more than an export from:
+    the checkpoint, its run directory or anything holding them, a directory inside the
+    checkpoint, or a directory holding files an export does not write. One line each."""
+    for given in (source, checkpoint_dir):
+        if holds(out, given):
+            raise UserError(f"export error: {out} holds the checkpoint being exported ({given}); the export goes "
+                            "into a directory of its own: choose another")
+    if holds(checkpoint_dir, out):
+        raise UserError(f"export error: {out} is inside the checkpoint {checkpoint_dir}; choose a directory outside it")
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise UserError(f"export error: {out} is a file; choose a directory")
+    foreign = foreign_entries(out, EXPORT_FILES.__contains__)
+    if foreign:
+        raise UserError(f"export error: {out} holds {', '.join(foreign[:3])}, which an export does not write; "
+                        "--overwrite replaces only an earlier export: choose another directory")
+    if not overwrite:
+        raise UserError(f"export error: {out} exists; choose another directory or pass --overwrite")
 
 
 def export_notes(cfg: Config) -> list[str]:

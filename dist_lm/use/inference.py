@@ -16,6 +16,7 @@ from dist_lm.config.schema import Config, UserError
 from dist_lm.config.io import from_dict
 from dist_lm.data.sampler import ValData
 from dist_lm.model.transformer import Transformer
+from dist_lm.observe import log
 from dist_lm.runtime.precision import Precision
 from dist_lm.data.shards import sha256_file
 
@@ -40,6 +41,8 @@ def load_model(path: Path, best: bool = False, dtype: str = "fp32") -> tuple[Tra
     precision the run trained in (the weights the training loop's forward used: its fp32
     masters rounded to that precision; for bf16-autocast the fp32 weights, run under autocast)."""
     found = checkpoint.find_for_reading(Path(path), best)
+    if found.note:
+        log.warn(found.note)
     cfg = saved_config(found)
     if "moe" in cfg.model.layer_types:
         raise UserError(f"{found.path} has mixture-of-experts layers, which need DeepSpeed's engine to run; "
