@@ -7,20 +7,39 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import TextIO
 
+from dist_lm.files import AppendFile
 from dist_lm.runtime.distributed import is_rank0
 
-_log_file: TextIO | None = None
+_log_file: AppendFile | None = None
 _bar = None  # the progress bar while one is shown
+_write_failure: str | None = None
 
 
 def set_log_file(path: Path | None) -> None:
     """Also append rank 0's messages to ``path`` (the run directory's train.log)."""
-    global _log_file
+    global _log_file, _write_failure
     if _log_file is not None:
         _log_file.close()
-    _log_file = open(path, "a", buffering=1) if path is not None and is_rank0() else None
+    _log_file = AppendFile(path) if path is not None and is_rank0() else None
+    _write_failure = None
+
+
+def write_failure() -> str | None:
+    """Why the log file could not be written (a full disk), or None; it is not written after that."""
+    return _write_failure
+
+
+def _to_file(line: str) -> None:
+    global _log_file, _write_failure
+    if _log_file is None:
+        return
+    try:
+        _log_file.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
+    except OSError as e:  # the console still has every message; the loop ends the run (Trainer)
+        _write_failure = f"writing {_log_file.path} failed ({e.strerror or e})"
+        _log_file.close()
+        _log_file = None
 
 
 def info(message: str) -> None:
@@ -31,16 +50,14 @@ def info(message: str) -> None:
         _bar.write(message, file=sys.stdout)
     else:
         print(message, file=sys.stdout, flush=True)
-    if _log_file is not None:
-        _log_file.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
+    _to_file(message)
 
 
 def warn(message: str) -> None:
     """A warning from rank 0, on stderr so it is never lost among the metrics."""
     if is_rank0():
         print(f"warning: {message}", file=sys.stderr, flush=True)
-        if _log_file is not None:
-            _log_file.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} warning: {message}\n")
+        _to_file(f"warning: {message}")
 
 
 class Progress:

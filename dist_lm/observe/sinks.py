@@ -8,6 +8,7 @@ Each sink takes rows (dicts with a "step") and is created on rank 0 only, by
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import logging
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Callable, Protocol
 
 from dist_lm.config.schema import ConfigError, LoggingConfig
-from dist_lm.files import write_atomic
+from dist_lm.files import AppendFile, write_atomic
 
 # The columns of metrics.csv, in order; a row leaves empty what it does not have (val_loss is
 # there only on evaluation steps, the training figures only on logging steps).
@@ -79,7 +80,7 @@ class SampleLog:
         others = [] if rank else [p for p in folder.glob("rank*.txt") if p.stem[4:].isdigit() and int(p.stem[4:]) >= world_size]
         for path in [self.path, *others]:
             drop_lines_after(path, start_step, lambda line: int(line.split(":", 1)[0]))
-        self._file = open(self.path, "a", buffering=1)
+        self._file = AppendFile(self.path)
 
     def write(self, step: int, ids) -> None:
         self._file.write(f"{step}: {' '.join(map(str, ids))}\n")
@@ -95,8 +96,10 @@ def read_sample_log(path: Path) -> dict[int, list[int]]:
 
 
 class JsonlSink:
+    """metrics.jsonl: a row a line, whole lines only (dist_lm.files.AppendFile), even on a full disk."""
+
     def __init__(self, path: Path):
-        self._file = open(path, "a", buffering=1)
+        self._file = AppendFile(path)
 
     def write(self, row: dict) -> None:
         self._file.write(json.dumps({k: _finite(v) for k, v in row.items()}) + "\n")
@@ -106,20 +109,27 @@ class JsonlSink:
 
 
 class CsvSink:
+    """metrics.csv: the same rows, whole lines only."""
+
     def __init__(self, path: Path, extra_columns: list[str] = ()):
         """``extra_columns``: beyond COLUMNS, e.g. a mixture's val_loss_NAME per source."""
         fresh = not path.exists() or path.stat().st_size == 0
-        self._file = open(path, "a", newline="", buffering=1)
+        self._file = AppendFile(path)
         self.columns = [*COLUMNS, *extra_columns]
-        self._writer = csv.DictWriter(self._file, fieldnames=self.columns)
         if fresh:
-            self._writer.writeheader()
+            self._file.write(self._line(dict(zip(self.columns, self.columns)), header=True))
+
+    def _line(self, row: dict, header: bool = False) -> str:
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=self.columns)
+        writer.writerow(row if header else {k: ("" if _finite(v) is None else v) for k, v in row.items()})
+        return text.getvalue()
 
     def write(self, row: dict) -> None:
         unknown = [k for k in row if k not in self.columns]
         if unknown:  # a metric added to the trainer but not here would be missing from the CSV unseen
             raise ValueError(f"metrics.csv has no column for {', '.join(unknown)}: add it to dist_lm.observe.sinks.COLUMNS")
-        self._writer.writerow({k: ("" if _finite(v) is None else v) for k, v in row.items()})
+        self._file.write(self._line(row))
 
     def close(self) -> None:
         self._file.close()

@@ -18,6 +18,7 @@ class Exit(IntEnum):
     HANG = 3  # a rank stopped answering, or a save did not finish in time (dist_lm.train.watchdog)
     OUT_OF_MEMORY = 4  # CUDA ran out of memory: "too big for this GPU" (tools/find_batch.py)
     REQUEUE = 75  # EX_TEMPFAIL: stopped on purpose (a signal) after saving a checkpoint; run me again
+    INTERRUPTED = 130  # 128 + SIGINT: Ctrl-C (after a checkpoint; a second Ctrl-C: at once, without one)
 
 
 def shell_assignments() -> str:

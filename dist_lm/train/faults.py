@@ -60,6 +60,7 @@ class SpikeGuard:
         self.factor, self.skip = factor, skip
         self.history: deque[float] = deque(maxlen=self.WINDOW)
         self.records = run_dir / "spikes.jsonl" if run_dir is not None and distributed.is_rank0() else None
+        self.write_failure: str | None = None
 
     @property
     def mean(self) -> float:
@@ -88,9 +89,12 @@ class SpikeGuard:
                   "sample_ids": sorted(i for rank_ids in everyone for i in rank_ids)}
         log.warn(f"step {step}: loss spike {value:.4f} > {self.factor} x running mean {record['running_mean']:.4f} "
                  f"on samples {record['sample_ids']}" + ("; skipped" if self.skip else ""))
-        if self.records is not None:
-            with open(self.records, "a") as f:
-                f.write(json.dumps(record) + "\n")
+        if self.records is not None and self.write_failure is None:
+            try:
+                with open(self.records, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            except OSError as e:  # a full disk: the trainer ends the run with one line
+                self.write_failure = f"writing {self.records} failed ({e.strerror or e})"
         return self.skip
 
 
@@ -180,10 +184,23 @@ class SkipCounter:
         what = "fp16 overflow, loss scale lowered" if self.precision is Precision.FP16 else f"gradient norm {float(grad_norm)}"
         log.warn(f"step {step}: update skipped ({what}); {self.in_a_row} in a row, {self.total} in this run")
         if self.limit and self.in_a_row >= self.limit:
-            good = [p for p in checkpoint.complete_checkpoints(self.checkpoints)
-                    if checkpoint.step_of(p) < self.first_skipped]
-            where = f"is {good[-1]}" if good else f"none: no checkpoint in {self.checkpoints} is older than step " \
-                f"{self.first_skipped}"
             raise TrainingDiverged(f"{self.limit} updates in a row were skipped for NaN/inf gradients "
-                                   f"(train.max_skipped_steps) from step {self.first_skipped}; the last good checkpoint "
-                                   f"{where}: lower optim.lr or check the data of those steps")
+                                   f"(train.max_skipped_steps) from step {self.first_skipped}; "
+                                   f"{self.last_good()}: lower optim.lr or check the data of those steps")
+
+    def last_good(self) -> str:
+        """Which checkpoint predates the skipped updates, said for the error: the run goes back to it."""
+        good = [p for p in checkpoint.complete_checkpoints(self.checkpoints) if checkpoint.step_of(p) < self.first_skipped]
+        if good:
+            return f"the last good checkpoint is {good[-1]}"
+        return (f"no checkpoint in {self.checkpoints} was saved before step {self.first_skipped}, so there is none "
+                "to go back to")
+
+    def check_run_end(self) -> None:
+        """A run that ends (max_steps) while its updates are being skipped has trained on nothing
+        since the first of them, and saves no checkpoint of it: that is a divergence, not a success."""
+        self.settle()
+        if self.in_a_row:
+            raise TrainingDiverged(f"the run ended with its last {self.in_a_row} updates skipped for NaN/inf gradients "
+                                   f"(from step {self.first_skipped}), so no checkpoint was saved of them; "
+                                   f"{self.last_good()}: lower optim.lr or check the data of those steps")

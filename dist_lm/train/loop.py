@@ -11,6 +11,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from dist_lm.config.io import to_dict
+from dist_lm.config.schema import UserError
+from dist_lm.data import integrity
 from dist_lm.model.counts import count_parameters, flops_per_token
 from dist_lm.observe import log, metrics
 from dist_lm.plan import hardware
@@ -19,6 +21,7 @@ from dist_lm.runtime.ds_config import clips_itself
 from dist_lm.runtime.optim import lr_at
 from dist_lm.train import checkpoint, faults
 from dist_lm.train.faults import SkipCounter, SpikeGuard
+from dist_lm.train.preemption import WRITE_FAILED
 from dist_lm.train.session import Session, check_room_for_a_checkpoint
 from dist_lm.train.state import RunState
 from dist_lm.use.generate import sample
@@ -44,6 +47,7 @@ class Trainer:
         self.spike_guard = SpikeGuard(s.cfg.train.spike_factor, s.run_dir, s.cfg.train.spike_skip) \
             if s.cfg.train.spike_factor else None
         self.window = metrics.LogWindow(s.device)
+        self._write_failure: str | None = None  # this rank's logs could not be written (a full disk)
         self.elapsed_before = 0.0  # elapsed_s of earlier processes of this run (from the checkpoint)
         if s.resumed is not None:
             self.load_state_dict(s.resumed)
@@ -71,7 +75,7 @@ class Trainer:
             zero_stage=self.cfg.parallel.zero_stage, precision=s.precision,
             parameters=count_parameters(self.cfg.model)["total"], tokenizer_sha256=s.data.meta["tokenizer_sha256"],
             data_fingerprint=s.data.fingerprint(), wandb_run_id=s.metrics.wandb_run_id,
-            log_window=self.window.state_dict())
+            log_window=self.window.state_dict(), run_dir=str(self.run_dir.resolve()))
 
     def tokens_seen(self) -> int:
         return self.session.train_data.samples_consumed * self.cfg.model.seq_len
@@ -104,7 +108,10 @@ class Trainer:
                 self.window.add_step()
                 if self.step == first_step + 1:
                     s.summary.first_step_s = time.perf_counter() - s.start_time
-                    s.summary.write(self.run_dir)
+                    try:
+                        s.summary.write(self.run_dir)
+                    except OSError as e:
+                        self._write_failure = f"writing {self.run_dir / metrics.RUN_SUMMARY} failed ({e.strerror or e})"
                     log.info(f"first step done {s.summary.first_step_s:.1f} s after the trainer started")
                 row: dict = {}
                 if self.step % cfg.log_interval == 0 or self.step == cfg.max_steps:
@@ -130,7 +137,10 @@ class Trainer:
                 eval_next = cfg.eval_interval and (self.step + 1) % cfg.eval_interval == 0
                 self.stop_reason = self.stop.reason_to_stop(self.step, time.perf_counter() - step_start,
                                                             self.last_save_seconds,
-                                                            self.last_eval_seconds if eval_next else 0.0)
+                                                            self.last_eval_seconds if eval_next else 0.0,
+                                                            self.write_failure() is not None)
+                if self.stop_reason == WRITE_FAILED:
+                    break
                 if self.stop_reason:
                     log.info(f"stopping after step {self.step} of {cfg.max_steps}: {self.stop_reason}; "
                              "run the same run directory again to continue")
@@ -138,6 +148,8 @@ class Trainer:
         finally:
             progress.close()
         self.skips.settle()
+        if self.stop_reason == WRITE_FAILED:  # a full disk: no checkpoint (it would not fit either)
+            self.raise_write_failure()
         if self.stop_reason:  # a stop on purpose: a checkpoint, and no more than that
             if self.last_saved_step != self.step:
                 self.save()
@@ -148,10 +160,25 @@ class Trainer:
             (first_at, first), (last_at, last) = self.val_history[0], self.val_history[-1]
             log.info(f"validation loss {first:.3f} -> {last:.3f} (perplexity {math.exp(first):.1f} -> "
                      f"{math.exp(last):.1f}) from step {first_at} to {last_at}")
+        self.skips.check_run_end()
         if self.last_saved_step != self.step and self.cfg.checkpoint.save_at_end:
             self.save()
         if cfg.sample_tokens:
             self.print_sample()
+        if distributed.any_rank(self.write_failure() is not None):  # after the last step's rows
+            self.raise_write_failure()
+
+    def write_failure(self) -> str | None:
+        """Why this rank could not write its logs (metrics, train.log, samples, spikes), or None."""
+        spikes = self.spike_guard.write_failure if self.spike_guard is not None else None
+        return self._write_failure or log.write_failure() or spikes
+
+    def raise_write_failure(self) -> None:
+        """End the run on every rank (a collective) with the failing rank's line."""
+        failure = distributed.first_problem(self.write_failure())
+        raise UserError(f"run error: {failure} after step {self.step}; the checkpoints so far are kept, and "
+                        "metrics.jsonl and metrics.csv hold whole rows: free some space, then run the same command "
+                        "again to continue from the newest checkpoint")
 
     def _train_step(self) -> tuple[torch.Tensor | float | None, int]:
         """One optimizer step over this rank's micro-batches; adds their losses to the log window.
@@ -159,8 +186,11 @@ class Trainer:
         model_engine, data = self.model_engine, self.session.train_data
         engine.set_lr(model_engine, lr_at(self.step, self.cfg.optim, self.cfg.train.max_steps), self.cfg.optim)
         batches = data.next_batches()
-        if self.session.sample_log is not None:
-            self.session.sample_log.write(self.step + 1, data.last_ids)
+        if self.session.sample_log is not None and self._write_failure is None:
+            try:
+                self.session.sample_log.write(self.step + 1, data.last_ids)
+            except OSError as e:
+                self._write_failure = f"writing {e.filename} failed ({e.strerror or e})"
         for i, (x, y, *documents) in enumerate(batches):  # documents: with data.document_mask
             loss = model_engine(x, y, documents=documents[0]) if documents else model_engine(x, y)
             skip = self.spike_guard is not None and \
@@ -215,7 +245,11 @@ class Trainer:
 
     def _emit(self, row: dict) -> None:
         row = {"step": self.step, "tokens": self.tokens_seen(), **row, "elapsed_s": self.elapsed_s()}
-        self.session.metrics.write(row)
+        if self._write_failure is None:
+            try:
+                self.session.metrics.write(row)
+            except OSError as e:  # a full disk: the row is not written, and the run stops after this step
+                self._write_failure = f"writing {e.filename} failed ({e.strerror or e})"
         if "loss" in row:
             log.info(metrics.format_step(row))
         if "val_loss" in row:
@@ -277,20 +311,31 @@ class Trainer:
         return (totals[0] / totals[1]).item()
 
     def save(self) -> None:
+        if distributed.any_rank(self.write_failure() is not None):
+            return  # this step's rows are not on disk: a checkpoint of it would resume past them
         self.skips.settle()
         if self.skips.in_a_row:  # the weights since the first skipped update may be bad: keep the good ones
             log.warn(f"step {self.step}: no checkpoint while updates are being skipped (since step "
                      f"{self.skips.first_skipped}); the last good one stays the newest")
             return
         start, s = time.perf_counter(), self.session
+        changed = distributed.first_problem(integrity.changed(s.data_stamps))
+        if changed:  # the steps since the last checkpoint may have read other data: keep that checkpoint
+            raise UserError(f"data error: {changed}; no checkpoint is saved from these steps, the newest one is "
+                            f"as it was: restore the data (or prepare it again and start a new run.name), then run "
+                            "again")
         check_room_for_a_checkpoint(self.cfg, s.ckpt_root, f"step {self.step}")
         path = s.ckpt_root / checkpoint.tag_for(self.step)
         self.watchdog.progress(f"saving checkpoint {path}", 60 * self.cfg.checkpoint.save_timeout_minutes,
                                "checkpoint.save_timeout_minutes")
         rank, world_size = s.dist_env.rank, s.dist_env.world_size
-        checkpoint.save(self.model_engine, s.ckpt_root, self.step, self.state_dict(), rank,
-                        lambda: engine.master_weights(self.model_engine, rank, world_size),
-                        engine.tied_names(self.model_engine.module), distributed.barrier, distributed.any_rank)
+        self.stop.saving = path  # a second Ctrl-C removes it while it is incomplete
+        try:
+            checkpoint.save(self.model_engine, s.ckpt_root, self.step, self.state_dict(), rank, world_size,
+                            lambda: engine.master_weights(self.model_engine, rank, world_size),
+                            engine.tied_names(self.model_engine.module))
+        finally:
+            self.stop.saving = None
         self.watchdog.progress(f"training step {self.step + 1}")
         if distributed.is_rank0():
             for old in checkpoint.prune(s.ckpt_root, self.cfg.checkpoint.keep_last, self.cfg.checkpoint.keep_best):
