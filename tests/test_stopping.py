@@ -95,3 +95,72 @@ def test_sigusr1_to_one_rank_checkpoints_all_and_asks_for_a_requeue(env, ds_ops,
     assert_ok(proc)
     assert f"at step {stopped} " in proc.stdout
     assert [r["step"] for r in read_metrics(tmp_path)[0]][-2:] == [stopped + 1, stopped + 2]
+
+
+def _start(args: list[str], env: dict) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(ROOT / "launchers" / "pretrain.py"), *args], env=env, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_rows(run: Path, rows: int, proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        metrics = run / "metrics.jsonl"
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= rows:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"no {rows} rows in {run}: {proc.communicate()}")
+
+
+def test_ctrl_c_checkpoints_like_sigterm_and_continues(env, ds_ops, tmp_path):
+    """The first SIGINT (Ctrl-C) ended in a KeyboardInterrupt traceback with no checkpoint. Now it
+    stops after the step with a checkpoint, as SIGTERM does (exit 130, no error line), and the same
+    command continues from it."""
+    run = tmp_path / "run"
+    args = [*BASE, "train.max_steps=100000", "checkpoint.interval=0", f"run.dir={run}"]
+    proc = _start(args, env)
+    _wait_for_rows(run, 3, proc)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == Exit.INTERRUPTED and "Traceback" not in err and "error" not in err, err[-3000:]
+    assert "received SIGINT; run the same run directory again to continue" in out
+    stopped = (run / "checkpoints" / "latest").read_text().strip()
+    proc = _start([*args, "train.max_steps=" + str(int(stopped[4:]) + 2)], env)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and f"resumed from {run / 'checkpoints' / stopped}" in out, err[-3000:]
+
+
+def test_a_second_ctrl_c_ends_at_once_even_in_a_collective_and_leaves_nothing_half_written(env, ds_ops, tmp_path):
+    """Two ranks started by hand; rank 1 is frozen (SIGSTOP) in the middle of a save, so rank 0
+    waits in a collective, where a Python signal handler does not run. Two Ctrl-Cs to rank 0 end it
+    at once (the signal-pipe thread): one line, exit 130, and the checkpoint it was writing is
+    removed rather than left half-written (before, an empty step directory stayed)."""
+    from dist_lm.train import checkpoint
+
+    run, port = tmp_path / "run", str(free_port())
+    args = [*BASE, "train.max_steps=100000", "checkpoint.interval=1", f"run.dir={run}"]
+    procs = []
+    for rank in (0, 1):
+        e = {**env, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2",
+             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+        procs.append(_start(args, e))
+    try:
+        _wait_for_rows(run, 3, procs[0])
+        seen = {p.name for p in (run / "checkpoints").iterdir()}
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not {p.name for p in (run / "checkpoints").iterdir()} - seen:
+            time.sleep(0.005)  # a new step directory: a save has begun
+        procs[1].send_signal(signal.SIGSTOP)
+        procs[0].send_signal(signal.SIGINT)
+        time.sleep(0.7)
+        procs[0].send_signal(signal.SIGINT)
+        out, err = procs[0].communicate(timeout=30)
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert procs[0].returncode == Exit.INTERRUPTED and len(lines) == 1, err[-3000:]
+    assert lines[0].startswith("error: interrupted again (Ctrl-C twice): stopped at once")
+    steps = [p for p in (run / "checkpoints").iterdir() if checkpoint.step_of(p) is not None]
+    assert steps and all(checkpoint.problem_with(p) is None for p in steps), [checkpoint.problem_with(p) for p in steps]
