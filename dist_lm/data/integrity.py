@@ -89,13 +89,16 @@ def check_content(shards: list[Shard], mode: str, rank: int, world_size: int) ->
     return None
 
 
-def unchecked(shards: list[Shard], mode: str) -> int:
-    """How many shards ``mode`` cannot check by content (prepared before the hash it needs)."""
-    key = {"full": None, "sampled": "sample_xxh3_128"}.get(mode)
-    if key is None:
-        return 0 if mode == "none" else sum(not (s.recorded.get("xxh3_128") or s.recorded.get("sha256"))
-                                           for s in shards)
-    return sum(not s.recorded.get(key) for s in shards)
+HASHES = {"full": ("xxh3_128", "sha256"), "sampled": ("sample_xxh3_128",), "none": ()}
+
+
+def checkable(shards: list[Shard], mode: str) -> tuple[int, int]:
+    """(how many shards ``mode`` checks by content, how many it cannot although meta.json recorded
+    hashes of them: a dataset prepared before the hash it needs). Shards without any hash (nanoGPT's
+    train.bin) are neither: their sizes are all there is to check."""
+    hashed = [s for s in shards if any(s.recorded.get(k) for k in HASHES["full"] + HASHES["sampled"])]
+    checked = sum(any(s.recorded.get(k) for k in HASHES[mode]) for s in hashed)
+    return checked, len(hashed) - checked
 
 
 def stamps(shards: list[Shard], rank: int, world_size: int) -> dict[Path, tuple[int, int, int]]:

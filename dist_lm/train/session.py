@@ -247,15 +247,15 @@ def _check_data_content(verify: str, data: ResolvedData, rank: int, world_size: 
     if problem:
         raise UserError(problem)
     stamps = integrity.stamps(shards, rank, world_size)
-    if mode == "none" or not shards:
+    if mode == "none":
         return stamps, ""
-    unchecked = integrity.unchecked(shards, mode) if rank == 0 else 0
+    checked, unchecked = integrity.checkable(shards, mode)
     if unchecked:
         log.warn(f"data: {unchecked} of {len(shards)} shards were prepared before meta.json recorded the hashes "
                  f"data.verify={mode} checks, so only their sizes are checked; prepare the data again, or set "
                  "data.verify=full")
-    return stamps, (f"data: {len(shards) - unchecked} shards checked against meta.json's hashes ({mode}, "
-                    f"{time.perf_counter() - start:.1f} s)")
+    return stamps, (f"data: {checked} of {len(shards)} shards checked against meta.json's hashes ({mode}, "
+                    f"{time.perf_counter() - start:.1f} s)") if checked else ""
 
 
 def _with_run_dir(cfg: Config) -> Config:
