@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: demo test setup system-deps clean
+.PHONY: demo test lint setup system-deps clean
 
 setup: $(VENV)/.installed
 
@@ -35,8 +35,14 @@ system-deps:
 # cluster are then set up once): most tests wait on the ranks they start, so one process keeps
 # about one core busy, and two halve the suite on CI's 2-core machine. TEST_WORKERS=0: one process.
 TEST_WORKERS ?= 2
-test: setup system-deps
+test: setup system-deps lint
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 tests
+
+# ruff: lint (pycodestyle, pyflakes, import order, bugbear) and the formatter's check, configured in
+# pyproject.toml. `.venv/bin/ruff format .` formats in place.
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 clean:
 	rm -rf $(VENV) runs
