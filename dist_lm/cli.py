@@ -31,8 +31,9 @@ COMMANDS = {
 def usage() -> str:
     width = max(map(len, COMMANDS))
     lines = [f"  {name:<{width}}  {what}" for name, what in COMMANDS.items()]
-    return "usage: dist-lm COMMAND [ARGS...]   (dist-lm COMMAND --help for its arguments)\n\ncommands:\n" + \
-        "\n".join(lines)
+    return "usage: dist-lm COMMAND [ARGS...]   (dist-lm COMMAND --help for its arguments)\n\ncommands:\n" + "\n".join(
+        lines
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,8 +58,7 @@ def run(name: str, argv: list[str], prog: str) -> int:
     try:
         status = importlib.import_module(f"dist_lm.commands.{name}").main(argv)
     except KeyboardInterrupt:  # Ctrl-C before a command takes it over (a training run checkpoints first)
-        print(f"error: {prog}: interrupted (Ctrl-C); what it was writing was not left half-written",
-              file=sys.stderr)
+        print(f"error: {prog}: interrupted (Ctrl-C); what it was writing was not left half-written", file=sys.stderr)
         return 130
     return int(status or 0)
 

@@ -105,7 +105,7 @@ class AppendFile:
         try:
             view = memoryview(data)
             while view:
-                view = view[self._file.write(view):]
+                view = view[self._file.write(view) :]
         except OSError as e:
             os.ftruncate(self._file.fileno(), at)
             raise OSError(e.errno, e.strerror, str(self.path)) from None

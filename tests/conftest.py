@@ -20,7 +20,8 @@ if "TORCH_EXTENSIONS_DIR" not in os.environ:
     from torch.utils.cpp_extension import get_default_build_root
 
     os.environ["TORCH_EXTENSIONS_DIR"] = os.path.join(
-        get_default_build_root(), f"py{sys.version_info.major}{sys.version_info.minor}_cpu")
+        get_default_build_root(), f"py{sys.version_info.major}{sys.version_info.minor}_cpu"
+    )
 PRETRAIN = ROOT / "launchers" / "pretrain.py"
 BIN = Path(sys.executable).parent
 
@@ -43,8 +44,10 @@ def cache_dir(tmp_path_factory) -> Path:
 # op, waiting for that build through torch's lock file in the extensions directory, as any
 # process would.
 OP_FIXTURES = {"ds_ops": "ShareMemCommBuilder", "fused_adam_op": "FusedAdamBuilder", "cpu_adam_op": "CPUAdamBuilder"}
-BUILD_OPS = "import sys\nfrom deepspeed.accelerator import get_accelerator\n" \
-            "for name in sys.argv[1:]:\n    get_accelerator().create_op_builder(name).load(verbose=False)\n"
+BUILD_OPS = (
+    "import sys\nfrom deepspeed.accelerator import get_accelerator\n"
+    "for name in sys.argv[1:]:\n    get_accelerator().create_op_builder(name).load(verbose=False)\n"
+)
 _op_builds: subprocess.Popen | None = None
 
 
@@ -68,8 +71,12 @@ def pytest_collection_finish(session) -> None:
     for item in session.items:
         needed += [op for op in _ops_needed(item) if op not in needed]
     if needed:  # its failures show up where a fixture loads the op, with the compiler's message
-        _op_builds = subprocess.Popen([sys.executable, "-c", BUILD_OPS, *needed], env={**os.environ, "DS_ACCELERATOR": "cpu"},
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _op_builds = subprocess.Popen(
+            [sys.executable, "-c", BUILD_OPS, *needed],
+            env={**os.environ, "DS_ACCELERATOR": "cpu"},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
 
 
 def pytest_sessionfinish(session) -> None:
@@ -105,8 +112,11 @@ def cpu_adam_op() -> None:
 
 def child_env(cache_dir: Path) -> dict:
     """Environment for child processes: quiet, one thread per rank, the prepared corpus."""
-    e = {k: v for k, v in os.environ.items()
-         if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    e = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    }
     e.update(DIST_LM_CACHE=str(cache_dir), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
     # logging.wandb=auto then means disabled: starting and stopping wandb's service costs about 3 s
     # a launch. The tests of wandb itself (test_monitoring) take this out again.
@@ -119,19 +129,35 @@ def env(cache_dir) -> dict:
     return child_env(cache_dir)
 
 
-def launch(launcher: str, args: list[str], env: dict, nproc: int = 2, timeout: int = 300) -> subprocess.CompletedProcess:
+def launch(
+    launcher: str, args: list[str], env: dict, nproc: int = 2, timeout: int = 300
+) -> subprocess.CompletedProcess:
     """Run the training entry point under ``launcher``: python (launchers/pretrain.py, the path
     form), torchrun (-m dist_lm train) or deepspeed (--module dist_lm train), so that both forms
     are what the suite runs."""
     if launcher == "python":
         cmd = [sys.executable, str(PRETRAIN)]
     elif launcher == "torchrun":
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "dist_lm", "train"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            "-m",
+            "dist_lm",
+            "train",
+        ]
     elif launcher == "deepspeed":
         # --num_gpus is needed on CPU: without it the launcher counts NUMA nodes and starts one rank.
-        cmd = [str(BIN / "deepspeed"), f"--num_gpus={nproc}", f"--master_port={free_port()}", "--module", "dist_lm",
-               "train"]
+        cmd = [
+            str(BIN / "deepspeed"),
+            f"--num_gpus={nproc}",
+            f"--master_port={free_port()}",
+            "--module",
+            "dist_lm",
+            "train",
+        ]
     else:
         raise ValueError(launcher)
     return subprocess.run(cmd + args, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
@@ -147,10 +173,25 @@ def stop_one_of_two_ranks(args: list[str], env: dict, run_dir: Path) -> tuple[su
     port = str(free_port())
     procs = []
     for rank in (0, 1):
-        e = {**env, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2",
-             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
-        procs.append(subprocess.Popen([sys.executable, str(PRETRAIN), *args], env=e, cwd=ROOT,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        e = {
+            **env,
+            "RANK": str(rank),
+            "WORLD_SIZE": "2",
+            "LOCAL_RANK": str(rank),
+            "LOCAL_WORLD_SIZE": "2",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": port,
+        }
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(PRETRAIN), *args],
+                env=e,
+                cwd=ROOT,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     try:
         metrics, deadline = run_dir / "metrics.jsonl", time.time() + 300
         while time.time() < deadline and not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
@@ -169,8 +210,12 @@ def stop_one_of_two_ranks(args: list[str], env: dict, run_dir: Path) -> tuple[su
 def assert_one_hang_line(stderr: str, stopped_pid: int, timeout_minutes: float) -> None:
     """The survivor's stderr holds one error line, naming the stopped rank and the timeout."""
     errors = [line for line in stderr.splitlines() if "error" in line.lower() or "Traceback" in line]
-    assert len(errors) == 1 and errors[0].startswith("error: rank 0: ") and \
-        f"rank 1 (pid {stopped_pid} on " in errors[0] and "stopped answering" in errors[0], stderr[-3000:]
+    assert (
+        len(errors) == 1
+        and errors[0].startswith("error: rank 0: ")
+        and f"rank 1 (pid {stopped_pid} on " in errors[0]
+        and "stopped answering" in errors[0]
+    ), stderr[-3000:]
     assert f"no progress for {timeout_minutes:g} minutes (parallel.timeout_minutes)" in errors[0]
 
 
@@ -189,4 +234,6 @@ def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
 
 
 def assert_ok(proc: subprocess.CompletedProcess) -> None:
-    assert proc.returncode == 0, f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}"
+    assert proc.returncode == 0, (
+        f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}"
+    )

@@ -98,7 +98,9 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
                 subprocess.run(["kill", pid.read_text().strip()], capture_output=True)
 
     def job(self, job_id: str) -> dict:
-        out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, env=self.env).stdout
+        out = subprocess.run(
+            ["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, env=self.env
+        ).stdout
         return dict(item.split("=", 1) for item in out.split() if "=" in item)
 
     def wait(self, job_id: str, states: tuple[str, ...], timeout: float = 240) -> dict:

@@ -12,9 +12,25 @@ from conftest import ROOT
 
 
 def test_eight_interruptions_lose_nothing(env, ds_ops, tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "chaos.py"), "--interruptions", "8", "--steps", "24",
-                           "--seed", "3", "--work", str(tmp_path)], env=env, cwd=ROOT, capture_output=True, text=True,
-                          timeout=900)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tools" / "chaos.py"),
+            "--interruptions",
+            "8",
+            "--steps",
+            "24",
+            "--seed",
+            "3",
+            "--work",
+            str(tmp_path),
+        ],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     lines = proc.stdout.strip().splitlines()
     assert lines, f"exit {proc.returncode} without a summary\n{proc.stderr[-3000:]}"
     summary = json.loads(lines[-1])

@@ -113,8 +113,10 @@ def test_a_run_never_starts_in_a_directory_of_someone_elses_files(env, ds_ops, t
     proc = launch("python", ["--config", "debug", f"run.dir={project}"], env)
     assert proc.returncode == 2, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and f"{project} holds files (config.yaml, metrics.jsonl, run.json, ...) and is not a " \
-        "run directory" in lines[0], proc.stderr
+    assert (
+        len(lines) == 1
+        and f"{project} holds files (config.yaml, metrics.jsonl, run.json, ...) and is not a run directory" in lines[0]
+    ), proc.stderr
     assert {p.name: p.read_text() for p in project.iterdir()} == files
 
 
@@ -128,20 +130,27 @@ def test_default_run_names_started_in_the_same_second_differ():
 
 
 # ------------------------------------------------------------- tool arguments (reliability #11)
-@pytest.mark.parametrize("args, message", [
-    (["generate", "RUN", "--temperature", "inf"], "argument --temperature: inf is outside [0, 1e+06]"),
-    (["generate", "RUN", "--top-p", "0"], "argument --top-p: 0 is outside (0, 1]"),
-    (["generate", "RUN", "--seed", "-3"], "argument --seed: -3 is outside [0, 9007199254740992]"),
-    (["generate", "RUN", "--max-tokens", "1e99"], "argument --max-tokens: '1e99' is not an integer"),
-    (["evaluate", "RUN", "--samples", "0"], "argument --samples: 0 is outside [1, 9007199254740992]"),
-    (["prepare", "x.txt", "--out", "o", "--val-fraction", "nan"], "argument --val-fraction: nan is outside [0, 1)"),
-    (["prepare", "x.txt", "--out", "o", "--vocab-size", "99999999999"], "argument --vocab-size: 99999999999 is outside"),
-    (["plan", "--gpus", "1", "--compute-capability", "eight"], "'eight' is not a compute capability like 8.6"),
-    (["train", "--max_steps", "20"], "config keys are set as section.key=value, e.g. train.max_steps=..."),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["generate", "RUN", "--temperature", "inf"], "argument --temperature: inf is outside [0, 1e+06]"),
+        (["generate", "RUN", "--top-p", "0"], "argument --top-p: 0 is outside (0, 1]"),
+        (["generate", "RUN", "--seed", "-3"], "argument --seed: -3 is outside [0, 9007199254740992]"),
+        (["generate", "RUN", "--max-tokens", "1e99"], "argument --max-tokens: '1e99' is not an integer"),
+        (["evaluate", "RUN", "--samples", "0"], "argument --samples: 0 is outside [1, 9007199254740992]"),
+        (["prepare", "x.txt", "--out", "o", "--val-fraction", "nan"], "argument --val-fraction: nan is outside [0, 1)"),
+        (
+            ["prepare", "x.txt", "--out", "o", "--vocab-size", "99999999999"],
+            "argument --vocab-size: 99999999999 is outside",
+        ),
+        (["plan", "--gpus", "1", "--compute-capability", "eight"], "'eight' is not a compute capability like 8.6"),
+        (["train", "--max_steps", "20"], "config keys are set as section.key=value, e.g. train.max_steps=..."),
+    ],
+)
 def test_a_bad_tool_argument_gets_one_line_and_status_2(env, tmp_path, args, message):
-    proc = subprocess.run([sys.executable, "-m", "dist_lm", *args], env=env, capture_output=True, text=True,
-                          cwd=tmp_path, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "dist_lm", *args], env=env, capture_output=True, text=True, cwd=tmp_path, timeout=120
+    )
     assert proc.returncode == 2, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and message in lines[0] and lines[0].startswith("error: "), proc.stderr
@@ -154,15 +163,22 @@ def test_any_tool_argument_is_accepted_or_refused_in_one_line(tmp_path):
     import contextlib
     import io
 
-    from hypothesis import given, settings, strategies as st
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
 
     from dist_lm.commands import evaluate, generate, prepare
 
-    options = {generate: ["--max-tokens", "--temperature", "--top-k", "--top-p", "--seed"],
-               evaluate: ["--samples", "--micro-batch"],
-               prepare: ["--workers", "--val-fraction", "--seed", "--shard-tokens", "--vocab-size"]}
-    values = st.one_of(st.sampled_from(["inf", "nan", "-0", "1e400", "0x1f", "", " ", "1_000", "-1"]),
-                       st.integers().map(str), st.floats().map(str), st.text(max_size=8))
+    options = {
+        generate: ["--max-tokens", "--temperature", "--top-k", "--top-p", "--seed"],
+        evaluate: ["--samples", "--micro-batch"],
+        prepare: ["--workers", "--val-fraction", "--seed", "--shard-tokens", "--vocab-size"],
+    }
+    values = st.one_of(
+        st.sampled_from(["inf", "nan", "-0", "1e400", "0x1f", "", " ", "1_000", "-1"]),
+        st.integers().map(str),
+        st.floats().map(str),
+        st.text(max_size=8),
+    )
     missing = str(tmp_path / "missing")
 
     @settings(max_examples=150, deadline=None)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from dist_lm.config.schema import Config, ConfigError
 from dist_lm.config.io import all_keys, available_presets, from_dict, load_config, to_dict, to_yaml
+from dist_lm.config.schema import Config, ConfigError
 
 
 def write(tmp_path, text: str):
@@ -21,9 +21,18 @@ def error_of(config, overrides=()) -> str:
 
 
 def test_defaults_and_overrides_types():
-    cfg = load_config(None, ["optim.lr=3e-4", "train.max_steps=200", "model.n_kv_heads=null",
-                             "parallel.activation_checkpointing=true", "parallel.zero_stage=3",
-                             "train.max_tokens=1e6", "run.name=abc"])
+    cfg = load_config(
+        None,
+        [
+            "optim.lr=3e-4",
+            "train.max_steps=200",
+            "model.n_kv_heads=null",
+            "parallel.activation_checkpointing=true",
+            "parallel.zero_stage=3",
+            "train.max_tokens=1e6",
+            "run.name=abc",
+        ],
+    )
     assert cfg.optim.lr == pytest.approx(3e-4)  # YAML 1.1 reads 3e-4 as a string; we take it as float
     assert cfg.train.max_steps == 200 and cfg.train.max_tokens == 1_000_000
     assert cfg.model.n_kv_heads is None and cfg.parallel.activation_checkpointing is True
@@ -67,7 +76,9 @@ def test_unknown_section():
 def test_wrong_type_names_key_and_expected_type(tmp_path):
     msg = error_of(write(tmp_path, "train:\n  max_steps: many\n"))
     assert "train.max_steps" in msg and "expected int" in msg and "'many'" in msg
-    assert "expected one of 'auto', 'bf16', 'bf16-autocast', 'fp16', 'fp32', 'fp8'" in error_of(None, ["parallel.precision=fp4"])
+    assert "expected one of 'auto', 'bf16', 'bf16-autocast', 'fp16', 'fp32', 'fp8'" in error_of(
+        None, ["parallel.precision=fp4"]
+    )
     assert "expected bool" in error_of(None, ["parallel.compile=maybe"])
     assert "must be a mapping" in error_of(write(tmp_path, "model: 3\n"))
 
@@ -125,8 +136,13 @@ def test_a_field_that_holds_text_takes_the_override_as_written():
 
 
 def test_a_yaml_file_keeps_the_text_of_a_name_that_looks_like_a_number(tmp_path):
-    cfg = load_config(write(tmp_path, "run:\n  name: 007\ndata:\n  dir: 0777\ntrain:\n  sample_prompt: 12:30\n"
-                                      "logging:\n  wandb_group: 2026-12-06\n"))
+    cfg = load_config(
+        write(
+            tmp_path,
+            "run:\n  name: 007\ndata:\n  dir: 0777\ntrain:\n  sample_prompt: 12:30\n"
+            "logging:\n  wandb_group: 2026-12-06\n",
+        )
+    )
     assert (cfg.run.name, cfg.data.dir, cfg.train.sample_prompt) == ("007", "0777", "12:30")
     assert cfg.logging.wandb_group == "2026-12-06"
     assert from_dict(to_dict(cfg), "x").run.name == "007"
@@ -137,16 +153,19 @@ def test_a_run_name_is_one_plain_directory_name(name):
     assert "run.name" in error_of(None, [f"run.name={name}"])
 
 
-@pytest.mark.parametrize("override, message", [
-    ("optim.lr=inf", "optim.lr: must be a finite number, got inf"),
-    ("optim.lr=nan", "optim.lr: must be a finite number, got nan"),
-    ("model.init_std=.inf", "model.init_std: must be a finite number, got inf"),
-    ("optim.min_lr_ratio=-.inf", "optim.min_lr_ratio: must be a finite number"),
-    ("train.max_steps=1e30", "train.max_steps: 1000000000000000019884624838656 is out of range"),
-    ("train.seed=-1", "train.seed: must be between 0 and 2**53"),
-    ("parallel.timeout_minutes=1e300", "parallel.timeout_minutes: must be positive and at most 1e+06"),
-    ("data.mixture=[{dir: a, weight: .inf}, {dir: b, weight: 1}]", "weight: must be a finite number"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optim.lr=inf", "optim.lr: must be a finite number, got inf"),
+        ("optim.lr=nan", "optim.lr: must be a finite number, got nan"),
+        ("model.init_std=.inf", "model.init_std: must be a finite number, got inf"),
+        ("optim.min_lr_ratio=-.inf", "optim.min_lr_ratio: must be a finite number"),
+        ("train.max_steps=1e30", "train.max_steps: 1000000000000000019884624838656 is out of range"),
+        ("train.seed=-1", "train.seed: must be between 0 and 2**53"),
+        ("parallel.timeout_minutes=1e300", "parallel.timeout_minutes: must be positive and at most 1e+06"),
+        ("data.mixture=[{dir: a, weight: .inf}, {dir: b, weight: 1}]", "weight: must be a finite number"),
+    ],
+)
 def test_non_finite_and_out_of_range_numbers_are_refused(override, message):
     assert message in error_of(None, [override])
 
@@ -182,12 +201,43 @@ def _accepted_config_is_valid(cfg: Config) -> None:
 def test_any_override_is_accepted_and_valid_or_refused_in_one_line():
     """Property: for any key of the tree and any text, load_config gives a valid config or a
     ConfigError of one line; nothing else (no TypeError, OverflowError, ... from deeper down)."""
-    from hypothesis import HealthCheck, given, settings, strategies as st
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
 
-    tricky = st.sampled_from(["inf", "-inf", ".inf", "nan", ".nan", "1e308", "1e400", "-1", "0", "007", "12:30",
-                              "0x10", "0777", "a #x", "null", "~", "", "true", "yes", "[1, 2]", "{a: 1}",
-                              "9007199254740993", "-9007199254740993", "1.5", "[{dir: x, weight: 1e308}]",
-                              "'", "\"", "mlp,moe", "a\x00b", "\t"])
+    tricky = st.sampled_from(
+        [
+            "inf",
+            "-inf",
+            ".inf",
+            "nan",
+            ".nan",
+            "1e308",
+            "1e400",
+            "-1",
+            "0",
+            "007",
+            "12:30",
+            "0x10",
+            "0777",
+            "a #x",
+            "null",
+            "~",
+            "",
+            "true",
+            "yes",
+            "[1, 2]",
+            "{a: 1}",
+            "9007199254740993",
+            "-9007199254740993",
+            "1.5",
+            "[{dir: x, weight: 1e308}]",
+            "'",
+            '"',
+            "mlp,moe",
+            "a\x00b",
+            "\t",
+        ]
+    )
     numbers = st.one_of(st.integers(), st.floats(allow_nan=True, allow_infinity=True)).map(str)
     values = st.one_of(tricky, numbers, st.text(max_size=12))
 

@@ -18,8 +18,9 @@ from dist_lm.model.transformer import Transformer
 EOT = 3
 
 
-@pytest.mark.parametrize("kw", [{}, {"position": "learned"}, {"position": "none", "n_kv_heads": 2},
-                                {"qk_norm": True, "activation": "gelu"}])
+@pytest.mark.parametrize(
+    "kw", [{}, {"position": "learned"}, {"position": "none", "n_kv_heads": 2}, {"qk_norm": True, "activation": "gelu"}]
+)
 def test_each_document_of_a_packed_window_is_computed_as_if_alone(kw):
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=64, seq_len=32, d_model=32, n_layers=2, n_heads=4, **kw)
@@ -48,14 +49,35 @@ def test_gradients_flow_through_the_document_mask():
 
 def test_a_run_trains_with_document_masks_and_refuses_what_cannot_combine(env, ds_ops, tmp_path):
     run = tmp_path / "run"
-    assert_ok(launch("python", ["--config", "debug", "data.document_mask=true", "train.max_steps=4",
-                                "train.log_interval=2", "train.eval_interval=4", f"run.dir={run}"], env))
+    assert_ok(
+        launch(
+            "python",
+            [
+                "--config",
+                "debug",
+                "data.document_mask=true",
+                "train.max_steps=4",
+                "train.log_interval=2",
+                "train.eval_interval=4",
+                f"run.dir={run}",
+            ],
+            env,
+        )
+    )
     rows, evals = read_metrics(run)
     assert len(rows) == 2 and len(evals) == 1 and evals[0]["val_loss"] > 0
-    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "export_hf.py"), str(run), str(tmp_path / "hf")], env=env,
-                          capture_output=True, text=True)
-    assert proc.returncode == 0 and "Hugging Face's default attention does not mask documents" in proc.stdout, proc.stderr
-    for override, fragment in (("model.position=bias", "data.document_mask: does not combine with model.position=bias"),
-                               ("model.dropout=0.1", "data.document_mask: does not combine with model.dropout")):
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "export_hf.py"), str(run), str(tmp_path / "hf")],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0 and "Hugging Face's default attention does not mask documents" in proc.stdout, (
+        proc.stderr
+    )
+    for override, fragment in (
+        ("model.position=bias", "data.document_mask: does not combine with model.position=bias"),
+        ("model.dropout=0.1", "data.document_mask: does not combine with model.dropout"),
+    ):
         with pytest.raises(ConfigError, match=fragment):  # the launcher's one line, exit 2 (tests/test_cli.py)
             load_config("debug", ["data.document_mask=true", override])

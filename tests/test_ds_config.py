@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from dist_lm.config.schema import ConfigError, OptimConfig, ParallelConfig, TrainConfig
-from dist_lm.config.io import load_config
 from dist_lm.config.batch import batch_sizes
+from dist_lm.config.io import load_config
+from dist_lm.config.schema import ConfigError, OptimConfig, ParallelConfig, TrainConfig
 from dist_lm.runtime.ds_config import deepspeed_config
 
 
@@ -18,7 +18,9 @@ def test_global_batch_splits_into_micro_accum_ranks():
 
 
 def test_indivisible_global_batch_names_key_and_fix():
-    with pytest.raises(ConfigError, match=r"train.global_batch_size: 10 is not a multiple of .* = 4 x 2 = 8; use 8 or 16"):
+    with pytest.raises(
+        ConfigError, match=r"train.global_batch_size: 10 is not a multiple of .* = 4 x 2 = 8; use 8 or 16"
+    ):
         batch_sizes(TrainConfig(micro_batch_size=4, global_batch_size=10), dp_size=2)
 
 
@@ -34,10 +36,14 @@ def test_deepspeed_config_keys(stage, precision):
     assert ds["train_batch_size"] == 16 and ds["gradient_accumulation_steps"] == 4
     # With fp32 weights at ZeRO-0 the trainer clips (dist_lm.runtime.engine.step), DeepSpeed not
     fp32_weights_at_zero0 = stage == 0 and precision in ("fp32", "bf16-autocast")
-    assert ds["train_micro_batch_size_per_gpu"] == 2 and ds["gradient_clipping"] == (0 if fp32_weights_at_zero0 else 0.5)
+    assert ds["train_micro_batch_size_per_gpu"] == 2 and ds["gradient_clipping"] == (
+        0 if fp32_weights_at_zero0 else 0.5
+    )
     assert ds["zero_optimization"]["stage"] == stage
     assert ds["bf16"]["enabled"] == (precision == "bf16") and ds["fp16"]["enabled"] == (precision == "fp16")
-    assert ds.get("torch_autocast") == ({"enabled": True, "dtype": "bfloat16"} if precision == "bf16-autocast" else None)
+    assert ds.get("torch_autocast") == (
+        {"enabled": True, "dtype": "bfloat16"} if precision == "bf16-autocast" else None
+    )
     assert "optimizer" not in ds  # a torch AdamW is passed in
     # bf16 gradients accumulate in fp32 wherever DeepSpeed can (ZeRO 1-3)
     fp32_accum = ds.get("data_types", {}).get("grad_accum_dtype") == "fp32"
@@ -74,8 +80,10 @@ def test_compile_mode_is_what_the_engine_runs_and_the_log_says():
     assert compile_mode(load_config("h100-multinode", ["parallel.zero_stage=2"]).parallel, gpu) == "torch.compile"
     regions = ["parallel.compile_regions=true"]
     assert compile_mode(load_config("h100-multinode", ["parallel.zero_stage=2", *regions]).parallel, gpu) == REGIONAL
-    assert compile_mode(load_config("h100-multinode", ["parallel.deepcompile=false", *regions]).parallel,
-                        gpu) == "torch.compile"  # not at ZeRO-3
+    assert (
+        compile_mode(load_config("h100-multinode", ["parallel.deepcompile=false", *regions]).parallel, gpu)
+        == "torch.compile"
+    )  # not at ZeRO-3
     assert compile_mode(load_config("h100-multinode", ["parallel.compile=false"]).parallel, gpu) == ""
     assert compile_mode(multinode, cpu) == ""
 
@@ -101,8 +109,12 @@ def test_a_compiled_run_says_why_its_first_step_is_slow():
 
 def test_offload_uses_deepspeed_cpu_adam():
     plan = batch_sizes(TrainConfig(micro_batch_size=1), dp_size=1)
-    ds = deepspeed_config(ParallelConfig(zero_stage=3, offload_optimizer=True, offload_params=True),
-                          OptimConfig(lr=1e-3, weight_decay=0.05), plan, "bf16")
+    ds = deepspeed_config(
+        ParallelConfig(zero_stage=3, offload_optimizer=True, offload_params=True),
+        OptimConfig(lr=1e-3, weight_decay=0.05),
+        plan,
+        "bf16",
+    )
     assert ds["optimizer"]["type"] == "AdamW" and ds["optimizer"]["params"]["weight_decay"] == 0.05
     assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     assert ds["zero_optimization"]["offload_param"]["device"] == "cpu"
@@ -116,4 +128,3 @@ def test_deepspeeds_throughput_timer_is_off():
     ds = deepspeed_config(ParallelConfig(), OptimConfig(), batch_sizes(TrainConfig(micro_batch_size=2), 1), "bf16")
     assert get_timers_config(ds).enabled is False
     assert get_timers_config({}).enabled and get_timers_config({}).synchronized  # DeepSpeed's default
-

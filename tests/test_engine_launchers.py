@@ -20,8 +20,15 @@ from reference import reference_losses
 STEPS = 6
 # 2 ranks x micro 2 x accumulation 2 = global batch 8; eval at step 3 and the end on 7 windows
 # (split 4 + 3 over two ranks, so the padding forward of ZeRO-3 evaluation is exercised).
-COMMON = [f"train.max_steps={STEPS}", "train.log_interval=1", "train.eval_interval=3", "train.eval_samples=7",
-          "train.micro_batch_size=2", "train.global_batch_size=8", "optim.warmup_steps=2"]
+COMMON = [
+    f"train.max_steps={STEPS}",
+    "train.log_interval=1",
+    "train.eval_interval=3",
+    "train.eval_samples=7",
+    "train.micro_batch_size=2",
+    "train.global_batch_size=8",
+    "optim.warmup_steps=2",
+]
 
 
 @pytest.fixture(scope="module")
@@ -59,15 +66,17 @@ def test_torchrun_zero_stages_match_reference(tmp_path, env, ds_ops, reference, 
 
 def test_optimizer_offload_matches_reference(tmp_path, env, ds_ops, cpu_adam_op, reference):
     """DeepSpeed's CPU Adam with each rank bound to its own cores."""
-    proc, losses, _ = run_and_read(tmp_path, "torchrun", ["parallel.zero_stage=2", "parallel.offload_optimizer=true"],
-                                   env)
+    proc, losses, _ = run_and_read(
+        tmp_path, "torchrun", ["parallel.zero_stage=2", "parallel.offload_optimizer=true"], env
+    )
     assert "each rank is bound to its own 1 of this node's cores" in proc.stderr
     assert losses == pytest.approx(reference, abs=1e-4)
 
 
 def test_activation_checkpointing_matches_reference(tmp_path, env, ds_ops, reference):
-    _, losses, _ = run_and_read(tmp_path, "torchrun", ["parallel.zero_stage=2",
-                                                        "parallel.activation_checkpointing=true"], env)
+    _, losses, _ = run_and_read(
+        tmp_path, "torchrun", ["parallel.zero_stage=2", "parallel.activation_checkpointing=true"], env
+    )
     assert losses == pytest.approx(reference, abs=1e-4)
 
 
@@ -153,9 +162,16 @@ def test_one_rank_skips_deepspeeds_identity_allreduce(env, ds_ops, stage, precis
     gradients) rather than all at the end. Stages whose reduction moves the gradients into their
     partitions keep it. (One rank at stage 0 and at fp32 ZeRO-1, where the skip would lose the
     gradients, is checked against the reference and two ranks above.)"""
+
     def run(mode):
-        proc = subprocess.run([sys.executable, "-c", ONE_RANK_RUN, str(stage), precision, mode], env=env,
-                              capture_output=True, text=True, timeout=300, cwd=ROOT)
+        proc = subprocess.run(
+            [sys.executable, "-c", ONE_RANK_RUN, str(stage), precision, mode],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=ROOT,
+        )
         assert_ok(proc)
         return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -173,14 +189,38 @@ def test_bench_runs_each_variant_at_each_rank_count(tmp_path, env, ds_ops):
     ranks (torchrun; gloo here, NCCL on GPUs), and a scaling line per variant. No speed is
     asserted: the figures belong in docs/benchmarks.md."""
     rows_file = tmp_path / "rows.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "bench.py"), "--config", "debug", "--warmup", "1",
-                           "--steps", "2", "--accum", "2", "--ranks", "1,2", "--json", str(rows_file),
-                           "--variant", "zero1: parallel.zero_stage=1", "train.micro_batch_size=2"],
-                          env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tools" / "bench.py"),
+            "--config",
+            "debug",
+            "--warmup",
+            "1",
+            "--steps",
+            "2",
+            "--accum",
+            "2",
+            "--ranks",
+            "1,2",
+            "--json",
+            str(rows_file),
+            "--variant",
+            "zero1: parallel.zero_stage=1",
+            "train.micro_batch_size=2",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(rows_file.read_text())
-    assert [(r["variant"], r["ranks"], r["global_batch"]) for r in rows] == [("zero1, 1 rank", 1, 4),
-                                                                            ("zero1, 2 ranks", 2, 8)]
+    assert [(r["variant"], r["ranks"], r["global_batch"]) for r in rows] == [
+        ("zero1, 1 rank", 1, 4),
+        ("zero1, 2 ranks", 2, 8),
+    ]
     assert all(r["tokens_per_s"] > 0 and r["step_s"] > 0 for r in rows)
     assert f"zero1: 2 ranks run at {rows[1]['scaling']:.3f}x the tokens/s of 1" in proc.stdout
 
@@ -190,25 +230,60 @@ def test_bench_gives_a_failing_or_timed_out_variant_a_row(tmp_path, env):
     its exit status and the last line of its log; the variants after it run, and the bench ends
     with exit status 1."""
     rows_file = tmp_path / "rows.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "bench.py"), "--config", "debug", "--timeout", "2",
-                           "--json", str(rows_file), "--variant", "bad: train.micro_batch_size=0",
-                           "--variant", "slow: parallel.zero_stage=1"],
-                          env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tools" / "bench.py"),
+            "--config",
+            "debug",
+            "--timeout",
+            "2",
+            "--json",
+            str(rows_file),
+            "--variant",
+            "bad: train.micro_batch_size=0",
+            "--variant",
+            "slow: parallel.zero_stage=1",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
     assert (proc.returncode, proc.stderr.splitlines()[-1]) == (1, "bench: 2 of 2 rows failed (their rows say why)")
     bad, slow = json.loads(rows_file.read_text())
-    assert bad["error"].startswith("exit status 2: error: config error: ") and "train.micro_batch_size: must be positive" in bad["error"], bad
+    assert (
+        bad["error"].startswith("exit status 2: error: config error: ")
+        and "train.micro_batch_size: must be positive" in bad["error"]
+    ), bad
     assert slow["error"].startswith("timed out after 2 s: "), slow
     assert proc.stdout.count("| failed: ") == 2
 
 
-@pytest.mark.parametrize("args,message", [
-    (["data.embedded_vocab_size=2"], "error: config error: command line: data.embedded_vocab_size: must be at least 512"),
-    ([], "error: bench --baseline: plain PyTorch's row is measured on a CUDA GPU, and this machine has none; "
-         "drop --baseline"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (
+            ["data.embedded_vocab_size=2"],
+            "error: config error: command line: data.embedded_vocab_size: must be at least 512",
+        ),
+        (
+            [],
+            "error: bench --baseline: plain PyTorch's row is measured on a CUDA GPU, and this machine has none; "
+            "drop --baseline",
+        ),
+    ],
+)
 def test_bench_baseline_refuses_bad_input_in_one_line(env, args, message):
     """--baseline trains the variants' shared config in the bench's own process: a bad one, or a
     machine without a GPU, is one line and exit status 2 before any row, not a traceback."""
-    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "bench.py"), "--config", "debug", "--baseline", *args],
-                          env=env, capture_output=True, text=True, timeout=60, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "bench.py"), "--config", "debug", "--baseline", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
     assert (proc.returncode, proc.stderr.strip(), proc.stdout) == (2, message, "")

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from conftest import ROOT, assert_ok, child_env, launch
-from dist_lm.use.inference import load_model
 from dist_lm.use.generate import sample
+from dist_lm.use.inference import load_model
 
 TOOL = ROOT / "tools" / "export_hf.py"
 
@@ -21,8 +21,21 @@ TOOL = ROOT / "tools" / "export_hf.py"
 def trained(tmp_path_factory, cache_dir, ds_ops):
     run = tmp_path_factory.mktemp("export") / "run"
     e = child_env(cache_dir)
-    assert_ok(launch("torchrun", ["--config", "debug", "parallel.zero_stage=2", "train.max_steps=20",
-                                  "train.eval_interval=0", "logging.wandb=disabled", f"run.dir={run}"], e))
+    assert_ok(
+        launch(
+            "torchrun",
+            [
+                "--config",
+                "debug",
+                "parallel.zero_stage=2",
+                "train.max_steps=20",
+                "train.eval_interval=0",
+                "logging.wandb=disabled",
+                f"run.dir={run}",
+            ],
+            e,
+        )
+    )
     return run, e
 
 
@@ -33,8 +46,13 @@ def test_transformers_loads_the_export_with_the_same_logits_and_greedy_tokens(tr
     out = tmp_path / "hf"
     proc = subprocess.run([sys.executable, str(TOOL), str(run), str(out)], env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", "model.safetensors",
-                                                     "tokenizer.json", "tokenizer_config.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
     ours, cfg, _ = load_model(run)
     hf = AutoModelForCausalLM.from_pretrained(out, torch_dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(out)
@@ -42,8 +60,9 @@ def test_transformers_loads_the_export_with_the_same_logits_and_greedy_tokens(tr
     assert ids.shape[1] > 3
     with torch.no_grad():
         assert torch.allclose(hf(ids).logits, ours(ids), atol=1e-4, rtol=0)
-        hf_tokens = hf.generate(ids, max_new_tokens=20, do_sample=False, eos_token_id=None,
-                                pad_token_id=0)[0, ids.shape[1]:].tolist()
+        hf_tokens = hf.generate(ids, max_new_tokens=20, do_sample=False, eos_token_id=None, pad_token_id=0)[
+            0, ids.shape[1] :
+        ].tolist()
     assert hf_tokens == sample(ours, ids[0].tolist(), 20, cfg.model.seq_len, torch.device("cpu"), temperature=0)
 
 
@@ -58,17 +77,22 @@ def test_export_refuses_what_llama_cannot_express(trained, tmp_path):
             (geglu / f.name).symlink_to(f)
     state["config"]["model"]["activation"] = "geglu"
     (geglu / "state.json").write_text(json.dumps(state))
-    proc = subprocess.run([sys.executable, str(TOOL), str(geglu), str(tmp_path / "out")], env=env,
-                          capture_output=True, text=True)
-    assert proc.returncode == 2 and "model.activation=geglu (Llama's MLP is SwiGLU): no LlamaForCausalLM equivalent" in proc.stderr
+    proc = subprocess.run(
+        [sys.executable, str(TOOL), str(geglu), str(tmp_path / "out")], env=env, capture_output=True, text=True
+    )
+    assert (
+        proc.returncode == 2
+        and "model.activation=geglu (Llama's MLP is SwiGLU): no LlamaForCausalLM equivalent" in proc.stderr
+    )
     assert not (tmp_path / "out").exists()
 
 
 def test_export_keeps_an_existing_directory(trained, tmp_path):
     run, env = trained
     (tmp_path / "out").mkdir()
-    proc = subprocess.run([sys.executable, str(TOOL), str(run), str(tmp_path / "out")], env=env,
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, str(TOOL), str(run), str(tmp_path / "out")], env=env, capture_output=True, text=True
+    )
     assert proc.returncode == 2 and "exists; choose another directory or pass --overwrite" in proc.stderr
 
 
@@ -82,12 +106,19 @@ def test_overwrite_replaces_an_earlier_export_and_nothing_else(trained, tmp_path
     before = {p: p.stat().st_size for p in run.parent.rglob("*") if p.is_file()}
 
     def export(out, *extra):
-        return subprocess.run([sys.executable, str(TOOL), str(run), str(out), "--overwrite", *extra], env=env,
-                              capture_output=True, text=True)
+        return subprocess.run(
+            [sys.executable, str(TOOL), str(run), str(out), "--overwrite", *extra],
+            env=env,
+            capture_output=True,
+            text=True,
+        )
 
-    for out, message in [(run, "holds the checkpoint being exported"), (run.parent, "holds the checkpoint being exported"),
-                         (run / "checkpoints" / "step00000020" / "hf", "is inside the checkpoint"),
-                         (sibling, "holds keep, which an export does not write")]:
+    for out, message in [
+        (run, "holds the checkpoint being exported"),
+        (run.parent, "holds the checkpoint being exported"),
+        (run / "checkpoints" / "step00000020" / "hf", "is inside the checkpoint"),
+        (sibling, "holds keep, which an export does not write"),
+    ]:
         proc = export(out)
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], (out, proc.stderr)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import launch, read_metrics, assert_ok
+from conftest import assert_ok, launch, read_metrics
 from dist_lm.config.io import load_config
 from dist_lm.config.schema import ConfigError, ModelConfig
 from dist_lm.model.loss import CHUNKED_FROM_VOCAB, language_model_loss, uses_chunked
@@ -43,8 +43,9 @@ def test_chunked_cross_entropy_gives_the_full_loss_and_gradients(dtype, z_loss):
         assert chunked_z is None and full_z is None
     assert chunked_grad.dtype == dtype  # written in the logits' own dtype, no fp32 copy
     # bf16: each side rounds its fp32 gradient to bf16 once
-    torch.testing.assert_close(chunked_grad.float(), full_grad.float(), **({} if dtype == torch.float32 else
-                                                                            {"atol": 1e-5, "rtol": 1e-2}))
+    torch.testing.assert_close(
+        chunked_grad.float(), full_grad.float(), **({} if dtype == torch.float32 else {"atol": 1e-5, "rtol": 1e-2})
+    )
 
 
 def test_a_model_trains_the_same_through_either_loss():
@@ -97,17 +98,23 @@ def test_fp8_converts_the_blocks_linear_layers_only():
     model = Transformer(ModelConfig(vocab_size=512, seq_len=32, d_model=64, n_layers=2, n_heads=4))
     layers = converted_layers(model)
     assert len(layers) == 2 * 7 and "lm_head" not in layers and all(n.startswith("blocks.") for n in layers)
-    assert not converted_layers(Transformer(ModelConfig(vocab_size=512, seq_len=32, d_model=72, n_layers=1,
-                                                        n_heads=4)))  # sides not multiples of 16
+    assert not converted_layers(
+        Transformer(ModelConfig(vocab_size=512, seq_len=32, d_model=72, n_layers=1, n_heads=4))
+    )  # sides not multiples of 16
     fp8 = Precision("fp8")  # bf16 to DeepSpeed and to the memory model
-    assert (fp8.dtype, fp8.deepspeed_section, fp8.bytes_per_weight, fp8.accumulates_in_fp32) == \
-        (torch.bfloat16, "bf16", 2, True)
+    assert (fp8.dtype, fp8.deepspeed_section, fp8.bytes_per_weight, fp8.accumulates_in_fp32) == (
+        torch.bfloat16,
+        "bf16",
+        2,
+        True,
+    )
 
 
 def test_fp8_on_a_cpu_is_one_line_and_nothing_written(env, tmp_path):
     run = tmp_path / "run"
-    proc = launch("python", ["--config", "debug", "parallel.precision=fp8", "parallel.compile=true",
-                             f"run.dir={run}"], env)
+    proc = launch(
+        "python", ["--config", "debug", "parallel.precision=fp8", "parallel.compile=true", f"run.dir={run}"], env
+    )
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert "parallel.precision: fp8 needs a CUDA GPU of compute capability 8.9 or more" in lines[0]
@@ -128,9 +135,21 @@ def test_a_gpu_memory_cap_is_what_the_planner_plans_for(monkeypatch):
 
 def test_a_chunked_loss_run_trains_in_bf16(env, tmp_path):
     """The engine hands the model DeepSpeed's chunked cross-entropy (its PyTorch backend on a CPU)."""
-    proc = launch("python", ["--config", "debug", "model.cross_entropy=chunked", "parallel.precision=bf16",
-                             "optim.z_loss=1e-4", "train.max_steps=6", "train.log_interval=2",
-                             "train.eval_interval=0", f"run.dir={tmp_path}"], env)
+    proc = launch(
+        "python",
+        [
+            "--config",
+            "debug",
+            "model.cross_entropy=chunked",
+            "parallel.precision=bf16",
+            "optim.z_loss=1e-4",
+            "train.max_steps=6",
+            "train.log_interval=2",
+            "train.eval_interval=0",
+            f"run.dir={tmp_path}",
+        ],
+        env,
+    )
     assert_ok(proc)
     assert "loss: DeepSpeed's chunked cross-entropy" in proc.stdout
     train, _ = read_metrics(tmp_path)

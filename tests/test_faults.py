@@ -70,7 +70,8 @@ def test_the_shell_scripts_read_the_same_exit_statuses():
 
     from conftest import ROOT
 
-    out = subprocess.run([sys.executable, "-m", "dist_lm.train.exits", "--shell"], capture_output=True, text=True,
-                         cwd=ROOT, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "dist_lm.train.exits", "--shell"], capture_output=True, text=True, cwd=ROOT, check=True
+    ).stdout
     assert dict(line.split("=") for line in out.splitlines()) == {f"EXIT_{e.name}": str(e.value) for e in Exit}
     assert "EXIT_REQUEUE=75" in out.splitlines()

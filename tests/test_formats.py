@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from test_prepare import dataset_files, run_tool, text
 from tokenizers import Tokenizer
 
 from conftest import assert_ok
-from test_prepare import dataset_files, run_tool, text
 
 DOCS = [text(i, 200 + 10 * i) for i in range(40)]
 
@@ -34,16 +34,23 @@ def test_parquet_gives_the_shards_of_the_same_jsonl_for_any_worker_count(tmp_pat
     pq.write_table(pa.table({"id": list(range(25)), "content": DOCS[:25]}), tmp_path / "a.parquet", row_group_size=7)
     pq.write_table(pa.table({"content": DOCS[25:], "url": ["u"] * 15}), tmp_path / "b.parquet")
     for workers in (1, 2):
-        assert prepared([tmp_path / "a.parquet", tmp_path / "b.parquet"], tmp_path / f"parquet-{workers}",
-                        "--workers", workers) == reference
+        assert (
+            prepared(
+                [tmp_path / "a.parquet", tmp_path / "b.parquet"], tmp_path / f"parquet-{workers}", "--workers", workers
+            )
+            == reference
+        )
 
 
 def test_a_named_parquet_column_and_chat_rows(tmp_path):
-    chats = [[{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": DOCS[i]}] for i in range(5)]
+    chats = [
+        [{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": DOCS[i]}] for i in range(5)
+    ]
     pq.write_table(pa.table({"text": ["not this"] * 5, "body": DOCS[:5]}), tmp_path / "field.parquet")
     pq.write_table(pa.table({"messages": chats}), tmp_path / "chat.parquet")
-    assert prepared([tmp_path / "field.parquet"], tmp_path / "a", "--field", "body") == \
-        prepared([as_jsonl(tmp_path / "body.jsonl", DOCS[:5])], tmp_path / "b")
+    assert prepared([tmp_path / "field.parquet"], tmp_path / "a", "--field", "body") == prepared(
+        [as_jsonl(tmp_path / "body.jsonl", DOCS[:5])], tmp_path / "b"
+    )
     as_jsonl(tmp_path / "chat.jsonl", chats, field="messages")
     assert prepared([tmp_path / "chat.parquet"], tmp_path / "c") == prepared([tmp_path / "chat.jsonl"], tmp_path / "d")
 
@@ -59,8 +66,12 @@ def test_datasets_saved_to_disk_and_arrow_files(tmp_path):
     assert prepared(arrow, tmp_path / "from-arrow") == reference
     # A DatasetDict: its train split, and the others left alone.
     splits = tmp_path / "splits"
-    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": DOCS}),
-                          "test": datasets.Dataset.from_dict({"text": ["held out"] * 3})}).save_to_disk(str(splits))
+    datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_dict({"text": DOCS}),
+            "test": datasets.Dataset.from_dict({"text": ["held out"] * 3}),
+        }
+    ).save_to_disk(str(splits))
     assert prepared([splits], tmp_path / "from-dict") == reference
 
 
@@ -98,8 +109,9 @@ def test_one_text_file_holds_out_its_end_as_validation(tmp_path):
 
 
 def test_a_dataset_without_validation_data_is_warned_about(tmp_path):
-    proc = run_tool(as_jsonl(tmp_path / "few.jsonl", DOCS[:3]), "--out", tmp_path / "out", "--vocab-size", 400,
-                    "--val-fraction", 0)
+    proc = run_tool(
+        as_jsonl(tmp_path / "few.jsonl", DOCS[:3]), "--out", tmp_path / "out", "--vocab-size", 400, "--val-fraction", 0
+    )
     assert_ok(proc)
     assert "has no validation data" in proc.stderr
 
@@ -122,8 +134,11 @@ def test_an_interrupted_prepare_started_again_skips_the_files_done_and_gives_the
 
     out = tmp_path / "out"
     finished = tmp_path / ".out.partial" / "files"
-    proc = subprocess.Popen([sys.executable, str(TOOL), str(src), "--out", str(out), *map(str, args), "--quiet"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, str(TOOL), str(src), "--out", str(out), *map(str, args), "--quiet"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 120
     while proc.poll() is None and time.time() < deadline:
         if finished.is_dir() and len([d for d in finished.iterdir() if not d.name.endswith(".tmp")]) >= 3:

@@ -31,12 +31,17 @@ def test_debug_preset_runs_in_bf16_and_reports_mfu(env, tmp_path):
     assert summary.precision == "bf16" and 0 < summary.predicted_peak_mem_gb < 139 and summary.first_step_s > 0
 
 
-@pytest.mark.parametrize("case", ["rtx-12gb parallel.activation_checkpointing=false train.micro_batch_size=8",
-                                  "rtx-12gb parallel.zero_stage=2 parallel.activation_checkpointing=true",
-                                  "rtx-12gb parallel.activation_checkpointing=false parallel.compile=true "
-                                  "model.activation=gelu train.micro_batch_size=16",
-                                  "rtx-12gb parallel.precision=bf16-autocast parallel.zero_stage=0 "
-                                  "parallel.activation_checkpointing=false parallel.compile=true train.micro_batch_size=16"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "rtx-12gb parallel.activation_checkpointing=false train.micro_batch_size=8",
+        "rtx-12gb parallel.zero_stage=2 parallel.activation_checkpointing=true",
+        "rtx-12gb parallel.activation_checkpointing=false parallel.compile=true "
+        "model.activation=gelu train.micro_batch_size=16",
+        "rtx-12gb parallel.precision=bf16-autocast parallel.zero_stage=0 "
+        "parallel.activation_checkpointing=false parallel.compile=true train.micro_batch_size=16",
+    ],
+)
 def test_memory_estimate_within_15_percent(env, tmp_path, monkeypatch, case):
     import runpy
 
@@ -65,10 +70,28 @@ def test_bf16_autocast_step_waits_for_the_gpu_only_in_its_log_rows(env, tmp_path
     from conftest import ROOT
 
     report = tmp_path / "syncs.json"
-    cmd = [sys.executable, str(ROOT / "tools" / "sync_audit.py"), "--from-step", "4", "--steps", "4",
-           "--json", str(report), "--", "--config", "debug", "parallel.precision=bf16-autocast",
-           "parallel.zero_stage=0", "train.max_steps=10", "train.log_interval=5", "train.eval_interval=0",
-           "train.sample_tokens=0", "logging.wandb=disabled", "logging.progress=false", f"run.dir={tmp_path / 'run'}"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "tools" / "sync_audit.py"),
+        "--from-step",
+        "4",
+        "--steps",
+        "4",
+        "--json",
+        str(report),
+        "--",
+        "--config",
+        "debug",
+        "parallel.precision=bf16-autocast",
+        "parallel.zero_stage=0",
+        "train.max_steps=10",
+        "train.log_interval=5",
+        "train.eval_interval=0",
+        "train.sample_tokens=0",
+        "logging.wandb=disabled",
+        "logging.progress=false",
+        f"run.dir={tmp_path / 'run'}",
+    ]
     proc = subprocess.run(cmd, env={**env, "DS_ACCELERATOR": "cuda"}, capture_output=True, text=True, timeout=300)
     assert_ok(proc)
     audit = json.loads(report.read_text())
@@ -83,11 +106,25 @@ MODEL_100M = ["model.d_model=1024", "model.n_layers=8", "model.n_heads=8", "mode
 def test_running_out_of_gpu_memory_is_one_line_and_its_own_exit_status(env, tmp_path):
     from dist_lm.train.exits import Exit
 
-    proc = launch("python", ["--config", "debug", *MODEL_100M, "train.micro_batch_size=512", "train.global_batch_size=512",
-                             "parallel.compile=false", f"run.dir={tmp_path}"], {**env, "DS_ACCELERATOR": "cuda"})
+    proc = launch(
+        "python",
+        [
+            "--config",
+            "debug",
+            *MODEL_100M,
+            "train.micro_batch_size=512",
+            "train.global_batch_size=512",
+            "parallel.compile=false",
+            f"run.dir={tmp_path}",
+        ],
+        {**env, "DS_ACCELERATOR": "cuda"},
+    )
     assert proc.returncode == Exit.OUT_OF_MEMORY, proc.stderr[-3000:]
-    assert proc.stderr.strip().splitlines()[-1].startswith(
-        "error: rank 0 ran out of GPU memory at micro-batch 512 x seq 2048: lower train.micro_batch_size"), proc.stderr
+    assert (
+        proc.stderr.strip()
+        .splitlines()[-1]
+        .startswith("error: rank 0 ran out of GPU memory at micro-batch 512 x seq 2048: lower train.micro_batch_size")
+    ), proc.stderr
 
 
 def test_find_batch_stops_at_the_edge_of_the_budget(env):
@@ -98,8 +135,13 @@ def test_find_batch_stops_at_the_edge_of_the_budget(env):
 
     from conftest import ROOT
 
-    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "find_batch.py"), "--config", "debug", "--limit", "4096",
-                           *MODEL_100M], env={**env, "DS_ACCELERATOR": "cuda"}, capture_output=True, text=True, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "find_batch.py"), "--config", "debug", "--limit", "4096", *MODEL_100M],
+        env={**env, "DS_ACCELERATOR": "cuda"},
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     best = int(re.search(r"train.micro_batch_size=(\d+)", proc.stdout).group(1))
     budget = float(re.search(r"budget ([\d.]+) GB", proc.stdout).group(1))
@@ -115,8 +157,17 @@ def test_zero3_under_deepcompile_resumes_where_it_stopped(env, tmp_path):
     the resumed one. So step 5, the first after the resume, is compiled alike in both and must match
     to bf16's noise (2e-3); steps 6-8 run differently compiled graphs and match within 2e-2 (they
     differed by up to 0.010 on an H100), far less than training moves the loss (0.33 in 8 steps)."""
-    args = ["--config", "debug", "parallel.zero_stage=3", "parallel.compile=true", "parallel.deepcompile=true",
-            "train.max_steps=8", "train.log_interval=1", "train.eval_interval=0", "checkpoint.interval=0"]
+    args = [
+        "--config",
+        "debug",
+        "parallel.zero_stage=3",
+        "parallel.compile=true",
+        "parallel.deepcompile=true",
+        "train.max_steps=8",
+        "train.log_interval=1",
+        "train.eval_interval=0",
+        "checkpoint.interval=0",
+    ]
     env = {**env, "DS_ACCELERATOR": "cuda"}
     whole, stopped = tmp_path / "whole", tmp_path / "stopped"
     assert_ok(launch("python", [*args, f"run.dir={whole}"], env))
@@ -148,9 +199,20 @@ def test_compiled_run_lifecycle_train_stop_resume_best_evaluate_generate_export(
 
     run = tmp_path / "run"
     env = {**env, "DS_ACCELERATOR": "cuda"}
-    args = ["--config", "debug", f"parallel.precision={precision}", f"parallel.zero_stage={stage}", "parallel.compile=true",
-            "train.max_steps=8", "train.log_interval=1", "train.eval_interval=2", "train.eval_samples=32",
-            "checkpoint.interval=2", "checkpoint.keep_last=1", f"run.dir={run}"]
+    args = [
+        "--config",
+        "debug",
+        f"parallel.precision={precision}",
+        f"parallel.zero_stage={stage}",
+        "parallel.compile=true",
+        "train.max_steps=8",
+        "train.log_interval=1",
+        "train.eval_interval=2",
+        "train.eval_samples=32",
+        "checkpoint.interval=2",
+        "checkpoint.keep_last=1",
+        f"run.dir={run}",
+    ]
     assert_ok(launch("python", [*args, "train.stop_at_step=4"], env))
     resumed = launch("python", args, env)
     assert_ok(resumed)
@@ -160,8 +222,13 @@ def test_compiled_run_lifecycle_train_stop_resume_best_evaluate_generate_export(
     assert (run / "checkpoints" / "best").read_text() == f"step{best:08d}"
 
     def tool(name, *extra):
-        proc = subprocess.run([sys.executable, str(ROOT / "tools" / name), *map(str, extra)], env=env,
-                              capture_output=True, text=True, cwd=ROOT)
+        proc = subprocess.run(
+            [sys.executable, str(ROOT / "tools" / name), *map(str, extra)],
+            env=env,
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         return proc.stdout
 
@@ -220,10 +287,19 @@ def test_fp8_trains_stops_resumes_and_exports(env, tmp_path, stage, checkpointin
 
     run = tmp_path / "run"
     env = {**env, "DS_ACCELERATOR": "cuda"}
-    args = ["--config", "debug", "parallel.precision=fp8", f"parallel.zero_stage={stage}", "parallel.compile=true",
-            f"parallel.activation_checkpointing={str(checkpointing).lower()}",
-            "train.max_steps=8", "train.log_interval=1", "train.eval_interval=4", "checkpoint.interval=4",
-            f"run.dir={run}"]
+    args = [
+        "--config",
+        "debug",
+        "parallel.precision=fp8",
+        f"parallel.zero_stage={stage}",
+        "parallel.compile=true",
+        f"parallel.activation_checkpointing={str(checkpointing).lower()}",
+        "train.max_steps=8",
+        "train.log_interval=1",
+        "train.eval_interval=4",
+        "checkpoint.interval=4",
+        f"run.dir={run}",
+    ]
     first = launch("python", [*args, "train.stop_at_step=4"], env)
     assert_ok(first)
     assert "fp8: 14 linear layers of the blocks multiply in float8 (torchao, tensorwise scaling)" in first.stdout
@@ -232,8 +308,13 @@ def test_fp8_trains_stops_resumes_and_exports(env, tmp_path, stage, checkpointin
     assert "at step 4 " in resumed.stdout
     train, evals = read_metrics(run)
     assert [r["step"] for r in train] == list(range(1, 9)) and train[-1]["loss"] < train[0]["loss"] and evals
-    export = subprocess.run([sys.executable, "-m", "dist_lm", "export", str(run), str(tmp_path / "hf")], env=env,
-                            capture_output=True, text=True, cwd=ROOT)
+    export = subprocess.run(
+        [sys.executable, "-m", "dist_lm", "export", str(run), str(tmp_path / "hf")],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert export.returncode == 0, export.stderr[-3000:]
 
 

@@ -33,8 +33,9 @@ def gpu_env(env):
 
 
 def tool(args: list, env: dict) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "dist_lm", *map(str, args)], env=env, capture_output=True, text=True,
-                          cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, "-m", "dist_lm", *map(str, args)], env=env, capture_output=True, text=True, cwd=ROOT
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
@@ -44,13 +45,21 @@ def test_a_bf16_run_stopped_on_two_gpus_resumes_on_one_and_two(gpu_env, tmp_path
     resumed on one GPU (DeepSpeed's universal format) and on two. The samples continue exactly;
     the losses match within 2e-3 (bf16 reductions in another order, as the bf16 GPU lifecycle test
     allows); evaluate and export read every resulting checkpoint."""
-    args = [*BASE, "parallel.precision=bf16", "parallel.zero_stage=1", "train.micro_batch_size=2",
-            "train.global_batch_size=8", "data.log_samples=true", "train.max_steps=6"]
+    args = [
+        *BASE,
+        "parallel.precision=bf16",
+        "parallel.zero_stage=1",
+        "train.micro_batch_size=2",
+        "train.global_batch_size=8",
+        "data.log_samples=true",
+        "train.max_steps=6",
+    ]
     whole = tmp_path / "whole"
     assert_ok(launch("torchrun", [*args, "checkpoint.interval=3", f"run.dir={whole}"], gpu_env))
     expected = {r["step"]: r["loss"] for r in read_metrics(whole)[0] if r["step"] > 3}
-    expected_samples = sorted(i for f in (whole / "samples").iterdir()
-                              for step, ids in read_sample_log(f).items() if step > 3 for i in ids)
+    expected_samples = sorted(
+        i for f in (whole / "samples").iterdir() for step, ids in read_sample_log(f).items() if step > 3 for i in ids
+    )
     step3 = whole / "checkpoints" / "step00000003"
     for gpus in (1, 2):
         run = tmp_path / f"on{gpus}"
@@ -71,16 +80,23 @@ def test_a_bf16_run_stopped_on_two_gpus_resumes_on_one_and_two(gpu_env, tmp_path
 def test_a_stopped_rank_under_nccl_ends_the_other_within_its_timeout(gpu_env, tmp_path):
     """SIGSTOP one of two ranks: the other ends within parallel.timeout_minutes plus a minute,
     with one line naming the stopped rank, and the exit status of a hang."""
-    rank0, pid1, waited = stop_one_of_two_ranks([*BASE, "train.max_steps=100000", "parallel.timeout_minutes=0.5",
-                                                 f"run.dir={tmp_path}"], gpu_env, tmp_path)
+    rank0, pid1, waited = stop_one_of_two_ranks(
+        [*BASE, "train.max_steps=100000", "parallel.timeout_minutes=0.5", f"run.dir={tmp_path}"], gpu_env, tmp_path
+    )
     assert rank0.returncode == Exit.HANG, rank0.stderr[-3000:]
     assert waited < 30 + 60, waited
     assert_one_hang_line(rank0.stderr, pid1, 0.5)
 
 
 def test_fp8_trains_on_two_gpus(gpu_env, tmp_path):
-    args = [*BASE, "parallel.precision=fp8", "parallel.zero_stage=1", "parallel.compile=true", "train.max_steps=8",
-            f"run.dir={tmp_path}"]
+    args = [
+        *BASE,
+        "parallel.precision=fp8",
+        "parallel.zero_stage=1",
+        "parallel.compile=true",
+        "train.max_steps=8",
+        f"run.dir={tmp_path}",
+    ]
     proc = launch("torchrun", args, gpu_env, timeout=600)
     assert_ok(proc)
     assert "fp8: 14 linear layers of the blocks multiply in float8" in proc.stdout

@@ -14,8 +14,15 @@ from conftest import BIN, ROOT, assert_ok, free_port, read_metrics
 from reference import reference_losses
 
 STEPS = 4
-COMMON = [f"train.max_steps={STEPS}", "train.log_interval=1", "train.eval_interval=2", "train.micro_batch_size=2",
-          "train.global_batch_size=8", "optim.warmup_steps=2", "logging.wandb=disabled"]
+COMMON = [
+    f"train.max_steps={STEPS}",
+    "train.log_interval=1",
+    "train.eval_interval=2",
+    "train.micro_batch_size=2",
+    "train.global_batch_size=8",
+    "optim.warmup_steps=2",
+    "logging.wandb=disabled",
+]
 
 
 @pytest.fixture(scope="module")
@@ -26,8 +33,14 @@ def reference(cache_dir) -> list[float]:
 
 def template(name: str, args: list[str], env: dict, **extra_env) -> subprocess.Popen:
     # PYTHON: the interpreter running the tests, whatever venv that is.
-    return subprocess.Popen([str(ROOT / "launchers" / name), *args], env={**env, "PYTHON": str(BIN / "python"), **extra_env},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    return subprocess.Popen(
+        [str(ROOT / "launchers" / name), *args],
+        env={**env, "PYTHON": str(BIN / "python"), **extra_env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
 
 
 def finish(proc: subprocess.Popen, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -42,7 +55,9 @@ def losses(run_dir) -> list[float]:
 
 
 def test_torchrun_template_one_node(env, ds_ops, reference, tmp_path):
-    proc = finish(template("torchrun.sh", ["--config", "debug", *COMMON, f"run.dir={tmp_path}"], env, NPROC_PER_NODE="2"))
+    proc = finish(
+        template("torchrun.sh", ["--config", "debug", *COMMON, f"run.dir={tmp_path}"], env, NPROC_PER_NODE="2")
+    )
     assert_ok(proc)
     assert "launcher=torchrun world_size=2 nodes=1" in proc.stdout
     assert losses(tmp_path) == pytest.approx(reference, abs=1e-4)
@@ -83,8 +98,15 @@ def test_torchrun_template_needs_node_rank_for_many_nodes(env, tmp_path):
 def test_deepspeed_template_with_a_hostfile(env, ds_ops, reference, tmp_path):
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("localhost slots=2\n")
-    proc = finish(template("deepspeed.sh", ["--config", "debug", *COMMON, f"run.dir={tmp_path / 'run'}"], env,
-                           HOSTFILE=str(hostfile), MASTER_PORT=str(free_port())))
+    proc = finish(
+        template(
+            "deepspeed.sh",
+            ["--config", "debug", *COMMON, f"run.dir={tmp_path / 'run'}"],
+            env,
+            HOSTFILE=str(hostfile),
+            MASTER_PORT=str(free_port()),
+        )
+    )
     assert_ok(proc)
     assert "launcher=deepspeed world_size=2" in proc.stdout
     assert losses(tmp_path / "run") == pytest.approx(reference, abs=1e-4)
@@ -92,14 +114,19 @@ def test_deepspeed_template_with_a_hostfile(env, ds_ops, reference, tmp_path):
 
 @pytest.mark.skipif(shutil.which("pdsh") is not None, reason="checks the message given when pdsh is missing")
 def test_deepspeed_template_across_nodes_needs_pdsh(env, tmp_path):
-    proc = finish(template("deepspeed.sh", ["--config", "debug"], env, HOSTS="node0 node1", GPUS_PER_NODE="8",
-                           MASTER_ADDR="node0"))
+    proc = finish(
+        template(
+            "deepspeed.sh", ["--config", "debug"], env, HOSTS="node0 node1", GPUS_PER_NODE="8", MASTER_ADDR="node0"
+        )
+    )
     assert proc.returncode == 2 and "reaches other nodes with pdsh; install it" in proc.stderr
     assert "node0 slots=8" in proc.stdout and "node1 slots=8" in proc.stdout  # the hostfile it wrote
 
 
-@pytest.mark.skipif(shutil.which("mpirun") is None,
-                    reason="mpirun not found: apt-get install openmpi-bin (make test installs it when run as root)")
+@pytest.mark.skipif(
+    shutil.which("mpirun") is None,
+    reason="mpirun not found: apt-get install openmpi-bin (make test installs it when run as root)",
+)
 def test_mpirun_template(env, ds_ops, reference, tmp_path):
     proc = finish(template("mpirun.sh", ["--config", "debug", *COMMON, f"run.dir={tmp_path}"], env, NP="2"))
     assert_ok(proc)

@@ -21,8 +21,17 @@ from dist_lm.train import checkpoint, restore
 from dist_lm.use.export import export_hf
 from dist_lm.use.inference import load_model
 
-BF16 = ["--config", "debug", "parallel.precision=bf16", "train.max_steps=4", "train.log_interval=2",
-        "train.eval_interval=2", "train.eval_samples=16", "checkpoint.interval=2", "logging.wandb=disabled"]
+BF16 = [
+    "--config",
+    "debug",
+    "parallel.precision=bf16",
+    "train.max_steps=4",
+    "train.log_interval=2",
+    "train.eval_interval=2",
+    "train.eval_samples=16",
+    "checkpoint.interval=2",
+    "logging.wandb=disabled",
+]
 MEMORY_LINES = ("begin bf16_optimizer", "CPU Virtual Memory")  # DeepSpeed's bare prints at bf16 ZeRO-1
 STAGES = [0, 1, 2, 3]
 
@@ -43,8 +52,9 @@ def bf16_runs(tmp_path_factory, cache_dir, ds_ops) -> dict[int, tuple[Path, subp
 
 
 def tool(name: str, *args: str, env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "tools" / name), *map(str, args)], env=env,
-                          capture_output=True, text=True, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "tools" / name), *map(str, args)], env=env, capture_output=True, text=True, cwd=ROOT
+    )
 
 
 def deepspeeds_own_weights(ckpt: Path, stage: int) -> tuple[dict[str, torch.Tensor], bool]:
@@ -80,7 +90,13 @@ def test_bf16_state_json_reads_back_through_run_state(bf16_runs, stage):
 
     run, _ = bf16_runs[stage]
     state = RunState.read(run / "checkpoints" / "step00000004")
-    assert (state.version, state.step, state.precision, state.zero_stage, state.world_size) == (VERSION, 4, "bf16", stage, 2)
+    assert (state.version, state.step, state.precision, state.zero_stage, state.world_size) == (
+        VERSION,
+        4,
+        "bf16",
+        stage,
+        2,
+    )
     assert state.log_window["steps"] == 0 and len(state.log_window["loss_sums"]) == 2  # a sum per rank
     assert state.val_loss is not None and state.manifest and all(size > 0 for size in state.manifest.values())
 
@@ -90,8 +106,9 @@ def test_evaluate_and_generate_read_a_two_rank_bf16_checkpoint(bf16_runs, cache_
     run, proc = bf16_runs[stage]
     env = child_env(cache_dir)
     val = {r["step"]: r["val_loss"] for r in read_metrics(run)[1]}
-    result = tool("evaluate.py", run / "checkpoints" / "step00000002", "--samples", "16", "--micro-batch", "4",
-                  "--json", env=env)
+    result = tool(
+        "evaluate.py", run / "checkpoints" / "step00000002", "--samples", "16", "--micro-batch", "4", "--json", env=env
+    )
     assert result.returncode == 0, result.stderr
     # the training loop's own loss on the same windows: the same bf16 weights, the same forward
     assert json.loads(result.stdout.splitlines()[-1])["loss"] == pytest.approx(val[2], abs=1e-5)
@@ -125,8 +142,18 @@ def test_transformers_reads_the_bf16_export_with_our_logits(bf16_runs, cache_dir
 def test_a_two_rank_bf16_zero1_checkpoint_resumes_on_one_rank_and_its_checkpoints_read(bf16_runs, cache_dir, tmp_path):
     run, _ = bf16_runs[1]
     env = child_env(cache_dir)
-    proc = launch("python", [*BF16, "parallel.zero_stage=1", "train.max_steps=6", f"run.dir={tmp_path}",
-                             "--resume", str(run / "checkpoints" / "step00000004")], env)
+    proc = launch(
+        "python",
+        [
+            *BF16,
+            "parallel.zero_stage=1",
+            "train.max_steps=6",
+            f"run.dir={tmp_path}",
+            "--resume",
+            str(run / "checkpoints" / "step00000004"),
+        ],
+        env,
+    )
     assert_ok(proc)
     assert "universal format (saved on 2 ranks" in proc.stdout
     assert not any(line in proc.stdout + proc.stderr for line in MEMORY_LINES)  # BF16_Optimizer, not --verbose
@@ -135,8 +162,9 @@ def test_a_two_rank_bf16_zero1_checkpoint_resumes_on_one_rank_and_its_checkpoint
     assert rows["step00000006"]["latest"] and rows["step00000006"]["precision"] == "bf16"
     assert rows["step00000006"]["world_size"] == 1
     weights = restore.consolidated_weights(tmp_path / "checkpoints" / "step00000006")
-    module = torch.load(tmp_path / "checkpoints" / "step00000006" / "mp_rank_00_model_states.pt",
-                        weights_only=False)["module"]
+    module = torch.load(tmp_path / "checkpoints" / "step00000006" / "mp_rank_00_model_states.pt", weights_only=False)[
+        "module"
+    ]
     assert all(torch.equal(weights[k].bfloat16(), v) for k, v in module.items())
 
 
@@ -171,8 +199,13 @@ def autocast_run(tmp_path_factory, cache_dir, ds_ops) -> Path:
     """A two-rank bf16-autocast run (fp32 weights, forward under torch.autocast, ZeRO-0: the
     planner's choice for one GPU), checkpoints at steps 2 and 4, each after an evaluation."""
     run = tmp_path_factory.mktemp("autocast") / "run"
-    assert_ok(launch("torchrun", [*BF16, "parallel.precision=bf16-autocast", "parallel.zero_stage=0",
-                                  f"run.dir={run}"], child_env(cache_dir)))
+    assert_ok(
+        launch(
+            "torchrun",
+            [*BF16, "parallel.precision=bf16-autocast", "parallel.zero_stage=0", f"run.dir={run}"],
+            child_env(cache_dir),
+        )
+    )
     return run
 
 
@@ -219,26 +252,46 @@ def test_the_auto_plan_reads_the_precision_and_stage_of_the_checkpoint_it_resume
         resumed_settings([f"checkpoint.resume={tmp_path / 'missing'}"])
 
 
-def test_a_bf16_autocast_checkpoint_resumes_on_one_rank_by_the_auto_plan_but_not_in_bf16(autocast_run, bf16_runs, cache_dir, tmp_path):
+def test_a_bf16_autocast_checkpoint_resumes_on_one_rank_by_the_auto_plan_but_not_in_bf16(
+    autocast_run, bf16_runs, cache_dir, tmp_path
+):
     env = child_env(cache_dir)
     bf16_zero0, _ = bf16_runs[0]  # and the other way round
-    proc = launch("python", [*BF16, "parallel.precision=bf16-autocast", "parallel.zero_stage=0", "train.max_steps=6",
-                             "--resume", str(bf16_zero0 / "checkpoints" / "step00000004"), f"run.dir={tmp_path / 'x'}"], env)
-    assert proc.returncode == 2 and "saved in parallel.precision=bf16 and this run trains in bf16-autocast" in proc.stderr
+    proc = launch(
+        "python",
+        [
+            *BF16,
+            "parallel.precision=bf16-autocast",
+            "parallel.zero_stage=0",
+            "train.max_steps=6",
+            "--resume",
+            str(bf16_zero0 / "checkpoints" / "step00000004"),
+            f"run.dir={tmp_path / 'x'}",
+        ],
+        env,
+    )
+    assert (
+        proc.returncode == 2 and "saved in parallel.precision=bf16 and this run trains in bf16-autocast" in proc.stderr
+    )
     assert "resume with parallel.precision=bf16 parallel.zero_stage=0" in proc.stderr, proc.stderr
     source = str(autocast_run / "checkpoints" / "step00000004")
     common = [*BF16, "parallel.zero_stage=0", "train.max_steps=6", "--resume", source]
     refused = launch("python", [*common, f"run.dir={tmp_path / 'bf16'}"], env)
     assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
     assert "saved in parallel.precision=bf16-autocast and this run trains in bf16" in refused.stderr
-    assert "resume with parallel.precision=bf16-autocast parallel.zero_stage=0" in refused.stderr and not (tmp_path / "bf16").exists()
+    assert (
+        "resume with parallel.precision=bf16-autocast parallel.zero_stage=0" in refused.stderr
+        and not (tmp_path / "bf16").exists()
+    )
     # The auto plan (no --config; on this CPU machine the debug preset in fp32 at ZeRO-1) keeps the
     # checkpoint's bf16-autocast at ZeRO-0, where its state loads, and says so.
     auto = [a for a in common if a not in ("--config", "debug", "parallel.precision=bf16", "parallel.zero_stage=0")]
     proc = launch("python", [*auto, f"run.dir={tmp_path / 'one'}"], env)
     assert_ok(proc)
-    assert "kept from the checkpoint it resumes, whose state loads only so: parallel.precision=bf16-autocast " \
-           "parallel.zero_stage=0" in proc.stdout, proc.stdout
+    assert (
+        "kept from the checkpoint it resumes, whose state loads only so: parallel.precision=bf16-autocast "
+        "parallel.zero_stage=0" in proc.stdout
+    ), proc.stdout
     losses = [r["loss"] for r in read_metrics(tmp_path / "one")[0]]
     assert len(losses) == 1 and math.isfinite(losses[0])  # the row of steps 5-6
     state = json.loads((tmp_path / "one" / "checkpoints" / "step00000006" / "state.json").read_text())
@@ -247,17 +300,20 @@ def test_a_bf16_autocast_checkpoint_resumes_on_one_rank_by_the_auto_plan_but_not
     # trains on in another precision than it began in (as a resumed fp8 run does in bf16)
     proc = launch("python", [*common, "parallel.precision=fp32", f"run.dir={tmp_path / 'fp32'}"], env)
     assert_ok(proc)
-    assert "warning: the checkpoint was saved in parallel.precision=bf16-autocast; this run goes on in fp32 " \
-           "(parallel.precision); to keep training as it began, resume with parallel.precision=bf16-autocast" \
-           in proc.stderr, proc.stderr
+    assert (
+        "warning: the checkpoint was saved in parallel.precision=bf16-autocast; this run goes on in fp32 "
+        "(parallel.precision); to keep training as it began, resume with parallel.precision=bf16-autocast"
+        in proc.stderr
+    ), proc.stderr
     state = json.loads((tmp_path / "fp32" / "checkpoints" / "step00000006" / "state.json").read_text())
     assert (state["step"], state["precision"]) == (6, "fp32")
 
 
 # ---------------------------- checkpoints from elsewhere: content checked, nothing unpickled
 @pytest.mark.parametrize("stage", STAGES)
-def test_a_damaged_bf16_checkpoint_is_passed_over_and_the_previous_resumes_weights_only(bf16_runs, cache_dir,
-                                                                                      tmp_path, stage):
+def test_a_damaged_bf16_checkpoint_is_passed_over_and_the_previous_resumes_weights_only(
+    bf16_runs, cache_dir, tmp_path, stage
+):
     """At every ZeRO stage in bf16 on two ranks: 4 KiB changed in the middle of the newest
     checkpoint's largest DeepSpeed file (same size) fails its checksum; the resume warns once and
     continues from the previous checkpoint, read through torch's weights-only unpickler (every
@@ -268,14 +324,19 @@ def test_a_damaged_bf16_checkpoint_is_passed_over_and_the_previous_resumes_weigh
     step4 = copy / "checkpoints" / "step00000004"
     largest = max((p for p in step4.glob("*.pt")), key=lambda p: p.stat().st_size)
     data = bytearray(largest.read_bytes())
-    data[len(data) // 2:len(data) // 2 + 4096] = bytes(4096)
+    data[len(data) // 2 : len(data) // 2 + 4096] = bytes(4096)
     largest.write_bytes(bytes(data))
-    proc = launch("torchrun", [*BF16, f"parallel.zero_stage={stage}", "train.max_steps=4", f"run.dir={copy}"],
-                  child_env(cache_dir))
+    proc = launch(
+        "torchrun",
+        [*BF16, f"parallel.zero_stage={stage}", "train.max_steps=4", f"run.dir={copy}"],
+        child_env(cache_dir),
+    )
     assert_ok(proc)
     warnings = [line for line in proc.stderr.splitlines() if line.startswith("warning:")]
-    assert warnings == [f"warning: step00000004 is damaged ({largest.name} does not match the checksum recorded when "
-                        "it was saved: it changed or is damaged); resuming from step00000002, the newest complete checkpoint"]
+    assert warnings == [
+        f"warning: step00000004 is damaged ({largest.name} does not match the checksum recorded when "
+        "it was saved: it changed or is damaged); resuming from step00000002, the newest complete checkpoint"
+    ]
     assert f"resumed from {copy / 'checkpoints' / 'step00000002'} at step 2" in proc.stdout
     expected = {r["step"]: r["loss"] for r in read_metrics(run)[0]}
     assert {r["step"]: r["loss"] for r in read_metrics(copy)[0]} == pytest.approx(expected, abs=1e-6)
@@ -324,15 +385,29 @@ def test_a_checkpoint_that_would_run_code_is_refused_by_every_command(bf16_runs,
         for name, extra in [("export_hf.py", [tmp_path / "out"]), ("evaluate.py", []), ("generate.py", [])]:
             proc = tool(name, legacy, *extra, env=env)
             lines = proc.stderr.strip().splitlines()
-            assert proc.returncode == 2 and len(lines) == 1 and "mp_rank_00_model_states.pt holds an object of type " \
-                "posix.system, which dist-lm does not unpickle" in lines[0] and "--trust-checkpoint" in lines[0], \
-                (stage, name, proc.stderr)
+            assert (
+                proc.returncode == 2
+                and len(lines) == 1
+                and "mp_rank_00_model_states.pt holds an object of type posix.system, which dist-lm does not unpickle"
+                in lines[0]
+                and "--trust-checkpoint" in lines[0]
+            ), (stage, name, proc.stderr)
     current = tmp_path / "current"
     shutil.copytree(bf16_runs[1][0] / "checkpoints" / "step00000004", current / "step00000004")
     plant(current / "step00000004", marker, legacy=False)
     assert_ok(tool("evaluate.py", current, env=env))  # the weights files: safetensors, no pickle read
-    proc = launch("python", [*BF16, "parallel.zero_stage=1", "train.max_steps=6", f"run.dir={tmp_path / 'resumed'}",
-                             "--resume", str(current / "step00000004")], env)
+    proc = launch(
+        "python",
+        [
+            *BF16,
+            "parallel.zero_stage=1",
+            "train.max_steps=6",
+            f"run.dir={tmp_path / 'resumed'}",
+            "--resume",
+            str(current / "step00000004"),
+        ],
+        env,
+    )
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and "holds an object of type posix.system" in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "resumed").exists()

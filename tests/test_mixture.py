@@ -35,14 +35,21 @@ def sources(tmp_path, cache_dir):
     return out
 
 
-def reads(sources, world: int, micro: int, accum: int, steps: int, state: dict | None = None,
-          weights: list[float] = WEIGHTS) -> tuple[list[list[int]], dict]:
+def reads(
+    sources, world: int, micro: int, accum: int, steps: int, state: dict | None = None, weights: list[float] = WEIGHTS
+) -> tuple[list[list[int]], dict]:
     """The first token of every window read, per step, concatenated over ``world`` ranks; and the
     state after the last step."""
     per_step: list[list[int]] = [[] for _ in range(steps)]
     for rank in range(world):
-        data = TrainData.mixture([(d, m, w) for (d, m), w in zip(sources, weights)], SEQ,
-                                 BatchSizes(micro, accum, world), rank, seed=5, device=torch.device("cpu"))
+        data = TrainData.mixture(
+            [(d, m, w) for (d, m), w in zip(sources, weights)],
+            SEQ,
+            BatchSizes(micro, accum, world),
+            rank,
+            seed=5,
+            device=torch.device("cpu"),
+        )
         if state is not None:
             data.load_state_dict(state)
         for s in range(steps):
@@ -56,7 +63,7 @@ def test_the_weights_hold_over_any_1000_consecutive_samples(sources):
     steps, _ = reads(sources, 1, 100, 1, 60)
     source_of = np.array([t // 100_000 for step in steps for t in step])
     for start in range(0, len(source_of) - 1000, 250):
-        shares = np.bincount(source_of[start:start + 1000], minlength=3) / 1000
+        shares = np.bincount(source_of[start : start + 1000], minlength=3) / 1000
         assert np.abs(shares - WEIGHTS).max() <= 0.01, (start, shares)
 
 
@@ -96,11 +103,11 @@ def test_a_run_on_a_mixture_reports_a_validation_loss_per_source(env, ds_ops, tm
     """Also the recipe options all on (tests/test_recipe.py), in bf16 at ZeRO-1 (a GPU run's
     default): the z-loss logged apart, and the export, in fp32 masters, gives transformers' Qwen3
     our logits with dropout off."""
+    from test_prepare import run_tool, text
+    from test_recipe import RECIPE
     from transformers import AutoModelForCausalLM
 
     from dist_lm.use.inference import load_model
-    from test_prepare import run_tool, text
-    from test_recipe import RECIPE
 
     tok = next(cache_dir.glob("embedded-*")) / "tokenizer.json"
     for name, seed in (("prose", 0), ("code", 100)):
@@ -109,21 +116,42 @@ def test_a_run_on_a_mixture_reports_a_validation_loss_per_source(env, ds_ops, tm
         assert_ok(run_tool(src, "--out", tmp_path / name, "--tokenizer", tok, "--val-fraction", 0.2))
     mixture = f"data.mixture=[{{dir: {tmp_path / 'prose'}, weight: 0.7}}, {{dir: {tmp_path / 'code'}, weight: 0.3}}]"
     run = tmp_path / "run"
-    assert_ok(launch("python", ["--config", "debug", mixture, *RECIPE, "parallel.precision=bf16", "parallel.zero_stage=1",
-                                "train.max_steps=4", "train.eval_interval=2", "train.log_interval=2",
-                                f"run.dir={run}"], env))
+    assert_ok(
+        launch(
+            "python",
+            [
+                "--config",
+                "debug",
+                mixture,
+                *RECIPE,
+                "parallel.precision=bf16",
+                "parallel.zero_stage=1",
+                "train.max_steps=4",
+                "train.eval_interval=2",
+                "train.log_interval=2",
+                f"run.dir={run}",
+            ],
+            env,
+        )
+    )
     rows, evals = read_metrics(run)
     assert len(evals) == 2 and len(rows) == 2
     for row in evals:
         assert row["val_loss"] == pytest.approx(0.7 * row["val_loss_prose"] + 0.3 * row["val_loss_code"], rel=1e-12)
     csv_rows = list(csv.DictReader(open(run / "metrics.csv")))
-    assert float([r for r in csv_rows if r["val_loss"]][-1]["val_loss_code"]) == pytest.approx(evals[-1]["val_loss_code"])
+    assert float([r for r in csv_rows if r["val_loss"]][-1]["val_loss_code"]) == pytest.approx(
+        evals[-1]["val_loss_code"]
+    )
     assert all(r["z_loss"] > 0 and r["loss"] > 0 for r in rows)
     assert all(r["z_loss"] for r in csv_rows if r["loss"])
 
     out = tmp_path / "hf"
-    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "export_hf.py"), str(run), str(out), "--dtype", "fp32"],
-                          env=env, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "export_hf.py"), str(run), str(out), "--dtype", "fp32"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == ["Qwen3ForCausalLM"] and config["attention_dropout"] == 0.0
@@ -142,8 +170,16 @@ def test_datasets_of_different_tokenizers_are_refused(env, tmp_path):
         src = tmp_path / f"{name}.jsonl"
         src.write_text("".join(json.dumps({"text": text(ord(name) + i, 300)}) + "\n" for i in range(20)))
         assert_ok(run_tool(src, "--out", tmp_path / name, "--vocab-size", 300 + (name == "b")))
-    proc = launch("python", ["--config", "debug", f"data.mixture=[{{dir: {tmp_path / 'a'}, weight: 1}}, "
-                             f"{{dir: {tmp_path / 'b'}, weight: 1}}]", f"run.dir={tmp_path / 'run'}"], env)
+    proc = launch(
+        "python",
+        [
+            "--config",
+            "debug",
+            f"data.mixture=[{{dir: {tmp_path / 'a'}, weight: 1}}, {{dir: {tmp_path / 'b'}, weight: 1}}]",
+            f"run.dir={tmp_path / 'run'}",
+        ],
+        env,
+    )
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2 and len(lines) == 1 and "different tokenizers" in lines[0], proc.stderr
     assert not (tmp_path / "run").exists()

@@ -17,8 +17,17 @@ def tiny(**kw) -> ModelConfig:
     return ModelConfig(**{**base, **kw})
 
 
-@pytest.mark.parametrize("kw", [{}, {"n_kv_heads": 2}, {"n_kv_heads": 1}, {"activation": "geglu"},
-                                {"activation": "gelu"}, {"tie_embeddings": True}])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        {"n_kv_heads": 2},
+        {"n_kv_heads": 1},
+        {"activation": "geglu"},
+        {"activation": "gelu"},
+        {"tie_embeddings": True},
+    ],
+)
 def test_parameter_formula_matches_module(kw):
     cfg = tiny(**kw)
     model = Transformer(cfg)
@@ -101,8 +110,9 @@ def test_longer_sequence_than_configured_is_refused():
 
 # The model counts itself: each layer's parameter count against what it allocates, and each
 # block's count of saved activations against what autograd actually keeps (saved-tensor hooks).
-@pytest.mark.parametrize("kw", [{}, {"n_kv_heads": 1}, {"activation": "gelu"}, {"activation": "geglu"},
-                                {"qk_norm": True, "n_kv_heads": 2}])
+@pytest.mark.parametrize(
+    "kw", [{}, {"n_kv_heads": 1}, {"activation": "gelu"}, {"activation": "geglu"}, {"qk_norm": True, "n_kv_heads": 2}]
+)
 def test_each_layer_counts_the_parameters_it_allocates(kw):
     from dist_lm.model.layers import MLP, Attention, RMSNorm
 
@@ -131,8 +141,16 @@ def saved_bytes(block, x: torch.Tensor, pos, constants: list[torch.Tensor]) -> i
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("kw", [{}, {"n_kv_heads": 2}, {"activation": "gelu"}, {"activation": "geglu", "n_kv_heads": 1},
-                                {"qk_norm": True, "n_kv_heads": 2}])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        {"n_kv_heads": 2},
+        {"activation": "gelu"},
+        {"activation": "geglu", "n_kv_heads": 1},
+        {"qk_norm": True, "n_kv_heads": 2},
+    ],
+)
 def test_a_block_counts_the_activations_autograd_saves(dtype, kw):
     from dist_lm.model.counts import saved_bytes_per_token
     from dist_lm.model.layers import Positions, rope_tables

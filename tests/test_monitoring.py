@@ -31,8 +31,11 @@ def without_wandb_settings(env: dict) -> dict:
 
 def test_offline_wandb_holds_the_logged_metrics_and_no_secret(env, ds_ops, tmp_path):
     run = tmp_path / "run"
-    proc = launch("python", [*SHORT, "logging.wandb=offline", "logging.wandb_tags=a,b", f"run.dir={run}"],
-                  {**without_wandb_settings(env), "WANDB_API_KEY": SECRET})
+    proc = launch(
+        "python",
+        [*SHORT, "logging.wandb=offline", "logging.wandb_tags=a,b", f"run.dir={run}"],
+        {**without_wandb_settings(env), "WANDB_API_KEY": SECRET},
+    )
     assert_ok(proc)
     (wandb_file,) = wandb_files(run)
     logged = {row["_step"]: row for row in history(wandb_file)}
@@ -63,8 +66,14 @@ def test_auto_without_a_key_logs_offline_and_says_how_to_sync(env, ds_ops, tmp_p
 def test_resuming_continues_the_same_wandb_run(env, ds_ops, tmp_path):
     run = tmp_path / "run"
     env = without_wandb_settings(env)
-    args = ["--config", "debug", "train.log_interval=1", "train.eval_interval=0", "logging.wandb=offline",
-            f"run.dir={run}"]
+    args = [
+        "--config",
+        "debug",
+        "train.log_interval=1",
+        "train.eval_interval=0",
+        "logging.wandb=offline",
+        f"run.dir={run}",
+    ]
     assert_ok(launch("python", [*args, "train.max_steps=2"], env))
     assert_ok(launch("python", [*args, "train.max_steps=4"], env))
     first, second = wandb_files(run)
@@ -95,7 +104,12 @@ def test_metrics_csv_and_jsonl_columns_and_values(env, ds_ops, tmp_path):
     evaluation = elapsed[1] - elapsed[0] - step_time[1]
     assert evaluation > 2 * step_time[1] and step_time[2] <= elapsed[2] - elapsed[1] + 0.01, (evaluation, step_time)
     summary = RunSummary.read(run)  # what tools read instead of the log
-    assert (summary.launcher, summary.world_size, summary.precision, summary.global_batch_size) == ("none", 1, "fp32", 8)
+    assert (summary.launcher, summary.world_size, summary.precision, summary.global_batch_size) == (
+        "none",
+        1,
+        "fp32",
+        8,
+    )
     assert summary.first_step_s > 0 and summary.start_step == 0 and summary.predicted_peak_mem_gb is None  # (CPU)
 
 
@@ -114,8 +128,11 @@ def test_profiling_a_few_steps(env, ds_ops, tmp_path):
     import gzip
 
     run = tmp_path / "run"
-    proc = launch("python", [*SHORT, "logging.wandb=disabled", "logging.profile_start=2", "logging.profile_steps=2",
-                             f"run.dir={run}"], env)
+    proc = launch(
+        "python",
+        [*SHORT, "logging.wandb=disabled", "logging.profile_start=2", "logging.profile_steps=2", f"run.dir={run}"],
+        env,
+    )
     assert_ok(proc)
     assert "profile of steps 2-3: " in proc.stdout and f"trace and table in {run / 'profile'}" in proc.stdout
     trace = json.loads(gzip.decompress((run / "profile" / "rank0-trace.json.gz").read_bytes()))
@@ -147,32 +164,64 @@ def test_gpu_busy_time_counts_overlapping_kernels_once():
 def test_early_stopping_on_validation_patience(env, ds_ops, tmp_path):
     run = tmp_path / "run"
     # A learning rate this small cannot improve validation loss by 0.5 per evaluation.
-    proc = launch("python", ["--config", "debug", "train.max_steps=20", "train.eval_interval=1", "optim.lr=1e-9",
-                             "optim.min_lr=0", "train.early_stop_patience=2", "train.early_stop_min_delta=0.5",
-                             "logging.wandb=disabled", f"run.dir={run}"], env)
+    proc = launch(
+        "python",
+        [
+            "--config",
+            "debug",
+            "train.max_steps=20",
+            "train.eval_interval=1",
+            "optim.lr=1e-9",
+            "optim.min_lr=0",
+            "train.early_stop_patience=2",
+            "train.early_stop_min_delta=0.5",
+            "logging.wandb=disabled",
+            f"run.dir={run}",
+        ],
+        env,
+    )
     assert_ok(proc)
     assert "early stop at step 3: 2 evaluations without improving" in proc.stdout
     assert (run / "checkpoints" / "latest").read_text().strip() == "step00000003"
 
 
 def tool(name: str, *args, env=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "tools" / name), *map(str, args)], capture_output=True,
-                          text=True, env=env, timeout=600)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "tools" / name), *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
 
 
 def test_sweep_survives_a_failed_trial_resumes_and_is_analyzed(env, ds_ops, tmp_path):
     out = tmp_path / "sweep"
     # micro 4 x global 6 cannot be split (found only when that trial starts): one of four fails.
-    args = ["--config", "debug", "--out", out, "--param", "train.micro_batch_size=2,4",
-            "--param", "train.global_batch_size=8,6", "train.max_steps=4", "train.eval_interval=2",
-            "logging.wandb=disabled"]
+    args = [
+        "--config",
+        "debug",
+        "--out",
+        out,
+        "--param",
+        "train.micro_batch_size=2,4",
+        "--param",
+        "train.global_batch_size=8,6",
+        "train.max_steps=4",
+        "train.eval_interval=2",
+        "logging.wandb=disabled",
+    ]
     proc = tool("sweep.py", *args, env=env)
     assert_ok(proc)
     assert "4 trials (3 ok, 0 diverged, 1 failed)" in proc.stdout
     with open(out / "results.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [(r["train.micro_batch_size"], r["train.global_batch_size"], r["status"]) for r in rows] == [
-        ("2", "8", "ok"), ("2", "6", "ok"), ("4", "8", "ok"), ("4", "6", "failed")]
+        ("2", "8", "ok"),
+        ("2", "6", "ok"),
+        ("4", "8", "ok"),
+        ("4", "6", "failed"),
+    ]
     assert all(float(r["best_val_loss"]) > 0 for r in rows[:3])
     assert "is not a multiple" in (out / "logs" / "trial-003.log").read_text()
 
@@ -191,8 +240,10 @@ def test_sweep_survives_a_failed_trial_resumes_and_is_analyzed(env, ds_ops, tmp_
     assert_ok(proc)
     best = min(rows[:3], key=lambda r: float(r["best_val_loss"]))
     assert f"best: {best['trial']}" in proc.stdout
-    assert (f"recommended overrides: train.micro_batch_size={best['train.micro_batch_size']} "
-            f"train.global_batch_size={best['train.global_batch_size']}") in proc.stdout
+    assert (
+        f"recommended overrides: train.micro_batch_size={best['train.micro_batch_size']} "
+        f"train.global_batch_size={best['train.global_batch_size']}"
+    ) in proc.stdout
     assert "trial-003: failed" in proc.stdout
     for name in ("heatmap.png", "curves.png"):
         assert_png(tmp_path / "plots" / name)
@@ -258,7 +309,10 @@ def test_drop_rows_after_keeps_earlier_steps_and_removes_a_torn_line(tmp_path):
     assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
     rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4] and rows[-1]["loss"] == "6.0"
-    assert drop_rows_after(tmp_path, 4) == 0 and sorted(p.name for p in tmp_path.iterdir()) == ["metrics.csv", "metrics.jsonl"]
+    assert drop_rows_after(tmp_path, 4) == 0 and sorted(p.name for p in tmp_path.iterdir()) == [
+        "metrics.csv",
+        "metrics.jsonl",
+    ]
 
 
 def test_sample_logs_hold_each_step_once_after_a_restart_on_fewer_ranks(tmp_path):
@@ -275,8 +329,12 @@ def test_sample_logs_hold_each_step_once_after_a_restart_on_fewer_ranks(tmp_path
     log = SampleLog(tmp_path, 0, 1, 3)
     log.write(4, [40, 41, 42, 43])
     log.close()
-    assert read_sample_log(tmp_path / "samples" / "rank0.txt") == {1: [10, 11], 2: [20, 21], 3: [30, 31],
-                                                                   4: [40, 41, 42, 43]}
+    assert read_sample_log(tmp_path / "samples" / "rank0.txt") == {
+        1: [10, 11],
+        2: [20, 21],
+        3: [30, 31],
+        4: [40, 41, 42, 43],
+    }
     assert read_sample_log(tmp_path / "samples" / "rank1.txt") == {1: [12, 13], 2: [22, 23], 3: [32, 33]}
     SampleLog(tmp_path, 0, 1, 0).close()  # a fresh start in the same run directory
     assert [p.read_text() for p in sorted((tmp_path / "samples").iterdir())] == ["", ""]
@@ -308,11 +366,20 @@ def wandb_server_refusing_the_key():
 
 @pytest.mark.parametrize("setting", ["auto", "online"])
 def test_a_bad_wandb_key_falls_back_offline_under_auto_and_fails_online_in_one_line(
-        env, ds_ops, tmp_path, wandb_server_refusing_the_key, setting):
+    env, ds_ops, tmp_path, wandb_server_refusing_the_key, setting
+):
     run = tmp_path / "run"
-    proc = launch("python", [*SHORT, f"logging.wandb={setting}", f"run.dir={run}"],
-                  {**without_wandb_settings(env), "WANDB_API_KEY": "0" * 40, "WANDB_INIT_TIMEOUT": "10",
-                   "WANDB_BASE_URL": wandb_server_refusing_the_key, "HOME": str(tmp_path)})
+    proc = launch(
+        "python",
+        [*SHORT, f"logging.wandb={setting}", f"run.dir={run}"],
+        {
+            **without_wandb_settings(env),
+            "WANDB_API_KEY": "0" * 40,
+            "WANDB_INIT_TIMEOUT": "10",
+            "WANDB_BASE_URL": wandb_server_refusing_the_key,
+            "HOME": str(tmp_path),
+        },
+    )
     if setting == "auto":
         assert_ok(proc)
         assert "warning: wandb: could not start online (" in proc.stderr and "logging offline to " in proc.stderr

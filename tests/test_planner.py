@@ -12,12 +12,12 @@ import pytest
 import torch
 
 from conftest import ROOT, assert_ok, launch
-from dist_lm.config.schema import ModelConfig, ParallelConfig, UserError
 from dist_lm.config.io import load_config
-from dist_lm.runtime.distributed import check_master_reachable, detect
+from dist_lm.config.schema import ModelConfig, ParallelConfig, UserError
 from dist_lm.plan.hardware import Machine, detect_machine, peak_flops_for
 from dist_lm.plan.memory import GB, estimate
 from dist_lm.plan.planner import format_plan, largest_fitting, launch_commands, make_plan, settings_to_keep, usable_gb
+from dist_lm.runtime.distributed import check_master_reachable, detect
 from dist_lm.runtime.precision import Precision
 
 RTX_3060 = Machine(1, "NVIDIA GeForce RTX 3060", 12.0, (8, 6), 1, 12, 32)
@@ -54,6 +54,7 @@ def test_this_machine_is_detected():
     m = detect_machine(nodes=1)
     assert m.cpu_cores >= 1 and m.ram_gb > 0
     import torch
+
     assert m.has_gpu == torch.cuda.is_available() and m.world_size >= 1
 
 
@@ -81,11 +82,14 @@ def test_activation_checkpointing_and_micro_batch():
 
 # docs/benchmarks.md, one H100, ZeRO-1, bf16, embedded corpus, with immediate_grad_update (fourth
 # session). The eager count is a model of autograd's saved tensors; the compiled one was counted.
-@pytest.mark.parametrize("preset, overrides, micro, measured_gb, tolerance", [
-    ("h100-80gb", ["parallel.compile=false"], 8, 58.16, 0.15),  # 1.13B, seq 2048, eager
-    ("h100-80gb", [], 8, 46.6, 0.05),  # the preset: compiled
-    ("rtx-12gb", ["model.vocab_size=32000", "parallel.activation_checkpointing=false"], 64, 25.7, 0.05),  # ~125M
-])
+@pytest.mark.parametrize(
+    "preset, overrides, micro, measured_gb, tolerance",
+    [
+        ("h100-80gb", ["parallel.compile=false"], 8, 58.16, 0.15),  # 1.13B, seq 2048, eager
+        ("h100-80gb", [], 8, 46.6, 0.05),  # the preset: compiled
+        ("rtx-12gb", ["model.vocab_size=32000", "parallel.activation_checkpointing=false"], 64, 25.7, 0.05),  # ~125M
+    ],
+)
 def test_estimate_near_the_h100_measurements(preset, overrides, micro, measured_gb, tolerance):
     cfg = load_config(preset, ["model.vocab_size=4096", *overrides])
     predicted = estimate(cfg.model, cfg.parallel, "bf16", micro, 1).total / GB
@@ -97,8 +101,15 @@ def test_estimate_near_the_h100_measurements(preset, overrides, micro, measured_
 # predicted 125.1 GB at micro-batch 32 and peaked at 138.15 GB.
 @pytest.mark.parametrize("preset, micro, measured_gb", [("h100-80gb", 16, 79.35), ("rtx-24gb", 8, 19.42)])
 def test_bf16_autocast_estimate_near_the_h200_measurements(preset, micro, measured_gb):
-    cfg = load_config(preset, ["parallel.precision=bf16-autocast", "parallel.zero_stage=0",
-                               "parallel.activation_checkpointing=false", "model.vocab_size=4096"])
+    cfg = load_config(
+        preset,
+        [
+            "parallel.precision=bf16-autocast",
+            "parallel.zero_stage=0",
+            "parallel.activation_checkpointing=false",
+            "model.vocab_size=4096",
+        ],
+    )
     predicted = estimate(cfg.model, cfg.parallel, "bf16-autocast", micro, 1)
     assert abs(predicted.total / GB / measured_gb - 1) < 0.05
     bf16 = estimate(cfg.model, dataclasses.replace(cfg.parallel, zero_stage=1, precision="bf16"), "bf16", micro, 1)
@@ -121,8 +132,11 @@ def test_one_gpu_without_accumulation_trains_bf16_autocast_unless_the_precision_
     assert (option(plan, "parallel.precision"), option(plan, "parallel.zero_stage")) == ("bf16-autocast", 0)
     assert any(r.startswith("bf16-autocast at ZeRO stage 0: one GPU shards nothing") for r in plan.reasons)
     assert fits(plan) and "parallel.precision=bf16-autocast" in launch_commands(plan)["python"]
-    for given in ([], ["train.global_batch_size=8", "parallel.precision=bf16"],
-                  ["train.global_batch_size=8", "parallel.zero_stage=1"]):
+    for given in (
+        [],
+        ["train.global_batch_size=8", "parallel.precision=bf16"],
+        ["train.global_batch_size=8", "parallel.zero_stage=1"],
+    ):
         plan = make_plan(H100, given)
         assert (plan.config.parallel.precision, option(plan, "parallel.zero_stage")) == ("bf16", 1), given
     eight = make_plan(dataclasses.replace(H100, gpus_per_node=8), ["train.global_batch_size=64"])
@@ -142,14 +156,21 @@ def test_a_short_run_on_one_gpu_is_compiled_by_regions():
     assert "parallel.compile_regions=true" in launch_commands(short)["python"]
     by_tokens = make_plan(h200, ["train.max_steps=50000", "train.max_tokens=50000000"])  # 48 steps of 1M tokens
     assert by_tokens.config.parallel.compile_regions is True
-    one_micro_batch_a_step = make_plan(H100, ["train.max_steps=100", "train.global_batch_size=8", "parallel.zero_stage=1"])
-    assert (one_micro_batch_a_step.config.parallel.precision, one_micro_batch_a_step.config.parallel.compile_regions) \
-        == ("bf16", True)
-    for machine, given in ((h200, []), (h200, ["train.max_steps=300"]),
-                           (h200, ["train.max_steps=100", "parallel.compile_regions=false"]),
-                           (h200, ["train.max_steps=100", "parallel.compile=false"]),
-                           (H100, ["train.max_steps=100", "train.global_batch_size=8"]),  # bf16-autocast
-                           (dataclasses.replace(h200, gpus_per_node=2), ["train.max_steps=100"])):
+    one_micro_batch_a_step = make_plan(
+        H100, ["train.max_steps=100", "train.global_batch_size=8", "parallel.zero_stage=1"]
+    )
+    assert (
+        one_micro_batch_a_step.config.parallel.precision,
+        one_micro_batch_a_step.config.parallel.compile_regions,
+    ) == ("bf16", True)
+    for machine, given in (
+        (h200, []),
+        (h200, ["train.max_steps=300"]),
+        (h200, ["train.max_steps=100", "parallel.compile_regions=false"]),
+        (h200, ["train.max_steps=100", "parallel.compile=false"]),
+        (H100, ["train.max_steps=100", "train.global_batch_size=8"]),  # bf16-autocast
+        (dataclasses.replace(h200, gpus_per_node=2), ["train.max_steps=100"]),
+    ):
         plan = make_plan(machine, given)
         assert plan.config.parallel.compile_regions is False, given
         assert not any(r.startswith("compiled by regions") for r in plan.reasons), given
@@ -162,11 +183,17 @@ def test_a_resumed_run_keeps_what_its_checkpoint_can_load():
     two = dataclasses.replace(H100, gpus_per_node=2)
     plan = make_plan(two, ["train.global_batch_size=16"], resumed=(Precision.BF16_AUTOCAST, 0))
     assert (plan.config.parallel.precision, plan.config.parallel.zero_stage) == ("bf16-autocast", 0)
-    assert plan.reasons[-1] == ("kept from the checkpoint it resumes, whose state loads only so: "
-                                "parallel.precision=bf16-autocast parallel.zero_stage=0")
+    assert plan.reasons[-1] == (
+        "kept from the checkpoint it resumes, whose state loads only so: "
+        "parallel.precision=bf16-autocast parallel.zero_stage=0"
+    )
     assert "parallel.precision=bf16-autocast parallel.zero_stage=0" in launch_commands(plan)["torchrun"]
-    for resumed, expected in (((Precision.BF16, 1), ("bf16", 1)), ((Precision.FP8, 1), ("bf16", 1)),
-                              ((Precision.BF16, 0), ("bf16", 0)), ((Precision.FP32, 2), ("bf16", 1))):
+    for resumed, expected in (
+        ((Precision.BF16, 1), ("bf16", 1)),
+        ((Precision.FP8, 1), ("bf16", 1)),
+        ((Precision.BF16, 0), ("bf16", 0)),
+        ((Precision.FP32, 2), ("bf16", 1)),
+    ):
         plan = make_plan(H100, ["train.global_batch_size=8"], resumed=resumed)  # fresh: bf16-autocast
         assert (plan.config.parallel.precision, plan.config.parallel.zero_stage) == expected, resumed
     given = make_plan(H100, ["train.global_batch_size=8", "parallel.zero_stage=1"], resumed=(Precision.BF16, 0))
@@ -237,8 +264,23 @@ def test_nothing_fits_says_what_to_change():
 
 
 def test_plan_tool_describes_a_cluster():
-    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "plan.py"), "--gpus", "8", "--gpu-mem", "80",
-                           "--nodes", "4", "--gpu-name", "H100"], capture_output=True, text=True, cwd=ROOT)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tools" / "plan.py"),
+            "--gpus",
+            "8",
+            "--gpu-mem",
+            "80",
+            "--nodes",
+            "4",
+            "--gpu-name",
+            "H100",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "plan: preset h100-multinode, 32 rank(s)" in proc.stdout
     assert "sbatch --nodes=4" in proc.stdout and "launchers/mpirun.sh" in proc.stdout
@@ -246,12 +288,19 @@ def test_plan_tool_describes_a_cluster():
     assert proc.stdout.strip() == format_plan(make_plan(described))
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU "
-                    "(tests/test_gpu.py probes a real one)")
+@pytest.mark.skipif(
+    torch.cuda.is_available(),
+    reason="checks the message on a machine without a GPU (tests/test_gpu.py probes a real one)",
+)
 def test_find_batch_needs_a_gpu_and_a_good_config(env):
     def find_batch(*args):
-        proc = subprocess.run([sys.executable, str(ROOT / "tools" / "find_batch.py"), *args], env=env,
-                              capture_output=True, text=True, cwd=ROOT)
+        proc = subprocess.run(
+            [sys.executable, str(ROOT / "tools" / "find_batch.py"), *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+        )
         assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
         return proc.stderr
 
@@ -285,8 +334,15 @@ def test_multinode_master_address_must_be_routable():
 
 
 def test_multinode_loopback_master_fails_before_the_process_group(env):
-    env = {**env, "RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+    env = {
+        **env,
+        "RANK": "0",
+        "WORLD_SIZE": "2",
+        "LOCAL_RANK": "0",
+        "LOCAL_WORLD_SIZE": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": "29500",
+    }
     proc = launch("python", ["--config", "debug"], env, timeout=60)
     assert proc.returncode == 2 and "loopback address" in proc.stderr and "dist-lm:" not in proc.stdout
 
@@ -301,15 +357,22 @@ def test_cpu_adam_needs_a_compiler(monkeypatch):
 
 
 def test_offload_binds_each_rank_to_its_own_cores():
-    code = ("import os; from dist_lm.plan.hardware import bind_cores; n = len(os.sched_getaffinity(0)); "
-            "print(n, bind_cores(1, 2), sorted(os.sched_getaffinity(0)))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
-                         env={**os.environ, "PYTHONPATH": str(ROOT)}).stdout.split(maxsplit=1)
+    code = (
+        "import os; from dist_lm.plan.hardware import bind_cores; n = len(os.sched_getaffinity(0)); "
+        "print(n, bind_cores(1, 2), sorted(os.sched_getaffinity(0)))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    ).stdout.split(maxsplit=1)
     n = int(out[0])
     if n < 2:
         pytest.fail("this test needs at least 2 cores (CI has 2)")
     per = n // 2
-    expected = list(range(n))[per:2 * per]
+    expected = list(range(n))[per : 2 * per]
     assert out[1].strip() == f"{expected} {expected}".replace("'", "")
 
 

@@ -16,17 +16,18 @@ from tokenizers import Tokenizer
 
 from conftest import ROOT, assert_ok, launch, read_metrics
 from dist_lm.data import shards
-from dist_lm.train import checkpoint
 from dist_lm.data.readers import SPECIAL_TOKENS
 from dist_lm.observe.sinks import read_sample_log
+from dist_lm.train import checkpoint
 
 TOOL = ROOT / "tools" / "prepare_data.py"
 WORDS = "the of a model data token train rank shard window sample batch loss step".split()
 
 
 def run_tool(*args, env=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(TOOL), *map(str, args), "--quiet"], capture_output=True, text=True,
-                          timeout=300, env=env)
+    return subprocess.run(
+        [sys.executable, str(TOOL), *map(str, args), "--quiet"], capture_output=True, text=True, timeout=300, env=env
+    )
 
 
 def text(seed: int, words: int = 300) -> str:
@@ -43,9 +44,18 @@ def corpus_dir(tmp_path) -> Path:
     with open(src / "b.jsonl", "w") as f:
         for i, name in enumerate(["text", "content", "message", "body", "output"] * 20):
             f.write(json.dumps({"id": i, name: text(i + 1)}) + "\n")
-        f.write(json.dumps({"messages": [{"role": "system", "content": "be brief"},
-                                         {"role": "user", "content": "hello"},
-                                         {"role": "assistant", "content": "hi there"}]}) + "\n")
+        f.write(
+            json.dumps(
+                {
+                    "messages": [
+                        {"role": "system", "content": "be brief"},
+                        {"role": "user", "content": "hello"},
+                        {"role": "assistant", "content": "hi there"},
+                    ]
+                }
+            )
+            + "\n"
+        )
     with gzip.open(src / "c.jsonl.gz", "wt") as f:
         f.writelines(json.dumps({"text": text(100 + i)}) + "\n" for i in range(30))
     with open(src / "d.jsonl.zst", "wb") as raw, zstandard.ZstdCompressor().stream_writer(raw) as f:
@@ -63,8 +73,21 @@ def dataset_files(out: Path) -> dict[str, bytes]:
 
 def test_one_and_two_workers_give_byte_identical_output(corpus_dir, tmp_path):
     for w in (1, 2):
-        assert_ok(run_tool(corpus_dir, "--out", tmp_path / f"w{w}", "--vocab-size", 400, "--workers", w,
-                           "--val-fraction", 0.1, "--shard-tokens", 20_000))
+        assert_ok(
+            run_tool(
+                corpus_dir,
+                "--out",
+                tmp_path / f"w{w}",
+                "--vocab-size",
+                400,
+                "--workers",
+                w,
+                "--val-fraction",
+                0.1,
+                "--shard-tokens",
+                20_000,
+            )
+        )
     one, two = dataset_files(tmp_path / "w1"), dataset_files(tmp_path / "w2")
     assert one == two
     assert sum(1 for name in one if name.startswith("train_")) > 1  # several shards were cut
@@ -120,19 +143,34 @@ def write_bytes(path: Path, content: bytes) -> Path:
     return path
 
 
-@pytest.mark.parametrize("make, fragment", [
-    (lambda d: d / "missing.jsonl", "missing.jsonl: no such file"),
-    (lambda d: put(d / "x.csv", "a"), "unsupported file type"),
-    (lambda d: put(d / "e.txt", ""), "e.txt is empty; remove it"),
-    (lambda d: put(d / "j.jsonl", '{"text": "ok"}\n{"text": oops}\n'),
-     "j.jsonl line 2 is not valid JSON; fix it, or pass --skip-bad-lines"),
-    (lambda d: put(d / "f.jsonl", '{"title": "no text"}\n'),
-     "f.jsonl line 1: none of the fields text, content, message, body, output or 'messages'"),
-    (lambda d: put(d / "m.jsonl", '{"messages": [{"role": "robot", "content": "x"}]}\n'),
-     "m.jsonl line 1: each entry of 'messages' needs a role"),
-    (lambda d: write_bytes(d / "b.txt", b"a text, then binary \x89PNG\xff\x00"), "b.txt is not UTF-8 text: byte 20 does not"),
-    (lambda d: write_bytes(d / "b.jsonl", b'{"text": "ok"}\n{"text": "\xff"}\n'), "b.jsonl is not UTF-8 text: byte 25 does not"),
-])
+@pytest.mark.parametrize(
+    "make, fragment",
+    [
+        (lambda d: d / "missing.jsonl", "missing.jsonl: no such file"),
+        (lambda d: put(d / "x.csv", "a"), "unsupported file type"),
+        (lambda d: put(d / "e.txt", ""), "e.txt is empty; remove it"),
+        (
+            lambda d: put(d / "j.jsonl", '{"text": "ok"}\n{"text": oops}\n'),
+            "j.jsonl line 2 is not valid JSON; fix it, or pass --skip-bad-lines",
+        ),
+        (
+            lambda d: put(d / "f.jsonl", '{"title": "no text"}\n'),
+            "f.jsonl line 1: none of the fields text, content, message, body, output or 'messages'",
+        ),
+        (
+            lambda d: put(d / "m.jsonl", '{"messages": [{"role": "robot", "content": "x"}]}\n'),
+            "m.jsonl line 1: each entry of 'messages' needs a role",
+        ),
+        (
+            lambda d: write_bytes(d / "b.txt", b"a text, then binary \x89PNG\xff\x00"),
+            "b.txt is not UTF-8 text: byte 20 does not",
+        ),
+        (
+            lambda d: write_bytes(d / "b.jsonl", b'{"text": "ok"}\n{"text": "\xff"}\n'),
+            "b.jsonl is not UTF-8 text: byte 25 does not",
+        ),
+    ],
+)
 def test_bad_inputs_get_one_line_and_leave_nothing(tmp_path, make, fragment):
     out = tmp_path / "out"
     proc = run_tool(make(tmp_path), "--out", out, "--vocab-size", 300)
@@ -187,13 +225,14 @@ def test_a_single_line_text_file_is_split_and_tokenized_in_bounded_pieces(tmp_pa
 
     line = text(5, 700_000)  # about 4 MB, no line end
     (tmp_path / "one.txt").write_text(line)
-    proc = run_tool(tmp_path / "one.txt", "--out", tmp_path / "out", "--vocab-size", 300, "--val-fraction", 0.1,
-                    "--workers", 2)
+    proc = run_tool(
+        tmp_path / "one.txt", "--out", tmp_path / "out", "--vocab-size", 300, "--val-fraction", 0.1, "--workers", 2
+    )
     assert_ok(proc)
     meta = shards.read_meta(tmp_path / "out")
     train, val = (sum(s["tokens"] for s in meta["splits"][split]) for split in ("train", "val"))
     assert 0.08 < val / (train + val) < 0.12, (train, val)
-    cut = list(pieces([line[i:i + 100_000] for i in range(0, len(line), 100_000)]))
+    cut = list(pieces([line[i : i + 100_000] for i in range(0, len(line), 100_000)]))
     assert "".join(cut) == line and max(map(len, cut)) <= MAX_PIECE_CHARS and cut == list(pieces([line]))
 
 
@@ -206,8 +245,17 @@ def prepared(corpus_dir, tmp_path) -> Path:
 
 
 def train_args(data: Path, run: Path, *extra) -> list[str]:
-    return ["--config", "debug", f"data.dir={data}", f"run.dir={run}", "train.max_steps=4", "train.log_interval=1",
-            "train.eval_interval=2", "model.seq_len=32", *extra]
+    return [
+        "--config",
+        "debug",
+        f"data.dir={data}",
+        f"run.dir={run}",
+        "train.max_steps=4",
+        "train.log_interval=1",
+        "train.eval_interval=2",
+        "model.seq_len=32",
+        *extra,
+    ]
 
 
 def bad_run(env, args) -> str:
@@ -229,14 +277,22 @@ def test_two_ranks_read_disjoint_data_that_adds_up_to_one_process(env, ds_ops, p
     """What each rank of a real two-process run trained on (data.log_samples), against the order
     one process reads."""
     run = tmp_path / "run"
-    assert_ok(launch("torchrun", train_args(prepared, run, "data.log_samples=true", "train.global_batch_size=8",
-                                            "train.micro_batch_size=2"), env))
+    assert_ok(
+        launch(
+            "torchrun",
+            train_args(prepared, run, "data.log_samples=true", "train.global_batch_size=8", "train.micro_batch_size=2"),
+            env,
+        )
+    )
     ranks = [read_sample_log(run / "samples" / f"rank{r}.txt") for r in (0, 1)]
-    from dist_lm.data.sampler import TrainData
-    from dist_lm.config.batch import BatchSizes
     import torch
 
-    one = TrainData(prepared, shards.read_meta(prepared), 32, BatchSizes(8, 1, 1), 0, seed=1337, device=torch.device("cpu"))
+    from dist_lm.config.batch import BatchSizes
+    from dist_lm.data.sampler import TrainData
+
+    one = TrainData(
+        prepared, shards.read_meta(prepared), 32, BatchSizes(8, 1, 1), 0, seed=1337, device=torch.device("cpu")
+    )
     assert list(ranks[0]) == list(ranks[1]) == [1, 2, 3, 4]
     for step in range(4):
         r0, r1 = ranks[0][step + 1], ranks[1][step + 1]
@@ -254,27 +310,34 @@ def test_nanogpt_layout_needs_its_dtype(env, ds_ops, tmp_path):
     run = tmp_path / "run"
     assert "set data.dtype=uint16" in bad_run(env, train_args(data, run, "model.vocab_size=320"))
     assert "model.vocab_size: " in bad_run(env, train_args(data, run, "data.dtype=uint16"))
-    assert "not a whole number of uint32 tokens" in bad_run(env, train_args(data, run, "data.dtype=uint32",
-                                                                            "model.vocab_size=320"))
+    assert "not a whole number of uint32 tokens" in bad_run(
+        env, train_args(data, run, "data.dtype=uint32", "model.vocab_size=320")
+    )
     assert "holds token id 299, but model.vocab_size is 200" in bad_run(
-        env, train_args(data, run, "data.dtype=uint16", "model.vocab_size=200"))
+        env, train_args(data, run, "data.dtype=uint16", "model.vocab_size=200")
+    )
     proc = launch("python", train_args(data, run, "data.dtype=uint16", "model.vocab_size=320"), env)
     assert_ok(proc)
     assert len(read_metrics(run)[0]) == 4
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda m: m.update(dtype="float16"), "dtype is 'float16'; token shards are uint16 or uint32"),
-    (lambda m: m.update(vocab_size=-5), "vocab_size is -5, not a positive integer"),
-    (lambda m: m.update(vocab_size="400"), "vocab_size is '400', not a positive integer"),
-    (lambda m: m["splits"]["train"][0].update(file="../other/train_0001.bin"),
-     "splits.train[0].file must be a file name in the dataset directory"),
-    (lambda m: m["splits"]["train"][0].update(tokens=True), "splits.train[0].tokens is True, not a count"),
-    (lambda m: m["splits"].update(train="train_0000.bin"), "splits.train is not a list of shards"),
-    (lambda m: m.pop("splits"), "splits must map train (and val) to lists of shards"),
-    (lambda m: m.update(eot_id=10**9), "eot_id is 1000000000, not a token id below vocab_size"),
-    (lambda m: m.update(tokenizer="/etc/passwd"), "tokenizer is '/etc/passwd', not a file name"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda m: m.update(dtype="float16"), "dtype is 'float16'; token shards are uint16 or uint32"),
+        (lambda m: m.update(vocab_size=-5), "vocab_size is -5, not a positive integer"),
+        (lambda m: m.update(vocab_size="400"), "vocab_size is '400', not a positive integer"),
+        (
+            lambda m: m["splits"]["train"][0].update(file="../other/train_0001.bin"),
+            "splits.train[0].file must be a file name in the dataset directory",
+        ),
+        (lambda m: m["splits"]["train"][0].update(tokens=True), "splits.train[0].tokens is True, not a count"),
+        (lambda m: m["splits"].update(train="train_0000.bin"), "splits.train is not a list of shards"),
+        (lambda m: m.pop("splits"), "splits must map train (and val) to lists of shards"),
+        (lambda m: m.update(eot_id=10**9), "eot_id is 1000000000, not a token id below vocab_size"),
+        (lambda m: m.update(tokenizer="/etc/passwd"), "tokenizer is '/etc/passwd', not a file name"),
+    ],
+)
 def test_a_malformed_meta_json_is_refused_in_one_line(env, prepared, tmp_path, change, message):
     """meta.json is read through one schema (dist_lm.data.shards.meta_problem): "dtype": "float16"
     trained on zeros with exit 0, several fields ended in KeyError/TypeError tracebacks, and a
@@ -305,10 +368,17 @@ def test_a_shard_rewritten_in_place_is_refused_at_the_start_and_during_a_run(env
     shard.write_bytes(original)
 
     # during a run: a checkpoint every 2 steps; the shard changes after the first
-    args = train_args(prepared, tmp_path / "during", "train.max_steps=400", "checkpoint.interval=2",
-                      "train.eval_interval=0")
-    proc = subprocess.Popen([sys.executable, str(ROOT / "launchers" / "pretrain.py"), *args], env=env, cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    args = train_args(
+        prepared, tmp_path / "during", "train.max_steps=400", "checkpoint.interval=2", "train.eval_interval=0"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "launchers" / "pretrain.py"), *args],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     step2 = tmp_path / "during" / "checkpoints" / "step00000002" / "state.json"
     deadline = time.monotonic() + 240
     while not step2.exists() and proc.poll() is None and time.monotonic() < deadline:
@@ -316,8 +386,9 @@ def test_a_shard_rewritten_in_place_is_refused_at_the_start_and_during_a_run(env
     shard.write_bytes(tokens.tobytes())
     out, err = proc.communicate(timeout=240)
     lines = [line for line in err.splitlines() if line.strip()]
-    assert proc.returncode == 2 and len(lines) == 1 and f"shard {shard} changed on disk while the run read it" \
-        in lines[0], err
+    assert (
+        proc.returncode == 2 and len(lines) == 1 and f"shard {shard} changed on disk while the run read it" in lines[0]
+    ), err
     saved = sorted(p.name for p in (tmp_path / "during" / "checkpoints").iterdir() if p.name.startswith("step"))
     assert saved and all(checkpoint.problem_with(tmp_path / "during" / "checkpoints" / n) is None for n in saved)
 
@@ -328,7 +399,9 @@ def test_damaged_datasets_are_named(env, prepared, tmp_path):
     first = prepared / meta["splits"]["train"][0]["file"]
 
     assert "data.dtype=uint32 but" in bad_run(env, train_args(prepared, run, "data.dtype=uint32"))
-    assert "fewer than one window of model.seq_len + 1" in bad_run(env, train_args(prepared, run, "model.seq_len=100000"))
+    assert "fewer than one window of model.seq_len + 1" in bad_run(
+        env, train_args(prepared, run, "model.seq_len=100000")
+    )
     data = first.read_bytes()
     first.write_bytes(data[:-2])
     assert f"shard {first} has {len(data) - 2} bytes but meta.json says" in bad_run(env, train_args(prepared, run))
@@ -341,8 +414,10 @@ def test_bad_data_is_refused_before_torch_is_imported(tmp_path):
     """The launcher checks the data first, so a wrong data.dir costs a fraction of a second, not
     the seconds of importing torch and DeepSpeed."""
     args = train_args(tmp_path / "missing", tmp_path / "run")
-    code = (f"import sys; from dist_lm.commands import train; "
-            f"status = train.main({args!r}); print(status, 'torch' in sys.modules)")
+    code = (
+        f"import sys; from dist_lm.commands import train; "
+        f"status = train.main({args!r}); print(status, 'torch' in sys.modules)"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert proc.stdout.split() == ["2", "False"], proc.stdout + proc.stderr
     assert f"data.dir={tmp_path / 'missing'} does not exist" in proc.stderr and not (tmp_path / "run").exists()

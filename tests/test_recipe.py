@@ -44,11 +44,14 @@ def test_z_loss_adds_the_squared_log_partition_function():
     assert all(p.grad is not None for p in model.parameters())
 
 
-@pytest.mark.parametrize("override, fragment", [
-    ("model.dropout=1", "model.dropout: must be in [0, 1)"),
-    ("optim.z_loss=-1", "optim.z_loss: must be >= 0"),
-    ("model.qk_norm=maybe", "model.qk_norm: expected bool"),
-])
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("model.dropout=1", "model.dropout: must be in [0, 1)"),
+        ("optim.z_loss=-1", "optim.z_loss: must be >= 0"),
+        ("model.qk_norm=maybe", "model.qk_norm: expected bool"),
+    ],
+)
 def test_bad_recipe_values_get_one_line(override, fragment):
     """(The launcher prints such a ConfigError as its one line, exit 2: tests/test_cli.py.)"""
     with pytest.raises(ConfigError) as error:

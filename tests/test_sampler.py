@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from dist_lm.config.batch import BatchSizes
 from dist_lm.data import shards
 from dist_lm.data.sampler import TrainData, ValData, permute
-from dist_lm.config.batch import BatchSizes
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 17, 1000, 4097])
@@ -84,6 +84,7 @@ def test_windows_do_not_cross_shards(dataset):
 
 def test_validation_set_is_the_same_for_every_rank_count(dataset):
     out_dir, meta = dataset
+
     def rows(world):
         got = []
         for r in range(world):
@@ -91,4 +92,5 @@ def test_validation_set_is_the_same_for_every_rank_count(dataset):
             got += [int(t) for x, _ in v.batches for t in x[:, 0]]
             assert len(v.batches) + v.padding_batches == -(-(-(-7 // world)) // 2)
         return got
+
     assert rows(1) == rows(2) == rows(3) == rows(4)

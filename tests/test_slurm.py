@@ -23,17 +23,34 @@ def cluster(tmp_path_factory):
     c.stop()
 
 
-def sbatch(cluster: Cluster, env: dict, logs, *overrides: str, script: str = "slurm/pretrain.sh",
-           launch: str = "srun") -> str:
+def sbatch(
+    cluster: Cluster, env: dict, logs, *overrides: str, script: str = "slurm/pretrain.sh", launch: str = "srun"
+) -> str:
     # On this CPU machine: two ranks, no GPUs; everything else from the script's #SBATCH lines.
     # slurm/pretrain.sh runs a task per rank (LAUNCH=srun); LAUNCH=torchrun and the deepspeed
     # variant one task that starts both.
-    tasks = ["--ntasks-per-node=2", "--cpus-per-task=1"] if script == "slurm/pretrain.sh" and launch == "srun" else \
-        ["--ntasks-per-node=1", "--cpus-per-task=2"]
-    proc = subprocess.run(["sbatch", "--parsable", *tasks, "--gpus-per-node=0", f"--output={logs}/job-%j.out",
-                           script, "debug", "logging.wandb=disabled", *overrides], capture_output=True, text=True,
-                          cwd=ROOT, env={**env, **cluster.env, "PYTHON": sys.executable, "GPUS_PER_NODE": "2",
-                                         "LAUNCH": launch})
+    tasks = (
+        ["--ntasks-per-node=2", "--cpus-per-task=1"]
+        if script == "slurm/pretrain.sh" and launch == "srun"
+        else ["--ntasks-per-node=1", "--cpus-per-task=2"]
+    )
+    proc = subprocess.run(
+        [
+            "sbatch",
+            "--parsable",
+            *tasks,
+            "--gpus-per-node=0",
+            f"--output={logs}/job-%j.out",
+            script,
+            "debug",
+            "logging.wandb=disabled",
+            *overrides,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**env, **cluster.env, "PYTHON": sys.executable, "GPUS_PER_NODE": "2", "LAUNCH": launch},
+    )
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.strip().split(";")[0]
 
@@ -48,8 +65,15 @@ def test_sbatch_trains_and_leaves_a_checkpoint(cluster, env, ds_ops, tmp_path):
 
 
 def test_sbatch_with_the_deepspeed_launcher(cluster, env, ds_ops, tmp_path):
-    job = sbatch(cluster, env, tmp_path, "train.max_steps=6", "train.log_interval=2", f"run.dir={tmp_path / 'run'}",
-                 script="slurm/pretrain_deepspeed.sh")
+    job = sbatch(
+        cluster,
+        env,
+        tmp_path,
+        "train.max_steps=6",
+        "train.log_interval=2",
+        f"run.dir={tmp_path / 'run'}",
+        script="slurm/pretrain_deepspeed.sh",
+    )
     info = cluster.wait(job, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"))
     log = (tmp_path / f"job-{job}.out").read_text()
     assert info["JobState"] == "COMPLETED", log[-3000:]
@@ -78,8 +102,17 @@ def test_usr1_checkpoints_requeues_and_continues(cluster, env, ds_ops, tmp_path,
 
 
 def _usr1_requeues_and_continues(cluster, env, tmp_path, run, script):
-    job = sbatch(cluster, env, tmp_path, "train.max_steps=60", "train.log_interval=1", "train.eval_interval=0",
-                 f"run.dir={run}", script=script, launch="torchrun")
+    job = sbatch(
+        cluster,
+        env,
+        tmp_path,
+        "train.max_steps=60",
+        "train.log_interval=1",
+        "train.eval_interval=0",
+        f"run.dir={run}",
+        script=script,
+        launch="torchrun",
+    )
     deadline = time.time() + 180
     while not ((run / "metrics.jsonl").is_file() and len((run / "metrics.jsonl").read_text().splitlines()) >= 3):
         assert time.time() < deadline, (tmp_path / f"job-{job}.out").read_text()[-3000:]

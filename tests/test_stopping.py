@@ -40,11 +40,16 @@ def test_stop_at_step_then_continue_equals_an_uninterrupted_run(env, ds_ops, tmp
 
 
 def test_time_limit_stops_with_a_checkpoint(env, ds_ops, tmp_path):
-    proc = launch("python", [*BASE, "train.max_steps=100000", "train.time_limit_minutes=0.1", f"run.dir={tmp_path}"], env)
+    proc = launch(
+        "python", [*BASE, "train.max_steps=100000", "train.time_limit_minutes=0.1", f"run.dir={tmp_path}"], env
+    )
     assert_ok(proc)
     assert "train.time_limit_minutes is nearly up" in proc.stdout
-    state = json.loads((tmp_path / "checkpoints" / (tmp_path / "checkpoints" / "latest").read_text().strip()
-                        / "state.json").read_text())
+    state = json.loads(
+        (
+            tmp_path / "checkpoints" / (tmp_path / "checkpoints" / "latest").read_text().strip() / "state.json"
+        ).read_text()
+    )
     assert 0 < state["step"] < 100000 and state["elapsed_s"] < 6
 
 
@@ -63,18 +68,33 @@ def test_sigusr1_to_one_rank_checkpoints_all_and_asks_for_a_requeue(env, ds_ops,
     """The launch templates exit 75 ("run me again"): torchrun alone would exit 1 and the deepspeed
     launcher would kill the other rank, so the status comes back through launchers/exit_status.sh."""
     args = [*BASE, "train.max_steps=100000", "parallel.zero_stage=2", f"run.dir={tmp_path}"]
-    job = subprocess.Popen([str(ROOT / "launchers" / template), *args], cwd=ROOT, stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True,
-                           env={**env, "PYTHON": sys.executable, "NPROC_PER_NODE": "2", "GPUS_PER_NODE": "2",
-                                "MASTER_PORT": str(free_port())})
+    job = subprocess.Popen(
+        [str(ROOT / "launchers" / template), *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={
+            **env,
+            "PYTHON": sys.executable,
+            "NPROC_PER_NODE": "2",
+            "GPUS_PER_NODE": "2",
+            "MASTER_PORT": str(free_port()),
+        },
+    )
     try:
         deadline = time.time() + 120
         while time.time() < deadline:  # wait until it trains
-            if (tmp_path / "metrics.jsonl").is_file() and len((tmp_path / "metrics.jsonl").read_text().splitlines()) >= 2:
+            if (tmp_path / "metrics.jsonl").is_file() and len(
+                (tmp_path / "metrics.jsonl").read_text().splitlines()
+            ) >= 2:
                 break
             time.sleep(0.5)
-        workers = [p for p in psutil.Process(job.pid).children(recursive=True)
-                   if any(part.endswith("pretrain.py") for part in p.cmdline()[1:3])]  # python [-u] pretrain.py
+        workers = [
+            p
+            for p in psutil.Process(job.pid).children(recursive=True)
+            if any(part.endswith("pretrain.py") for part in p.cmdline()[1:3])
+        ]  # python [-u] pretrain.py
         assert len(workers) == 2
         status_file = Path(workers[0].environ()["DIST_LM_STATUS_FILE"])
         assert status_file.is_file()
@@ -91,15 +111,23 @@ def test_sigusr1_to_one_rank_checkpoints_all_and_asks_for_a_requeue(env, ds_ops,
 
     if template != "torchrun.sh":
         return
-    proc = launch("torchrun", [*BASE, f"train.max_steps={stopped + 2}", "parallel.zero_stage=2", f"run.dir={tmp_path}"], env)
+    proc = launch(
+        "torchrun", [*BASE, f"train.max_steps={stopped + 2}", "parallel.zero_stage=2", f"run.dir={tmp_path}"], env
+    )
     assert_ok(proc)
     assert f"at step {stopped} " in proc.stdout
     assert [r["step"] for r in read_metrics(tmp_path)[0]][-2:] == [stopped + 1, stopped + 2]
 
 
 def _start(args: list[str], env: dict) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(ROOT / "launchers" / "pretrain.py"), *args], env=env, cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "launchers" / "pretrain.py"), *args],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _wait_for_rows(run: Path, rows: int, proc: subprocess.Popen) -> None:
@@ -141,8 +169,15 @@ def test_a_second_ctrl_c_ends_at_once_even_in_a_collective_and_leaves_nothing_ha
     args = [*BASE, "train.max_steps=100000", "checkpoint.interval=1", f"run.dir={run}"]
     procs = []
     for rank in (0, 1):
-        e = {**env, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2",
-             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+        e = {
+            **env,
+            "RANK": str(rank),
+            "WORLD_SIZE": "2",
+            "LOCAL_RANK": str(rank),
+            "LOCAL_WORLD_SIZE": "2",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": port,
+        }
         procs.append(_start(args, e))
     try:
         _wait_for_rows(run, 3, procs[0])

@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="a preset or YAML file")
@@ -27,17 +26,27 @@ def main() -> None:
     p.add_argument("overrides", nargs="*", metavar="section.key=value")
     args = p.parse_args()
 
-    from dist_lm.train import checkpoint, restore
-    from dist_lm.runtime import distributed
-    from dist_lm.runtime import engine
     from dist_lm.config.io import load_config
+    from dist_lm.runtime import distributed, engine
+    from dist_lm.train import checkpoint, restore
     from dist_lm.train.loop import Trainer
     from dist_lm.train.session import start
 
     with tempfile.TemporaryDirectory(dir=args.dir) as work:
-        cfg = load_config(args.config, [*args.overrides, "train.max_steps=1", "train.eval_interval=0",
-                                        "train.sample_tokens=0", "checkpoint.interval=0", "checkpoint.save_at_end=false",
-                                        "logging.wandb=disabled", "logging.progress=false", f"run.dir={work}/run"])
+        cfg = load_config(
+            args.config,
+            [
+                *args.overrides,
+                "train.max_steps=1",
+                "train.eval_interval=0",
+                "train.sample_tokens=0",
+                "checkpoint.interval=0",
+                "checkpoint.save_at_end=false",
+                "logging.wandb=disabled",
+                "logging.progress=false",
+                f"run.dir={work}/run",
+            ],
+        )
         trainer = Trainer(start(cfg))
         trainer.fit()
         model_engine = trainer.model_engine
@@ -47,7 +56,9 @@ def main() -> None:
         def timed_save(step: int, weights) -> float:
             distributed.barrier()
             start = time.perf_counter()
-            checkpoint.save(model_engine, root, step, state, rank, world, weights, engine.tied_names(model_engine.module))
+            checkpoint.save(
+                model_engine, root, step, state, rank, world, weights, engine.tied_names(model_engine.module)
+            )
             return time.perf_counter() - start
 
         without = timed_save(1, dict)
@@ -66,12 +77,25 @@ def main() -> None:
             read = time.perf_counter() - read_start
             sizes = checkpoint.RunState.read(path).manifest
             weight_bytes = sum(v for k, v in sizes.items() if k.startswith("weights-rank"))
-            print(json.dumps({
-                "config": args.config, "overrides": args.overrides, "ranks": world, "precision": trainer.session.precision,
-                "zero_stage": cfg.parallel.zero_stage, "parameters": sum(v.numel() for v in weights.values()),
-                "save_s_without_weights": round(without, 2), "save_s_with_weights": round(with_weights, 2),
-                "gather_s": round(gather, 2), "read_weights_s": round(read, 2), "verify_checksums_s": round(verify, 2),
-                "checkpoint_bytes_without_weights": sum(sizes.values()) - weight_bytes, "weights_bytes": weight_bytes}))
+            print(
+                json.dumps(
+                    {
+                        "config": args.config,
+                        "overrides": args.overrides,
+                        "ranks": world,
+                        "precision": trainer.session.precision,
+                        "zero_stage": cfg.parallel.zero_stage,
+                        "parameters": sum(v.numel() for v in weights.values()),
+                        "save_s_without_weights": round(without, 2),
+                        "save_s_with_weights": round(with_weights, 2),
+                        "gather_s": round(gather, 2),
+                        "read_weights_s": round(read, 2),
+                        "verify_checksums_s": round(verify, 2),
+                        "checkpoint_bytes_without_weights": sum(sizes.values()) - weight_bytes,
+                        "weights_bytes": weight_bytes,
+                    }
+                )
+            )
         trainer.close()
         distributed.teardown()
 

@@ -24,17 +24,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-
-from dist_lm.data import corpus
-from dist_lm.data import shards
-from dist_lm.data.sampler import TrainData
 from dist_lm.config.batch import BatchSizes
+from dist_lm.data import corpus, shards
 from dist_lm.data.prepare import prepare
+from dist_lm.data.sampler import TrainData
 
 
 def bench_loader(work: Path, tokens: int, seq_len: int, micro: int, accum: int, steps: int) -> dict:
-    tokenizer = next(corpus.cache_root(None).glob("embedded-*/tokenizer.json"), None) or \
-        corpus.prepare(None, 4096) / "tokenizer.json"
+    tokenizer = (
+        next(corpus.cache_root(None).glob("embedded-*/tokenizer.json"), None)
+        or corpus.prepare(None, 4096) / "tokenizer.json"
+    )
     rng = np.random.default_rng(0)
     docs = (rng.integers(0, 4096, size=10_000_000, dtype=np.uint16) for _ in range(tokens // 10_000_000))
     out = shards.write_dataset(work / "synthetic", tokenizer, 4096, {"train": docs}, shard_tokens=50_000_000)
@@ -49,7 +49,11 @@ def bench_loader(work: Path, tokens: int, seq_len: int, micro: int, accum: int, 
     seconds = time.perf_counter() - start
     data.close()
     per_step = micro * accum * seq_len
-    return {"tokens_per_s": steps * per_step / seconds, "ms_per_step": 1000 * seconds / steps, "tokens_per_step": per_step}
+    return {
+        "tokens_per_s": steps * per_step / seconds,
+        "ms_per_step": 1000 * seconds / steps,
+        "tokens_per_step": per_step,
+    }
 
 
 def bench_verify(out: Path) -> dict:
@@ -77,8 +81,24 @@ def bench_one_line(work: Path, mb: float) -> dict:
     text = " ".join(words[i] for i in rng.integers(0, len(words), int(mb * 1e6 / 5.3)))
     (work / "one.txt").write_text(text)
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "dist_lm", "prepare", str(work / "one.txt"), "--out", str(work / "one"),
-                    "--vocab-size", "300", "--workers", "2", "--quiet"], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dist_lm",
+            "prepare",
+            str(work / "one.txt"),
+            "--out",
+            str(work / "one"),
+            "--vocab-size",
+            "300",
+            "--workers",
+            "2",
+            "--quiet",
+        ],
+        check=True,
+        capture_output=True,
+    )
     peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     return {"mb": len(text) / 1e6, "peak_gb": peak_kb / 1e6, "seconds": time.perf_counter() - start}
 
@@ -95,8 +115,13 @@ def bench_tokenizer(work: Path, text_mb: float, workers: int, files: int) -> dic
     tok = corpus.prepare(None, 4096) / "tokenizer.json"
     result = prepare(sources, work / f"tok{workers}", tok, 0, workers, 0.01, 0, progress=False)
     mb = result.stats.chars / 1e6
-    return {"workers": workers, "mb": mb, "seconds": result.seconds, "mb_per_s": mb / result.seconds,
-            "mb_per_s_per_worker": mb / result.seconds / workers}
+    return {
+        "workers": workers,
+        "mb": mb,
+        "seconds": result.seconds,
+        "mb_per_s": mb / result.seconds,
+        "mb_per_s_per_worker": mb / result.seconds / workers,
+    }
 
 
 def main() -> None:
@@ -114,18 +139,24 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         r = bench_loader(work, args.tokens, args.seq_len, args.micro, args.accum, args.steps)
-        print(f"loader: {r['tokens_per_s'] / 1e6:.1f} M tokens/s per rank ({r['ms_per_step']:.2f} ms per step of "
-              f"{r['tokens_per_step']:,} tokens; seq {args.seq_len}, micro {args.micro} x accum {args.accum})")
+        print(
+            f"loader: {r['tokens_per_s'] / 1e6:.1f} M tokens/s per rank ({r['ms_per_step']:.2f} ms per step of "
+            f"{r['tokens_per_step']:,} tokens; seq {args.seq_len}, micro {args.micro} x accum {args.accum})"
+        )
         v = bench_verify(work / "synthetic")
-        print(f"content check (one rank, page cache): {v['gb']:.2f} GB in full {v['full_s']:.2f} s "
-              f"({v['gb'] / v['full_s']:.1f} GB/s), sampled {v['sampled_s']:.3f} s")
+        print(
+            f"content check (one rank, page cache): {v['gb']:.2f} GB in full {v['full_s']:.2f} s "
+            f"({v['gb'] / v['full_s']:.1f} GB/s), sampled {v['sampled_s']:.3f} s"
+        )
         if args.one_line_mb:
             o = bench_one_line(work, args.one_line_mb)
             print(f"prepare, one line of {o['mb']:.0f} MB: peak {o['peak_gb']:.2f} GB RSS, {o['seconds']:.0f} s")
         for w in args.workers:
             t = bench_tokenizer(work, args.text_mb, w, args.files)
-            print(f"tokenizer: {w} worker(s): {t['mb_per_s']:.2f} MB/s, {t['mb_per_s_per_worker']:.2f} MB/s per worker "
-                  f"({t['mb']:.1f} MB in {args.files} file(s), {t['seconds']:.1f} s)")
+            print(
+                f"tokenizer: {w} worker(s): {t['mb_per_s']:.2f} MB/s, {t['mb_per_s_per_worker']:.2f} MB/s per worker "
+                f"({t['mb']:.1f} MB in {args.files} file(s), {t['seconds']:.1f} s)"
+            )
 
 
 if __name__ == "__main__":

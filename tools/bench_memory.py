@@ -18,7 +18,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-
 from dist_lm.config.io import load_config
 from dist_lm.config.schema import replaced
 from dist_lm.plan.memory import GB, estimate
@@ -45,8 +44,14 @@ CASES = [
 def run_case(case: str, nproc: int, work: Path) -> dict:
     preset, *overrides = case.split()
     overrides = ["parallel.compile=false", "parallel.precision=bf16", *overrides]  # a case may set either
-    overrides += ["train.max_steps=3", "train.log_interval=1", "train.eval_interval=0",
-                  "checkpoint.interval=0", "logging.wandb=disabled", "logging.progress=false"]
+    overrides += [
+        "train.max_steps=3",
+        "train.log_interval=1",
+        "train.eval_interval=0",
+        "checkpoint.interval=0",
+        "logging.wandb=disabled",
+        "logging.progress=false",
+    ]
     cfg = load_config(preset, overrides)
     micro = cfg.train.micro_batch_size
     overrides.append(f"train.global_batch_size={2 * micro * nproc}")  # two micro-batches accumulated
@@ -54,16 +59,28 @@ def run_case(case: str, nproc: int, work: Path) -> dict:
     cfg = replaced(cfg, "model", vocab_size=vocab_size_for(cfg))
     predicted = estimate(cfg.model, cfg.parallel, cfg.parallel.precision, micro, nproc, z_loss=cfg.optim.z_loss > 0)
     run_dir = work / f"case{abs(hash(case))}"
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
-        if nproc > 1 else [sys.executable]
-    proc = subprocess.run([*launcher, str(ROOT / "launchers/pretrain.py"), "--config", preset, *overrides,
-                           f"run.dir={run_dir}"], capture_output=True, text=True)
+    launcher = (
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+        if nproc > 1
+        else [sys.executable]
+    )
+    proc = subprocess.run(
+        [*launcher, str(ROOT / "launchers/pretrain.py"), "--config", preset, *overrides, f"run.dir={run_dir}"],
+        capture_output=True,
+        text=True,
+    )
     if proc.returncode != 0:
         return {"case": case, "error": proc.stderr.strip().splitlines()[-1:] or [f"exit {proc.returncode}"]}
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     measured = max(r["peak_mem_gb"] for r in rows if r.get("peak_mem_gb") is not None)
-    return {"case": case, "ranks": nproc, "predicted_gb": predicted.total / GB, "measured_gb": measured,
-            "error": predicted.total / GB / measured - 1, "breakdown": predicted.describe()}
+    return {
+        "case": case,
+        "ranks": nproc,
+        "predicted_gb": predicted.total / GB,
+        "measured_gb": measured,
+        "error": predicted.total / GB / measured - 1,
+        "breakdown": predicted.describe(),
+    }
 
 
 def main() -> None:
@@ -80,8 +97,10 @@ def main() -> None:
             r = run_case(case, args.nproc, Path(work))
             results.append(r)
             if "measured_gb" in r:
-                print(f"| `{case}` | {r['ranks']} | {r['predicted_gb']:.2f} | {r['measured_gb']:.2f} | {r['error']:+.1%} |",
-                      flush=True)
+                print(
+                    f"| `{case}` | {r['ranks']} | {r['predicted_gb']:.2f} | {r['measured_gb']:.2f} | {r['error']:+.1%} |",
+                    flush=True,
+                )
                 print(f"|   | | {r['breakdown']} | | |", flush=True)
             else:
                 print(f"| `{case}` | failed: {r['error']} | | | |", flush=True)

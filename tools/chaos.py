@@ -37,8 +37,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-from dist_lm.train import checkpoint, restore
 from dist_lm.runtime.distributed import free_port
+from dist_lm.train import checkpoint, restore
 
 PRETRAIN = ROOT / "launchers" / "pretrain.py"
 KINDS = ("kill-one", "kill-all", "usr1", "term")
@@ -48,21 +48,46 @@ RANKS = 2
 
 def config(steps: int) -> list[str]:
     # A checkpoint every 3 steps and an evaluation every 5, so every phase comes up often.
-    return ["--config", "debug", f"train.max_steps={steps}", "train.log_interval=1", "train.eval_interval=5",
-            "train.eval_samples=64", "checkpoint.interval=3", "checkpoint.keep_last=2", "parallel.zero_stage=2",
-            "parallel.timeout_minutes=0.5", "logging.wandb=disabled", "logging.progress=false",
-            "train.sample_tokens=0"]
+    return [
+        "--config",
+        "debug",
+        f"train.max_steps={steps}",
+        "train.log_interval=1",
+        "train.eval_interval=5",
+        "train.eval_samples=64",
+        "checkpoint.interval=3",
+        "checkpoint.keep_last=2",
+        "parallel.zero_stage=2",
+        "parallel.timeout_minutes=0.5",
+        "logging.wandb=disabled",
+        "logging.progress=false",
+        "train.sample_tokens=0",
+    ]
 
 
 def start(args: list[str], run_dir: Path, attempt: int) -> list[subprocess.Popen]:
     port = str(free_port())
     procs = []
     for rank in range(RANKS):
-        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(RANKS), "LOCAL_RANK": str(rank),
-               "LOCAL_WORLD_SIZE": str(RANKS), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+        env = {
+            **os.environ,
+            "RANK": str(rank),
+            "WORLD_SIZE": str(RANKS),
+            "LOCAL_RANK": str(rank),
+            "LOCAL_WORLD_SIZE": str(RANKS),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": port,
+        }
         log = open(run_dir.parent / f"{run_dir.name}-start{attempt:03d}-rank{rank}.log", "w")
-        procs.append(subprocess.Popen([sys.executable, str(PRETRAIN), *args, f"run.dir={run_dir}"], env=env,
-                                      cwd=ROOT, stdout=log, stderr=subprocess.STDOUT))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(PRETRAIN), *args, f"run.dir={run_dir}"],
+                env=env,
+                cwd=ROOT,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        )
     return procs
 
 
@@ -86,12 +111,14 @@ def last_step(run_dir: Path) -> int:
 def saving(run_dir: Path) -> bool:
     """Is there a step directory without state.json (a save in progress)?"""
     root = run_dir / "checkpoints"
-    return root.is_dir() and any(p.is_dir() and checkpoint.step_of(p) is not None and not (p / checkpoint.STATE).exists()
-                                 for p in root.iterdir())
+    return root.is_dir() and any(
+        p.is_dir() and checkpoint.step_of(p) is not None and not (p / checkpoint.STATE).exists() for p in root.iterdir()
+    )
 
 
-def wait_for_phase(procs, log: Path, run_dir: Path, phase: str, at_step: int, rng: random.Random,
-                   step_s: float) -> bool:
+def wait_for_phase(
+    procs, log: Path, run_dir: Path, phase: str, at_step: int, rng: random.Random, step_s: float
+) -> bool:
     """Wait until the run is in ``phase`` at (or after) ``at_step``; False if it ended first. Its
     training must have begun (``log``, rank 0's output, says so): by then the rows of earlier
     starts past its checkpoint are gone from metrics.jsonl."""
@@ -127,8 +154,15 @@ def interrupt(procs, kind: str, rng: random.Random) -> None:
     for rank, p in enumerate(procs):
         if kind == "kill-all" or rank == one:
             try:
-                os.kill(p.pid, {"kill-one": signal.SIGKILL, "kill-all": signal.SIGKILL, "usr1": signal.SIGUSR1,
-                                "term": signal.SIGTERM}[kind])
+                os.kill(
+                    p.pid,
+                    {
+                        "kill-one": signal.SIGKILL,
+                        "kill-all": signal.SIGKILL,
+                        "usr1": signal.SIGUSR1,
+                        "term": signal.SIGTERM,
+                    }[kind],
+                )
             except ProcessLookupError:
                 pass
 
@@ -157,9 +191,13 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=0, help="train.max_steps (default: 3 per interruption, at least 24)")
     p.add_argument("--keep", action="store_true", help="keep the work directory when every check passes")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--bound", type=float, default=60.0,
-                   help="seconds a process may take to end after an interruption (the survivor of a dead rank "
-                        "included; parallel.timeout_minutes is 0.5 here)")
+    p.add_argument(
+        "--bound",
+        type=float,
+        default=60.0,
+        help="seconds a process may take to end after an interruption (the survivor of a dead rank "
+        "included; parallel.timeout_minutes is 0.5 here)",
+    )
     p.add_argument("--work", type=Path, help="a directory for the two runs and their logs (default: a temporary one)")
     a = p.parse_args()
     steps = a.steps or max(24, 3 * a.interruptions)
@@ -206,10 +244,14 @@ def main() -> int:
         # 0: the run had just finished (an interruption in its last moments)
         if kind == "kill-one" and 3 in codes:  # the survivor: one line naming the rank, no traceback
             survivor = work / f"chaos-start{attempt:03d}-rank{codes.index(3)}.log"
-            errors = [line for line in survivor.read_text().splitlines() if line.startswith("error:") or "Traceback" in line]
+            errors = [
+                line for line in survivor.read_text().splitlines() if line.startswith("error:") or "Traceback" in line
+            ]
             if len(errors) != 1 or "stopped answering" not in errors[0]:
-                problems.append(f"start {attempt}: the survivor of kill-one did not end with one line naming the "
-                                f"rank ({survivor}): {errors[:3]}")
+                problems.append(
+                    f"start {attempt}: the survivor of kill-one did not end with one line naming the "
+                    f"rank ({survivor}): {errors[:3]}"
+                )
         expected = {"kill-one": {-9, 3, 0}, "kill-all": {-9}, "usr1": {75, 0}, "term": {75, 0}}[kind]
         if not set(c for c in codes if c is not None) <= expected:
             problems.append(f"start {attempt}: {kind} in a {phase}: exit statuses {codes}, expected {sorted(expected)}")
@@ -227,8 +269,10 @@ def main() -> int:
     train_steps = [r["step"] for r in ours if "loss" in r]
     if train_steps != list(range(1, steps + 1)):
         dup = [s for s, n in Counter(train_steps).items() if n > 1]
-        problems.append(f"metrics.jsonl does not hold each step once: {len(train_steps)} rows, repeated {dup[:10]}, "
-                        f"missing {sorted(set(range(1, steps + 1)) - set(train_steps))[:10]}")
+        problems.append(
+            f"metrics.jsonl does not hold each step once: {len(train_steps)} rows, repeated {dup[:10]}, "
+            f"missing {sorted(set(range(1, steps + 1)) - set(train_steps))[:10]}"
+        )
     losses = {r["step"]: r["loss"] for r in ours if "loss" in r}
     differ = [r["step"] for r in theirs if "loss" in r and losses.get(r["step"]) != r["loss"]]
     if differ:
@@ -240,10 +284,21 @@ def main() -> int:
     if mine.keys() != reference.keys() or any(not mine[k].equal(reference[k]) for k in reference):
         problems.append("the final weights differ from the uninterrupted run's")
 
-    print(json.dumps({"interruptions": sum(counts.values()), "by_kind_and_phase": dict(sorted(counts.items())),
-                      "starts": attempt, "steps": steps, "uninterrupted_s": round(whole_s, 1),
-                      "interrupted_s": round(chaos_s, 1), "seconds_lost": round(chaos_s - whole_s, 1),
-                      "problems": problems, "work": str(work)}))
+    print(
+        json.dumps(
+            {
+                "interruptions": sum(counts.values()),
+                "by_kind_and_phase": dict(sorted(counts.items())),
+                "starts": attempt,
+                "steps": steps,
+                "uninterrupted_s": round(whole_s, 1),
+                "interrupted_s": round(chaos_s, 1),
+                "seconds_lost": round(chaos_s - whole_s, 1),
+                "problems": problems,
+                "work": str(work),
+            }
+        )
+    )
     for line in problems:
         print(f"error: {line}", file=sys.stderr)
     if not problems and not (a.keep or a.work):

@@ -26,9 +26,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-
-from dist_lm.config.schema import UserError
 from dist_lm.config.io import load_config
+from dist_lm.config.schema import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -39,11 +38,26 @@ def peak_gb(config: str, overrides: list[str], micro: int, work: Path) -> float 
     from dist_lm.train.exits import Exit
 
     run_dir = work / f"micro{micro}"
-    args = [*overrides, f"train.micro_batch_size={micro}", f"train.global_batch_size={micro}", "train.max_steps=2",
-            "train.log_interval=1", "train.eval_interval=0", "train.sample_tokens=0", "checkpoint.interval=0",
-            "checkpoint.save_at_end=false", "logging.wandb=disabled", "logging.progress=false", f"run.dir={run_dir}"]
-    proc = subprocess.run([sys.executable, str(ROOT / "launchers" / "pretrain.py"), "--config", config, *args],
-                          capture_output=True, text=True, cwd=ROOT)
+    args = [
+        *overrides,
+        f"train.micro_batch_size={micro}",
+        f"train.global_batch_size={micro}",
+        "train.max_steps=2",
+        "train.log_interval=1",
+        "train.eval_interval=0",
+        "train.sample_tokens=0",
+        "checkpoint.interval=0",
+        "checkpoint.save_at_end=false",
+        "logging.wandb=disabled",
+        "logging.progress=false",
+        f"run.dir={run_dir}",
+    ]
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "launchers" / "pretrain.py"), "--config", config, *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     if proc.returncode == Exit.OUT_OF_MEMORY:
         return None
     if proc.returncode != 0:
@@ -67,20 +81,29 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         if not torch.cuda.is_available():
-            raise UserError("find_batch: measures a GPU's memory and this machine has none; "
-                            "tools/plan.py predicts the micro-batch instead")
+            raise UserError(
+                "find_batch: measures a GPU's memory and this machine has none; "
+                "tools/plan.py predicts the micro-batch instead"
+            )
         from dist_lm.plan.hardware import detect_machine
         from dist_lm.plan.planner import largest_fitting, usable_gb
 
         machine = detect_machine()
         budget = usable_gb(machine)
-        print(f"find_batch: {machine.gpu_name}, budget {budget:.1f} GB of {machine.gpu_mem_gb:.0f} GB; "
-              f"starting at micro-batch {cfg.train.micro_batch_size}", flush=True)
+        print(
+            f"find_batch: {machine.gpu_name}, budget {budget:.1f} GB of {machine.gpu_mem_gb:.0f} GB; "
+            f"starting at micro-batch {cfg.train.micro_batch_size}",
+            flush=True,
+        )
         with tempfile.TemporaryDirectory() as work:
+
             def fits(micro: int) -> bool:
                 peak = peak_gb(args.config, args.overrides, micro, Path(work))
-                verdict = "out of memory" if peak is None else f"peak {peak:.2f} GB" + (
-                    "" if peak <= budget else ", over the budget")
+                verdict = (
+                    "out of memory"
+                    if peak is None
+                    else f"peak {peak:.2f} GB" + ("" if peak <= budget else ", over the budget")
+                )
                 print(f"  micro-batch {micro}: {verdict}", flush=True)
                 return peak is not None and peak <= budget
 
@@ -89,8 +112,11 @@ def main(argv: list[str] | None = None) -> int:
         print(e, file=sys.stderr)
         return 2
     if not best:
-        print("find_batch: not even micro-batch 1 fits; turn on parallel.activation_checkpointing or a "
-              "higher parallel.zero_stage, or use a smaller model", file=sys.stderr)
+        print(
+            "find_batch: not even micro-batch 1 fits; turn on parallel.activation_checkpointing or a "
+            "higher parallel.zero_stage, or use a smaller model",
+            file=sys.stderr,
+        )
         return 2
     print(f"largest micro-batch within the budget: {best}\n  train.micro_batch_size={best}")
     return 0

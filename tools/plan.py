@@ -2,6 +2,7 @@
 
 The same as `dist-lm plan` (dist_lm/commands/plan.py), with the same arguments.
 """
+
 from dist_lm.cli import run_as_script
 
 run_as_script("plan", __name__)

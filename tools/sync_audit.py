@@ -73,11 +73,20 @@ def main() -> int:
     for stack, count in stacks.most_common():
         print(f"-- {count} times:\n{stack}")
     if args.json:
-        args.json.write_text(json.dumps({"steps": args.steps, "syncs": total,
-                                         "stacks": [{"count": c, "stack": s} for s, c in stacks.most_common()]}))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "steps": args.steps,
+                    "syncs": total,
+                    "stacks": [{"count": c, "stack": s} for s, c in stacks.most_common()],
+                }
+            )
+        )
     if status == 0 and args.max_per_step is not None and total > args.max_per_step * args.steps:
-        print(f"error: {total / args.steps:g} syncs per step, more than --max-per-step {args.max_per_step:g}",
-              file=sys.stderr)
+        print(
+            f"error: {total / args.steps:g} syncs per step, more than --max-per-step {args.max_per_step:g}",
+            file=sys.stderr,
+        )
         return 1
     return status
 

@@ -24,7 +24,7 @@ HOST_WORK = ("cpu_op", "user_annotation", "cuda_runtime")
 
 
 def load_events(path: Path) -> list[dict]:
-    with (gzip.open(path, "rt") if path.suffix == ".gz" else open(path)) as f:
+    with gzip.open(path, "rt") if path.suffix == ".gz" else open(path) as f:
         return [e for e in json.load(f)["traceEvents"] if e.get("ph") == "X"]
 
 
@@ -37,11 +37,13 @@ def report(path: Path, min_gap_us: float) -> str:
     span = max(e for _, e in gpu) - min(s for s, _ in gpu)
     busy, gaps = busy_and_idle(gpu, min_gap_us)
     launches = Counter(e["name"] for e in events if e.get("cat") == "cuda_runtime")
-    lines = [f"== {path}",
-             f"  GPU span {span / 1000:.2f} ms, busy {busy / 1000:.2f} ms ({100 * busy / span:.1f}%), "
-             f"{len(gpu)} kernels and copies; {len(gaps)} gaps of {min_gap_us:g} us or more, "
-             f"{sum(b - a for a, b in gaps) / 1000:.2f} ms in all",
-             "  runtime calls: " + ", ".join(f"{name} {n}" for name, n in launches.most_common(8))]
+    lines = [
+        f"== {path}",
+        f"  GPU span {span / 1000:.2f} ms, busy {busy / 1000:.2f} ms ({100 * busy / span:.1f}%), "
+        f"{len(gpu)} kernels and copies; {len(gaps)} gaps of {min_gap_us:g} us or more, "
+        f"{sum(b - a for a, b in gaps) / 1000:.2f} ms in all",
+        "  runtime calls: " + ", ".join(f"{name} {n}" for name, n in launches.most_common(8)),
+    ]
     # Each gap goes to the three host operations that overlapped it most (nested operations each
     # count their own overlap: a look at where the host was, not an exact split).
     blame: Counter[str] = Counter()

@@ -1,8 +1,8 @@
 """Plots and rankings of a run or a sweep.
 
-    dist-lm analyze RUN_DIR --out DIR     # loss, lr, tokens/s and MFU plots of one run
-    dist-lm analyze SWEEP_DIR --out DIR   # heatmap, top-5 learning curves, ranking, recommended config
-    dist-lm analyze RUN_A RUN_B ... --out DIR  # the runs' training losses on one plot, and their gaps
+dist-lm analyze RUN_DIR --out DIR     # loss, lr, tokens/s and MFU plots of one run
+dist-lm analyze SWEEP_DIR --out DIR   # heatmap, top-5 learning curves, ranking, recommended config
+dist-lm analyze RUN_A RUN_B ... --out DIR  # the runs' training losses on one plot, and their gaps
 """
 
 from __future__ import annotations
@@ -10,16 +10,19 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-
 from dist_lm.commands.arguments import Parser
 from dist_lm.observe import analysis
 
 
 def main(argv: list[str] | None = None) -> int:
     p = Parser(__doc__)
-    p.add_argument("paths", nargs="+", type=Path, metavar="path",
-                   help="a run directory (metrics.jsonl) or a sweep directory (results.csv); several run "
-                        "directories are compared")
+    p.add_argument(
+        "paths",
+        nargs="+",
+        type=Path,
+        metavar="path",
+        help="a run directory (metrics.jsonl) or a sweep directory (results.csv); several run directories are compared",
+    )
     p.add_argument("--out", type=Path, required=True, help="where the PNGs go")
     args = p.parse_args(argv)
     if len(args.paths) > 1:
@@ -37,8 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     elif (path / "metrics.jsonl").is_file():
         files = analysis.plot_run(path, args.out)
     else:
-        print(f"error: {path} has neither metrics.jsonl (a run) nor results.csv and sweep.json (a sweep)",
-              file=sys.stderr)
+        print(
+            f"error: {path} has neither metrics.jsonl (a run) nor results.csv and sweep.json (a sweep)", file=sys.stderr
+        )
         return 2
     for f in files:
         print(f"wrote {f}")

@@ -55,8 +55,8 @@ def file_name(variant: str) -> str:
 
 def batch_override(config: str, overrides: list[str], accum: int, ranks: int = 1) -> str:
     """train.global_batch_size for ``accum`` micro-batches per optimizer step on each of ``ranks`` GPUs."""
-    from dist_lm.config.io import load_config
     from dist_lm.config.batch import BatchSizes
+    from dist_lm.config.io import load_config
 
     micro = load_config(config, overrides).train.micro_batch_size
     return f"train.global_batch_size={BatchSizes(micro, accum, ranks).global_batch_size}"
@@ -80,8 +80,19 @@ def last_line(log: Path) -> str:
     return lines[-1] if lines else "(no output)"
 
 
-def run_variant(config: str, overrides: list[str], variant: str, steps: int, warmup: int, accum: int, work: Path,
-                profile_dir: Path | None, ranks: int = 1, label: str | None = None, timeout: float = 1800) -> dict:
+def run_variant(
+    config: str,
+    overrides: list[str],
+    variant: str,
+    steps: int,
+    warmup: int,
+    accum: int,
+    work: Path,
+    profile_dir: Path | None,
+    ranks: int = 1,
+    label: str | None = None,
+    timeout: float = 1800,
+) -> dict:
     """One row: ``variant`` ('name: overrides') trained on ``ranks`` GPUs, shown as ``label``."""
     name, _, extra = variant.partition(":")
     name = label or name.strip()
@@ -93,12 +104,24 @@ def run_variant(config: str, overrides: list[str], variant: str, steps: int, war
     profiled = PROFILED_STEPS if profile_dir else 0
     if profiled:  # after the timed steps, in an interval of their own
         extra += f" logging.profile_start={warmup + steps + 1} logging.profile_steps={profiled}"
-    args = [config, *overrides, *extra.split(), f"train.max_steps={warmup + steps + profiled}",
-            f"train.log_interval={warmup}",
-            "train.eval_interval=0", "checkpoint.interval=0", "checkpoint.save_at_end=false", "logging.wandb=disabled", "logging.progress=false",
-            f"run.dir={run_dir}"]
-    launcher = [sys.executable] if ranks == 1 else \
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
+    args = [
+        config,
+        *overrides,
+        *extra.split(),
+        f"train.max_steps={warmup + steps + profiled}",
+        f"train.log_interval={warmup}",
+        "train.eval_interval=0",
+        "checkpoint.interval=0",
+        "checkpoint.save_at_end=false",
+        "logging.wandb=disabled",
+        "logging.progress=false",
+        f"run.dir={run_dir}",
+    ]
+    launcher = (
+        [sys.executable]
+        if ranks == 1
+        else [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
+    )
     launcher += ["-m", "dist_lm", "train"]
     log = work / f"{file_name(name)}.log"
     status = run_logged([*launcher, "--config", *args], log, timeout)
@@ -110,40 +133,54 @@ def run_variant(config: str, overrides: list[str], variant: str, steps: int, war
     # the first interval holds the warm-up (and compilation); the profiled steps end the run
     timed = [r for r in rows if "loss" in r and warmup < r["step"] <= warmup + steps]
     if not timed:
-        return {"variant": name, "ranks": ranks, "error": f"exit status 0 but no timed step in {metrics_file}: "
-                                                          f"{last_line(log)}"}
+        return {
+            "variant": name,
+            "ranks": ranks,
+            "error": f"exit status 0 but no timed step in {metrics_file}: {last_line(log)}",
+        }
     if profiled:
         profile_dir.mkdir(parents=True, exist_ok=True)
         for what in ("ops.txt", "trace.json.gz"):
             shutil.copy(run_dir / "profile" / f"rank0-{what}", profile_dir / f"{file_name(name)}-{what}")
     summary = metrics.RunSummary.read(run_dir)
     n = len(timed)
-    return {"variant": name, "ranks": ranks, "tokens_per_s": sum(r["tokens_per_s"] for r in timed) / n,
-            "mfu": sum(r["mfu"] or 0 for r in timed) / n, "step_s": sum(r["step_time"] for r in timed) / n,
-            "peak_mem_gb": max(r["peak_mem_gb"] for r in timed), "first_step_s": summary.first_step_s,
-            "predicted_mem_gb": summary.predicted_peak_mem_gb, "global_batch": summary.global_batch_size,
-            "flops_per_token": summary.flops_per_token}
+    return {
+        "variant": name,
+        "ranks": ranks,
+        "tokens_per_s": sum(r["tokens_per_s"] for r in timed) / n,
+        "mfu": sum(r["mfu"] or 0 for r in timed) / n,
+        "step_s": sum(r["step_time"] for r in timed) / n,
+        "peak_mem_gb": max(r["peak_mem_gb"] for r in timed),
+        "first_step_s": summary.first_step_s,
+        "predicted_mem_gb": summary.predicted_peak_mem_gb,
+        "global_batch": summary.global_batch_size,
+        "flops_per_token": summary.flops_per_token,
+    }
 
 
-def run_baseline(config: str, overrides: list[str], steps: int, warmup: int, accum: int,
-                 profile_dir: Path | None) -> dict:
+def run_baseline(
+    config: str, overrides: list[str], steps: int, warmup: int, accum: int, profile_dir: Path | None
+) -> dict:
     """The same training in plain PyTorch (dist_lm.train.plain): torch.compile, fused AdamW, bf16
     autocast, and the variants' seed, data and learning rate at every step."""
     import torch
 
-    from dist_lm.plan import hardware
     from dist_lm.config.io import load_config
     from dist_lm.model.counts import flops_per_token
     from dist_lm.observe.profiling import StepProfiler
+    from dist_lm.plan import hardware
     from dist_lm.train.plain import PlainTraining
 
     profiled = PROFILED_STEPS if profile_dir else 0
     # train.max_steps as the variants have it (run_variant): the schedule spans the same steps
-    cfg = load_config(config, [*overrides, batch_override(config, overrides, accum),
-                               f"train.max_steps={warmup + steps + profiled}"])
+    cfg = load_config(
+        config, [*overrides, batch_override(config, overrides, accum), f"train.max_steps={warmup + steps + profiled}"]
+    )
     if not torch.cuda.is_available():
-        raise UserError("bench --baseline: plain PyTorch's row is measured on a CUDA GPU, and this machine has "
-                        "none; drop --baseline")
+        raise UserError(
+            "bench --baseline: plain PyTorch's row is measured on a CUDA GPU, and this machine has "
+            "none; drop --baseline"
+        )
     device = torch.device("cuda")
     plain = PlainTraining(cfg, device, compiled=True, autocast=True)
     cfg = plain.cfg
@@ -167,11 +204,16 @@ def run_baseline(config: str, overrides: list[str], steps: int, warmup: int, acc
     torch.cuda.empty_cache()
     tokens = steps * cfg.train.global_batch_size * cfg.model.seq_len
     peak = hardware.peak_flops(device)
-    return {"variant": "plain PyTorch (compile, fused AdamW, autocast)", "tokens_per_s": tokens / seconds,
-            "mfu": tokens / seconds * flops_per_token(cfg.model) / peak if peak else 0.0, "step_s": seconds / steps,
-            "peak_mem_gb": peak_mem_gb, "first_step_s": None,
-            "flops_per_token": flops_per_token(cfg.model),
-            "data_wait_share": waiting / seconds}
+    return {
+        "variant": "plain PyTorch (compile, fused AdamW, autocast)",
+        "tokens_per_s": tokens / seconds,
+        "mfu": tokens / seconds * flops_per_token(cfg.model) / peak if peak else 0.0,
+        "step_s": seconds / steps,
+        "peak_mem_gb": peak_mem_gb,
+        "first_step_s": None,
+        "flops_per_token": flops_per_token(cfg.model),
+        "data_wait_share": waiting / seconds,
+    }
 
 
 positive = integer(1)
@@ -192,8 +234,10 @@ def scaling_lines(rows: list[dict]) -> list[str]:
         runs = sorted((r for r in rows if r.get("base") == base and "error" not in r), key=lambda r: r["ranks"])
         for r in runs[1:]:
             r["scaling"] = r["tokens_per_s"] / runs[0]["tokens_per_s"]
-            lines.append(f"{base}: {r['ranks']} ranks run at {r['scaling']:.3f}x the tokens/s of "
-                         f"{runs[0]['ranks']} ({r['tokens_per_s']:,.0f} against {runs[0]['tokens_per_s']:,.0f})")
+            lines.append(
+                f"{base}: {r['ranks']} ranks run at {r['scaling']:.3f}x the tokens/s of "
+                f"{runs[0]['ranks']} ({r['tokens_per_s']:,.0f} against {runs[0]['tokens_per_s']:,.0f})"
+            )
     return lines
 
 
@@ -204,8 +248,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=positive, default=10, help="timed steps (a multiple of --warmup)")
     p.add_argument("--warmup", type=positive, default=5, help="untimed steps first")
     p.add_argument("--accum", type=positive, default=1, help="micro-batches per optimizer step (default 1)")
-    p.add_argument("--ranks", type=rank_counts, default=[1],
-                   help="GPUs per variant, e.g. 1,2: each variant on each count, torchrun above 1 (default 1)")
+    p.add_argument(
+        "--ranks",
+        type=rank_counts,
+        default=[1],
+        help="GPUs per variant, e.g. 1,2: each variant on each count, torchrun above 1 (default 1)",
+    )
     p.add_argument("--baseline", action="store_true", help="also run plain PyTorch in this process (GPU)")
     p.add_argument("--json", help="also write the rows to this file")
     p.add_argument("--timeout", type=positive, default=1800, help="seconds one variant may run (default 1800)")
@@ -228,8 +276,22 @@ def main(argv: list[str] | None = None) -> int:
             base = variant.partition(":")[0].strip()
             for ranks in args.ranks:
                 label = base if args.ranks == [1] else f"{base}, {ranks} rank{'s' if ranks > 1 else ''}"
-                rows.append(run_variant(args.config, args.overrides, variant, args.steps, args.warmup, args.accum,
-                                        Path(work), args.profile, ranks, label, args.timeout) | {"base": base})
+                rows.append(
+                    run_variant(
+                        args.config,
+                        args.overrides,
+                        variant,
+                        args.steps,
+                        args.warmup,
+                        args.accum,
+                        Path(work),
+                        args.profile,
+                        ranks,
+                        label,
+                        args.timeout,
+                    )
+                    | {"base": base}
+                )
                 print_row(rows[-1])
     for line in scaling_lines(rows):
         print(line)
@@ -249,5 +311,8 @@ def print_row(r: dict) -> None:
     first = f"{r['first_step_s']:.1f} s" if r.get("first_step_s") else "-"
     predicted = f" ({r['predicted_mem_gb']:.1f} GB)" if r.get("predicted_mem_gb") else ""
     extra = f" (data wait {100 * r['data_wait_share']:.2f}% of step time)" if "data_wait_share" in r else ""
-    print(f"| {r['variant']}{extra} | {r['tokens_per_s']:,.0f} | {tflops:.1f} | {100 * r['mfu']:.1f}% | "
-          f"{1000 * r['step_s']:.0f} ms | {r['peak_mem_gb']:.1f} GB{predicted} | {first} |", flush=True)
+    print(
+        f"| {r['variant']}{extra} | {r['tokens_per_s']:,.0f} | {tflops:.1f} | {100 * r['mfu']:.1f}% | "
+        f"{1000 * r['step_s']:.0f} ms | {r['peak_mem_gb']:.1f} GB{predicted} | {first} |",
+        flush=True,
+    )

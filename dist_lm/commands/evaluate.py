@@ -29,13 +29,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)
 
-    from dist_lm.runtime import distributed
-    from dist_lm.data.sampler import ValData
-    from dist_lm.use.inference import evaluate, load_model, load_tokenizer
-    from dist_lm.data.checks import resolve_data
     from dist_lm.config.schema import replaced
-
+    from dist_lm.data.checks import resolve_data
+    from dist_lm.data.sampler import ValData
+    from dist_lm.runtime import distributed
     from dist_lm.train import restore
+    from dist_lm.use.inference import evaluate, load_model, load_tokenizer
 
     restore.trust_checkpoints(args.trust_checkpoint)
     try:
@@ -51,16 +50,29 @@ def main(argv: list[str] | None = None) -> int:
         model = model.to(device)
         results = {}
         for source in data.sources:
-            val = ValData(source.dir, source.meta, cfg.model.seq_len, args.samples or cfg.train.eval_samples,
-                          args.micro_batch, env.rank, env.world_size, device,
-                          data.meta.get("eot_id") if cfg.data.document_mask else None)
+            val = ValData(
+                source.dir,
+                source.meta,
+                cfg.model.seq_len,
+                args.samples or cfg.train.eval_samples,
+                args.micro_batch,
+                env.rank,
+                env.world_size,
+                device,
+                data.meta.get("eot_id") if cfg.data.document_mask else None,
+            )
             results[source.name] = {"data": str(source.dir), "split": val.split, **evaluate(model, val, tokenizer)}
         if len(results) == 1:
             result = {"checkpoint": str(found.path), **results[data.sources[0].name]}
         else:  # a mixture: each source, and the loss weighted as the mixture is (as training reports it)
             loss = sum(s.weight * results[s.name]["loss"] for s in data.sources)
-            result = {"checkpoint": str(found.path), "data": data.describe(), "loss": loss,
-                      "perplexity": math.exp(min(loss, 50.0)), "sources": results}
+            result = {
+                "checkpoint": str(found.path),
+                "data": data.describe(),
+                "loss": loss,
+                "perplexity": math.exp(min(loss, 50.0)),
+                "sources": results,
+            }
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -17,7 +17,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-
 from dist_lm.commands.arguments import DTYPES, Parser, add_trust_option
 from dist_lm.config.schema import UserError
 
@@ -28,12 +27,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("out", type=Path, help="the directory to write")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.add_argument("--best", action="store_true", help="the run's checkpoint with the lowest validation loss")
-    p.add_argument("--dtype", choices=DTYPES, default="trained", help="precision of the exported weights (default: the run's)")
+    p.add_argument(
+        "--dtype", choices=DTYPES, default="trained", help="precision of the exported weights (default: the run's)"
+    )
     add_trust_option(p)
     args = p.parse_args(argv)
+    from dist_lm.train import checkpoint, restore
     from dist_lm.use.export import export_hf, export_notes
     from dist_lm.use.inference import saved_config
-    from dist_lm.train import checkpoint, restore
 
     restore.trust_checkpoints(args.trust_checkpoint)
 

@@ -12,8 +12,7 @@ from __future__ import annotations
 import sys
 
 from dist_lm.commands.arguments import Parser, add_checkpoint_choice, integer, number
-from dist_lm.config.schema import MAX_SEED
-from dist_lm.config.schema import UserError
+from dist_lm.config.schema import MAX_SEED, UserError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,11 +29,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from dist_lm.data.readers import EOT
+    from dist_lm.train import restore
     from dist_lm.use.generate import sample
     from dist_lm.use.inference import load_model, load_tokenizer
-    from dist_lm.data.readers import EOT
-
-    from dist_lm.train import restore
 
     restore.trust_checkpoints(args.trust_checkpoint)
     try:
@@ -46,7 +44,18 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     eot = tokenizer.token_to_id(EOT)
     prompt = tokenizer.encode(args.prompt).ids or [eot]
-    out = sample(model.to(device), prompt, args.max_tokens, cfg.model.seq_len, device, args.temperature, args.top_k,
-                 args.top_p, args.seed, stop_id=eot, use_cache=not args.no_cache)
+    out = sample(
+        model.to(device),
+        prompt,
+        args.max_tokens,
+        cfg.model.seq_len,
+        device,
+        args.temperature,
+        args.top_k,
+        args.top_p,
+        args.seed,
+        stop_id=eot,
+        use_cache=not args.no_cache,
+    )
     print(tokenizer.decode([t for t in prompt if t != eot] + out))
     return 0

@@ -11,7 +11,6 @@ Nothing is trained and no process group is started.
 from __future__ import annotations
 
 import argparse
-
 import sys
 
 from dist_lm.commands.arguments import Parser, integer, number
@@ -32,12 +31,19 @@ def compute_capability(text: str) -> tuple[int, int]:
 def main(argv: list[str] | None = None) -> int:
     p = Parser(__doc__)
     p.add_argument("--gpus", type=integer(0, 4096), help="GPUs per node of the described machine (0: CPU only)")
-    p.add_argument("--gpu-mem", type=number(0, 1e6, low_open=True), default=80.0,
-                   help="memory of one GPU in GB (default 80)")
-    p.add_argument("--gpu-name", default="", help="GPU model, e.g. 'H100' or 'RTX 4090' (for its peak FLOP/s "
-                                                  "and bf16 support; default unknown)")
-    p.add_argument("--compute-capability", type=compute_capability,
-                   help="e.g. 8.6; default: from the name (bf16 unless a pre-Ampere card)")
+    p.add_argument(
+        "--gpu-mem", type=number(0, 1e6, low_open=True), default=80.0, help="memory of one GPU in GB (default 80)"
+    )
+    p.add_argument(
+        "--gpu-name",
+        default="",
+        help="GPU model, e.g. 'H100' or 'RTX 4090' (for its peak FLOP/s and bf16 support; default unknown)",
+    )
+    p.add_argument(
+        "--compute-capability",
+        type=compute_capability,
+        help="e.g. 8.6; default: from the name (bf16 unless a pre-Ampere card)",
+    )
     p.add_argument("--nodes", type=integer(1, 1 << 20), default=1, help="nodes (default 1)")
     p.add_argument("--cpu-cores", type=integer(1, 1 << 20), default=32, help="CPU cores per node (default 32)")
     p.add_argument("--ram", type=number(0, 1e9, low_open=True), default=256.0, help="RAM per node in GB (default 256)")
@@ -48,9 +54,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.gpus is None:
             plan = plan_for_this_machine(args.overrides, args.nodes, None, resumed)
         else:
-            machine = Machine(args.gpus, args.gpu_name, args.gpu_mem if args.gpus else 0.0, args.compute_capability,
-                              args.nodes,
-                              args.cpu_cores, args.ram)
+            machine = Machine(
+                args.gpus,
+                args.gpu_name,
+                args.gpu_mem if args.gpus else 0.0,
+                args.compute_capability,
+                args.nodes,
+                args.cpu_cores,
+                args.ram,
+            )
             plan = make_plan(machine, args.overrides, resumed=resumed)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

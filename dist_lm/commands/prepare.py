@@ -16,10 +16,8 @@ import shlex
 import sys
 from pathlib import Path
 
-
 from dist_lm.commands.arguments import Parser, integer, number
-from dist_lm.config.schema import MAX_SEED
-from dist_lm.config.schema import UserError
+from dist_lm.config.schema import MAX_SEED, UserError
 from dist_lm.data.prepare import prepare
 from dist_lm.data.readers import expand_inputs
 from dist_lm.data.shards import is_dataset_file
@@ -32,16 +30,19 @@ def check_out(out: Path, inputs: list[Path], overwrite: bool) -> None:
     shards alone). One line each."""
     held = next((p for p in inputs if holds(out, p)), None)
     if held is not None:
-        raise UserError(f"--out {out} holds the input {held}; the dataset goes into a directory of its own: choose "
-                        "another --out")
+        raise UserError(
+            f"--out {out} holds the input {held}; the dataset goes into a directory of its own: choose another --out"
+        )
     if not out.exists():
         return
     if not out.is_dir():
         raise UserError(f"--out {out} is a file; choose a directory")
     foreign = foreign_entries(out, is_dataset_file)
     if foreign:
-        raise UserError(f"--out {out} holds {', '.join(foreign[:3])}, which prepare does not write; --overwrite "
-                        "replaces only a dataset that prepare made: choose another --out")
+        raise UserError(
+            f"--out {out} holds {', '.join(foreign[:3])}, which prepare does not write; --overwrite "
+            "replaces only a dataset that prepare made: choose another --out"
+        )
     if not overwrite:
         raise UserError(f"{out} exists; pass --overwrite to replace it, or choose another --out")
 
@@ -52,39 +53,66 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, type=Path, help="output directory (written atomically)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--tokenizer", type=Path, help="an existing HF tokenizer.json")
-    src.add_argument("--vocab-size", type=integer(300, 2**32), default=32768,
-                     help="train a byte-level BPE of this size (default 32768)")
-    p.add_argument("--workers", type=integer(1, 4096), default=os.cpu_count() or 1,
-                   help="tokenizer processes (default: all cores)")
-    p.add_argument("--val-fraction", type=number(0, 1, high_open=True), default=0.01,
-                   help="documents held out for validation (default 0.01); of one .txt input, that share of its "
-                        "end, cut at a line end")
+    src.add_argument(
+        "--vocab-size",
+        type=integer(300, 2**32),
+        default=32768,
+        help="train a byte-level BPE of this size (default 32768)",
+    )
+    p.add_argument(
+        "--workers", type=integer(1, 4096), default=os.cpu_count() or 1, help="tokenizer processes (default: all cores)"
+    )
+    p.add_argument(
+        "--val-fraction",
+        type=number(0, 1, high_open=True),
+        default=0.01,
+        help="documents held out for validation (default 0.01); of one .txt input, that share of its "
+        "end, cut at a line end",
+    )
     p.add_argument("--seed", type=integer(0, MAX_SEED), default=0, help="seed of the train/validation split")
     p.add_argument("--field", help="JSONL field holding the text (default: detected)")
     p.add_argument("--skip-bad-lines", action="store_true", help="skip and count invalid JSONL lines")
     p.add_argument("--shard-tokens", type=integer(1), default=100_000_000, help="tokens per shard file (default 1e8)")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists (only once the new one is complete)")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace --out if it exists (only once the new one is complete)"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     try:
         inputs = expand_inputs(args.inputs)
         check_out(args.out, inputs, args.overwrite)
-        result = prepare(inputs, args.out, args.tokenizer, args.vocab_size, args.workers,
-                         args.val_fraction, args.seed, args.field, args.skip_bad_lines, args.shard_tokens,
-                         command=shlex.join(["tools/prepare_data.py", *(argv if argv is not None else sys.argv[1:])]),
-                         progress=not args.quiet)
+        result = prepare(
+            inputs,
+            args.out,
+            args.tokenizer,
+            args.vocab_size,
+            args.workers,
+            args.val_fraction,
+            args.seed,
+            args.field,
+            args.skip_bad_lines,
+            args.shard_tokens,
+            command=shlex.join(["tools/prepare_data.py", *(argv if argv is not None else sys.argv[1:])]),
+            progress=not args.quiet,
+        )
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     s = result.stats
     if result.files_already_done:
-        print(f"{result.files_already_done} of the input files were done by an interrupted run of this command "
-              "and were not read again")
+        print(
+            f"{result.files_already_done} of the input files were done by an interrupted run of this command "
+            "and were not read again"
+        )
     if result.tokens["val"] == 0:
-        print(f"warning: {result.out} has no validation data (--val-fraction {args.val_fraction} held out no "
-              "document): training will measure validation loss on training windows; raise --val-fraction",
-              file=sys.stderr)
-    print(f"{result.out}: {s.documents:,} documents, {result.tokens['train']:,} train and {result.tokens['val']:,} "
-          f"validation tokens, {s.chars / 1e6:.1f} MB in {result.seconds:.1f} s"
-          + (f", {s.skipped_lines} bad lines skipped" if s.skipped_lines else ""))
+        print(
+            f"warning: {result.out} has no validation data (--val-fraction {args.val_fraction} held out no "
+            "document): training will measure validation loss on training windows; raise --val-fraction",
+            file=sys.stderr,
+        )
+    print(
+        f"{result.out}: {s.documents:,} documents, {result.tokens['train']:,} train and {result.tokens['val']:,} "
+        f"validation tokens, {s.chars / 1e6:.1f} MB in {result.seconds:.1f} s"
+        + (f", {s.skipped_lines} bad lines skipped" if s.skipped_lines else "")
+    )
     return 0

@@ -13,7 +13,6 @@ import json
 import sys
 from pathlib import Path
 
-
 from dist_lm.commands.arguments import Parser
 from dist_lm.observe.runs import format_table, list_runs
 

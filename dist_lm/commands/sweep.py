@@ -16,12 +16,10 @@ import shlex
 import sys
 from pathlib import Path
 
-
 from dist_lm.commands.arguments import Parser, integer
-from dist_lm.config.schema import MAX_SEED
-from dist_lm.train import sweep
-from dist_lm.config.schema import UserError
 from dist_lm.config.io import load_config
+from dist_lm.config.schema import MAX_SEED, UserError
+from dist_lm.train import sweep
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,13 +45,20 @@ def main(argv: list[str] | None = None) -> int:
         for t in trials:
             load_config(args.config, args.overrides + [f"{k}={v}" for k, v in t.params.items()])
         launcher = shlex.split(args.launcher) if args.launcher else sweep.default_launcher()
-        spec = {"config": args.config, "overrides": args.overrides, "keys": list(axes),
-                "trials": [t.params for t in trials], "launcher": launcher}
+        spec = {
+            "config": args.config,
+            "overrides": args.overrides,
+            "keys": list(axes),
+            "trials": [t.params for t in trials],
+            "launcher": launcher,
+        }
         rows = sweep.run(args.out, args.config, args.overrides, trials, launcher, spec)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     counts = {s: sum(r["status"] == s for r in rows) for s in ("ok", "diverged", "failed")}
-    print(f"sweep: {len(rows)} trials ({counts['ok']} ok, {counts['diverged']} diverged, {counts['failed']} failed); "
-          f"results in {args.out / 'results.csv'}")
+    print(
+        f"sweep: {len(rows)} trials ({counts['ok']} ok, {counts['diverged']} diverged, {counts['failed']} failed); "
+        f"results in {args.out / 'results.csv'}"
+    )
     return 0

@@ -18,30 +18,47 @@ import sys
 from typing import NoReturn
 
 from dist_lm.commands.arguments import Parser, add_trust_option
-from dist_lm.config.schema import UserError
 from dist_lm.config.io import load_config, to_yaml
+from dist_lm.config.schema import UserError
 from dist_lm.data.checks import resolve_data
 from dist_lm.train import watchdog
 from dist_lm.train.exits import Exit
 
 # --debug: the debug preset in one process, fp32, every step logged, non-finite values named.
 # Given before the user's overrides, so any of them can still be overridden.
-DEBUG_OVERRIDES = ["parallel.precision=fp32", "train.check_finite=true", "train.max_steps=10",
-                   "train.log_interval=1", "train.eval_interval=5"]
+DEBUG_OVERRIDES = [
+    "parallel.precision=fp32",
+    "train.check_finite=true",
+    "train.max_steps=10",
+    "train.log_interval=1",
+    "train.eval_interval=5",
+]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = Parser(__doc__)
-    p.add_argument("--config", "--preset", dest="config", default="auto",
-                   help="a preset name (configs/NAME.yaml), a YAML file, or auto (the default): the preset "
-                        "and parallel settings that fit this machine, around any overrides given")
+    p.add_argument(
+        "--config",
+        "--preset",
+        dest="config",
+        default="auto",
+        help="a preset name (configs/NAME.yaml), a YAML file, or auto (the default): the preset "
+        "and parallel settings that fit this machine, around any overrides given",
+    )
     p.add_argument("--plan", action="store_true", help="print the auto plan and the launch commands, and exit")
     p.add_argument("--debug", action="store_true", help="single-process debug mode (default preset: debug)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    p.add_argument("--resume", metavar="auto|none|PATH", help="checkpoint.resume: auto (default) the newest complete "
-                   "checkpoint of the run, none, or a checkpoint or run directory")
-    p.add_argument("--allow-data-change", action="store_true",
-                   help="checkpoint.allow_data_change=true: resume even though the data differs")
+    p.add_argument(
+        "--resume",
+        metavar="auto|none|PATH",
+        help="checkpoint.resume: auto (default) the newest complete "
+        "checkpoint of the run, none, or a checkpoint or run directory",
+    )
+    p.add_argument(
+        "--allow-data-change",
+        action="store_true",
+        help="checkpoint.allow_data_change=true: resume even though the data differs",
+    )
     p.add_argument("--verbose", action="store_true", help="show DeepSpeed's start-up output (run.verbose=true)")
     add_trust_option(p)
     p.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
@@ -54,9 +71,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.debug and args.config == "auto":
         args.config = "debug"
     try:
-        overrides = (DEBUG_OVERRIDES if args.debug else []) + args.overrides + (["run.verbose=true"] if args.verbose else []) \
-            + ([f"checkpoint.resume={args.resume}"] if args.resume else []) \
+        overrides = (
+            (DEBUG_OVERRIDES if args.debug else [])
+            + args.overrides
+            + (["run.verbose=true"] if args.verbose else [])
+            + ([f"checkpoint.resume={args.resume}"] if args.resume else [])
             + (["checkpoint.allow_data_change=true"] if args.allow_data_change else [])
+        )
         auto = args.config == "auto"
         cfg = None if auto else load_config(args.config, overrides)
         if args.plan and not auto:
@@ -68,20 +89,25 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             os.environ.setdefault("CUDA_LAUNCH_BLOCKING", "1")  # CUDA errors at the line that caused them
         # These import torch and deepspeed (seconds): only after the cheap checks above.
-        from dist_lm.runtime.distributed import detect, is_rank0, teardown
         from dist_lm.plan.planner import format_plan, plan_for_this_machine
+        from dist_lm.runtime.distributed import detect, is_rank0, teardown
         from dist_lm.train import restore
-        from dist_lm.train.preemption import status_for_the_launcher
         from dist_lm.train.faults import ExitOnOutOfMemory, TrainingDiverged
         from dist_lm.train.loop import Trainer
+        from dist_lm.train.preemption import status_for_the_launcher
         from dist_lm.train.session import start
 
         restore.trust_checkpoints(args.trust_checkpoint)
         dist_env = detect(os.environ)
         if args.debug and dist_env.world_size > 1:
             raise UserError("--debug runs one process: start it with plain python, not a launcher")
-        plan = plan_for_this_machine(overrides, dist_env.num_nodes, dist_env.world_size,
-                                     restore.resumed_settings(overrides)) if auto else None
+        plan = (
+            plan_for_this_machine(
+                overrides, dist_env.num_nodes, dist_env.world_size, restore.resumed_settings(overrides)
+            )
+            if auto
+            else None
+        )
         if args.plan or (args.print_config and plan is not None):
             print(format_plan(plan) if args.plan else to_yaml(plan.config), end="\n" if args.plan else "")
             return 0

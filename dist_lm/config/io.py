@@ -20,6 +20,7 @@ import yaml
 
 from dist_lm.config.errors import MAX_INT
 from dist_lm.config.schema import Config, ConfigError
+
 CONFIGS_DIR = Path(__file__).resolve().parent / "presets"  # package data; a checkout's configs/ links here
 COMMAND_LINE = "command line"
 
@@ -36,8 +37,7 @@ def resolve_config_path(name_or_path: str) -> Path:
     preset = CONFIGS_DIR / (path.name if path.suffix == ".yaml" else f"{path.name}.yaml")
     if path.parent == Path(".") and preset.is_file():
         return preset
-    raise ConfigError("--config", f"no such file or preset '{name_or_path}'; "
-                      f"presets: {', '.join(available_presets())}")
+    raise ConfigError("--config", f"no such file or preset '{name_or_path}'; presets: {', '.join(available_presets())}")
 
 
 class _TextInt(int):
@@ -58,6 +58,7 @@ def _with_text(number_type: type, construct):
         value = number_type(construct(loader, node))
         value.text = node.value
         return value
+
     return constructor
 
 
@@ -76,8 +77,9 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 
 _UniqueKeyLoader.add_constructor("tag:yaml.org,2002:int", _with_text(_TextInt, yaml.SafeLoader.construct_yaml_int))
-_UniqueKeyLoader.add_constructor("tag:yaml.org,2002:float",
-                                 _with_text(_TextFloat, yaml.SafeLoader.construct_yaml_float))
+_UniqueKeyLoader.add_constructor(
+    "tag:yaml.org,2002:float", _with_text(_TextFloat, yaml.SafeLoader.construct_yaml_float)
+)
 _UniqueKeyLoader.add_constructor("tag:yaml.org,2002:timestamp", yaml.SafeLoader.construct_yaml_str)
 
 
@@ -213,8 +215,12 @@ def build(cls: type, data: dict, sources: dict[str, str], prefix: str = "") -> A
         if dataclasses.is_dataclass(item):  # a list of mappings, each one of these dataclasses
             fields = ", ".join(f"{f.name}: ..." for f in dataclasses.fields(item) if f.default is dataclasses.MISSING)
             if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
-                raise ConfigError(dotted, f"expected a list of mappings like [{{{fields}}}, ...] (on the command line "
-                                  f"in quotes), got {value!r}", sources.get(dotted))
+                raise ConfigError(
+                    dotted,
+                    f"expected a list of mappings like [{{{fields}}}, ...] (on the command line "
+                    f"in quotes), got {value!r}",
+                    sources.get(dotted),
+                )
             kwargs[key] = [build(item, v, sources, f"{dotted}[{i}].") for i, v in enumerate(value)]
             continue
         if dataclasses.is_dataclass(hint):
@@ -231,8 +237,11 @@ def build(cls: type, data: dict, sources: dict[str, str], prefix: str = "") -> A
             raise ConfigError(dotted, str(e), sources.get(dotted)) from None
         except (ValueError, TypeError, OverflowError):
             raise ConfigError(dotted, f"expected {type_name(hint)}, got {value!r}", sources.get(dotted)) from None
-    required = [f.name for f in dataclasses.fields(cls)
-                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    required = [
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
     missing = [name for name in required if name not in kwargs]
     if missing:
         key = f"{prefix}{missing[0]}"
@@ -263,8 +272,11 @@ def field_hint(key: str) -> Any:
 
 def _takes_text(hint: Any) -> bool:
     """Whether a field of this annotation holds text: str, optional str, or a list of str."""
-    options = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union \
+    options = (
+        typing.get_args(hint)
+        if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union
         else (hint,)
+    )
     return any(o is str or (typing.get_origin(o) is list and typing.get_args(o) == (str,)) for o in options)
 
 

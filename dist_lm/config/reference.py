@@ -12,20 +12,29 @@ import json
 import typing
 from pathlib import Path
 
-from dist_lm.config import run_sections, schema as config
+from dist_lm.config import run_sections
+from dist_lm.config import schema as config
 from dist_lm.config.io import type_name
 
 
 def field_docs() -> dict[str, dict[str, str]]:
     """{class name: {field name: docstring}} for every dataclass of the schema."""
-    classes = [n for module in (config, run_sections) for n in ast.parse(inspect.getsource(module)).body
-               if isinstance(n, ast.ClassDef)]
+    classes = [
+        n
+        for module in (config, run_sections)
+        for n in ast.parse(inspect.getsource(module)).body
+        if isinstance(n, ast.ClassDef)
+    ]
     docs: dict[str, dict[str, str]] = {}
     for cls in classes:
         fields = docs.setdefault(cls.name, {})
         for stmt, after in zip(cls.body, cls.body[1:]):
-            if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)
-                    and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)):
+            if (
+                isinstance(stmt, ast.AnnAssign)
+                and isinstance(stmt.target, ast.Name)
+                and isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant)
+            ):
                 fields[stmt.target.id] = " ".join(after.value.value.split())
     return docs
 
@@ -37,13 +46,19 @@ def reference_markdown() -> str:
         cls = typing.get_type_hints(config.Config)[section.name]
         if not dataclasses.is_dataclass(cls):
             continue
-        out += [f"### `{section.name}`: {' '.join((cls.__doc__ or '').split())}", "",
-                "| key | type | default | meaning |", "| --- | --- | --- | --- |"]
+        out += [
+            f"### `{section.name}`: {' '.join((cls.__doc__ or '').split())}",
+            "",
+            "| key | type | default | meaning |",
+            "| --- | --- | --- | --- |",
+        ]
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            out.append(f"| `{section.name}.{f.name}` | {type_name(hints[f.name])} | `{json.dumps(default)}` | "
-                       f"{docs[cls.__name__].get(f.name, '')} |")
+            out.append(
+                f"| `{section.name}.{f.name}` | {type_name(hints[f.name])} | `{json.dumps(default)}` | "
+                f"{docs[cls.__name__].get(f.name, '')} |"
+            )
         out.append("")
     return "\n".join(out)
 
@@ -53,7 +68,7 @@ START, END = "<!-- config-reference:start -->\n", "<!-- config-reference:end -->
 
 def embedded_reference(text: str) -> str:
     """The reference as embedded in a page (docs/configuration.md) between the markers."""
-    return text[text.index(START) + len(START):text.index(END)]
+    return text[text.index(START) + len(START) : text.index(END)]
 
 
 def update_page(path: Path) -> None:

@@ -71,19 +71,29 @@ class ParallelConfig:
         return self.deepcompile and self.compile and self.zero_stage == 3
 
     def __post_init__(self) -> None:
-        require(not self.offload_optimizer or self.zero_stage >= 1, "offload_optimizer",
-                 "needs parallel.zero_stage 1, 2 or 3")
-        require(not self.offload_params or self.zero_stage == 3, "offload_params",
-                 "needs parallel.zero_stage=3")
+        require(
+            not self.offload_optimizer or self.zero_stage >= 1,
+            "offload_optimizer",
+            "needs parallel.zero_stage 1, 2 or 3",
+        )
+        require(not self.offload_params or self.zero_stage == 3, "offload_params", "needs parallel.zero_stage=3")
         require(self.reduce_bucket_size > 0, "reduce_bucket_size", "must be positive")
         require(self.allgather_bucket_size > 0, "allgather_bucket_size", "must be positive")
-        require(0 < self.timeout_minutes <= MAX_MINUTES, "timeout_minutes", f"must be positive and at most {MAX_MINUTES:g}")
+        require(
+            0 < self.timeout_minutes <= MAX_MINUTES, "timeout_minutes", f"must be positive and at most {MAX_MINUTES:g}"
+        )
         require(self.expert_parallel_size > 0, "expert_parallel_size", "must be positive")
-        require(self.precision != "bf16-autocast" or self.zero_stage == 0, "precision",
-                 "bf16-autocast keeps whole fp32 weights and steps torch's optimizer itself, which is "
-                 "ZeRO-0's path; set parallel.zero_stage=0, or use precision=bf16 with ZeRO 1-3")
-        require(self.precision != "fp8" or self.compile, "precision",
-                 "fp8 needs parallel.compile=true (torchao's float8 casts are fast only compiled); set it")
+        require(
+            self.precision != "bf16-autocast" or self.zero_stage == 0,
+            "precision",
+            "bf16-autocast keeps whole fp32 weights and steps torch's optimizer itself, which is "
+            "ZeRO-0's path; set parallel.zero_stage=0, or use precision=bf16 with ZeRO 1-3",
+        )
+        require(
+            self.precision != "fp8" or self.compile,
+            "precision",
+            "fp8 needs parallel.compile=true (torchao's float8 casts are fast only compiled); set it",
+        )
 
 
 @dataclass(frozen=True)
@@ -118,8 +128,11 @@ class CheckpointConfig:
         require(self.interval >= 0, "interval", "must be >= 0 (0 saves only at the end)")
         require(bool(self.resume), "resume", "must be auto, none, or a checkpoint path")
         require(self.keep_last >= 0, "keep_last", "must be >= 0 (0 keeps all)")
-        require(0 < self.save_timeout_minutes <= MAX_MINUTES, "save_timeout_minutes",
-                f"must be positive and at most {MAX_MINUTES:g}")
+        require(
+            0 < self.save_timeout_minutes <= MAX_MINUTES,
+            "save_timeout_minutes",
+            f"must be positive and at most {MAX_MINUTES:g}",
+        )
 
     def root(self, run_dir: Path) -> Path:
         """Where the run's checkpoints are: checkpoint.dir, or checkpoints/ in ``run_dir``."""
@@ -178,8 +191,11 @@ class RunConfig:
         if self.name is not None:
             problem = name_problem(self.name)
             require(problem is None, "name", f"{problem} (use run.dir for a path)")
-        require(self.dir is None or (self.dir.strip() and "\0" not in self.dir), "dir",
-                "must be a path, or null for runs/<run.name>")
+        require(
+            self.dir is None or (self.dir.strip() and "\0" not in self.dir),
+            "dir",
+            "must be a path, or null for runs/<run.name>",
+        )
 
 
 def name_problem(name: str) -> str | None:

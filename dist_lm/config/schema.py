@@ -19,9 +19,22 @@ from dist_lm.config.run_sections import MAX_MINUTES, CheckpointConfig, LoggingCo
 
 MAX_SEED = MAX_INT  # torch's generators take any seed in [0, 2**64); the sampler hashes it mod 2**64
 
-__all__ = ["CheckpointConfig", "Config", "ConfigError", "DataConfig", "LoggingConfig", "MixtureSource", "ModelConfig",
-           "OptimConfig",
-           "ParallelConfig", "RunConfig", "TrainConfig", "UserError", "MAX_SEED", "replaced"]
+__all__ = [
+    "CheckpointConfig",
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "LoggingConfig",
+    "MixtureSource",
+    "ModelConfig",
+    "OptimConfig",
+    "ParallelConfig",
+    "RunConfig",
+    "TrainConfig",
+    "UserError",
+    "MAX_SEED",
+    "replaced",
+]
 
 
 @dataclass(frozen=True)
@@ -60,8 +73,9 @@ class ModelConfig:
     """Positions: rotary embeddings; learned absolute embeddings; none (causal attention alone);
     or bias, a learned per-head additive attention bias built from an orthonormal basis of the
     relative distance (bias_basis)."""
-    bias_basis: Literal["fourier", "chebyshev", "legendre", "hermite", "laguerre", "wavelet", "sinc", "rbf",
-                        "bessel"] = "legendre"
+    bias_basis: Literal[
+        "fourier", "chebyshev", "legendre", "hermite", "laguerre", "wavelet", "sinc", "rbf", "bessel"
+    ] = "legendre"
     """The basis of position=bias (wavelet: Morlet; rbf: Gaussian bumps; both orthonormalised)."""
     bias_num_basis: int = 16
     """Basis functions (learned coefficients per head) of position=bias."""
@@ -94,20 +108,28 @@ class ModelConfig:
         require(self.vocab_size is None or self.vocab_size > 0, "vocab_size", "must be a positive integer or null")
         for name in ("seq_len", "d_model", "n_layers", "n_heads", "ffn_multiple_of"):
             require(getattr(self, name) > 0, name, "must be a positive integer")
-        require(self.d_model % self.n_heads == 0, "n_heads",
-                 f"must divide d_model={self.d_model} (got {self.n_heads})")
-        require((self.d_model // self.n_heads) % 2 == 0, "n_heads",
-                 f"head dimension d_model/n_heads={self.d_model // self.n_heads} must be even for rotary embeddings")
+        require(self.d_model % self.n_heads == 0, "n_heads", f"must divide d_model={self.d_model} (got {self.n_heads})")
+        require(
+            (self.d_model // self.n_heads) % 2 == 0,
+            "n_heads",
+            f"head dimension d_model/n_heads={self.d_model // self.n_heads} must be even for rotary embeddings",
+        )
         if self.n_kv_heads is not None:
-            require(self.n_kv_heads > 0 and self.n_heads % self.n_kv_heads == 0, "n_kv_heads",
-                     f"must divide n_heads={self.n_heads} (got {self.n_kv_heads})")
+            require(
+                self.n_kv_heads > 0 and self.n_heads % self.n_kv_heads == 0,
+                "n_kv_heads",
+                f"must divide n_heads={self.n_heads} (got {self.n_kv_heads})",
+            )
         require(self.ffn_hidden is None or self.ffn_hidden > 0, "ffn_hidden", "must be a positive integer or null")
         require(self.rope_theta > 0, "rope_theta", "must be positive")
         require(self.norm_eps > 0, "norm_eps", "must be positive")
         require(self.init_std > 0, "init_std", "must be positive")
         require(self.bias_num_basis > 0, "bias_num_basis", "must be positive")
-        require(not self.layer_types or len(self.layer_types) == self.n_layers, "layer_types",
-                 f"must list one type per block (n_layers={self.n_layers}), or be empty")
+        require(
+            not self.layer_types or len(self.layer_types) == self.n_layers,
+            "layer_types",
+            f"must list one type per block (n_layers={self.n_layers}), or be empty",
+        )
         bad = [t for t in self.layer_types if t not in ("mlp", "moe")]
         require(not bad, "layer_types", f"each entry is mlp or moe, not {bad}")
         require(self.n_experts >= 2, "n_experts", "must be at least 2")
@@ -147,8 +169,11 @@ class MixtureSource:
     def __post_init__(self) -> None:
         require(bool(self.dir), "dir", "must name a dataset directory")
         require(math.isfinite(self.weight) and self.weight > 0, "weight", "must be a positive, finite number")
-        require(self.name is None or (self.name and self.name.replace("-", "_").isidentifier()), "name",
-                "must be a name of letters, digits, _ and - (it becomes a metric's name)")
+        require(
+            self.name is None or (self.name and self.name.replace("-", "_").isidentifier()),
+            "name",
+            "must be a name of letters, digits, _ and - (it becomes a metric's name)",
+        )
 
     @property
     def label(self) -> str:
@@ -198,8 +223,11 @@ class DataConfig:
         require(self.embedded_vocab_size >= 512, "embedded_vocab_size", "must be at least 512")
         require(not (self.dir and self.mixture), "mixture", "replaces data.dir: set one of them, not both")
         labels = [m.label for m in self.mixture]
-        require(len(set(labels)) == len(labels), "mixture", f"names its sources twice ({labels}); give each a "
-                "name: [{dir: ..., weight: ..., name: ...}, ...]")
+        require(
+            len(set(labels)) == len(labels),
+            "mixture",
+            f"names its sources twice ({labels}); give each a name: [{{dir: ..., weight: ..., name: ...}}, ...]",
+        )
 
 
 @dataclass(frozen=True)
@@ -323,15 +351,21 @@ class TrainConfig:
         require(self.max_steps > 0, "max_steps", "must be positive")
         require(self.max_tokens is None or self.max_tokens > 0, "max_tokens", "must be positive or null")
         require(self.micro_batch_size > 0, "micro_batch_size", "must be positive")
-        require(self.global_batch_size is None or self.global_batch_size > 0, "global_batch_size",
-                 "must be positive or null")
+        require(
+            self.global_batch_size is None or self.global_batch_size > 0,
+            "global_batch_size",
+            "must be positive or null",
+        )
         require(self.log_interval > 0, "log_interval", "must be positive")
         require(self.eval_interval >= 0, "eval_interval", "must be >= 0 (0 disables evaluation)")
         require(self.eval_samples > 0, "eval_samples", "must be positive")
         require(self.sample_tokens >= 0, "sample_tokens", "must be >= 0")
         require(self.stop_at_step is None or self.stop_at_step > 0, "stop_at_step", "must be positive or null")
-        require(self.time_limit_minutes is None or 0 < self.time_limit_minutes <= MAX_MINUTES, "time_limit_minutes",
-                 f"must be positive and at most {MAX_MINUTES:g}, or null")
+        require(
+            self.time_limit_minutes is None or 0 < self.time_limit_minutes <= MAX_MINUTES,
+            "time_limit_minutes",
+            f"must be positive and at most {MAX_MINUTES:g}, or null",
+        )
         require(self.early_stop_patience >= 0, "early_stop_patience", "must be >= 0 (0 disables)")
         require(self.early_stop_min_delta >= 0, "early_stop_min_delta", "must be >= 0")
         require(self.max_skipped_steps >= 0, "max_skipped_steps", "must be >= 0 (0: never stop)")
@@ -355,10 +389,16 @@ class Config:
 
     def __post_init__(self) -> None:
         if self.data.document_mask:
-            require(self.model.position != "bias", "data.document_mask",
-                    "does not combine with model.position=bias (its bias is the attention mask); use rope")
-            require(not self.model.dropout, "data.document_mask",
-                    "does not combine with model.dropout (FlexAttention has no attention dropout); set one of them")
+            require(
+                self.model.position != "bias",
+                "data.document_mask",
+                "does not combine with model.position=bias (its bias is the attention mask); use rope",
+            )
+            require(
+                not self.model.dropout,
+                "data.document_mask",
+                "does not combine with model.dropout (FlexAttention has no attention dropout); set one of them",
+            )
 
 
 def replaced(cfg: Config, section: str, **changes) -> Config:

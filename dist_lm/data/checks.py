@@ -15,9 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dist_lm.data import corpus
-from dist_lm.data import shards
 from dist_lm.config.schema import Config, ConfigError, UserError, replaced
+from dist_lm.data import corpus, shards
 
 
 class Windows:
@@ -30,8 +29,10 @@ class Windows:
         self.n = int(self.starts[-1])
         if self.n == 0:
             total = sum(len(m) for m in maps)
-            raise UserError(f"data error: {where} holds {total} tokens, fewer than one window of "
-                            f"model.seq_len + 1 = {seq_len + 1}; use more data or a smaller model.seq_len")
+            raise UserError(
+                f"data error: {where} holds {total} tokens, fewer than one window of "
+                f"model.seq_len + 1 = {seq_len + 1}; use more data or a smaller model.seq_len"
+            )
 
     @classmethod
     def of_split(cls, data_dir: Path, meta: dict, split: str, seq_len: int) -> "Windows":
@@ -43,7 +44,7 @@ class Windows:
         shard_of = np.searchsorted(self.starts, ids, side="right") - 1
         for row, (i, s) in enumerate(zip(ids, shard_of)):
             begin = int(i - self.starts[s]) * self.seq_len
-            out[row] = self.maps[s][begin:begin + self.seq_len + 1]
+            out[row] = self.maps[s][begin : begin + self.seq_len + 1]
         return out
 
 
@@ -92,8 +93,11 @@ class ResolvedData:
             return shards.fingerprint(self.meta)
         parts = [shards.fingerprint(s.meta) for s in self.sources]
         digest = hashlib.sha256(json.dumps([p["sha256"] for p in parts]).encode()).hexdigest()
-        return {"sha256": digest, "train_tokens": sum(p["train_tokens"] for p in parts),
-                "tokenizer_sha256": parts[0]["tokenizer_sha256"]}
+        return {
+            "sha256": digest,
+            "train_tokens": sum(p["train_tokens"] for p in parts),
+            "tokenizer_sha256": parts[0]["tokenizer_sha256"],
+        }
 
     def describe(self) -> str:
         if len(self.sources) == 1:
@@ -113,30 +117,44 @@ def resolve_data(cfg: Config) -> ResolvedData:
     """The datasets of ``cfg`` (data.mixture, data.dir or the embedded corpus), each checked
     against the model before torch is imported; a mixture's must share one tokenizer."""
     if cfg.data.mixture:
-        named = [(m.label, Path(m.dir), w) for m, w in zip(cfg.data.mixture, normalised([m.weight for m in
-                                                                                          cfg.data.mixture]))]
+        named = [
+            (m.label, Path(m.dir), w)
+            for m, w in zip(cfg.data.mixture, normalised([m.weight for m in cfg.data.mixture]))
+        ]
     else:
-        data_dir = Path(cfg.data.dir) if cfg.data.dir else corpus.prepare(cfg.data.cache_dir,
-                                                                            cfg.data.embedded_vocab_size)
+        data_dir = (
+            Path(cfg.data.dir) if cfg.data.dir else corpus.prepare(cfg.data.cache_dir, cfg.data.embedded_vocab_size)
+        )
         named = [(data_dir.name, data_dir, 1.0)]
     metas = [shards.read_meta(d, cfg.data.dtype) for _, d, _ in named]
     tokenizers = {m.get("tokenizer_sha256") for m in metas}
     if len(tokenizers) > 1:
         listed = ", ".join(f"{d} {str(m.get('tokenizer_sha256'))[:12]}" for (_, d, _), m in zip(named, metas))
-        raise ConfigError("data.mixture", f"its datasets were made with different tokenizers ({listed}); prepare "
-                          "them all with one --tokenizer")
+        raise ConfigError(
+            "data.mixture",
+            f"its datasets were made with different tokenizers ({listed}); prepare them all with one --tokenizer",
+        )
     vocab = max((m["vocab_size"] for m in metas if m["vocab_size"] is not None), default=None)
     if vocab is None and cfg.model.vocab_size is None:
-        raise ConfigError("model.vocab_size", f"{named[0][1]} has no meta.json to take the vocabulary size from; "
-                          "set it (50304 for nanoGPT's GPT-2 tokens)")
+        raise ConfigError(
+            "model.vocab_size",
+            f"{named[0][1]} has no meta.json to take the vocabulary size from; "
+            "set it (50304 for nanoGPT's GPT-2 tokens)",
+        )
     if cfg.model.vocab_size is None:
         cfg = replaced(cfg, "model", vocab_size=padded_vocab_size(vocab))
     elif vocab is not None and cfg.model.vocab_size < vocab:
-        raise ConfigError("model.vocab_size", f"{cfg.model.vocab_size} is smaller than the vocabulary of "
-                          f"{named[0][1] / 'meta.json'} ({vocab}); raise it or leave it null")
+        raise ConfigError(
+            "model.vocab_size",
+            f"{cfg.model.vocab_size} is smaller than the vocabulary of "
+            f"{named[0][1] / 'meta.json'} ({vocab}); raise it or leave it null",
+        )
     if cfg.data.document_mask and metas[0].get("eot_id") is None:
-        raise ConfigError("data.document_mask", f"needs the end-of-text id that closes each document, and "
-                          f"{named[0][1]} has none in a meta.json; prepare the data with dist-lm prepare")
+        raise ConfigError(
+            "data.document_mask",
+            f"needs the end-of-text id that closes each document, and "
+            f"{named[0][1]} has none in a meta.json; prepare the data with dist-lm prepare",
+        )
     for (_, data_dir, _), meta in zip(named, metas):
         shards.check_token_ids(data_dir, meta, cfg.model.vocab_size)
         for split in {"train", eval_split(meta)}:

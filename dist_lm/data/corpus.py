@@ -21,8 +21,18 @@ VERSION = 2  # bump when the text selection or the preparation changes
 VAL_FRACTION = 0.1
 
 # Parts of the standard library that are tests, tools or vendored code rather than documentation.
-SKIP_DIRS = {"test", "tests", "idlelib", "site-packages", "dist-packages", "lib2to3", "turtledemo",
-             "__pycache__", "ensurepip", "pydoc_data"}
+SKIP_DIRS = {
+    "test",
+    "tests",
+    "idlelib",
+    "site-packages",
+    "dist-packages",
+    "lib2to3",
+    "turtledemo",
+    "__pycache__",
+    "ensurepip",
+    "pydoc_data",
+}
 MIN_CHARS = 100
 
 
@@ -70,8 +80,17 @@ def prepare(cache_dir: str | None, vocab_size: int) -> Path:
         source = Path(work) / "python-docs.jsonl"
         source.write_text("".join(json.dumps({"text": d}) + "\n" for d in documents()))
         staged = Path(work) / "dataset"
-        text_prep.prepare([source], staged, None, vocab_size, workers=1, val_fraction=VAL_FRACTION, seed=0,
-                          command=f"embedded corpus {tag}", progress=False)
+        text_prep.prepare(
+            [source],
+            staged,
+            None,
+            vocab_size,
+            workers=1,
+            val_fraction=VAL_FRACTION,
+            seed=0,
+            command=f"embedded corpus {tag}",
+            progress=False,
+        )
         try:
             os.rename(staged, out)
         except OSError:  # another process won the race; its copy is identical

@@ -37,8 +37,12 @@ class Shard:
 
 def shards_of(sources: list[Source]) -> list[Shard]:
     """Every shard file of every split of the run's datasets, in a fixed order."""
-    return [Shard(Path(s.dir) / shard["file"], shard) for s in sources for split in sorted(s.meta["splits"])
-            for shard in s.meta["splits"][split]]
+    return [
+        Shard(Path(s.dir) / shard["file"], shard)
+        for s in sources
+        for split in sorted(s.meta["splits"])
+        for shard in s.meta["splits"][split]
+    ]
 
 
 def mode_for(verify: str, shards: list[Shard]) -> str:
@@ -70,9 +74,11 @@ def content_problem(shard: Shard, mode: str) -> str | None:
         return None
     if same:
         return None
-    return (f"data error: shard {shard.path} does not hold what meta.json recorded when it was prepared (its "
-            f"{'content' if mode == 'full' else 'sampled blocks'} changed: rewritten or damaged); re-create the "
-            "dataset, or restore the shard")
+    return (
+        f"data error: shard {shard.path} does not hold what meta.json recorded when it was prepared (its "
+        f"{'content' if mode == 'full' else 'sampled blocks'} changed: rewritten or damaged); re-create the "
+        "dataset, or restore the shard"
+    )
 
 
 def check_content(shards: list[Shard], mode: str, rank: int, world_size: int) -> str | None:

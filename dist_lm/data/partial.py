@@ -32,6 +32,7 @@ SPLITS = ("train", "val")
 
 def arguments_of(inputs: list[Path], settings: dict) -> dict:
     """What the output depends on: every input's path, size and modification time, and the settings."""
+
     def describe(path: Path) -> list:
         files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
         return [str(path.resolve()), sum(f.stat().st_size for f in files), max(f.stat().st_mtime_ns for f in files)]
@@ -77,7 +78,7 @@ class PartialWork:
             data = np.memmap(d / f"{split}.bin", dtype=np.uint32, mode="r") if lengths.sum() else np.zeros(0, np.uint32)
             offset = 0
             for n in lengths:
-                add(split, data[offset:offset + n])
+                add(split, data[offset : offset + n])
                 offset += n
             tokens[split] = int(offset)
         return tokens

@@ -88,8 +88,12 @@ def train_tokenizer(texts: Iterator[str], vocab_size: int):
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tokenizer.train_from_iterator(texts, trainer=trainer)
     return tokenizer
 
@@ -123,17 +127,34 @@ class PrepareResult:
     """Input files an earlier, interrupted run of the same command had finished."""
 
 
-def prepare(inputs: list[Path], out: Path, tokenizer_path: Path | None, vocab_size: int, workers: int,
-            val_fraction: float, seed: int, text_field: str | None = None, skip_bad_lines: bool = False,
-            shard_tokens: int = 100_000_000, command: str = "", progress: bool = True) -> PrepareResult:
+def prepare(
+    inputs: list[Path],
+    out: Path,
+    tokenizer_path: Path | None,
+    vocab_size: int,
+    workers: int,
+    val_fraction: float,
+    seed: int,
+    text_field: str | None = None,
+    skip_bad_lines: bool = False,
+    shard_tokens: int = 100_000_000,
+    command: str = "",
+    progress: bool = True,
+) -> PrepareResult:
     """Tokenize ``inputs`` into a dataset at ``out``, resuming the partial work of an interrupted
     run of the same arguments (:mod:`dist_lm.data.partial`)."""
     from tokenizers import Tokenizer
 
     start = time.perf_counter()
-    settings = {"tokenizer": sha256_file(tokenizer_path) if tokenizer_path and tokenizer_path.is_file() else None,
-                "vocab_size": vocab_size, "val_fraction": val_fraction, "seed": seed, "text_field": text_field,
-                "skip_bad_lines": skip_bad_lines, "shard_tokens": shard_tokens}
+    settings = {
+        "tokenizer": sha256_file(tokenizer_path) if tokenizer_path and tokenizer_path.is_file() else None,
+        "vocab_size": vocab_size,
+        "val_fraction": val_fraction,
+        "seed": seed,
+        "text_field": text_field,
+        "skip_bad_lines": skip_bad_lines,
+        "shard_tokens": shard_tokens,
+    }
     work = PartialWork(out, arguments_of(inputs, settings))
 
     def read(path: Path, stats: ReadStats) -> Iterator[str | TextFile]:
@@ -158,9 +179,17 @@ def prepare(inputs: list[Path], out: Path, tokenizer_path: Path | None, vocab_si
             for i in range(len(inputs)):
                 for split, n in work.replay(i, writer.add).items():
                     tokens[split] += n
-            writer.commit({"eot_id": tokenizer.token_to_id(EOT), "special_tokens": SPECIAL_TOKENS,
-                           "val_fraction": val_fraction, "seed": seed, "documents": stats.documents,
-                           "skipped_lines": stats.skipped_lines, "command": command})
+            writer.commit(
+                {
+                    "eot_id": tokenizer.token_to_id(EOT),
+                    "special_tokens": SPECIAL_TOKENS,
+                    "val_fraction": val_fraction,
+                    "seed": seed,
+                    "documents": stats.documents,
+                    "skipped_lines": stats.skipped_lines,
+                    "command": command,
+                }
+            )
     except UserError:
         work.remove()  # bad input: nothing of this run would be reused
         raise
@@ -200,8 +229,9 @@ def split_tail(doc: TextFile, fraction: float) -> list[tuple[Iterable[str], str]
     return [part for part, (start, end) in zip(parts, [(0, cut), (cut, doc.size)]) if end > start]
 
 
-def with_splits(docs: Iterator[str | TextFile], val_fraction: float, seed: int, tail: bool,
-                first_index: int = 0) -> Iterator[tuple[Iterable[str], str]]:
+def with_splits(
+    docs: Iterator[str | TextFile], val_fraction: float, seed: int, tail: bool, first_index: int = 0
+) -> Iterator[tuple[Iterable[str], str]]:
     """(text blocks, split) pairs. By document, from a seeded hash of its index in the whole
     input (``first_index``: of the first of ``docs``); or, ``tail`` (one text file, one
     document), its last val_fraction as the validation split."""
@@ -232,16 +262,32 @@ def _chunks(docs: Iterator[tuple[Iterable[str], str]]) -> Iterator[tuple[list[st
         yield splits, chunk
 
 
-def _tokenize_files(work: PartialWork, inputs: list[Path], done: list[ReadStats | None], read, tokenizer_json: str,
-                    workers: int, val_fraction: float, seed: int, progress: bool) -> None:
+def _tokenize_files(
+    work: PartialWork,
+    inputs: list[Path],
+    done: list[ReadStats | None],
+    read,
+    tokenizer_json: str,
+    workers: int,
+    val_fraction: float,
+    seed: int,
+    progress: bool,
+) -> None:
     """Tokenize the inputs not yet done into ``work``, each file kept as it is finished, with one
     progress bar over all of them (files, MB, tokens, MB/s, ETA)."""
     from tqdm import tqdm
 
     tail = len(inputs) == 1 and inputs[0].name.endswith(".txt")
     sizes = [input_bytes(p) for p in inputs]
-    bar = tqdm(total=sum(sizes), initial=sum(s for s, d in zip(sizes, done) if d), disable=not progress,
-               unit="B", unit_scale=True, mininterval=1.0, desc="tokenizing")
+    bar = tqdm(
+        total=sum(sizes),
+        initial=sum(s for s, d in zip(sizes, done) if d),
+        disable=not progress,
+        unit="B",
+        unit_scale=True,
+        mininterval=1.0,
+        desc="tokenizing",
+    )
     files_done, tokens = sum(d is not None for d in done), 0
     open_files: dict[int, FileTokens] = {}
     counted = [0] * len(inputs)  # bytes of each file shown on the bar so far

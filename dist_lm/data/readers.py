@@ -75,8 +75,9 @@ def render_chat(messages: list, where: str) -> str:
     parts = []
     for m in messages:
         if not isinstance(m, dict) or m.get("role") not in CHAT_ROLES or not isinstance(m.get("content"), str):
-            raise DataError(f"{where}: each entry of 'messages' needs a role ({', '.join(CHAT_ROLES)}) "
-                            "and a string content")
+            raise DataError(
+                f"{where}: each entry of 'messages' needs a role ({', '.join(CHAT_ROLES)}) and a string content"
+            )
         parts.append(f"<|{m['role']}|>\n{m['content']}\n")
     return "".join(parts)
 
@@ -101,12 +102,13 @@ def _record_text(record: object, text_field: str | None, where: str) -> str:
     for name in TEXT_FIELDS:
         if isinstance(record.get(name), str):
             return record[name]
-    raise DataError(f"{where}: none of the fields {', '.join(TEXT_FIELDS)} or 'messages' is present; "
-                    "name the text field with --field")
+    raise DataError(
+        f"{where}: none of the fields {', '.join(TEXT_FIELDS)} or 'messages' is present; "
+        "name the text field with --field"
+    )
 
 
-def documents(path: Path, text_field: str | None, skip_bad_lines: bool,
-              stats: ReadStats) -> Iterator["str | TextFile"]:
+def documents(path: Path, text_field: str | None, skip_bad_lines: bool, stats: ReadStats) -> Iterator["str | TextFile"]:
     """The documents of one input (a file, or a directory saved by datasets' save_to_disk): each a
     string, or for a .txt file a :class:`TextFile` read in blocks."""
     if path.is_dir() or path.name.endswith((".parquet", ".arrow")):
@@ -134,7 +136,7 @@ class _ByteRange(io.RawIOBase):
         return True
 
     def readinto(self, buffer) -> int:
-        n = self.f.readinto(memoryview(buffer)[:min(len(buffer), self.left)]) or 0
+        n = self.f.readinto(memoryview(buffer)[: min(len(buffer), self.left)]) or 0
         self.left -= n
         return n
 
@@ -160,8 +162,10 @@ class TextFile:
                     self.stats.chars += len(block)
                     yield block
             except UnicodeDecodeError:  # a binary file named .txt, or another encoding
-                raise DataError(f"{self.path} is not UTF-8 text: byte {first_undecodable_byte(self.path):,} does "
-                                "not decode; remove it from the inputs, or convert it to UTF-8") from None
+                raise DataError(
+                    f"{self.path} is not UTF-8 text: byte {first_undecodable_byte(self.path):,} does "
+                    "not decode; remove it from the inputs, or convert it to UTF-8"
+                ) from None
 
     def line_end_near(self, offset: int) -> int | None:
         """The offset just after the first line end at or after ``offset`` (not the file's last
@@ -217,8 +221,9 @@ def first_undecodable_byte(path: Path) -> int:
     return offset
 
 
-def _jsonl_documents(path: Path, f: io.TextIOBase, text_field: str | None, skip_bad_lines: bool,
-                     stats: ReadStats) -> Iterator[str]:
+def _jsonl_documents(
+    path: Path, f: io.TextIOBase, text_field: str | None, skip_bad_lines: bool, stats: ReadStats
+) -> Iterator[str]:
     try:
         for number, line in enumerate(f, 1):
             if not line.strip():
@@ -230,7 +235,9 @@ def _jsonl_documents(path: Path, f: io.TextIOBase, text_field: str | None, skip_
                 if skip_bad_lines:
                     stats.skipped_lines += 1
                     continue
-                raise DataError(f"{where} is not valid JSON; fix it, or pass --skip-bad-lines to skip and count such lines") from None
+                raise DataError(
+                    f"{where} is not valid JSON; fix it, or pass --skip-bad-lines to skip and count such lines"
+                ) from None
             except DataError:
                 if skip_bad_lines:
                     stats.skipped_lines += 1
@@ -242,10 +249,9 @@ def _jsonl_documents(path: Path, f: io.TextIOBase, text_field: str | None, skip_
                 yield text
     except UnicodeDecodeError:
         where = f"byte {first_undecodable_byte(path):,}" if path.name.endswith(".jsonl") else "its decompressed text"
-        raise DataError(f"{path} is not UTF-8 text: {where} does not decode; remove it from the inputs, or convert "
-                        "it to UTF-8") from None
-
-
+        raise DataError(
+            f"{path} is not UTF-8 text: {where} does not decode; remove it from the inputs, or convert it to UTF-8"
+        ) from None
 
 
 # ------------------------------------------------------------------------- Parquet and Arrow
@@ -258,16 +264,21 @@ def _saved_dataset_files(path: Path) -> list[Path]:
     if (path / SAVED_DATASET_DICT).is_file():
         splits = json.loads((path / SAVED_DATASET_DICT).read_text()).get("splits", [])
         if "train" not in splits:
-            raise DataError(f"{path} is a saved DatasetDict with splits {splits} and no 'train'; give the "
-                            "directory of the split to read (e.g. {path / splits[0]})" if splits else
-                            f"{path} is a saved DatasetDict without splits")
+            raise DataError(
+                f"{path} is a saved DatasetDict with splits {splits} and no 'train'; give the "
+                "directory of the split to read (e.g. {path / splits[0]})"
+                if splits
+                else f"{path} is a saved DatasetDict without splits"
+            )
         path = path / "train"
     try:
         state = json.loads((path / SAVED_DATASET).read_text())
         return [path / f["filename"] for f in state["_data_files"]]
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise DataError(f"{path / SAVED_DATASET} is not the state of a saved dataset ({e}); save it again "
-                        "with datasets' save_to_disk") from None
+        raise DataError(
+            f"{path / SAVED_DATASET} is not the state of a saved dataset ({e}); save it again "
+            "with datasets' save_to_disk"
+        ) from None
 
 
 def _text_column(schema, path: Path, text_field: str | None) -> str:
@@ -280,8 +291,10 @@ def _text_column(schema, path: Path, text_field: str | None) -> str:
     for name in (*TEXT_FIELDS, "messages"):
         if name in names:
             return name
-    raise DataError(f"{path}: none of the columns {', '.join(TEXT_FIELDS)} or 'messages' is present (its "
-                    f"columns are {names}); name the text column with --field")
+    raise DataError(
+        f"{path}: none of the columns {', '.join(TEXT_FIELDS)} or 'messages' is present (its "
+        f"columns are {names}); name the text column with --field"
+    )
 
 
 def _arrow_batches(path: Path):
@@ -315,8 +328,10 @@ def _table_batches(path: Path, text_field: str | None) -> Iterator[tuple[str, li
                 yield column, batch.column(schema.get_field_index(column)).to_pylist()
     except (pa.ArrowException, OSError) as e:
         kind = "Parquet" if path.name.endswith(".parquet") else "Arrow"
-        raise DataError(f"{path} is not a readable {kind} file ({str(e).splitlines()[0]}); remove it from the "
-                        "inputs, or write it again") from None
+        raise DataError(
+            f"{path} is not a readable {kind} file ({str(e).splitlines()[0]}); remove it from the "
+            "inputs, or write it again"
+        ) from None
 
 
 def _table_documents(path: Path, text_field: str | None, stats: ReadStats) -> Iterator[str]:
@@ -334,8 +349,10 @@ def _table_documents(path: Path, text_field: str | None, stats: ReadStats) -> It
                 if text is None:
                     continue  # a null cell: no document
                 if not isinstance(text, str):
-                    raise DataError(f"{where}: column '{column}' holds {type(text).__name__}, not text; "
-                                    "name the text column with --field")
+                    raise DataError(
+                        f"{where}: column '{column}' holds {type(text).__name__}, not text; "
+                        "name the text column with --field"
+                    )
                 if text:
                     stats.documents += 1
                     stats.chars += len(text)

@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dist_lm.data.checks import Windows, eval_split
 from dist_lm.config.batch import BatchSizes
+from dist_lm.data.checks import Windows, eval_split
 from dist_lm.model.documents import document_ids
 
 _MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
@@ -70,7 +70,7 @@ def _to_batches(tokens: np.ndarray, micro: int, device: torch.device, eot_id: in
     if device.type == "cuda":
         t = t.pin_memory()  # so the copy below can overlap with compute
     t = t.to(device, non_blocking=True)
-    batches = [(t[i:i + micro, :-1], t[i:i + micro, 1:]) for i in range(0, len(t), micro)]
+    batches = [(t[i : i + micro, :-1], t[i : i + micro, 1:]) for i in range(0, len(t), micro)]
     if eot_id is None:
         return batches
     return [(x, y, document_ids(x, eot_id)) for x, y in batches]
@@ -92,9 +92,19 @@ class TrainData:
     a resume continues every source where it stopped, on any number of ranks, also with other
     weights: from the resume on, positions are assigned by the new weights."""
 
-    def __init__(self, data_dir: Path, meta: dict, seq_len: int, batch: BatchSizes, dp_rank: int,
-                 seed: int, device: torch.device, weights: list[float] | None = None,
-                 more: list[tuple[Path, dict]] = (), eot_id: int | None = None):
+    def __init__(
+        self,
+        data_dir: Path,
+        meta: dict,
+        seq_len: int,
+        batch: BatchSizes,
+        dp_rank: int,
+        seed: int,
+        device: torch.device,
+        weights: list[float] | None = None,
+        more: list[tuple[Path, dict]] = (),
+        eot_id: int | None = None,
+    ):
         """One dataset; ``more`` and ``weights`` (one per dataset, the first included) make it a
         mixture (use :meth:`mixture`). ``eot_id``: batches carry each token's document."""
         self.eot_id = eot_id
@@ -110,11 +120,29 @@ class TrainData:
         self._next: tuple[int, Future] | None = None
 
     @classmethod
-    def mixture(cls, sources: list[tuple[Path, dict, float]], seq_len: int, batch: BatchSizes, dp_rank: int,
-                seed: int, device: torch.device, eot_id: int | None = None) -> "TrainData":
+    def mixture(
+        cls,
+        sources: list[tuple[Path, dict, float]],
+        seq_len: int,
+        batch: BatchSizes,
+        dp_rank: int,
+        seed: int,
+        device: torch.device,
+        eot_id: int | None = None,
+    ) -> "TrainData":
         (first_dir, first_meta, _), *more = sources
-        return cls(first_dir, first_meta, seq_len, batch, dp_rank, seed, device, [w for _, _, w in sources],
-                   [(d, m) for d, m, _ in more], eot_id)
+        return cls(
+            first_dir,
+            first_meta,
+            seq_len,
+            batch,
+            dp_rank,
+            seed,
+            device,
+            [w for _, _, w in sources],
+            [(d, m) for d, m, _ in more],
+            eot_id,
+        )
 
     def _source_ids(self, source: int, ks: np.ndarray) -> np.ndarray:
         """Window ids of the samples ``ks`` (counted from 0) of one source's own order."""
@@ -218,8 +246,18 @@ class ValData:
     are discarded, because under ZeRO-3 every forward pass is a collective.
     """
 
-    def __init__(self, data_dir: Path, meta: dict, seq_len: int, count: int, micro: int,
-                 dp_rank: int, dp_size: int, device: torch.device, eot_id: int | None = None):
+    def __init__(
+        self,
+        data_dir: Path,
+        meta: dict,
+        seq_len: int,
+        count: int,
+        micro: int,
+        dp_rank: int,
+        dp_size: int,
+        device: torch.device,
+        eot_id: int | None = None,
+    ):
         split = eval_split(meta)
         windows = Windows.of_split(data_dir, meta, split, seq_len)
         ids = np.arange(min(count, windows.n), dtype=np.int64)

@@ -69,8 +69,15 @@ class ShardWriter:
         path = Path(self._file.name)
         self._file.close()
         sha256, xxh = self._hashes
-        self.shards.append({"file": path.name, "tokens": self._tokens, "sha256": sha256.hexdigest(),
-                            "xxh3_128": f"{CHECKSUM}:{xxh.hexdigest()}", "sample_xxh3_128": sampled_checksum(path)})
+        self.shards.append(
+            {
+                "file": path.name,
+                "tokens": self._tokens,
+                "sha256": sha256.hexdigest(),
+                "xxh3_128": f"{CHECKSUM}:{xxh.hexdigest()}",
+                "sample_xxh3_128": sampled_checksum(path),
+            }
+        )
         self._file = None
 
     def close(self) -> list[dict]:
@@ -84,14 +91,25 @@ class DatasetWriter:
     place, replacing an old one only then. Leaving the ``with`` block without commit (an error,
     Ctrl-C) removes the temporary directory: no half dataset is ever left looking whole."""
 
-    def __init__(self, out_dir: Path, tokenizer_json: Path, vocab_size: int, shard_tokens: int = 100_000_000,
-                 splits: tuple[str, ...] = SPLITS):
+    def __init__(
+        self,
+        out_dir: Path,
+        tokenizer_json: Path,
+        vocab_size: int,
+        shard_tokens: int = 100_000_000,
+        splits: tuple[str, ...] = SPLITS,
+    ):
         self.out_dir = Path(out_dir)
         self.out_dir.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.tmp-", dir=self.out_dir.parent))
         self.dtype = token_dtype(vocab_size)
-        self.meta = {"format": FORMAT, "dtype": self.dtype.name, "vocab_size": vocab_size,
-                     "tokenizer": "tokenizer.json", "tokenizer_sha256": sha256_file(tokenizer_json)}
+        self.meta = {
+            "format": FORMAT,
+            "dtype": self.dtype.name,
+            "vocab_size": vocab_size,
+            "tokenizer": "tokenizer.json",
+            "tokenizer_sha256": sha256_file(tokenizer_json),
+        }
         shutil.copyfile(tokenizer_json, self.tmp / "tokenizer.json")
         self.writers = {s: ShardWriter(self.tmp, s, self.dtype, shard_tokens) for s in splits}
 
@@ -114,13 +132,19 @@ class DatasetWriter:
 def is_dataset_file(name: str) -> bool:
     """Whether a dataset directory's entry ``name`` is one that a DatasetWriter writes."""
     split, _, rest = name.partition("_")
-    return name in ("meta.json", "tokenizer.json") or (split in SPLITS and rest.endswith(".bin")
-                                                        and rest[:-4].isdigit())
+    return name in ("meta.json", "tokenizer.json") or (
+        split in SPLITS and rest.endswith(".bin") and rest[:-4].isdigit()
+    )
 
 
-def write_dataset(out_dir: Path, tokenizer_json: Path, vocab_size: int,
-                  splits: dict[str, Iterable[np.ndarray]], shard_tokens: int = 100_000_000,
-                  extra_meta: dict | None = None) -> Path:
+def write_dataset(
+    out_dir: Path,
+    tokenizer_json: Path,
+    vocab_size: int,
+    splits: dict[str, Iterable[np.ndarray]],
+    shard_tokens: int = 100_000_000,
+    extra_meta: dict | None = None,
+) -> Path:
     """Write each split's documents (token arrays, each ending in end-of-text) atomically."""
     with DatasetWriter(out_dir, tokenizer_json, vocab_size, shard_tokens, tuple(splits)) as writer:
         for split, docs in splits.items():
@@ -134,14 +158,18 @@ def read_meta(data_dir: Path, dtype: str = "auto") -> dict:
     meta.json) one is made up in memory from ``dtype``, which must then be given."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
-        raise UserError(f"data error: data.dir={data_dir} does not exist; point it at a directory of token "
-                        "shards with a meta.json (docs/data.md), or leave it unset for the embedded corpus")
+        raise UserError(
+            f"data error: data.dir={data_dir} does not exist; point it at a directory of token "
+            "shards with a meta.json (docs/data.md), or leave it unset for the embedded corpus"
+        )
     path = data_dir / "meta.json"
     if not path.is_file():
         if (data_dir / "train.bin").is_file():
             return _nanogpt_meta(data_dir, dtype)
-        raise UserError(f"data error: {path} is missing; data.dir must be a directory of token shards "
-                        "with a meta.json (docs/data.md) or nanoGPT's train.bin/val.bin") from None
+        raise UserError(
+            f"data error: {path} is missing; data.dir must be a directory of token shards "
+            "with a meta.json (docs/data.md) or nanoGPT's train.bin/val.bin"
+        ) from None
     try:
         meta = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -153,8 +181,10 @@ def read_meta(data_dir: Path, dtype: str = "auto") -> dict:
     if problem:
         raise UserError(f"data error: {path}: {problem}; re-create the dataset with dist-lm prepare")
     if dtype != "auto" and dtype != meta["dtype"]:
-        raise UserError(f"data error: data.dtype={dtype} but {path} says {meta['dtype']}; "
-                        "leave data.dtype=auto when there is a meta.json")
+        raise UserError(
+            f"data error: data.dtype={dtype} but {path} says {meta['dtype']}; "
+            "leave data.dtype=auto when there is a meta.json"
+        )
     return meta
 
 
@@ -167,8 +197,14 @@ def _is_count(value, low: int = 0, high: int = 2**53) -> bool:
 
 def plain_file_name(name) -> bool:
     """A file of the dataset directory itself: a name, not a path out of it."""
-    return isinstance(name, str) and bool(name) and "/" not in name and "\\" not in name \
-        and not name.startswith(".") and "\0" not in name
+    return (
+        isinstance(name, str)
+        and bool(name)
+        and "/" not in name
+        and "\\" not in name
+        and not name.startswith(".")
+        and "\0" not in name
+    )
 
 
 def meta_problem(meta) -> str | None:
@@ -221,8 +257,10 @@ def fingerprint(meta: dict) -> dict:
 
 def _nanogpt_meta(data_dir: Path, dtype: str) -> dict:
     if dtype == "auto":
-        raise UserError(f"data error: {data_dir} has train.bin but no meta.json, so its token type is unknown; "
-                        "set data.dtype=uint16 (nanoGPT's GPT-2 tokens) or data.dtype=uint32")
+        raise UserError(
+            f"data error: {data_dir} has train.bin but no meta.json, so its token type is unknown; "
+            "set data.dtype=uint16 (nanoGPT's GPT-2 tokens) or data.dtype=uint32"
+        )
     itemsize = np.dtype(dtype).itemsize
     splits = {}
     for split in SPLITS:
@@ -230,22 +268,34 @@ def _nanogpt_meta(data_dir: Path, dtype: str) -> dict:
         if path.is_file():
             size = path.stat().st_size
             if size % itemsize:
-                raise UserError(f"data error: {path} has {size} bytes, not a whole number of {dtype} tokens; "
-                                "check data.dtype")
+                raise UserError(
+                    f"data error: {path} has {size} bytes, not a whole number of {dtype} tokens; check data.dtype"
+                )
             splits[split] = [{"file": path.name, "tokens": size // itemsize}]
-    return {"format": FORMAT, "dtype": dtype, "vocab_size": None, "tokenizer": None, "tokenizer_sha256": None,
-            "splits": splits, "layout": "nanogpt"}
+    return {
+        "format": FORMAT,
+        "dtype": dtype,
+        "vocab_size": None,
+        "tokenizer": None,
+        "tokenizer_sha256": None,
+        "splits": splits,
+        "layout": "nanogpt",
+    }
 
 
-def check_token_ids(data_dir: Path, meta: dict, vocab_size: int, budget_tokens: int = 1 << 21,
-                    random_stretches: int = 16) -> int:
+def check_token_ids(
+    data_dir: Path, meta: dict, vocab_size: int, budget_tokens: int = 1 << 21, random_stretches: int = 16
+) -> int:
     """Cheaply check that token ids are below the model's vocabulary: the start and end of every
     shard and a few seeded random stretches of the corpus. Every rank runs this at start-up, so
     what it reads is bounded for the whole corpus (about ``budget_tokens``, at least 8,192 tokens
     per shard), not per shard: hundreds of shards must not mean gigabytes read per rank.
     Returns the number of tokens read."""
-    maps = [(shard, tokens) for split in meta["splits"]
-            for shard, tokens in zip(meta["splits"][split], open_split(data_dir, meta, split))]
+    maps = [
+        (shard, tokens)
+        for split in meta["splits"]
+        for shard, tokens in zip(meta["splits"][split], open_split(data_dir, meta, split))
+    ]
     if not maps:
         return 0
     edge = max(4096, budget_tokens // (2 * len(maps)))  # the ends of a shard are where writers go wrong
@@ -255,13 +305,15 @@ def check_token_ids(data_dir: Path, meta: dict, vocab_size: int, budget_tokens: 
         stretches[i].append((int(rng.integers(0, max(1, len(maps[i][1]) - 4096))), 4096))
     read = 0
     for (shard, tokens), shard_stretches in zip(maps, stretches):
-        pieces = [tokens[start:start + length] for start, length in shard_stretches]
+        pieces = [tokens[start : start + length] for start, length in shard_stretches]
         read += sum(len(piece) for piece in pieces)
         high = max(int(piece.max(initial=0)) for piece in pieces)
         if high >= vocab_size:
-            raise UserError(f"data error: {Path(data_dir) / shard['file']} holds token id {high}, but "
-                            f"model.vocab_size is {vocab_size}; raise model.vocab_size above {high} "
-                            "or use the tokenizer the data was made with")
+            raise UserError(
+                f"data error: {Path(data_dir) / shard['file']} holds token id {high}, but "
+                f"model.vocab_size is {vocab_size}; raise model.vocab_size above {high} "
+                "or use the tokenizer the data was made with"
+            )
     return read
 
 
@@ -275,7 +327,9 @@ def open_split(data_dir: Path, meta: dict, split: str) -> list[np.memmap]:
             raise UserError(f"data error: shard {path} listed in meta.json is missing; re-create the dataset")
         expected = shard["tokens"] * dtype.itemsize
         if path.stat().st_size != expected:
-            raise UserError(f"data error: shard {path} has {path.stat().st_size} bytes but meta.json says "
-                            f"{shard['tokens']} {dtype.name} tokens ({expected} bytes); re-create the dataset")
+            raise UserError(
+                f"data error: shard {path} has {path.stat().st_size} bytes but meta.json says "
+                f"{shard['tokens']} {dtype.name} tokens ({expected} bytes); re-create the dataset"
+            )
         maps.append(np.memmap(path, dtype=dtype, mode="r"))
     return maps

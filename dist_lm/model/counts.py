@@ -21,14 +21,16 @@ def count_parameters(cfg: ModelConfig) -> dict[str, int]:
     d, V = cfg.d_model, cfg.vocab_size
     n_moe = (cfg.layer_types or []).count("moe")
     n_dense = cfg.n_layers - n_moe
-    shared = cfg.n_layers * (Attention.parameter_count(cfg) + 2 * RMSNorm.parameter_count(d)) + RMSNorm.parameter_count(d)
+    shared = cfg.n_layers * (Attention.parameter_count(cfg) + 2 * RMSNorm.parameter_count(d)) + RMSNorm.parameter_count(
+        d
+    )
     body_total = shared + n_dense * MLP.parameter_count(cfg) + n_moe * ExpertsMLP.parameter_count(cfg)
     body_active = shared + n_dense * MLP.parameter_count(cfg) + n_moe * ExpertsMLP.active_parameter_count(cfg)
-    positions = (cfg.seq_len * d if cfg.position == "learned" else 0) + \
-        (RelativeBias.parameter_count(cfg.n_heads, cfg.bias_num_basis) if cfg.position == "bias" else 0)
+    positions = (cfg.seq_len * d if cfg.position == "learned" else 0) + (
+        RelativeBias.parameter_count(cfg.n_heads, cfg.bias_num_basis) if cfg.position == "bias" else 0
+    )
     head = V * d
-    return {"total": V * d + body_total + positions + (0 if cfg.tie_embeddings else head),
-            "matmul": body_active + head}
+    return {"total": V * d + body_total + positions + (0 if cfg.tie_embeddings else head), "matmul": body_active + head}
 
 
 def flops_per_token(cfg: ModelConfig) -> float:

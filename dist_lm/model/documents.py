@@ -57,8 +57,10 @@ def document_attention(documents: torch.Tensor) -> DocumentAttention:
 
     # Compiled: in eager mode create_block_mask evaluates the mask over every (query, key) pair
     # of the batch, which made the masked 125M step 3.45x the packed one (docs/benchmarks.md).
-    return DocumentAttention(positions, create_block_mask(same_document, B=b, H=None, Q_LEN=t, KV_LEN=t,
-                                                          device=documents.device, _compile=True))
+    return DocumentAttention(
+        positions,
+        create_block_mask(same_document, B=b, H=None, Q_LEN=t, KV_LEN=t, device=documents.device, _compile=True),
+    )
 
 
 def _flex():

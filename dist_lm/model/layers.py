@@ -37,7 +37,9 @@ class RMSNorm(nn.Module):
         return dim
 
     @staticmethod
-    def saved_bytes_per_token(dim: int, act_bytes: int, compiled: bool, rows: int = 1, output_kept: bool = True) -> float:
+    def saved_bytes_per_token(
+        dim: int, act_bytes: int, compiled: bool, rows: int = 1, output_kept: bool = True
+    ) -> float:
         """What autograd keeps for backward, for ``rows`` vectors of ``dim`` per token (the heads,
         for a per-head norm). Eager: the fp32 input (x.float(), a copy unless it is fp32 already),
         the normalised tensor in the compute dtype (the weight multiply keeps it), the output when
@@ -58,7 +60,9 @@ class RMSNorm(nn.Module):
         return x32.type_as(x) * self.weight
 
 
-def rope_tables(head_dim: int, seq_len: int, theta: float, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(
+    head_dim: int, seq_len: int, theta: float, device: torch.device | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of shape (seq_len, head_dim / 2)."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
     angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
@@ -96,8 +100,9 @@ class Attention(nn.Module):
         kvd = cfg.kv_heads * cfg.head_dim
         norms = 0.0
         if cfg.qk_norm:
-            norms = RMSNorm.saved_bytes_per_token(cfg.d_model, act_bytes, compiled, cfg.n_heads, output_kept=False) + \
-                RMSNorm.saved_bytes_per_token(kvd, act_bytes, compiled, cfg.kv_heads, output_kept=False)
+            norms = RMSNorm.saved_bytes_per_token(
+                cfg.d_model, act_bytes, compiled, cfg.n_heads, output_kept=False
+            ) + RMSNorm.saved_bytes_per_token(kvd, act_bytes, compiled, cfg.kv_heads, output_kept=False)
         return act_bytes * (3 * cfg.d_model + 2 * kvd) + 4 * cfg.n_heads + norms
 
     def __init__(self, cfg: ModelConfig, layer: int):
@@ -134,9 +139,15 @@ class Attention(nn.Module):
         if pos.documents is not None:
             y = pos.documents.attend(q, k, v, enable_gqa=self.n_kv_heads != self.n_heads)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                               dropout_p=self.dropout if self.training else 0.0,
-                                               enable_gqa=self.n_kv_heads != self.n_heads)
+            y = F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=mask,
+                is_causal=causal,
+                dropout_p=self.dropout if self.training else 0.0,
+                enable_gqa=self.n_kv_heads != self.n_heads,
+            )
         return self.wo(y.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -173,8 +184,13 @@ class MLP(nn.Module):
 class Positions:
     """What attention needs to know of positions for one forward pass."""
 
-    def __init__(self, rope: tuple[torch.Tensor, torch.Tensor] | None, bias: torch.Tensor | None,
-                 cache: KVCache | None, documents=None):
+    def __init__(
+        self,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        bias: torch.Tensor | None,
+        cache: KVCache | None,
+        documents=None,
+    ):
         """``documents``: a DocumentAttention (dist_lm.model.documents) for a packed window whose
         documents attend apart; then ``rope`` holds per-token tables (batch, 1, seq, head_dim/2)."""
         self.rope, self.bias, self.cache, self.documents = rope, bias, cache, documents

@@ -35,8 +35,9 @@ def uses_chunked(cfg: ModelConfig, on_gpu: bool, compiled: bool) -> bool:
     return on_gpu and not compiled and cfg.vocab_size is not None and cfg.vocab_size >= CHUNKED_FROM_VOCAB
 
 
-def language_model_loss(logits: torch.Tensor, targets: torch.Tensor, z_loss_coef: float,
-                        row_losses: RowLosses | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def language_model_loss(
+    logits: torch.Tensor, targets: torch.Tensor, z_loss_coef: float, row_losses: RowLosses | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(batch, seq, vocab) logits and (batch, seq) targets -> (the loss to train on, the z-loss
     term mean(logsumexp(logits)^2) or None when its weight is 0). The loss is the mean
     cross-entropy plus ``z_loss_coef`` times the z-loss."""

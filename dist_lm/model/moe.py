@@ -34,10 +34,17 @@ class ExpertsMLP(torch.nn.Module):
         super().__init__()
         from deepspeed.moe.layer import MoE  # only a model with experts needs DeepSpeed here
 
-        self.moe = MoE(hidden_size=model.d_model, expert=MLP(model), num_experts=model.n_experts,
-                       ep_size=parallel.expert_parallel_size, k=model.moe_top_k,
-                       capacity_factor=model.moe_capacity_factor, eval_capacity_factor=model.moe_capacity_factor,
-                       min_capacity=4, drop_tokens=True)
+        self.moe = MoE(
+            hidden_size=model.d_model,
+            expert=MLP(model),
+            num_experts=model.n_experts,
+            ep_size=parallel.expert_parallel_size,
+            k=model.moe_top_k,
+            capacity_factor=model.moe_capacity_factor,
+            eval_capacity_factor=model.moe_capacity_factor,
+            min_capacity=4,
+            drop_tokens=True,
+        )
         self.aux_loss: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -50,12 +57,16 @@ def check_moe(model: ModelConfig, parallel: ParallelConfig, world_size: int) -> 
     if "moe" not in model.layer_types:
         return
     if parallel.zero_stage == 3:
-        raise ConfigError("parallel.zero_stage", "DeepSpeed's MoE layer (model.layer_types with moe) works at "
-                          "ZeRO stages 0-2, not 3; use parallel.zero_stage=2")
+        raise ConfigError(
+            "parallel.zero_stage",
+            "DeepSpeed's MoE layer (model.layer_types with moe) works at "
+            "ZeRO stages 0-2, not 3; use parallel.zero_stage=2",
+        )
     for n, what in ((model.n_experts, "model.n_experts"), (world_size, "the rank count")):
         if n % parallel.expert_parallel_size:
-            raise ConfigError("parallel.expert_parallel_size", f"{parallel.expert_parallel_size} must divide "
-                              f"{what} ({n})")
+            raise ConfigError(
+                "parallel.expert_parallel_size", f"{parallel.expert_parallel_size} must divide {what} ({n})"
+            )
 
 
 def build_model(model: ModelConfig, parallel: ParallelConfig) -> Transformer:

@@ -69,7 +69,7 @@ def evaluate(name: str, k: int, x: torch.Tensor) -> torch.Tensor:
             out[n] = t * math.sqrt(2 / math.pi)
             t_prev, t = t, 2 * x * t - t_prev
     elif name == "hermite":  # Hermite functions, recurrence on the normalised functions
-        psi_prev = math.pi ** -0.25 * torch.exp(-x * x / 2)
+        psi_prev = math.pi**-0.25 * torch.exp(-x * x / 2)
         out[0] = psi_prev
         if k > 1:
             psi = math.sqrt(2) * x * psi_prev
@@ -99,8 +99,11 @@ def evaluate(name: str, k: int, x: torch.Tensor) -> torch.Tensor:
             out[n] = torch.sinc(x - n)
     elif name == "bessel":  # Fourier-Bessel: sqrt2 J0(a_n x) / |J1(a_n)|, weight x on [0, 1]
         for n, a in enumerate(bessel_j0_zeros(k)):
-            out[n] = math.sqrt(2) * torch.special.bessel_j0(a * x) / abs(float(torch.special.bessel_j1(
-                torch.tensor(a, dtype=torch.float64))))
+            out[n] = (
+                math.sqrt(2)
+                * torch.special.bessel_j0(a * x)
+                / abs(float(torch.special.bessel_j1(torch.tensor(a, dtype=torch.float64))))
+            )
     elif name in ("rbf", "wavelet"):
         raw = _raw_family(name, k, x)
         out[:] = torch.linalg.solve_triangular(_cholesky(name, k).to(x.device), raw, upper=False)

@@ -31,8 +31,12 @@ class Block(nn.Module):
         of experts is counted as one dense MLP; its routing is not modelled), and with dropout the
         one-byte masks of its two residual branches. The residual adds keep nothing."""
         masks = 2 * cfg.d_model if cfg.dropout else 0
-        return (2 * RMSNorm.saved_bytes_per_token(cfg.d_model, act_bytes, compiled) + masks
-                + Attention.saved_bytes_per_token(cfg, act_bytes, compiled) + MLP.saved_bytes_per_token(cfg, act_bytes, compiled))
+        return (
+            2 * RMSNorm.saved_bytes_per_token(cfg.d_model, act_bytes, compiled)
+            + masks
+            + Attention.saved_bytes_per_token(cfg, act_bytes, compiled)
+            + MLP.saved_bytes_per_token(cfg, act_bytes, compiled)
+        )
 
     def __init__(self, cfg: ModelConfig, layer: int, mlp: nn.Module | None = None):
         super().__init__()
@@ -57,13 +61,17 @@ class Transformer(nn.Module):
         self.cfg = cfg
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_embeddings = nn.Embedding(cfg.seq_len, cfg.d_model) if cfg.position == "learned" else None
-        self.relative_bias = RelativeBias(cfg.n_heads, cfg.bias_basis, cfg.bias_num_basis, cfg.seq_len) \
-            if cfg.position == "bias" else None
+        self.relative_bias = (
+            RelativeBias(cfg.n_heads, cfg.bias_basis, cfg.bias_num_basis, cfg.seq_len)
+            if cfg.position == "bias"
+            else None
+        )
         types = cfg.layer_types or ["mlp"] * cfg.n_layers
         if "moe" in types and moe_layer is None:
             raise ValueError("model.layer_types has moe layers: pass moe_layer to build them")
-        self.blocks = nn.ModuleList(Block(cfg, i, moe_layer(i) if kind == "moe" else None)
-                                    for i, kind in enumerate(types))
+        self.blocks = nn.ModuleList(
+            Block(cfg, i, moe_layer(i) if kind == "moe" else None) for i, kind in enumerate(types)
+        )
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -101,8 +109,13 @@ class Transformer(nn.Module):
                 continue  # norm weights keep their ones, the bias coefficients their zeros
             nn.init.normal_(p, mean=0.0, std=residual_std if name.endswith(("wo.weight", "w_out.weight")) else std)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                cache: KVCache | None = None, documents: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        documents: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Logits (batch, seq, vocab) or, with targets, the mean cross-entropy loss (plus the
         experts' load-balancing loss, if any). With a cache, idx continues the cached tokens.
         ``documents`` (batch, seq): each token's document in a packed window
@@ -169,4 +182,4 @@ class Transformer(nn.Module):
             return None
         if self._rope[0].device != device:  # parameters moved one by one, past _apply
             self._rope = self._rope_tables(device)
-        return self._rope[0][start:start + t], self._rope[1][start:start + t]
+        return self._rope[0][start : start + t], self._rope[1][start : start + t]

@@ -82,9 +82,15 @@ def compare_runs(run_dirs: list[Path], out: Path) -> tuple[list[dict], Path]:
     ax.legend()
     ax.grid(alpha=0.3)
     reference = series[names[0]].get(last)
-    table = [{"run": name, "step": last, "loss": points.get(last),
-              "gap": points[last] / reference - 1 if last is not None and reference else None}
-             for name, points in series.items()]
+    table = [
+        {
+            "run": name,
+            "step": last,
+            "loss": points.get(last),
+            "gap": points[last] / reference - 1 if last is not None and reference else None,
+        }
+        for name, points in series.items()
+    ]
     return table, _save(fig, out / "compare.png")
 
 
@@ -119,14 +125,21 @@ def analyze_sweep(sweep_dir: Path, out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     files = [_heatmap(results, keys, out / "heatmap.png"), _curves(ranking[:5], keys, out / "curves.png")]
     best = ranking[0] if ranking else None
-    return {"keys": keys, "ranking": ranking, "failed": [r for r in results if r not in ok], "best": best, "files": files,
-            "recommended": " ".join(f"{k}={best[k]}" for k in keys) if best else None}
+    return {
+        "keys": keys,
+        "ranking": ranking,
+        "failed": [r for r in results if r not in ok],
+        "best": best,
+        "files": files,
+        "recommended": " ".join(f"{k}={best[k]}" for k in keys) if best else None,
+    }
 
 
 def _heatmap(results: list[dict], keys: list[str], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7, 5))
-    loss = {tuple(r[k] for k in keys): _number(r["best_val_loss"]) if r["status"] == "ok" else math.nan
-            for r in results}
+    loss = {
+        tuple(r[k] for k in keys): _number(r["best_val_loss"]) if r["status"] == "ok" else math.nan for r in results
+    }
     if len(keys) == 2:
         xs = sorted({r[keys[1]] for r in results}, key=_number_or_text)
         ys = sorted({r[keys[0]] for r in results}, key=_number_or_text)
@@ -174,9 +187,14 @@ def _curves(top: list[dict], keys: list[str], path: Path) -> Path:
 
 
 def ranking_table(ranking: list[dict], keys: list[str]) -> str:
-    lines = ["| rank | trial | " + " | ".join(keys) + " | best val loss | final train loss |",
-             "| --- | --- | " + " | ".join("---" for _ in keys) + " | --- | --- |"]
+    lines = [
+        "| rank | trial | " + " | ".join(keys) + " | best val loss | final train loss |",
+        "| --- | --- | " + " | ".join("---" for _ in keys) + " | --- | --- |",
+    ]
     for i, r in enumerate(ranking, 1):
-        lines.append(f"| {i} | {r['trial']} | " + " | ".join(r[k] for k in keys)
-                     + f" | {_number(r['best_val_loss']):.4f} | {_number(r['final_train_loss']):.4f} |")
+        lines.append(
+            f"| {i} | {r['trial']} | "
+            + " | ".join(r[k] for k in keys)
+            + f" | {_number(r['best_val_loss']):.4f} | {_number(r['final_train_loss']):.4f} |"
+        )
     return "\n".join(lines)

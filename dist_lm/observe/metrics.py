@@ -13,17 +13,25 @@ from pathlib import Path
 
 import torch
 
-from dist_lm.observe import log, sinks
 from dist_lm.config.schema import LoggingConfig
-from dist_lm.runtime.distributed import all_gather_floats, is_rank0
 from dist_lm.files import write_atomic
+from dist_lm.observe import log, sinks
+from dist_lm.runtime.distributed import all_gather_floats, is_rank0
+
 
 class MetricsWriter:
     """Every metrics row to every sink, on rank 0: metrics.jsonl and metrics.csv always,
     wandb and TensorBoard as configured. Other ranks hold no sinks."""
 
-    def __init__(self, run_dir: Path, cfg: LoggingConfig, run_name: str, config: dict, start_step: int = 0,
-                 extra_columns: list[str] = ()):
+    def __init__(
+        self,
+        run_dir: Path,
+        cfg: LoggingConfig,
+        run_name: str,
+        config: dict,
+        start_step: int = 0,
+        extra_columns: list[str] = (),
+    ):
         """``start_step``: the step the run continues from (its checkpoint's, or 0). Rows of later
         steps, logged by an earlier process in this run directory, are removed from the files."""
         self.sinks: list[sinks.Sink] = []
@@ -31,18 +39,27 @@ class MetricsWriter:
         if not is_rank0():
             return
         if removed := sinks.drop_rows_after(run_dir, start_step):
-            log.info(f"metrics: {removed} row(s) after step {start_step}, from the process that stopped there, "
-                "removed from metrics.jsonl and metrics.csv (those steps are trained again)")
-        self.sinks += [sinks.JsonlSink(run_dir / "metrics.jsonl"), sinks.CsvSink(run_dir / "metrics.csv", extra_columns)]
+            log.info(
+                f"metrics: {removed} row(s) after step {start_step}, from the process that stopped there, "
+                "removed from metrics.jsonl and metrics.csv (those steps are trained again)"
+            )
+        self.sinks += [
+            sinks.JsonlSink(run_dir / "metrics.jsonl"),
+            sinks.CsvSink(run_dir / "metrics.csv", extra_columns),
+        ]
         mode, note = sinks.wandb_mode(cfg.wandb)
         if mode != "disabled":
             self.wandb = sinks.WandbSink(cfg, mode, run_dir, run_name, config)
             self.sinks.append(self.wandb)
             if self.wandb.fallback:
-                log.warn(f"wandb: {self.wandb.fallback} to {self.wandb.offline_dir}; upload later with: "
-                     f"wandb sync {self.wandb.offline_dir}")
+                log.warn(
+                    f"wandb: {self.wandb.fallback} to {self.wandb.offline_dir}; upload later with: "
+                    f"wandb sync {self.wandb.offline_dir}"
+                )
             elif note:
-                log.info(f"wandb: {note} to {self.wandb.offline_dir}; upload later with: wandb sync {self.wandb.offline_dir}")
+                log.info(
+                    f"wandb: {note} to {self.wandb.offline_dir}; upload later with: wandb sync {self.wandb.offline_dir}"
+                )
         if cfg.tensorboard:
             self.sinks.append(sinks.TensorBoardSink(run_dir / "tensorboard"))
 
@@ -74,6 +91,7 @@ class RunSummary:
     """What the newest process of a run set up, and how soon it trained: RUN_DIR/run.json, written
     by rank 0 (atomically) at start-up and again after its first step. Tools (tools/bench.py) read
     it rather than the log's wording. ``version`` goes up when a field's meaning changes."""
+
     version: int = 1
     launcher: str = ""
     world_size: int = 1
@@ -134,8 +152,12 @@ class LogWindow:
     def state_dict(self) -> dict:
         """Every rank's sums (a collective: every rank calls it)."""
         sums = all_gather_floats([self.loss_sum.item(), self.aux_sum.item(), self.z_sum.item()])
-        return {"steps": self.steps, "loss_sums": [s[0] for s in sums], "aux_sums": [s[1] for s in sums],
-                "z_sums": [s[2] for s in sums]}
+        return {
+            "steps": self.steps,
+            "loss_sums": [s[0] for s in sums],
+            "aux_sums": [s[1] for s in sums],
+            "z_sums": [s[2] for s in sums],
+        }
 
     def load_state_dict(self, state: dict, rank: int, world_size: int) -> None:
         """On the world size it was saved at, each rank takes its own sums back (the row is then
@@ -143,13 +165,17 @@ class LogWindow:
         self.steps = state["steps"]
         same = len(state["loss_sums"]) == world_size
         zeros = [0.0] * len(state["loss_sums"])  # (checkpoints from before the z-loss have no z_sums)
-        for tensor, sums in ((self.loss_sum, state["loss_sums"]), (self.aux_sum, state["aux_sums"]),
-                             (self.z_sum, state.get("z_sums", zeros))):
+        for tensor, sums in (
+            (self.loss_sum, state["loss_sums"]),
+            (self.aux_sum, state["aux_sums"]),
+            (self.z_sum, state.get("z_sums", zeros)),
+        ):
             tensor.fill_(sums[rank] if same else (sum(sums) if rank == 0 else 0.0))
 
 
-def throughput(tokens: int, seconds: float, flops_per_token: float, world_size: int,
-               peak_flops: float | None) -> tuple[float, float | None]:
+def throughput(
+    tokens: int, seconds: float, flops_per_token: float, world_size: int, peak_flops: float | None
+) -> tuple[float, float | None]:
     """tokens/s over all ranks, and model FLOPs utilisation (None when the peak is unknown)."""
     tokens_per_s = tokens / seconds if seconds > 0 else 0.0
     if peak_flops is None:

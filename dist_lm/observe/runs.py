@@ -25,26 +25,49 @@ def list_runs(root: Path) -> list[dict]:
     """One row per checkpoint (or per run without one) of the run directories under ``root``
     (or of ``root`` itself if it is a run directory)."""
     root = Path(root)
-    run_dirs = [root] if (root / "config.yaml").is_file() else sorted(
-        p for p in root.iterdir() if p.is_dir() and (p / "config.yaml").is_file()) if root.is_dir() else []
+    run_dirs = (
+        [root]
+        if (root / "config.yaml").is_file()
+        else sorted(p for p in root.iterdir() if p.is_dir() and (p / "config.yaml").is_file())
+        if root.is_dir()
+        else []
+    )
     rows = []
     for run_dir in run_dirs:
         ckpt_root = _checkpoint_root(run_dir)
-        tags = sorted((p for p in ckpt_root.iterdir() if p.is_dir() and checkpoint.step_of(p) is not None),
-                      key=checkpoint.step_of) if ckpt_root.is_dir() else []
+        tags = (
+            sorted(
+                (p for p in ckpt_root.iterdir() if p.is_dir() and checkpoint.step_of(p) is not None),
+                key=checkpoint.step_of,
+            )
+            if ckpt_root.is_dir()
+            else []
+        )
         latest, best = (_pointer(ckpt_root / name) for name in (checkpoint.LATEST, checkpoint.BEST))
         if not tags:
             rows.append({"run": run_dir.name, "checkpoint": None})
         for tag in tags:
             problem = checkpoint.problem_with(tag)
             state = asdict(RunState.read(tag)) if problem is None else {}
-            rows.append({
-                "run": run_dir.name, "checkpoint": tag.name, "latest": tag.name == latest, "best": tag.name == best,
-                "problem": problem, "precision": state.get("precision"),
-                "step": state.get("step"), "tokens": state.get("tokens"), "val_loss": state.get("val_loss"),
-                "best_val_loss": state.get("best_val_loss"), "parameters": state.get("parameters"),
-                "world_size": state.get("world_size"), "zero_stage": state.get("zero_stage"),
-                "bytes": sum(f.stat().st_size for f in tag.rglob("*") if f.is_file()), "path": str(tag)})
+            rows.append(
+                {
+                    "run": run_dir.name,
+                    "checkpoint": tag.name,
+                    "latest": tag.name == latest,
+                    "best": tag.name == best,
+                    "problem": problem,
+                    "precision": state.get("precision"),
+                    "step": state.get("step"),
+                    "tokens": state.get("tokens"),
+                    "val_loss": state.get("val_loss"),
+                    "best_val_loss": state.get("best_val_loss"),
+                    "parameters": state.get("parameters"),
+                    "world_size": state.get("world_size"),
+                    "zero_stage": state.get("zero_stage"),
+                    "bytes": sum(f.stat().st_size for f in tag.rglob("*") if f.is_file()),
+                    "path": str(tag),
+                }
+            )
     return rows
 
 
@@ -58,8 +81,18 @@ def _num(value, fmt: str) -> str:
 
 
 def format_table(rows: list[dict]) -> str:
-    header = ["run", "checkpoint", "step", "tokens", "val loss", "best val", "params", "precision", "ranks x ZeRO",
-              "size"]
+    header = [
+        "run",
+        "checkpoint",
+        "step",
+        "tokens",
+        "val loss",
+        "best val",
+        "params",
+        "precision",
+        "ranks x ZeRO",
+        "size",
+    ]
     lines = [header]
     for r in rows:
         if r["checkpoint"] is None:
@@ -69,7 +102,19 @@ def format_table(rows: list[dict]) -> str:
         name = r["checkpoint"] + (f" ({', '.join(marks)})" if marks else "") + (" INCOMPLETE" if r["problem"] else "")
         ranks = f"{r['world_size']} x {r['zero_stage']}" if r["world_size"] is not None else "-"
         params = "-" if r["parameters"] is None else f"{r['parameters'] / 1e6:.1f}M"
-        lines.append([r["run"], name, _num(r["step"], "d"), _num(r["tokens"], ","), _num(r["val_loss"], ".4f"),
-                      _num(r["best_val_loss"], ".4f"), params, r["precision"] or "-", ranks, f"{r['bytes'] / 1e6:.1f} MB"])
+        lines.append(
+            [
+                r["run"],
+                name,
+                _num(r["step"], "d"),
+                _num(r["tokens"], ","),
+                _num(r["val_loss"], ".4f"),
+                _num(r["best_val_loss"], ".4f"),
+                params,
+                r["precision"] or "-",
+                ranks,
+                f"{r['bytes'] / 1e6:.1f} MB",
+            ]
+        )
     widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in lines)

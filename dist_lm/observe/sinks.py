@@ -10,8 +10,8 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 import logging
+import math
 import netrc
 import os
 import secrets
@@ -23,8 +23,22 @@ from dist_lm.files import AppendFile, write_atomic
 
 # The columns of metrics.csv, in order; a row leaves empty what it does not have (val_loss is
 # there only on evaluation steps, the training figures only on logging steps).
-COLUMNS = ["step", "tokens", "loss", "val_loss", "val_ppl", "lr", "grad_norm", "tokens_per_s", "mfu",
-           "step_time", "peak_mem_gb", "elapsed_s", "aux_loss", "z_loss"]
+COLUMNS = [
+    "step",
+    "tokens",
+    "loss",
+    "val_loss",
+    "val_ppl",
+    "lr",
+    "grad_norm",
+    "tokens_per_s",
+    "mfu",
+    "step_time",
+    "peak_mem_gb",
+    "elapsed_s",
+    "aux_loss",
+    "z_loss",
+]
 
 
 def _finite(v: object) -> object:
@@ -40,6 +54,7 @@ def drop_lines_after(path: Path, step: int, step_of: Callable[[str], int], heade
     """Rewrite ``path`` (under a temporary name, then renamed) without its lines of steps past
     ``step``, and without a last line cut short (a process killed while writing it).
     Returns the number of lines removed."""
+
     def keep(line: str) -> bool:
         try:
             return line.endswith("\n") and step_of(line) <= step
@@ -61,8 +76,10 @@ def drop_rows_after(run_dir: Path, step: int) -> int:
     checkpoint at ``step`` trains the steps after it again: the files should then hold each step
     once, from the run that went on. Returns the number of rows removed (the two files hold the
     same rows)."""
-    return max(drop_lines_after(run_dir / "metrics.jsonl", step, lambda line: json.loads(line)["step"]),
-               drop_lines_after(run_dir / "metrics.csv", step, lambda line: int(line.split(",", 1)[0]), 1))
+    return max(
+        drop_lines_after(run_dir / "metrics.jsonl", step, lambda line: json.loads(line)["step"]),
+        drop_lines_after(run_dir / "metrics.csv", step, lambda line: int(line.split(",", 1)[0]), 1),
+    )
 
 
 class SampleLog:
@@ -77,7 +94,11 @@ class SampleLog:
         folder = run_dir / "samples"
         folder.mkdir(exist_ok=True)
         self.path = folder / f"rank{rank}.txt"
-        others = [] if rank else [p for p in folder.glob("rank*.txt") if p.stem[4:].isdigit() and int(p.stem[4:]) >= world_size]
+        others = (
+            []
+            if rank
+            else [p for p in folder.glob("rank*.txt") if p.stem[4:].isdigit() and int(p.stem[4:]) >= world_size]
+        )
         for path in [self.path, *others]:
             drop_lines_after(path, start_step, lambda line: int(line.split(":", 1)[0]))
         self._file = AppendFile(self.path)
@@ -128,7 +149,9 @@ class CsvSink:
     def write(self, row: dict) -> None:
         unknown = [k for k in row if k not in self.columns]
         if unknown:  # a metric added to the trainer but not here would be missing from the CSV unseen
-            raise ValueError(f"metrics.csv has no column for {', '.join(unknown)}: add it to dist_lm.observe.sinks.COLUMNS")
+            raise ValueError(
+                f"metrics.csv has no column for {', '.join(unknown)}: add it to dist_lm.observe.sinks.COLUMNS"
+            )
         self._file.write(self._line(row))
 
     def close(self) -> None:
@@ -176,11 +199,23 @@ class WandbSink:
 
         def start(mode: str):
             return wandb.init(
-                project=cfg.wandb_project, entity=cfg.wandb_entity, group=cfg.wandb_group, tags=cfg.wandb_tags,
-                name=run_name, id=run_id, resume="allow", dir=str(run_dir), mode=mode, config=config,
+                project=cfg.wandb_project,
+                entity=cfg.wandb_entity,
+                group=cfg.wandb_group,
+                tags=cfg.wandb_tags,
+                name=run_name,
+                id=run_id,
+                resume="allow",
+                dir=str(run_dir),
+                mode=mode,
+                config=config,
                 # console="off": our log already has the console output, and wandb need not copy it.
-                settings=wandb.Settings(silent=True, console="off",
-                                        init_timeout=float(os.environ.get("WANDB_INIT_TIMEOUT", WANDB_INIT_TIMEOUT_S))))
+                settings=wandb.Settings(
+                    silent=True,
+                    console="off",
+                    init_timeout=float(os.environ.get("WANDB_INIT_TIMEOUT", WANDB_INIT_TIMEOUT_S)),
+                ),
+            )
 
         self.fallback: str | None = None
         try:
@@ -191,9 +226,12 @@ class WandbSink:
             # wandb's own error reports go to the same server, and would add a line each at exit
             logging.getLogger("opentelemetry").setLevel(logging.CRITICAL)
             if mode != "online" or cfg.wandb != "auto":
-                raise ConfigError("logging.wandb", f"is {cfg.wandb} but wandb could not start ({why}); check "
-                                  "WANDB_API_KEY (or wandb login) and the network, or set logging.wandb=offline "
-                                  "or auto") from None
+                raise ConfigError(
+                    "logging.wandb",
+                    f"is {cfg.wandb} but wandb could not start ({why}); check "
+                    "WANDB_API_KEY (or wandb login) and the network, or set logging.wandb=offline "
+                    "or auto",
+                ) from None
             self.fallback = f"could not start online ({why}): logging offline"
             mode = "offline"
             self.run = start(mode)

@@ -127,7 +127,11 @@ class Machine:
         host = f"{self.cpu_cores} CPU cores, {self.ram_gb:.0f} GB RAM"
         if not self.has_gpu:
             return f"no GPU; {host}" + (f"; {self.nodes} nodes" if self.nodes > 1 else "")
-        cc = f", compute capability {self.compute_capability[0]}.{self.compute_capability[1]}" if self.compute_capability else ""
+        cc = (
+            f", compute capability {self.compute_capability[0]}.{self.compute_capability[1]}"
+            if self.compute_capability
+            else ""
+        )
         per_node = f"{self.gpus_per_node} x {self.gpu_name or 'GPU'} ({self.gpu_mem_gb:.0f} GB{cc})"
         return f"{self.nodes} node(s) of {per_node}; {host} per node"
 
@@ -153,8 +157,10 @@ def gpu_memory_cap_gb() -> float | None:
     except ValueError:
         cap = 0.0
     if not cap > 0:
-        raise UserError(f"launch environment: {MEMORY_CAP_VARIABLE}={text!r} is not a positive number of GB; "
-                        f"set it to the memory of the GPU to act as (e.g. 12), or unset it")
+        raise UserError(
+            f"launch environment: {MEMORY_CAP_VARIABLE}={text!r} is not a positive number of GB; "
+            f"set it to the memory of the GPU to act as (e.g. 12), or unset it"
+        )
     return cap
 
 
@@ -182,7 +188,7 @@ def bind_cores(local_rank: int, local_world_size: int) -> list[int]:
     per_rank = len(cores) // max(local_world_size, 1)
     if per_rank < 1:
         return []
-    mine = cores[local_rank * per_rank:(local_rank + 1) * per_rank]
+    mine = cores[local_rank * per_rank : (local_rank + 1) * per_rank]
     os.sched_setaffinity(0, mine)
     torch.set_num_threads(len(mine))
     return mine

@@ -52,8 +52,14 @@ class MemoryEstimate:
         return f"{self.total / GB:.1f} GB ({parts})"
 
 
-def estimate(model: ModelConfig, parallel: ParallelConfig, precision: Precision | str, micro_batch: int,
-             dp_size: int, z_loss: bool = False) -> MemoryEstimate:
+def estimate(
+    model: ModelConfig,
+    parallel: ParallelConfig,
+    precision: Precision | str,
+    micro_batch: int,
+    dp_size: int,
+    z_loss: bool = False,
+) -> MemoryEstimate:
     """Peak bytes on one GPU for a resolved precision (a Precision, or its name); ``z_loss``:
     optim.z_loss is on (eager, its logsumexp keeps the fp32 logits; compiled, assumed fused with
     the cross-entropy, not measured)."""

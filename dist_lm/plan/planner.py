@@ -15,13 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from dist_lm.config.schema import Config, UserError, replaced
-from dist_lm.data.checks import padded_vocab_size
 from dist_lm.config.batch import batch_sizes, global_batch_size, rounded_up
 from dist_lm.config.io import load_config, parse_override
+from dist_lm.config.schema import Config, UserError, replaced
+from dist_lm.data.checks import padded_vocab_size
+from dist_lm.model.counts import count_parameters, flops_per_token
 from dist_lm.plan.hardware import Machine
 from dist_lm.plan.memory import GB, MemoryEstimate, estimate
-from dist_lm.model.counts import count_parameters, flops_per_token
 from dist_lm.runtime.precision import Precision
 
 # Model presets for GPUs, largest first; "debug" is the CPU plan.
@@ -51,8 +51,13 @@ STRATEGIES: tuple[dict, ...] = (
 SMALL_BUCKETS = {"reduce_bucket_size": 50_000_000, "allgather_bucket_size": 50_000_000}
 OFFLOAD_STRATEGIES: tuple[dict, ...] = (
     {"zero_stage": 2, "activation_checkpointing": True, "offload_optimizer": True, **SMALL_BUCKETS},
-    {"zero_stage": 3, "activation_checkpointing": True, "offload_optimizer": True, "offload_params": True,
-     **SMALL_BUCKETS},
+    {
+        "zero_stage": 3,
+        "activation_checkpointing": True,
+        "offload_optimizer": True,
+        "offload_params": True,
+        **SMALL_BUCKETS,
+    },
 )
 
 # Compiling by regions (parallel.compile_regions: one block's graph serves them all) reaches the
@@ -88,8 +93,10 @@ class Plan:
         lines = [f"machine: {self.machine.describe()}", f"plan: preset {self.preset}, {self.world_size} rank(s)"]
         lines += [f"  {r}" for r in self.reasons]
         if self.memory is not None:
-            lines.append(f"  predicted peak memory per GPU {self.memory.describe()}; "
-                         f"budget {self.budget_gb:.1f} GB of {self.machine.gpu_mem_gb:g} GB")
+            lines.append(
+                f"  predicted peak memory per GPU {self.memory.describe()}; "
+                f"budget {self.budget_gb:.1f} GB of {self.machine.gpu_mem_gb:g} GB"
+            )
         return lines
 
 
@@ -147,8 +154,10 @@ def vocab_size_for(cfg: Config) -> int:
 
 def _with(cfg: Config, parallel: dict, micro: int, global_batch: int | None) -> Config:
     return dataclasses.replace(
-        cfg, parallel=dataclasses.replace(cfg.parallel, **parallel),
-        train=dataclasses.replace(cfg.train, micro_batch_size=micro, global_batch_size=global_batch))
+        cfg,
+        parallel=dataclasses.replace(cfg.parallel, **parallel),
+        train=dataclasses.replace(cfg.train, micro_batch_size=micro, global_batch_size=global_batch),
+    )
 
 
 def step_seconds(cfg: Config, machine: Machine, world_size: int) -> float | None:
@@ -159,8 +168,12 @@ def step_seconds(cfg: Config, machine: Machine, world_size: int) -> float | None
     return flops_per_token(cfg.model) * tokens / (world_size * machine.peak_flops * MFU_ASSUMED)
 
 
-def make_plan(machine: Machine, overrides: list[str] = (), world_size: int | None = None,
-              resumed: tuple[Precision, int | None] | None = None) -> Plan:
+def make_plan(
+    machine: Machine,
+    overrides: list[str] = (),
+    world_size: int | None = None,
+    resumed: tuple[Precision, int | None] | None = None,
+) -> Plan:
     """The plan for ``machine``; ``world_size`` defaults to one rank per GPU. ``resumed``: the
     precision and ZeRO stage of the checkpoint the run resumes (dist_lm.train.restore.resumed_settings)."""
     given = list(overrides)
@@ -195,22 +208,34 @@ def _make_plan(machine: Machine, overrides: list[str], world: int, allow_autocas
         plan = _plan_preset(preset, machine, overrides, fixed, world, STRATEGIES, allow_autocast)
         if plan is not None:
             return plan
-    plan = _plan_preset(GPU_PRESETS[-1], machine, overrides, fixed, world, OFFLOAD_STRATEGIES, allow_autocast,
-                        check_speed=False)
+    plan = _plan_preset(
+        GPU_PRESETS[-1], machine, overrides, fixed, world, OFFLOAD_STRATEGIES, allow_autocast, check_speed=False
+    )
     if plan is not None:
         return plan
     smallest = load_config(GPU_PRESETS[-1], overrides)
     smallest = replaced(smallest, "model", vocab_size=vocab_size_for(smallest))
-    need = estimate(smallest.model, dataclasses.replace(smallest.parallel, **OFFLOAD_STRATEGIES[-1]), Precision.BF16, 1,
-                    world)
-    raise UserError(f"plan: nothing fits in {max(usable_gb(machine), 0):.1f} GB of each {machine.gpu_mem_gb:g} GB GPU "
-                    f"({HEADROOM_FRACTION:.0%} and {HEADROOM_FIXED_GB} GB are kept free); the smallest preset "
-                    f"({GPU_PRESETS[-1]}) needs {need.total / GB:.1f} GB even with micro-batch 1 and offload; "
-                    "use a smaller model (model.d_model=..., model.n_layers=...) or --config debug")
+    need = estimate(
+        smallest.model, dataclasses.replace(smallest.parallel, **OFFLOAD_STRATEGIES[-1]), Precision.BF16, 1, world
+    )
+    raise UserError(
+        f"plan: nothing fits in {max(usable_gb(machine), 0):.1f} GB of each {machine.gpu_mem_gb:g} GB GPU "
+        f"({HEADROOM_FRACTION:.0%} and {HEADROOM_FIXED_GB} GB are kept free); the smallest preset "
+        f"({GPU_PRESETS[-1]}) needs {need.total / GB:.1f} GB even with micro-batch 1 and offload; "
+        "use a smaller model (model.d_model=..., model.n_layers=...) or --config debug"
+    )
 
 
-def _plan_preset(preset: str, machine: Machine, overrides: list[str], fixed: set[str], world: int,
-                 strategies: tuple[dict, ...], allow_autocast: bool, check_speed: bool = True) -> Plan | None:
+def _plan_preset(
+    preset: str,
+    machine: Machine,
+    overrides: list[str],
+    fixed: set[str],
+    world: int,
+    strategies: tuple[dict, ...],
+    allow_autocast: bool,
+    check_speed: bool = True,
+) -> Plan | None:
     cfg = load_config(preset, overrides)
     cfg = replaced(cfg, "model", vocab_size=vocab_size_for(cfg))
     reasons: list[str] = []
@@ -226,8 +251,10 @@ def _plan_preset(preset: str, machine: Machine, overrides: list[str], fixed: set
     resolved = best if precision == "auto" else Precision(precision)
     if resolved is Precision.FP8:
         if machine.fp8 is False:
-            raise UserError(f"plan: parallel.precision=fp8 needs GPUs with float8 tensor cores (compute capability "
-                            f"8.9 or more: Ada, Hopper), which {machine.gpu_name or 'these GPUs'} lack: use bf16 or auto")
+            raise UserError(
+                f"plan: parallel.precision=fp8 needs GPUs with float8 tensor cores (compute capability "
+                f"8.9 or more: Ada, Hopper), which {machine.gpu_name or 'these GPUs'} lack: use bf16 or auto"
+            )
         known = "" if machine.fp8 else " (whether these GPUs have float8 tensor cores is unknown: the run checks)"
         reasons.append(f"precision fp8 (as given): memory counted as bf16, speed estimated at the bf16 peak{known}")
 
@@ -237,13 +264,20 @@ def _plan_preset(preset: str, machine: Machine, overrides: list[str], fixed: set
     # accumulating, bf16's lighter micro-batches win (0.97x at 64 micro-batches a step:
     # docs/benchmarks.md). Not when the user chose the precision or the stage, nor when the run
     # resumes a checkpoint (make_plan keeps what its state needs).
-    autocast = allow_autocast and world == 1 and resolved is Precision.BF16 and \
-        not fixed & {"parallel.precision", "parallel.zero_stage"}
+    autocast = (
+        allow_autocast
+        and world == 1
+        and resolved is Precision.BF16
+        and not fixed & {"parallel.precision", "parallel.zero_stage"}
+    )
 
     global_batch = cfg.train.global_batch_size
     per_rank = global_batch_size(cfg.train, world) // world
-    micros = [cfg.train.micro_batch_size] if "train.micro_batch_size" in fixed else \
-        [m for m in MICRO_BATCHES if m <= max(per_rank, 1)]
+    micros = (
+        [cfg.train.micro_batch_size]
+        if "train.micro_batch_size" in fixed
+        else [m for m in MICRO_BATCHES if m <= max(per_rank, 1)]
+    )
     budget = usable_gb(machine) * GB
     seen: set[tuple] = set()
     for strategy in strategies:
@@ -261,8 +295,11 @@ def _plan_preset(preset: str, machine: Machine, overrides: list[str], fixed: set
         for micro in micros:
             if micro < smallest and "train.micro_batch_size" not in fixed:
                 break
-            if global_batch is not None and rounded_up(global_batch, micro, world) != global_batch \
-                    and "train.global_batch_size" in fixed:
+            if (
+                global_batch is not None
+                and rounded_up(global_batch, micro, world) != global_batch
+                and "train.global_batch_size" in fixed
+            ):
                 continue
             one_micro_batch_a_step = global_batch is None or rounded_up(global_batch, micro, world) == micro * world
             use_autocast = autocast_here and one_micro_batch_a_step
@@ -276,16 +313,30 @@ def _plan_preset(preset: str, machine: Machine, overrides: list[str], fixed: set
             if regional is not None:
                 trial_parallel = {**trial_parallel, "compile_regions": True}
                 trial = _with(trial, trial_parallel, micro, global_batch)
-                reasons.append(f"compiled by regions: the run's {regional[0]:,} micro-batches end about "
-                               f"{regional[1]:.0f} s sooner than with the whole model compiled, whose faster "
-                               "steps repay its slower first one only over longer runs")
+                reasons.append(
+                    f"compiled by regions: the run's {regional[0]:,} micro-batches end about "
+                    f"{regional[1]:.0f} s sooner than with the whole model compiled, whose faster "
+                    "steps repay its slower first one only over longer runs"
+                )
             if use_autocast:
-                reasons.append("bf16-autocast at ZeRO stage 0: one GPU shards nothing, and with every micro-batch "
-                               "a step, fp32 weights under torch.autocast with torch's fused AdamW step faster than "
-                               "DeepSpeed's bf16 optimizer (its checkpoints resume at ZeRO stage 0 on any number "
-                               "of GPUs)")
-            return _finish(preset, machine, world, trial, mem, trial_parallel,
-                           trial_resolved.value if use_autocast else precision, fixed, overrides, reasons)
+                reasons.append(
+                    "bf16-autocast at ZeRO stage 0: one GPU shards nothing, and with every micro-batch "
+                    "a step, fp32 weights under torch.autocast with torch's fused AdamW step faster than "
+                    "DeepSpeed's bf16 optimizer (its checkpoints resume at ZeRO stage 0 on any number "
+                    "of GPUs)"
+                )
+            return _finish(
+                preset,
+                machine,
+                world,
+                trial,
+                mem,
+                trial_parallel,
+                trial_resolved.value if use_autocast else precision,
+                fixed,
+                overrides,
+                reasons,
+            )
     return None
 
 
@@ -295,9 +346,14 @@ def regional_compile_gain(cfg: Config, precision: Precision, world: int, fixed: 
     compiled at ZeRO 0-2 without activation checkpointing, in DeepSpeed's precisions (not
     bf16-autocast); and only where the user set neither compile key."""
     p = cfg.parallel
-    if world != 1 or not p.compile or p.zero_stage >= 3 or p.activation_checkpointing \
-            or precision is Precision.BF16_AUTOCAST \
-            or fixed & {"parallel.compile", "parallel.compile_regions"}:
+    if (
+        world != 1
+        or not p.compile
+        or p.zero_stage >= 3
+        or p.activation_checkpointing
+        or precision is Precision.BF16_AUTOCAST
+        or fixed & {"parallel.compile", "parallel.compile_regions"}
+    ):
         return None
     per_step = global_batch_size(cfg.train, world)
     steps = cfg.train.max_steps
@@ -312,8 +368,18 @@ def _merged(cfg: Config, parallel: dict) -> dict:
     return {**dataclasses.asdict(cfg.parallel), **parallel}
 
 
-def _finish(preset: str, machine: Machine, world: int, cfg: Config, mem: MemoryEstimate, parallel: dict,
-            precision: str, fixed: set[str], overrides: list[str], reasons: list[str]) -> Plan:
+def _finish(
+    preset: str,
+    machine: Machine,
+    world: int,
+    cfg: Config,
+    mem: MemoryEstimate,
+    parallel: dict,
+    precision: str,
+    fixed: set[str],
+    overrides: list[str],
+    reasons: list[str],
+) -> Plan:
     choices = []
     if "parallel.precision" not in fixed:
         choices.append(f"parallel.precision={precision}")
@@ -325,21 +391,31 @@ def _finish(preset: str, machine: Machine, world: int, cfg: Config, mem: MemoryE
     global_batch = cfg.train.global_batch_size
     if global_batch is not None and rounded_up(global_batch, micro, world) != global_batch:
         rounded = rounded_up(global_batch, micro, world)
-        reasons.append(f"global batch {global_batch} is not a multiple of micro-batch x ranks = {micro * world}: "
-                       f"{rounded} instead")
+        reasons.append(
+            f"global batch {global_batch} is not a multiple of micro-batch x ranks = {micro * world}: {rounded} instead"
+        )
         choices.append(f"train.global_batch_size={rounded}")
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, global_batch_size=rounded))
     params = count_parameters(cfg.model)["total"]
     p = cfg.parallel
-    how = f"ZeRO stage {p.zero_stage}" + (", activation checkpointing" if p.activation_checkpointing else "") + \
-        (", optimizer on the CPU" if p.offload_optimizer else "") + (", parameters on the CPU" if p.offload_params else "") + \
-        (f", reduction buckets of {p.reduce_bucket_size:,} elements" if "reduce_bucket_size" in parallel else "")
-    reasons.insert(0, f"model {params / 1e6:.0f}M parameters (the largest preset that fits and steps in under "
-                      f"{MAX_STEP_SECONDS:.0f} s at {MFU_ASSUMED:.0%} MFU)")
+    how = (
+        f"ZeRO stage {p.zero_stage}"
+        + (", activation checkpointing" if p.activation_checkpointing else "")
+        + (", optimizer on the CPU" if p.offload_optimizer else "")
+        + (", parameters on the CPU" if p.offload_params else "")
+        + (f", reduction buckets of {p.reduce_bucket_size:,} elements" if "reduce_bucket_size" in parallel else "")
+    )
+    reasons.insert(
+        0,
+        f"model {params / 1e6:.0f}M parameters (the largest preset that fits and steps in under "
+        f"{MAX_STEP_SECONDS:.0f} s at {MFU_ASSUMED:.0%} MFU)",
+    )
     reasons.append(f"{how}, micro-batch {micro}: the fastest settings that fit")
     batch = batch_sizes(cfg.train, world)
-    reasons.append(f"global batch {batch.global_batch_size} = micro {micro} x accumulation "
-                   f"{batch.grad_accum_steps} x ranks {world}")
+    reasons.append(
+        f"global batch {batch.global_batch_size} = micro {micro} x accumulation "
+        f"{batch.grad_accum_steps} x ranks {world}"
+    )
     kept = sorted(k for k in fixed)
     if kept:
         reasons.append(f"kept as given: {', '.join(kept)}")
@@ -356,19 +432,24 @@ def launch_commands(plan: Plan) -> dict[str, str]:
         return {"python": f"python launchers/pretrain.py {args}"}
     g, n = m.gpus_per_node, m.nodes
     if n == 1:
-        cmds = {"torchrun": f"launchers/torchrun.sh {args}",
-                "deepspeed": f"launchers/deepspeed.sh {args}",
-                "mpirun": f"NP={g} launchers/mpirun.sh {args}"}
+        cmds = {
+            "torchrun": f"launchers/torchrun.sh {args}",
+            "deepspeed": f"launchers/deepspeed.sh {args}",
+            "mpirun": f"NP={g} launchers/mpirun.sh {args}",
+        }
         if g == 1:
             cmds = {"python": f"python launchers/pretrain.py {args}", **cmds}
     else:
         hosts = " ".join(f"node{i}" for i in range(n))
-        cmds = {"torchrun": f"NNODES={n} NODE_RANK=<0..{n - 1}> MASTER_ADDR=node0 launchers/torchrun.sh {args}  # on every node",
-                "deepspeed": f'HOSTS="{hosts}" GPUS_PER_NODE={g} MASTER_ADDR=node0 launchers/deepspeed.sh {args}',
-                "mpirun": f"NP={g * n} HOSTS={','.join(f'node{i}:{g}' for i in range(n))} MASTER_ADDR=node0 "
-                          f"launchers/mpirun.sh {args}"}
-    cmds["sbatch"] = (f"sbatch --nodes={n} --gpus-per-node={g} --ntasks-per-node={g} slurm/pretrain.sh "
-                      + " ".join(_quote(a) for a in [plan.preset, *plan.choices, *plan.user_overrides]))
+        cmds = {
+            "torchrun": f"NNODES={n} NODE_RANK=<0..{n - 1}> MASTER_ADDR=node0 launchers/torchrun.sh {args}  # on every node",
+            "deepspeed": f'HOSTS="{hosts}" GPUS_PER_NODE={g} MASTER_ADDR=node0 launchers/deepspeed.sh {args}',
+            "mpirun": f"NP={g * n} HOSTS={','.join(f'node{i}:{g}' for i in range(n))} MASTER_ADDR=node0 "
+            f"launchers/mpirun.sh {args}",
+        }
+    cmds["sbatch"] = f"sbatch --nodes={n} --gpus-per-node={g} --ntasks-per-node={g} slurm/pretrain.sh " + " ".join(
+        _quote(a) for a in [plan.preset, *plan.choices, *plan.user_overrides]
+    )
     return cmds
 
 
@@ -378,14 +459,19 @@ def _quote(arg: str) -> str:
 
 def format_plan(plan: Plan) -> str:
     """The plan and the command for each launcher, as printed by --plan and tools/plan.py."""
-    lines = plan.summary() + ["", "resolved settings: " + " ".join(plan.choices or ["(the preset as it is)"]), "",
-                              "launch it with any of:"]
+    lines = plan.summary() + [
+        "",
+        "resolved settings: " + " ".join(plan.choices or ["(the preset as it is)"]),
+        "",
+        "launch it with any of:",
+    ]
     lines += [f"  {name:<9} {cmd}" for name, cmd in launch_commands(plan).items()]
     return "\n".join(lines)
 
 
-def plan_for_this_machine(overrides: list[str], nodes: int, world_size: int | None,
-                          resumed: tuple[Precision, int | None] | None = None) -> Plan:
+def plan_for_this_machine(
+    overrides: list[str], nodes: int, world_size: int | None, resumed: tuple[Precision, int | None] | None = None
+) -> Plan:
     """The plan for the machine we run on (imports torch to look at the GPUs)."""
     from dist_lm.plan.hardware import detect_machine
 

@@ -43,8 +43,10 @@ class DistEnv:
         return max(1, self.world_size // max(1, self.local_world_size))
 
     def describe(self) -> str:
-        return (f"launcher={self.launcher} world_size={self.world_size} nodes={self.num_nodes} "
-                f"ranks_per_node={self.local_world_size} master={self.master_addr}:{self.master_port}")
+        return (
+            f"launcher={self.launcher} world_size={self.world_size} nodes={self.num_nodes} "
+            f"ranks_per_node={self.local_world_size} master={self.master_addr}:{self.master_port}"
+        )
 
 
 def _int(env: Mapping[str, str], name: str) -> int:
@@ -52,8 +54,10 @@ def _int(env: Mapping[str, str], name: str) -> int:
     try:
         return int(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
-        raise UserError(f"launch environment: {name}={value!r} is not an integer; "
-                        "unset it or start through torchrun/deepspeed/mpirun/srun") from None
+        raise UserError(
+            f"launch environment: {name}={value!r} is not an integer; "
+            "unset it or start through torchrun/deepspeed/mpirun/srun"
+        ) from None
 
 
 def free_port() -> int:
@@ -70,37 +74,69 @@ def detect(env: Mapping[str, str]) -> DistEnv:
     if "RANK" in env or "WORLD_SIZE" in env:  # torchrun, the deepspeed launcher, or set by hand
         for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
             if name not in env:
-                raise UserError(f"launch environment: RANK/WORLD_SIZE are set but {name} is not; "
-                                "start through torchrun or deepspeed, or unset RANK and WORLD_SIZE")
+                raise UserError(
+                    f"launch environment: RANK/WORLD_SIZE are set but {name} is not; "
+                    "start through torchrun or deepspeed, or unset RANK and WORLD_SIZE"
+                )
         # The deepspeed launcher also sets CROSS_RANK/CROSS_SIZE (its node rank and count).
         launcher = "torchrun" if "TORCHELASTIC_RUN_ID" in env else "deepspeed" if "CROSS_RANK" in env else "env"
         world = _int(env, "WORLD_SIZE")
-        local_world = _int(env, "LOCAL_WORLD_SIZE") if "LOCAL_WORLD_SIZE" in env else (
-            _int(env, "LOCAL_SIZE") if "LOCAL_SIZE" in env else world)
+        local_world = (
+            _int(env, "LOCAL_WORLD_SIZE")
+            if "LOCAL_WORLD_SIZE" in env
+            else (_int(env, "LOCAL_SIZE") if "LOCAL_SIZE" in env else world)
+        )
         return _checked(DistEnv(launcher, _int(env, "RANK"), _int(env, "LOCAL_RANK"), world, local_world, addr, port))
 
     if "OMPI_COMM_WORLD_RANK" in env:
-        return _checked(DistEnv(
-            "openmpi", _int(env, "OMPI_COMM_WORLD_RANK"), _int(env, "OMPI_COMM_WORLD_LOCAL_RANK"),
-            _int(env, "OMPI_COMM_WORLD_SIZE"), _int(env, "OMPI_COMM_WORLD_LOCAL_SIZE"),
-            _mpi_master(env, _int(env, "OMPI_COMM_WORLD_SIZE") == _int(env, "OMPI_COMM_WORLD_LOCAL_SIZE"), addr), port))
+        return _checked(
+            DistEnv(
+                "openmpi",
+                _int(env, "OMPI_COMM_WORLD_RANK"),
+                _int(env, "OMPI_COMM_WORLD_LOCAL_RANK"),
+                _int(env, "OMPI_COMM_WORLD_SIZE"),
+                _int(env, "OMPI_COMM_WORLD_LOCAL_SIZE"),
+                _mpi_master(env, _int(env, "OMPI_COMM_WORLD_SIZE") == _int(env, "OMPI_COMM_WORLD_LOCAL_SIZE"), addr),
+                port,
+            )
+        )
 
     if "PMI_RANK" in env:  # MPICH / Intel MPI (Hydra)
         world = _int(env, "PMI_SIZE")
         local_world = _int(env, "MPI_LOCALNRANKS") if "MPI_LOCALNRANKS" in env else world
         local_rank = _int(env, "MPI_LOCALRANKID") if "MPI_LOCALRANKID" in env else _int(env, "PMI_RANK") % local_world
-        return _checked(DistEnv("mpich", _int(env, "PMI_RANK"), local_rank, world, local_world,
-                                _mpi_master(env, world == local_world, addr), port))
+        return _checked(
+            DistEnv(
+                "mpich",
+                _int(env, "PMI_RANK"),
+                local_rank,
+                world,
+                local_world,
+                _mpi_master(env, world == local_world, addr),
+                port,
+            )
+        )
 
     # srun's own tasks (one per GPU). A batch script itself (no step) is one plain process.
     if "SLURM_PROCID" in env and "SLURM_STEP_NUM_TASKS" in env:
         world = _int(env, "SLURM_STEP_NUM_TASKS")
         nodes = _int(env, "SLURM_STEP_NUM_NODES") if "SLURM_STEP_NUM_NODES" in env else 1
         if "MASTER_ADDR" not in env and nodes > 1:
-            raise UserError("launch environment: a multi-node srun needs MASTER_ADDR (the first host of "
-                            "$SLURM_JOB_NODELIST, as slurm/pretrain.sh sets it)")
-        return _checked(DistEnv("slurm", _int(env, "SLURM_PROCID"), _int(env, "SLURM_LOCALID"), world,
-                                max(1, world // nodes), addr, port))
+            raise UserError(
+                "launch environment: a multi-node srun needs MASTER_ADDR (the first host of "
+                "$SLURM_JOB_NODELIST, as slurm/pretrain.sh sets it)"
+            )
+        return _checked(
+            DistEnv(
+                "slurm",
+                _int(env, "SLURM_PROCID"),
+                _int(env, "SLURM_LOCALID"),
+                world,
+                max(1, world // nodes),
+                addr,
+                port,
+            )
+        )
 
     return DistEnv("none", 0, 0, 1, 1, "127.0.0.1", port if "MASTER_PORT" in env else 0)
 
@@ -108,8 +144,10 @@ def detect(env: Mapping[str, str]) -> DistEnv:
 def _mpi_master(env: Mapping[str, str], single_node: bool, default: str) -> str:
     if "MASTER_ADDR" in env or single_node:
         return default
-    raise UserError("launch environment: a multi-node mpirun needs MASTER_ADDR (rank 0's host); "
-                    "pass it with -x MASTER_ADDR=<host> as launchers/mpirun.sh does")
+    raise UserError(
+        "launch environment: a multi-node mpirun needs MASTER_ADDR (rank 0's host); "
+        "pass it with -x MASTER_ADDR=<host> as launchers/mpirun.sh does"
+    )
 
 
 def _checked(d: DistEnv) -> DistEnv:
@@ -127,12 +165,16 @@ def check_master_reachable(d: DistEnv) -> None:
     try:
         infos = socket.getaddrinfo(d.master_addr, d.master_port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError):
-        raise UserError(f"launch environment: MASTER_ADDR={d.master_addr} does not resolve on this node; "
-                        "set it to the first node's hostname or IP address") from None
+        raise UserError(
+            f"launch environment: MASTER_ADDR={d.master_addr} does not resolve on this node; "
+            "set it to the first node's hostname or IP address"
+        ) from None
     if all(ipaddress.ip_address(info[4][0].split("%")[0]).is_loopback for info in infos):
-        raise UserError(f"launch environment: MASTER_ADDR={d.master_addr} is this machine's loopback address, "
-                        f"which the other {d.num_nodes - 1} node(s) cannot reach; set it to the first node's "
-                        "hostname or IP address")
+        raise UserError(
+            f"launch environment: MASTER_ADDR={d.master_addr} is this machine's loopback address, "
+            f"which the other {d.num_nodes - 1} node(s) cannot reach; set it to the first node's "
+            "hostname or IP address"
+        )
 
 
 def device_for(d: DistEnv) -> torch.device:
@@ -141,8 +183,10 @@ def device_for(d: DistEnv) -> torch.device:
         return torch.device("cpu")
     count = torch.cuda.device_count()
     if d.local_rank >= count:
-        raise UserError(f"launch environment: local rank {d.local_rank} but only {count} GPUs are visible; "
-                        f"start at most {count} ranks per node (check CUDA_VISIBLE_DEVICES)")
+        raise UserError(
+            f"launch environment: local rank {d.local_rank} but only {count} GPUs are visible; "
+            f"start at most {count} ranks per node (check CUDA_VISIBLE_DEVICES)"
+        )
     return torch.device("cuda", d.local_rank)
 
 
@@ -152,8 +196,14 @@ def init_process_group(d: DistEnv, device: torch.device, timeout_minutes: float)
     (dist_lm.train.watchdog), which ends a hang first, with a line naming the rank. Returns the port
     of the rendezvous store."""
     port = d.master_port or free_port()
-    os.environ.update(RANK=str(d.rank), WORLD_SIZE=str(d.world_size), LOCAL_RANK=str(d.local_rank),
-                      LOCAL_WORLD_SIZE=str(d.local_world_size), MASTER_ADDR=d.master_addr, MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(d.rank),
+        WORLD_SIZE=str(d.world_size),
+        LOCAL_RANK=str(d.local_rank),
+        LOCAL_WORLD_SIZE=str(d.local_world_size),
+        MASTER_ADDR=d.master_addr,
+        MASTER_PORT=str(port),
+    )
     kwargs = {}
     if device.type == "cuda":
         torch.cuda.set_device(device)

@@ -12,8 +12,13 @@ from dist_lm.config.schema import OptimConfig, ParallelConfig
 from dist_lm.runtime.precision import Precision
 
 
-def deepspeed_config(parallel: ParallelConfig, optim: OptimConfig, batch: BatchSizes, precision: Precision | str,
-                     load_universal: bool = False) -> dict:
+def deepspeed_config(
+    parallel: ParallelConfig,
+    optim: OptimConfig,
+    batch: BatchSizes,
+    precision: Precision | str,
+    load_universal: bool = False,
+) -> dict:
     """DeepSpeed's JSON config for a resolved precision (a Precision, or its name).
     ``load_universal``: the checkpoint to resume is in DeepSpeed's universal format."""
     precision = Precision(precision)
@@ -45,8 +50,11 @@ def deepspeed_config(parallel: ParallelConfig, optim: OptimConfig, batch: BatchS
         # to the fp32 accumulation buffer as soon as backward produces it and then freed, instead
         # of all being kept to the end of backward and zeroed after: 2 bytes per parameter less
         # memory, and as fast or faster (docs/benchmarks.md, fourth session). Other stages ignore it.
-        "bf16": {"enabled": precision.deepspeed_section == "bf16", "check_grad_overflow": True,
-                 "immediate_grad_update": True},
+        "bf16": {
+            "enabled": precision.deepspeed_section == "bf16",
+            "check_grad_overflow": True,
+            "immediate_grad_update": True,
+        },
         "fp16": {
             "enabled": precision.deepspeed_section == "fp16",
             "loss_scale": 0,  # 0 = dynamic loss scaling
@@ -81,16 +89,27 @@ def deepspeed_config(parallel: ParallelConfig, optim: OptimConfig, batch: BatchS
         # leaves "embed" and "lm_head" to AdamW), AdamW for the rest, each half with its settings.
         config["optimizer"] = {
             "type": "Muon",
-            "params": {"lr": optim.lr, "muon_lr": optim.muon_lr, "adam_lr": optim.lr, "momentum": optim.muon_momentum,
-                       "betas": [optim.beta1, optim.beta2], "eps": optim.eps, "weight_decay": optim.weight_decay},
+            "params": {
+                "lr": optim.lr,
+                "muon_lr": optim.muon_lr,
+                "adam_lr": optim.lr,
+                "momentum": optim.muon_momentum,
+                "betas": [optim.beta1, optim.beta2],
+                "eps": optim.eps,
+                "weight_decay": optim.weight_decay,
+            },
         }
     elif parallel.offload_optimizer:
         # With the optimizer on the CPU DeepSpeed builds its own CPU Adam (AVX, multithreaded);
         # a torch optimizer there would be several times slower.
         config["optimizer"] = {
             "type": "AdamW",
-            "params": {"lr": optim.lr, "betas": [optim.beta1, optim.beta2], "eps": optim.eps,
-                       "weight_decay": optim.weight_decay},
+            "params": {
+                "lr": optim.lr,
+                "betas": [optim.beta1, optim.beta2],
+                "eps": optim.eps,
+                "weight_decay": optim.weight_decay,
+            },
         }
     return config
 

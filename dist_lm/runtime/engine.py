@@ -22,7 +22,10 @@ if not torch.cuda.is_available():
 
 import deepspeed  # noqa: E402
 from deepspeed.checkpoint.constants import (  # noqa: E402
-    UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY, UNIVERSAL_CHECKPOINT_VERSION_VALUE)
+    UNIVERSAL_CHECKPOINT_INFO,
+    UNIVERSAL_CHECKPOINT_VERSION_KEY,
+    UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+)
 from deepspeed.moe.layer import MoE  # noqa: E402  (what dist_lm.model.moe wraps)
 from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer  # noqa: E402
 from deepspeed.runtime.bf16_optimizer import BF16_Optimizer  # noqa: E402
@@ -34,8 +37,8 @@ from dist_lm.config.batch import BatchSizes  # noqa: E402
 from dist_lm.config.schema import OptimConfig, ParallelConfig, UserError  # noqa: E402
 from dist_lm.model.loss import uses_chunked  # noqa: E402
 from dist_lm.model.transformer import Transformer  # noqa: E402
-from dist_lm.runtime.ds_config import deepspeed_config  # noqa: E402
 from dist_lm.runtime import fp8  # noqa: E402
+from dist_lm.runtime.ds_config import deepspeed_config  # noqa: E402
 from dist_lm.runtime.optim import client_optimizer, param_groups  # noqa: E402
 from dist_lm.runtime.precision import Precision  # noqa: E402
 
@@ -48,9 +51,17 @@ def quiet(verbose: bool) -> None:
         warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
 
 
-def initialize(model: Transformer, parallel: ParallelConfig, optim: OptimConfig, batch: BatchSizes,
-               precision: Precision, device: torch.device, load_universal: bool = False,
-               start_step: int = 0, verbose: bool = False) -> "deepspeed.DeepSpeedEngine":
+def initialize(
+    model: Transformer,
+    parallel: ParallelConfig,
+    optim: OptimConfig,
+    batch: BatchSizes,
+    precision: Precision,
+    device: torch.device,
+    load_universal: bool = False,
+    start_step: int = 0,
+    verbose: bool = False,
+) -> "deepspeed.DeepSpeedEngine":
     """The DeepSpeed engine around ``model``. ``start_step``: the step of the checkpoint the run
     will load (0 for a fresh run), which DeepCompile's pass schedule counts from. ``verbose``:
     let DeepSpeed print what it prints bare at start-up."""
@@ -80,8 +91,11 @@ def initialize(model: Transformer, parallel: ParallelConfig, optim: OptimConfig,
     # Its logger keeps its own handle on stdout, so its warnings still show.
     with contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO()):
         engine, *_ = deepspeed.initialize(
-            model=model, optimizer=optimizer, model_parameters=param_sets if optimizer is None else None,
-            config=deepspeed_config(parallel, optim, batch, precision, load_universal))
+            model=model,
+            optimizer=optimizer,
+            model_parameters=param_sets if optimizer is None else None,
+            config=deepspeed_config(parallel, optim, batch, precision, load_universal),
+        )
     if reduces_for_nothing(engine):
         engine.enable_backward_allreduce = False
     if mode == REGIONAL:
@@ -116,8 +130,10 @@ def compile_wait(parallel: ParallelConfig, device: torch.device, start_step: int
     """What the silence before the first step is, for a compiled run (minutes of it)."""
     mode = compile_mode(parallel, device)
     if mode == "DeepCompile":
-        return (f"; the first step waits for DeepCompile to compile and profile (minutes at 1B parameters), "
-                f"step {start_step + deepcompile_warmup() + 1} again for its prefetching")
+        return (
+            f"; the first step waits for DeepCompile to compile and profile (minutes at 1B parameters), "
+            f"step {start_step + deepcompile_warmup() + 1} again for its prefetching"
+        )
     if mode == REGIONAL:
         return "; the first step waits for torch.compile of one block and the output (cached for restarts)"
     return "; the first step waits for torch.compile (minutes at 1B parameters)" if mode else ""
@@ -139,8 +155,10 @@ def deepcompile_schedule(start_step: int) -> list[tuple[int, list[str]]]:
     iterable). The passes and the warm-up are DeepSpeed's own names and constant."""
     from deepspeed.compile.passes import prefetch, selective_gather, zero3_compile
 
-    return [(start_step, [zero3_compile.NAME]),
-            (start_step + deepcompile_warmup(), [zero3_compile.NAME, prefetch.NAME, selective_gather.NAME])]
+    return [
+        (start_step, [zero3_compile.NAME]),
+        (start_step + deepcompile_warmup(), [zero3_compile.NAME, prefetch.NAME, selective_gather.NAME]),
+    ]
 
 
 def reduces_for_nothing(engine: "deepspeed.DeepSpeedEngine") -> bool:
@@ -166,12 +184,17 @@ def check_cpu_adam() -> None:
     from torch.utils.cpp_extension import is_ninja_available
 
     compiler = os.environ.get("CXX", "c++")
-    missing = [what for what, ok in ((f"a C++ compiler ({compiler})", shutil.which(compiler)),
-                                     ("ninja", is_ninja_available())) if not ok]
+    missing = [
+        what
+        for what, ok in ((f"a C++ compiler ({compiler})", shutil.which(compiler)), ("ninja", is_ninja_available()))
+        if not ok
+    ]
     if missing:
-        raise UserError(f"config error: parallel.offload_optimizer=true needs DeepSpeed's CPU Adam op, built on "
-                        f"first use, but {' and '.join(missing)} cannot be found; install them (apt-get install "
-                        "g++; pip install ninja) or set parallel.offload_optimizer=false")
+        raise UserError(
+            f"config error: parallel.offload_optimizer=true needs DeepSpeed's CPU Adam op, built on "
+            f"first use, but {' and '.join(missing)} cannot be found; install them (apt-get install "
+            "g++; pip install ninja) or set parallel.offload_optimizer=false"
+        )
 
 
 def restore_weight_decay(engine: "deepspeed.DeepSpeedEngine", optim: OptimConfig) -> None:
@@ -193,8 +216,9 @@ def set_lr(engine: "deepspeed.DeepSpeedEngine", lr: float, optim: OptimConfig) -
         group["lr"] = lr * muon_scale if group.get("use_muon") else lr
 
 
-def step(engine: "deepspeed.DeepSpeedEngine", grad_clip: float,
-         clips_itself: bool) -> tuple[torch.Tensor | float | None, bool]:
+def step(
+    engine: "deepspeed.DeepSpeedEngine", grad_clip: float, clips_itself: bool
+) -> tuple[torch.Tensor | float | None, bool]:
     """The optimizer step at the accumulation boundary, clipping the gradients' global norm to
     ``grad_clip`` (0: no clipping). Returns that norm before clipping (a tensor or a float, or
     None if unknown) and whether the update was applied: an update whose gradients hold NaN or
@@ -260,8 +284,11 @@ def master_weights(engine: "deepspeed.DeepSpeedEngine", rank: int, world_size: i
     """
     fp32_copies: dict[int, torch.Tensor] = {}
     if isinstance(engine.optimizer, FP16_UnfusedOptimizer):
-        fp32_copies = {id(low): high for lows, highs in zip(engine.optimizer.fp16_groups, engine.optimizer.fp32_groups)
-                       for low, high in zip(lows, highs)}
+        fp32_copies = {
+            id(low): high
+            for lows, highs in zip(engine.optimizer.fp16_groups, engine.optimizer.fp32_groups)
+            for low, high in zip(lows, highs)
+        }
     moe_layers = {name + EXPERTS: layer for name, layer in engine.module.named_modules() if isinstance(layer, MoE)}
     owned = {}
     for i, (name, param) in enumerate(engine.module.named_parameters()):
@@ -279,7 +306,7 @@ def master_weights(engine: "deepspeed.DeepSpeedEngine", rank: int, world_size: i
 def _global_expert_name(name: str, moe_layers: dict[str, MoE]) -> str:
     prefix = next(p for p in moe_layers if name.startswith(p))
     layer = moe_layers[prefix]
-    local, rest = re.match(r"(\d+)(\..*)", name[len(prefix):]).groups()
+    local, rest = re.match(r"(\d+)(\..*)", name[len(prefix) :]).groups()
     first = groups._get_expert_parallel_rank(layer.expert_group_name) * layer.num_local_experts
     return f"{prefix}{first + int(local)}{rest}"
 

@@ -23,16 +23,24 @@ def check_fp8_device(device: torch.device) -> None:
     """Refuse fp8 where it cannot run, with one line: a CPU, a GPU without float8 tensor cores,
     torchao not installed."""
     if device.type != "cuda":
-        raise ConfigError("parallel.precision", "fp8 needs a CUDA GPU of compute capability 8.9 or more (Ada, "
-                                                "Hopper); this run is on the CPU: use bf16 or auto")
+        raise ConfigError(
+            "parallel.precision",
+            "fp8 needs a CUDA GPU of compute capability 8.9 or more (Ada, "
+            "Hopper); this run is on the CPU: use bf16 or auto",
+        )
     capability = torch.cuda.get_device_capability(device)
     if capability < FP8_CAPABILITY:
-        raise ConfigError("parallel.precision", f"fp8 needs a GPU of compute capability 8.9 or more (Ada, Hopper); "
-                                                f"{device_name(device)} has {capability[0]}.{capability[1]}: "
-                                                "use bf16 or auto")
+        raise ConfigError(
+            "parallel.precision",
+            f"fp8 needs a GPU of compute capability 8.9 or more (Ada, Hopper); "
+            f"{device_name(device)} has {capability[0]}.{capability[1]}: "
+            "use bf16 or auto",
+        )
     if importlib.util.find_spec("torchao") is None:
-        raise UserError("config error: parallel.precision=fp8 trains through torchao's float8 layers, which is not "
-                        "installed: pip install torchao (or pip install 'dist-lm[fp8]'), or use bf16")
+        raise UserError(
+            "config error: parallel.precision=fp8 trains through torchao's float8 layers, which is not "
+            "installed: pip install torchao (or pip install 'dist-lm[fp8]'), or use bf16"
+        )
 
 
 def converted_layers(model: torch.nn.Module) -> list[str]:
@@ -53,5 +61,8 @@ def convert(model: torch.nn.Module, recipe: str) -> None:
     same names)."""
     from torchao.float8 import Float8LinearConfig, convert_to_float8_training
 
-    convert_to_float8_training(model, config=Float8LinearConfig.from_recipe_name(recipe),
-                               module_filter_fn=lambda module, fqn: _converts(fqn, module))
+    convert_to_float8_training(
+        model,
+        config=Float8LinearConfig.from_recipe_name(recipe),
+        module_filter_fn=lambda module, fqn: _converts(fqn, module),
+    )

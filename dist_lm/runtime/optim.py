@@ -23,8 +23,9 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def client_optimizer(param_sets: list[dict], optim: OptimConfig,
-                     parallel: ParallelConfig) -> torch.optim.Optimizer | None:
+def client_optimizer(
+    param_sets: list[dict], optim: OptimConfig, parallel: ParallelConfig
+) -> torch.optim.Optimizer | None:
     """The optimizer DeepSpeed wraps, or None where DeepSpeed builds its own from the "optimizer"
     section of its config (dist_lm.runtime.ds_config): its CPU Adam for optimizer offload (several
     times faster on the host than a torch optimizer), its Muon."""

@@ -89,13 +89,17 @@ class Precision(str, enum.Enum):
             if not on_gpu:
                 return cls.FP32, "auto: fp32 on CPU"
             precision = cls.for_gpu(has_bf16)[0]
-            return precision, (f"auto: bf16, supported by {device_name(device)}" if precision is cls.BF16 else
-                               f"auto: fp16 with dynamic loss scaling, {device_name(device)} has no bf16")
+            return precision, (
+                f"auto: bf16, supported by {device_name(device)}"
+                if precision is cls.BF16
+                else f"auto: fp16 with dynamic loss scaling, {device_name(device)} has no bf16"
+            )
         if requested == "fp8":
             from dist_lm.runtime.fp8 import check_fp8_device
 
             check_fp8_device(device)
         if requested in ("bf16", "bf16-autocast") and not has_bf16:
-            raise ConfigError("parallel.precision", f"{requested} is not supported by {device_name(device)}; "
-                              "use fp16 or auto")
+            raise ConfigError(
+                "parallel.precision", f"{requested} is not supported by {device_name(device)}; use fp16 or auto"
+            )
         return cls(requested), "as configured"

@@ -118,8 +118,10 @@ def find(resume: str, root: Path, verify: Verify | None = None) -> Found | None:
         if (path / STATE).exists() or step_of(path) is not None:
             problem = problem_with(path) or (verify(path) if verify else None)
             if problem:
-                raise CheckpointError(f"checkpoint error: checkpoint.resume={resume}: {problem}; give another "
-                                      "checkpoint, or checkpoint.resume=auto for the newest complete one")
+                raise CheckpointError(
+                    f"checkpoint error: checkpoint.resume={resume}: {problem}; give another "
+                    "checkpoint, or checkpoint.resume=auto for the newest complete one"
+                )
             return Found(path, RunState.read(path))
         root = checkpoint_root(path, f"checkpoint.resume={resume}")
     return _newest(root, resume != "auto", f"checkpoint.resume={resume}", verify)
@@ -131,11 +133,15 @@ def checkpoint_root(path: Path, what: str) -> Path:
     if (path / "checkpoints").is_dir():
         return path / "checkpoints"
     if not path.is_dir():
-        raise CheckpointError(f"checkpoint error: {what}: {path} does not exist; give a checkpoint directory "
-                              "(…/checkpoints/stepNNNNNNNN) or a run directory")
+        raise CheckpointError(
+            f"checkpoint error: {what}: {path} does not exist; give a checkpoint directory "
+            "(…/checkpoints/stepNNNNNNNN) or a run directory"
+        )
     if not (path / LATEST).is_file() and not any(step_of(p) is not None for p in path.iterdir()):
-        raise CheckpointError(f"checkpoint error: {what}: {path} is not a checkpoint, a run directory or a checkpoint "
-                              f"root (it has no {STATE}, no checkpoints/ and no stepNNNNNNNN/); give one of those")
+        raise CheckpointError(
+            f"checkpoint error: {what}: {path} is not a checkpoint, a run directory or a checkpoint "
+            f"root (it has no {STATE}, no checkpoints/ and no stepNNNNNNNN/); give one of those"
+        )
     return path
 
 
@@ -145,12 +151,16 @@ def find_for_reading(path: Path, best: bool = False) -> Found:
     The files a tool reads (its weights files) are checked against their checksums."""
     if (path / STATE).exists() or step_of(path) is not None:
         if best:
-            raise CheckpointError(f"checkpoint error: --best takes a run directory, and {path} is one checkpoint; "
-                                  "give its run directory, or leave out --best")
+            raise CheckpointError(
+                f"checkpoint error: --best takes a run directory, and {path} is one checkpoint; "
+                "give its run directory, or leave out --best"
+            )
         problem = problem_with(path) or weights_checksum_problem(path)
         if problem:
-            raise CheckpointError(f"checkpoint error: {path} cannot be read: {problem}; give another checkpoint, "
-                                  "or the run directory for its newest complete one")
+            raise CheckpointError(
+                f"checkpoint error: {path} cannot be read: {problem}; give another checkpoint, "
+                "or the run directory for its newest complete one"
+            )
         return Found(path, RunState.read(path))
     root = checkpoint_root(path, str(path))
     if not best:
@@ -159,28 +169,36 @@ def find_for_reading(path: Path, best: bool = False) -> Found:
         return found
     pointer = root / BEST
     if not pointer.is_file():
-        raise CheckpointError(f"checkpoint error: --best: {root} has no {BEST} pointer: no checkpoint was saved at a "
-                              "step with a validation loss (checkpoints save it when train.eval_interval divides "
-                              "their step); leave out --best for the newest checkpoint")
+        raise CheckpointError(
+            f"checkpoint error: --best: {root} has no {BEST} pointer: no checkpoint was saved at a "
+            "step with a validation loss (checkpoints save it when train.eval_interval divides "
+            "their step); leave out --best for the newest checkpoint"
+        )
     named = root / pointer.read_text().strip()
     if step_of(named) is None or named.parent != root:
-        raise CheckpointError(f"checkpoint error: --best: {pointer} names {named.name!r}, not a checkpoint of "
-                              f"{root}; leave out --best for the newest complete checkpoint")
+        raise CheckpointError(
+            f"checkpoint error: --best: {pointer} names {named.name!r}, not a checkpoint of "
+            f"{root}; leave out --best for the newest complete checkpoint"
+        )
     problem = problem_with(named) or weights_checksum_problem(named)
     if problem:
-        raise CheckpointError(f"checkpoint error: --best: {named}, the best checkpoint, cannot be read: {problem}; "
-                              "leave out --best for the newest complete checkpoint")
+        raise CheckpointError(
+            f"checkpoint error: --best: {named}, the best checkpoint, cannot be read: {problem}; "
+            "leave out --best for the newest complete checkpoint"
+        )
     return Found(named, RunState.read(named))
 
 
-def _newest(root: Path, required: bool, what: str, verify: Verify | None = None,
-            doing: str = "resuming from") -> Found | None:
+def _newest(
+    root: Path, required: bool, what: str, verify: Verify | None = None, doing: str = "resuming from"
+) -> Found | None:
     """The newest complete checkpoint under root, by step: normally the one ``latest`` names, but
     also after a process died between writing a checkpoint's state.json and moving ``latest``, or
     when ``verify`` finds the newer ones' content damaged. Its note names every newer checkpoint
     directory passed over: incomplete (a save that died) or damaged."""
-    skipped: list[tuple[int, str]] = [(step_of(p), f"{p.name} is incomplete ({why})")
-                                      for p in _step_dirs(root) if (why := problem_with(p))]
+    skipped: list[tuple[int, str]] = [
+        (step_of(p), f"{p.name} is incomplete ({why})") for p in _step_dirs(root) if (why := problem_with(p))
+    ]
     for candidate in reversed(complete_checkpoints(root)):
         damaged = verify(candidate) if verify else None
         if damaged is None:
@@ -190,16 +208,20 @@ def _newest(root: Path, required: bool, what: str, verify: Verify | None = None,
         skipped.append((step_of(candidate), f"{candidate.name} is damaged ({damaged})"))
     if required:
         why = "".join(f"; {note}" for _, note in sorted(skipped, reverse=True)[:1])
-        raise CheckpointError(f"checkpoint error: {what}: no complete checkpoint in {root}{why}; give another "
-                              "checkpoint or run directory")
+        raise CheckpointError(
+            f"checkpoint error: {what}: no complete checkpoint in {root}{why}; give another checkpoint or run directory"
+        )
     return None
 
 
 def incomplete_after(root: Path, step: int = -1) -> list[str]:
     """Each checkpoint directory under root past ``step`` whose save did not finish, newest
     first, said as "step00000012 is incomplete (why)"."""
-    return [f"{p.name} is incomplete ({why})" for p in reversed(_step_dirs(root))
-            if step_of(p) > step and (why := problem_with(p))]
+    return [
+        f"{p.name} is incomplete ({why})"
+        for p in reversed(_step_dirs(root))
+        if step_of(p) > step and (why := problem_with(p))
+    ]
 
 
 def checksum_problem(path: Path, names: list[str] | None = None, rank: int = 0, world_size: int = 1) -> str | None:
@@ -246,9 +268,11 @@ def owner_problem(root: Path, run_dir: Path) -> str | None:
         owner = str(root.parent.resolve())
     if owner is None or Path(owner) == run_dir.resolve():
         return None
-    return (f"checkpoint error: checkpoint.dir={root} holds the checkpoints of the run in {owner} ({newest.name} is "
-            "its newest); two runs saving into one checkpoint.dir overwrite each other's steps: give this run a "
-            f"checkpoint.dir of its own (to start from that run's checkpoint, also pass --resume {newest})")
+    return (
+        f"checkpoint error: checkpoint.dir={root} holds the checkpoints of the run in {owner} ({newest.name} is "
+        "its newest); two runs saving into one checkpoint.dir overwrite each other's steps: give this run a "
+        f"checkpoint.dir of its own (to start from that run's checkpoint, also pass --resume {newest})"
+    )
 
 
 # ------------------------------------------------------------------------------------- saving
@@ -256,9 +280,11 @@ def rng_state() -> dict:
     """This process's random-number generators as JSON-able plain values."""
     py = random.getstate()
     np_state = np.random.get_state()
-    state = {"python": [py[0], list(py[1]), py[2]],
-             "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
-             "torch": torch.get_rng_state().tolist()}
+    state = {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+        "torch": torch.get_rng_state().tolist(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state().tolist()
     return state
@@ -297,13 +323,23 @@ def check_room(root: Path, need: int) -> str | None:
         return f"{root} is not writable ({e.strerror or e}); set checkpoint.dir to a writable directory"
     free = shutil.disk_usage(existing).free
     if free < need:
-        return (f"not enough space in {root}: a checkpoint needs about {need / 1e9:.2f} GB ({need:,} bytes), "
-                f"{free / 1e9:.2f} GB are free; free some, lower checkpoint.keep_last, or set checkpoint.dir")
+        return (
+            f"not enough space in {root}: a checkpoint needs about {need / 1e9:.2f} GB ({need:,} bytes), "
+            f"{free / 1e9:.2f} GB are free; free some, lower checkpoint.keep_last, or set checkpoint.dir"
+        )
     return None
 
 
-def save(engine: Engine, root: Path, step: int, state: RunState, rank: int, world_size: int,
-         weights: Callable[[], dict], aliases: dict[str, str]) -> Path:
+def save(
+    engine: Engine,
+    root: Path,
+    step: int,
+    state: RunState,
+    rank: int,
+    world_size: int,
+    weights: Callable[[], dict],
+    aliases: dict[str, str],
+) -> Path:
     """Save on every rank (a collective over dist_lm.runtime.distributed's CPU group).
     ``weights()`` gathers this rank's share of the full weights (a collective too:
     dist_lm.engine.master_weights); ``aliases`` names the tied ones ({alias: name})."""
@@ -322,8 +358,11 @@ def save(engine: Engine, root: Path, step: int, state: RunState, rank: int, worl
     distributed.barrier()  # every rank's files are written
     # Each rank makes its share of the files durable and hashes it (they are in the page cache
     # now), in the order rank 0 lists them, so that every file is done once.
-    names = distributed.from_rank0(sorted(str(f.relative_to(path)) for f in path.rglob("*")
-                                          if f.is_file() and f.name != STATE) if rank == 0 else None)
+    names = distributed.from_rank0(
+        sorted(str(f.relative_to(path)) for f in path.rglob("*") if f.is_file() and f.name != STATE)
+        if rank == 0
+        else None
+    )
     mine: dict[str, tuple[int, str]] = {}
     failed = None
     try:

@@ -12,12 +12,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from dist_lm.train import checkpoint
-from dist_lm.runtime import distributed
 from dist_lm.observe import log
-from dist_lm.runtime import engine
-from dist_lm.train.exits import Exit
+from dist_lm.runtime import distributed, engine
 from dist_lm.runtime.precision import Precision
+from dist_lm.train import checkpoint
+from dist_lm.train.exits import Exit
 
 
 class TrainingDiverged(RuntimeError):
@@ -41,10 +40,12 @@ class ExitOnOutOfMemory:
 
     def __exit__(self, kind, error, traceback) -> None:
         if kind is not None and issubclass(kind, torch.OutOfMemoryError):
-            print(f"error: rank {self.rank} ran out of GPU memory at micro-batch {self.micro_batch_size} x seq "
-                  f"{self.seq_len}: lower train.micro_batch_size (tools/find_batch.py finds the largest that "
-                  "fits), or set parallel.activation_checkpointing=true or a higher parallel.zero_stage",
-                  file=sys.stderr)
+            print(
+                f"error: rank {self.rank} ran out of GPU memory at micro-batch {self.micro_batch_size} x seq "
+                f"{self.seq_len}: lower train.micro_batch_size (tools/find_batch.py finds the largest that "
+                "fits), or set parallel.activation_checkpointing=true or a higher parallel.zero_stage",
+                file=sys.stderr,
+            )
             distributed.leave_alone()
             raise SystemExit(Exit.OUT_OF_MEMORY) from None
 
@@ -84,11 +85,19 @@ class SpikeGuard:
             return False
         micro_size = len(ids) // micros
         everyone: list = [None] * world_size
-        dist.all_gather_object(everyone, ids[micro * micro_size:(micro + 1) * micro_size].tolist())
-        record = {"step": step, "micro_batch": micro, "loss": value, "running_mean": self.mean, "skipped": self.skip,
-                  "sample_ids": sorted(i for rank_ids in everyone for i in rank_ids)}
-        log.warn(f"step {step}: loss spike {value:.4f} > {self.factor} x running mean {record['running_mean']:.4f} "
-                 f"on samples {record['sample_ids']}" + ("; skipped" if self.skip else ""))
+        dist.all_gather_object(everyone, ids[micro * micro_size : (micro + 1) * micro_size].tolist())
+        record = {
+            "step": step,
+            "micro_batch": micro,
+            "loss": value,
+            "running_mean": self.mean,
+            "skipped": self.skip,
+            "sample_ids": sorted(i for rank_ids in everyone for i in rank_ids),
+        }
+        log.warn(
+            f"step {step}: loss spike {value:.4f} > {self.factor} x running mean {record['running_mean']:.4f} "
+            f"on samples {record['sample_ids']}" + ("; skipped" if self.skip else "")
+        )
         if self.records is not None and self.write_failure is None:
             try:
                 with open(self.records, "a") as f:
@@ -105,8 +114,9 @@ def check_finite(model_engine, loss_sum: torch.Tensor, step: int) -> None:
     loss_bad = torch.tensor(0.0 if torch.isfinite(loss_sum) else 1.0, device=loss_sum.device)
     dist.all_reduce(loss_bad, op=dist.ReduceOp.MAX)  # losses are per rank: agree before raising
     if loss_bad.item():
-        raise TrainingDiverged(f"step {step}: loss is not finite on some rank"
-                               + (f"; first non-finite gradient: {bad}" if bad else ""))
+        raise TrainingDiverged(
+            f"step {step}: loss is not finite on some rank" + (f"; first non-finite gradient: {bad}" if bad else "")
+        )
     if bad is not None:
         raise TrainingDiverged(f"step {step}: gradient of {bad} is not finite")
 
@@ -181,26 +191,38 @@ class SkipCounter:
         self.total += 1
         if self.first_skipped is None:
             self.first_skipped = step
-        what = "fp16 overflow, loss scale lowered" if self.precision is Precision.FP16 else f"gradient norm {float(grad_norm)}"
+        what = (
+            "fp16 overflow, loss scale lowered"
+            if self.precision is Precision.FP16
+            else f"gradient norm {float(grad_norm)}"
+        )
         log.warn(f"step {step}: update skipped ({what}); {self.in_a_row} in a row, {self.total} in this run")
         if self.limit and self.in_a_row >= self.limit:
-            raise TrainingDiverged(f"{self.limit} updates in a row were skipped for NaN/inf gradients "
-                                   f"(train.max_skipped_steps) from step {self.first_skipped}; "
-                                   f"{self.last_good()}: lower optim.lr or check the data of those steps")
+            raise TrainingDiverged(
+                f"{self.limit} updates in a row were skipped for NaN/inf gradients "
+                f"(train.max_skipped_steps) from step {self.first_skipped}; "
+                f"{self.last_good()}: lower optim.lr or check the data of those steps"
+            )
 
     def last_good(self) -> str:
         """Which checkpoint predates the skipped updates, said for the error: the run goes back to it."""
-        good = [p for p in checkpoint.complete_checkpoints(self.checkpoints) if checkpoint.step_of(p) < self.first_skipped]
+        good = [
+            p for p in checkpoint.complete_checkpoints(self.checkpoints) if checkpoint.step_of(p) < self.first_skipped
+        ]
         if good:
             return f"the last good checkpoint is {good[-1]}"
-        return (f"no checkpoint in {self.checkpoints} was saved before step {self.first_skipped}, so there is none "
-                "to go back to")
+        return (
+            f"no checkpoint in {self.checkpoints} was saved before step {self.first_skipped}, so there is none "
+            "to go back to"
+        )
 
     def check_run_end(self) -> None:
         """A run that ends (max_steps) while its updates are being skipped has trained on nothing
         since the first of them, and saves no checkpoint of it: that is a divergence, not a success."""
         self.settle()
         if self.in_a_row:
-            raise TrainingDiverged(f"the run ended with its last {self.in_a_row} updates skipped for NaN/inf gradients "
-                                   f"(from step {self.first_skipped}), so no checkpoint was saved of them; "
-                                   f"{self.last_good()}: lower optim.lr or check the data of those steps")
+            raise TrainingDiverged(
+                f"the run ended with its last {self.in_a_row} updates skipped for NaN/inf gradients "
+                f"(from step {self.first_skipped}), so no checkpoint was saved of them; "
+                f"{self.last_good()}: lower optim.lr or check the data of those steps"
+            )

@@ -44,8 +44,11 @@ class Trainer:
         self.last_val_loss: tuple[int, float] | None = None  # (step, loss) of the newest evaluation
         self.clips_itself = clips_itself(s.cfg.parallel, s.precision)
         self.skips = SkipCounter(s.cfg.train.max_skipped_steps, s.precision, s.ckpt_root)
-        self.spike_guard = SpikeGuard(s.cfg.train.spike_factor, s.run_dir, s.cfg.train.spike_skip) \
-            if s.cfg.train.spike_factor else None
+        self.spike_guard = (
+            SpikeGuard(s.cfg.train.spike_factor, s.run_dir, s.cfg.train.spike_skip)
+            if s.cfg.train.spike_factor
+            else None
+        )
         self.window = metrics.LogWindow(s.device)
         self._write_failure: str | None = None  # this rank's logs could not be written (a full disk)
         self.elapsed_before = 0.0  # elapsed_s of earlier processes of this run (from the checkpoint)
@@ -69,13 +72,25 @@ class Trainer:
         best = self.best_val_loss if math.isfinite(self.best_val_loss) else None  # JSON has no infinity
         val = self.last_val_loss[1] if self.last_val_loss and self.last_val_loss[0] == self.step else None
         return RunState(
-            step=self.step, config=to_dict(self.cfg), data=s.train_data.state_dict(), best_val_loss=best,
-            val_loss=val, elapsed_s=self.elapsed_s(), evals_without_improvement=self.evals_without_improvement,
-            skipped_steps=self.skips.total, tokens=self.tokens_seen(), world_size=s.dist_env.world_size,
-            zero_stage=self.cfg.parallel.zero_stage, precision=s.precision,
-            parameters=count_parameters(self.cfg.model)["total"], tokenizer_sha256=s.data.meta["tokenizer_sha256"],
-            data_fingerprint=s.data.fingerprint(), wandb_run_id=s.metrics.wandb_run_id,
-            log_window=self.window.state_dict(), run_dir=str(self.run_dir.resolve()))
+            step=self.step,
+            config=to_dict(self.cfg),
+            data=s.train_data.state_dict(),
+            best_val_loss=best,
+            val_loss=val,
+            elapsed_s=self.elapsed_s(),
+            evals_without_improvement=self.evals_without_improvement,
+            skipped_steps=self.skips.total,
+            tokens=self.tokens_seen(),
+            world_size=s.dist_env.world_size,
+            zero_stage=self.cfg.parallel.zero_stage,
+            precision=s.precision,
+            parameters=count_parameters(self.cfg.model)["total"],
+            tokenizer_sha256=s.data.meta["tokenizer_sha256"],
+            data_fingerprint=s.data.fingerprint(),
+            wandb_run_id=s.metrics.wandb_run_id,
+            log_window=self.window.state_dict(),
+            run_dir=str(self.run_dir.resolve()),
+        )
 
     def tokens_seen(self) -> int:
         return self.session.train_data.samples_consumed * self.cfg.model.seq_len
@@ -90,8 +105,10 @@ class Trainer:
         if self.step >= cfg.max_steps:
             log.info(f"nothing to do: the run is already at step {self.step} of train.max_steps={cfg.max_steps}")
             return
-        log.info(f"training from step {self.step} to {cfg.max_steps}"
-                 f"{engine.compile_wait(self.cfg.parallel, s.device, self.step)}")
+        log.info(
+            f"training from step {self.step} to {cfg.max_steps}"
+            f"{engine.compile_wait(self.cfg.parallel, s.device, self.step)}"
+        )
         self.model_engine.train()
         self.watchdog.progress(f"training step {self.step + 1}")
         progress = log.Progress(self.cfg.logging.progress, cfg.max_steps, self.step)
@@ -126,8 +143,11 @@ class Trainer:
                     self._emit(row)
                 progress.update(row)
                 # (the last step's checkpoint comes after the final evaluation, below)
-                saves = self.cfg.checkpoint.interval and self.step % self.cfg.checkpoint.interval == 0 \
+                saves = (
+                    self.cfg.checkpoint.interval
+                    and self.step % self.cfg.checkpoint.interval == 0
                     and self.step < cfg.max_steps
+                )
                 if saves:
                     self.save()
                 if evaluates or saves:  # tokens/s and step_time time training steps, not these
@@ -135,15 +155,20 @@ class Trainer:
                 if self._patience_exhausted():
                     break
                 eval_next = cfg.eval_interval and (self.step + 1) % cfg.eval_interval == 0
-                self.stop_reason = self.stop.reason_to_stop(self.step, time.perf_counter() - step_start,
-                                                            self.last_save_seconds,
-                                                            self.last_eval_seconds if eval_next else 0.0,
-                                                            self.write_failure() is not None)
+                self.stop_reason = self.stop.reason_to_stop(
+                    self.step,
+                    time.perf_counter() - step_start,
+                    self.last_save_seconds,
+                    self.last_eval_seconds if eval_next else 0.0,
+                    self.write_failure() is not None,
+                )
                 if self.stop_reason == WRITE_FAILED:
                     break
                 if self.stop_reason:
-                    log.info(f"stopping after step {self.step} of {cfg.max_steps}: {self.stop_reason}; "
-                             "run the same run directory again to continue")
+                    log.info(
+                        f"stopping after step {self.step} of {cfg.max_steps}: {self.stop_reason}; "
+                        "run the same run directory again to continue"
+                    )
                     break
         finally:
             progress.close()
@@ -158,8 +183,10 @@ class Trainer:
             self._emit(self.evaluate())
         if len(self.val_history) >= 2:
             (first_at, first), (last_at, last) = self.val_history[0], self.val_history[-1]
-            log.info(f"validation loss {first:.3f} -> {last:.3f} (perplexity {math.exp(first):.1f} -> "
-                     f"{math.exp(last):.1f}) from step {first_at} to {last_at}")
+            log.info(
+                f"validation loss {first:.3f} -> {last:.3f} (perplexity {math.exp(first):.1f} -> "
+                f"{math.exp(last):.1f}) from step {first_at} to {last_at}"
+            )
         self.skips.check_run_end()
         if self.last_saved_step != self.step and self.cfg.checkpoint.save_at_end:
             self.save()
@@ -176,9 +203,11 @@ class Trainer:
     def raise_write_failure(self) -> None:
         """End the run on every rank (a collective) with the failing rank's line."""
         failure = distributed.first_problem(self.write_failure())
-        raise UserError(f"run error: {failure} after step {self.step}; the checkpoints so far are kept, and "
-                        "metrics.jsonl and metrics.csv hold whole rows: free some space, then run the same command "
-                        "again to continue from the newest checkpoint")
+        raise UserError(
+            f"run error: {failure} after step {self.step}; the checkpoints so far are kept, and "
+            "metrics.jsonl and metrics.csv hold whole rows: free some space, then run the same command "
+            "again to continue from the newest checkpoint"
+        )
 
     def _train_step(self) -> tuple[torch.Tensor | float | None, int]:
         """One optimizer step over this rank's micro-batches; adds their losses to the log window.
@@ -193,8 +222,9 @@ class Trainer:
                 self._write_failure = f"writing {e.filename} failed ({e.strerror or e})"
         for i, (x, y, *documents) in enumerate(batches):  # documents: with data.document_mask
             loss = model_engine(x, y, documents=documents[0]) if documents else model_engine(x, y)
-            skip = self.spike_guard is not None and \
-                self.spike_guard.check_micro_batch(loss, self.step + 1, i, len(batches), data.last_ids)
+            skip = self.spike_guard is not None and self.spike_guard.check_micro_batch(
+                loss, self.step + 1, i, len(batches), data.last_ids
+            )
             # A skipped micro-batch still goes through backward (with no gradient), so that
             # DeepSpeed's micro-step count and ZeRO's collectives stay in line on every rank.
             model_engine.backward(loss * 0.0 if skip else loss)
@@ -229,8 +259,9 @@ class Trainer:
             s.metrics.alert("non-finite loss", f"{self.run_dir.name} step {self.step}: loss {loss}")
         steps, seconds = window.timed_steps, time.perf_counter() - window.start
         tokens = steps * s.batch.global_batch_size * self.cfg.model.seq_len
-        tokens_per_s, mfu = metrics.throughput(tokens, seconds, self.flops_per_token, s.dist_env.world_size,
-                                               self.peak_flops)
+        tokens_per_s, mfu = metrics.throughput(
+            tokens, seconds, self.flops_per_token, s.dist_env.world_size, self.peak_flops
+        )
         lr = lr_at(self.step - 1, self.cfg.optim, self.cfg.train.max_steps)  # the last step's (Muon: x muon_lr/lr)
         aux = z = None
         if "moe" in self.cfg.model.layer_types:
@@ -239,9 +270,17 @@ class Trainer:
         if self.cfg.optim.z_loss:
             dist.all_reduce(window.z_sum)
             z = self.cfg.optim.z_loss * window.z_sum.item() / micro_batches  # the term added to the loss
-        return {"loss": loss, "aux_loss": aux, "z_loss": z, "lr": lr, "grad_norm": None if grad_norm is None else float(grad_norm),
-                "tokens_per_s": tokens_per_s, "mfu": mfu, "step_time": seconds / steps,
-                "peak_mem_gb": metrics.peak_memory_gb(s.device)}
+        return {
+            "loss": loss,
+            "aux_loss": aux,
+            "z_loss": z,
+            "lr": lr,
+            "grad_norm": None if grad_norm is None else float(grad_norm),
+            "tokens_per_s": tokens_per_s,
+            "mfu": mfu,
+            "step_time": seconds / steps,
+            "peak_mem_gb": metrics.peak_memory_gb(s.device),
+        }
 
     def _emit(self, row: dict) -> None:
         row = {"step": self.step, "tokens": self.tokens_seen(), **row, "elapsed_s": self.elapsed_s()}
@@ -258,8 +297,10 @@ class Trainer:
     def _patience_exhausted(self) -> bool:
         patience = self.cfg.train.early_stop_patience
         if patience and self.evals_without_improvement >= patience:
-            log.info(f"early stop at step {self.step}: {patience} evaluations without improving on "
-                     f"the best validation loss {self.best_val_loss:.4f} by {self.cfg.train.early_stop_min_delta}")
+            log.info(
+                f"early stop at step {self.step}: {patience} evaluations without improving on "
+                f"the best validation loss {self.best_val_loss:.4f} by {self.cfg.train.early_stop_min_delta}"
+            )
             return True
         return False
 
@@ -315,25 +356,39 @@ class Trainer:
             return  # this step's rows are not on disk: a checkpoint of it would resume past them
         self.skips.settle()
         if self.skips.in_a_row:  # the weights since the first skipped update may be bad: keep the good ones
-            log.warn(f"step {self.step}: no checkpoint while updates are being skipped (since step "
-                     f"{self.skips.first_skipped}); the last good one stays the newest")
+            log.warn(
+                f"step {self.step}: no checkpoint while updates are being skipped (since step "
+                f"{self.skips.first_skipped}); the last good one stays the newest"
+            )
             return
         start, s = time.perf_counter(), self.session
         changed = distributed.first_problem(integrity.changed(s.data_stamps))
         if changed:  # the steps since the last checkpoint may have read other data: keep that checkpoint
-            raise UserError(f"data error: {changed}; no checkpoint is saved from these steps, the newest one is "
-                            f"as it was: restore the data (or prepare it again and start a new run.name), then run "
-                            "again")
+            raise UserError(
+                f"data error: {changed}; no checkpoint is saved from these steps, the newest one is "
+                f"as it was: restore the data (or prepare it again and start a new run.name), then run "
+                "again"
+            )
         check_room_for_a_checkpoint(self.cfg, s.ckpt_root, f"step {self.step}")
         path = s.ckpt_root / checkpoint.tag_for(self.step)
-        self.watchdog.progress(f"saving checkpoint {path}", 60 * self.cfg.checkpoint.save_timeout_minutes,
-                               "checkpoint.save_timeout_minutes")
+        self.watchdog.progress(
+            f"saving checkpoint {path}",
+            60 * self.cfg.checkpoint.save_timeout_minutes,
+            "checkpoint.save_timeout_minutes",
+        )
         rank, world_size = s.dist_env.rank, s.dist_env.world_size
         self.stop.saving = path  # a second Ctrl-C removes it while it is incomplete
         try:
-            checkpoint.save(self.model_engine, s.ckpt_root, self.step, self.state_dict(), rank, world_size,
-                            lambda: engine.master_weights(self.model_engine, rank, world_size),
-                            engine.tied_names(self.model_engine.module))
+            checkpoint.save(
+                self.model_engine,
+                s.ckpt_root,
+                self.step,
+                self.state_dict(),
+                rank,
+                world_size,
+                lambda: engine.master_weights(self.model_engine, rank, world_size),
+                engine.tied_names(self.model_engine.module),
+            )
         finally:
             self.stop.saving = None
         self.watchdog.progress(f"training step {self.step + 1}")
@@ -358,8 +413,15 @@ class Trainer:
         eot = meta.get("eot_id")
         prompt = tokenizer.encode(self.cfg.train.sample_prompt).ids or [eot if eot is not None else 0]
         self.model_engine.eval()
-        out = sample(self.model_engine.module, prompt, self.cfg.train.sample_tokens, self.cfg.model.seq_len,
-                     s.device, seed=self.cfg.train.seed, stop_id=eot)
+        out = sample(
+            self.model_engine.module,
+            prompt,
+            self.cfg.train.sample_tokens,
+            self.cfg.model.seq_len,
+            s.device,
+            seed=self.cfg.train.seed,
+            stop_id=eot,
+        )
         self.model_engine.train()
         log.info(f"sample at step {self.step}: " + tokenizer.decode(prompt + out))
 

@@ -36,8 +36,9 @@ class PlainTraining:
         self.optimizer = fused_adamw(param_groups(self.model, cfg.optim.weight_decay), cfg.optim)
         self.forward = torch.compile(self.model) if compiled else self.model
         self.autocast = autocast
-        self.data = TrainData(data.dir, data.meta, cfg.model.seq_len, batch_sizes(cfg.train, 1), 0, cfg.train.seed,
-                              device)
+        self.data = TrainData(
+            data.dir, data.meta, cfg.model.seq_len, batch_sizes(cfg.train, 1), 0, cfg.train.seed, device
+        )
         self.steps_done = 0
         self.data_wait_s = 0.0
         """Seconds spent waiting for the sampler's batches, summed over the steps."""

@@ -97,8 +97,11 @@ class StopControl:
         if saving is not None and is_rank0() and not (saving / STATE).exists():
             shutil.rmtree(saving, ignore_errors=True)
         if is_rank0():
-            print("error: interrupted again (Ctrl-C twice): stopped at once, without a checkpoint of the steps since "
-                  "the last one, which is kept; run the same command again to continue from it", file=sys.stderr)
+            print(
+                "error: interrupted again (Ctrl-C twice): stopped at once, without a checkpoint of the steps since "
+                "the last one, which is kept; run the same command again to continue from it",
+                file=sys.stderr,
+            )
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(Exit.INTERRUPTED)
@@ -110,17 +113,23 @@ class StopControl:
             self.signal_name = "a signal to another rank"
         return flag
 
-    def reason_to_stop(self, step: int, step_seconds: float, save_seconds: float,
-                       next_eval_seconds: float = 0.0, write_failed: bool = False) -> str | None:
+    def reason_to_stop(
+        self,
+        step: int,
+        step_seconds: float,
+        save_seconds: float,
+        next_eval_seconds: float = 0.0,
+        write_failed: bool = False,
+    ) -> str | None:
         """Why to stop after ``step``, or None. A collective, called by every rank after every step.
         ``next_eval_seconds``: what the evaluation in the next step will take, if it has one.
         ``write_failed``: this rank could not write its logs (WRITE_FAILED on every rank then)."""
         self.recent_steps.append(step_seconds)
         out_of_time = self.deadline is not None and (
             time.perf_counter() + seconds_to_keep(list(self.recent_steps), save_seconds, next_eval_seconds)
-            >= self.deadline)
-        signalled, out_of_time, write_failed = any_rank_each([self.signal_name is not None, out_of_time,
-                                                              write_failed])
+            >= self.deadline
+        )
+        signalled, out_of_time, write_failed = any_rank_each([self.signal_name is not None, out_of_time, write_failed])
         if write_failed:
             return WRITE_FAILED
         if signalled:

@@ -74,8 +74,10 @@ def untrusted(path: Path, error: Exception | str) -> CheckpointError:
     text = str(error)
     found = re.search(r"(?:unsupported|Unsupported global:)\s+GLOBAL ([\w.]+)", text)
     what = f"an object of type {found.group(1)}" if found else "objects that are not tensors or plain data"
-    return CheckpointError(f"checkpoint error: {path} holds {what}, which dist-lm does not unpickle (unpickling "
-                           f"runs code); if you made this checkpoint, or trust who did, pass {TRUST_FLAG}")
+    return CheckpointError(
+        f"checkpoint error: {path} holds {what}, which dist-lm does not unpickle (unpickling "
+        f"runs code); if you made this checkpoint, or trust who did, pass {TRUST_FLAG}"
+    )
 
 
 def load_pickle(path: Path) -> dict:
@@ -115,9 +117,11 @@ def needs_universal(state: RunState, world_size: int, zero_stage: int) -> bool:
     if saved_stage == 0 or zero_stage == 0:
         if saved_stage == zero_stage:
             return False  # ZeRO-0 keeps whole copies: any world size loads them
-        raise CheckpointError(f"checkpoint error: the checkpoint was saved at ZeRO stage {saved_stage} and this run "
-                              f"uses stage {zero_stage}; across stage 0 it cannot be converted: resume with "
-                              f"parallel.zero_stage={saved_stage}")
+        raise CheckpointError(
+            f"checkpoint error: the checkpoint was saved at ZeRO stage {saved_stage} and this run "
+            f"uses stage {zero_stage}; across stage 0 it cannot be converted: resume with "
+            f"parallel.zero_stage={saved_stage}"
+        )
     return True
 
 
@@ -130,13 +134,17 @@ def check_precision(state: RunState, precision: Precision) -> str | None:
     saved = Precision(state.precision)
     if Precision.BF16_AUTOCAST in (saved, precision) and saved.mixed != precision.mixed:
         stage = f" parallel.zero_stage={state.zero_stage}" if state.zero_stage is not None else ""
-        raise CheckpointError(f"checkpoint error: the checkpoint was saved in parallel.precision={saved} and this "
-                              f"run trains in {precision}, whose weights and optimizer state are kept differently: "
-                              f"resume with parallel.precision={saved}{stage}")
+        raise CheckpointError(
+            f"checkpoint error: the checkpoint was saved in parallel.precision={saved} and this "
+            f"run trains in {precision}, whose weights and optimizer state are kept differently: "
+            f"resume with parallel.precision={saved}{stage}"
+        )
     if saved is precision:
         return None
-    return (f"the checkpoint was saved in parallel.precision={saved}; this run goes on in {precision} "
-            f"(parallel.precision); to keep training as it began, resume with parallel.precision={saved}")
+    return (
+        f"the checkpoint was saved in parallel.precision={saved}; this run goes on in {precision} "
+        f"(parallel.precision); to keep training as it began, resume with parallel.precision={saved}"
+    )
 
 
 def resumed_settings(overrides: list[str]) -> tuple[Precision, int | None] | None:
@@ -161,13 +169,26 @@ def convert_to_universal(path: Path, rank: int, barrier: Callable[[], None]) -> 
         shutil.rmtree(out, ignore_errors=True)
         # dist_lm.train.to_universal: DeepSpeed's converter, with its types allowed to the
         # weights-only unpickler that this process's environment imposes on it
-        proc = subprocess.run([sys.executable, "-m", "dist_lm.train.to_universal", "--input_folder",
-                               str(path), "--output_folder", str(out)], capture_output=True, text=True)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "dist_lm.train.to_universal",
+                "--input_folder",
+                str(path),
+                "--output_folder",
+                str(out),
+            ],
+            capture_output=True,
+            text=True,
+        )
         if proc.returncode != 0:
             if "Weights only load failed" in proc.stderr:
                 raise untrusted(path, proc.stderr)
-            raise CheckpointError(f"checkpoint error: converting {path} to DeepSpeed's universal format failed: "
-                                  f"{(proc.stderr.strip().splitlines() or ['?'])[-1]}")
+            raise CheckpointError(
+                f"checkpoint error: converting {path} to DeepSpeed's universal format failed: "
+                f"{(proc.stderr.strip().splitlines() or ['?'])[-1]}"
+            )
         (out / ".complete").write_text("")
     barrier()
     return out
@@ -222,5 +243,7 @@ def load(engine: Engine, found: Found, universal: bool) -> None:
     with contextlib.redirect_stdout(io.StringIO()):  # BF16_Optimizer prints bare lines while it loads
         loaded, _ = engine.load_checkpoint(str(load_dir), tag=tag)
     if loaded is None:
-        raise CheckpointError(f"checkpoint error: {found.path} could not be loaded; give another one with "
-                              "checkpoint.resume=PATH, or start fresh with checkpoint.resume=none")
+        raise CheckpointError(
+            f"checkpoint error: {found.path} could not be loaded; give another one with "
+            "checkpoint.resume=PATH, or start fresh with checkpoint.resume=none"
+        )

@@ -42,9 +42,11 @@ def problem_with_run_dir(run_dir: Path) -> str | None:
     if not entries:
         return None
     shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
-    return (f"run error: {run_dir} holds files ({shown}) and is not a run directory (it has no {LOCK}); a run "
-            "writes config.yaml, run.json, train.log and metrics there, so it starts only in a new or empty "
-            "directory or its own: give another run.name or run.dir")
+    return (
+        f"run error: {run_dir} holds files ({shown}) and is not a run directory (it has no {LOCK}); a run "
+        "writes config.yaml, run.json, train.log and metrics there, so it starts only in a new or empty "
+        "directory or its own: give another run.name or run.dir"
+    )
 
 
 def lock(run_dir: Path, what: str = "run.name or run.dir") -> IO[str]:
@@ -59,8 +61,10 @@ def lock(run_dir: Path, what: str = "run.name or run.dir") -> IO[str]:
         handle.seek(0)
         holder = handle.read().strip() or "unknown"
         handle.close()
-        raise RunDirInUse(f"run error: {run_dir} is in use by another run (pid@host {holder}, holding "
-                          f"{run_dir / LOCK}); wait for it or stop it, or give this run another {what}") from None
+        raise RunDirInUse(
+            f"run error: {run_dir} is in use by another run (pid@host {holder}, holding "
+            f"{run_dir / LOCK}); wait for it or stop it, or give this run another {what}"
+        ) from None
     handle.truncate(0)
     handle.write(f"{os.getpid()}@{socket.gethostname()}\n")
     handle.flush()

@@ -27,9 +27,9 @@ from dist_lm.data import integrity
 from dist_lm.data.checks import ResolvedData, Source, resolve_data
 from dist_lm.data.sampler import TrainData, ValData
 from dist_lm.files import write_atomic
-from dist_lm.model.moe import build_model, check_moe
 from dist_lm.model.counts import count_parameters, flops_per_token, parameter_shapes
 from dist_lm.model.loss import uses_chunked
+from dist_lm.model.moe import build_model, check_moe
 from dist_lm.observe import log, metrics, sinks
 from dist_lm.observe.profiling import StepProfiler
 from dist_lm.plan import hardware, memory
@@ -115,10 +115,32 @@ def start(cfg: Config, plan_summary: list[str] = (), data: ResolvedData | None =
         sinks.require_tensorboard()
     rank = dist_env.rank  # data-parallel rank: no tensor or pipeline parallelism here
     eot_id = data.meta.get("eot_id") if cfg.data.document_mask else None
-    train_data = TrainData.mixture([(s.dir, s.meta, s.weight) for s in data.sources], cfg.model.seq_len, batch, rank,
-                                   cfg.train.seed, device, eot_id)
-    val_sets = [(s, ValData(s.dir, s.meta, cfg.model.seq_len, cfg.train.eval_samples, batch.micro_batch_size, rank,
-                            batch.dp_size, device, eot_id)) for s in data.sources]
+    train_data = TrainData.mixture(
+        [(s.dir, s.meta, s.weight) for s in data.sources],
+        cfg.model.seq_len,
+        batch,
+        rank,
+        cfg.train.seed,
+        device,
+        eot_id,
+    )
+    val_sets = [
+        (
+            s,
+            ValData(
+                s.dir,
+                s.meta,
+                cfg.model.seq_len,
+                cfg.train.eval_samples,
+                batch.micro_batch_size,
+                rank,
+                batch.dp_size,
+                device,
+                eot_id,
+            ),
+        )
+        for s in data.sources
+    ]
 
     # --- the process group, then the run directory (its name is rank 0's choice); a
     # checkpoint to resume is checked against the data before anything is written there
@@ -153,19 +175,21 @@ def start(cfg: Config, plan_summary: list[str] = (), data: ResolvedData | None =
     elif cfg.checkpoint.resume == "none" and checkpoint.complete_checkpoints(ckpt_root):
         raise checkpoint.CheckpointError(
             f"checkpoint error: checkpoint.resume=none but {ckpt_root} holds checkpoints of an earlier run; "
-            "use another run.name or checkpoint.dir, or resume it (checkpoint.resume=auto)")
+            "use another run.name or checkpoint.dir, or resume it (checkpoint.resume=auto)"
+        )
     if cfg.checkpoint.interval or cfg.checkpoint.save_at_end:  # not train to checkpoint.interval for nothing
         check_room_for_a_checkpoint(cfg, ckpt_root, "at start-up")
-    universal = found is not None and restore.needs_universal(found.state, dist_env.world_size,
-                                                                 cfg.parallel.zero_stage)
+    universal = found is not None and restore.needs_universal(found.state, dist_env.world_size, cfg.parallel.zero_stage)
     dir_locks = _take_run_dir(cfg, run_dir, ckpt_root if shared_root else None)
     log.set_log_file(run_dir / "train.log")
     log.info(f"dist-lm: {dist_env.describe()} device={hardware.device_name(device)}")
     for line in plan_summary:
         log.info(line)
     if bound_cores:
-        log.warn(f"optimizer offload: CPU Adam steps on the host; each rank is bound to its own "
-                 f"{len(bound_cores)} of this node's cores (rank 0: cores {bound_cores[0]}-{bound_cores[-1]})")
+        log.warn(
+            f"optimizer offload: CPU Adam steps on the host; each rank is bound to its own "
+            f"{len(bound_cores)} of this node's cores (rank 0: cores {bound_cores[0]}-{bound_cores[-1]})"
+        )
     if memory_cap:
         log.warn(memory_cap)
     compiled = engine.compile_mode(cfg.parallel, device)
@@ -175,19 +199,25 @@ def start(cfg: Config, plan_summary: list[str] = (), data: ResolvedData | None =
         # (a sweep's trials) load them instead of compiling again. Inductor keys its cache by
         # the graph's content, so runs of other models beside it share it safely.
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(run_dir.parent / COMPILE_CACHE)
-    log.info(f"precision {precision} ({precision_reason}); ZeRO stage {cfg.parallel.zero_stage}"
-             f"{', ' + compiled if compiled else ''}; batch {batch.global_batch_size} = micro {batch.micro_batch_size} "
-             f"x accum {batch.grad_accum_steps} x ranks {batch.dp_size}")
+    log.info(
+        f"precision {precision} ({precision_reason}); ZeRO stage {cfg.parallel.zero_stage}"
+        f"{', ' + compiled if compiled else ''}; batch {batch.global_batch_size} = micro {batch.micro_batch_size} "
+        f"x accum {batch.grad_accum_steps} x ranks {batch.dp_size}"
+    )
     if uses_chunked(cfg.model, device.type == "cuda", compiled=bool(compiled)):
-        log.info(f"loss: DeepSpeed's chunked cross-entropy over the {cfg.model.vocab_size:,}-token vocabulary "
-                 "(model.cross_entropy), no fp32 logits")
+        log.info(
+            f"loss: DeepSpeed's chunked cross-entropy over the {cfg.model.vocab_size:,}-token vocabulary "
+            "(model.cross_entropy), no fp32 logits"
+        )
     log.info(f"data {data.describe()}; run dir {run_dir}")
     if data_checked:
         log.info(data_checked)
     for source, val in val_sets:
         if val.split == "train":
-            log.warn(f"{source.dir} has no validation split: validation loss is measured on training windows "
-                     "(prepare the data with a --val-fraction that holds some out)")
+            log.warn(
+                f"{source.dir} has no validation split: validation loss is measured on training windows "
+                "(prepare the data with a --val-fraction that holds some out)"
+            )
 
     # --- model and engine
     torch.manual_seed(cfg.train.seed)
@@ -195,27 +225,46 @@ def start(cfg: Config, plan_summary: list[str] = (), data: ResolvedData | None =
     parameters = count_parameters(cfg.model)["total"]
     log.info(f"model {parameters / 1e6:.2f}M parameters, {flops_per_token(cfg.model) / 1e6:.1f} MFLOP/token")
     if precision is Precision.FP8:
-        log.info(f"fp8: {len(fp8.converted_layers(model))} linear layers of the blocks multiply in float8 (torchao, "
-                 f"{cfg.parallel.fp8_recipe} scaling), the embeddings and the output head in bf16; MFU is against "
-                 "the GPU's bf16 peak")
+        log.info(
+            f"fp8: {len(fp8.converted_layers(model))} linear layers of the blocks multiply in float8 (torchao, "
+            f"{cfg.parallel.fp8_recipe} scaling), the embeddings and the output head in bf16; MFU is against "
+            "the GPU's bf16 peak"
+        )
     predicted = None
     if device.type == "cuda":
-        predicted = memory.estimate(cfg.model, cfg.parallel, precision, batch.micro_batch_size, batch.dp_size,
-                                    z_loss=cfg.optim.z_loss > 0)
+        predicted = memory.estimate(
+            cfg.model, cfg.parallel, precision, batch.micro_batch_size, batch.dp_size, z_loss=cfg.optim.z_loss > 0
+        )
         log.info(f"predicted peak GPU memory per rank {predicted.describe()}")
     engine.quiet(cfg.run.verbose)
     if universal:  # saved on another world size or ZeRO stage: DeepSpeed's universal format
         restore.convert_to_universal(found.path, rank, distributed.barrier)
     start_step = found.state.step if found else 0
     summary = metrics.RunSummary(
-        launcher=dist_env.launcher, world_size=dist_env.world_size, precision=precision,
-        zero_stage=cfg.parallel.zero_stage, global_batch_size=batch.global_batch_size,
-        micro_batch_size=batch.micro_batch_size, grad_accum_steps=batch.grad_accum_steps, parameters=parameters,
+        launcher=dist_env.launcher,
+        world_size=dist_env.world_size,
+        precision=precision,
+        zero_stage=cfg.parallel.zero_stage,
+        global_batch_size=batch.global_batch_size,
+        micro_batch_size=batch.micro_batch_size,
+        grad_accum_steps=batch.grad_accum_steps,
+        parameters=parameters,
         flops_per_token=flops_per_token(cfg.model),
-        predicted_peak_mem_gb=predicted.total / memory.GB if predicted else None, start_step=start_step)
+        predicted_peak_mem_gb=predicted.total / memory.GB if predicted else None,
+        start_step=start_step,
+    )
     summary.write(run_dir)
-    model_engine = engine.initialize(model, cfg.parallel, cfg.optim, batch, precision, device, load_universal=universal,
-                                  start_step=start_step, verbose=cfg.run.verbose)
+    model_engine = engine.initialize(
+        model,
+        cfg.parallel,
+        cfg.optim,
+        batch,
+        precision,
+        device,
+        load_universal=universal,
+        start_step=start_step,
+        verbose=cfg.run.verbose,
+    )
     # Lines past start_step in the run directory's logs were written by an earlier process.
     problem = None
     try:  # rank 0's sinks; wandb=online that cannot start is a UserError there, and so on every rank
@@ -226,14 +275,35 @@ def start(cfg: Config, plan_summary: list[str] = (), data: ResolvedData | None =
     problem = distributed.from_rank0(problem)
     if problem:
         raise UserError(problem)
-    profiler = StepProfiler(cfg.logging.profile_start, cfg.logging.profile_steps, run_dir / "profile", f"rank{rank}",
-                            device)
+    profiler = StepProfiler(
+        cfg.logging.profile_start, cfg.logging.profile_steps, run_dir / "profile", f"rank{rank}", device
+    )
     sample_log = sinks.SampleLog(run_dir, rank, dist_env.world_size, start_step) if cfg.data.log_samples else None
     if found is not None:
         _resume(model_engine, train_data, found, universal, cfg, rank)
-    return Session(cfg, dist_env, device, precision, batch, data, train_data, val_sets, dog, stop, run_dir,
-                   ckpt_root, model_engine, writer, profiler, sample_log, summary, start_time,
-                   found.state if found else None, dir_locks, data_stamps)
+    return Session(
+        cfg,
+        dist_env,
+        device,
+        precision,
+        batch,
+        data,
+        train_data,
+        val_sets,
+        dog,
+        stop,
+        run_dir,
+        ckpt_root,
+        model_engine,
+        writer,
+        profiler,
+        sample_log,
+        summary,
+        start_time,
+        found.state if found else None,
+        dir_locks,
+        data_stamps,
+    )
 
 
 def _check_data_content(verify: str, data: ResolvedData, rank: int, world_size: int) -> tuple[dict, str]:
@@ -251,11 +321,15 @@ def _check_data_content(verify: str, data: ResolvedData, rank: int, world_size: 
         return stamps, ""
     checked, unchecked = integrity.checkable(shards, mode)
     if unchecked:
-        log.warn(f"data: {unchecked} of {len(shards)} shards were prepared before meta.json recorded the hashes "
-                 f"data.verify={mode} checks, so only their sizes are checked; prepare the data again, or set "
-                 "data.verify=full")
-    return stamps, (f"data: {checked} of {len(shards)} shards checked against meta.json's hashes ({mode}, "
-                    f"{time.perf_counter() - start:.1f} s)") if checked else ""
+        log.warn(
+            f"data: {unchecked} of {len(shards)} shards were prepared before meta.json recorded the hashes "
+            f"data.verify={mode} checks, so only their sizes are checked; prepare the data again, or set "
+            "data.verify=full"
+        )
+    return stamps, (
+        f"data: {checked} of {len(shards)} shards checked against meta.json's hashes ({mode}, "
+        f"{time.perf_counter() - start:.1f} s)"
+    ) if checked else ""
 
 
 def _with_run_dir(cfg: Config) -> Config:
@@ -263,8 +337,9 @@ def _with_run_dir(cfg: Config) -> Config:
     rank 0 has seen that the directory can be a run's (new, empty, or a run's own)."""
     name = cfg.run.name or default_run_name(cfg.preset)
     run_dir = cfg.run.dir_for(name)
-    name, problem = distributed.from_rank0((name, run_lock.problem_with_run_dir(run_dir)) if distributed.is_rank0()
-                                           else None)
+    name, problem = distributed.from_rank0(
+        (name, run_lock.problem_with_run_dir(run_dir)) if distributed.is_rank0() else None
+    )
     if problem:
         raise UserError(problem)
     return replaced(cfg, "run", name=name, dir=str(cfg.run.dir_for(name)))
@@ -303,19 +378,25 @@ def _check_same_data(cfg: Config, found: checkpoint.Found, data: ResolvedData) -
     are not its data: they may change."""
     state = found.state
     if state.tokenizer_sha256 != data.meta["tokenizer_sha256"]:
-        problem = (f"{found.path} was trained on tokens of tokenizer {str(state.tokenizer_sha256)[:12]}, but "
-                   f"{data.dir} was made with {str(data.meta['tokenizer_sha256'])[:12]}")
+        problem = (
+            f"{found.path} was trained on tokens of tokenizer {str(state.tokenizer_sha256)[:12]}, but "
+            f"{data.dir} was made with {str(data.meta['tokenizer_sha256'])[:12]}"
+        )
     else:
         saved, now = state.data_fingerprint, data.fingerprint()
         if saved is None or saved["sha256"] == now["sha256"]:
             return
-        problem = (f"{found.path} was trained on data {saved['sha256'][:12]} ({saved['train_tokens']:,} training "
-                   f"tokens), but {data.describe()} is {now['sha256'][:12]} ({now['train_tokens']:,} tokens)")
+        problem = (
+            f"{found.path} was trained on data {saved['sha256'][:12]} ({saved['train_tokens']:,} training "
+            f"tokens), but {data.describe()} is {now['sha256'][:12]} ({now['train_tokens']:,} tokens)"
+        )
     if cfg.checkpoint.allow_data_change:
         log.warn(f"{problem}; continuing as --allow-data-change asks (the data order continues by sample count)")
         return
-    raise UserError(f"data error: {problem}; resume with the same data.dir, pass --allow-data-change to continue "
-                    "on this data, or start a new run.name")
+    raise UserError(
+        f"data error: {problem}; resume with the same data.dir, pass --allow-data-change to continue "
+        "on this data, or start a new run.name"
+    )
 
 
 def _check_same_model(cfg: Config, found: checkpoint.Found) -> None:
@@ -326,26 +407,35 @@ def _check_same_model(cfg: Config, found: checkpoint.Found) -> None:
     if theirs == ours:
         return
     name = next(n for n in [*ours, *theirs] if theirs.get(n) != ours.get(n))  # the first, in the model's order
-    changed = [f"model.{f.name} {getattr(saved, f.name)} -> {getattr(cfg.model, f.name)}"
-               for f in fields(saved) if getattr(saved, f.name) != getattr(cfg.model, f.name)]
-    raise UserError(f"config error: {found.path} holds another model: {name} is {theirs.get(name)} there "
-                    f"and {ours.get(name)} here ({', '.join(changed)}); resume with the checkpoint's model "
-                    "settings and data, or start a new run.name")
+    changed = [
+        f"model.{f.name} {getattr(saved, f.name)} -> {getattr(cfg.model, f.name)}"
+        for f in fields(saved)
+        if getattr(saved, f.name) != getattr(cfg.model, f.name)
+    ]
+    raise UserError(
+        f"config error: {found.path} holds another model: {name} is {theirs.get(name)} there "
+        f"and {ours.get(name)} here ({', '.join(changed)}); resume with the checkpoint's model "
+        "settings and data, or start a new run.name"
+    )
 
 
 def check_room_for_a_checkpoint(cfg: Config, ckpt_root: Path, when: str) -> None:
     """Rank 0 checks the checkpoint directory is writable with room for one more checkpoint
     (the newest one's size; for a first one, CHECKPOINT_BYTES_PER_PARAMETER), for all ranks."""
     rank0 = distributed.is_rank0()
-    need = checkpoint.bytes_needed(ckpt_root, CHECKPOINT_BYTES_PER_PARAMETER *
-                                   count_parameters(cfg.model)["total"]) if rank0 else 0
+    need = (
+        checkpoint.bytes_needed(ckpt_root, CHECKPOINT_BYTES_PER_PARAMETER * count_parameters(cfg.model)["total"])
+        if rank0
+        else 0
+    )
     problem = distributed.from_rank0(checkpoint.check_room(ckpt_root, need) if rank0 else None)
     if problem:
         raise checkpoint.CheckpointError(f"checkpoint error: {when}: {problem}; any previous checkpoint is intact")
 
 
-def _resume(model_engine: Any, train_data: TrainData, found: checkpoint.Found, universal: bool, cfg: Config,
-            rank: int) -> None:
+def _resume(
+    model_engine: Any, train_data: TrainData, found: checkpoint.Found, universal: bool, cfg: Config, rank: int
+) -> None:
     """The engine's and the data's side of a resume: weights, optimizer state, this rank's random
     state, where the data order continues. (The loop restores its own counters: Trainer.)"""
     restore.load(model_engine, found, universal)
@@ -357,7 +447,14 @@ def _resume(model_engine: Any, train_data: TrainData, found: checkpoint.Found, u
     train_data.load_state_dict(found.state.data)
     if found.note:
         log.warn(found.note)
-    how = (f" via DeepSpeed's universal format (saved on {found.state.world_size} ranks at ZeRO stage "
-           f"{found.state.zero_stage})") if universal else ""
-    log.info(f"resumed from {found.path} at step {found.state.step} ({train_data.samples_consumed} samples "
-             f"consumed){how}")
+    how = (
+        (
+            f" via DeepSpeed's universal format (saved on {found.state.world_size} ranks at ZeRO stage "
+            f"{found.state.zero_stage})"
+        )
+        if universal
+        else ""
+    )
+    log.info(
+        f"resumed from {found.path} at step {found.state.step} ({train_data.samples_consumed} samples consumed){how}"
+    )

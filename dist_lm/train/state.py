@@ -23,6 +23,8 @@ PRECISIONS = ("fp32", "bf16", "bf16-autocast", "fp16", "fp8")  # dist_lm.runtime
 def inside(name) -> bool:
     """Whether a manifest's file name stays inside its checkpoint directory."""
     return isinstance(name, str) and bool(name) and not Path(name).is_absolute() and ".." not in Path(name).parts
+
+
 # 2: "run_dir", "checksums". 1: "version" itself, "log_window". 0: every file written before
 # (they have no "version").
 VERSION = 2
@@ -59,8 +61,10 @@ class RunState:
     def from_dict(cls, data: dict, where: str) -> "RunState":
         version = data.get("version", 0)
         if version > VERSION:
-            raise UserError(f"{where} is state version {version}, newer than this dist-lm "
-                            f"reads ({VERSION}); update dist-lm to resume or read it")
+            raise UserError(
+                f"{where} is state version {version}, newer than this dist-lm "
+                f"reads ({VERSION}); update dist-lm to resume or read it"
+            )
         known = {f.name for f in fields(cls)}
         try:
             state = cls(**{k: v for k, v in data.items() if k in known and k != "version"}, version=version)
@@ -75,6 +79,7 @@ class RunState:
         """What in a state.json's content is not what dist-lm writes, naming the field, or None:
         a checkpoint from elsewhere is data, checked before anything is read by it (its manifest
         names files inside the checkpoint, its counts are counts)."""
+
         def count(v) -> bool:
             return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
@@ -84,8 +89,9 @@ class RunState:
             return "config and data must be mappings"
         if not isinstance(self.manifest, dict) or not all(inside(n) and count(v) for n, v in self.manifest.items()):
             return "manifest must map file names inside the checkpoint to their sizes"
-        if not isinstance(self.checksums, dict) or not all(n in self.manifest and isinstance(v, str)
-                                                            for n, v in self.checksums.items()):
+        if not isinstance(self.checksums, dict) or not all(
+            n in self.manifest and isinstance(v, str) for n, v in self.checksums.items()
+        ):
             return "checksums must map files of the manifest to their checksums"
         if self.world_size is not None and not (count(self.world_size) and self.world_size > 0):
             return f"world_size is {self.world_size!r}"

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import yaml
 
-from dist_lm.observe.analysis import read_rows
 from dist_lm.config.schema import UserError
+from dist_lm.observe.analysis import read_rows
 from dist_lm.train.exits import Exit
 
 DEFAULT_GRID = {"optim.lr": [6e-4, 8e-4, 1e-3, 1.2e-3, 1.5e-3], "optim.min_lr_ratio": [0.1, 0.3, 0.5, 0.7]}
@@ -65,14 +65,18 @@ def parse_distribution(text: str) -> tuple[str, tuple]:
             return key, ("choice", [_scalar(v) for v in args.split(",")])
     except ValueError:
         pass
-    raise UserError(f"sweep: --param {text!r}: with --random write KEY=uniform:LOW:HIGH, KEY=loguniform:LOW:HIGH "
-                    "(LOW > 0) or KEY=choice:a,b,c")
+    raise UserError(
+        f"sweep: --param {text!r}: with --random write KEY=uniform:LOW:HIGH, KEY=loguniform:LOW:HIGH "
+        "(LOW > 0) or KEY=choice:a,b,c"
+    )
 
 
 def grid_trials(axes: dict[str, list]) -> list[Trial]:
     keys = list(axes)
-    return [Trial(f"trial-{i:03d}", dict(zip(keys, combo)))
-            for i, combo in enumerate(itertools.product(*(axes[k] for k in keys)))]
+    return [
+        Trial(f"trial-{i:03d}", dict(zip(keys, combo)))
+        for i, combo in enumerate(itertools.product(*(axes[k] for k in keys)))
+    ]
 
 
 def random_trials(axes: dict[str, tuple], count: int, seed: int) -> list[Trial]:
@@ -122,19 +126,25 @@ def trial_result(run_dir: Path, returncode: int) -> dict:
     else:
         status = "ok"
     finite_vals = [v for v in vals if math.isfinite(v)]
-    return {"status": status, "best_val_loss": min(finite_vals) if finite_vals else "",
-            "final_train_loss": final if final is not None else "",
-            "tokens": rows[-1]["tokens"] if rows else ""}
+    return {
+        "status": status,
+        "best_val_loss": min(finite_vals) if finite_vals else "",
+        "final_train_loss": final if final is not None else "",
+        "tokens": rows[-1]["tokens"] if rows else "",
+    }
 
 
-def run(out: Path, config: str, overrides: list[str], trials: list[Trial], launcher: list[str],
-        spec: dict, say=print) -> list[dict]:
+def run(
+    out: Path, config: str, overrides: list[str], trials: list[Trial], launcher: list[str], spec: dict, say=print
+) -> list[dict]:
     """Run the trials not yet in OUT/results.csv, one after another. Returns all result rows."""
     out.mkdir(parents=True, exist_ok=True)
     spec_path = out / "sweep.json"
     if spec_path.is_file() and json.loads(spec_path.read_text()) != spec:
-        raise UserError(f"sweep: {out} holds a sweep started with other settings ({spec_path}); "
-                        "use another --out, or the same arguments to resume it")
+        raise UserError(
+            f"sweep: {out} holds a sweep started with other settings ({spec_path}); "
+            "use another --out, or the same arguments to resume it"
+        )
     spec_path.write_text(json.dumps(spec, indent=1))
     keys = list(trials[0].params) if trials else []
     results_path = out / "results.csv"
@@ -148,16 +158,32 @@ def run(out: Path, config: str, overrides: list[str], trials: list[Trial], launc
             continue
         run_dir = out / trial.name
         args = [f"{k}={v}" for k, v in trial.params.items()]
-        cmd = [*launcher, *train_module(launcher), "--config", config, *overrides, *args, f"run.dir={run_dir}",
-               f"run.name={out.name}-{trial.name}", "logging.progress=false"]
+        cmd = [
+            *launcher,
+            *train_module(launcher),
+            "--config",
+            config,
+            *overrides,
+            *args,
+            f"run.dir={run_dir}",
+            f"run.name={out.name}-{trial.name}",
+            "logging.progress=false",
+        ]
         say(f"sweep: {trial.name} {' '.join(args)}")
         start = time.perf_counter()
         with open(out / "logs" / f"{trial.name}.log", "w") as log:
             code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
-        result = {"trial": trial.name, **trial.params, **trial_result(run_dir, code),
-                  "seconds": round(time.perf_counter() - start, 1), "run_dir": str(run_dir)}
-        say(f"sweep: {trial.name} {result['status']}, best val loss {result['best_val_loss'] or '-'}"
-            + (f" (see {out / 'logs' / (trial.name + '.log')})" if result["status"] != "ok" else ""))
+        result = {
+            "trial": trial.name,
+            **trial.params,
+            **trial_result(run_dir, code),
+            "seconds": round(time.perf_counter() - start, 1),
+            "run_dir": str(run_dir),
+        }
+        say(
+            f"sweep: {trial.name} {result['status']}, best val loss {result['best_val_loss'] or '-'}"
+            + (f" (see {out / 'logs' / (trial.name + '.log')})" if result["status"] != "ok" else "")
+        )
         rows.append(result)
         rows.sort(key=lambda r: r["trial"])
         _write_results(results_path, keys, rows)  # after every trial: an interrupted sweep loses nothing

@@ -45,6 +45,7 @@ KEY = "dist_lm/heartbeat/{}"
 @dataclass(frozen=True)
 class Mark:
     """What the main thread does now, since when, and how long it may take before the next mark."""
+
     doing: str  # e.g. "training step 12"
     since: float  # time.monotonic()
     allowance_s: float | None  # None: not armed (set-up)
@@ -61,8 +62,9 @@ class Watchdog:
         if world_size > 1:
             import torch.distributed as dist
 
-            self._store = dist.TCPStore(master_addr, master_port, is_master=False, timeout=STORE_TIMEOUT,
-                                        wait_for_workers=False)
+            self._store = dist.TCPStore(
+                master_addr, master_port, is_master=False, timeout=STORE_TIMEOUT, wait_for_workers=False
+            )
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name="dist-lm-watchdog", daemon=True)
         self._beat()
@@ -92,8 +94,10 @@ class Watchdog:
         if not silent:
             return None
         mark = self._mark
-        return (f"error: rank {self.rank}: a collective failed ({type(error).__name__}) while {mark.doing}; "
-                f"{'; '.join(silent)}; exiting with status {int(Exit.HANG)}. {RESUME}")
+        return (
+            f"error: rank {self.rank}: a collective failed ({type(error).__name__}) while {mark.doing}; "
+            f"{'; '.join(silent)}; exiting with status {int(Exit.HANG)}. {RESUME}"
+        )
 
     # --------------------------------------------------------------------------- the thread
     def _run(self) -> None:
@@ -108,18 +112,21 @@ class Watchdog:
             return
         mark = self._mark
         try:
-            self._store.set(KEY.format(self.rank), json.dumps(
-                {"t": time.time(), "doing": mark.doing, **self.identity}))
+            self._store.set(KEY.format(self.rank), json.dumps({"t": time.time(), "doing": mark.doing, **self.identity}))
         except Exception:  # noqa: BLE001 - the store's host may be gone: _peers says so
             pass
 
     def _fire(self, mark: Mark) -> None:
         silent, busy = self._peers()
-        peers = "; ".join(silent) if silent else (
-            f"every other rank still answers ({', '.join(busy)})" if busy else "")
-        print(f"error: rank {self.rank}: no progress for {mark.allowance_s / 60:g} minutes ({mark.setting}) "
-              f"while {mark.doing}" + (f"; {peers}" if peers else "")
-              + f"; exiting with status {int(Exit.HANG)}. {RESUME}", file=sys.stderr, flush=True)
+        peers = "; ".join(silent) if silent else (f"every other rank still answers ({', '.join(busy)})" if busy else "")
+        print(
+            f"error: rank {self.rank}: no progress for {mark.allowance_s / 60:g} minutes ({mark.setting}) "
+            f"while {mark.doing}"
+            + (f"; {peers}" if peers else "")
+            + f"; exiting with status {int(Exit.HANG)}. {RESUME}",
+            file=sys.stderr,
+            flush=True,
+        )
         os._exit(Exit.HANG)  # the main thread is stuck: nothing that waits on it can run
 
     def _peers(self) -> tuple[list[str], list[str]]:
@@ -134,13 +141,17 @@ class Watchdog:
             try:
                 beat = json.loads(self._store.get(KEY.format(rank))) if self._store.check([KEY.format(rank)]) else None
             except Exception:  # noqa: BLE001 - a store that does not answer is itself the news
-                return [f"the rendezvous store at {self.where} does not answer: rank 0 (which hosts it unless "
-                        "torchrun's agent does) stopped answering"], []
+                return [
+                    f"the rendezvous store at {self.where} does not answer: rank 0 (which hosts it unless "
+                    "torchrun's agent does) stopped answering"
+                ], []
             if beat is None:
                 silent.append(f"rank {rank} never sent a heartbeat")
             elif now - beat["t"] > SILENT_SECONDS:
-                silent.append(f"rank {rank} (pid {beat['pid']} on {beat['host']}) stopped answering (its last "
-                              f"heartbeat, {now - beat['t']:.0f} s ago, said: {beat['doing']})")
+                silent.append(
+                    f"rank {rank} (pid {beat['pid']} on {beat['host']}) stopped answering (its last "
+                    f"heartbeat, {now - beat['t']:.0f} s ago, said: {beat['doing']})"
+                )
             else:
                 busy.setdefault(beat["doing"], []).append(rank)
         return silent, [f"{_ranks(ranks)} {doing}" for doing, ranks in busy.items()]
@@ -150,8 +161,13 @@ RESUME = "The last complete checkpoint is intact: run the same command again to 
 
 
 def _ranks(ranks: list[int]) -> str:
-    return f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks[0]}-{ranks[-1]}" \
-        if ranks == list(range(ranks[0], ranks[-1] + 1)) else "ranks " + ",".join(map(str, ranks))
+    return (
+        f"rank {ranks[0]}"
+        if len(ranks) == 1
+        else f"ranks {ranks[0]}-{ranks[-1]}"
+        if ranks == list(range(ranks[0], ranks[-1] + 1))
+        else "ranks " + ",".join(map(str, ranks))
+    )
 
 
 _current: Watchdog | None = None

@@ -10,9 +10,19 @@ from dist_lm.model.layers import KVCache
 
 
 @torch.no_grad()
-def sample(model: nn.Module, prompt_ids: list[int], max_new_tokens: int, seq_len: int, device: torch.device,
-           temperature: float = 0.8, top_k: int = 50, top_p: float = 1.0, seed: int = 0,
-           stop_id: int | None = None, use_cache: bool = True) -> list[int]:
+def sample(
+    model: nn.Module,
+    prompt_ids: list[int],
+    max_new_tokens: int,
+    seq_len: int,
+    device: torch.device,
+    temperature: float = 0.8,
+    top_k: int = 50,
+    top_p: float = 1.0,
+    seed: int = 0,
+    stop_id: int | None = None,
+    use_cache: bool = True,
+) -> list[int]:
     """Continue ``prompt_ids`` by up to ``max_new_tokens`` tokens (fewer at ``stop_id``, which
     is not returned, or when the context of ``seq_len`` tokens is full).
 
@@ -28,8 +38,11 @@ def sample(model: nn.Module, prompt_ids: list[int], max_new_tokens: int, seq_len
     for _ in range(max_new_tokens):
         if len(ids) >= seq_len:
             break
-        logits = model(pending, cache=cache)[:, -1, :].float() if use_cache else \
-            model(torch.tensor([ids], dtype=torch.long, device=device))[:, -1, :].float()
+        logits = (
+            model(pending, cache=cache)[:, -1, :].float()
+            if use_cache
+            else model(torch.tensor([ids], dtype=torch.long, device=device))[:, -1, :].float()
+        )
         token = pick(logits[0], temperature, top_k, top_p, generator)
         if token == stop_id:
             break

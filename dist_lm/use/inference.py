@@ -10,15 +10,15 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from dist_lm.train import checkpoint, restore
-from dist_lm.data import corpus
-from dist_lm.config.schema import Config, UserError
 from dist_lm.config.io import from_dict
+from dist_lm.config.schema import Config, UserError
+from dist_lm.data import corpus
 from dist_lm.data.sampler import ValData
+from dist_lm.data.shards import sha256_file
 from dist_lm.model.transformer import Transformer
 from dist_lm.observe import log
 from dist_lm.runtime.precision import Precision
-from dist_lm.data.shards import sha256_file
+from dist_lm.train import checkpoint, restore
 
 
 def saved_config(found: checkpoint.Found) -> Config:
@@ -45,16 +45,20 @@ def load_model(path: Path, best: bool = False, dtype: str = "fp32") -> tuple[Tra
         log.warn(found.note)
     cfg = saved_config(found)
     if "moe" in cfg.model.layer_types:
-        raise UserError(f"{found.path} has mixture-of-experts layers, which need DeepSpeed's engine to run; "
-                        "use the training launcher's evaluation (train.eval_interval) for them")
+        raise UserError(
+            f"{found.path} has mixture-of-experts layers, which need DeepSpeed's engine to run; "
+            "use the training launcher's evaluation (train.eval_interval) for them"
+        )
     model = Transformer(cfg.model)
     weights = restore.consolidated_weights(found.path)
     try:
         model.load_state_dict(weights)
     except RuntimeError as e:  # names or shapes that are not this model's
-        raise checkpoint.CheckpointError(f"checkpoint error: the weights of {found.path} do not fit the model its "
-                                         f"state.json describes ({str(e).splitlines()[0]}); use another "
-                                         "checkpoint") from None
+        raise checkpoint.CheckpointError(
+            f"checkpoint error: the weights of {found.path} do not fit the model its "
+            f"state.json describes ({str(e).splitlines()[0]}); use another "
+            "checkpoint"
+        ) from None
     precision = Precision(found.state.precision if dtype == "trained" else dtype)
     model.autocast_dtype = precision.autocast_dtype  # a bf16-autocast run: fp32 weights, bf16 products
     return model.to(precision.dtype).eval(), cfg, found
