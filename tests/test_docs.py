@@ -22,7 +22,8 @@ def test_first_two_commands_are_make_demo_and_make_test():
 def test_config_reference_is_generated_from_the_dataclasses():
     page = (ROOT / "docs" / "configuration.md").read_text()
     assert embedded_reference(page).strip() == reference_markdown().strip(), (
-        "docs/configuration.md's config reference is stale: python tools/config_reference.py --update docs/configuration.md"
+        "docs/configuration.md's config reference is stale: "
+        "python tools/config_reference.py --update docs/configuration.md"
     )
 
 

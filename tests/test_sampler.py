@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -90,7 +92,7 @@ def test_validation_set_is_the_same_for_every_rank_count(dataset):
         for r in range(world):
             v = ValData(out_dir, meta, 16, count=7, micro=2, dp_rank=r, dp_size=world, device=torch.device("cpu"))
             got += [int(t) for x, _ in v.batches for t in x[:, 0]]
-            assert len(v.batches) + v.padding_batches == -(-(-(-7 // world)) // 2)
+            assert len(v.batches) + v.padding_batches == math.ceil(math.ceil(7 / world) / 2)
         return got
 
     assert rows(1) == rows(2) == rows(3) == rows(4)

@@ -98,7 +98,8 @@ def main() -> None:
             results.append(r)
             if "measured_gb" in r:
                 print(
-                    f"| `{case}` | {r['ranks']} | {r['predicted_gb']:.2f} | {r['measured_gb']:.2f} | {r['error']:+.1%} |",
+                    f"| `{case}` | {r['ranks']} | {r['predicted_gb']:.2f} | {r['measured_gb']:.2f} "
+                    f"| {r['error']:+.1%} |",
                     flush=True,
                 )
                 print(f"|   | | {r['breakdown']} | | |", flush=True)

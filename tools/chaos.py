@@ -35,10 +35,10 @@ import time
 from collections import Counter
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-
 from dist_lm.runtime.distributed import free_port
 from dist_lm.train import checkpoint, restore
+
+ROOT = Path(__file__).resolve().parent.parent
 
 PRETRAIN = ROOT / "launchers" / "pretrain.py"
 KINDS = ("kill-one", "kill-all", "usr1", "term")

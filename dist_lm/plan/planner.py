@@ -442,7 +442,8 @@ def launch_commands(plan: Plan) -> dict[str, str]:
     else:
         hosts = " ".join(f"node{i}" for i in range(n))
         cmds = {
-            "torchrun": f"NNODES={n} NODE_RANK=<0..{n - 1}> MASTER_ADDR=node0 launchers/torchrun.sh {args}  # on every node",
+            "torchrun": f"NNODES={n} NODE_RANK=<0..{n - 1}> MASTER_ADDR=node0 launchers/torchrun.sh {args}"
+            "  # on every node",
             "deepspeed": f'HOSTS="{hosts}" GPUS_PER_NODE={g} MASTER_ADDR=node0 launchers/deepspeed.sh {args}',
             "mpirun": f"NP={g * n} HOSTS={','.join(f'node{i}:{g}' for i in range(n))} MASTER_ADDR=node0 "
             f"launchers/mpirun.sh {args}",
