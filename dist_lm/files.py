@@ -112,3 +112,32 @@ class AppendFile:
 
     def close(self) -> None:
         self._file.close()
+
+
+def _umask() -> int:
+    """This process's umask (read from /proc where it can be, so that no thread sees it changed)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def staging_dir(parent: Path, prefix: str) -> Path:
+    """A new directory in ``parent`` for a result to be written into, then renamed into place whole,
+    with the modes mkdir gives (the user's umask): tempfile.mkdtemp makes it private (0700), and a
+    dataset or a model prepared for others on a shared cluster must be readable by them."""
+    import tempfile
+
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    path.chmod(0o777 & ~_umask())
+    return path
+
+
+def as_umask_allows(path: Path | str) -> None:
+    """Give a file the modes open() would have given it: safetensors writes its files private (0600)."""
+    os.chmod(path, 0o666 & ~_umask())

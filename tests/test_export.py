@@ -4,6 +4,7 @@ transformers on CPU: the same logits (1e-4 in fp32) and the same greedy continua
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -128,3 +129,22 @@ def test_overwrite_replaces_an_earlier_export_and_nothing_else(trained, tmp_path
     assert_ok(export(out, "--dtype", "bf16"))  # an earlier export is replaced
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # nothing left beside it
+
+
+def test_an_export_is_readable_by_others_as_the_umask_says(trained, tmp_path):
+    """The export directory was drwx------ and model.safetensors -rw-------: under umask 022 they are
+    0755 and 0644, as mkdir and open make them; so are the checkpoint's weights files."""
+    run, env = trained
+    out = tmp_path / "hf"
+    proc = subprocess.run(
+        [sys.executable, str(TOOL), str(run), str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        preexec_fn=lambda: os.umask(0o022),
+    )
+    assert_ok(proc)
+    assert out.stat().st_mode & 0o777 == 0o755
+    assert {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()} == {p.name: 0o644 for p in out.iterdir()}
+    weights = sorted((run / "checkpoints").glob("step*/weights-rank*.safetensors"))
+    assert weights and all(p.stat().st_mode & 0o077 == 0o044 for p in weights)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import subprocess
 import sys
 import time
@@ -449,3 +450,20 @@ def test_token_id_check_reads_a_bounded_share_of_a_many_shard_corpus(tmp_path):
     bad.tofile(tmp_path / "train-123.bin")
     with pytest.raises(shards.UserError, match="train-123.bin holds token id 310, but model.vocab_size is 300"):
         shards.check_token_ids(tmp_path, meta, vocab_size=300, budget_tokens=1 << 20)
+
+
+def test_a_dataset_is_readable_by_others_as_the_umask_says(corpus_dir, tmp_path):
+    """The dataset directory came from tempfile.mkdtemp (drwx------): other users of a cluster could
+    not read data prepared for them. Under umask 022 it is 0755 and its files 0644, as mkdir and
+    open would make them."""
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, str(TOOL), str(corpus_dir), "--out", str(out), "--vocab-size", "300", "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=lambda: os.umask(0o022),
+    )
+    assert_ok(proc)
+    assert out.stat().st_mode & 0o777 == 0o755
+    assert {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()} == {p.name: 0o644 for p in out.iterdir()}

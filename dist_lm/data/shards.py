@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Iterable
 
@@ -24,7 +23,7 @@ import numpy as np
 import xxhash
 
 from dist_lm.config.schema import UserError
-from dist_lm.files import CHECKSUM, replace_dir, sampled_checksum
+from dist_lm.files import CHECKSUM, replace_dir, sampled_checksum, staging_dir
 
 FORMAT = "dist-lm-shards/1"
 SPLITS = ("train", "val")
@@ -101,7 +100,7 @@ class DatasetWriter:
     ):
         self.out_dir = Path(out_dir)
         self.out_dir.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.tmp-", dir=self.out_dir.parent))
+        self.tmp = staging_dir(self.out_dir.parent, f".{self.out_dir.name}.tmp-")
         self.dtype = token_dtype(vocab_size)
         self.meta = {
             "format": FORMAT,

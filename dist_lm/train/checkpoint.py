@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from dist_lm.config.schema import UserError
-from dist_lm.files import checksum, write_atomic
+from dist_lm.files import as_umask_allows, checksum, write_atomic
 from dist_lm.runtime import distributed
 from dist_lm.train.state import STATE, RunState
 
@@ -410,6 +410,7 @@ def write_weights(path: Path, rank: int, tensors: dict[str, torch.Tensor], alias
         return
     metadata = {"format": "pt", "aliases": json.dumps(aliases)} if rank == 0 else {"format": "pt"}
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path / WEIGHTS.format(rank=rank)), metadata)
+    as_umask_allows(path / WEIGHTS.format(rank=rank))
 
 
 def update_best(root: Path) -> Path | None:

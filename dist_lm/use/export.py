@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from dist_lm.config.schema import Config, UserError
 from dist_lm.data.readers import EOT
-from dist_lm.files import foreign_entries, holds, replace_dir
+from dist_lm.files import as_umask_allows, foreign_entries, holds, replace_dir, staging_dir
 from dist_lm.observe import log
 from dist_lm.runtime.precision import Precision
 from dist_lm.train import checkpoint, restore
@@ -139,9 +138,10 @@ def export_hf(
     }
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))  # renamed into place when whole
+    tmp = staging_dir(out.parent, f".{out.name}.")  # renamed into place when whole
     try:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        as_umask_allows(tmp / "model.safetensors")
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         (tmp / "generation_config.json").write_text(json.dumps({"eos_token_id": eot_id, "bos_token_id": None}))
         shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")
