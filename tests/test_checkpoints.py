@@ -16,6 +16,7 @@ import pytest
 
 from conftest import PRETRAIN, ROOT, assert_ok, assert_one_hang_line, launch, read_metrics, stop_one_of_two_ranks
 from dist_lm.observe.sinks import read_sample_log
+from dist_lm.store import checkpoints
 from dist_lm.train import checkpoint
 from dist_lm.train.exits import Exit
 
@@ -190,7 +191,7 @@ def test_nonfinite_updates_are_skipped_then_the_run_stops(env, ds_ops, tmp_path)
             f"the last good checkpoint is {run / 'checkpoints' / f'step{first - 1:08d}'}" in err
         )
         assert (run / "checkpoints" / "latest").read_text() == f"step{first - 1:08d}"  # the last good one
-        assert checkpoint.problem_with(run / "checkpoints" / "step00000002") is None
+        assert checkpoints.problem_with(run / "checkpoints" / "step00000002") is None
 
 
 def test_loss_spike_guard_logs_the_samples(env, ds_ops, tmp_path):
@@ -336,7 +337,7 @@ def test_a_disk_that_fills_during_a_save_keeps_the_previous_checkpoint(env, ds_o
     assert "Traceback" not in err
     assert sorted(p.name for p in (small_disk / "ckpt").iterdir() if p.name.startswith("step")) == ["step00000002"]
     assert (small_disk / "ckpt" / "latest").read_text() == "step00000002"
-    assert checkpoint.problem_with(small_disk / "ckpt" / "step00000002") is None
+    assert checkpoints.problem_with(small_disk / "ckpt" / "step00000002") is None
 
 
 def test_a_second_process_on_a_run_directory_is_refused_until_the_first_is_gone(env, ds_ops, tmp_path):
@@ -369,7 +370,7 @@ def test_a_second_process_on_a_run_directory_is_refused_until_the_first_is_gone(
 
 def test_state_json_is_versioned_and_reads_files_older_than_the_version(tmp_path):
     from dist_lm.config.schema import UserError
-    from dist_lm.train.state import VERSION, RunState
+    from dist_lm.store.state import VERSION, RunState
 
     state = RunState(step=4, config={"model": {}}, data={"samples_consumed": 32}, precision="bf16", world_size=2)
     (tmp_path / "state.json").write_text(state.to_json())
@@ -393,7 +394,7 @@ def test_state_json_is_versioned_and_reads_files_older_than_the_version(tmp_path
     (tmp_path / "state.json").write_text(json.dumps({**old, "version": VERSION + 1}))
     with pytest.raises(UserError, match=f"is state version {VERSION + 1}, newer than this dist-lm reads"):
         RunState.read(tmp_path)
-    assert "is unreadable" in checkpoint.problem_with(tmp_path)
+    assert "is unreadable" in checkpoints.problem_with(tmp_path)
 
 
 def test_state_json_content_is_checked_like_any_input(tmp_path):
@@ -401,7 +402,7 @@ def test_state_json_content_is_checked_like_any_input(tmp_path):
     step that is not a count or an unknown precision make the checkpoint unreadable (one line),
     never a traceback further on. Its precisions are Precision's."""
     from dist_lm.runtime.precision import Precision
-    from dist_lm.train.state import PRECISIONS, RunState
+    from dist_lm.store.state import PRECISIONS, RunState
 
     assert sorted(PRECISIONS) == sorted(p.value for p in Precision)
     good = json.loads(RunState(step=4, config={}, data={}).to_json())
@@ -413,7 +414,7 @@ def test_state_json_content_is_checked_like_any_input(tmp_path):
         ({"zero_stage": 7}, "zero_stage is 7"),
     ]:
         (tmp_path / "state.json").write_text(json.dumps({**good, **change}))
-        assert message in checkpoint.problem_with(tmp_path)
+        assert message in checkpoints.problem_with(tmp_path)
 
 
 # --------------------------------------------------- one checkpoint.dir, one run (reliability #4)
@@ -579,9 +580,9 @@ def test_a_disk_that_fills_between_saves_ends_the_run_in_one_line_with_whole_met
         assert text.endswith("\n")
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     latest = (tmp_path / "ckpt" / "latest").read_text().strip()
-    assert checkpoint.problem_with(tmp_path / "ckpt" / latest) is None
+    assert checkpoints.problem_with(tmp_path / "ckpt" / latest) is None
     filler.unlink()
-    step = checkpoint.step_of(Path(latest))
+    step = checkpoints.step_of(Path(latest))
     resumed = launch("python", [*args[:-2], f"train.max_steps={rows[-1]['step'] + 2}", *args[-2:]], env)
     assert_ok(resumed)
     assert f"resumed from {tmp_path / 'ckpt' / latest} at step {step}" in resumed.stdout

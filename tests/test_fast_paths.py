@@ -123,7 +123,7 @@ def test_fp8_on_a_cpu_is_one_line_and_nothing_written(env, tmp_path):
 
 def test_a_gpu_memory_cap_is_what_the_planner_plans_for(monkeypatch):
     from dist_lm.config.errors import UserError
-    from dist_lm.plan import hardware
+    from dist_lm.runtime import hardware
 
     monkeypatch.setenv(hardware.MEMORY_CAP_VARIABLE, "12")
     assert hardware.gpu_memory_cap_gb() == 12.0

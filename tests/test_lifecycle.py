@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from conftest import ROOT, assert_ok, child_env, launch, read_metrics
-from dist_lm.train import checkpoint, restore
+from dist_lm.store import checkpoints
+from dist_lm.train import restore
 from dist_lm.use.export import export_hf
 from dist_lm.use.inference import load_model
 
@@ -65,7 +66,7 @@ def deepspeeds_own_weights(ckpt: Path, stage: int) -> tuple[dict[str, torch.Tens
         module = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
         return dict(module), False
     legacy = ckpt.parent.parent / f"legacy-{ckpt.name}"  # the checkpoint as written before weights files
-    shutil.copytree(ckpt, legacy, ignore=shutil.ignore_patterns(checkpoint.WEIGHTS_GLOB))
+    shutil.copytree(ckpt, legacy, ignore=shutil.ignore_patterns(checkpoints.WEIGHTS_GLOB))
     return restore.consolidated_weights(legacy), True
 
 
@@ -81,12 +82,12 @@ def test_bf16_checkpoints_hold_the_fp32_masters(bf16_runs, stage):
             assert torch.equal(ours[name], value), name
         else:  # the module is the masters rounded to bf16
             assert value.dtype == torch.bfloat16 and torch.equal(ours[name].bfloat16(), value), name
-    assert len(list(ckpt.glob(checkpoint.WEIGHTS_GLOB))) == 2  # a share per rank
+    assert len(list(ckpt.glob(checkpoints.WEIGHTS_GLOB))) == 2  # a share per rank
 
 
 @pytest.mark.parametrize("stage", STAGES)
 def test_bf16_state_json_reads_back_through_run_state(bf16_runs, stage):
-    from dist_lm.train.state import VERSION, RunState
+    from dist_lm.store.state import VERSION, RunState
 
     run, _ = bf16_runs[stage]
     state = RunState.read(run / "checkpoints" / "step00000004")
@@ -185,7 +186,7 @@ def test_bad_checkpoints_get_one_line_and_status_2(bf16_runs, cache_dir, tmp_pat
     no_eval = tmp_path / "no-eval"
     shutil.copytree(run / "checkpoints" / "step00000004", no_eval / "checkpoints" / "step00000004")
     cases["has no best pointer"] = [no_eval, "--best"]
-    # The cases share one reader (checkpoint.find_for_reading), so each tool takes a turn.
+    # The cases share one reader (checkpoints.find_for_reading), so each tool takes a turn.
     for (message, args), name in zip(cases.items(), ["evaluate.py", "generate.py", "export_hf.py", "evaluate.py"]):
         extra = [tmp_path / "out"] if name == "export_hf.py" else []
         proc = tool(name, args[0], *extra, *args[1:], env=env)
@@ -248,7 +249,7 @@ def test_the_auto_plan_reads_the_precision_and_stage_of_the_checkpoint_it_resume
     assert resumed_settings([f"run.dir={autocast_run}", "checkpoint.resume=none"]) is None
     assert resumed_settings([f"run.dir={tmp_path / 'new'}"]) is None  # a fresh run directory
     assert resumed_settings(["train.max_steps=6"]) is None  # unnamed: a new, timestamped directory
-    with pytest.raises(checkpoint.CheckpointError, match="does not exist"):
+    with pytest.raises(checkpoints.CheckpointError, match="does not exist"):
         resumed_settings([f"checkpoint.resume={tmp_path / 'missing'}"])
 
 
@@ -366,7 +367,7 @@ def plant(ckpt: Path, marker: Path, legacy: bool) -> None:
     torch.save(states, f)
     state = json.loads((ckpt / "state.json").read_text())
     state["manifest"][f.name], state["checksums"][f.name] = f.stat().st_size, checksum(f)
-    for weights in ckpt.glob(checkpoint.WEIGHTS_GLOB) if legacy else []:
+    for weights in ckpt.glob(checkpoints.WEIGHTS_GLOB) if legacy else []:
         weights.unlink()
         del state["manifest"][weights.name], state["checksums"][weights.name]
     (ckpt / "state.json").write_text(json.dumps(state))

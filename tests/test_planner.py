@@ -14,10 +14,10 @@ import torch
 from conftest import ROOT, assert_ok, launch
 from dist_lm.config.io import load_config
 from dist_lm.config.schema import ModelConfig, ParallelConfig, UserError
-from dist_lm.plan.hardware import Machine, detect_machine, peak_flops_for
 from dist_lm.plan.memory import GB, estimate
 from dist_lm.plan.planner import format_plan, largest_fitting, launch_commands, make_plan, settings_to_keep, usable_gb
 from dist_lm.runtime.distributed import check_master_reachable, detect
+from dist_lm.runtime.hardware import Machine, detect_machine, peak_flops_for
 from dist_lm.runtime.precision import Precision
 
 RTX_3060 = Machine(1, "NVIDIA GeForce RTX 3060", 12.0, (8, 6), 1, 12, 32)
@@ -358,7 +358,7 @@ def test_cpu_adam_needs_a_compiler(monkeypatch):
 
 def test_offload_binds_each_rank_to_its_own_cores():
     code = (
-        "import os; from dist_lm.plan.hardware import bind_cores; n = len(os.sched_getaffinity(0)); "
+        "import os; from dist_lm.runtime.hardware import bind_cores; n = len(os.sched_getaffinity(0)); "
         "print(n, bind_cores(1, 2), sorted(os.sched_getaffinity(0)))"
     )
     out = subprocess.run(

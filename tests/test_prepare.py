@@ -19,7 +19,7 @@ from conftest import ROOT, assert_ok, launch, read_metrics
 from dist_lm.data import shards
 from dist_lm.data.readers import SPECIAL_TOKENS
 from dist_lm.observe.sinks import read_sample_log
-from dist_lm.train import checkpoint
+from dist_lm.store import checkpoints
 
 TOOL = ROOT / "tools" / "prepare_data.py"
 WORDS = "the of a model data token train rank shard window sample batch loss step".split()
@@ -391,7 +391,7 @@ def test_a_shard_rewritten_in_place_is_refused_at_the_start_and_during_a_run(env
         proc.returncode == 2 and len(lines) == 1 and f"shard {shard} changed on disk while the run read it" in lines[0]
     ), err
     saved = sorted(p.name for p in (tmp_path / "during" / "checkpoints").iterdir() if p.name.startswith("step"))
-    assert saved and all(checkpoint.problem_with(tmp_path / "during" / "checkpoints" / n) is None for n in saved)
+    assert saved and all(checkpoints.problem_with(tmp_path / "during" / "checkpoints" / n) is None for n in saved)
 
 
 def test_damaged_datasets_are_named(env, prepared, tmp_path):

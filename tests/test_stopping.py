@@ -163,7 +163,7 @@ def test_a_second_ctrl_c_ends_at_once_even_in_a_collective_and_leaves_nothing_ha
     waits in a collective, where a Python signal handler does not run. Two Ctrl-Cs to rank 0 end it
     at once (the signal-pipe thread): one line, exit 130, and the checkpoint it was writing is
     removed rather than left half-written (before, an empty step directory stayed)."""
-    from dist_lm.train import checkpoint
+    from dist_lm.store import checkpoints
 
     run, port = tmp_path / "run", str(free_port())
     args = [*BASE, "train.max_steps=100000", "checkpoint.interval=1", f"run.dir={run}"]
@@ -197,5 +197,7 @@ def test_a_second_ctrl_c_ends_at_once_even_in_a_collective_and_leaves_nothing_ha
     lines = [line for line in err.splitlines() if line.strip()]
     assert procs[0].returncode == Exit.INTERRUPTED and len(lines) == 1, err[-3000:]
     assert lines[0].startswith("error: interrupted again (Ctrl-C twice): stopped at once")
-    steps = [p for p in (run / "checkpoints").iterdir() if checkpoint.step_of(p) is not None]
-    assert steps and all(checkpoint.problem_with(p) is None for p in steps), [checkpoint.problem_with(p) for p in steps]
+    steps = [p for p in (run / "checkpoints").iterdir() if checkpoints.step_of(p) is not None]
+    assert steps and all(checkpoints.problem_with(p) is None for p in steps), [
+        checkpoints.problem_with(p) for p in steps
+    ]

@@ -28,6 +28,7 @@ def main() -> None:
 
     from dist_lm.config.io import load_config
     from dist_lm.runtime import distributed, engine
+    from dist_lm.store import checkpoints
     from dist_lm.train import checkpoint, restore
     from dist_lm.train.loop import Trainer
     from dist_lm.train.session import start
@@ -68,14 +69,14 @@ def main() -> None:
         with_weights = timed_save(2, lambda: engine.master_weights(model_engine, rank, world))
         distributed.barrier()
         verify_start = time.perf_counter()  # what a resume's check of every file costs (page cache warm)
-        assert checkpoint.checksum_problem_together(root / checkpoint.tag_for(2)) is None
+        assert checkpoints.checksum_problem_together(root / checkpoints.tag_for(2)) is None
         verify = time.perf_counter() - verify_start
         if distributed.is_rank0():
-            path = root / checkpoint.tag_for(2)
+            path = root / checkpoints.tag_for(2)
             read_start = time.perf_counter()
             weights = restore.consolidated_weights(path)
             read = time.perf_counter() - read_start
-            sizes = checkpoint.RunState.read(path).manifest
+            sizes = checkpoints.RunState.read(path).manifest
             weight_bytes = sum(v for k, v in sizes.items() if k.startswith("weights-rank"))
             print(
                 json.dumps(

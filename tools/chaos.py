@@ -36,7 +36,8 @@ from collections import Counter
 from pathlib import Path
 
 from dist_lm.runtime.distributed import free_port
-from dist_lm.train import checkpoint, restore
+from dist_lm.store import checkpoints
+from dist_lm.train import restore
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -112,7 +113,8 @@ def saving(run_dir: Path) -> bool:
     """Is there a step directory without state.json (a save in progress)?"""
     root = run_dir / "checkpoints"
     return root.is_dir() and any(
-        p.is_dir() and checkpoint.step_of(p) is not None and not (p / checkpoint.STATE).exists() for p in root.iterdir()
+        p.is_dir() and checkpoints.step_of(p) is not None and not (p / checkpoints.STATE).exists()
+        for p in root.iterdir()
     )
 
 
@@ -182,7 +184,7 @@ def wait_all(procs, bound: float) -> tuple[list[int | None], float]:
 
 
 def final_weights(run_dir: Path) -> dict:
-    return restore.consolidated_weights(checkpoint.find_for_reading(run_dir).path)
+    return restore.consolidated_weights(checkpoints.find_for_reading(run_dir).path)
 
 
 def main() -> int:
@@ -278,8 +280,8 @@ def main() -> int:
     if differ:
         problems.append(f"losses differ from the uninterrupted run's at steps {differ[:10]}")
     for d in sorted((chaos / "checkpoints").iterdir()):
-        if d.is_dir() and checkpoint.step_of(d) is not None and checkpoint.problem_with(d):
-            problems.append(f"{d} is half-written: {checkpoint.problem_with(d)}")
+        if d.is_dir() and checkpoints.step_of(d) is not None and checkpoints.problem_with(d):
+            problems.append(f"{d} is half-written: {checkpoints.problem_with(d)}")
     mine, reference = final_weights(chaos), final_weights(whole)
     if mine.keys() != reference.keys() or any(not mine[k].equal(reference[k]) for k in reference):
         problems.append("the final weights differ from the uninterrupted run's")

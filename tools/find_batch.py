@@ -85,8 +85,8 @@ def main(argv: list[str] | None = None) -> int:
                 "find_batch: measures a GPU's memory and this machine has none; "
                 "tools/plan.py predicts the micro-batch instead"
             )
-        from dist_lm.plan.hardware import detect_machine
         from dist_lm.plan.planner import largest_fitting, usable_gb
+        from dist_lm.runtime.hardware import detect_machine
 
         machine = detect_machine()
         budget = usable_gb(machine)

@@ -168,7 +168,7 @@ def run_baseline(
     from dist_lm.config.io import load_config
     from dist_lm.model.counts import flops_per_token
     from dist_lm.observe.profiling import StepProfiler
-    from dist_lm.plan import hardware
+    from dist_lm.runtime import hardware
     from dist_lm.train.plain import PlainTraining
 
     profiled = PROFILED_STEPS if profile_dir else 0

@@ -32,7 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     add_trust_option(p)
     args = p.parse_args(argv)
-    from dist_lm.train import checkpoint, restore
+    from dist_lm.store import checkpoints
+    from dist_lm.train import restore
     from dist_lm.use.export import export_hf, export_notes
     from dist_lm.use.inference import saved_config
 
@@ -44,6 +45,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"exported {exported} to {out}")
-    for note in export_notes(saved_config(checkpoint.find_for_reading(exported))):
+    for note in export_notes(saved_config(checkpoints.find_for_reading(exported))):
         print(f"note: {note}")
     return 0

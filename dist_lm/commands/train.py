@@ -96,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         from dist_lm.train.loop import Trainer
         from dist_lm.train.preemption import status_for_the_launcher
         from dist_lm.train.session import start
+        from dist_lm.use.generate import sample
 
         restore.trust_checkpoints(args.trust_checkpoint)
         dist_env = detect(os.environ)
@@ -116,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg, summary, data = plan.config, plan.summary(), resolve_data(plan.config)
         out_of_memory = ExitOnOutOfMemory(dist_env.rank, cfg.train.micro_batch_size, cfg.model.seq_len)
         with out_of_memory:  # placing the model and the optimizer state
-            trainer = Trainer(start(cfg, summary, data))
+            trainer = Trainer(start(cfg, summary, data), sample)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         _leave_after_bad_input()

@@ -9,8 +9,8 @@ from pathlib import Path
 import yaml
 
 from dist_lm.config.run_sections import CheckpointConfig
-from dist_lm.train import checkpoint
-from dist_lm.train.state import RunState
+from dist_lm.store import checkpoints
+from dist_lm.store.state import RunState
 
 
 def _checkpoint_root(run_dir: Path) -> Path:
@@ -37,17 +37,17 @@ def list_runs(root: Path) -> list[dict]:
         ckpt_root = _checkpoint_root(run_dir)
         tags = (
             sorted(
-                (p for p in ckpt_root.iterdir() if p.is_dir() and checkpoint.step_of(p) is not None),
-                key=checkpoint.step_of,
+                (p for p in ckpt_root.iterdir() if p.is_dir() and checkpoints.step_of(p) is not None),
+                key=checkpoints.step_of,
             )
             if ckpt_root.is_dir()
             else []
         )
-        latest, best = (_pointer(ckpt_root / name) for name in (checkpoint.LATEST, checkpoint.BEST))
+        latest, best = (_pointer(ckpt_root / name) for name in (checkpoints.LATEST, checkpoints.BEST))
         if not tags:
             rows.append({"run": run_dir.name, "checkpoint": None})
         for tag in tags:
-            problem = checkpoint.problem_with(tag)
+            problem = checkpoints.problem_with(tag)
             state = asdict(RunState.read(tag)) if problem is None else {}
             rows.append(
                 {

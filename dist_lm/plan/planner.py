@@ -20,8 +20,8 @@ from dist_lm.config.io import load_config, parse_override
 from dist_lm.config.schema import Config, UserError, replaced
 from dist_lm.data.checks import padded_vocab_size
 from dist_lm.model.counts import count_parameters, flops_per_token
-from dist_lm.plan.hardware import Machine
 from dist_lm.plan.memory import GB, MemoryEstimate, estimate
+from dist_lm.runtime.hardware import Machine
 from dist_lm.runtime.precision import Precision
 
 # Model presets for GPUs, largest first; "debug" is the CPU plan.
@@ -474,6 +474,6 @@ def plan_for_this_machine(
     overrides: list[str], nodes: int, world_size: int | None, resumed: tuple[Precision, int | None] | None = None
 ) -> Plan:
     """The plan for the machine we run on (imports torch to look at the GPUs)."""
-    from dist_lm.plan.hardware import detect_machine
+    from dist_lm.runtime.hardware import detect_machine
 
     return make_plan(detect_machine(nodes), overrides, world_size, resumed)

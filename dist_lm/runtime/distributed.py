@@ -21,9 +21,11 @@ import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
 
 from dist_lm.config.schema import UserError
-from dist_lm.train.watchdog import BACKEND_GRACE
 
 DEFAULT_MASTER_PORT = 29500
+# The backends' own collective timeouts come this long after the watchdog's deadline
+# (dist_lm.train.watchdog), so that its line naming the rank comes first.
+BACKEND_GRACE = timedelta(minutes=1)
 
 
 @dataclass(frozen=True)

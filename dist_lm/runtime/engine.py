@@ -1,6 +1,7 @@
 """The one call to deepspeed.initialize, and the few engine operations the trainer needs.
 
-Only this module and :mod:`dist_lm.train.checkpoint` import deepspeed.
+Only this module, :mod:`dist_lm.train.restore` (with :mod:`dist_lm.train.to_universal`, its
+converter's process) and :mod:`dist_lm.model.moe` import deepspeed (tests/test_architecture.py).
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ import importlib.util
 import torch
 
 from dist_lm.config.errors import ConfigError, UserError
-from dist_lm.plan.hardware import FP8_CAPABILITY, device_name
+from dist_lm.runtime.hardware import FP8_CAPABILITY, device_name
 
 
 def check_fp8_device(device: torch.device) -> None:

@@ -14,7 +14,7 @@ import enum
 import torch
 
 from dist_lm.config.schema import ConfigError
-from dist_lm.plan.hardware import device_name
+from dist_lm.runtime.hardware import device_name
 
 
 class Precision(str, enum.Enum):

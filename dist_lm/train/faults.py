@@ -15,7 +15,7 @@ import torch.distributed as dist
 from dist_lm.observe import log
 from dist_lm.runtime import distributed, engine
 from dist_lm.runtime.precision import Precision
-from dist_lm.train import checkpoint
+from dist_lm.store import checkpoints
 from dist_lm.train.exits import Exit
 
 
@@ -207,7 +207,7 @@ class SkipCounter:
     def last_good(self) -> str:
         """Which checkpoint predates the skipped updates, said for the error: the run goes back to it."""
         good = [
-            p for p in checkpoint.complete_checkpoints(self.checkpoints) if checkpoint.step_of(p) < self.first_skipped
+            p for p in checkpoints.complete_checkpoints(self.checkpoints) if checkpoints.step_of(p) < self.first_skipped
         ]
         if good:
             return f"the last good checkpoint is {good[-1]}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import time
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -15,21 +16,25 @@ from dist_lm.config.schema import UserError
 from dist_lm.data import integrity
 from dist_lm.model.counts import count_parameters, flops_per_token
 from dist_lm.observe import log, metrics
-from dist_lm.plan import hardware
-from dist_lm.runtime import distributed, engine
+from dist_lm.runtime import distributed, engine, hardware
 from dist_lm.runtime.ds_config import clips_itself
 from dist_lm.runtime.optim import lr_at
+from dist_lm.store import checkpoints
+from dist_lm.store.state import RunState
 from dist_lm.train import checkpoint, faults
 from dist_lm.train.faults import SkipCounter, SpikeGuard
 from dist_lm.train.preemption import WRITE_FAILED
 from dist_lm.train.session import Session, check_room_for_a_checkpoint
-from dist_lm.train.state import RunState
-from dist_lm.use.generate import sample
+
+Sampler = Callable[..., "list[int]"]
+"""dist_lm.use.generate.sample's signature: what prints train.sample_tokens of text, handed in by
+the command (the loop sits below the tools that use a trained model)."""
 
 
 class Trainer:
-    def __init__(self, session: Session):
+    def __init__(self, session: Session, sample: Sampler | None = None):
         self.session = s = session
+        self.sample = sample
         self.cfg, self.model_engine, self.run_dir = s.cfg, s.model_engine, s.run_dir
         self.stop, self.watchdog = s.stop, s.watchdog
         self.flops_per_token = flops_per_token(s.cfg.model)
@@ -370,7 +375,7 @@ class Trainer:
                 "again"
             )
         check_room_for_a_checkpoint(self.cfg, s.ckpt_root, f"step {self.step}")
-        path = s.ckpt_root / checkpoint.tag_for(self.step)
+        path = s.ckpt_root / checkpoints.tag_for(self.step)
         self.watchdog.progress(
             f"saving checkpoint {path}",
             60 * self.cfg.checkpoint.save_timeout_minutes,
@@ -405,6 +410,9 @@ class Trainer:
 
         s = self.session
         meta = s.data.meta
+        if self.sample is None:
+            log.warn("no sample: this trainer was given no sampler (dist_lm.use.generate.sample)")
+            return
         if not meta.get("tokenizer"):
             log.warn(f"no sample: {s.data.dir} has no tokenizer.json to decode with")
             return
@@ -413,7 +421,7 @@ class Trainer:
         eot = meta.get("eot_id")
         prompt = tokenizer.encode(self.cfg.train.sample_prompt).ids or [eot if eot is not None else 0]
         self.model_engine.eval()
-        out = sample(
+        out = self.sample(
             self.model_engine.module,
             prompt,
             self.cfg.train.sample_tokens,

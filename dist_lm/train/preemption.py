@@ -23,8 +23,8 @@ from pathlib import Path
 
 from dist_lm.files import write_atomic
 from dist_lm.runtime.distributed import any_rank, any_rank_each, is_rank0
+from dist_lm.store.state import STATE
 from dist_lm.train.exits import Exit
-from dist_lm.train.state import STATE
 
 # Set by the launch templates (launchers/exit_status.sh): a launcher would take a rank's 75 for a
 # failure, so rank 0 writes the status to this file, every rank exits 0, and the template exits 75.

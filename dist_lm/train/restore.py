@@ -29,9 +29,10 @@ import torch
 from dist_lm.config.io import parse_override
 from dist_lm.config.run_sections import CheckpointConfig, RunConfig
 from dist_lm.runtime.precision import Precision
-from dist_lm.train import checkpoint
-from dist_lm.train.checkpoint import WEIGHTS_GLOB, CheckpointError, Engine, Found
-from dist_lm.train.state import RunState
+from dist_lm.store import checkpoints
+from dist_lm.store.checkpoints import WEIGHTS_GLOB, CheckpointError, Found
+from dist_lm.store.state import RunState
+from dist_lm.train.checkpoint import Engine
 
 UNIVERSAL = "universal"  # subdirectory of a tag holding its universal-format conversion
 FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"  # torch reads it at every torch.load
@@ -158,7 +159,7 @@ def resumed_settings(overrides: list[str]) -> tuple[Precision, int | None] | Non
     if resume == "none" or (resume == "auto" and not named):
         return None  # a fresh start: nothing to resume, or a new directory named by the start time
     run_dir = RunConfig(dir=given.get("run.dir")).dir_for(given.get("run.name") or "")
-    found = checkpoint.find(resume, CheckpointConfig(dir=given.get("checkpoint.dir")).root(run_dir))
+    found = checkpoints.find(resume, CheckpointConfig(dir=given.get("checkpoint.dir")).root(run_dir))
     return None if found is None else (Precision(found.state.precision), found.state.zero_stage)
 
 

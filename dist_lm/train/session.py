@@ -32,13 +32,14 @@ from dist_lm.model.loss import uses_chunked
 from dist_lm.model.moe import build_model, check_moe
 from dist_lm.observe import log, metrics, sinks
 from dist_lm.observe.profiling import StepProfiler
-from dist_lm.plan import hardware, memory
-from dist_lm.runtime import distributed, engine, fp8
+from dist_lm.plan import memory
+from dist_lm.runtime import distributed, engine, fp8, hardware
 from dist_lm.runtime.distributed import DistEnv
 from dist_lm.runtime.precision import Precision
+from dist_lm.store import checkpoints
+from dist_lm.store.state import RunState
 from dist_lm.train import checkpoint, restore, run_lock, watchdog
 from dist_lm.train.preemption import StopControl
-from dist_lm.train.state import RunState
 
 # A first checkpoint's size per parameter, before one was written to measure: the optimizer's
 # fp32 master and two Adam moments (12), the module in bf16 (2; 4 in fp32) and the weights file (4).
@@ -155,25 +156,25 @@ def start(cfg: Config, plan_summary: list[str] = (), data: ResolvedData | None =
     ckpt_root = cfg.checkpoint.root(run_dir)
     shared_root = _root_of_its_own(ckpt_root, run_dir)
     if shared_root:  # the root could hold another run's checkpoints: rank 0 looks, for every rank
-        problem = distributed.from_rank0(checkpoint.owner_problem(ckpt_root, run_dir) if rank == 0 else None)
+        problem = distributed.from_rank0(checkpoints.owner_problem(ckpt_root, run_dir) if rank == 0 else None)
         if problem:
-            raise checkpoint.CheckpointError(problem)
+            raise checkpoints.CheckpointError(problem)
     restore.impose_weights_only()
-    found = checkpoint.find(cfg.checkpoint.resume, ckpt_root, checkpoint.checksum_problem_together)
+    found = checkpoints.find(cfg.checkpoint.resume, ckpt_root, checkpoints.checksum_problem_together)
     if found is not None:
         problem = distributed.first_problem(restore.unpickling_problem(found.path, rank, dist_env.world_size))
         if problem:
-            raise checkpoint.CheckpointError(problem)
+            raise checkpoints.CheckpointError(problem)
         _check_same_data(cfg, found, data)
         _check_same_model(cfg, found)
         precision_change = restore.check_precision(found.state, precision)
         if precision_change:
             log.warn(precision_change)
-    elif cfg.checkpoint.resume == "auto" and (died := checkpoint.incomplete_after(ckpt_root)):
+    elif cfg.checkpoint.resume == "auto" and (died := checkpoints.incomplete_after(ckpt_root)):
         # A save that died (a kill during the stop checkpoint) leaves a directory that is not resumed.
         log.warn(f"{'; '.join(died)}; no complete checkpoint to resume: training from step 0")
-    elif cfg.checkpoint.resume == "none" and checkpoint.complete_checkpoints(ckpt_root):
-        raise checkpoint.CheckpointError(
+    elif cfg.checkpoint.resume == "none" and checkpoints.complete_checkpoints(ckpt_root):
+        raise checkpoints.CheckpointError(
             f"checkpoint error: checkpoint.resume=none but {ckpt_root} holds checkpoints of an earlier run; "
             "use another run.name or checkpoint.dir, or resume it (checkpoint.resume=auto)"
         )
@@ -373,7 +374,7 @@ def _take_run_dir(cfg: Config, run_dir: Path, shared_root: Path | None) -> list[
     return locks
 
 
-def _check_same_data(cfg: Config, found: checkpoint.Found, data: ResolvedData) -> None:
+def _check_same_data(cfg: Config, found: checkpoints.Found, data: ResolvedData) -> None:
     """Refuse to resume on other data (unless checkpoint.allow_data_change). A mixture's weights
     are not its data: they may change."""
     state = found.state
@@ -399,10 +400,10 @@ def _check_same_data(cfg: Config, found: checkpoint.Found, data: ResolvedData) -
     )
 
 
-def _check_same_model(cfg: Config, found: checkpoint.Found) -> None:
+def _check_same_model(cfg: Config, found: checkpoints.Found) -> None:
     """Refuse, before anything is written, a checkpoint whose weights do not fit this run's model
     (e.g. --allow-data-change onto data of another vocabulary size)."""
-    saved = from_dict(found.state.config, str(found.path / checkpoint.STATE)).model
+    saved = from_dict(found.state.config, str(found.path / checkpoints.STATE)).model
     theirs, ours = parameter_shapes(saved), parameter_shapes(cfg.model)
     if theirs == ours:
         return
@@ -430,11 +431,11 @@ def check_room_for_a_checkpoint(cfg: Config, ckpt_root: Path, when: str) -> None
     )
     problem = distributed.from_rank0(checkpoint.check_room(ckpt_root, need) if rank0 else None)
     if problem:
-        raise checkpoint.CheckpointError(f"checkpoint error: {when}: {problem}; any previous checkpoint is intact")
+        raise checkpoints.CheckpointError(f"checkpoint error: {when}: {problem}; any previous checkpoint is intact")
 
 
 def _resume(
-    model_engine: Any, train_data: TrainData, found: checkpoint.Found, universal: bool, cfg: Config, rank: int
+    model_engine: Any, train_data: TrainData, found: checkpoints.Found, universal: bool, cfg: Config, rank: int
 ) -> None:
     """The engine's and the data's side of a resume: weights, optimizer state, this rank's random
     state, where the data order continues. (The loop restores its own counters: Trainer.)"""

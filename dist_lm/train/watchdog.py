@@ -13,11 +13,11 @@ Each rank runs one daemon thread that does two things:
   naming the ranks that went silent (or, when all still beat, what each is doing), and ends the
   process with status 3 (``Exit.HANG``). The next start resumes from the last complete checkpoint.
 
-The backends' own collective timeouts (NCCL's watchdog, gloo's) are set BACKEND_GRACE later, so a
-hang ends with this line rather than NCCL's abort; they still bound the set-up, before the
-deadline is armed. A collective that fails at once because a peer's process is gone (gloo:
-"Connection reset by peer") raises in the main thread instead; :func:`explain` turns that into
-the same line.
+The backends' own collective timeouts (NCCL's watchdog, gloo's) are set a minute later
+(dist_lm.runtime.distributed.BACKEND_GRACE), so a hang ends with this line rather than NCCL's abort;
+they still bound the set-up, before the deadline is armed. A collective that fails at once because a
+peer's process is gone (gloo: "Connection reset by peer") raises in the main thread instead;
+:func:`explain` turns that into the same line.
 """
 
 from __future__ import annotations
@@ -38,7 +38,6 @@ BEAT_SECONDS = 2.0
 # a busy store or a clock a second off between nodes does not make a live rank look silent.
 SILENT_SECONDS = 10.0
 STORE_TIMEOUT = timedelta(seconds=10)  # a store that does not answer in this time is gone too
-BACKEND_GRACE = timedelta(minutes=1)
 KEY = "dist_lm/heartbeat/{}"
 
 

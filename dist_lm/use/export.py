@@ -22,7 +22,8 @@ from dist_lm.data.readers import EOT
 from dist_lm.files import as_umask_allows, foreign_entries, holds, replace_dir, staging_dir
 from dist_lm.observe import log
 from dist_lm.runtime.precision import Precision
-from dist_lm.train import checkpoint, restore
+from dist_lm.store import checkpoints
+from dist_lm.train import restore
 from dist_lm.use.inference import find_tokenizer, saved_config
 
 # What an export writes, and so all that --overwrite may replace.
@@ -114,7 +115,7 @@ def export_hf(
     from safetensors.torch import save_file
     from tokenizers import Tokenizer
 
-    found = checkpoint.find_for_reading(Path(source), best)
+    found = checkpoints.find_for_reading(Path(source), best)
     if found.note:
         log.warn(found.note)
     check_out(out, Path(source), found.path, overwrite)

@@ -18,11 +18,12 @@ from dist_lm.data.shards import sha256_file
 from dist_lm.model.transformer import Transformer
 from dist_lm.observe import log
 from dist_lm.runtime.precision import Precision
-from dist_lm.train import checkpoint, restore
+from dist_lm.store import checkpoints
+from dist_lm.train import restore
 
 
-def saved_config(found: checkpoint.Found) -> Config:
-    return from_dict(found.state.config, str(found.path / checkpoint.STATE))
+def saved_config(found: checkpoints.Found) -> Config:
+    return from_dict(found.state.config, str(found.path / checkpoints.STATE))
 
 
 def find_tokenizer(cfg: Config, sha256: str | None) -> Path | None:
@@ -34,13 +35,13 @@ def find_tokenizer(cfg: Config, sha256: str | None) -> Path | None:
     return next((p for p in candidates if p.is_file() and (sha256 is None or sha256_file(p) == sha256)), None)
 
 
-def load_model(path: Path, best: bool = False, dtype: str = "fp32") -> tuple[Transformer, Config, checkpoint.Found]:
+def load_model(path: Path, best: bool = False, dtype: str = "fp32") -> tuple[Transformer, Config, checkpoints.Found]:
     """Our model with a checkpoint's full weights, in eval mode, on the CPU. ``path``: a
     checkpoint directory, or a run directory (its newest complete checkpoint, or with ``best``
     the one with the lowest validation loss). ``dtype``: fp32, bf16, fp16, or "trained" for the
     precision the run trained in (the weights the training loop's forward used: its fp32
     masters rounded to that precision; for bf16-autocast the fp32 weights, run under autocast)."""
-    found = checkpoint.find_for_reading(Path(path), best)
+    found = checkpoints.find_for_reading(Path(path), best)
     if found.note:
         log.warn(found.note)
     cfg = saved_config(found)
@@ -54,7 +55,7 @@ def load_model(path: Path, best: bool = False, dtype: str = "fp32") -> tuple[Tra
     try:
         model.load_state_dict(weights)
     except RuntimeError as e:  # names or shapes that are not this model's
-        raise checkpoint.CheckpointError(
+        raise checkpoints.CheckpointError(
             f"checkpoint error: the weights of {found.path} do not fit the model its "
             f"state.json describes ({str(e).splitlines()[0]}); use another "
             "checkpoint"
@@ -64,7 +65,7 @@ def load_model(path: Path, best: bool = False, dtype: str = "fp32") -> tuple[Tra
     return model.to(precision.dtype).eval(), cfg, found
 
 
-def load_tokenizer(cfg: Config, found: checkpoint.Found):
+def load_tokenizer(cfg: Config, found: checkpoints.Found):
     from tokenizers import Tokenizer
 
     path = find_tokenizer(cfg, found.state.tokenizer_sha256)

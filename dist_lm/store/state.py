@@ -1,6 +1,6 @@
 """A checkpoint's state.json: our resumable state beside DeepSpeed's files, as one versioned dataclass.
 
-A file it cannot read raises UserError; dist_lm.checkpoint.problem_with turns that into "its
+A file it cannot read raises UserError; dist_lm.store.checkpoints.problem_with turns that into "its
 state.json is unreadable (...)", which the resume and the tools say in one line.
 
 The trainer builds it (``Trainer.state_dict``); everything reads it back through ``RunState.read``
