@@ -46,7 +46,7 @@ def test_every_positional_option_trains(position, basis):
     data[:, 1::2] = data[:, 0::2][:, :16]  # a pattern that needs positions to predict
     losses = []
     for _ in range(15):
-        loss = model(data[:, :-1], data[:, 1:])
+        loss = model(data[:, :-1], data[:, 1:]).total
         opt.zero_grad()
         loss.backward()
         opt.step()

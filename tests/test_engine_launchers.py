@@ -145,7 +145,7 @@ data = torch.randint(0, 512, (3, 2, 2, cfg.model.seq_len + 1), generator=torch.G
 grads_kept = []
 for step in data:
     for micro in step:
-        engine.backward(engine(micro[:, :-1], micro[:, 1:]))
+        engine.backward(engine(micro[:, :-1], micro[:, 1:]).total)
         grads_kept.append(any(p.grad is not None for p in engine.module.parameters()))
         engine.step()
 print(json.dumps({"skipped": skipped, "grads_kept": grads_kept[0], "before": before, "after": digest()}))

@@ -240,10 +240,11 @@ def test_compiled_run_lifecycle_train_stop_resume_best_evaluate_generate_export(
 
     from transformers import AutoModelForCausalLM
 
+    from dist_lm.model.loss import TrainingOptions
     from dist_lm.use.inference import load_model
 
     ours, _, _ = load_model(run, best=True)
-    ours.autocast_dtype = None  # computed in fp32 on both sides
+    ours.use(TrainingOptions())  # computed in fp32 on both sides
     exported = ours.to(torch.bfloat16).float() if precision == "bf16" else ours  # as the export holds them
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
     ids = torch.randint(0, ours.cfg.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
@@ -271,7 +272,7 @@ def test_document_masks_through_flexattention_equal_the_dense_mask(env):
         flex = model(x.cuda(), documents=ids.cuda()).cpu()
         dense = on_cpu(x, documents=ids)
     torch.testing.assert_close(flex, dense, atol=2e-4, rtol=1e-3)
-    model(x.cuda(), torch.randint(0, 512, (2, 256)).cuda(), documents=ids.cuda()).backward()
+    model(x.cuda(), torch.randint(0, 512, (2, 256)).cuda(), documents=ids.cuda()).total.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
 
 
@@ -330,7 +331,7 @@ def test_chunked_cross_entropy_on_the_gpu_gives_the_full_loss():
     results = []
     for rows in (None, token_cross_entropy):
         leaf = logits.clone().requires_grad_()
-        loss, z = language_model_loss(leaf, targets, 1e-4, rows)
+        loss, _, z = language_model_loss(leaf, targets, 1e-4, rows)
         loss.backward()
         results.append((loss, z, leaf.grad.float()))
     (full, full_z, full_grad), (chunked, chunked_z, chunked_grad) = results

@@ -9,6 +9,7 @@ import torch
 
 from dist_lm.config.schema import ModelConfig
 from dist_lm.model.counts import count_parameters, flops_per_token
+from dist_lm.model.loss import TrainingOptions
 from dist_lm.model.transformer import Transformer
 
 
@@ -47,7 +48,7 @@ def test_fresh_model_loss_is_near_ln_vocab():
     cfg = tiny(vocab_size=4096)
     model = Transformer(cfg)
     x, y = torch.randint(0, 4096, (4, 32)), torch.randint(0, 4096, (4, 32))
-    assert abs(model(x, y).item() - math.log(4096)) < 0.1
+    assert abs(model(x, y).total.item() - math.log(4096)) < 0.1
 
 
 def test_causality_future_tokens_do_not_change_the_past():
@@ -63,11 +64,11 @@ def test_activation_checkpointing_gives_the_same_gradients():
     torch.manual_seed(0)
     model = Transformer(tiny(n_kv_heads=2))
     x, y = torch.randint(0, 512, (2, 32)), torch.randint(0, 512, (2, 32))
-    model(x, y).backward()
+    model(x, y).total.backward()
     plain = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
-    model.activation_checkpointing = True
-    model(x, y).backward()
+    model.use(TrainingOptions(activation_checkpointing=True))
+    model(x, y).total.backward()
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, plain[n], rtol=0, atol=0, msg=n)
 
@@ -89,7 +90,7 @@ def test_compiled_model_compiles_once_and_its_position_tables_stay_fp32(position
     x = torch.randint(0, 512, (2, 32))
     try:
         for _ in range(3):
-            compiled(x, x).backward()
+            compiled(x, x).total.backward()
         assert counters["stats"]["unique_graphs"] == 1
     finally:  # no compiled state left behind for the tests after this one, pass or fail
         torch._dynamo.reset()

@@ -9,6 +9,7 @@ import torch
 
 from dist_lm.config.io import load_config
 from dist_lm.config.schema import ConfigError, ModelConfig
+from dist_lm.model.loss import TrainingOptions
 from dist_lm.model.transformer import Transformer
 
 RECIPE = ["model.dropout=0.1", "model.qk_norm=true", "optim.z_loss=1e-4"]
@@ -33,14 +34,15 @@ def test_z_loss_adds_the_squared_log_partition_function():
     torch.manual_seed(0)
     model = Transformer(tiny())
     x, y = torch.randint(0, 512, (2, 32)), torch.randint(0, 512, (2, 32))
-    ce = model(x, y)
-    model.z_loss_coef = 1e-2
+    ce = model(x, y).total
+    model.use(TrainingOptions(z_loss_coef=1e-2))
     with_z = model(x, y)
     logits = model(x).float().flatten(0, 1)
     z = torch.logsumexp(logits, -1).pow(2).mean()
-    torch.testing.assert_close(with_z, ce + 1e-2 * z)
-    torch.testing.assert_close(model.z_loss, z)
-    with_z.backward()
+    torch.testing.assert_close(with_z.total, ce + 1e-2 * z)
+    torch.testing.assert_close(with_z.z, z)
+    torch.testing.assert_close(with_z.cross_entropy, ce)  # what the log reports: the parts, apart
+    with_z.total.backward()
     assert all(p.grad is not None for p in model.parameters())
 
 

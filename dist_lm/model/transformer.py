@@ -5,7 +5,10 @@ key/value cache for generation.
 
 This file is architecture only: it knows nothing of DeepSpeed, ranks or config files. A
 mixture-of-experts layer comes from outside (``moe_layer``), as a module that maps (batch, seq,
-d_model) to the same and leaves its load-balancing loss in ``.aux_loss``.
+d_model) to the same and leaves its load-balancing loss in ``.aux_loss``, which the forward
+returns among the loss's parts. How it computes while training (activation checkpointing, the
+z-loss, a chunked cross-entropy, autocast) is a TrainingOptions given when it is built or by the
+engine through :meth:`Transformer.use`.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from torch.utils.checkpoint import checkpoint
 from dist_lm.config.schema import ModelConfig
 from dist_lm.model.documents import document_attention
 from dist_lm.model.layers import MLP, Attention, KVCache, Positions, RMSNorm, rope_tables
-from dist_lm.model.loss import RowLosses, language_model_loss
+from dist_lm.model.loss import LossParts, TrainingOptions, language_model_loss
 from dist_lm.model.positional import RelativeBias
 
 
@@ -52,9 +55,14 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, cfg: ModelConfig, moe_layer: Callable[[int], nn.Module] | None = None):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        moe_layer: Callable[[int], nn.Module] | None = None,
+        options: TrainingOptions = TrainingOptions(),  # noqa: B008 (frozen: one shared default is safe)
+    ):
         """``moe_layer(i)`` builds the mixture-of-experts MLP of block i, for the blocks that
-        model.layer_types marks ``moe``."""
+        model.layer_types marks ``moe``. ``options``: how it computes (or later: :meth:`use`)."""
         super().__init__()
         if cfg.vocab_size is None:
             raise ValueError("ModelConfig.vocab_size must be resolved before building the model")
@@ -76,8 +84,7 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_embeddings.weight
-        # Recompute each block in backward; set from outside (see dist_lm.runtime.engine).
-        self.activation_checkpointing = False
+        self.options = options
         # Rotary tables are kept out of the module's buffers so that casting the model to bf16/fp16
         # (as DeepSpeed does) cannot round them. They are made in fp32 here and again whenever the
         # module moves (_apply), not in forward: made on forward's first call, inside a compiled
@@ -85,19 +92,13 @@ class Transformer(nn.Module):
         # guard on the empty cache failed), and under CUDA graphs they were a graph output that the
         # next replay overwrote.
         self._rope = self._rope_tables(None)
-        self.aux_loss: torch.Tensor | None = None  # the experts' load-balancing loss of the last forward
-        # The z-loss weight (optim.z_loss), set from outside like activation_checkpointing; z_loss
-        # is mean(logsumexp(logits)^2) of the last forward with targets, when the weight is on.
-        self.z_loss_coef = 0.0
-        self.z_loss: torch.Tensor | None = None
-        # model.cross_entropy=chunked: the per-token cross-entropy to train with, set from outside
-        # (dist_lm.model.loss); None: the full fp32 cross-entropy.
-        self.row_losses: RowLosses | None = None
-        # With fp32 weights, run forward under torch.autocast in this dtype: how a bf16-autocast
-        # run computed (parallel.precision). The tools set it to run such a checkpoint as it
-        # trained (dist_lm.use.inference); in training DeepSpeed's torch_autocast section does it.
-        self.autocast_dtype: torch.dtype | None = None
         self.reset_parameters()
+
+    def use(self, options: TrainingOptions) -> None:
+        """How to compute from now on: what the engine decides once it knows the run (activation
+        checkpointing, the z-loss, DeepSpeed's chunked cross-entropy). The one way in after
+        construction; nothing else sets the model's behaviour from outside."""
+        self.options = options
 
     def reset_parameters(self) -> None:
         std = self.cfg.init_std
@@ -115,14 +116,16 @@ class Transformer(nn.Module):
         targets: torch.Tensor | None = None,
         cache: KVCache | None = None,
         documents: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Logits (batch, seq, vocab) or, with targets, the mean cross-entropy loss (plus the
-        experts' load-balancing loss, if any). With a cache, idx continues the cached tokens.
+    ) -> torch.Tensor | LossParts:
+        """Logits (batch, seq, vocab) or, with targets, the loss and its parts (LossParts: the total
+        to train on, the cross-entropy, the z-loss and the experts' load-balancing loss). With a
+        cache, idx continues the cached tokens.
         ``documents`` (batch, seq): each token's document in a packed window
         (dist_lm.model.documents.document_ids): attention stays inside each document and positions
         restart at each."""
-        if self.autocast_dtype is not None and not torch.is_autocast_enabled(idx.device.type):
-            with torch.autocast(idx.device.type, dtype=self.autocast_dtype):
+        autocast = self.options.autocast_dtype
+        if autocast is not None and not torch.is_autocast_enabled(idx.device.type):
+            with torch.autocast(idx.device.type, dtype=autocast):
                 return self.forward(idx, targets, cache, documents)
         start, t = (cache.length if cache is not None else 0), idx.shape[1]
         if start + t > self.cfg.seq_len:
@@ -139,25 +142,28 @@ class Transformer(nn.Module):
         if self.relative_bias is not None:
             pos.bias = self.relative_bias(start, t, start + t, x.dtype, idx.device)
         for block in self.blocks:
-            if self.activation_checkpointing and self.training:
+            if self.options.activation_checkpointing and self.training:
                 x = checkpoint(block, x, pos, use_reentrant=False)
             else:
                 x = block(x, pos)
         if cache is not None:
             cache.length += t
-        aux = [block.mlp.aux_loss for block in self.blocks if getattr(block.mlp, "aux_loss", None) is not None]
-        self.aux_loss = torch.stack(aux).sum() if aux else None
         if targets is None:
             return self.lm_head(self.norm(x))
-        loss, self.z_loss = self.head_loss(x, targets)
-        if self.aux_loss is not None:
-            loss = loss + self.cfg.moe_aux_loss_coef * self.aux_loss.float()
-        return loss
+        total, cross_entropy, z = self.head_loss(x, targets)
+        aux = [block.mlp.aux_loss for block in self.blocks if getattr(block.mlp, "aux_loss", None) is not None]
+        aux = torch.stack(aux).sum().float() if aux else None
+        if aux is not None:
+            total = total + self.cfg.moe_aux_loss_coef * aux
+        return LossParts(total, cross_entropy, z, aux)
 
-    def head_loss(self, x: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The last block's output -> (training loss, z-loss term or None): the final norm, the
-        output head and the loss (dist_lm.model.loss), one region for compile_regions."""
-        return language_model_loss(self.lm_head(self.norm(x)), targets, self.z_loss_coef, self.row_losses)
+    def head_loss(
+        self, x: torch.Tensor, targets: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The last block's output -> (loss to train on, cross-entropy, z-loss or None): the final
+        norm, the output head and the loss (dist_lm.model.loss), one region for compile_regions."""
+        options = self.options
+        return language_model_loss(self.lm_head(self.norm(x)), targets, options.z_loss_coef, options.row_losses)
 
     def compile_regions(self) -> None:
         """torch.compile the repeated block and the output (head and loss), not the whole model:

@@ -36,7 +36,7 @@ from deepspeed.utils import groups, safe_get_full_fp32_param, safe_get_full_grad
 
 from dist_lm.config.batch import BatchSizes  # noqa: E402
 from dist_lm.config.schema import OptimConfig, ParallelConfig, UserError  # noqa: E402
-from dist_lm.model.loss import uses_chunked  # noqa: E402
+from dist_lm.model.loss import TrainingOptions, uses_chunked  # noqa: E402
 from dist_lm.model.transformer import Transformer  # noqa: E402
 from dist_lm.runtime import fp8  # noqa: E402
 from dist_lm.runtime.ds_config import deepspeed_config  # noqa: E402
@@ -66,11 +66,15 @@ def initialize(
     """The DeepSpeed engine around ``model``. ``start_step``: the step of the checkpoint the run
     will load (0 for a fresh run), which DeepCompile's pass schedule counts from. ``verbose``:
     let DeepSpeed print what it prints bare at start-up."""
-    model.activation_checkpointing = parallel.activation_checkpointing
-    model.z_loss_coef = optim.z_loss
     mode = compile_mode(parallel, device)
-    if uses_chunked(model.cfg, device.type == "cuda", compiled=bool(mode)):
-        model.row_losses = token_cross_entropy
+    chunked = uses_chunked(model.cfg, device.type == "cuda", compiled=bool(mode))
+    model.use(
+        TrainingOptions(
+            activation_checkpointing=parallel.activation_checkpointing,
+            z_loss_coef=optim.z_loss,
+            row_losses=token_cross_entropy if chunked else None,
+        )
+    )
     if precision is Precision.FP8:  # before the optimizer's groups: the same parameters, new modules
         fp8.convert(model, parallel.fp8_recipe)
     # Marks the checkpoints DeepSpeed writes as convertible to its universal format (for resuming

@@ -226,24 +226,20 @@ class Trainer:
             except OSError as e:
                 self._write_failure = f"writing {e.filename} failed ({e.strerror or e})"
         for i, (x, y, *documents) in enumerate(batches):  # documents: with data.document_mask
-            loss = model_engine(x, y, documents=documents[0]) if documents else model_engine(x, y)
+            parts = model_engine(x, y, documents=documents[0]) if documents else model_engine(x, y)
             skip = self.spike_guard is not None and self.spike_guard.check_micro_batch(
-                loss, self.step + 1, i, len(batches), data.last_ids
+                parts.total, self.step + 1, i, len(batches), data.last_ids
             )
             # A skipped micro-batch still goes through backward (with no gradient), so that
             # DeepSpeed's micro-step count and ZeRO's collectives stay in line on every rank.
-            model_engine.backward(loss * 0.0 if skip else loss)
-            # The logged loss is the cross-entropy: the experts' load-balancing loss and the
-            # z-loss, both inside ``loss``, are logged apart.
-            loss = loss.detach()
-            aux, z = model_engine.module.aux_loss, model_engine.module.z_loss
-            if aux is not None:
-                self.window.aux_sum += aux.detach().float()
-                loss = loss - self.cfg.model.moe_aux_loss_coef * aux.detach().float()
-            if z is not None:
-                self.window.z_sum += z.detach()
-                loss = loss - self.cfg.optim.z_loss * z.detach()
-            self.window.loss_sum += loss
+            model_engine.backward(parts.total * 0.0 if skip else parts.total)
+            # The logged loss is the cross-entropy; the experts' load-balancing loss and the
+            # z-loss, both in the total trained on, are logged apart (LossParts).
+            self.window.loss_sum += parts.cross_entropy.detach()
+            if parts.aux is not None:
+                self.window.aux_sum += parts.aux.detach()
+            if parts.z is not None:
+                self.window.z_sum += parts.z.detach()
             if i < len(batches) - 1:
                 model_engine.step()  # DeepSpeed counts micro-steps; it updates only at the boundary
         if self.cfg.train.check_finite:

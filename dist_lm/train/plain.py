@@ -19,6 +19,7 @@ from dist_lm.config.batch import batch_sizes
 from dist_lm.config.schema import Config
 from dist_lm.data.checks import resolve_data
 from dist_lm.data.sampler import TrainData
+from dist_lm.model.loss import TrainingOptions
 from dist_lm.model.transformer import Transformer
 from dist_lm.runtime.optim import fused_adamw, lr_at, param_groups
 
@@ -31,8 +32,7 @@ class PlainTraining:
         data = resolve_data(cfg)
         self.cfg = cfg = data.config
         torch.manual_seed(cfg.train.seed)  # as dist_lm.train.session seeds before building the model
-        self.model = Transformer(cfg.model).to(device)
-        self.model.z_loss_coef = cfg.optim.z_loss
+        self.model = Transformer(cfg.model, options=TrainingOptions(z_loss_coef=cfg.optim.z_loss)).to(device)
         self.optimizer = fused_adamw(param_groups(self.model, cfg.optim.weight_decay), cfg.optim)
         self.forward = torch.compile(self.model) if compiled else self.model
         self.autocast = autocast
@@ -44,8 +44,8 @@ class PlainTraining:
         """Seconds spent waiting for the sampler's batches, summed over the steps."""
 
     def step(self) -> list[torch.Tensor]:
-        """One optimizer step; each micro-batch's loss, left on the device (reading it would wait
-        for the GPU)."""
+        """One optimizer step; each micro-batch's cross-entropy (what the training log reports),
+        left on the device (reading it would wait for the GPU)."""
         optim = self.cfg.optim
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(self.steps_done, optim, self.cfg.train.max_steps)
@@ -56,8 +56,8 @@ class PlainTraining:
         for x, y in batches:
             with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.autocast):
                 loss = self.forward(x, y)
-            (loss / len(batches)).backward()
-            losses.append(loss.detach())
+            (loss.total / len(batches)).backward()
+            losses.append(loss.cross_entropy.detach())
         if optim.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), optim.grad_clip)
         self.optimizer.step()

@@ -15,6 +15,7 @@ from dist_lm.config.schema import Config, UserError
 from dist_lm.data import corpus
 from dist_lm.data.sampler import ValData
 from dist_lm.data.shards import sha256_file
+from dist_lm.model.loss import TrainingOptions
 from dist_lm.model.transformer import Transformer
 from dist_lm.observe import log
 from dist_lm.runtime.precision import Precision
@@ -50,7 +51,9 @@ def load_model(path: Path, best: bool = False, dtype: str = "fp32") -> tuple[Tra
             f"{found.path} has mixture-of-experts layers, which need DeepSpeed's engine to run; "
             "use the training launcher's evaluation (train.eval_interval) for them"
         )
-    model = Transformer(cfg.model)
+    precision = Precision(found.state.precision if dtype == "trained" else dtype)
+    # a bf16-autocast run: fp32 weights, bf16 products
+    model = Transformer(cfg.model, options=TrainingOptions(autocast_dtype=precision.autocast_dtype))
     weights = restore.consolidated_weights(found.path)
     try:
         model.load_state_dict(weights)
@@ -60,8 +63,6 @@ def load_model(path: Path, best: bool = False, dtype: str = "fp32") -> tuple[Tra
             f"state.json describes ({str(e).splitlines()[0]}); use another "
             "checkpoint"
         ) from None
-    precision = Precision(found.state.precision if dtype == "trained" else dtype)
-    model.autocast_dtype = precision.autocast_dtype  # a bf16-autocast run: fp32 weights, bf16 products
     return model.to(precision.dtype).eval(), cfg, found
 
 
