@@ -16,11 +16,12 @@ import sys
 # subcommand -> what it does (kept here, so that --help imports no torch)
 COMMANDS = {
     "train": "train a model (under any launcher; --config auto plans for this machine)",
-    "prepare": "tokenize text (txt, jsonl) into token shards for data.dir",
+    "prepare": "tokenize text (txt, jsonl, parquet, arrow, saved datasets) into token shards for data.dir",
     "plan": "show the plan --config auto would choose, for this machine or a described one",
+    "find-batch": "the largest micro-batch that fits this machine's GPU, measured by short runs",
     "evaluate": "validation loss of a checkpoint",
     "generate": "sample text from a checkpoint",
-    "export": "write a checkpoint as a Hugging Face Llama directory",
+    "export": "write a checkpoint as a Hugging Face Llama directory (transformers loads it: pip install transformers)",
     "bench": "tokens/s, MFU and memory of config variants, beside plain PyTorch",
     "sweep": "a grid or random search over config keys, one run per trial",
     "analyze": "plots and rankings of a run or a sweep",
@@ -56,7 +57,7 @@ def run(name: str, argv: list[str], prog: str) -> int:
     """Run one subcommand with ``argv``; ``prog`` is the name its --help and errors show."""
     sys.argv[0] = prog  # argparse names the program after it
     try:
-        status = importlib.import_module(f"dist_lm.commands.{name}").main(argv)
+        status = importlib.import_module(f"dist_lm.commands.{name.replace('-', '_')}").main(argv)
     except KeyboardInterrupt:  # Ctrl-C before a command takes it over (a training run checkpoints first)
         print(f"error: {prog}: interrupted (Ctrl-C); what it was writing was not left half-written", file=sys.stderr)
         return 130

@@ -59,7 +59,7 @@ def test_out_of_memory_becomes_one_line_and_its_own_exit_status(capsys):
         assert stopped.value.code == Exit.OUT_OF_MEMORY
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "rank 1 ran out of GPU memory at micro-batch 64 x seq 2048" in err
-        assert "train.micro_batch_size" in err and "tools/find_batch.py" in err
+        assert "train.micro_batch_size" in err and "dist-lm find-batch" in err
     with pytest.raises(RuntimeError, match="another failure"), guard:  # anything else passes through
         raise RuntimeError("another failure")
 

@@ -63,3 +63,5 @@ def test_installed_package_trains_and_plans_outside_the_checkout(env, ds_ops, tm
     )
     assert_ok(plan)
     assert "plan: preset debug" in plan.stdout
+    # what it suggests runs from the install: no launch template of a checkout
+    assert "dist-lm train " in plan.stdout and "launchers/" not in plan.stdout

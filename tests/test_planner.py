@@ -14,8 +14,10 @@ import torch
 from conftest import ROOT, assert_ok, launch
 from dist_lm.config.io import load_config
 from dist_lm.config.schema import ModelConfig, ParallelConfig, UserError
+from dist_lm.plan.launch import format_plan, launch_commands
 from dist_lm.plan.memory import GB, estimate
-from dist_lm.plan.planner import format_plan, largest_fitting, launch_commands, make_plan, settings_to_keep, usable_gb
+from dist_lm.plan.planner import make_plan, settings_to_keep
+from dist_lm.plan.sizing import largest_fitting, usable_gb
 from dist_lm.runtime.distributed import check_master_reachable, detect
 from dist_lm.runtime.hardware import Machine, detect_machine, peak_flops_for
 from dist_lm.runtime.precision import Precision
@@ -223,6 +225,17 @@ def test_four_nodes_of_eight_h100_get_the_multinode_preset():
     assert "NP=32" in cmds["mpirun"] and cmds["sbatch"].startswith("sbatch --nodes=4 --gpus-per-node=8")
 
 
+def test_an_installed_package_is_told_the_commands_it_has():
+    """`dist-lm plan` from `pip install dist-lm` suggested launchers/pretrain.py, which an install
+    does not have: it gets the dist-lm command and the launchers' module forms."""
+    one, cluster = make_plan(CPU_ONLY), make_plan(H100_CLUSTER)
+    assert launch_commands(one, from_checkout=False) == {"dist-lm": f"dist-lm train {' '.join(one.explicit_args())}"}
+    cmds = launch_commands(cluster, from_checkout=False)
+    assert cmds["torchrun"].startswith("torchrun --nnodes 4 --nproc_per_node 8 --node_rank <0..3>")
+    assert " -m dist_lm train " in cmds["torchrun"] and " --module dist_lm train " in cmds["deepspeed"]
+    assert not any("launchers/" in c or "slurm/" in c for c in cmds.values())
+
+
 def test_cpu_plans_the_debug_preset():
     plan = make_plan(CPU_ONLY)
     assert plan.preset == "debug" and plan.memory is None
@@ -304,7 +317,7 @@ def test_find_batch_needs_a_gpu_and_a_good_config(env):
         assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
         return proc.stderr
 
-    assert "this machine has none; tools/plan.py predicts" in find_batch("--config", "debug")
+    assert "this machine has none; dist-lm plan predicts" in find_batch("--config", "debug")
     assert "train.micro_batch_size: expected int" in find_batch("--config", "debug", "train.micro_batch_size=big")
 
 

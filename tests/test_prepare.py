@@ -100,7 +100,7 @@ def test_output_format_and_contents(corpus_dir, tmp_path):
     assert_ok(proc)
     meta = shards.read_meta(out)
     assert meta["dtype"] == "uint16" and meta["documents"] == 1 + 101 + 60 and meta["seed"] == 3
-    assert meta["val_fraction"] == 0.2 and "prepare_data.py" in meta["command"]
+    assert meta["val_fraction"] == 0.2 and meta["command"].startswith("dist-lm prepare ")
     assert meta["tokenizer_sha256"] == shards.sha256_file(out / "tokenizer.json")
     tok = Tokenizer.from_file(str(out / "tokenizer.json"))
     train = np.concatenate(shards.open_split(out, meta, "train"))

@@ -10,6 +10,9 @@ bf16-autocast run, whose weights are fp32), or in
 --dtype fp32, bf16 or fp16.
 
 Then: transformers.AutoModelForCausalLM.from_pretrained(OUT_DIR), AutoTokenizer.from_pretrained(OUT_DIR).
+transformers is not a dependency of dist-lm: `pip install transformers` (the dev extra has it).
+--overwrite replaces only an earlier export (a directory holding nothing but the five files an
+export writes).
 """
 
 from __future__ import annotations

@@ -15,7 +15,8 @@ import sys
 
 from dist_lm.commands.arguments import Parser, integer, number
 from dist_lm.config.schema import UserError
-from dist_lm.plan.planner import format_plan, make_plan, plan_for_this_machine
+from dist_lm.plan.launch import format_plan
+from dist_lm.plan.planner import make_plan, plan_for_this_machine
 from dist_lm.runtime.hardware import Machine
 from dist_lm.train.restore import resumed_settings
 

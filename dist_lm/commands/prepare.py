@@ -6,7 +6,9 @@
 
 INPUT: files, directories or globs of .txt (a file is a document), .jsonl, .jsonl.gz, .jsonl.zst
 (a line is a document: its text, content, message, body or output field, or --field; a
-'messages' list of {role, content} is rendered as a chat with a special token per role).
+'messages' list of {role, content} is rendered as a chat with a special token per role),
+.parquet and .arrow files and datasets saved with Hugging Face datasets' save_to_disk (a row is
+a document: the same columns, or --field).
 """
 
 from __future__ import annotations
@@ -92,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
             args.field,
             args.skip_bad_lines,
             args.shard_tokens,
-            command=shlex.join(["tools/prepare_data.py", *(argv if argv is not None else sys.argv[1:])]),
+            command=shlex.join(["dist-lm", "prepare", *(argv if argv is not None else sys.argv[1:])]),
             progress=not args.quiet,
         )
     except UserError as e:

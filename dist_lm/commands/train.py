@@ -1,13 +1,14 @@
-"""Pretrain a model: the same file under deepspeed, torchrun, mpirun, srun, or plain python.
+"""Pretrain a model: the same command under deepspeed, torchrun, mpirun, srun, or alone.
 
-    python launchers/pretrain.py [--config auto] [section.key=value ...]   # the plan for this machine
-    python launchers/pretrain.py --plan                                     # show that plan, don't train
-    python launchers/pretrain.py --config configs/debug.yaml [section.key=value ...]
-    torchrun --nproc_per_node 2 launchers/pretrain.py --config debug train.max_steps=50
-    deepspeed --num_gpus 2 launchers/pretrain.py --config debug
-    python launchers/pretrain.py --debug
+    dist-lm train [--config auto] [section.key=value ...]   # the plan for this machine
+    dist-lm train --plan                                     # show that plan, don't train
+    dist-lm train --config my.yaml [section.key=value ...]   # a YAML file, or a preset's name
+    torchrun --nproc_per_node 2 -m dist_lm train --config debug train.max_steps=50
+    deepspeed --num_gpus 2 --module dist_lm train --config debug
+    dist-lm train --debug
 
---preset is another name for --config.
+--preset is another name for --config. In a checkout, launchers/pretrain.py is the same command
+(and the templates in launchers/ and slurm/ run it).
 """
 
 from __future__ import annotations
@@ -89,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             os.environ.setdefault("CUDA_LAUNCH_BLOCKING", "1")  # CUDA errors at the line that caused them
         # These import torch and deepspeed (seconds): only after the cheap checks above.
-        from dist_lm.plan.planner import format_plan, plan_for_this_machine
+        from dist_lm.plan.launch import format_plan
+        from dist_lm.plan.planner import plan_for_this_machine
         from dist_lm.runtime.distributed import detect, is_rank0, teardown
         from dist_lm.train import restore
         from dist_lm.train.faults import ExitOnOutOfMemory, TrainingDiverged

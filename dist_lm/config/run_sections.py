@@ -121,7 +121,7 @@ class CheckpointConfig:
     hanging; the previous checkpoint stays the latest."""
     save_at_end: bool = True
     """Save when the run ends at train.max_steps or by early stopping. false for throwaway runs
-    (tools/find_batch.py's probes); a stop by signal, train.stop_at_step or
+    (dist-lm find-batch's probes); a stop by signal, train.stop_at_step or
     train.time_limit_minutes still saves, so that the run can continue."""
 
     def __post_init__(self) -> None:

@@ -67,7 +67,7 @@ def prepare(cache_dir: str | None, vocab_size: int) -> Path:
     """The embedded corpus as a dataset directory, prepared on first use and reused after.
 
     It goes through the same pipeline as any other text (dist_lm.data.prepare, behind
-    tools/prepare_data.py). Several ranks may arrive at once: each prepares into its own
+    `dist-lm prepare`). Several ranks may arrive at once: each prepares into its own
     temporary directory and the first rename wins; the content is deterministic, so the others
     discard theirs.
     """

@@ -1,4 +1,4 @@
-"""Plots and rankings of runs and sweeps (the library behind tools/analyze.py), with matplotlib.
+"""Plots and rankings of runs and sweeps (the library behind `dist-lm analyze`), with matplotlib.
 
 A run directory gets PNGs of loss (train and validation), learning rate, tokens/s and MFU over
 steps; several run directories one plot of their training losses and a table of their gaps; a

@@ -89,7 +89,7 @@ RUN_SUMMARY = "run.json"
 @dataclass
 class RunSummary:
     """What the newest process of a run set up, and how soon it trained: RUN_DIR/run.json, written
-    by rank 0 (atomically) at start-up and again after its first step. Tools (tools/bench.py) read
+    by rank 0 (atomically) at start-up and again after its first step. Tools (dist-lm bench) read
     it rather than the log's wording. ``version`` goes up when a field's meaning changes."""
 
     version: int = 1

@@ -1,5 +1,5 @@
 """What runs and checkpoints there are, read from their metadata alone (config.yaml, each
-checkpoint's state.json, file sizes): no tensor is loaded. tools/list_runs.py prints it."""
+checkpoint's state.json, file sizes): no tensor is loaded. `dist-lm runs` prints it."""
 
 from __future__ import annotations
 

@@ -13,28 +13,28 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from dist_lm.config.batch import batch_sizes, global_batch_size, rounded_up
 from dist_lm.config.io import load_config, parse_override
 from dist_lm.config.schema import Config, UserError, replaced
 from dist_lm.data.checks import padded_vocab_size
-from dist_lm.model.counts import count_parameters, flops_per_token
+from dist_lm.model.counts import count_parameters
 from dist_lm.plan.memory import GB, MemoryEstimate, estimate
+from dist_lm.plan.sizing import (
+    HEADROOM_FIXED_GB,
+    HEADROOM_FRACTION,
+    MAX_STEP_SECONDS,
+    MFU_ASSUMED,
+    regional_compile_gain,
+    step_seconds,
+    usable_gb,
+)
 from dist_lm.runtime.hardware import Machine
 from dist_lm.runtime.precision import Precision
 
 # Model presets for GPUs, largest first; "debug" is the CPU plan.
 GPU_PRESETS = ("h100-multinode", "h100-80gb", "rtx-24gb", "rtx-12gb")
 CPU_PRESET = "debug"
-# A preset is too big for the machine when one optimizer step of its global batch would take
-# longer than this at MFU_ASSUMED: the run would crawl even though it fits in memory.
-MAX_STEP_SECONDS = 60.0
-MFU_ASSUMED = 0.4
-# Keep this much of each GPU free: the CUDA context, NCCL and the allocator's slack are not in
-# the estimate (which is what torch.cuda.max_memory_allocated reports).
-HEADROOM_FRACTION = 0.10
-HEADROOM_FIXED_GB = 1.5
 MICRO_BATCHES = (32, 16, 8, 4, 2, 1)
 
 # Memory-saving settings from fastest to slowest. Offload comes last and only for the smallest
@@ -59,14 +59,6 @@ OFFLOAD_STRATEGIES: tuple[dict, ...] = (
         **SMALL_BUCKETS,
     },
 )
-
-# Compiling by regions (parallel.compile_regions: one block's graph serves them all) reaches the
-# first step sooner and adds host work to every micro-batch. On one H200 (docs/benchmarks.md,
-# 2026-12-03) the 1.1B plan's first step came 38 s sooner (41.7 s against 79.6 s: 23 of its 24
-# blocks not compiled again, about 1.6 s each), while each micro-batch took 6-11 ms longer (0.7%
-# of that plan's 14.5 s step, 4% at 1.3B with micro-batch 8, a quarter at 124M).
-REGIONAL_SAVES_PER_BLOCK_S = 1.6
-REGIONAL_COSTS_PER_MICRO_BATCH_S = 0.010
 
 
 @dataclass
@@ -100,41 +92,6 @@ class Plan:
         return lines
 
 
-def usable_gb(machine: Machine) -> float:
-    return machine.gpu_mem_gb * (1 - HEADROOM_FRACTION) - HEADROOM_FIXED_GB
-
-
-def largest_fitting(fits: Callable[[int], bool], start: int, limit: int) -> int:
-    """The largest n in 1..limit for which ``fits(n)`` holds, 0 if none, for a ``fits`` that
-    holds up to some n and not beyond (memory grows with the micro-batch): doubling from
-    ``start`` (or halving, if it does not fit), then bisecting. Each size is tried once."""
-    good, bad = 0, limit + 1
-    n = min(max(start, 1), limit)
-    if fits(n):
-        good = n
-        while bad > limit and good < limit:  # double until a size does not fit
-            n = min(2 * good, limit)
-            if fits(n):
-                good = n
-            else:
-                bad = n
-    else:
-        bad = n
-        while good == 0 and bad > 1:  # halve until a size fits
-            n = bad // 2
-            if fits(n):
-                good = n
-            else:
-                bad = n
-    while bad - good > 1 and good:
-        n = (good + bad) // 2
-        if fits(n):
-            good = n
-        else:
-            bad = n
-    return good
-
-
 def _keys(overrides: list[str]) -> set[str]:
     return {parse_override(o)[0] for o in overrides}
 
@@ -158,14 +115,6 @@ def _with(cfg: Config, parallel: dict, micro: int, global_batch: int | None) -> 
         parallel=dataclasses.replace(cfg.parallel, **parallel),
         train=dataclasses.replace(cfg.train, micro_batch_size=micro, global_batch_size=global_batch),
     )
-
-
-def step_seconds(cfg: Config, machine: Machine, world_size: int) -> float | None:
-    """Time of one optimizer step at MFU_ASSUMED, or None when the GPU's peak is unknown."""
-    if machine.peak_flops is None:
-        return None
-    tokens = global_batch_size(cfg.train, world_size) * cfg.model.seq_len
-    return flops_per_token(cfg.model) * tokens / (world_size * machine.peak_flops * MFU_ASSUMED)
 
 
 def make_plan(
@@ -340,30 +289,6 @@ def _plan_preset(
     return None
 
 
-def regional_compile_gain(cfg: Config, precision: Precision, world: int, fixed: set[str]) -> tuple[int, float] | None:
-    """(micro-batches in the run, seconds saved) when compiling by regions ends this run sooner
-    than compiling the whole model, else None. Only where it was measured on the GPU: one GPU,
-    compiled at ZeRO 0-2 without activation checkpointing, in DeepSpeed's precisions (not
-    bf16-autocast); and only where the user set neither compile key."""
-    p = cfg.parallel
-    if (
-        world != 1
-        or not p.compile
-        or p.zero_stage >= 3
-        or p.activation_checkpointing
-        or precision is Precision.BF16_AUTOCAST
-        or fixed & {"parallel.compile", "parallel.compile_regions"}
-    ):
-        return None
-    per_step = global_batch_size(cfg.train, world)
-    steps = cfg.train.max_steps
-    if cfg.train.max_tokens is not None:
-        steps = min(steps, -(-cfg.train.max_tokens // (per_step * cfg.model.seq_len)))
-    micro_batches = steps * rounded_up(per_step, cfg.train.micro_batch_size, world) // cfg.train.micro_batch_size
-    gain = (cfg.model.n_layers - 1) * REGIONAL_SAVES_PER_BLOCK_S - micro_batches * REGIONAL_COSTS_PER_MICRO_BATCH_S
-    return (micro_batches, gain) if gain > 0 else None
-
-
 def _merged(cfg: Config, parallel: dict) -> dict:
     return {**dataclasses.asdict(cfg.parallel), **parallel}
 
@@ -422,52 +347,6 @@ def _finish(
     # Rebuild through the loader so the result is exactly what the explicit command gives.
     final = load_config(preset, choices + overrides)
     return Plan(machine, world, preset, final, choices, overrides, reasons, mem)
-
-
-def launch_commands(plan: Plan) -> dict[str, str]:
-    """The command for each launcher that runs this plan on the described machine."""
-    args = " ".join(_quote(a) for a in plan.explicit_args())
-    m = plan.machine
-    if not m.has_gpu:
-        return {"python": f"python launchers/pretrain.py {args}"}
-    g, n = m.gpus_per_node, m.nodes
-    if n == 1:
-        cmds = {
-            "torchrun": f"launchers/torchrun.sh {args}",
-            "deepspeed": f"launchers/deepspeed.sh {args}",
-            "mpirun": f"NP={g} launchers/mpirun.sh {args}",
-        }
-        if g == 1:
-            cmds = {"python": f"python launchers/pretrain.py {args}", **cmds}
-    else:
-        hosts = " ".join(f"node{i}" for i in range(n))
-        cmds = {
-            "torchrun": f"NNODES={n} NODE_RANK=<0..{n - 1}> MASTER_ADDR=node0 launchers/torchrun.sh {args}"
-            "  # on every node",
-            "deepspeed": f'HOSTS="{hosts}" GPUS_PER_NODE={g} MASTER_ADDR=node0 launchers/deepspeed.sh {args}',
-            "mpirun": f"NP={g * n} HOSTS={','.join(f'node{i}:{g}' for i in range(n))} MASTER_ADDR=node0 "
-            f"launchers/mpirun.sh {args}",
-        }
-    cmds["sbatch"] = f"sbatch --nodes={n} --gpus-per-node={g} --ntasks-per-node={g} slurm/pretrain.sh " + " ".join(
-        _quote(a) for a in [plan.preset, *plan.choices, *plan.user_overrides]
-    )
-    return cmds
-
-
-def _quote(arg: str) -> str:
-    return arg if all(c.isalnum() or c in "-_.=/:,+" for c in arg) else "'" + arg.replace("'", "'\\''") + "'"
-
-
-def format_plan(plan: Plan) -> str:
-    """The plan and the command for each launcher, as printed by --plan and tools/plan.py."""
-    lines = plan.summary() + [
-        "",
-        "resolved settings: " + " ".join(plan.choices or ["(the preset as it is)"]),
-        "",
-        "launch it with any of:",
-    ]
-    lines += [f"  {name:<9} {cmd}" for name, cmd in launch_commands(plan).items()]
-    return "\n".join(lines)
 
 
 def plan_for_this_machine(

@@ -4,7 +4,7 @@ A file it cannot read raises UserError; dist_lm.store.checkpoints.problem_with t
 state.json is unreadable (...)", which the resume and the tools say in one line.
 
 The trainer builds it (``Trainer.state_dict``); everything reads it back through ``RunState.read``
-(the resume, the tools, ``list_runs.py``), which also reads the files of earlier versions: a field
+(the resume, the tools, ``dist-lm runs``), which also reads the files of earlier versions: a field
 they lack takes its default. VERSION goes up when a field is added or its meaning changes.
 """
 

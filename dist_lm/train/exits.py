@@ -16,7 +16,7 @@ class Exit(IntEnum):
     DIVERGED = 1  # a non-finite loss or gradient (train.check_finite), or too many skipped updates
     BAD_INPUT = 2  # config, data, checkpoint or launch environment; or a checkpoint that could not be written
     HANG = 3  # a rank stopped answering, or a save did not finish in time (dist_lm.train.watchdog)
-    OUT_OF_MEMORY = 4  # CUDA ran out of memory: "too big for this GPU" (tools/find_batch.py)
+    OUT_OF_MEMORY = 4  # CUDA ran out of memory: "too big for this GPU" (dist-lm find-batch)
     REQUEUE = 75  # EX_TEMPFAIL: stopped on purpose (a signal) after saving a checkpoint; run me again
     INTERRUPTED = 130  # 128 + SIGINT: Ctrl-C (after a checkpoint; a second Ctrl-C: at once, without one)
 

@@ -25,7 +25,7 @@ class TrainingDiverged(RuntimeError):
 
 class ExitOnOutOfMemory:
     """``with`` block (reusable) that turns CUDA running out of memory into one line saying what
-    to change, and exit status Exit.OUT_OF_MEMORY, so that a caller (tools/find_batch.py, a sweep,
+    to change, and exit status Exit.OUT_OF_MEMORY, so that a caller (dist-lm find-batch, a sweep,
     a job script) can tell "too big for this GPU" from every other failure.
 
     By SystemExit, so that ``finally`` blocks still close files, while code after them (the
@@ -42,7 +42,7 @@ class ExitOnOutOfMemory:
         if kind is not None and issubclass(kind, torch.OutOfMemoryError):
             print(
                 f"error: rank {self.rank} ran out of GPU memory at micro-batch {self.micro_batch_size} x seq "
-                f"{self.seq_len}: lower train.micro_batch_size (tools/find_batch.py finds the largest that "
+                f"{self.seq_len}: lower train.micro_batch_size (dist-lm find-batch finds the largest that "
                 "fits), or set parallel.activation_checkpointing=true or a higher parallel.zero_stage",
                 file=sys.stderr,
             )

@@ -1,5 +1,5 @@
 """Using a trained checkpoint outside training: its model with consolidated weights, its
-config and its tokenizer (for tools/generate.py, tools/evaluate.py and the export)."""
+config and its tokenizer (for dist-lm generate, dist-lm evaluate and dist-lm export)."""
 
 from __future__ import annotations
 
