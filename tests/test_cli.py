@@ -123,7 +123,7 @@ def test_a_run_never_starts_in_a_directory_of_someone_elses_files(env, ds_ops, t
 def test_default_run_names_started_in_the_same_second_differ():
     """The default name was the preset and the second: runs started together (a sweep's, a job
     array's) shared a directory and all but one were refused."""
-    from dist_lm.train.session import default_run_name
+    from dist_lm.train.run_directory import default_run_name
 
     names = [default_run_name("debug") for _ in range(20)]
     assert len(set(names)) == len(names) and all(n.startswith("debug-") for n in names)

@@ -21,17 +21,24 @@ import re
 import shutil
 import subprocess
 import sys
+from dataclasses import fields
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from dist_lm.config.io import parse_override
+from dist_lm.config.io import from_dict, parse_override
 from dist_lm.config.run_sections import CheckpointConfig, RunConfig
+from dist_lm.config.schema import Config, UserError
+from dist_lm.data.checks import ResolvedData
+from dist_lm.data.sampler import TrainData
+from dist_lm.model.counts import parameter_shapes
+from dist_lm.observe import log
 from dist_lm.runtime.precision import Precision
 from dist_lm.store import checkpoints
 from dist_lm.store.checkpoints import WEIGHTS_GLOB, CheckpointError, Found
 from dist_lm.store.state import RunState
+from dist_lm.train import checkpoint
 from dist_lm.train.checkpoint import Engine
 
 UNIVERSAL = "universal"  # subdirectory of a tag holding its universal-format conversion
@@ -248,3 +255,78 @@ def load(engine: Engine, found: Found, universal: bool) -> None:
             f"checkpoint error: {found.path} could not be loaded; give another one with "
             "checkpoint.resume=PATH, or start fresh with checkpoint.resume=none"
         )
+
+
+def check_same_data(cfg: Config, found: checkpoints.Found, data: ResolvedData) -> None:
+    """Refuse to resume on other data (unless checkpoint.allow_data_change). A mixture's weights
+    are not its data: they may change."""
+    state = found.state
+    if state.tokenizer_sha256 != data.meta["tokenizer_sha256"]:
+        problem = (
+            f"{found.path} was trained on tokens of tokenizer {str(state.tokenizer_sha256)[:12]}, but "
+            f"{data.dir} was made with {str(data.meta['tokenizer_sha256'])[:12]}"
+        )
+    else:
+        saved, now = state.data_fingerprint, data.fingerprint()
+        if saved is None or saved["sha256"] == now["sha256"]:
+            return
+        problem = (
+            f"{found.path} was trained on data {saved['sha256'][:12]} ({saved['train_tokens']:,} training "
+            f"tokens), but {data.describe()} is {now['sha256'][:12]} ({now['train_tokens']:,} tokens)"
+        )
+    if cfg.checkpoint.allow_data_change:
+        log.warn(f"{problem}; continuing as --allow-data-change asks (the data order continues by sample count)")
+        return
+    raise UserError(
+        f"data error: {problem}; resume with the same data.dir, pass --allow-data-change to continue "
+        "on this data, or start a new run.name"
+    )
+
+
+def check_same_model(cfg: Config, found: checkpoints.Found) -> None:
+    """Refuse, before anything is written, a checkpoint whose weights do not fit this run's model
+    (e.g. --allow-data-change onto data of another vocabulary size)."""
+    saved = from_dict(found.state.config, str(found.path / checkpoints.STATE)).model
+    theirs, ours = parameter_shapes(saved), parameter_shapes(cfg.model)
+    if theirs == ours:
+        return
+    name = next(n for n in [*ours, *theirs] if theirs.get(n) != ours.get(n))  # the first, in the model's order
+    changed = [
+        f"model.{f.name} {getattr(saved, f.name)} -> {getattr(cfg.model, f.name)}"
+        for f in fields(saved)
+        if getattr(saved, f.name) != getattr(cfg.model, f.name)
+    ]
+    raise UserError(
+        f"config error: {found.path} holds another model: {name} is {theirs.get(name)} there "
+        f"and {ours.get(name)} here ({', '.join(changed)}); resume with the checkpoint's model "
+        "settings and data, or start a new run.name"
+    )
+
+
+def resume(
+    model_engine: Engine, train_data: TrainData, found: checkpoints.Found, universal: bool, cfg: Config, rank: int
+) -> None:
+    """The engine's and the data's side of a resume: weights, optimizer state, this rank's random
+    state, where the data order continues. (The loop restores its own counters: Trainer.)"""
+    from dist_lm.runtime import engine  # deepspeed: imported only where an engine is resumed
+
+    load(model_engine, found, universal)
+    if universal:
+        engine.restore_weight_decay(model_engine, cfg.optim)
+    rng = found.path / f"rng-rank{rank}.json"
+    if not universal and rng.is_file():  # on another world size the ranks are not the same ranks
+        checkpoint.set_rng_state(json.loads(rng.read_text()))
+    train_data.load_state_dict(found.state.data)
+    if found.note:
+        log.warn(found.note)
+    how = (
+        (
+            f" via DeepSpeed's universal format (saved on {found.state.world_size} ranks at ZeRO stage "
+            f"{found.state.zero_stage})"
+        )
+        if universal
+        else ""
+    )
+    log.info(
+        f"resumed from {found.path} at step {found.state.step} ({train_data.samples_consumed} samples consumed){how}"
+    )

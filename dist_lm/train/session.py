@@ -9,25 +9,21 @@ torch is imported (:mod:`dist_lm.data.checks`).
 
 from __future__ import annotations
 
-import json
 import os
-import secrets
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 import torch
-import torch.distributed as dist
 
 from dist_lm.config.batch import BatchSizes, batch_sizes
-from dist_lm.config.io import from_dict, to_dict, to_yaml
-from dist_lm.config.schema import Config, UserError, replaced
+from dist_lm.config.io import to_dict
+from dist_lm.config.schema import Config, UserError
 from dist_lm.data import integrity
 from dist_lm.data.checks import ResolvedData, Source, resolve_data
 from dist_lm.data.sampler import TrainData, ValData
-from dist_lm.files import write_atomic
-from dist_lm.model.counts import count_parameters, flops_per_token, parameter_shapes
+from dist_lm.model.counts import count_parameters, flops_per_token
 from dist_lm.model.loss import uses_chunked
 from dist_lm.model.moe import build_model, check_moe
 from dist_lm.observe import log, metrics, sinks
@@ -38,19 +34,13 @@ from dist_lm.runtime.distributed import DistEnv
 from dist_lm.runtime.precision import Precision
 from dist_lm.store import checkpoints
 from dist_lm.store.state import RunState
-from dist_lm.train import checkpoint, restore, run_lock, watchdog
+from dist_lm.train import checkpoint, restore, run_directory, watchdog
 from dist_lm.train.preemption import StopControl
 
 # A first checkpoint's size per parameter, before one was written to measure: the optimizer's
 # fp32 master and two Adam moments (12), the module in bf16 (2; 4 in fp32) and the weights file (4).
 CHECKPOINT_BYTES_PER_PARAMETER = 18
 COMPILE_CACHE = ".compile-cache"  # beside the run directories: torch.compile's kernels, for every run there
-
-
-def default_run_name(preset: str) -> str:
-    """The config's name, the start time and six random hex digits: runs started in the same
-    second (a sweep's, a job array's) get names of their own."""
-    return f"{preset}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
 
 
 @dataclass
@@ -151,10 +141,10 @@ def start(cfg: Config, plan_summary: list[str] = (), data: ResolvedData | None =
     data_stamps, data_checked = _check_data_content(cfg.data.verify, data, rank, dist_env.world_size)
     # From here on SIGTERM/SIGUSR1 end the run with a checkpoint (engine set-up included).
     stop = StopControl(cfg.train.stop_at_step, cfg.train.time_limit_minutes, start_time)
-    cfg = _with_run_dir(cfg)
+    cfg = run_directory.with_run_dir(cfg)
     run_dir = Path(cfg.run.dir)
     ckpt_root = cfg.checkpoint.root(run_dir)
-    shared_root = _root_of_its_own(ckpt_root, run_dir)
+    shared_root = run_directory.root_of_its_own(ckpt_root, run_dir)
     if shared_root:  # the root could hold another run's checkpoints: rank 0 looks, for every rank
         problem = distributed.from_rank0(checkpoints.owner_problem(ckpt_root, run_dir) if rank == 0 else None)
         if problem:
@@ -165,8 +155,8 @@ def start(cfg: Config, plan_summary: list[str] = (), data: ResolvedData | None =
         problem = distributed.first_problem(restore.unpickling_problem(found.path, rank, dist_env.world_size))
         if problem:
             raise checkpoints.CheckpointError(problem)
-        _check_same_data(cfg, found, data)
-        _check_same_model(cfg, found)
+        restore.check_same_data(cfg, found, data)
+        restore.check_same_model(cfg, found)
         precision_change = restore.check_precision(found.state, precision)
         if precision_change:
             log.warn(precision_change)
@@ -181,7 +171,7 @@ def start(cfg: Config, plan_summary: list[str] = (), data: ResolvedData | None =
     if cfg.checkpoint.interval or cfg.checkpoint.save_at_end:  # not train to checkpoint.interval for nothing
         check_room_for_a_checkpoint(cfg, ckpt_root, "at start-up")
     universal = found is not None and restore.needs_universal(found.state, dist_env.world_size, cfg.parallel.zero_stage)
-    dir_locks = _take_run_dir(cfg, run_dir, ckpt_root if shared_root else None)
+    dir_locks = run_directory.take_run_dirs(cfg, run_dir, ckpt_root if shared_root else None)
     log.set_log_file(run_dir / "train.log")
     log.info(f"dist-lm: {dist_env.describe()} device={hardware.device_name(device)}")
     for line in plan_summary:
@@ -281,7 +271,7 @@ def start(cfg: Config, plan_summary: list[str] = (), data: ResolvedData | None =
     )
     sample_log = sinks.SampleLog(run_dir, rank, dist_env.world_size, start_step) if cfg.data.log_samples else None
     if found is not None:
-        _resume(model_engine, train_data, found, universal, cfg, rank)
+        restore.resume(model_engine, train_data, found, universal, cfg, rank)
     return Session(
         cfg,
         dist_env,
@@ -333,93 +323,6 @@ def _check_data_content(verify: str, data: ResolvedData, rank: int, world_size: 
     ) if checked else ""
 
 
-def _with_run_dir(cfg: Config) -> Config:
-    """cfg with run.name and run.dir filled in, the same on every rank (rank 0's choice), once
-    rank 0 has seen that the directory can be a run's (new, empty, or a run's own)."""
-    name = cfg.run.name or default_run_name(cfg.preset)
-    run_dir = cfg.run.dir_for(name)
-    name, problem = distributed.from_rank0(
-        (name, run_lock.problem_with_run_dir(run_dir)) if distributed.is_rank0() else None
-    )
-    if problem:
-        raise UserError(problem)
-    return replaced(cfg, "run", name=name, dir=str(cfg.run.dir_for(name)))
-
-
-def _root_of_its_own(ckpt_root: Path, run_dir: Path) -> bool:
-    """Whether the checkpoint root is not simply the run directory's (checkpoint.dir names
-    another place), so that it must be locked and may hold another run's checkpoints."""
-    return ckpt_root.resolve() not in (run_dir.resolve() / "checkpoints", run_dir.resolve())
-
-
-def _take_run_dir(cfg: Config, run_dir: Path, shared_root: Path | None) -> list[IO[str]]:
-    """Take the run directory and a checkpoint.dir of its own (their locks:
-    dist_lm.train.run_lock), then write the config. Returns the locks, held by rank 0."""
-    problem, locks = None, []
-    if distributed.is_rank0():
-        try:
-            if shared_root is not None:
-                locks.append(run_lock.lock(shared_root, "checkpoint.dir"))
-            locks.append(run_lock.lock(run_dir))
-        except run_lock.RunDirInUse as e:
-            problem = str(e)
-            for held in locks:
-                held.close()
-    problem = distributed.from_rank0(problem)
-    if problem:
-        raise run_lock.RunDirInUse(problem)
-    if distributed.is_rank0():
-        write_atomic(run_dir / "config.yaml", to_yaml(cfg))
-    dist.barrier()
-    return locks
-
-
-def _check_same_data(cfg: Config, found: checkpoints.Found, data: ResolvedData) -> None:
-    """Refuse to resume on other data (unless checkpoint.allow_data_change). A mixture's weights
-    are not its data: they may change."""
-    state = found.state
-    if state.tokenizer_sha256 != data.meta["tokenizer_sha256"]:
-        problem = (
-            f"{found.path} was trained on tokens of tokenizer {str(state.tokenizer_sha256)[:12]}, but "
-            f"{data.dir} was made with {str(data.meta['tokenizer_sha256'])[:12]}"
-        )
-    else:
-        saved, now = state.data_fingerprint, data.fingerprint()
-        if saved is None or saved["sha256"] == now["sha256"]:
-            return
-        problem = (
-            f"{found.path} was trained on data {saved['sha256'][:12]} ({saved['train_tokens']:,} training "
-            f"tokens), but {data.describe()} is {now['sha256'][:12]} ({now['train_tokens']:,} tokens)"
-        )
-    if cfg.checkpoint.allow_data_change:
-        log.warn(f"{problem}; continuing as --allow-data-change asks (the data order continues by sample count)")
-        return
-    raise UserError(
-        f"data error: {problem}; resume with the same data.dir, pass --allow-data-change to continue "
-        "on this data, or start a new run.name"
-    )
-
-
-def _check_same_model(cfg: Config, found: checkpoints.Found) -> None:
-    """Refuse, before anything is written, a checkpoint whose weights do not fit this run's model
-    (e.g. --allow-data-change onto data of another vocabulary size)."""
-    saved = from_dict(found.state.config, str(found.path / checkpoints.STATE)).model
-    theirs, ours = parameter_shapes(saved), parameter_shapes(cfg.model)
-    if theirs == ours:
-        return
-    name = next(n for n in [*ours, *theirs] if theirs.get(n) != ours.get(n))  # the first, in the model's order
-    changed = [
-        f"model.{f.name} {getattr(saved, f.name)} -> {getattr(cfg.model, f.name)}"
-        for f in fields(saved)
-        if getattr(saved, f.name) != getattr(cfg.model, f.name)
-    ]
-    raise UserError(
-        f"config error: {found.path} holds another model: {name} is {theirs.get(name)} there "
-        f"and {ours.get(name)} here ({', '.join(changed)}); resume with the checkpoint's model "
-        "settings and data, or start a new run.name"
-    )
-
-
 def check_room_for_a_checkpoint(cfg: Config, ckpt_root: Path, when: str) -> None:
     """Rank 0 checks the checkpoint directory is writable with room for one more checkpoint
     (the newest one's size; for a first one, CHECKPOINT_BYTES_PER_PARAMETER), for all ranks."""
@@ -432,30 +335,3 @@ def check_room_for_a_checkpoint(cfg: Config, ckpt_root: Path, when: str) -> None
     problem = distributed.from_rank0(checkpoint.check_room(ckpt_root, need) if rank0 else None)
     if problem:
         raise checkpoints.CheckpointError(f"checkpoint error: {when}: {problem}; any previous checkpoint is intact")
-
-
-def _resume(
-    model_engine: Any, train_data: TrainData, found: checkpoints.Found, universal: bool, cfg: Config, rank: int
-) -> None:
-    """The engine's and the data's side of a resume: weights, optimizer state, this rank's random
-    state, where the data order continues. (The loop restores its own counters: Trainer.)"""
-    restore.load(model_engine, found, universal)
-    if universal:
-        engine.restore_weight_decay(model_engine, cfg.optim)
-    rng = found.path / f"rng-rank{rank}.json"
-    if not universal and rng.is_file():  # on another world size the ranks are not the same ranks
-        checkpoint.set_rng_state(json.loads(rng.read_text()))
-    train_data.load_state_dict(found.state.data)
-    if found.note:
-        log.warn(found.note)
-    how = (
-        (
-            f" via DeepSpeed's universal format (saved on {found.state.world_size} ranks at ZeRO stage "
-            f"{found.state.zero_stage})"
-        )
-        if universal
-        else ""
-    )
-    log.info(
-        f"resumed from {found.path} at step {found.state.step} ({train_data.samples_consumed} samples consumed){how}"
-    )

@@ -1,4 +1,7 @@
-"""One process (one job's rank 0) owns a run directory at a time: an exclusive ``flock`` on
+"""The run directory: which it is (run.dir, or runs/<run.name>, or a name made for the run),
+whether it can be a run's, and who owns it.
+
+One process (one job's rank 0) owns a run directory at a time: an exclusive ``flock`` on
 RUN_DIR/.lock, held while the process lives. Two runs writing one directory interleave
 metrics.jsonl, delete each other's rows and leave config.yaml describing the wrong model. A
 checkpoint.dir outside the run directory is locked the same way: two runs saving into one
@@ -16,11 +19,16 @@ from __future__ import annotations
 
 import fcntl
 import os
+import secrets
 import socket
+import time
 from pathlib import Path
 from typing import IO
 
-from dist_lm.config.schema import UserError
+from dist_lm.config.io import to_yaml
+from dist_lm.config.schema import Config, UserError, replaced
+from dist_lm.files import write_atomic
+from dist_lm.runtime import distributed
 
 LOCK = ".lock"
 
@@ -69,3 +77,48 @@ def lock(run_dir: Path, what: str = "run.name or run.dir") -> IO[str]:
     handle.write(f"{os.getpid()}@{socket.gethostname()}\n")
     handle.flush()
     return handle
+
+
+def default_run_name(preset: str) -> str:
+    """The config's name, the start time and six random hex digits: runs started in the same
+    second (a sweep's, a job array's) get names of their own."""
+    return f"{preset}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+
+
+def with_run_dir(cfg: Config) -> Config:
+    """cfg with run.name and run.dir filled in, the same on every rank (rank 0's choice), once
+    rank 0 has seen that the directory can be a run's (new, empty, or a run's own)."""
+    name = cfg.run.name or default_run_name(cfg.preset)
+    run_dir = cfg.run.dir_for(name)
+    name, problem = distributed.from_rank0((name, problem_with_run_dir(run_dir)) if distributed.is_rank0() else None)
+    if problem:
+        raise UserError(problem)
+    return replaced(cfg, "run", name=name, dir=str(cfg.run.dir_for(name)))
+
+
+def root_of_its_own(ckpt_root: Path, run_dir: Path) -> bool:
+    """Whether the checkpoint root is not simply the run directory's (checkpoint.dir names
+    another place), so that it must be locked and may hold another run's checkpoints."""
+    return ckpt_root.resolve() not in (run_dir.resolve() / "checkpoints", run_dir.resolve())
+
+
+def take_run_dirs(cfg: Config, run_dir: Path, shared_root: Path | None) -> list[IO[str]]:
+    """Take the run directory and a checkpoint.dir of its own (their locks:
+    this module's lock), then write the config. Returns the locks, held by rank 0."""
+    problem, locks = None, []
+    if distributed.is_rank0():
+        try:
+            if shared_root is not None:
+                locks.append(lock(shared_root, "checkpoint.dir"))
+            locks.append(lock(run_dir))
+        except RunDirInUse as e:
+            problem = str(e)
+            for held in locks:
+                held.close()
+    problem = distributed.from_rank0(problem)
+    if problem:
+        raise RunDirInUse(problem)
+    if distributed.is_rank0():
+        write_atomic(run_dir / "config.yaml", to_yaml(cfg))
+    distributed.barrier()
+    return locks
