@@ -252,3 +252,9 @@ def test_any_override_is_accepted_and_valid_or_refused_in_one_line():
         _accepted_config_is_valid(cfg)
 
     check()
+
+
+def test_a_misspelt_section_suggests_the_section_first():
+    """trian.max_steps=5 suggested train.seed (the closest string to 'trian'): now the section."""
+    assert "did you mean 'train.max_steps'?" in error_of(None, ["trian.max_steps=5"])
+    assert "did you mean 'train'?" in error_of(None, ["trian.nothing=5"])

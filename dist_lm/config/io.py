@@ -20,6 +20,7 @@ import yaml
 
 from dist_lm.config.errors import MAX_INT
 from dist_lm.config.schema import Config, ConfigError
+from dist_lm.config.yaml_files import read_yaml
 
 CONFIGS_DIR = Path(__file__).resolve().parent / "presets"  # package data; a checkout's configs/ links here
 COMMAND_LINE = "command line"
@@ -40,70 +41,6 @@ def resolve_config_path(name_or_path: str) -> Path:
     raise ConfigError("--config", f"no such file or preset '{name_or_path}'; presets: {', '.join(available_presets())}")
 
 
-class _TextInt(int):
-    """An int read from YAML that keeps the text it was written as: a field typed str takes the
-    text (``name: 007`` is "007", not "7"; ``dir: 0777`` is not 511)."""
-
-    text: str
-
-
-class _TextFloat(float):
-    """A float read from YAML that keeps its text, as :class:`_TextInt`."""
-
-    text: str
-
-
-def _with_text(number_type: type, construct):
-    def constructor(loader: yaml.SafeLoader, node: yaml.ScalarNode):
-        value = number_type(construct(loader, node))
-        value.text = node.value
-        return value
-
-    return constructor
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """A SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last silently),
-    keeps the text of numbers (for fields typed str) and reads dates as text (no field is a date)."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
-        seen: set = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise ConfigError(str(key), f"given twice (line {key_node.start_mark.line + 1}); keep one")
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
-
-
-_UniqueKeyLoader.add_constructor("tag:yaml.org,2002:int", _with_text(_TextInt, yaml.SafeLoader.construct_yaml_int))
-_UniqueKeyLoader.add_constructor(
-    "tag:yaml.org,2002:float", _with_text(_TextFloat, yaml.SafeLoader.construct_yaml_float)
-)
-_UniqueKeyLoader.add_constructor("tag:yaml.org,2002:timestamp", yaml.SafeLoader.construct_yaml_str)
-
-
-def read_yaml(path: Path) -> dict:
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise ConfigError("--config", f"cannot read {path}: {e.strerror}") from None
-    try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)
-    except ConfigError as e:
-        e.source = str(path)
-        raise
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError("(yaml)", f"not valid YAML{where}: {getattr(e, 'problem', e)}", str(path)) from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError("(top level)", "must be a mapping of config sections", str(path))
-    return data
-
-
 def all_keys(cls: type = Config, prefix: str = "") -> list[str]:
     """Every dotted leaf key of the schema."""
     keys = []
@@ -116,10 +53,18 @@ def all_keys(cls: type = Config, prefix: str = "") -> list[str]:
     return keys
 
 
-def _unknown_key(key: str, source: str | None) -> ConfigError:
+def _unknown_key(key: str, source: str | None, value: Any = None) -> ConfigError:
+    """The error for a key the schema does not have, with the closest valid one. ``value``: what
+    it was given (for a misspelt section, a mapping of its fields)."""
     leaf = key.rsplit(".", 1)[-1]
+    close: list[str] = []
+    if isinstance(value, dict):  # a section spelt wrong (trian.max_steps): the section first
+        sections = [f.name for f in dataclasses.fields(Config) if f.name != "preset"]
+        near = difflib.get_close_matches(leaf, sections, n=1, cutoff=0.5)
+        fields = [f"{near[0]}.{field}" for field in value] if near else []
+        close = [k for k in fields if k in all_keys()][:1] or near
     # A right field in the wrong section first (train.lr -> optim.lr), then the closest spelling.
-    close = [k for k in all_keys() if k.rsplit(".", 1)[-1] == leaf][:1]
+    close = close or [k for k in all_keys() if k.rsplit(".", 1)[-1] == leaf][:1]
     close = close or difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.5)
     hint = f"; did you mean '{close[0]}'?" if close else ""
     return ConfigError(key, f"unknown key{hint}", source)
@@ -209,7 +154,8 @@ def build(cls: type, data: dict, sources: dict[str, str], prefix: str = "") -> A
     for key, value in data.items():
         dotted = f"{prefix}{key}"
         if key not in hints:
-            raise _unknown_key(dotted, sources.get(dotted))
+            source = sources.get(dotted) or next((v for k, v in sources.items() if k.startswith(f"{dotted}.")), None)
+            raise _unknown_key(dotted, source, value)
         hint = hints[key]
         item = typing.get_args(hint)[0] if typing.get_origin(hint) is list else None
         if dataclasses.is_dataclass(item):  # a list of mappings, each one of these dataclasses

@@ -12,7 +12,7 @@ import json
 import typing
 from pathlib import Path
 
-from dist_lm.config import run_sections
+from dist_lm.config import model_section, run_sections
 from dist_lm.config import schema as config
 from dist_lm.config.io import type_name
 
@@ -21,7 +21,7 @@ def field_docs() -> dict[str, dict[str, str]]:
     """{class name: {field name: docstring}} for every dataclass of the schema."""
     classes = [
         n
-        for module in (config, run_sections)
+        for module in (config, model_section, run_sections)
         for n in ast.parse(inspect.getsource(module)).body
         if isinstance(n, ast.ClassDef)
     ]
