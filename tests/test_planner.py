@@ -18,8 +18,8 @@ from dist_lm.plan.launch import format_plan, launch_commands
 from dist_lm.plan.memory import GB, estimate
 from dist_lm.plan.planner import make_plan, settings_to_keep
 from dist_lm.plan.sizing import largest_fitting, usable_gb
-from dist_lm.runtime.distributed import check_master_reachable, detect
 from dist_lm.runtime.hardware import Machine, detect_machine, peak_flops_for
+from dist_lm.runtime.launch import check_master_reachable, detect
 from dist_lm.runtime.precision import Precision
 
 RTX_3060 = Machine(1, "NVIDIA GeForce RTX 3060", 12.0, (8, 6), 1, 12, 32)

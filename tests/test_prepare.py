@@ -433,6 +433,17 @@ def test_resuming_on_data_of_another_tokenizer_is_refused(env, ds_ops, prepared,
     assert f"{run / 'checkpoints' / 'step00000004'} was trained on tokens of tokenizer" in line
     assert "resume with the same data.dir, pass --allow-data-change" in line
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before  # the run is untouched
+    # dist-lm evaluate on it advised raising model.vocab_size, which a trained model cannot
+    proc = subprocess.run(
+        [sys.executable, "-m", "dist_lm", "evaluate", str(run), "--data", str(embedded)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and f"{embedded} was made with tokenizer" in lines[0], proc.stderr
+    assert "evaluate on data prepared with the run's tokenizer" in lines[0]
 
 
 def test_token_id_check_reads_a_bounded_share_of_a_many_shard_corpus(tmp_path):

@@ -20,8 +20,8 @@ from pathlib import Path
 
 from dist_lm.config.io import load_config
 from dist_lm.config.schema import replaced
+from dist_lm.data.checks import vocab_size_for
 from dist_lm.plan.memory import GB, estimate
-from dist_lm.plan.planner import vocab_size_for
 
 ROOT = Path(__file__).resolve().parent.parent
 CASES = [
@@ -36,7 +36,8 @@ CASES = [
     "h100-80gb parallel.zero_stage=2 parallel.activation_checkpointing=true train.micro_batch_size=8",
     "h100-80gb parallel.zero_stage=3 parallel.activation_checkpointing=true train.micro_batch_size=4",
     "rtx-24gb parallel.zero_stage=2 parallel.offload_optimizer=true train.micro_batch_size=4",
-    # fp32 weights under autocast (the compiled plans were measured: docs/benchmarks.md, 2026-12-03)
+    # fp32 weights under autocast (the compiled plans were measured: docs/benchmarks.md, "Memory:
+    # predicted against measured")
     "h100-80gb parallel.precision=bf16-autocast parallel.zero_stage=0 parallel.compile=true train.micro_batch_size=8",
 ]
 

@@ -15,9 +15,24 @@ import json
 import math
 import os
 import sys
+from pathlib import Path
 
 from dist_lm.commands.arguments import Parser, add_checkpoint_choice, integer
 from dist_lm.config.schema import UserError
+
+
+def check_same_tokenizer(data_dir: Path, found) -> None:
+    """Refuse data of another tokenizer than the checkpoint's: its ids mean other tokens (the
+    vocabulary check would only advise raising model.vocab_size, which a trained model cannot)."""
+    from dist_lm.data import shards
+
+    theirs, ours = shards.read_meta(data_dir).get("tokenizer_sha256"), found.state.tokenizer_sha256
+    if theirs and ours and theirs != ours:
+        raise UserError(
+            f"data error: {data_dir} was made with tokenizer {theirs[:12]}, but {found.path} was trained on "
+            f"tokens of tokenizer {ours[:12]}: evaluate on data prepared with the run's tokenizer "
+            "(dist-lm prepare ... --tokenizer <the run's data>/tokenizer.json)"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     from dist_lm.config.schema import replaced
     from dist_lm.data.checks import resolve_data
     from dist_lm.data.sampler import ValData
-    from dist_lm.runtime import distributed
+    from dist_lm.runtime import distributed, launch
     from dist_lm.train import restore
     from dist_lm.use.inference import evaluate, load_model, load_tokenizer
 
@@ -41,9 +56,10 @@ def main(argv: list[str] | None = None) -> int:
         model, cfg, found = load_model(args.checkpoint, args.best, args.dtype)
         if args.data:
             cfg = replaced(cfg, "data", dir=args.data, mixture=[])
+            check_same_tokenizer(Path(args.data), found)
         data = resolve_data(cfg)
         cfg = data.config
-        env = distributed.detect(os.environ)
+        env = launch.detect(os.environ)
         device = distributed.device_for(env)
         distributed.init_process_group(env, device, cfg.parallel.timeout_minutes)
         tokenizer = load_tokenizer(cfg, found) if data.meta.get("tokenizer") else None

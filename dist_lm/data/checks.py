@@ -160,3 +160,16 @@ def resolve_data(cfg: Config) -> ResolvedData:
         for split in {"train", eval_split(meta)}:
             Windows.of_split(data_dir, meta, split, cfg.model.seq_len)  # at least one window of each
     return ResolvedData(cfg, [Source(name, d, meta, w) for (name, d, w), meta in zip(named, metas)])
+
+
+def vocab_size_for(cfg: Config) -> int:
+    """The vocabulary the run will have (as the trainer resolves it), read from metadata only."""
+    if cfg.model.vocab_size is not None:
+        return cfg.model.vocab_size
+    vocab = cfg.data.embedded_vocab_size
+    if cfg.data.dir:
+        try:
+            vocab = shards.read_meta(Path(cfg.data.dir))["vocab_size"] or 50257
+        except UserError:
+            vocab = 50257  # not readable from here (e.g. planning for another machine): GPT-2's
+    return padded_vocab_size(vocab)

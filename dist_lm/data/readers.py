@@ -1,7 +1,7 @@
-"""The formats raw text arrives in, read as documents: .txt (a file is one document), JSONL
-(plain, .gz, .zst; a line is one document), Parquet files, Arrow files, and datasets saved with
-Hugging Face ``datasets`` (``save_to_disk``; a row is one document). Parquet and Arrow are read
-with pyarrow, a column at a time, so a large file never sits in memory whole.
+"""The formats raw text arrives in, read as documents: .txt (a file is one document, read in
+blocks), JSONL (plain, .gz, .zst; a line is one document), and the tables of dist_lm.data.tables:
+Parquet files, Arrow files, and datasets saved with Hugging Face ``datasets`` (``save_to_disk``; a
+row is one document).
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ SPECIAL_TOKENS = [EOT] + [f"<|{role}|>" for role in CHAT_ROLES]
 SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet", ".arrow")
 SAVED_DATASET = "state.json"  # what marks a directory written by datasets' save_to_disk
 SAVED_DATASET_DICT = "dataset_dict.json"  # ... and one of several splits, each a directory like that
-ROWS_PER_BATCH = 1024
 TEXT_BLOCK_CHARS = 1 << 20  # a .txt input is read this many characters at a time
 
 
@@ -112,7 +111,9 @@ def documents(path: Path, text_field: str | None, skip_bad_lines: bool, stats: R
     """The documents of one input (a file, or a directory saved by datasets' save_to_disk): each a
     string, or for a .txt file a :class:`TextFile` read in blocks."""
     if path.is_dir() or path.name.endswith((".parquet", ".arrow")):
-        yield from _table_documents(path, text_field, stats)
+        from dist_lm.data.tables import table_documents  # pyarrow, only for tables (and it imports this module)
+
+        yield from table_documents(path, text_field, stats)
         return
     if path.stat().st_size == 0:
         raise DataError(f"{path} is empty; remove it from the inputs")
@@ -257,103 +258,3 @@ def _jsonl_documents(
 # ------------------------------------------------------------------------- Parquet and Arrow
 def is_saved_dataset(path: Path) -> bool:
     return (path / SAVED_DATASET).is_file() or (path / SAVED_DATASET_DICT).is_file()
-
-
-def _saved_dataset_files(path: Path) -> list[Path]:
-    """The Arrow files of a dataset saved with save_to_disk; of a DatasetDict, its train split's."""
-    if (path / SAVED_DATASET_DICT).is_file():
-        splits = json.loads((path / SAVED_DATASET_DICT).read_text()).get("splits", [])
-        if "train" not in splits:
-            raise DataError(
-                f"{path} is a saved DatasetDict with splits {splits} and no 'train'; give the "
-                "directory of the split to read (e.g. {path / splits[0]})"
-                if splits
-                else f"{path} is a saved DatasetDict without splits"
-            )
-        path = path / "train"
-    try:
-        state = json.loads((path / SAVED_DATASET).read_text())
-        return [path / f["filename"] for f in state["_data_files"]]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise DataError(
-            f"{path / SAVED_DATASET} is not the state of a saved dataset ({e}); save it again "
-            "with datasets' save_to_disk"
-        ) from None
-
-
-def _text_column(schema, path: Path, text_field: str | None) -> str:
-    """The column holding the text: --field, else the first of TEXT_FIELDS, else messages."""
-    names = schema.names
-    if text_field is not None:
-        if text_field not in names:
-            raise DataError(f"{path}: no column '{text_field}' (from --field); its columns are {names}")
-        return text_field
-    for name in (*TEXT_FIELDS, "messages"):
-        if name in names:
-            return name
-    raise DataError(
-        f"{path}: none of the columns {', '.join(TEXT_FIELDS)} or 'messages' is present (its "
-        f"columns are {names}); name the text column with --field"
-    )
-
-
-def _arrow_batches(path: Path):
-    """(schema, record batches) of an Arrow file: the IPC stream format, which save_to_disk writes,
-    or the IPC file format."""
-    import pyarrow as pa
-
-    try:
-        reader = pa.ipc.open_stream(pa.memory_map(str(path)))
-        return reader.schema, iter(reader)
-    except pa.ArrowInvalid:
-        reader = pa.ipc.open_file(pa.memory_map(str(path)))
-        return reader.schema, (reader.get_batch(i) for i in range(reader.num_record_batches))
-
-
-def _table_batches(path: Path, text_field: str | None) -> Iterator[tuple[str, list]]:
-    """(column name, values) in batches of rows, from a Parquet or an Arrow file."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    try:
-        if path.name.endswith(".parquet"):
-            f = pq.ParquetFile(path)
-            column = _text_column(f.schema_arrow, path, text_field)
-            for batch in f.iter_batches(batch_size=ROWS_PER_BATCH, columns=[column]):
-                yield column, batch.column(0).to_pylist()
-        else:
-            schema, batches = _arrow_batches(path)
-            column = _text_column(schema, path, text_field)
-            for batch in batches:
-                yield column, batch.column(schema.get_field_index(column)).to_pylist()
-    except (pa.ArrowException, OSError) as e:
-        kind = "Parquet" if path.name.endswith(".parquet") else "Arrow"
-        raise DataError(
-            f"{path} is not a readable {kind} file ({str(e).splitlines()[0]}); remove it from the "
-            "inputs, or write it again"
-        ) from None
-
-
-def _table_documents(path: Path, text_field: str | None, stats: ReadStats) -> Iterator[str]:
-    files = _saved_dataset_files(path) if path.is_dir() else [path]
-    for f in files:
-        row = 0
-        for column, values in _table_batches(f, text_field):
-            for value in values:
-                row += 1
-                where = f"{f} row {row}"
-                if column == "messages":
-                    text = render_chat(value, where) if isinstance(value, list) else None
-                else:
-                    text = value
-                if text is None:
-                    continue  # a null cell: no document
-                if not isinstance(text, str):
-                    raise DataError(
-                        f"{where}: column '{column}' holds {type(text).__name__}, not text; "
-                        "name the text column with --field"
-                    )
-                if text:
-                    stats.documents += 1
-                    stats.chars += len(text)
-                    yield text

@@ -10,14 +10,12 @@ without ``auto``.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from dist_lm.config.batch import batch_sizes, global_batch_size, rounded_up
 from dist_lm.config.io import load_config, parse_override
 from dist_lm.config.schema import Config, UserError, replaced
-from dist_lm.data.checks import padded_vocab_size
+from dist_lm.data.checks import vocab_size_for
 from dist_lm.model.counts import count_parameters
 from dist_lm.plan.memory import GB, MemoryEstimate, estimate
 from dist_lm.plan.sizing import (
@@ -94,19 +92,6 @@ class Plan:
 
 def _keys(overrides: list[str]) -> set[str]:
     return {parse_override(o)[0] for o in overrides}
-
-
-def vocab_size_for(cfg: Config) -> int:
-    """The vocabulary the run will have (as the trainer resolves it), read from metadata only."""
-    if cfg.model.vocab_size is not None:
-        return cfg.model.vocab_size
-    vocab = cfg.data.embedded_vocab_size
-    if cfg.data.dir:
-        try:
-            vocab = json.loads((Path(cfg.data.dir) / "meta.json").read_text())["vocab_size"]
-        except (OSError, ValueError, KeyError, TypeError):
-            vocab = 50257  # not readable from here (e.g. planning for another machine): GPT-2's
-    return padded_vocab_size(vocab)
 
 
 def _with(cfg: Config, parallel: dict, micro: int, global_batch: int | None) -> Config:
