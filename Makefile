@@ -27,7 +27,9 @@ demo: setup
 SYSTEM_PACKAGES := openmpi-bin slurm-wlm munge
 system-deps:
 	@command -v mpirun >/dev/null 2>&1 && command -v slurmctld >/dev/null 2>&1 && command -v munged >/dev/null 2>&1 || \
-	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && apt-get update -qq && \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	    echo "make test: installing the system packages $(SYSTEM_PACKAGES) with apt-get (as root), for the mpirun and SLURM tests" && \
+	    apt-get update -qq && \
 	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PACKAGES) >/dev/null; } || \
 	  echo "note: could not install $(SYSTEM_PACKAGES); the mpirun and SLURM tests will be skipped"
 

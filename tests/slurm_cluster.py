@@ -10,6 +10,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from dist_lm.runtime.distributed import free_port
+
 PROGRAMS = ("munged", "slurmctld", "slurmd", "sbatch")
 
 
@@ -21,12 +23,6 @@ def missing() -> str | None:
     if os.geteuid() != 0:
         return "starting munged and slurmd needs root"
     return None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _start_munge() -> None:
@@ -56,8 +52,8 @@ SlurmctldHost={self.host}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
-SlurmctldPort={_free_port()}
-SlurmdPort={_free_port()}
+SlurmctldPort={free_port()}
+SlurmdPort={free_port()}
 StateSaveLocation={root}/state
 SlurmdSpoolDir={root}/spool
 SlurmctldPidFile={root}/slurmctld.pid

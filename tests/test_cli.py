@@ -196,3 +196,16 @@ def test_any_tool_argument_is_accepted_or_refused_in_one_line(tmp_path):
         assert status == 2 and len(lines) == 1 and lines[0].startswith("error: "), (option, value, err.getvalue())
 
     check()
+
+
+def test_a_batch_the_ranks_cannot_split_is_refused_before_torch_is_imported():
+    """train.global_batch_size=10 took 9 s to refuse (after importing torch and DeepSpeed), while
+    every other config error took under 0.3 s: the launcher's rank count is read without torch."""
+    code = (
+        "import sys; from dist_lm.commands import train; "
+        "status = train.main(['--config', 'debug', 'train.global_batch_size=10']); "
+        "print(status, 'torch' in sys.modules)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.stdout.split() == ["2", "False"], proc.stdout + proc.stderr
+    assert "train.global_batch_size: 10 is not a multiple of micro_batch_size x ranks" in proc.stderr

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from dist_lm.config.schema import UserError
-from dist_lm.runtime.distributed import detect
+from dist_lm.runtime.launch import detect
 
 
 def test_no_launcher_is_one_process():

@@ -113,7 +113,7 @@ def test_validation_loss_does_not_depend_on_rank_count(tmp_path, env, ds_ops):
 ONE_RANK_RUN = r"""
 import json, os, sys
 import torch
-from dist_lm.runtime import distributed
+from dist_lm.runtime import distributed, launch
 from dist_lm.runtime import engine as engine_ops
 from dist_lm.config.io import load_config
 from dist_lm.config.batch import BatchSizes
@@ -122,7 +122,7 @@ from dist_lm.model.moe import build_model
 stage, precision = int(sys.argv[1]), sys.argv[2]
 cfg = load_config("debug", [f"parallel.zero_stage={stage}", "model.vocab_size=512"])
 device = torch.device("cpu")
-distributed.init_process_group(distributed.detect(os.environ), device, 5)
+distributed.init_process_group(launch.detect(os.environ), device, 5)
 if sys.argv[3] == "deepspeed":
     ours = engine_ops.deepspeed_config
     def deepspeeds_own(*args, **kwargs):

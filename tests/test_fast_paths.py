@@ -157,3 +157,15 @@ def test_a_chunked_loss_run_trains_in_bf16(env, tmp_path):
     train, _ = read_metrics(tmp_path)
     assert [r["step"] for r in train] == [2, 4, 6] and train[-1]["loss"] < train[0]["loss"]
     assert all(r["z_loss"] > 0 for r in train)
+
+
+def test_a_first_run_announces_deepspeeds_op_build(tmp_path, monkeypatch, ds_ops):
+    """A run's first start on a CPU sat silent for 40-105 s while DeepSpeed built its ops; the log
+    now says so on the line before, when torch's extension cache lacks them."""
+    from dist_lm.config.schema import ParallelConfig
+    from dist_lm.runtime.engine import ops_to_build
+
+    cpu = torch.device("cpu")
+    assert ops_to_build(cpu, ParallelConfig()) == []  # built by the fixture: nothing to wait for
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # a cache that has nothing yet
+    assert ops_to_build(cpu, ParallelConfig(zero_stage=1, offload_optimizer=True)) == ["deepspeed_shm_comm", "cpu_adam"]

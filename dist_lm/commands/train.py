@@ -19,9 +19,11 @@ import sys
 from typing import NoReturn
 
 from dist_lm.commands.arguments import Parser, add_trust_option
+from dist_lm.config.batch import batch_sizes
 from dist_lm.config.io import load_config, to_yaml
 from dist_lm.config.schema import UserError
 from dist_lm.data.checks import resolve_data
+from dist_lm.runtime.launch import detect
 from dist_lm.train import watchdog
 from dist_lm.train.exits import Exit
 
@@ -86,13 +88,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config and cfg is not None:
             print(to_yaml(cfg), end="")
             return 0
+        dist_env = detect(os.environ)
+        if cfg is not None:  # a batch this many ranks cannot split, before seconds of importing torch
+            batch_sizes(cfg.train, dist_env.world_size)
         data = resolve_data(cfg) if cfg is not None else None  # the auto plan's config is checked below
         if args.debug:
             os.environ.setdefault("CUDA_LAUNCH_BLOCKING", "1")  # CUDA errors at the line that caused them
         # These import torch and deepspeed (seconds): only after the cheap checks above.
         from dist_lm.plan.launch import format_plan
         from dist_lm.plan.planner import plan_for_this_machine
-        from dist_lm.runtime.distributed import detect, is_rank0, teardown
+        from dist_lm.runtime.distributed import is_rank0, teardown
         from dist_lm.train import restore
         from dist_lm.train.faults import ExitOnOutOfMemory, TrainingDiverged
         from dist_lm.train.loop import Trainer
@@ -101,7 +106,6 @@ def main(argv: list[str] | None = None) -> int:
         from dist_lm.use.generate import sample
 
         restore.trust_checkpoints(args.trust_checkpoint)
-        dist_env = detect(os.environ)
         if args.debug and dist_env.world_size > 1:
             raise UserError("--debug runs one process: start it with plain python, not a launcher")
         plan = (

@@ -181,6 +181,22 @@ def reduces_for_nothing(engine: "deepspeed.DeepSpeedEngine") -> bool:
     return whole_gradients and engine.dp_world_size == 1 and engine.seq_dp_world_size == 1
 
 
+def ops_to_build(device: torch.device, parallel: ParallelConfig) -> list[str]:
+    """DeepSpeed's C++ ops that this run builds on first use and that are not in torch's extension
+    cache yet: a CPU run's shared-memory collectives, optimizer offload's CPU Adam. Their build is a
+    silence of 40-105 s before the first step on two cores, which the log announces. (torch builds
+    again when another environment of the same user built them last; that is not seen here.)"""
+    from torch.utils.cpp_extension import _get_build_directory  # where torch's JIT builds and looks
+
+    names = (["deepspeed_shm_comm"] if device.type == "cpu" else []) + (
+        ["cpu_adam"] if parallel.offload_optimizer else []
+    )
+    try:
+        return [n for n in names if not os.path.isfile(os.path.join(_get_build_directory(n, False), f"{n}.so"))]
+    except (OSError, AttributeError):  # a torch without it: say nothing rather than guess
+        return []
+
+
 def check_cpu_adam() -> None:
     """Optimizer offload steps with DeepSpeed's CPU Adam, a C++ op built on first use: say so
     before any process starts if it is neither prebuilt nor buildable here."""
