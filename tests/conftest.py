@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from dist_lm.runtime.distributed import free_port  # noqa: F401  (the tests' one, imported from here)
+
 ROOT = Path(__file__).resolve().parent.parent
 
 # Pin DeepSpeed's JIT-op cache where torch puts it by default, so that a test which moves HOME
@@ -130,7 +132,7 @@ def env(cache_dir) -> dict:
 
 
 def launch(
-    launcher: str, args: list[str], env: dict, nproc: int = 2, timeout: int = 300
+    launcher: str, args: list[str], env: dict, nproc: int = 2, timeout: int = 300, cwd: Path = ROOT
 ) -> subprocess.CompletedProcess:
     """Run the training entry point under ``launcher``: python (launchers/pretrain.py, the path
     form), torchrun (-m dist_lm train) or deepspeed (--module dist_lm train), so that both forms
@@ -160,7 +162,7 @@ def launch(
         ]
     else:
         raise ValueError(launcher)
-    return subprocess.run(cmd + args, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    return subprocess.run(cmd + args, env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd)
 
 
 def stop_one_of_two_ranks(args: list[str], env: dict, run_dir: Path) -> tuple[subprocess.CompletedProcess, int, float]:
@@ -217,14 +219,7 @@ def assert_one_hang_line(stderr: str, stopped_pid: int, timeout_minutes: float) 
         and "stopped answering" in errors[0]
     ), stderr[-3000:]
     assert f"no progress for {timeout_minutes:g} minutes (parallel.timeout_minutes)" in errors[0]
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    assert errors[0].endswith("The last complete checkpoint is intact: run the same command again to continue from it.")
 
 
 def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:

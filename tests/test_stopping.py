@@ -21,20 +21,26 @@ BASE = ["--config", "debug", "train.log_interval=1", "train.eval_interval=0", "l
 
 def test_stop_at_step_then_continue_equals_an_uninterrupted_run(env, ds_ops, tmp_path):
     """Stopped at step 3, in the middle of a logging window of 2: the row of step 4 averages steps
-    3 and 4 in both runs, to the bit (the checkpoint keeps the window's sums)."""
-    whole, split = tmp_path / "whole", tmp_path / "split"
+    3 and 4 in both runs, to the bit (the checkpoint keeps the window's sums). The stopped run had
+    no name: its default one (the start time) is not in the command, so the line that ends it
+    names it, and the command with that run.name continues it."""
+    whole, here = tmp_path / "whole", tmp_path / "project"
+    here.mkdir()
     args = [*BASE, "train.max_steps=6", "train.log_interval=2"]
     assert_ok(launch("python", [*args, f"run.dir={whole}"], env))
-    proc = launch("python", [*args, "train.stop_at_step=3", f"run.dir={split}"], env)
+    proc = launch("python", [*args, "train.stop_at_step=3"], env, cwd=here)
     assert_ok(proc)
-    assert "stopping after step 3 of 6: train.stop_at_step=3" in proc.stdout
+    stop_line = next(line for line in proc.stdout.splitlines() if "stopping after step 3 of 6" in line)
+    assert "train.stop_at_step=3; run the same command with run.name=debug-" in stop_line, stop_line
+    name = stop_line.split("run.name=")[1].split()[0]
+    split = here / "runs" / name
     assert (split / "checkpoints" / "latest").read_text().strip() == "step00000003"
-    assert_ok(launch("python", [*args, f"run.dir={split}"], env))
+    assert_ok(launch("python", [*args, f"run.name={name}"], env, cwd=here))
     expected = [r["loss"] for r in read_metrics(whole)[0]]
     got = [r["loss"] for r in read_metrics(split)[0]]
     assert [r["step"] for r in read_metrics(split)[0]] == [2, 4, 6]
     assert got == expected
-    proc = launch("python", [*args, f"run.dir={split}"], env)  # a finished run has nothing left to do
+    proc = launch("python", [*args, f"run.name={name}"], env, cwd=here)  # a finished run has nothing left to do
     assert_ok(proc)
     assert "nothing to do: the run is already at step 6" in proc.stdout
 
@@ -151,7 +157,7 @@ def test_ctrl_c_checkpoints_like_sigterm_and_continues(env, ds_ops, tmp_path):
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == Exit.INTERRUPTED and "Traceback" not in err and "error" not in err, err[-3000:]
-    assert "received SIGINT; run the same run directory again to continue" in out
+    assert "received SIGINT; run the same command again to continue from it" in out  # run.dir names the run
     stopped = (run / "checkpoints" / "latest").read_text().strip()
     proc = _start([*args, "train.max_steps=" + str(int(stopped[4:]) + 2)], env)
     out, err = proc.communicate(timeout=120)
@@ -197,6 +203,7 @@ def test_a_second_ctrl_c_ends_at_once_even_in_a_collective_and_leaves_nothing_ha
     lines = [line for line in err.splitlines() if line.strip()]
     assert procs[0].returncode == Exit.INTERRUPTED and len(lines) == 1, err[-3000:]
     assert lines[0].startswith("error: interrupted again (Ctrl-C twice): stopped at once")
+    assert lines[0].endswith("which is kept; run the same command again to continue from it"), lines[0]
     steps = [p for p in (run / "checkpoints").iterdir() if checkpoints.step_of(p) is not None]
     assert steps and all(checkpoints.problem_with(p) is None for p in steps), [
         checkpoints.problem_with(p) for p in steps

@@ -177,7 +177,9 @@ class RunConfig:
     """Naming and placing the run."""
 
     name: str | None = None
-    """Run name. null: the config's name and the start time, e.g. debug-20261123-014500."""
+    """Run name. null: a new run, named after the config, the start time and six random hex digits
+    (debug-20261123-014500-3fa2c1); the lines that end a run early name it, and the same command with
+    run.name=<that name> continues the run."""
     dir: str | None = None
     """Run directory (resolved config, log, metrics.jsonl, checkpoints). null: runs/<name>."""
     verbose: bool = False

@@ -117,7 +117,9 @@ def stamps(shards: list[Shard], rank: int, world_size: int) -> dict[Path, tuple[
 
 
 def changed(before: dict[Path, tuple[int, int, int]]) -> str | None:
-    """The first shard of ``before`` (a :func:`stamps`) that changed on disk since, or None."""
+    """The error for the first shard of ``before`` (a :func:`stamps`) that changed on disk since,
+    or None. Said before a checkpoint, which is not saved: the steps since the last one may have
+    read other data."""
     for path, stamp in before.items():
         try:
             st = os.stat(path)
@@ -125,5 +127,9 @@ def changed(before: dict[Path, tuple[int, int, int]]) -> str | None:
         except OSError:
             now = None
         if now != stamp:
-            return f"shard {path} {'is gone' if now is None else 'changed on disk'} while the run read it"
+            return (
+                f"data error: shard {path} {'is gone' if now is None else 'changed on disk'} while the run read it; "
+                "no checkpoint is saved from these steps, the newest one is as it was: restore the data (or "
+                "prepare it again and start a new run.name), then run again"
+            )
     return None

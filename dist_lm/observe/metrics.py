@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from dist_lm.config.schema import LoggingConfig
 from dist_lm.files import write_atomic
@@ -35,6 +36,7 @@ class MetricsWriter:
         """``start_step``: the step the run continues from (its checkpoint's, or 0). Rows of later
         steps, logged by an earlier process in this run directory, are removed from the files."""
         self.sinks: list[sinks.Sink] = []
+        self.failure: str | None = None
         self.wandb: sinks.WandbSink | None = None
         if not is_rank0():
             return
@@ -68,8 +70,16 @@ class MetricsWriter:
         return self.wandb.run.id if self.wandb is not None else None
 
     def write(self, row: dict) -> None:
+        """The row to every sink; a sink that cannot write (a full disk) is recorded in
+        ``failure``, and nothing is written after it (the trainer then ends the run)."""
+        if self.failure is not None:
+            return
         for sink in self.sinks:
-            sink.write(row)
+            try:
+                sink.write(row)
+            except OSError as e:
+                self.failure = f"writing {e.filename} failed ({e.strerror or e})"
+                return
 
     def alert(self, title: str, text: str) -> None:
         """A warning on the console, and a wandb alert when wandb is on."""
@@ -148,6 +158,18 @@ class LogWindow:
         self.z_sum.zero_()
         self.steps = 0
         self.restart_clock()
+
+    def means(self, micro_batches: int, aux: bool, z: bool) -> tuple[float, float | None, float | None]:
+        """The window's mean loss (and MoE load-balancing and z-loss, when asked) over
+        ``micro_batches``, every micro-batch of every rank: all-reduces of the sums, in place (the
+        window is reset after its row), a host-device sync point each, which is why they happen only
+        every log_interval steps. A collective."""
+        means = []
+        for total, wanted in ((self.loss_sum, True), (self.aux_sum, aux), (self.z_sum, z)):
+            if wanted:
+                dist.all_reduce(total)
+            means.append(total.item() / micro_batches if wanted else None)
+        return means[0], means[1], means[2]
 
     def state_dict(self) -> dict:
         """Every rank's sums (a collective: every rank calls it)."""

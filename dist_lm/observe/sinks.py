@@ -102,9 +102,17 @@ class SampleLog:
         for path in [self.path, *others]:
             drop_lines_after(path, start_step, lambda line: int(line.split(":", 1)[0]))
         self._file = AppendFile(self.path)
+        self.failure: str | None = None
 
     def write(self, step: int, ids) -> None:
-        self._file.write(f"{step}: {' '.join(map(str, ids))}\n")
+        """One step's ids; a failure (a full disk) is recorded in ``failure``, and nothing more
+        is written (the trainer then ends the run)."""
+        if self.failure is not None:
+            return
+        try:
+            self._file.write(f"{step}: {' '.join(map(str, ids))}\n")
+        except OSError as e:
+            self.failure = f"writing {e.filename} failed ({e.strerror or e})"
 
     def close(self) -> None:
         self._file.close()

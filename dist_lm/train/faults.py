@@ -61,7 +61,7 @@ class SpikeGuard:
         self.factor, self.skip = factor, skip
         self.history: deque[float] = deque(maxlen=self.WINDOW)
         self.records = run_dir / "spikes.jsonl" if run_dir is not None and distributed.is_rank0() else None
-        self.write_failure: str | None = None
+        self.failure: str | None = None
 
     @property
     def mean(self) -> float:
@@ -98,12 +98,12 @@ class SpikeGuard:
             f"step {step}: loss spike {value:.4f} > {self.factor} x running mean {record['running_mean']:.4f} "
             f"on samples {record['sample_ids']}" + ("; skipped" if self.skip else "")
         )
-        if self.records is not None and self.write_failure is None:
+        if self.records is not None and self.failure is None:
             try:
                 with open(self.records, "a") as f:
                     f.write(json.dumps(record) + "\n")
             except OSError as e:  # a full disk: the trainer ends the run with one line
-                self.write_failure = f"writing {self.records} failed ({e.strerror or e})"
+                self.failure = f"writing {self.records} failed ({e.strerror or e})"
         return self.skip
 
 

@@ -5,11 +5,8 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Callable
 
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
 
 from dist_lm.config.io import to_dict
 from dist_lm.config.schema import UserError
@@ -25,10 +22,7 @@ from dist_lm.train import checkpoint, faults
 from dist_lm.train.faults import SkipCounter, SpikeGuard
 from dist_lm.train.preemption import WRITE_FAILED
 from dist_lm.train.session import Session, check_room_for_a_checkpoint
-
-Sampler = Callable[..., "list[int]"]
-"""dist_lm.use.generate.sample's signature: what prints train.sample_tokens of text, handed in by
-the command (the loop sits below the tools that use a trained model)."""
+from dist_lm.train.validation import Evaluations, Sampler, sample_text, validation_losses
 
 
 class Trainer:
@@ -40,13 +34,10 @@ class Trainer:
         self.flops_per_token = flops_per_token(s.cfg.model)
         self.peak_flops = hardware.peak_flops(s.device)
         self.stop_reason: str | None = None
-        self.last_save_seconds = self.last_eval_seconds = 0.0
+        self.last_save_seconds = 0.0
         self.step = 0
-        self.best_val_loss = math.inf
-        self.val_history: list[tuple[int, float]] = []  # this process's evaluations, for the summary
         self.last_saved_step: int | None = None
-        self.evals_without_improvement = 0
-        self.last_val_loss: tuple[int, float] | None = None  # (step, loss) of the newest evaluation
+        self.evaluations = Evaluations(s.cfg.train.early_stop_min_delta, s.cfg.train.early_stop_patience)
         self.clips_itself = clips_itself(s.cfg.parallel, s.precision)
         self.skips = SkipCounter(s.cfg.train.max_skipped_steps, s.precision, s.ckpt_root)
         self.spike_guard = (
@@ -63,9 +54,9 @@ class Trainer:
     def load_state_dict(self, state: RunState) -> None:
         """The loop's counters from a checkpoint (the session loaded the engine and the data)."""
         self.step = state.step
-        self.best_val_loss = state.best_val_loss if state.best_val_loss is not None else math.inf
+        self.evaluations.best = state.best_val_loss if state.best_val_loss is not None else math.inf
         self.elapsed_before = state.elapsed_s
-        self.evals_without_improvement = state.evals_without_improvement
+        self.evaluations.without_improvement = state.evals_without_improvement
         self.skips.total = state.skipped_steps
         if state.log_window is not None:  # (older checkpoints: the first row averages the steps since the resume)
             self.window.load_state_dict(state.log_window, self.session.dist_env.rank, self.session.dist_env.world_size)
@@ -74,16 +65,14 @@ class Trainer:
         """Our resumable state, saved as state.json beside the engine's own checkpoint (a collective:
         the log window gathers every rank's sums)."""
         s = self.session
-        best = self.best_val_loss if math.isfinite(self.best_val_loss) else None  # JSON has no infinity
-        val = self.last_val_loss[1] if self.last_val_loss and self.last_val_loss[0] == self.step else None
         return RunState(
             step=self.step,
             config=to_dict(self.cfg),
             data=s.train_data.state_dict(),
-            best_val_loss=best,
-            val_loss=val,
+            best_val_loss=self.evaluations.best_or_none(),
+            val_loss=self.evaluations.at(self.step),
             elapsed_s=self.elapsed_s(),
-            evals_without_improvement=self.evals_without_improvement,
+            evals_without_improvement=self.evaluations.without_improvement,
             skipped_steps=self.skips.total,
             tokens=self.tokens_seen(),
             world_size=s.dist_env.world_size,
@@ -164,7 +153,7 @@ class Trainer:
                     self.step,
                     time.perf_counter() - step_start,
                     self.last_save_seconds,
-                    self.last_eval_seconds if eval_next else 0.0,
+                    self.evaluations.seconds if eval_next else 0.0,
                     self.write_failure() is not None,
                 )
                 if self.stop_reason == WRITE_FAILED:
@@ -172,7 +161,7 @@ class Trainer:
                 if self.stop_reason:
                     log.info(
                         f"stopping after step {self.step} of {cfg.max_steps}: {self.stop_reason}; "
-                        "run the same run directory again to continue"
+                        f"{self.session.stop.how_to_continue}"
                     )
                     break
         finally:
@@ -186,12 +175,8 @@ class Trainer:
             return
         if cfg.eval_interval and self.step % cfg.eval_interval != 0:  # the final evaluation
             self._emit(self.evaluate())
-        if len(self.val_history) >= 2:
-            (first_at, first), (last_at, last) = self.val_history[0], self.val_history[-1]
-            log.info(
-                f"validation loss {first:.3f} -> {last:.3f} (perplexity {math.exp(first):.1f} -> "
-                f"{math.exp(last):.1f}) from step {first_at} to {last_at}"
-            )
+        if summary := self.evaluations.summary():
+            log.info(summary)
         self.skips.check_run_end()
         if self.last_saved_step != self.step and self.cfg.checkpoint.save_at_end:
             self.save()
@@ -201,17 +186,17 @@ class Trainer:
             self.raise_write_failure()
 
     def write_failure(self) -> str | None:
-        """Why this rank could not write its logs (metrics, train.log, samples, spikes), or None."""
-        spikes = self.spike_guard.write_failure if self.spike_guard is not None else None
-        return self._write_failure or log.write_failure() or spikes
+        """Why this rank could not write its logs (metrics, train.log, run.json, samples, spikes), or None."""
+        s = self.session
+        writers = [s.metrics, s.sample_log, self.spike_guard]
+        return self._write_failure or log.write_failure() or next((w.failure for w in writers if w and w.failure), None)
 
     def raise_write_failure(self) -> None:
         """End the run on every rank (a collective) with the failing rank's line."""
         failure = distributed.first_problem(self.write_failure())
         raise UserError(
             f"run error: {failure} after step {self.step}; the checkpoints so far are kept, and "
-            "metrics.jsonl and metrics.csv hold whole rows: free some space, then run the same command "
-            "again to continue from the newest checkpoint"
+            "metrics.jsonl and metrics.csv hold whole rows: free some space, then " + self.session.stop.how_to_continue
         )
 
     def _train_step(self) -> tuple[torch.Tensor | float | None, int]:
@@ -220,11 +205,8 @@ class Trainer:
         model_engine, data = self.model_engine, self.session.train_data
         engine.set_lr(model_engine, lr_at(self.step, self.cfg.optim, self.cfg.train.max_steps), self.cfg.optim)
         batches = data.next_batches()
-        if self.session.sample_log is not None and self._write_failure is None:
-            try:
-                self.session.sample_log.write(self.step + 1, data.last_ids)
-            except OSError as e:
-                self._write_failure = f"writing {e.filename} failed ({e.strerror or e})"
+        if self.session.sample_log is not None:
+            self.session.sample_log.write(self.step + 1, data.last_ids)
         for i, (x, y, *documents) in enumerate(batches):  # documents: with data.document_mask
             parts = model_engine(x, y, documents=documents[0]) if documents else model_engine(x, y)
             skip = self.spike_guard is not None and self.spike_guard.check_micro_batch(
@@ -250,12 +232,11 @@ class Trainer:
 
     def _train_metrics(self, micro_steps: int, grad_norm) -> dict:
         """``micro_steps``: micro-batches per step on each rank."""
-        # The window's mean loss over every micro-batch of every rank. This all-reduce is a
-        # host-device sync point, which is why it happens only every log_interval steps.
         window, s = self.window, self.session
         micro_batches = window.steps * micro_steps * s.batch.dp_size
-        dist.all_reduce(window.loss_sum)  # in place: the window is reset after this row
-        loss = window.loss_sum.item() / micro_batches
+        loss, aux, z = window.means(micro_batches, "moe" in self.cfg.model.layer_types, bool(self.cfg.optim.z_loss))
+        if z is not None:
+            z *= self.cfg.optim.z_loss  # the term added to the loss
         if not math.isfinite(loss):
             s.metrics.alert("non-finite loss", f"{self.run_dir.name} step {self.step}: loss {loss}")
         steps, seconds = window.timed_steps, time.perf_counter() - window.start
@@ -264,13 +245,6 @@ class Trainer:
             tokens, seconds, self.flops_per_token, s.dist_env.world_size, self.peak_flops
         )
         lr = lr_at(self.step - 1, self.cfg.optim, self.cfg.train.max_steps)  # the last step's (Muon: x muon_lr/lr)
-        aux = z = None
-        if "moe" in self.cfg.model.layer_types:
-            dist.all_reduce(window.aux_sum)
-            aux = window.aux_sum.item() / micro_batches
-        if self.cfg.optim.z_loss:
-            dist.all_reduce(window.z_sum)
-            z = self.cfg.optim.z_loss * window.z_sum.item() / micro_batches  # the term added to the loss
         return {
             "loss": loss,
             "aux_loss": aux,
@@ -285,72 +259,34 @@ class Trainer:
 
     def _emit(self, row: dict) -> None:
         row = {"step": self.step, "tokens": self.tokens_seen(), **row, "elapsed_s": self.elapsed_s()}
-        if self._write_failure is None:
-            try:
-                self.session.metrics.write(row)
-            except OSError as e:  # a full disk: the row is not written, and the run stops after this step
-                self._write_failure = f"writing {e.filename} failed ({e.strerror or e})"
+        self.session.metrics.write(row)  # a failure: the run stops after this step (write_failure)
         if "loss" in row:
             log.info(metrics.format_step(row))
         if "val_loss" in row:
             log.info(f"step {self.step:>6} | val loss {row['val_loss']:.4f} | val ppl {row['val_ppl']:.2f}")
 
     def _patience_exhausted(self) -> bool:
-        patience = self.cfg.train.early_stop_patience
-        if patience and self.evals_without_improvement >= patience:
-            log.info(
-                f"early stop at step {self.step}: {patience} evaluations without improving on "
-                f"the best validation loss {self.best_val_loss:.4f} by {self.cfg.train.early_stop_min_delta}"
-            )
-            return True
-        return False
+        if not self.evaluations.patience_exhausted():
+            return False
+        log.info(
+            f"early stop at step {self.step}: {self.evaluations.patience} evaluations without improving on the "
+            f"best validation loss {self.evaluations.best:.4f} by {self.evaluations.min_delta}"
+        )
+        return True
 
     def evaluate(self) -> dict:
         """Mean validation loss over the fixed validation windows, the same for every rank count;
         in a mixture each source's too, and their mean weighted as the mixture is."""
-        start = time.perf_counter()
-        self.model_engine.eval()
-        losses = {}
-        for source, val_data in self.session.val_sets:
-            loss = self._validation_loss(val_data)
-            if loss is None:  # a signal: the evaluation ends on every rank
-                self.model_engine.train()
-                return {}
-            losses[source.name] = (source.weight, loss)
-        self.model_engine.train()
+        start, s = time.perf_counter(), self.session
+        losses = validation_losses(self.model_engine, s.val_sets, s.device, self.stop, self.watchdog, self.step)
+        if losses is None:  # a signal: the evaluation ends on every rank
+            return {}
         val_loss = sum(weight * loss for weight, loss in losses.values())
-        if val_loss < self.best_val_loss - self.cfg.train.early_stop_min_delta:
-            self.evals_without_improvement = 0
-        else:
-            self.evals_without_improvement += 1
-        self.best_val_loss = min(self.best_val_loss, val_loss)
-        self.val_history.append((self.step, val_loss))
-        self.last_val_loss = (self.step, val_loss)
-        self.last_eval_seconds = time.perf_counter() - start
+        self.evaluations.add(self.step, val_loss, time.perf_counter() - start)
         row = {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
         if len(losses) > 1:
             row |= {f"val_loss_{name}": loss for name, (_, loss) in losses.items()}
         return row
-
-    @torch.no_grad()
-    def _validation_loss(self, val_data) -> float | None:
-        """One validation set's mean loss (None if a signal came first)."""
-        totals = torch.zeros(2, device=self.session.device, dtype=torch.float64)  # loss sum, token count
-        # Every rank runs the same number of forward passes (ZeRO-3 forwards are collective): its
-        # own batches, then padding. A signal between any two ends the evaluation on all ranks.
-        for batch in val_data.batches + [None] * val_data.padding_batches:
-            if self.stop.signalled():
-                return None
-            self.watchdog.progress(f"evaluating at step {self.step}")
-            if batch is None:
-                self.model_engine(val_data.filler)
-                continue
-            x, y, *documents = batch
-            logits = self.model_engine(x, documents=documents[0]) if documents else self.model_engine(x)
-            totals[0] += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").double()
-            totals[1] += y.numel()
-        dist.all_reduce(totals)  # sync point
-        return (totals[0] / totals[1]).item()
 
     def save(self) -> None:
         if distributed.any_rank(self.write_failure() is not None):
@@ -365,11 +301,7 @@ class Trainer:
         start, s = time.perf_counter(), self.session
         changed = distributed.first_problem(integrity.changed(s.data_stamps))
         if changed:  # the steps since the last checkpoint may have read other data: keep that checkpoint
-            raise UserError(
-                f"data error: {changed}; no checkpoint is saved from these steps, the newest one is "
-                f"as it was: restore the data (or prepare it again and start a new run.name), then run "
-                "again"
-            )
+            raise UserError(changed)
         check_room_for_a_checkpoint(self.cfg, s.ckpt_root, f"step {self.step}")
         path = s.ckpt_root / checkpoints.tag_for(self.step)
         self.watchdog.progress(
@@ -402,32 +334,13 @@ class Trainer:
         log.info(f"saved checkpoint {path}")
 
     def print_sample(self) -> None:
-        from tokenizers import Tokenizer
-
         s = self.session
-        meta = s.data.meta
-        if self.sample is None:
-            log.warn("no sample: this trainer was given no sampler (dist_lm.use.generate.sample)")
-            return
-        if not meta.get("tokenizer"):
-            log.warn(f"no sample: {s.data.dir} has no tokenizer.json to decode with")
-            return
         self.watchdog.progress(f"sampling at step {self.step}")
-        tokenizer = Tokenizer.from_file(str(s.data.dir / meta["tokenizer"]))
-        eot = meta.get("eot_id")
-        prompt = tokenizer.encode(self.cfg.train.sample_prompt).ids or [eot if eot is not None else 0]
         self.model_engine.eval()
-        out = self.sample(
-            self.model_engine.module,
-            prompt,
-            self.cfg.train.sample_tokens,
-            self.cfg.model.seq_len,
-            s.device,
-            seed=self.cfg.train.seed,
-            stop_id=eot,
-        )
+        text = sample_text(self.model_engine.module, self.sample, s.data, self.cfg, s.device)
         self.model_engine.train()
-        log.info(f"sample at step {self.step}: " + tokenizer.decode(prompt + out))
+        if text is not None:
+            log.info(f"sample at step {self.step}: {text}")
 
     def close(self) -> None:
         self.session.close()

@@ -7,7 +7,7 @@ weight-decay groups, the samples in the global order) and sets every step's lear
 run's schedule, so the engine and it train the same weights. For the bench that is more than
 tidiness: at 1.3B an H200 trains at its power cap, where the clock moves with the power the
 matmuls draw, and that depends on the values they multiply; a baseline at another learning rate
-ran at another clock (docs/benchmarks.md, 2026-12-03, fourth session)."""
+ran at another clock (docs/benchmarks.md, "Speed against plain PyTorch")."""
 
 from __future__ import annotations
 

@@ -65,6 +65,8 @@ class StopControl:
         self.recent_steps: deque[float] = deque(maxlen=RECENT_STEPS)
         self.saving: Path | None = None
         """The checkpoint directory being written, while it is (set by the trainer)."""
+        self.how_to_continue = "run the same command again to continue from it"
+        """Said when a second Ctrl-C ends the run (the session names the run once it has a name)."""
         for sig in SIGNALS:
             signal.signal(sig, self._on_signal)
         wakeup, written = os.pipe()
@@ -99,7 +101,7 @@ class StopControl:
         if is_rank0():
             print(
                 "error: interrupted again (Ctrl-C twice): stopped at once, without a checkpoint of the steps since "
-                "the last one, which is kept; run the same command again to continue from it",
+                f"the last one, which is kept; {self.how_to_continue}",
                 file=sys.stderr,
             )
         sys.stdout.flush()

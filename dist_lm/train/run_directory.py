@@ -20,6 +20,7 @@ from __future__ import annotations
 import fcntl
 import os
 import secrets
+import shlex
 import socket
 import time
 from pathlib import Path
@@ -83,6 +84,15 @@ def default_run_name(preset: str) -> str:
     """The config's name, the start time and six random hex digits: runs started in the same
     second (a sweep's, a job array's) get names of their own."""
     return f"{preset}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+
+
+def how_to_continue(given: Config, chosen: Config) -> str:
+    """What a line that ends a run says to continue it (``given``: the config as the command gave
+    it; ``chosen``: with_run_dir's). The same command does, where it named the run or its
+    directory; a default name (the start time and random digits) is not part of the command."""
+    if given.run.name is not None or given.run.dir is not None:
+        return "run the same command again to continue from it"
+    return f"run the same command with run.name={shlex.quote(chosen.run.name)} to continue from it"
 
 
 def with_run_dir(cfg: Config) -> Config:

@@ -29,8 +29,8 @@ from dist_lm.model.moe import build_model, check_moe
 from dist_lm.observe import log, metrics, sinks
 from dist_lm.observe.profiling import StepProfiler
 from dist_lm.plan import memory
-from dist_lm.runtime import distributed, engine, fp8, hardware
-from dist_lm.runtime.distributed import DistEnv
+from dist_lm.runtime import distributed, engine, fp8, hardware, launch
+from dist_lm.runtime.launch import DistEnv
 from dist_lm.runtime.precision import Precision
 from dist_lm.store import checkpoints
 from dist_lm.store.state import RunState
@@ -89,8 +89,8 @@ def start(cfg: Config, plan_summary: list[str] = (), data: ResolvedData | None =
     the caller checked the data already."""
     start_time = time.perf_counter()
     # --- checks that need no process group: a bad input fails here, before anything starts
-    dist_env = distributed.detect(os.environ)
-    distributed.check_master_reachable(dist_env)
+    dist_env = launch.detect(os.environ)
+    launch.check_master_reachable(dist_env)
     device = distributed.device_for(dist_env)
     memory_cap = hardware.apply_gpu_memory_cap(device)
     bound_cores: list[int] = []
@@ -141,7 +141,8 @@ def start(cfg: Config, plan_summary: list[str] = (), data: ResolvedData | None =
     data_stamps, data_checked = _check_data_content(cfg.data.verify, data, rank, dist_env.world_size)
     # From here on SIGTERM/SIGUSR1 end the run with a checkpoint (engine set-up included).
     stop = StopControl(cfg.train.stop_at_step, cfg.train.time_limit_minutes, start_time)
-    cfg = run_directory.with_run_dir(cfg)
+    given, cfg = cfg, run_directory.with_run_dir(cfg)
+    dog.how_to_continue = stop.how_to_continue = run_directory.how_to_continue(given, cfg)
     run_dir = Path(cfg.run.dir)
     ckpt_root = cfg.checkpoint.root(run_dir)
     shared_root = run_directory.root_of_its_own(ckpt_root, run_dir)
@@ -228,6 +229,11 @@ def start(cfg: Config, plan_summary: list[str] = (), data: ResolvedData | None =
         )
         log.info(f"predicted peak GPU memory per rank {predicted.describe()}")
     engine.quiet(cfg.run.verbose)
+    if building := engine.ops_to_build(device, cfg.parallel):
+        log.info(
+            f"building DeepSpeed's {' and '.join(building)} op for this machine (its first use: about a minute "
+            "on 2 cores, then cached for every run)"
+        )
     if universal:  # saved on another world size or ZeRO stage: DeepSpeed's universal format
         restore.convert_to_universal(found.path, rank, distributed.barrier)
     start_step = found.state.step if found else 0

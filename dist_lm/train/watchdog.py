@@ -58,6 +58,8 @@ class Watchdog:
         self.identity = {"host": socket.gethostname(), "pid": os.getpid()}
         self._mark = Mark("setting up", time.monotonic(), None, "parallel.timeout_minutes")
         self._store = None
+        self.how_to_continue = "run the same command again to continue from it"
+        """The end of the line a hang ends with (the session names the run once it has a name)."""
         if world_size > 1:
             import torch.distributed as dist
 
@@ -95,8 +97,11 @@ class Watchdog:
         mark = self._mark
         return (
             f"error: rank {self.rank}: a collective failed ({type(error).__name__}) while {mark.doing}; "
-            f"{'; '.join(silent)}; exiting with status {int(Exit.HANG)}. {RESUME}"
+            f"{'; '.join(silent)}; exiting with status {int(Exit.HANG)}. {self._intact()}"
         )
+
+    def _intact(self) -> str:
+        return f"The last complete checkpoint is intact: {self.how_to_continue}."
 
     # --------------------------------------------------------------------------- the thread
     def _run(self) -> None:
@@ -122,7 +127,7 @@ class Watchdog:
             f"error: rank {self.rank}: no progress for {mark.allowance_s / 60:g} minutes ({mark.setting}) "
             f"while {mark.doing}"
             + (f"; {peers}" if peers else "")
-            + f"; exiting with status {int(Exit.HANG)}. {RESUME}",
+            + f"; exiting with status {int(Exit.HANG)}. {self._intact()}",
             file=sys.stderr,
             flush=True,
         )
@@ -154,9 +159,6 @@ class Watchdog:
             else:
                 busy.setdefault(beat["doing"], []).append(rank)
         return silent, [f"{_ranks(ranks)} {doing}" for doing, ranks in busy.items()]
-
-
-RESUME = "The last complete checkpoint is intact: run the same command again to resume from it."
 
 
 def _ranks(ranks: list[int]) -> str:
