@@ -43,3 +43,17 @@ def test_readme_is_a_front_door_and_its_links_resolve():
     for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
         for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", page.read_text()):
             assert (page.parent / target).exists(), f"{page.name} links to {target}, which does not exist"
+
+
+def test_code_that_cites_a_benchmarks_section_names_one_that_exists():
+    """A comment or docstring citing docs/benchmarks.md, "Section" names a heading of that page
+    (it once cited "the fourth session", which three headings were called), and the page stays a
+    guide of at most 300 lines."""
+    page = (ROOT / "docs" / "benchmarks.md").read_text()
+    headings = {line.lstrip("#").strip() for line in page.splitlines() if line.startswith("#")}
+    assert len(page.splitlines()) <= 300
+    cited = []
+    for path in [*(ROOT / "dist_lm").rglob("*.py"), *(ROOT / "tools").glob("*.py")]:
+        text = re.sub(r"\n\s*#\s*", " ", path.read_text())  # a comment continued on the next line
+        cited += [(path.name, " ".join(s.split())) for s in re.findall(r'benchmarks\.md,\s+"([^"]+)"', text)]
+    assert cited and all(section in headings for _, section in cited), [c for c in cited if c[1] not in headings]

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# The GPU measurements behind docs/benchmarks.md's tables (issues 20, 21 and 22), in parts
+# The GPU measurements behind docs/benchmarks.md's tables, in parts
 # that each fit one device call. Each writes its log to $OUT/<part>.log (default: ./bench-out).
 #   tools/bench_session.sh gputests|tests|lifecycle|large|large128k|regions|docmask|small|small50|accum|accum13|
 #     autocast|autocast124|autocast128k|autocast13|syncs|order124|trace|fp8loss|fp8loss13|startup|caps|scaling|scaling3|launcher [more parts]
 # scaling, scaling3 and launcher need two GPUs (nvidia-h200-x2).
-# Shapes are the issue's: 12M (6 x 384, seq 256, micro 64, vocab 2048), 124M (12 x 768, MHA,
+# The shapes the speed tables use: 12M (6 x 384, seq 256, micro 64, vocab 2048), 124M (12 x 768, MHA,
 # vocab 50304, micro 8), 1.3B (24 x 2048, MHA, ffn 5632, vocab 50304, micro 8; 128k vocab: micro 4).
 set -u
 OUT=${OUT:-bench-out}
@@ -157,14 +157,14 @@ caps)  # the auto plans for 12 and 24 GB cards (CAPS="24": one of them), trained
     grep -E "plan|predicted|first step|mem |out of" "$OUT/caps-${cap}gb.log" | head -12
     cp /tmp/caps-${cap}gb/metrics.jsonl "$OUT/caps-${cap}gb.jsonl"
   done ;;
-scaling)  # issue 22, on two GPUs: the planner's 1.1B preset at ZeRO-1 and ZeRO-2 on one GPU and on two (torchrun)
+scaling)  # on two GPUs: the planner's 1.1B preset at ZeRO-1 and ZeRO-2 on one GPU and on two (torchrun)
   part scaling 580 $DL bench --config h100-80gb --warmup 3 --steps 6 --timeout 280 --ranks 1,2 \
     --variant "zero1: parallel.zero_stage=1" --variant "zero2: parallel.zero_stage=2" ;;
-scaling3)  # issue 22: ZeRO-3 with DeepCompile, and fp8 at ZeRO-1, on one GPU and on two
+scaling3)  # ZeRO-3 with DeepCompile, and fp8 at ZeRO-1, on one GPU and on two
   part scaling3 580 $DL bench --config h100-80gb --warmup 3 --steps 6 --timeout 280 --ranks 1,2 \
     --variant "zero3, DeepCompile: parallel.zero_stage=3 parallel.deepcompile=true" \
     --variant "fp8: parallel.zero_stage=1 parallel.precision=fp8" ;;
-launcher)  # issue 22: the same two-GPU run through the deepspeed launcher, and the two-GPU tests
+launcher)  # the same two-GPU run through the deepspeed launcher, and the two-GPU tests
   part launcher 240 env PATH="/tmp/site/bin:$PATH" deepspeed --num_gpus 2 --module dist_lm train --config h100-80gb parallel.zero_stage=1 \
     train.max_steps=15 train.log_interval=5 train.eval_interval=0 checkpoint.interval=0 checkpoint.save_at_end=false \
     logging.wandb=disabled logging.progress=false run.dir=/tmp/launcher

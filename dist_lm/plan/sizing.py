@@ -30,9 +30,10 @@ HEADROOM_FIXED_GB = 1.5
 
 # Compiling by regions (parallel.compile_regions: one block's graph serves them all) reaches the
 # first step sooner and adds host work to every micro-batch. On one H200 (docs/benchmarks.md,
-# 2026-12-03) the 1.1B plan's first step came 38 s sooner (41.7 s against 79.6 s: 23 of its 24
-# blocks not compiled again, about 1.6 s each), while each micro-batch took 6-11 ms longer (0.7%
-# of that plan's 14.5 s step, 4% at 1.3B with micro-batch 8, a quarter at 124M).
+# "First step") the 1.1B plan's first step came 44 s sooner (41.9 s against 86.4 s: 23 of its 24
+# blocks not compiled again; an earlier run of the same plan saved 38 s, so 1.6 s a block is the
+# lower of the two), while each micro-batch took about 10 ms longer (0.9% of that plan's 14.4 s
+# step, 4% at 1.3B with micro-batch 8, a quarter at 124M).
 REGIONAL_SAVES_PER_BLOCK_S = 1.6
 
 

@@ -49,7 +49,7 @@ def deepspeed_config(
         # immediate_grad_update: at ZeRO-1 (DeepSpeed's BF16_Optimizer) each bf16 gradient is added
         # to the fp32 accumulation buffer as soon as backward produces it and then freed, instead
         # of all being kept to the end of backward and zeroed after: 2 bytes per parameter less
-        # memory, and as fast or faster (docs/benchmarks.md, fourth session). Other stages ignore it.
+        # memory, and no slower (docs/benchmarks.md, "Speed against plain PyTorch"). Other stages ignore it.
         "bf16": {
             "enabled": precision.deepspeed_section == "bf16",
             "check_grad_overflow": True,
