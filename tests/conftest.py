@@ -165,6 +165,26 @@ def launch(
     return subprocess.run(cmd + args, env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd)
 
 
+def start_training(args: list[str], env: dict) -> subprocess.Popen:
+    """launchers/pretrain.py started in the background, its output piped as text."""
+    return subprocess.Popen(
+        [sys.executable, str(PRETRAIN), *args],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def start_two_ranks(args: list[str], env: dict) -> list[subprocess.Popen]:
+    """Two ranks started by hand: RANK, WORLD_SIZE, ... in each one's environment, no launcher
+    that would end the other when one ends."""
+    port = str(free_port())
+    ranks = {"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+    return [start_training(args, {**env, **ranks, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in (0, 1)]
+
+
 def stop_one_of_two_ranks(args: list[str], env: dict, run_dir: Path) -> tuple[subprocess.CompletedProcess, int, float]:
     """Two ranks started by hand (RANK, WORLD_SIZE, ... in the environment: no launcher to end the
     others); once three steps are logged rank 1 is stopped with SIGSTOP (its process lives on, its
@@ -172,28 +192,7 @@ def stop_one_of_two_ranks(args: list[str], env: dict, run_dir: Path) -> tuple[su
     to end after the signal."""
     import time
 
-    port = str(free_port())
-    procs = []
-    for rank in (0, 1):
-        e = {
-            **env,
-            "RANK": str(rank),
-            "WORLD_SIZE": "2",
-            "LOCAL_RANK": str(rank),
-            "LOCAL_WORLD_SIZE": "2",
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": port,
-        }
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, str(PRETRAIN), *args],
-                env=e,
-                cwd=ROOT,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-        )
+    procs = start_two_ranks(args, env)
     try:
         metrics, deadline = run_dir / "metrics.jsonl", time.time() + 300
         while time.time() < deadline and not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):

@@ -14,7 +14,16 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PRETRAIN, ROOT, assert_ok, assert_one_hang_line, launch, read_metrics, stop_one_of_two_ranks
+from conftest import (
+    PRETRAIN,
+    ROOT,
+    assert_ok,
+    assert_one_hang_line,
+    launch,
+    read_metrics,
+    start_training,
+    stop_one_of_two_ranks,
+)
 from dist_lm.observe.sinks import read_sample_log
 from dist_lm.store import checkpoints
 from dist_lm.train import checkpoint
@@ -548,14 +557,7 @@ def test_a_disk_that_fills_between_saves_ends_the_run_in_one_line_with_whole_met
         f"checkpoint.dir={tmp_path / 'ckpt'}",
         f"run.dir={run}",
     ]
-    proc = subprocess.Popen(
-        [sys.executable, str(PRETRAIN), *args],
-        env=env,
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start_training(args, env)
     deadline = time.time() + 120
     while time.time() < deadline and not (tmp_path / "ckpt" / "latest").is_file():
         time.sleep(0.05)

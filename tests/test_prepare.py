@@ -15,7 +15,7 @@ import pytest
 import zstandard
 from tokenizers import Tokenizer
 
-from conftest import ROOT, assert_ok, launch, read_metrics
+from conftest import ROOT, assert_ok, launch, read_metrics, start_training
 from dist_lm.data import shards
 from dist_lm.data.readers import SPECIAL_TOKENS
 from dist_lm.observe.sinks import read_sample_log
@@ -372,14 +372,7 @@ def test_a_shard_rewritten_in_place_is_refused_at_the_start_and_during_a_run(env
     args = train_args(
         prepared, tmp_path / "during", "train.max_steps=400", "checkpoint.interval=2", "train.eval_interval=0"
     )
-    proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "launchers" / "pretrain.py"), *args],
-        env=env,
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start_training(args, env)
     step2 = tmp_path / "during" / "checkpoints" / "step00000002" / "state.json"
     deadline = time.monotonic() + 240
     while not step2.exists() and proc.poll() is None and time.monotonic() < deadline:

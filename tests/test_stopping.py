@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import ROOT, assert_ok, free_port, launch, read_metrics
+from conftest import ROOT, assert_ok, free_port, launch, read_metrics, start_training, start_two_ranks
 from dist_lm.train.exits import Exit
 
 BASE = ["--config", "debug", "train.log_interval=1", "train.eval_interval=0", "logging.wandb=disabled"]
@@ -125,17 +125,6 @@ def test_sigusr1_to_one_rank_checkpoints_all_and_asks_for_a_requeue(env, ds_ops,
     assert [r["step"] for r in read_metrics(tmp_path)[0]][-2:] == [stopped + 1, stopped + 2]
 
 
-def _start(args: list[str], env: dict) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, str(ROOT / "launchers" / "pretrain.py"), *args],
-        env=env,
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
 def _wait_for_rows(run: Path, rows: int, proc: subprocess.Popen) -> None:
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:
@@ -152,14 +141,14 @@ def test_ctrl_c_checkpoints_like_sigterm_and_continues(env, ds_ops, tmp_path):
     command continues from it."""
     run = tmp_path / "run"
     args = [*BASE, "train.max_steps=100000", "checkpoint.interval=0", f"run.dir={run}"]
-    proc = _start(args, env)
+    proc = start_training(args, env)
     _wait_for_rows(run, 3, proc)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == Exit.INTERRUPTED and "Traceback" not in err and "error" not in err, err[-3000:]
     assert "received SIGINT; run the same command again to continue from it" in out  # run.dir names the run
     stopped = (run / "checkpoints" / "latest").read_text().strip()
-    proc = _start([*args, "train.max_steps=" + str(int(stopped[4:]) + 2)], env)
+    proc = start_training([*args, "train.max_steps=" + str(int(stopped[4:]) + 2)], env)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0 and f"resumed from {run / 'checkpoints' / stopped}" in out, err[-3000:]
 
@@ -171,20 +160,9 @@ def test_a_second_ctrl_c_ends_at_once_even_in_a_collective_and_leaves_nothing_ha
     removed rather than left half-written (before, an empty step directory stayed)."""
     from dist_lm.store import checkpoints
 
-    run, port = tmp_path / "run", str(free_port())
+    run = tmp_path / "run"
     args = [*BASE, "train.max_steps=100000", "checkpoint.interval=1", f"run.dir={run}"]
-    procs = []
-    for rank in (0, 1):
-        e = {
-            **env,
-            "RANK": str(rank),
-            "WORLD_SIZE": "2",
-            "LOCAL_RANK": str(rank),
-            "LOCAL_WORLD_SIZE": "2",
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": port,
-        }
-        procs.append(_start(args, e))
+    procs = start_two_ranks(args, env)
     try:
         _wait_for_rows(run, 3, procs[0])
         seen = {p.name for p in (run / "checkpoints").iterdir()}
