@@ -86,6 +86,22 @@ def test_bf16_zero3_trains_close_to_fp32(tmp_path, env, ds_ops, reference):
     assert losses == pytest.approx(reference, abs=0.01)
 
 
+def test_four_ranks_match_the_reference_and_resume_on_two(tmp_path, env, ds_ops, reference):
+    """The reference's global batch of 8 as micro 2 on each of four gloo ranks (no accumulation)
+    gives its losses, evaluations split 2+2+2+1 included; its step-3 checkpoint resumes on two
+    ranks (micro 2 x accumulation 2, through DeepSpeed's universal format) on the same course."""
+    proc, losses, _ = run_and_read(tmp_path, "torchrun", ["parallel.zero_stage=1", "checkpoint.interval=3"], env, 4)
+    assert "world_size=4" in proc.stdout and "batch 8 = micro 2 x accum 1 x ranks 4" in proc.stdout
+    assert losses == pytest.approx(reference, abs=1e-4)
+    step3, two = tmp_path / "run" / "checkpoints" / "step00000003", tmp_path / "two"
+    args = ["--config", "debug", *COMMON, "parallel.zero_stage=1", f"run.dir={two}", "--resume", str(step3)]
+    resumed = launch("torchrun", args, env, nproc=2)
+    assert_ok(resumed)
+    train, _ = read_metrics(two)
+    assert [r["step"] for r in train] == [4, 5, 6]
+    assert [r["loss"] for r in train] == pytest.approx(reference[3:], abs=1e-4)
+
+
 def test_deepspeed_launcher_matches_reference(tmp_path, env, ds_ops, reference):
     proc, losses, _ = run_and_read(tmp_path, "deepspeed", ["parallel.zero_stage=2"], env)
     assert "launcher=deepspeed world_size=2" in proc.stdout

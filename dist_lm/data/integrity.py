@@ -14,12 +14,12 @@ checked in full, or by size alone where auto chooses sampled (with a warning).
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from dist_lm.data.checks import Source
+from dist_lm.data.shards import sha256_file
 from dist_lm.files import checksum, sampled_checksum
 
 FULL_CHECK_BYTES = 16 << 30  # about 8 billion uint16 tokens: seconds to hash on a few ranks
@@ -52,14 +52,6 @@ def mode_for(verify: str, shards: list[Shard]) -> str:
     return "full" if sum(s.size for s in shards) <= FULL_CHECK_BYTES else "sampled"
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(8 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def content_problem(shard: Shard, mode: str) -> str | None:
     """Why the shard's content is not what meta.json recorded, or None (also when meta.json
     recorded nothing that ``mode`` can check)."""
@@ -67,7 +59,7 @@ def content_problem(shard: Shard, mode: str) -> str | None:
     if mode == "full" and recorded.get("xxh3_128"):
         same = checksum(shard.path) == recorded["xxh3_128"]
     elif mode == "full" and recorded.get("sha256"):
-        same = _sha256(shard.path) == recorded["sha256"]
+        same = sha256_file(shard.path) == recorded["sha256"]
     elif mode == "sampled" and recorded.get("sample_xxh3_128"):
         same = sampled_checksum(shard.path) == recorded["sample_xxh3_128"]
     else:

@@ -142,13 +142,7 @@ def find_for_reading(path: Path, best: bool = False) -> Found:
                 f"checkpoint error: --best takes a run directory, and {path} is one checkpoint; "
                 "give its run directory, or leave out --best"
             )
-        problem = problem_with(path) or weights_checksum_problem(path)
-        if problem:
-            raise CheckpointError(
-                f"checkpoint error: {path} cannot be read: {problem}; give another checkpoint, "
-                "or the run directory for its newest complete one"
-            )
-        return Found(path, RunState.read(path))
+        return _readable(path, str(path), "give another checkpoint, or the run directory for its newest complete one")
     root = checkpoint_root(path, str(path))
     if not best:
         found = _newest(root, True, str(path), weights_checksum_problem, "reading")
@@ -167,13 +161,18 @@ def find_for_reading(path: Path, best: bool = False) -> Found:
             f"checkpoint error: --best: {pointer} names {named.name!r}, not a checkpoint of "
             f"{root}; leave out --best for the newest complete checkpoint"
         )
-    problem = problem_with(named) or weights_checksum_problem(named)
+    return _readable(
+        named, f"--best: {named}, the best checkpoint,", "leave out --best for the newest complete checkpoint"
+    )
+
+
+def _readable(path: Path, what: str, fix: str) -> Found:
+    """The checkpoint a tool was pointed at, once it is complete and its weights files match their
+    checksums; else one line naming it (``what``) and the ``fix``."""
+    problem = problem_with(path) or weights_checksum_problem(path)
     if problem:
-        raise CheckpointError(
-            f"checkpoint error: --best: {named}, the best checkpoint, cannot be read: {problem}; "
-            "leave out --best for the newest complete checkpoint"
-        )
-    return Found(named, RunState.read(named))
+        raise CheckpointError(f"checkpoint error: {what} cannot be read: {problem}; {fix}")
+    return Found(path, RunState.read(path))
 
 
 def _newest(
