@@ -119,14 +119,15 @@ def checkpoint_root(path: Path, what: str) -> Path:
     holds checkpoints; ``what`` names the argument in the error."""
     if (path / "checkpoints").is_dir():
         return path / "checkpoints"
+    named = "" if what == str(path) else f"{what}: "  # a tool's argument is the path itself
     if not path.is_dir():
         raise CheckpointError(
-            f"checkpoint error: {what}: {path} does not exist; give a checkpoint directory "
-            "(…/checkpoints/stepNNNNNNNN) or a run directory"
+            f"checkpoint error: {named}{path} {'is a file' if path.exists() else 'does not exist'}; give a "
+            "checkpoint directory (…/checkpoints/stepNNNNNNNN) or a run directory"
         )
     if not (path / LATEST).is_file() and not any(step_of(p) is not None for p in path.iterdir()):
         raise CheckpointError(
-            f"checkpoint error: {what}: {path} is not a checkpoint, a run directory or a checkpoint "
+            f"checkpoint error: {named}{path} is not a checkpoint, a run directory or a checkpoint "
             f"root (it has no {STATE}, no checkpoints/ and no stepNNNNNNNN/); give one of those"
         )
     return path
