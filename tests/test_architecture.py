@@ -24,7 +24,13 @@ FLOORS = [
     {"cli", "__init__"},
     {"__main__"},
 ]
-DEEPSPEED_IMPORTERS = {"runtime/engine.py", "train/restore.py", "train/to_universal.py", "model/moe.py"}
+DEEPSPEED_IMPORTERS = {
+    "runtime/engine.py",
+    "runtime/parallel.py",
+    "train/restore.py",
+    "train/to_universal.py",
+    "model/moe.py",
+}
 
 
 def imports(path: Path) -> list[str]:

@@ -208,4 +208,4 @@ def test_a_batch_the_ranks_cannot_split_is_refused_before_torch_is_imported():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.stdout.split() == ["2", "False"], proc.stdout + proc.stderr
-    assert "train.global_batch_size: 10 is not a multiple of micro_batch_size x ranks" in proc.stderr
+    assert "train.global_batch_size: 10 is not a multiple of micro_batch_size x data-parallel ranks" in proc.stderr

@@ -91,7 +91,7 @@ def test_four_ranks_match_the_reference_and_resume_on_two(tmp_path, env, ds_ops,
     gives its losses, evaluations split 2+2+2+1 included; its step-3 checkpoint resumes on two
     ranks (micro 2 x accumulation 2, through DeepSpeed's universal format) on the same course."""
     proc, losses, _ = run_and_read(tmp_path, "torchrun", ["parallel.zero_stage=1", "checkpoint.interval=3"], env, 4)
-    assert "world_size=4" in proc.stdout and "batch 8 = micro 2 x accum 1 x ranks 4" in proc.stdout
+    assert "world_size=4" in proc.stdout and "batch 8 = micro 2 x accum 1 x data-parallel ranks 4" in proc.stdout
     assert losses == pytest.approx(reference, abs=1e-4)
     step3, two = tmp_path / "run" / "checkpoints" / "step00000003", tmp_path / "two"
     args = ["--config", "debug", *COMMON, "parallel.zero_stage=1", f"run.dir={two}", "--resume", str(step3)]
@@ -111,7 +111,7 @@ def test_deepspeed_launcher_matches_reference(tmp_path, env, ds_ops, reference):
 def test_plain_python_one_process_matches_reference(tmp_path, env, ds_ops, reference):
     proc, losses, vals = run_and_read(tmp_path, "python", ["parallel.zero_stage=1"], env)
     assert "launcher=none world_size=1" in proc.stdout
-    assert "batch 8 = micro 2 x accum 4 x ranks 1" in proc.stdout
+    assert "batch 8 = micro 2 x accum 4 x data-parallel ranks 1" in proc.stdout
     assert losses == pytest.approx(reference, abs=1e-4)
 
 
@@ -133,6 +133,7 @@ from dist_lm.runtime import distributed, launch
 from dist_lm.runtime import engine as engine_ops
 from dist_lm.config.io import load_config
 from dist_lm.config.batch import BatchSizes
+from dist_lm.config.layout import ParallelLayout
 from dist_lm.model.moe import build_model
 
 stage, precision = int(sys.argv[1]), sys.argv[2]
@@ -148,7 +149,7 @@ if sys.argv[3] == "deepspeed":
     engine_ops.deepspeed_config = deepspeeds_own
 torch.manual_seed(0)
 engine = engine_ops.initialize(build_model(cfg.model, cfg.parallel), cfg.parallel, cfg.optim,
-                               BatchSizes(2, 2, 1), precision, device)
+                               BatchSizes(2, 2, 1), precision, device, ParallelLayout(1, 0))
 skipped = not engine.enable_backward_allreduce
 if sys.argv[3] == "deepspeed":
     engine.enable_backward_allreduce = True

@@ -21,6 +21,7 @@ from typing import NoReturn
 from dist_lm.commands.arguments import Parser, add_trust_option
 from dist_lm.config.batch import batch_sizes
 from dist_lm.config.io import load_config, to_yaml
+from dist_lm.config.layout import parallel_layout
 from dist_lm.config.schema import UserError
 from dist_lm.data.checks import resolve_data
 from dist_lm.runtime.launch import detect
@@ -89,8 +90,8 @@ def main(argv: list[str] | None = None) -> int:
             print(to_yaml(cfg), end="")
             return 0
         dist_env = detect(os.environ)
-        if cfg is not None:  # a batch this many ranks cannot split, before seconds of importing torch
-            batch_sizes(cfg.train, dist_env.world_size)
+        if cfg is not None:  # a layout or batch this many ranks cannot make, before seconds of importing torch
+            batch_sizes(cfg.train, parallel_layout(cfg.parallel, cfg.model, dist_env.world_size).dp_size)
         data = resolve_data(cfg) if cfg is not None else None  # the auto plan's config is checked below
         if args.debug:
             os.environ.setdefault("CUDA_LAUNCH_BLOCKING", "1")  # CUDA errors at the line that caused them

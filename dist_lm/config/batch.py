@@ -1,5 +1,6 @@
 """The batch arithmetic: micro-batch x gradient accumulation x data-parallel ranks. The only
-place that multiplies them; DeepSpeed's config, the sampler, the planner and the benchmarks ask it."""
+place that multiplies them; DeepSpeed's config, the sampler, the planner and the benchmarks ask it.
+The data-parallel ranks are the layout's (dist_lm.config.layout), not the world size."""
 
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ class BatchSizes:
 
 
 def batch_sizes(train: TrainConfig, dp_size: int) -> BatchSizes:
-    """Split train.global_batch_size into micro-batch x accumulation x ranks, or say why it can't."""
+    """Split train.global_batch_size into micro-batch x accumulation x data-parallel ranks, or say
+    why it can't."""
     micro = train.micro_batch_size
     if train.global_batch_size is None:
         return BatchSizes(micro, 1, dp_size)
@@ -36,7 +38,7 @@ def batch_sizes(train: TrainConfig, dp_size: int) -> BatchSizes:
         lower = max(per_step, train.global_batch_size // per_step * per_step)
         raise ConfigError(
             "train.global_batch_size",
-            f"{train.global_batch_size} is not a multiple of micro_batch_size x ranks = {micro} x {dp_size} = "
+            f"{train.global_batch_size} is not a multiple of micro_batch_size x data-parallel ranks = {micro} x {dp_size} = "
             f"{per_step}; use {lower} or {lower + per_step}, or change train.micro_batch_size",
         )
     return BatchSizes(micro, train.global_batch_size // per_step, dp_size)

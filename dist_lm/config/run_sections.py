@@ -63,6 +63,12 @@ class ParallelConfig:
     expert_parallel_size: int = 1
     """Ranks the experts of a moe layer are spread over (must divide the rank count and
     model.n_experts); DeepSpeed's MoE layer does the all-to-all."""
+    sequence_parallel_size: int = 1
+    """Ranks that split each window's tokens between them (DeepSpeed's Ulysses): every block runs
+    on its rank's share of the sequence, and attention trades the sequence for the heads with an
+    all-to-all, so activations per rank shrink by this factor. Must divide the rank count,
+    model.n_heads, model.kv_heads and model.seq_len; the data-parallel size is the rank count
+    over it (docs/parallelism.md)."""
 
     @property
     def uses_deepcompile(self) -> bool:
@@ -83,6 +89,7 @@ class ParallelConfig:
             0 < self.timeout_minutes <= MAX_MINUTES, "timeout_minutes", f"must be positive and at most {MAX_MINUTES:g}"
         )
         require(self.expert_parallel_size > 0, "expert_parallel_size", "must be positive")
+        require(self.sequence_parallel_size > 0, "sequence_parallel_size", "must be positive")
         require(
             self.precision != "bf16-autocast" or self.zero_stage == 0,
             "precision",

@@ -107,7 +107,6 @@ class Attention(nn.Module):
 
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
-        self.layer = layer
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
         self.wq = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
         self.wk = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
@@ -115,7 +114,8 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
-        self.dropout = cfg.dropout
+        self.attend: nn.Module = LocalAttention(layer, cfg.dropout)
+        """The seam: what attends, given q, k, v (see LocalAttention)."""
 
     def forward(self, x: torch.Tensor, pos: "Positions") -> torch.Tensor:
         b, t, _ = x.shape
@@ -123,8 +123,25 @@ class Attention(nn.Module):
         k = self.wk(x).view(b, t, self.n_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = q.transpose(1, 2), k.transpose(1, 2)
-        v = self.wv(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(b, t, self.n_kv_heads, self.head_dim)
+        return self.wo(self.attend(q, k, v, pos).reshape(b, t, -1))
+
+
+class LocalAttention(nn.Module):
+    """Attention's seam (Attention.attend): (batch, seq, heads, head_dim) queries, keys and
+    values, before the rotary embedding, in; the attention output in the same layout out. This
+    one attends over the tokens it is given. Under sequence parallelism dist_lm.runtime.parallel
+    plugs DeepSpeed's Ulysses all-to-all in front of it, which hands it the whole window for a
+    share of the heads: so the rotary embedding, the cache, the masks and the document structure
+    here all see whole windows, whatever the layout."""
+
+    def __init__(self, layer: int, dropout: float):
+        super().__init__()
+        self.layer, self.dropout = layer, dropout
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: "Positions") -> torch.Tensor:
+        t = q.shape[1]
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if pos.rope is not None:
             q, k = apply_rope(q, *pos.rope), apply_rope(k, *pos.rope)
         if pos.cache is not None:
@@ -134,10 +151,11 @@ class Attention(nn.Module):
         elif t == k.shape[2]:
             mask, causal = None, True
         else:  # new queries against cached keys: each sees the keys up to its own position
-            mask, causal = torch.ones(t, k.shape[2], dtype=torch.bool, device=x.device).tril(k.shape[2] - t), False
+            mask, causal = torch.ones(t, k.shape[2], dtype=torch.bool, device=q.device).tril(k.shape[2] - t), False
         # enable_gqa lets the fused kernels read the shared K/V heads without copying them.
+        gqa = k.shape[1] != q.shape[1]
         if pos.documents is not None:
-            y = pos.documents.attend(q, k, v, enable_gqa=self.n_kv_heads != self.n_heads)
+            y = pos.documents.attend(q, k, v, enable_gqa=gqa)
         else:
             y = F.scaled_dot_product_attention(
                 q,
@@ -146,9 +164,9 @@ class Attention(nn.Module):
                 attn_mask=mask,
                 is_causal=causal,
                 dropout_p=self.dropout if self.training else 0.0,
-                enable_gqa=self.n_kv_heads != self.n_heads,
+                enable_gqa=gqa,
             )
-        return self.wo(y.transpose(1, 2).reshape(b, t, -1))
+        return y.transpose(1, 2)
 
 
 class MLP(nn.Module):

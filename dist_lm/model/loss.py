@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from dist_lm.config.schema import ModelConfig
+from dist_lm.model.sequence import SequenceShard
 
 CHUNKED_FROM_VOCAB = 65_536
 """model.cross_entropy=auto computes the loss chunked in an eager GPU run from this vocabulary
@@ -57,6 +58,9 @@ class TrainingOptions:
     autocast_dtype: torch.dtype | None = None
     """With fp32 weights, run forward under torch.autocast in this dtype, as a bf16-autocast run
     computed (the tools run such a checkpoint so; in training DeepSpeed's torch_autocast does it)."""
+    sequence_shard: SequenceShard | None = None
+    """Under sequence parallelism, the share of each window this rank computes; the loss parts
+    are then this share's part of the window's mean (they sum to it over the shares)."""
 
 
 def uses_chunked(cfg: ModelConfig, on_gpu: bool, compiled: bool) -> bool:

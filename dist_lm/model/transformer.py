@@ -7,8 +7,8 @@ This file is architecture only: it knows nothing of DeepSpeed, ranks or config f
 mixture-of-experts layer comes from outside (``moe_layer``), as a module that maps (batch, seq,
 d_model) to the same and leaves its load-balancing loss in ``.aux_loss``, which the forward
 returns among the loss's parts. How it computes while training (activation checkpointing, the
-z-loss, a chunked cross-entropy, autocast) is a TrainingOptions given when it is built or by the
-engine through :meth:`Transformer.use`.
+z-loss, a chunked cross-entropy, autocast, a share of each window under sequence parallelism) is
+a TrainingOptions given when it is built or by the engine through :meth:`Transformer.use`.
 """
 
 from __future__ import annotations
@@ -130,11 +130,15 @@ class Transformer(nn.Module):
         start, t = (cache.length if cache is not None else 0), idx.shape[1]
         if start + t > self.cfg.seq_len:
             raise ValueError(f"sequence of {start + t} tokens is longer than model.seq_len={self.cfg.seq_len}")
-        x = self.tok_embeddings(idx)
+        # Under sequence parallelism the blocks run on this rank's share of the window; the
+        # positions and the document structure are the whole window's, which attention sees.
+        shard = self.options.sequence_shard if cache is None else None
+        mine = shard.of if shard is not None else (lambda tokens: tokens)
+        x = self.tok_embeddings(mine(idx))
         packed = document_attention(documents) if documents is not None else None
         if self.pos_embeddings is not None:
             positions = packed.positions if packed is not None else torch.arange(start, start + t, device=idx.device)
-            x = x + self.pos_embeddings(positions)
+            x = x + self.pos_embeddings(mine(positions.expand(idx.shape[0], -1)))
         rope = self._rope_for(start, t, idx.device)
         if rope is not None and packed is not None:  # each token's own position: (batch, 1, seq, head_dim / 2)
             rope = tuple(table[packed.positions].unsqueeze(1) for table in self._rope)
@@ -150,7 +154,10 @@ class Transformer(nn.Module):
             cache.length += t
         if targets is None:
             return self.lm_head(self.norm(x))
-        total, cross_entropy, z = self.head_loss(x, targets)
+        total, cross_entropy, z = self.head_loss(x, mine(targets))
+        if shard is not None:  # this share's part of the window's mean: the shares sum to it
+            total, cross_entropy = total / shard.count, cross_entropy / shard.count
+            z = z / shard.count if z is not None else None
         aux = [block.mlp.aux_loss for block in self.blocks if getattr(block.mlp, "aux_loss", None) is not None]
         aux = torch.stack(aux).sum().float() if aux else None
         if aux is not None:

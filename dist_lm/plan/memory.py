@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+from dist_lm.config.layout import ParallelLayout
 from dist_lm.config.schema import ModelConfig, ParallelConfig
 from dist_lm.model.counts import count_parameters, saved_bytes_per_token
 from dist_lm.model.loss import uses_chunked
@@ -57,18 +58,24 @@ def estimate(
     parallel: ParallelConfig,
     precision: Precision | str,
     micro_batch: int,
-    dp_size: int,
+    layout: ParallelLayout | int,
     z_loss: bool = False,
 ) -> MemoryEstimate:
-    """Peak bytes on one GPU for a resolved precision (a Precision, or its name); ``z_loss``:
-    optim.z_loss is on (eager, its logsumexp keeps the fp32 logits; compiled, assumed fused with
-    the cross-entropy, not measured)."""
+    """Peak bytes on one GPU for a resolved precision (a Precision, or its name). ``layout``: the
+    ranks' layout, or a number of data-parallel ranks. ``z_loss``: optim.z_loss is on (eager, its
+    logsumexp keeps the fp32 logits; compiled, assumed fused with the cross-entropy, not measured).
+
+    Under sequence parallelism ZeRO partitions over every rank (data x sequence), the blocks and
+    the logits hold the rank's share of each window, and each layer's all-to-all keeps its
+    send and receive copies of q, k, v and the output while it runs (one layer at a time)."""
     precision = Precision(precision)
     if model.vocab_size is None:
         raise ValueError("model.vocab_size must be resolved before estimating memory")
+    if isinstance(layout, int):
+        layout = ParallelLayout(layout, 0)
     params = count_parameters(model)["total"]
     w_bytes = precision.bytes_per_weight
-    stage, n = parallel.zero_stage, dp_size
+    stage, n = parallel.zero_stage, layout.zero_shards
 
     weights = w_bytes * params / (n if stage == 3 else 1)
     if parallel.offload_params:
@@ -102,8 +109,11 @@ def estimate(
     elif stage == 3:
         buffers = parallel.reduce_bucket_size * w_bytes
 
-    tokens = micro_batch * model.seq_len
+    tokens = micro_batch * model.seq_len // layout.sequence_parallel_size  # this rank's share
     act_bytes = precision.bytes_per_activation
+    if layout.sequence_parallel_size > 1:
+        q_width, kv_width = model.n_heads * model.head_dim, model.kv_heads * model.head_dim
+        buffers += 2 * tokens * act_bytes * (2 * q_width + 2 * kv_width)  # q, o, k, v: in and out
     # With checkpointing, the compiled count fell short of the checkpointed presets measured
     # compiled (whose peak is then not at the start of backward), while the eager count held
     # them (docs/benchmarks.md): so checkpointed runs are counted eager.

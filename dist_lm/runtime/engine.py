@@ -1,7 +1,8 @@
 """The one call to deepspeed.initialize, and the few engine operations the trainer needs.
 
-Only this module, :mod:`dist_lm.train.restore` (with :mod:`dist_lm.train.to_universal`, its
-converter's process) and :mod:`dist_lm.model.moe` import deepspeed (tests/test_architecture.py).
+Only this module, :mod:`dist_lm.runtime.parallel` (the layouts past data parallelism),
+:mod:`dist_lm.train.restore` (with :mod:`dist_lm.train.to_universal`, its converter's process)
+and :mod:`dist_lm.model.moe` import deepspeed (tests/test_architecture.py).
 """
 
 from __future__ import annotations
@@ -35,10 +36,12 @@ from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer  # no
 from deepspeed.utils import groups, safe_get_full_fp32_param, safe_get_full_grad  # noqa: E402
 
 from dist_lm.config.batch import BatchSizes  # noqa: E402
+from dist_lm.config.layout import ParallelLayout  # noqa: E402
 from dist_lm.config.schema import OptimConfig, ParallelConfig, UserError  # noqa: E402
 from dist_lm.model.loss import TrainingOptions, uses_chunked  # noqa: E402
 from dist_lm.model.transformer import Transformer  # noqa: E402
 from dist_lm.runtime import fp8  # noqa: E402
+from dist_lm.runtime import parallel as runtime_parallel  # noqa: E402
 from dist_lm.runtime.ds_config import deepspeed_config  # noqa: E402
 from dist_lm.runtime.optim import client_optimizer, param_groups  # noqa: E402
 from dist_lm.runtime.precision import Precision  # noqa: E402
@@ -59,13 +62,15 @@ def initialize(
     batch: BatchSizes,
     precision: Precision,
     device: torch.device,
+    layout: ParallelLayout,
     load_universal: bool = False,
     start_step: int = 0,
     verbose: bool = False,
 ) -> "deepspeed.DeepSpeedEngine":
-    """The DeepSpeed engine around ``model``. ``start_step``: the step of the checkpoint the run
-    will load (0 for a fresh run), which DeepCompile's pass schedule counts from. ``verbose``:
-    let DeepSpeed print what it prints bare at start-up."""
+    """The DeepSpeed engine around ``model``, parallel as ``layout`` says (a collective).
+    ``start_step``: the step of the checkpoint the run will load (0 for a fresh run), which
+    DeepCompile's pass schedule counts from. ``verbose``: let DeepSpeed print what it prints
+    bare at start-up."""
     mode = compile_mode(parallel, device)
     chunked = uses_chunked(model.cfg, device.type == "cuda", compiled=bool(mode))
     model.use(
@@ -73,8 +78,10 @@ def initialize(
             activation_checkpointing=parallel.activation_checkpointing,
             z_loss_coef=optim.z_loss,
             row_losses=token_cross_entropy if chunked else None,
+            sequence_shard=runtime_parallel.sequence_shard(layout),
         )
     )
+    groups_for_deepspeed = runtime_parallel.sequence_parallel(model, layout)
     if precision is Precision.FP8:  # before the optimizer's groups: the same parameters, new modules
         fp8.convert(model, parallel.fp8_recipe)
     # Marks the checkpoints DeepSpeed writes as convertible to its universal format (for resuming
@@ -100,6 +107,7 @@ def initialize(
             optimizer=optimizer,
             model_parameters=param_sets if optimizer is None else None,
             config=deepspeed_config(parallel, optim, batch, precision, load_universal),
+            mpu=groups_for_deepspeed,
         )
     if reduces_for_nothing(engine):
         engine.enable_backward_allreduce = False

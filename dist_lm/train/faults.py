@@ -73,14 +73,16 @@ class SpikeGuard:
             self.history.append(loss)
         return spike
 
-    def check_micro_batch(self, loss: torch.Tensor, step: int, micro: int, micros: int, ids) -> bool:
-        """Whether to drop this micro-batch: its loss, averaged over ranks (a collective), spikes
-        and ``skip`` is on. A spike is logged with the global sample ids of the micro-batch on
-        every rank (``ids``: this rank's ids of the step's ``micros`` micro-batches)."""
+    def check_micro_batch(self, loss: torch.Tensor, step: int, micro: int, micros: int, ids, dp_size: int) -> bool:
+        """Whether to drop this micro-batch: its loss, averaged over the data-parallel ranks (a
+        collective over all of them: the sequence-parallel ranks' losses are shares that sum to
+        their window's), spikes and ``skip`` is on. A spike is logged with the global sample ids
+        of the micro-batch on every rank (``ids``: this rank's ids of the step's ``micros``
+        micro-batches)."""
         world_size = dist.get_world_size()
         mean_loss = loss.detach().float().clone()
         dist.all_reduce(mean_loss)  # host-device sync per micro-batch: only with the guard on
-        value = mean_loss.item() / world_size
+        value = mean_loss.item() / dp_size
         if not self.check(value):
             return False
         micro_size = len(ids) // micros
@@ -92,7 +94,7 @@ class SpikeGuard:
             "loss": value,
             "running_mean": self.mean,
             "skipped": self.skip,
-            "sample_ids": sorted(i for rank_ids in everyone for i in rank_ids),
+            "sample_ids": sorted({i for rank_ids in everyone for i in rank_ids}),  # a sequence group shares its ids
         }
         log.warn(
             f"step {step}: loss spike {value:.4f} > {self.factor} x running mean {record['running_mean']:.4f} "

@@ -210,7 +210,7 @@ class Trainer:
         for i, (x, y, *documents) in enumerate(batches):  # documents: with data.document_mask
             parts = model_engine(x, y, documents=documents[0]) if documents else model_engine(x, y)
             skip = self.spike_guard is not None and self.spike_guard.check_micro_batch(
-                parts.total, self.step + 1, i, len(batches), data.last_ids
+                parts.total, self.step + 1, i, len(batches), data.last_ids, self.session.batch.dp_size
             )
             # A skipped micro-batch still goes through backward (with no gradient), so that
             # DeepSpeed's micro-step count and ZeRO's collectives stay in line on every rank.

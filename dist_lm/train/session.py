@@ -19,6 +19,7 @@ import torch
 
 from dist_lm.config.batch import BatchSizes, batch_sizes
 from dist_lm.config.io import to_dict
+from dist_lm.config.layout import ParallelLayout, parallel_layout
 from dist_lm.config.schema import Config, UserError
 from dist_lm.data import integrity
 from dist_lm.data.checks import ResolvedData, Source, resolve_data
@@ -50,6 +51,8 @@ class Session:
     cfg: Config
     """Resolved: model.vocab_size from the data, run.name and run.dir as rank 0 chose them."""
     dist_env: DistEnv
+    layout: ParallelLayout
+    """Which ranks share data and which split a sequence; where this rank sits."""
     device: torch.device
     precision: Precision
     batch: BatchSizes
@@ -86,9 +89,149 @@ class Session:
 def start(cfg: Config, plan_summary: list[str] = (), data: ResolvedData | None = None) -> Session:
     """Check, start and load everything for ``cfg``. ``plan_summary``: the lines of the --config
     auto plan that produced cfg, for the log. ``data``: what ``resolve_data(cfg)`` returned, when
-    the caller checked the data already."""
+    the caller checked the data already. In stages: the checks that need no process group (a
+    bad input fails there, before anything starts), the data readers, the process group and
+    the run directory with the checkpoint to resume, the log's opening lines, the engine."""
     start_time = time.perf_counter()
-    # --- checks that need no process group: a bad input fails here, before anything starts
+    inputs = _checked_inputs(cfg, data)
+    cfg, data, layout, batch = inputs.cfg, inputs.data, inputs.layout, inputs.batch
+    train_data, val_sets = _data_readers(cfg, data, layout, batch, inputs.device)
+    port = distributed.init_process_group(inputs.dist_env, inputs.device, cfg.parallel.timeout_minutes)
+    # Heartbeats from here; the deadline is armed when training starts (Trainer.fit).
+    dog = watchdog.start(
+        layout.rank, layout.world_size, inputs.dist_env.master_addr, port, 60 * cfg.parallel.timeout_minutes
+    )
+    data_stamps, data_checked = _check_data_content(cfg.data.verify, data, layout.rank, layout.world_size)
+    # From here on SIGTERM/SIGUSR1 end the run with a checkpoint (engine set-up included).
+    stop = StopControl(cfg.train.stop_at_step, cfg.train.time_limit_minutes, start_time)
+    given, cfg = cfg, run_directory.with_run_dir(cfg)
+    dog.how_to_continue = stop.how_to_continue = run_directory.how_to_continue(given, cfg)
+    run_dir = Path(cfg.run.dir)
+    place = _checkpoint_to_resume(cfg, data, run_dir, inputs.precision, layout)
+    dir_locks = run_directory.take_run_dirs(cfg, run_dir, place.root if place.shared_root else None)
+    log.set_log_file(run_dir / "train.log")
+    _log_opening(cfg, inputs, plan_summary, run_dir, val_sets, data_checked)
+
+    # --- model and engine
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model, cfg.parallel)
+    parameters = count_parameters(cfg.model)["total"]
+    log.info(f"model {parameters / 1e6:.2f}M parameters, {flops_per_token(cfg.model) / 1e6:.1f} MFLOP/token")
+    if inputs.precision is Precision.FP8:
+        log.info(
+            f"fp8: {len(fp8.converted_layers(model))} linear layers of the blocks multiply in float8 (torchao, "
+            f"{cfg.parallel.fp8_recipe} scaling), the embeddings and the output head in bf16; MFU is against "
+            "the GPU's bf16 peak"
+        )
+    predicted = None
+    if inputs.device.type == "cuda":
+        predicted = memory.estimate(
+            cfg.model,
+            cfg.parallel,
+            inputs.precision,
+            batch.micro_batch_size,
+            layout,
+            z_loss=cfg.optim.z_loss > 0,
+        )
+        log.info(f"predicted peak GPU memory per rank {predicted.describe()}")
+    engine.quiet(cfg.run.verbose)
+    if building := engine.ops_to_build(inputs.device, cfg.parallel):
+        log.info(
+            f"building DeepSpeed's {' and '.join(building)} op for this machine (its first use: about a minute "
+            "on 2 cores, then cached for every run)"
+        )
+    found = place.found
+    if place.universal:  # saved on another world size or ZeRO stage: DeepSpeed's universal format
+        restore.convert_to_universal(found.path, layout.rank, distributed.barrier)
+    start_step = found.state.step if found else 0
+    summary = metrics.RunSummary(
+        launcher=inputs.dist_env.launcher,
+        world_size=layout.world_size,
+        precision=inputs.precision,
+        zero_stage=cfg.parallel.zero_stage,
+        global_batch_size=batch.global_batch_size,
+        micro_batch_size=batch.micro_batch_size,
+        grad_accum_steps=batch.grad_accum_steps,
+        parameters=parameters,
+        flops_per_token=flops_per_token(cfg.model),
+        predicted_peak_mem_gb=predicted.total / memory.GB if predicted else None,
+        start_step=start_step,
+        sequence_parallel_size=layout.sequence_parallel_size,
+    )
+    summary.write(run_dir)
+    model_engine = engine.initialize(
+        model,
+        cfg.parallel,
+        cfg.optim,
+        batch,
+        inputs.precision,
+        inputs.device,
+        layout,
+        load_universal=place.universal,
+        start_step=start_step,
+        verbose=cfg.run.verbose,
+    )
+    # Lines past start_step in the run directory's logs were written by an earlier process.
+    problem = None
+    try:  # rank 0's sinks; wandb=online that cannot start is a UserError there, and so on every rank
+        per_source = [f"val_loss_{s.name}" for s in data.sources] if len(data.sources) > 1 else []
+        writer = metrics.MetricsWriter(run_dir, cfg.logging, cfg.run.name, to_dict(cfg), start_step, per_source)
+    except UserError as e:
+        problem = str(e)
+    problem = distributed.from_rank0(problem)
+    if problem:
+        raise UserError(problem)
+    profiler = StepProfiler(
+        cfg.logging.profile_start, cfg.logging.profile_steps, run_dir / "profile", f"rank{layout.rank}", inputs.device
+    )
+    sample_log = sinks.SampleLog(run_dir, layout.rank, layout.world_size, start_step) if cfg.data.log_samples else None
+    if found is not None:
+        restore.resume(model_engine, train_data, found, place.universal, cfg, layout.rank)
+    return Session(
+        cfg,
+        inputs.dist_env,
+        layout,
+        inputs.device,
+        inputs.precision,
+        batch,
+        data,
+        train_data,
+        val_sets,
+        dog,
+        stop,
+        run_dir,
+        place.root,
+        model_engine,
+        writer,
+        profiler,
+        sample_log,
+        summary,
+        start_time,
+        found.state if found else None,
+        dir_locks,
+        data_stamps,
+    )
+
+
+@dataclass(frozen=True)
+class _Inputs:
+    """What the checks before the process group resolved."""
+
+    cfg: Config
+    data: ResolvedData
+    dist_env: DistEnv
+    layout: ParallelLayout
+    batch: BatchSizes
+    device: torch.device
+    precision: Precision
+    precision_reason: str
+    memory_cap: str | None
+    bound_cores: list[int]
+
+
+def _checked_inputs(cfg: Config, data: ResolvedData | None) -> _Inputs:
+    """Every check that needs no process group: the launch, the device, the layout and the batch,
+    the data. A bad input fails here with one line, before anything starts or is written."""
     dist_env = launch.detect(os.environ)
     launch.check_master_reachable(dist_env)
     device = distributed.device_for(dist_env)
@@ -98,19 +241,28 @@ def start(cfg: Config, plan_summary: list[str] = (), data: ResolvedData | None =
         engine.check_cpu_adam()
         bound_cores = hardware.bind_cores(dist_env.local_rank, dist_env.local_world_size)
     precision, precision_reason = Precision.resolve(cfg.parallel.precision, device)
-    batch = batch_sizes(cfg.train, dist_env.world_size)
+    layout = parallel_layout(cfg.parallel, cfg.model, dist_env.world_size, dist_env.rank)
+    batch = batch_sizes(cfg.train, layout.dp_size)
     check_moe(cfg.model, cfg.parallel, dist_env.world_size)
     data = data or resolve_data(cfg)
-    cfg = data.config
-    if cfg.logging.tensorboard:
+    if data.config.logging.tensorboard:
         sinks.require_tensorboard()
-    rank = dist_env.rank  # data-parallel rank: no tensor or pipeline parallelism here
+    return _Inputs(
+        data.config, data, dist_env, layout, batch, device, precision, precision_reason, memory_cap, bound_cores
+    )
+
+
+def _data_readers(
+    cfg: Config, data: ResolvedData, layout: ParallelLayout, batch: BatchSizes, device: torch.device
+) -> tuple[TrainData, list[tuple[Source, ValData]]]:
+    """The training windows and each source's validation windows of this rank's data-parallel
+    share: the ranks that split a sequence read the same windows."""
     eot_id = data.meta.get("eot_id") if cfg.data.document_mask else None
     train_data = TrainData.mixture(
         [(s.dir, s.meta, s.weight) for s in data.sources],
         cfg.model.seq_len,
         batch,
-        rank,
+        layout.dp_rank,
         cfg.train.seed,
         device,
         eot_id,
@@ -124,26 +276,36 @@ def start(cfg: Config, plan_summary: list[str] = (), data: ResolvedData | None =
                 cfg.model.seq_len,
                 cfg.train.eval_samples,
                 batch.micro_batch_size,
-                rank,
-                batch.dp_size,
+                layout.dp_rank,
+                layout.dp_size,
                 device,
                 eot_id,
             ),
         )
         for s in data.sources
     ]
+    return train_data, val_sets
 
-    # --- the process group, then the run directory (its name is rank 0's choice); a
-    # checkpoint to resume is checked against the data before anything is written there
-    port = distributed.init_process_group(dist_env, device, cfg.parallel.timeout_minutes)
-    # Heartbeats from here; the deadline is armed when training starts (Trainer.fit).
-    dog = watchdog.start(rank, dist_env.world_size, dist_env.master_addr, port, 60 * cfg.parallel.timeout_minutes)
-    data_stamps, data_checked = _check_data_content(cfg.data.verify, data, rank, dist_env.world_size)
-    # From here on SIGTERM/SIGUSR1 end the run with a checkpoint (engine set-up included).
-    stop = StopControl(cfg.train.stop_at_step, cfg.train.time_limit_minutes, start_time)
-    given, cfg = cfg, run_directory.with_run_dir(cfg)
-    dog.how_to_continue = stop.how_to_continue = run_directory.how_to_continue(given, cfg)
-    run_dir = Path(cfg.run.dir)
+
+@dataclass(frozen=True)
+class _Resume:
+    """Where the checkpoints go and which one the run resumes from."""
+
+    root: Path
+    shared_root: bool
+    """The checkpoint root is not inside the run directory (checkpoint.dir): it is locked too."""
+    found: checkpoints.Found | None
+    universal: bool
+    """The checkpoint was saved on another rank count or ZeRO stage: loaded through DeepSpeed's
+    universal format."""
+
+
+def _checkpoint_to_resume(
+    cfg: Config, data: ResolvedData, run_dir: Path, precision: Precision, layout: ParallelLayout
+) -> _Resume:
+    """The checkpoint to resume, checked against this run's data, model and precision (a
+    collective), and room for the next one; nothing is written yet."""
+    rank = layout.rank
     ckpt_root = cfg.checkpoint.root(run_dir)
     shared_root = run_directory.root_of_its_own(ckpt_root, run_dir)
     if shared_root:  # the root could hold another run's checkpoints: rank 0 looks, for every rank
@@ -153,7 +315,7 @@ def start(cfg: Config, plan_summary: list[str] = (), data: ResolvedData | None =
     restore.impose_weights_only()
     found = checkpoints.find(cfg.checkpoint.resume, ckpt_root, checkpoints.checksum_problem_together)
     if found is not None:
-        problem = distributed.first_problem(restore.unpickling_problem(found.path, rank, dist_env.world_size))
+        problem = distributed.first_problem(restore.unpickling_problem(found.path, rank, layout.world_size))
         if problem:
             raise checkpoints.CheckpointError(problem)
         restore.check_same_data(cfg, found, data)
@@ -171,20 +333,28 @@ def start(cfg: Config, plan_summary: list[str] = (), data: ResolvedData | None =
         )
     if cfg.checkpoint.interval or cfg.checkpoint.save_at_end:  # not train to checkpoint.interval for nothing
         check_room_for_a_checkpoint(cfg, ckpt_root, "at start-up")
-    universal = found is not None and restore.needs_universal(found.state, dist_env.world_size, cfg.parallel.zero_stage)
-    dir_locks = run_directory.take_run_dirs(cfg, run_dir, ckpt_root if shared_root else None)
-    log.set_log_file(run_dir / "train.log")
-    log.info(f"dist-lm: {dist_env.describe()} device={hardware.device_name(device)}")
+    universal = found is not None and restore.needs_universal(found.state, layout.world_size, cfg.parallel.zero_stage)
+    return _Resume(ckpt_root, shared_root, found, universal)
+
+
+def _log_opening(
+    cfg: Config, inputs: _Inputs, plan_summary: list[str], run_dir: Path, val_sets: list, data_checked: str
+) -> None:
+    """The log's opening lines: the launch, the plan, the precision, layout and batch, the data;
+    a compiled run's Inductor cache is pointed beside the runs on the way."""
+    dist_env, batch, layout = inputs.dist_env, inputs.batch, inputs.layout
+    log.info(f"dist-lm: {dist_env.describe()} device={hardware.device_name(inputs.device)}")
     for line in plan_summary:
         log.info(line)
-    if bound_cores:
+    if inputs.bound_cores:
         log.warn(
             f"optimizer offload: CPU Adam steps on the host; each rank is bound to its own "
-            f"{len(bound_cores)} of this node's cores (rank 0: cores {bound_cores[0]}-{bound_cores[-1]})"
+            f"{len(inputs.bound_cores)} of this node's cores (rank 0: cores {inputs.bound_cores[0]}-"
+            f"{inputs.bound_cores[-1]})"
         )
-    if memory_cap:
-        log.warn(memory_cap)
-    compiled = engine.compile_mode(cfg.parallel, device)
+    if inputs.memory_cap:
+        log.warn(inputs.memory_cap)
+    compiled = engine.compile_mode(cfg.parallel, inputs.device)
     if compiled and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
         # The compiled kernels outlive the process and the node: a restart of this run (a resume,
         # a job requeued on another node of a shared file system) and the other runs beside it
@@ -192,16 +362,16 @@ def start(cfg: Config, plan_summary: list[str] = (), data: ResolvedData | None =
         # the graph's content, so runs of other models beside it share it safely.
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(run_dir.parent / COMPILE_CACHE)
     log.info(
-        f"precision {precision} ({precision_reason}); ZeRO stage {cfg.parallel.zero_stage}"
-        f"{', ' + compiled if compiled else ''}; batch {batch.global_batch_size} = micro {batch.micro_batch_size} "
-        f"x accum {batch.grad_accum_steps} x ranks {batch.dp_size}"
+        f"precision {inputs.precision} ({inputs.precision_reason}); ZeRO stage {cfg.parallel.zero_stage}"
+        f"{', ' + compiled if compiled else ''}; {layout.describe()}; batch {batch.global_batch_size} = micro "
+        f"{batch.micro_batch_size} x accum {batch.grad_accum_steps} x data-parallel ranks {batch.dp_size}"
     )
-    if uses_chunked(cfg.model, device.type == "cuda", compiled=bool(compiled)):
+    if uses_chunked(cfg.model, inputs.device.type == "cuda", compiled=bool(compiled)):
         log.info(
             f"loss: DeepSpeed's chunked cross-entropy over the {cfg.model.vocab_size:,}-token vocabulary "
             "(model.cross_entropy), no fp32 logits"
         )
-    log.info(f"data {data.describe()}; run dir {run_dir}")
+    log.info(f"data {inputs.data.describe()}; run dir {run_dir}")
     if data_checked:
         log.info(data_checked)
     for source, val in val_sets:
@@ -210,97 +380,6 @@ def start(cfg: Config, plan_summary: list[str] = (), data: ResolvedData | None =
                 f"{source.dir} has no validation split: validation loss is measured on training windows "
                 "(prepare the data with a --val-fraction that holds some out)"
             )
-
-    # --- model and engine
-    torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model, cfg.parallel)
-    parameters = count_parameters(cfg.model)["total"]
-    log.info(f"model {parameters / 1e6:.2f}M parameters, {flops_per_token(cfg.model) / 1e6:.1f} MFLOP/token")
-    if precision is Precision.FP8:
-        log.info(
-            f"fp8: {len(fp8.converted_layers(model))} linear layers of the blocks multiply in float8 (torchao, "
-            f"{cfg.parallel.fp8_recipe} scaling), the embeddings and the output head in bf16; MFU is against "
-            "the GPU's bf16 peak"
-        )
-    predicted = None
-    if device.type == "cuda":
-        predicted = memory.estimate(
-            cfg.model, cfg.parallel, precision, batch.micro_batch_size, batch.dp_size, z_loss=cfg.optim.z_loss > 0
-        )
-        log.info(f"predicted peak GPU memory per rank {predicted.describe()}")
-    engine.quiet(cfg.run.verbose)
-    if building := engine.ops_to_build(device, cfg.parallel):
-        log.info(
-            f"building DeepSpeed's {' and '.join(building)} op for this machine (its first use: about a minute "
-            "on 2 cores, then cached for every run)"
-        )
-    if universal:  # saved on another world size or ZeRO stage: DeepSpeed's universal format
-        restore.convert_to_universal(found.path, rank, distributed.barrier)
-    start_step = found.state.step if found else 0
-    summary = metrics.RunSummary(
-        launcher=dist_env.launcher,
-        world_size=dist_env.world_size,
-        precision=precision,
-        zero_stage=cfg.parallel.zero_stage,
-        global_batch_size=batch.global_batch_size,
-        micro_batch_size=batch.micro_batch_size,
-        grad_accum_steps=batch.grad_accum_steps,
-        parameters=parameters,
-        flops_per_token=flops_per_token(cfg.model),
-        predicted_peak_mem_gb=predicted.total / memory.GB if predicted else None,
-        start_step=start_step,
-    )
-    summary.write(run_dir)
-    model_engine = engine.initialize(
-        model,
-        cfg.parallel,
-        cfg.optim,
-        batch,
-        precision,
-        device,
-        load_universal=universal,
-        start_step=start_step,
-        verbose=cfg.run.verbose,
-    )
-    # Lines past start_step in the run directory's logs were written by an earlier process.
-    problem = None
-    try:  # rank 0's sinks; wandb=online that cannot start is a UserError there, and so on every rank
-        per_source = [f"val_loss_{s.name}" for s in data.sources] if len(data.sources) > 1 else []
-        writer = metrics.MetricsWriter(run_dir, cfg.logging, cfg.run.name, to_dict(cfg), start_step, per_source)
-    except UserError as e:
-        problem = str(e)
-    problem = distributed.from_rank0(problem)
-    if problem:
-        raise UserError(problem)
-    profiler = StepProfiler(
-        cfg.logging.profile_start, cfg.logging.profile_steps, run_dir / "profile", f"rank{rank}", device
-    )
-    sample_log = sinks.SampleLog(run_dir, rank, dist_env.world_size, start_step) if cfg.data.log_samples else None
-    if found is not None:
-        restore.resume(model_engine, train_data, found, universal, cfg, rank)
-    return Session(
-        cfg,
-        dist_env,
-        device,
-        precision,
-        batch,
-        data,
-        train_data,
-        val_sets,
-        dog,
-        stop,
-        run_dir,
-        ckpt_root,
-        model_engine,
-        writer,
-        profiler,
-        sample_log,
-        summary,
-        start_time,
-        found.state if found else None,
-        dir_locks,
-        data_stamps,
-    )
 
 
 def _check_data_content(verify: str, data: ResolvedData, rank: int, world_size: int) -> tuple[dict, str]:

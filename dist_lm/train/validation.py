@@ -29,6 +29,9 @@ def validation_loss(
     """One validation set's mean loss over every rank's share of its windows (a collective), or
     None if a signal came first."""
     totals = torch.zeros(2, device=device, dtype=torch.float64)  # loss sum, token count
+    # Under sequence parallelism the logits are this rank's share of each window, and so are the
+    # targets it scores; the ranks' shares add up to the windows.
+    shard = model_engine.module.options.sequence_shard
     # Every rank runs the same number of forward passes (ZeRO-3 forwards are collective): its
     # own batches, then padding. A signal between any two ends the evaluation on all ranks.
     for batch in val_data.batches + [None] * val_data.padding_batches:
@@ -40,6 +43,8 @@ def validation_loss(
             continue
         x, y, *documents = batch
         logits = model_engine(x, documents=documents[0]) if documents else model_engine(x)
+        if shard is not None:
+            y = shard.of(y)
         totals[0] += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").double()
         totals[1] += y.numel()
     dist.all_reduce(totals)  # sync point

@@ -1,0 +1,71 @@
+"""Parallelism past data parallelism, applied to the model from outside (as torchtitan's
+parallelize.py applies it to its models): the model stays free of DeepSpeed and of ranks.
+
+Sequence parallelism is DeepSpeed's Ulysses. Its process groups are DeepSpeed's own
+(deepspeed.runtime.sequence_parallel.parallel_state_sp, the "mpu" its ALST recipe hands to
+deepspeed.initialize), so that its engine reduces gradients and partitions ZeRO's states over
+the data x sequence ranks. Each block's attention seam (dist_lm.model.layers.LocalAttention)
+is wrapped in DeepSpeed's DistributedAttention, which trades the rank's share of the sequence
+for a share of the heads over the whole window, attends, and trades back. The model is told its
+share (TrainingOptions.sequence_shard) by dist_lm.runtime.engine.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from deepspeed.runtime.sequence_parallel import parallel_state_sp
+from deepspeed.sequence.layer import DistributedAttention
+from torch import nn
+
+from dist_lm.config.layout import ParallelLayout
+from dist_lm.model.layers import Attention, Positions
+from dist_lm.model.sequence import SequenceShard
+from dist_lm.model.transformer import Transformer
+
+
+class UlyssesAttention(nn.Module):
+    """What plugs into Attention.attend under sequence parallelism: the local attention behind
+    DeepSpeed's all-to-all. (batch, seq/P, heads, head_dim) in and out; the local attention gets
+    (batch, seq, heads/P, head_dim), the whole window for a share of the heads."""
+
+    def __init__(self, local: nn.Module, group: dist.ProcessGroup):
+        super().__init__()
+        # scatter the heads (dim 2), gather the sequence (dim 1); batch first (dim 0).
+        self.ulysses = DistributedAttention(local, group, scatter_idx=2, gather_idx=1)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: Positions) -> torch.Tensor:
+        return self.ulysses(q, k, v, 0, None, pos)
+
+
+def sequence_parallel(model: Transformer, layout: ParallelLayout) -> ModuleType | None:
+    """Make ``model`` compute its share of each window and gather the windows in attention.
+    Returns the groups object that deepspeed.initialize takes as ``mpu`` (None at size 1: the
+    model is left as it is, its seam holding the local attention). A collective: every rank
+    calls it, in the same order."""
+    if layout.sequence_parallel_size == 1:
+        return None
+    if not deepspeed.comm.is_initialized():
+        deepspeed.init_distributed(dist_backend=dist.get_backend())  # adopts the process group we started
+    # Its groups are module state, set once per process; a process that trains again after a
+    # teardown (a sweep's trials) starts them afresh.
+    parallel_state_sp._release_sequence_parallel_groups()
+    parallel_state_sp.initialize_sequence_parallel(layout.sequence_parallel_size)
+    group = parallel_state_sp.get_sequence_parallel_group()
+    built = dist.get_process_group_ranks(group)
+    if built != layout.sequence_group():  # the layout's arithmetic is what the sampler and the loss use
+        raise RuntimeError(f"DeepSpeed's sequence-parallel group {built} is not the layout's {layout.sequence_group()}")
+    for module in model.modules():
+        if isinstance(module, Attention):
+            module.attend = UlyssesAttention(module.attend, group)
+    return parallel_state_sp
+
+
+def sequence_shard(layout: ParallelLayout) -> SequenceShard | None:
+    """This rank's share of each window, or None without sequence parallelism."""
+    if layout.sequence_parallel_size == 1:
+        return None
+    return SequenceShard(layout.sp_rank, layout.sequence_parallel_size)
