@@ -245,6 +245,16 @@ def set_lr(engine: "deepspeed.DeepSpeedEngine", lr: float, optim: OptimConfig) -
         group["lr"] = lr * muon_scale if group.get("use_muon") else lr
 
 
+def share_weight(parallel: ParallelConfig, layout: ParallelLayout) -> float:
+    """What backward multiplies a sequence-parallel rank's loss by. The model's loss under
+    sequence parallelism is the rank's share of its window's mean (the shares sum to it), and
+    the gradients are summed over the data x sequence ranks. DeepSpeed 0.19.8 divides that sum by
+    the data-parallel size at ZeRO 0-2, which makes the data-parallel mean, but at ZeRO-3 its
+    reduce-scatter divides by data x sequence: there the shares are weighted back up by the
+    sequence-parallel size (tests/test_parallel_layouts.py holds every stage to one rank's run)."""
+    return float(layout.sequence_parallel_size) if parallel.zero_stage == 3 else 1.0
+
+
 def step(
     engine: "deepspeed.DeepSpeedEngine", grad_clip: float, clips_itself: bool
 ) -> tuple[torch.Tensor | float | None, bool]:

@@ -12,8 +12,6 @@ share (TrainingOptions.sequence_shard) by dist_lm.runtime.engine.
 
 from __future__ import annotations
 
-from types import ModuleType
-
 import deepspeed
 import torch
 import torch.distributed as dist
@@ -41,7 +39,7 @@ class UlyssesAttention(nn.Module):
         return self.ulysses(q, k, v, 0, None, pos)
 
 
-def sequence_parallel(model: Transformer, layout: ParallelLayout) -> ModuleType | None:
+def sequence_parallel(model: Transformer, layout: ParallelLayout) -> object | None:
     """Make ``model`` compute its share of each window and gather the windows in attention.
     Returns the groups object that deepspeed.initialize takes as ``mpu`` (None at size 1: the
     model is left as it is, its seam holding the local attention). A collective: every rank
@@ -61,7 +59,41 @@ def sequence_parallel(model: Transformer, layout: ParallelLayout) -> ModuleType 
     for module in model.modules():
         if isinstance(module, Attention):
             module.attend = UlyssesAttention(module.attend, group)
-    return parallel_state_sp
+    return _SequenceParallelGroups(layout)
+
+
+class _SequenceParallelGroups:
+    """DeepSpeed's sequence-parallel groups object, as its ALST recipe passes it to
+    deepspeed.initialize, but with no model parallelism: Ulysses keeps every parameter whole on
+    every rank. parallel_state_sp aliases "model parallel" to the sequence group, and with it
+    DeepSpeed 0.19.8 (1) counted only the sequence group's first rank's gradients in the norm, so
+    the BF16_Optimizer of bf16 ZeRO-1 failed on the others ("stack expects a non-empty
+    TensorList"), and (2) wrote tp_degree = the sequence-parallel size into the model-states file
+    beside one such file, which its own universal converter then refused ("model-state file count
+    1 does not match pp_degree=1 * tp_degree=2"). Here the model-parallel group is each rank alone:
+    the optimizers see a data-parallel run over the data x sequence ranks, which for the
+    parameters it is, and a checkpoint of any sequence-parallel layout converts like a
+    data-parallel one of the same rank count."""
+
+    def __init__(self, layout: ParallelLayout):
+        alone = None
+        for rank in range(layout.world_size):  # every rank creates every group (a collective)
+            group = dist.new_group([rank])
+            if rank == layout.rank:
+                alone = group
+        self._alone = alone
+
+    def __getattr__(self, name: str):
+        return getattr(parallel_state_sp, name)
+
+    def get_model_parallel_world_size(self) -> int:
+        return 1
+
+    def get_model_parallel_rank(self) -> int:
+        return 0
+
+    def get_model_parallel_group(self) -> dist.ProcessGroup:
+        return self._alone
 
 
 def sequence_shard(layout: ParallelLayout) -> SequenceShard | None:

@@ -39,6 +39,7 @@ class Trainer:
         self.last_saved_step: int | None = None
         self.evaluations = Evaluations(s.cfg.train.early_stop_min_delta, s.cfg.train.early_stop_patience)
         self.clips_itself = clips_itself(s.cfg.parallel, s.precision)
+        self.share_weight = engine.share_weight(s.cfg.parallel, s.layout)
         self.skips = SkipCounter(s.cfg.train.max_skipped_steps, s.precision, s.ckpt_root)
         self.spike_guard = (
             SpikeGuard(s.cfg.train.spike_factor, s.run_dir, s.cfg.train.spike_skip)
@@ -214,7 +215,8 @@ class Trainer:
             )
             # A skipped micro-batch still goes through backward (with no gradient), so that
             # DeepSpeed's micro-step count and ZeRO's collectives stay in line on every rank.
-            model_engine.backward(parts.total * 0.0 if skip else parts.total)
+            loss = parts.total * 0.0 if skip else parts.total
+            model_engine.backward(loss * self.share_weight if self.share_weight != 1.0 else loss)
             # The logged loss is the cross-entropy; the experts' load-balancing loss and the
             # z-loss, both in the total trained on, are logged apart (LossParts).
             self.window.loss_sum += parts.cross_entropy.detach()
