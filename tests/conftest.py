@@ -231,3 +231,21 @@ def assert_ok(proc: subprocess.CompletedProcess) -> None:
     assert proc.returncode == 0, (
         f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}"
     )
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    mp = pytest.MonkeyPatch()
+    yield mp
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def reference(cache_dir, monkeypatch_module) -> list[float]:
+    """The plain-PyTorch reference's losses of the engine tests' run (tests/engine_runs.py)."""
+    from engine_runs import COMMON, STEPS
+
+    from reference import reference_losses
+
+    monkeypatch_module.setenv("DIST_LM_CACHE", str(cache_dir))
+    return reference_losses("debug", COMMON, STEPS)

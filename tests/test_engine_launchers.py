@@ -13,47 +13,9 @@ import subprocess
 import sys
 
 import pytest
+from engine_runs import COMMON, run_and_read
 
 from conftest import ROOT, assert_ok, launch, read_metrics
-from reference import reference_losses
-
-STEPS = 6
-# 2 ranks x micro 2 x accumulation 2 = global batch 8; eval at step 3 and the end on 7 windows
-# (split 4 + 3 over two ranks, so the padding forward of ZeRO-3 evaluation is exercised).
-COMMON = [
-    f"train.max_steps={STEPS}",
-    "train.log_interval=1",
-    "train.eval_interval=3",
-    "train.eval_samples=7",
-    "train.micro_batch_size=2",
-    "train.global_batch_size=8",
-    "optim.warmup_steps=2",
-]
-
-
-@pytest.fixture(scope="module")
-def reference(cache_dir, monkeypatch_module) -> list[float]:
-    monkeypatch_module.setenv("DIST_LM_CACHE", str(cache_dir))
-    return reference_losses("debug", COMMON, STEPS)
-
-
-@pytest.fixture(scope="module")
-def monkeypatch_module():
-    mp = pytest.MonkeyPatch()
-    yield mp
-    mp.undo()
-
-
-def run_and_read(tmp_path, launcher, extra, env, nproc=2):
-    run_dir = tmp_path / "run"
-    proc = launch(launcher, ["--config", "debug", *COMMON, *extra, f"run.dir={run_dir}"], env, nproc=nproc)
-    assert_ok(proc)
-    train, evals = read_metrics(run_dir)
-    assert [r["step"] for r in train] == list(range(1, STEPS + 1))
-    assert [r["step"] for r in evals] == [3, 6]
-    assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step{STEPS:08d}"
-    assert (run_dir / "config.yaml").is_file() and (run_dir / "train.log").is_file()
-    return proc, [r["loss"] for r in train], [r["val_loss"] for r in evals]
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
@@ -89,7 +51,8 @@ def test_bf16_zero3_trains_close_to_fp32(tmp_path, env, ds_ops, reference):
 def test_four_ranks_match_the_reference_and_resume_on_two(tmp_path, env, ds_ops, reference):
     """The reference's global batch of 8 as micro 2 on each of four gloo ranks (no accumulation)
     gives its losses, evaluations split 2+2+2+1 included; its step-3 checkpoint resumes on two
-    ranks (micro 2 x accumulation 2, through DeepSpeed's universal format) on the same course."""
+    ranks (micro 2 x accumulation 2, through DeepSpeed's universal format) and on four as 2 data x
+    2 sequence parallel (the same ZeRO partitions: loaded as it is) on the same course."""
     proc, losses, _ = run_and_read(tmp_path, "torchrun", ["parallel.zero_stage=1", "checkpoint.interval=3"], env, 4)
     assert "world_size=4" in proc.stdout and "batch 8 = micro 2 x accum 1 x data-parallel ranks 4" in proc.stdout
     assert losses == pytest.approx(reference, abs=1e-4)
@@ -98,6 +61,15 @@ def test_four_ranks_match_the_reference_and_resume_on_two(tmp_path, env, ds_ops,
     resumed = launch("torchrun", args, env, nproc=2)
     assert_ok(resumed)
     train, _ = read_metrics(two)
+    assert [r["step"] for r in train] == [4, 5, 6]
+    assert [r["loss"] for r in train] == pytest.approx(reference[3:], abs=1e-4)
+    # ... and on the same four ranks as 2 data x 2 sequence parallel (tests/test_parallel_layouts.py)
+    split = tmp_path / "split"
+    args = [*args[:-3], "parallel.sequence_parallel_size=2", f"run.dir={split}", "--resume", str(step3)]
+    resumed = launch("torchrun", args, env, nproc=4)
+    assert_ok(resumed)
+    assert "2 data x 2 sequence parallel" in resumed.stdout and "universal" not in resumed.stdout
+    train, _ = read_metrics(split)
     assert [r["step"] for r in train] == [4, 5, 6]
     assert [r["loss"] for r in train] == pytest.approx(reference[3:], abs=1e-4)
 

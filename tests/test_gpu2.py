@@ -1,7 +1,8 @@
 """On a machine with two CUDA GPUs (`pytest -m gpu2`): what the CPU suite checks with gloo, under
 NCCL (issue 22). A bf16 run stopped on two GPUs resumes on one and on two; a stopped rank ends
-the other within its timeout; fp8 trains on two GPUs. Deselected by default (pyproject's addopts);
-the scaling figures are tools/bench_session.sh's multi-GPU parts, not tests."""
+the other within its timeout; fp8 trains on two GPUs; sequence parallelism follows one GPU.
+Deselected by default (pyproject's addopts); the scaling figures are tools/bench_session.sh's
+multi-GPU parts, not tests."""
 
 from __future__ import annotations
 
@@ -101,3 +102,27 @@ def test_fp8_trains_on_two_gpus(gpu_env, tmp_path):
     assert "fp8: 14 linear layers of the blocks multiply in float8" in proc.stdout
     train = read_metrics(tmp_path)[0]
     assert [r["step"] for r in train] == list(range(1, 9)) and train[-1]["loss"] < train[0]["loss"]
+
+
+@pytest.mark.parametrize("stage,compiled", [(1, False), (3, False), (1, True)])
+def test_sequence_parallel_on_two_gpus_follows_one_gpu(gpu_env, tmp_path, stage, compiled):
+    """DeepSpeed's Ulysses under NCCL, each window split over the two GPUs, bf16 at ZeRO-1 and -3
+    and compiled (the all-to-all inside the compiled blocks): one GPU's losses on the same global
+    batch within bf16's 2e-3, at a window long enough for the flash kernels (2048)."""
+    args = [
+        *BASE,
+        "parallel.precision=bf16",
+        f"parallel.zero_stage={stage}",
+        f"parallel.compile={str(compiled).lower()}",
+        "model.seq_len=2048",
+        "train.micro_batch_size=2",
+        "train.global_batch_size=8",
+        "train.max_steps=6",
+    ]
+    one, split = tmp_path / "one", tmp_path / "split"
+    assert_ok(launch("torchrun", [*args, f"run.dir={one}"], gpu_env, nproc=1, timeout=600))
+    proc = launch("torchrun", [*args, "parallel.sequence_parallel_size=2", f"run.dir={split}"], gpu_env, timeout=600)
+    assert_ok(proc)
+    assert "1 data x 2 sequence parallel" in proc.stdout
+    expected = [r["loss"] for r in read_metrics(one)[0]]
+    assert [r["loss"] for r in read_metrics(split)[0]] == pytest.approx(expected, abs=2e-3)

@@ -38,8 +38,8 @@ def batch_sizes(train: TrainConfig, dp_size: int) -> BatchSizes:
         lower = max(per_step, train.global_batch_size // per_step * per_step)
         raise ConfigError(
             "train.global_batch_size",
-            f"{train.global_batch_size} is not a multiple of micro_batch_size x data-parallel ranks = {micro} x {dp_size} = "
-            f"{per_step}; use {lower} or {lower + per_step}, or change train.micro_batch_size",
+            f"{train.global_batch_size} is not a multiple of micro_batch_size x data-parallel ranks = "
+            f"{micro} x {dp_size} = {per_step}; use {lower} or {lower + per_step}, or change train.micro_batch_size",
         )
     return BatchSizes(micro, train.global_batch_size // per_step, dp_size)
 

@@ -13,7 +13,9 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from dist_lm.config.batch import batch_sizes, global_batch_size, rounded_up
+from dist_lm.config.errors import ConfigError
 from dist_lm.config.io import load_config, parse_override
+from dist_lm.config.layout import ParallelLayout, parallel_layout
 from dist_lm.config.schema import Config, UserError, replaced
 from dist_lm.data.checks import vocab_size_for
 from dist_lm.model.counts import count_parameters
@@ -205,14 +207,56 @@ def _plan_preset(
         and not fixed & {"parallel.precision", "parallel.zero_stage"}
     )
 
+    budget = usable_gb(machine) * GB
+    for layout in _layouts(cfg, world, fixed):
+        plan = _fit(
+            preset, machine, cfg, layout, strategies, fixed, overrides, reasons, resolved, precision, autocast, budget
+        )
+        if plan is not None:
+            return plan
+    return None
+
+
+def _layouts(cfg: Config, world: int, fixed: set[str]) -> list[ParallelLayout]:
+    """The layouts to try, in order: all ranks data-parallel first (the fastest), then windows
+    split over more and more sequence-parallel ranks, as far as the model allows
+    (dist_lm.config.layout); only the user's when they set parallel.sequence_parallel_size."""
+    if "parallel.sequence_parallel_size" in fixed:
+        return [parallel_layout(cfg.parallel, cfg.model, world)]
+    layouts = []
+    for size in (1, 2, 4, 8, 16, 32, 64):
+        try:
+            layouts.append(
+                parallel_layout(replaced(cfg, "parallel", sequence_parallel_size=size).parallel, cfg.model, world)
+            )
+        except ConfigError:
+            break  # a size that does not divide the ranks, the heads or the window: no larger one does
+    return layouts
+
+
+def _fit(
+    preset: str,
+    machine: Machine,
+    cfg: Config,
+    layout: ParallelLayout,
+    strategies: tuple[dict, ...],
+    fixed: set[str],
+    overrides: list[str],
+    reasons: list[str],
+    resolved: Precision,
+    precision: str,
+    autocast: bool,
+    budget: float,
+) -> Plan | None:
+    """The fastest strategy and micro-batch of ``strategies`` that fit ``budget`` on ``layout``."""
+    world, dp = layout.world_size, layout.dp_size
     global_batch = cfg.train.global_batch_size
-    per_rank = global_batch_size(cfg.train, world) // world
+    per_rank = global_batch_size(cfg.train, dp) // dp
     micros = (
         [cfg.train.micro_batch_size]
         if "train.micro_batch_size" in fixed
         else [m for m in MICRO_BATCHES if m <= max(per_rank, 1)]
     )
-    budget = usable_gb(machine) * GB
     seen: set[tuple] = set()
     for strategy in strategies:
         parallel = {k: v for k, v in strategy.items() if f"parallel.{k}" not in fixed}
@@ -231,18 +275,21 @@ def _plan_preset(
                 break
             if (
                 global_batch is not None
-                and rounded_up(global_batch, micro, world) != global_batch
+                and rounded_up(global_batch, micro, dp) != global_batch
                 and "train.global_batch_size" in fixed
             ):
                 continue
-            one_micro_batch_a_step = global_batch is None or rounded_up(global_batch, micro, world) == micro * world
+            one_micro_batch_a_step = global_batch is None or rounded_up(global_batch, micro, dp) == micro * dp
             use_autocast = autocast_here and one_micro_batch_a_step
             trial_parallel = {**parallel, "zero_stage": 0} if use_autocast else parallel
+            if layout.sequence_parallel_size > 1 and "parallel.sequence_parallel_size" not in fixed:
+                trial_parallel = {**trial_parallel, "sequence_parallel_size": layout.sequence_parallel_size}
             trial = _with(cfg, trial_parallel, micro, global_batch)
             trial_resolved = Precision.BF16_AUTOCAST if use_autocast else resolved
-            mem = estimate(trial.model, trial.parallel, trial_resolved, micro, world, z_loss=trial.optim.z_loss > 0)
+            mem = estimate(trial.model, trial.parallel, trial_resolved, micro, layout, z_loss=trial.optim.z_loss > 0)
             if mem.total > budget:
                 continue
+            reasons = list(reasons)
             regional = regional_compile_gain(trial, trial_resolved, world, fixed)
             if regional is not None:
                 trial_parallel = {**trial_parallel, "compile_regions": True}
@@ -259,10 +306,17 @@ def _plan_preset(
                     "DeepSpeed's bf16 optimizer (its checkpoints resume at ZeRO stage 0 on any number "
                     "of GPUs)"
                 )
+            if "sequence_parallel_size" in trial_parallel:
+                reasons.append(
+                    f"sequence parallel size {layout.sequence_parallel_size}: a window of "
+                    f"{cfg.model.seq_len:,} tokens does not fit one GPU with any setting above; split over "
+                    f"{layout.sequence_parallel_size} ranks (DeepSpeed's Ulysses) it does, leaving "
+                    f"{dp} data-parallel ranks (docs/parallelism.md)"
+                )
             return _finish(
                 preset,
                 machine,
-                world,
+                layout,
                 trial,
                 mem,
                 trial_parallel,
@@ -281,7 +335,7 @@ def _merged(cfg: Config, parallel: dict) -> dict:
 def _finish(
     preset: str,
     machine: Machine,
-    world: int,
+    layout: ParallelLayout,
     cfg: Config,
     mem: MemoryEstimate,
     parallel: dict,
@@ -298,11 +352,12 @@ def _finish(
     micro = cfg.train.micro_batch_size
     if "train.micro_batch_size" not in fixed:
         choices.append(f"train.micro_batch_size={micro}")
-    global_batch = cfg.train.global_batch_size
-    if global_batch is not None and rounded_up(global_batch, micro, world) != global_batch:
-        rounded = rounded_up(global_batch, micro, world)
+    global_batch, world, dp = cfg.train.global_batch_size, layout.world_size, layout.dp_size
+    if global_batch is not None and rounded_up(global_batch, micro, dp) != global_batch:
+        rounded = rounded_up(global_batch, micro, dp)
         reasons.append(
-            f"global batch {global_batch} is not a multiple of micro-batch x ranks = {micro * world}: {rounded} instead"
+            f"global batch {global_batch} is not a multiple of micro-batch x data-parallel ranks = {micro * dp}: "
+            f"{rounded} instead"
         )
         choices.append(f"train.global_batch_size={rounded}")
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, global_batch_size=rounded))
@@ -321,10 +376,10 @@ def _finish(
         f"{MAX_STEP_SECONDS:.0f} s at {MFU_ASSUMED:.0%} MFU)",
     )
     reasons.append(f"{how}, micro-batch {micro}: the fastest settings that fit")
-    batch = batch_sizes(cfg.train, world)
+    batch = batch_sizes(cfg.train, dp)
     reasons.append(
         f"global batch {batch.global_batch_size} = micro {micro} x accumulation "
-        f"{batch.grad_accum_steps} x ranks {world}"
+        f"{batch.grad_accum_steps} x data-parallel ranks {dp}"
     )
     kept = sorted(k for k in fixed)
     if kept:

@@ -95,6 +95,11 @@ class _SequenceParallelGroups:
     def get_model_parallel_group(self) -> dist.ProcessGroup:
         return self._alone
 
+    # The names DeepSpeed asks first (deepspeed.utils.bwc), and the universal loader asks only.
+    get_tensor_model_parallel_world_size = get_model_parallel_world_size
+    get_tensor_model_parallel_rank = get_model_parallel_rank
+    get_tensor_model_parallel_group = get_model_parallel_group
+
 
 def sequence_shard(layout: ParallelLayout) -> SequenceShard | None:
     """This rank's share of each window, or None without sequence parallelism."""

@@ -1,0 +1,151 @@
+"""Layouts past data parallelism on CPU: the real DeepSpeed engine over gloo, its all-to-all
+included, in real processes, against one rank on the same global batch.
+
+Sequence parallelism (DeepSpeed's Ulysses) at 2 ranks and at 2 x 2 data x sequence on 4; fp32
+runs within the engine tests' 1e-4 of the plain-PyTorch reference, bf16 at every ZeRO stage
+within their 0.01. Checkpoints resume across layouts and export the one-rank run's weights.
+(Four data-parallel ranks resumed as 2 x 2: tests/test_engine_launchers.py.)
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from engine_runs import COMMON, run_and_read
+from safetensors.torch import load_file
+
+from conftest import assert_ok, launch, read_metrics
+from dist_lm.config.errors import ConfigError
+from dist_lm.config.io import load_config
+from dist_lm.config.layout import ParallelLayout, parallel_layout
+from dist_lm.model.loss import TrainingOptions
+from dist_lm.model.sequence import SequenceShard
+from dist_lm.model.transformer import Transformer
+from dist_lm.plan.memory import estimate
+from dist_lm.use.export import export_hf
+
+SEQUENCE_2 = "parallel.sequence_parallel_size=2"
+
+
+def test_sequence_parallel_on_two_ranks_matches_one_rank_and_exports_its_weights(
+    tmp_path, env, ds_ops, reference, monkeypatch
+):
+    """The same global batch of 8 as micro 2 x accumulation 4, each window split over two ranks:
+    the reference's losses, one rank's validation losses, and after six steps its weights."""
+    proc, losses, vals = run_and_read(tmp_path / "sp", "torchrun", ["parallel.zero_stage=1", SEQUENCE_2], env)
+    assert "1 data x 2 sequence parallel; batch 8 = micro 2 x accum 4 x data-parallel ranks 1" in proc.stdout
+    assert losses == pytest.approx(reference, abs=1e-4)
+    _, _, one_rank_vals = run_and_read(tmp_path / "one", "python", ["parallel.zero_stage=1"], env, nproc=1)
+    assert vals == pytest.approx(one_rank_vals, abs=1e-4)
+    monkeypatch.setenv("DIST_LM_CACHE", env["DIST_LM_CACHE"])  # where the runs' tokenizer is
+    for name in ("sp", "one"):
+        export_hf(tmp_path / name / "run", tmp_path / f"{name}-hf")
+    ours, theirs = (load_file(tmp_path / f"{name}-hf" / "model.safetensors") for name in ("sp", "one"))
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        assert torch.allclose(ours[key], theirs[key], atol=1e-4, rtol=0), key
+
+
+def test_two_by_two_data_by_sequence_matches_and_resumes_on_one_sequence_group(tmp_path, env, ds_ops, reference):
+    """Four ranks as 2 data x 2 sequence at ZeRO-2; its step-3 checkpoint resumes on two ranks
+    as 1 x 2 (another rank count: DeepSpeed's universal format) on the reference's course."""
+    layout = ["parallel.zero_stage=2", SEQUENCE_2]
+    proc, losses, _ = run_and_read(tmp_path, "torchrun", [*layout, "checkpoint.interval=3"], env, nproc=4)
+    assert "2 data x 2 sequence parallel; batch 8 = micro 2 x accum 2 x data-parallel ranks 2" in proc.stdout
+    assert losses == pytest.approx(reference, abs=1e-4)
+    step3, two = tmp_path / "run" / "checkpoints" / "step00000003", tmp_path / "two"
+    resumed = launch("torchrun", ["--config", "debug", *COMMON, *layout, f"run.dir={two}", "--resume", step3], env)
+    assert_ok(resumed)
+    assert "via DeepSpeed's universal format (saved on 4 ranks" in resumed.stdout
+    train, _ = read_metrics(two)
+    assert [r["step"] for r in train] == [4, 5, 6]
+    assert [r["loss"] for r in train] == pytest.approx(reference[3:], abs=1e-4)
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_bf16_sequence_parallel_trains_and_resumes_at_every_zero_stage(tmp_path, env, ds_ops, stage):
+    """bf16, the GPU default, at each ZeRO stage on two sequence-parallel ranks: one rank's course
+    in the same precision and stage (bf16 at ZeRO-0 keeps no fp32 master weights, so the fp32
+    reference is not its course), and the step-2 checkpoint (bf16 weights, fp32 masters from
+    stage 1) resumes to the same losses."""
+    args = ["--config", "debug", *COMMON, f"parallel.zero_stage={stage}", "parallel.precision=bf16"]
+    args += ["train.stop_at_step=4", "train.eval_interval=0", "checkpoint.interval=2"]  # the 6-step schedule
+    one, split, again = tmp_path / "one", tmp_path / "split", tmp_path / "again"
+    assert_ok(launch("python", [*args, f"run.dir={one}"], env, nproc=1))
+    assert_ok(launch("torchrun", [*args, SEQUENCE_2, f"run.dir={split}"], env))
+    losses = [r["loss"] for r in read_metrics(split)[0]]
+    assert losses == pytest.approx([r["loss"] for r in read_metrics(one)[0]], abs=2e-3)
+    step2 = split / "checkpoints" / "step00000002"
+    assert_ok(launch("torchrun", [*args, SEQUENCE_2, f"run.dir={again}", "--resume", step2], env))
+    train, _ = read_metrics(again)
+    assert [r["step"] for r in train] == [3, 4]
+    assert [r["loss"] for r in train] == pytest.approx(losses[2:], abs=1e-3)
+
+
+def test_document_masks_give_one_ranks_losses_with_sequence_parallelism(tmp_path, env, ds_ops):
+    """data.document_mask: the mask and the positions that restart at each document are the
+    whole window's, which attention sees gathered; the same losses as one rank."""
+    masked = ["parallel.zero_stage=1", "data.document_mask=true"]
+    _, split, split_vals = run_and_read(tmp_path / "sp", "torchrun", [*masked, SEQUENCE_2], env)
+    _, whole, whole_vals = run_and_read(tmp_path / "one", "python", masked, env, nproc=1)
+    assert split == pytest.approx(whole, abs=1e-4) and split_vals == pytest.approx(whole_vals, abs=1e-4)
+
+
+@pytest.mark.parametrize(
+    "ranks,overrides,message",
+    [
+        (2, ["parallel.sequence_parallel_size=3"], "parallel.sequence_parallel_size: 3 does not divide the 2 ranks"),
+        (4, ["parallel.sequence_parallel_size=4"], "4 must divide the key/value heads (2)"),
+        (4, ["parallel.sequence_parallel_size=4", "model.n_kv_heads=4", "model.seq_len=130"], "model.seq_len (130)"),
+        (2, [SEQUENCE_2, "model.position=bias"], "needs model.position rope, learned or none"),
+        (2, [SEQUENCE_2, "model.layer_types=mlp,moe", "model.n_experts=2"], "does not work with moe layers yet"),
+        (2, ["parallel.sequence_parallel_size=0"], "parallel.sequence_parallel_size: must be positive"),
+    ],
+)
+def test_a_bad_layout_is_one_line_and_writes_nothing(tmp_path, env, ranks, overrides, message):
+    """Checked before torch is imported, before any rank waits for the others: rank 0 alone says so."""
+    ranks_env = {"WORLD_SIZE": str(ranks), "RANK": "0", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": str(ranks)}
+    run_dir = tmp_path / "run"
+    proc = launch("python", ["--config", "debug", *overrides, f"run.dir={run_dir}"], {**env, **ranks_env}, nproc=1)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and message in proc.stderr, proc.stderr
+    assert not run_dir.exists()
+
+
+def test_the_layout_puts_a_sequence_group_on_consecutive_ranks():
+    model = load_config("debug", []).model
+    layouts = [parallel_layout(load_config("debug", [SEQUENCE_2]).parallel, model, 4, r) for r in range(4)]
+    assert [(x.dp_rank, x.sp_rank) for x in layouts] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert [x.sequence_group() for x in layouts] == [[0, 1], [0, 1], [2, 3], [2, 3]]
+    assert layouts[0].dp_size == 2 and layouts[0].zero_shards == 4
+    assert layouts[0].describe() == "2 data x 2 sequence parallel"
+    with pytest.raises(ConfigError, match="does not divide the 6 ranks; use one of"):
+        parallel_layout(load_config("debug", ["parallel.sequence_parallel_size=4"]).parallel, model, 6)
+
+
+def test_the_shares_of_a_window_sum_to_its_loss():
+    """Without the all-to-all (one process), each share attends only over itself, so this holds
+    the loss arithmetic, not attention: a model whose attention sees nothing but the token
+    itself is checked, with the shares' cross-entropy summing to the window's mean."""
+    cfg = load_config("debug", ["model.vocab_size=64", "model.seq_len=16"]).model
+    torch.manual_seed(0)
+    model = Transformer(cfg).eval()
+    idx, targets = torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16))
+    for block in model.blocks:  # attention to the token itself only: the same for a share as for the window
+        block.attn.attend.forward = lambda q, k, v, pos: v.repeat_interleave(q.shape[2] // v.shape[2], dim=2)
+    whole = model(idx, targets).cross_entropy
+    shares = []
+    for i in range(4):
+        model.use(TrainingOptions(sequence_shard=SequenceShard(i, 4)))
+        shares.append(model(idx, targets).cross_entropy)
+    assert torch.stack(shares).sum().item() == pytest.approx(whole.item(), abs=1e-6)
+
+
+def test_the_memory_model_splits_activations_and_states_over_the_layout():
+    cfg = load_config("debug", ["model.vocab_size=512"])
+    one = estimate(cfg.model, cfg.parallel, "bf16", 4, ParallelLayout(2, 0))
+    split = estimate(cfg.model, cfg.parallel, "bf16", 4, ParallelLayout(4, 0, sequence_parallel_size=2))
+    assert split.activations == pytest.approx(one.activations / 2)
+    assert split.logits == pytest.approx(one.logits / 2)
+    assert split.optimizer == pytest.approx(one.optimizer / 2)  # ZeRO-1 over all four ranks
+    assert split.buffers > one.buffers  # the all-to-all's copies
