@@ -413,3 +413,32 @@ def test_fp8_is_planned_as_bf16_on_gpus_with_float8_and_refused_on_others():
         make_plan(RTX_3060, fp8)
     by_name = [Machine(1, name, 80.0).fp8 for name in ("NVIDIA A100-SXM4-80GB", "NVIDIA H200", "Some GPU")]
     assert by_name == [False, True, None]  # described without a compute capability (dist-lm plan --gpu-name)
+
+
+LLAMA_8B = [
+    "model.d_model=4096",
+    "model.n_layers=32",
+    "model.n_heads=32",
+    "model.n_kv_heads=8",
+    "model.ffn_hidden=14336",
+    "model.vocab_size=128256",
+    "train.global_batch_size=64",
+]
+
+
+def test_the_plan_splits_a_window_only_when_it_does_not_fit_whole():
+    """docs/parallelism.md's example: an 8B model on 2 nodes of 8 H100. At 32k tokens all 16
+    ranks stay data-parallel (ZeRO-3 fits); at 128k no setting fits a whole window, and the
+    plan splits each over the fewest ranks that fit it, saying why. A size the user gives is kept."""
+    machine = Machine(8, "NVIDIA H100 80GB HBM3", 80.0, (9, 0), 2, 32, 256)
+    whole = make_plan(machine, [*LLAMA_8B, "model.seq_len=32768"])
+    assert whole.config.parallel.sequence_parallel_size == 1
+    assert "global batch 64 = micro 1 x accumulation 4 x data-parallel ranks 16" in whole.reasons
+    split = make_plan(machine, [*LLAMA_8B, "model.seq_len=131072"])
+    sp = split.config.parallel.sequence_parallel_size
+    assert sp == 8 and f"parallel.sequence_parallel_size={sp}" in split.choices
+    assert any(r.startswith("sequence parallel size 8: a window of 131,072 tokens does not fit") for r in split.reasons)
+    assert split.memory.total <= split.budget_gb * GB
+    kept = make_plan(machine, [*LLAMA_8B, "model.seq_len=32768", "parallel.sequence_parallel_size=8"])
+    assert kept.config.parallel.sequence_parallel_size == 8
+    assert not any("sequence parallel size" in r for r in kept.reasons)
