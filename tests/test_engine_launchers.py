@@ -52,7 +52,7 @@ def test_four_ranks_match_the_reference_and_resume_on_two(tmp_path, env, ds_ops,
     """The reference's global batch of 8 as micro 2 on each of four gloo ranks (no accumulation)
     gives its losses, evaluations split 2+2+2+1 included; its step-3 checkpoint resumes on two
     ranks (micro 2 x accumulation 2, through DeepSpeed's universal format) and on four as 2 data x
-    2 sequence parallel (the same ZeRO partitions: loaded as it is) on the same course."""
+    2 sequence and as 2 data x 2 tensor parallel, on the same course."""
     proc, losses, _ = run_and_read(tmp_path, "torchrun", ["parallel.zero_stage=1", "checkpoint.interval=3"], env, 4)
     assert "world_size=4" in proc.stdout and "batch 8 = micro 2 x accum 1 x data-parallel ranks 4" in proc.stdout
     assert losses == pytest.approx(reference, abs=1e-4)
@@ -63,15 +63,18 @@ def test_four_ranks_match_the_reference_and_resume_on_two(tmp_path, env, ds_ops,
     train, _ = read_metrics(two)
     assert [r["step"] for r in train] == [4, 5, 6]
     assert [r["loss"] for r in train] == pytest.approx(reference[3:], abs=1e-4)
-    # ... and on the same four ranks as 2 data x 2 sequence parallel (tests/test_parallel_layouts.py)
-    split = tmp_path / "split"
-    args = [*args[:-3], "parallel.sequence_parallel_size=2", f"run.dir={split}", "--resume", str(step3)]
-    resumed = launch("torchrun", args, env, nproc=4)
-    assert_ok(resumed)
-    assert "2 data x 2 sequence parallel" in resumed.stdout and "universal" not in resumed.stdout
-    train, _ = read_metrics(split)
-    assert [r["step"] for r in train] == [4, 5, 6]
-    assert [r["loss"] for r in train] == pytest.approx(reference[3:], abs=1e-4)
+    # ... and on the same four ranks as 2 data x 2 sequence parallel (the same ZeRO partitions: loaded
+    # as it is), and as 2 data x 2 tensor parallel (the layers split: through the universal format)
+    for kind, universal in (("sequence", False), ("tensor", True)):
+        split = tmp_path / kind
+        layout = [*args[:-3], f"parallel.{kind}_parallel_size=2", f"run.dir={split}", "--resume", str(step3)]
+        resumed = launch("torchrun", layout, env, nproc=4)
+        assert_ok(resumed)
+        assert f"2 data x 2 {kind} parallel" in resumed.stdout
+        assert ("universal" in resumed.stdout) == universal
+        train, _ = read_metrics(split)
+        assert [r["step"] for r in train] == [4, 5, 6]
+        assert [r["loss"] for r in train] == pytest.approx(reference[3:], abs=1e-4)
 
 
 def test_deepspeed_launcher_matches_reference(tmp_path, env, ds_ops, reference):

@@ -1,6 +1,6 @@
 """On a machine with two CUDA GPUs (`pytest -m gpu2`): what the CPU suite checks with gloo, under
 NCCL (issue 22). A bf16 run stopped on two GPUs resumes on one and on two; a stopped rank ends
-the other within its timeout; fp8 trains on two GPUs; sequence parallelism follows one GPU.
+the other within its timeout; fp8 trains on two GPUs; sequence and tensor parallelism follow one GPU.
 Deselected by default (pyproject's addopts); the scaling figures are tools/bench_session.sh's
 multi-GPU parts, not tests."""
 
@@ -104,11 +104,15 @@ def test_fp8_trains_on_two_gpus(gpu_env, tmp_path):
     assert [r["step"] for r in train] == list(range(1, 9)) and train[-1]["loss"] < train[0]["loss"]
 
 
-@pytest.mark.parametrize("stage,compiled", [(1, False), (3, False), (1, True)])
-def test_sequence_parallel_on_two_gpus_follows_one_gpu(gpu_env, tmp_path, stage, compiled):
-    """DeepSpeed's Ulysses under NCCL, each window split over the two GPUs, bf16 at ZeRO-1 and -3
-    and compiled (the all-to-all inside the compiled blocks): one GPU's losses on the same global
-    batch within bf16's 2e-3, at a window long enough for the flash kernels (2048)."""
+@pytest.mark.parametrize(
+    "kind,stage,compiled",
+    [("sequence", 1, False), ("sequence", 3, False), ("sequence", 1, True), ("tensor", 1, False), ("tensor", 3, False)],
+)
+def test_split_layouts_on_two_gpus_follow_one_gpu(gpu_env, tmp_path, kind, stage, compiled):
+    """DeepSpeed's Ulysses (each window split over the two GPUs, compiled too: the all-to-all
+    inside the compiled blocks) and AutoTP (each linear layer split) under NCCL, bf16 at ZeRO-1
+    and -3: one GPU's losses on the same global batch within bf16's 2e-3, at a window long
+    enough for the flash kernels (2048)."""
     args = [
         *BASE,
         "parallel.precision=bf16",
@@ -121,8 +125,8 @@ def test_sequence_parallel_on_two_gpus_follows_one_gpu(gpu_env, tmp_path, stage,
     ]
     one, split = tmp_path / "one", tmp_path / "split"
     assert_ok(launch("torchrun", [*args, f"run.dir={one}"], gpu_env, nproc=1, timeout=600))
-    proc = launch("torchrun", [*args, "parallel.sequence_parallel_size=2", f"run.dir={split}"], gpu_env, timeout=600)
+    proc = launch("torchrun", [*args, f"parallel.{kind}_parallel_size=2", f"run.dir={split}"], gpu_env, timeout=600)
     assert_ok(proc)
-    assert "1 data x 2 sequence parallel" in proc.stdout
+    assert f"1 data x 2 {kind} parallel" in proc.stdout
     expected = [r["loss"] for r in read_metrics(one)[0]]
     assert [r["loss"] for r in read_metrics(split)[0]] == pytest.approx(expected, abs=2e-3)

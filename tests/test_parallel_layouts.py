@@ -18,6 +18,7 @@ from conftest import assert_ok, launch, read_metrics
 from dist_lm.config.errors import ConfigError
 from dist_lm.config.io import load_config
 from dist_lm.config.layout import ParallelLayout, parallel_layout
+from dist_lm.model.layers import MLP, Attention
 from dist_lm.model.loss import TrainingOptions
 from dist_lm.model.sequence import SequenceShard
 from dist_lm.model.transformer import Transformer
@@ -25,33 +26,40 @@ from dist_lm.plan.memory import estimate
 from dist_lm.use.export import export_hf
 
 SEQUENCE_2 = "parallel.sequence_parallel_size=2"
+TENSOR_2 = "parallel.tensor_parallel_size=2"
+LAYOUTS = {"sequence": SEQUENCE_2, "tensor": TENSOR_2}
 
 
-def test_sequence_parallel_on_two_ranks_matches_one_rank_and_exports_its_weights(
-    tmp_path, env, ds_ops, reference, monkeypatch
+@pytest.mark.parametrize("kind", LAYOUTS)
+def test_two_ranks_of_one_group_match_one_rank_and_export_its_weights(
+    tmp_path, env, ds_ops, reference, monkeypatch, kind
 ):
-    """The same global batch of 8 as micro 2 x accumulation 4, each window split over two ranks:
-    the reference's losses, one rank's validation losses, and after six steps its weights."""
-    proc, losses, vals = run_and_read(tmp_path / "sp", "torchrun", ["parallel.zero_stage=1", SEQUENCE_2], env)
-    assert "1 data x 2 sequence parallel; batch 8 = micro 2 x accum 4 x data-parallel ranks 1" in proc.stdout
+    """The same global batch of 8 as micro 2 x accumulation 4 on two ranks that split each window
+    (sequence) or each linear layer (tensor): the reference's losses, one rank's validation
+    losses, and after six steps its weights (the export gathers a tensor-parallel run's shards)."""
+    proc, losses, vals = run_and_read(tmp_path / "split", "torchrun", ["parallel.zero_stage=1", LAYOUTS[kind]], env)
+    assert f"1 data x 2 {kind} parallel; batch 8 = micro 2 x accum 4 x data-parallel ranks 1" in proc.stdout
     assert losses == pytest.approx(reference, abs=1e-4)
     _, _, one_rank_vals = run_and_read(tmp_path / "one", "python", ["parallel.zero_stage=1"], env, nproc=1)
     assert vals == pytest.approx(one_rank_vals, abs=1e-4)
     monkeypatch.setenv("DIST_LM_CACHE", env["DIST_LM_CACHE"])  # where the runs' tokenizer is
-    for name in ("sp", "one"):
+    for name in ("split", "one"):
         export_hf(tmp_path / name / "run", tmp_path / f"{name}-hf")
-    ours, theirs = (load_file(tmp_path / f"{name}-hf" / "model.safetensors") for name in ("sp", "one"))
+    ours, theirs = (load_file(tmp_path / f"{name}-hf" / "model.safetensors") for name in ("split", "one"))
     assert ours.keys() == theirs.keys()
     for key in ours:
+        assert ours[key].shape == theirs[key].shape, key
         assert torch.allclose(ours[key], theirs[key], atol=1e-4, rtol=0), key
 
 
-def test_two_by_two_data_by_sequence_matches_and_resumes_on_one_sequence_group(tmp_path, env, ds_ops, reference):
-    """Four ranks as 2 data x 2 sequence at ZeRO-2; its step-3 checkpoint resumes on two ranks
-    as 1 x 2 (another rank count: DeepSpeed's universal format) on the reference's course."""
-    layout = ["parallel.zero_stage=2", SEQUENCE_2]
+@pytest.mark.parametrize("kind", LAYOUTS)
+def test_two_by_two_matches_and_resumes_on_two_ranks_of_one_group(tmp_path, env, ds_ops, reference, kind):
+    """Four ranks as 2 data x 2 sequence or tensor parallel at ZeRO-2; the step-3 checkpoint
+    resumes on two ranks as 1 x 2 (another rank count: DeepSpeed's universal format, which
+    joins a tensor-parallel run's shards) on the reference's course."""
+    layout = ["parallel.zero_stage=2", LAYOUTS[kind]]
     proc, losses, _ = run_and_read(tmp_path, "torchrun", [*layout, "checkpoint.interval=3"], env, nproc=4)
-    assert "2 data x 2 sequence parallel; batch 8 = micro 2 x accum 2 x data-parallel ranks 2" in proc.stdout
+    assert f"2 data x 2 {kind} parallel; batch 8 = micro 2 x accum 2 x data-parallel ranks 2" in proc.stdout
     assert losses == pytest.approx(reference, abs=1e-4)
     step3, two = tmp_path / "run" / "checkpoints" / "step00000003", tmp_path / "two"
     resumed = launch("torchrun", ["--config", "debug", *COMMON, *layout, f"run.dir={two}", "--resume", step3], env)
@@ -63,23 +71,25 @@ def test_two_by_two_data_by_sequence_matches_and_resumes_on_one_sequence_group(t
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
-def test_bf16_sequence_parallel_trains_and_resumes_at_every_zero_stage(tmp_path, env, ds_ops, stage):
-    """bf16, the GPU default, at each ZeRO stage on two sequence-parallel ranks: one rank's course
-    in the same precision and stage (bf16 at ZeRO-0 keeps no fp32 master weights, so the fp32
-    reference is not its course), and the step-2 checkpoint (bf16 weights, fp32 masters from
-    stage 1) resumes to the same losses."""
+def test_bf16_split_layouts_train_and_resume_at_every_zero_stage(tmp_path, env, ds_ops, stage):
+    """bf16, the GPU default, at each ZeRO stage on two sequence- and two tensor-parallel ranks:
+    one rank's course in the same precision and stage (bf16 at ZeRO-0 keeps no fp32 master
+    weights, so the fp32 reference is not its course), and each step-2 checkpoint (bf16 weights,
+    fp32 masters from stage 1; a tensor-parallel run's shards) resumes to the same losses."""
     args = ["--config", "debug", *COMMON, f"parallel.zero_stage={stage}", "parallel.precision=bf16"]
     args += ["train.stop_at_step=4", "train.eval_interval=0", "checkpoint.interval=2"]  # the 6-step schedule
-    one, split, again = tmp_path / "one", tmp_path / "split", tmp_path / "again"
-    assert_ok(launch("python", [*args, f"run.dir={one}"], env, nproc=1))
-    assert_ok(launch("torchrun", [*args, SEQUENCE_2, f"run.dir={split}"], env))
-    losses = [r["loss"] for r in read_metrics(split)[0]]
-    assert losses == pytest.approx([r["loss"] for r in read_metrics(one)[0]], abs=2e-3)
-    step2 = split / "checkpoints" / "step00000002"
-    assert_ok(launch("torchrun", [*args, SEQUENCE_2, f"run.dir={again}", "--resume", step2], env))
-    train, _ = read_metrics(again)
-    assert [r["step"] for r in train] == [3, 4]
-    assert [r["loss"] for r in train] == pytest.approx(losses[2:], abs=1e-3)
+    assert_ok(launch("python", [*args, f"run.dir={tmp_path / 'one'}"], env, nproc=1))
+    expected = [r["loss"] for r in read_metrics(tmp_path / "one")[0]]
+    for kind, layout in LAYOUTS.items():
+        split, again = tmp_path / kind, tmp_path / f"{kind}-again"
+        assert_ok(launch("torchrun", [*args, layout, f"run.dir={split}"], env))
+        losses = [r["loss"] for r in read_metrics(split)[0]]
+        assert losses == pytest.approx(expected, abs=2e-3), kind
+        step2 = split / "checkpoints" / "step00000002"
+        assert_ok(launch("torchrun", [*args, layout, f"run.dir={again}", "--resume", step2], env))
+        train, _ = read_metrics(again)
+        assert [r["step"] for r in train] == [3, 4]
+        assert [r["loss"] for r in train] == pytest.approx(losses[2:], abs=1e-3), kind
 
 
 def test_document_masks_give_one_ranks_losses_with_sequence_parallelism(tmp_path, env, ds_ops):
@@ -100,6 +110,15 @@ def test_document_masks_give_one_ranks_losses_with_sequence_parallelism(tmp_path
         (2, [SEQUENCE_2, "model.position=bias"], "needs model.position rope, learned or none"),
         (2, [SEQUENCE_2, "model.layer_types=mlp,moe", "model.n_experts=2"], "does not work with moe layers yet"),
         (2, ["parallel.sequence_parallel_size=0"], "parallel.sequence_parallel_size: must be positive"),
+        (2, ["parallel.tensor_parallel_size=3"], "parallel.tensor_parallel_size: 3 does not divide the 2 ranks"),
+        (4, [TENSOR_2, SEQUENCE_2], "AutoTP and Ulysses groups do not combine"),
+        (4, ["parallel.tensor_parallel_size=4", "model.n_kv_heads=4", "model.ffn_hidden=130"], "MLP's width (130)"),
+        (2, [TENSOR_2, "parallel.precision=fp8", "parallel.compile=true"], "does not work with parallel.precision=fp8"),
+        (
+            2,
+            [TENSOR_2, "parallel.zero_stage=3", "parallel.compile=true", "parallel.deepcompile=true"],
+            "does not work with DeepCompile",
+        ),
     ],
 )
 def test_a_bad_layout_is_one_line_and_writes_nothing(tmp_path, env, ranks, overrides, message):
@@ -116,9 +135,12 @@ def test_the_layout_puts_a_sequence_group_on_consecutive_ranks():
     model = load_config("debug", []).model
     layouts = [parallel_layout(load_config("debug", [SEQUENCE_2]).parallel, model, 4, r) for r in range(4)]
     assert [(x.dp_rank, x.sp_rank) for x in layouts] == [(0, 0), (0, 1), (1, 0), (1, 1)]
-    assert [x.sequence_group() for x in layouts] == [[0, 1], [0, 1], [2, 3], [2, 3]]
+    assert [x.model_parallel_group() for x in layouts] == [[0, 1], [0, 1], [2, 3], [2, 3]]
     assert layouts[0].dp_size == 2 and layouts[0].zero_shards == 4
     assert layouts[0].describe() == "2 data x 2 sequence parallel"
+    tensor = parallel_layout(load_config("debug", [TENSOR_2]).parallel, model, 4, 3)
+    assert (tensor.dp_rank, tensor.tp_rank, tensor.dp_size, tensor.zero_shards, tensor.loss_copies) == (1, 1, 2, 2, 2)
+    assert tensor.describe() == "2 data x 2 tensor parallel"
     with pytest.raises(ConfigError, match="does not divide the 6 ranks; use one of"):
         parallel_layout(load_config("debug", ["parallel.sequence_parallel_size=4"]).parallel, model, 6)
 
@@ -149,3 +171,7 @@ def test_the_memory_model_splits_activations_and_states_over_the_layout():
     assert split.logits == pytest.approx(one.logits / 2)
     assert split.optimizer == pytest.approx(one.optimizer / 2)  # ZeRO-1 over all four ranks
     assert split.buffers > one.buffers  # the all-to-all's copies
+    tensor = estimate(cfg.model, cfg.parallel, "bf16", 4, ParallelLayout(4, 0, tensor_parallel_size=2))
+    linear = cfg.model.n_layers * (Attention.parameter_count(cfg.model) + MLP.parameter_count(cfg.model))
+    assert one.weights - tensor.weights == pytest.approx(2 * linear / 2)  # bf16: half the blocks' linear layers
+    assert tensor.optimizer < one.optimizer and tensor.activations < one.activations

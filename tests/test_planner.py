@@ -442,3 +442,15 @@ def test_the_plan_splits_a_window_only_when_it_does_not_fit_whole():
     kept = make_plan(machine, [*LLAMA_8B, "model.seq_len=32768", "parallel.sequence_parallel_size=8"])
     assert kept.config.parallel.sequence_parallel_size == 8
     assert not any("sequence parallel size" in r for r in kept.reasons)
+
+
+def test_a_tensor_parallel_size_given_to_the_plan_is_counted_and_kept():
+    """The plan does not choose tensor parallelism, but a size the user gives it is the layout it
+    plans: a quarter of the ranks' data-parallel, each holding an eighth of the blocks' layers."""
+    machine = Machine(8, "NVIDIA H100 80GB HBM3", 80.0, (9, 0), 2, 32, 256)
+    given = [*LLAMA_8B, "model.seq_len=8192", "parallel.zero_stage=1"]
+    whole = make_plan(machine, given)
+    split = make_plan(machine, [*given, "parallel.tensor_parallel_size=8"])
+    assert split.config.parallel.tensor_parallel_size == 8 and split.config.parallel.sequence_parallel_size == 1
+    assert any(r.endswith("x data-parallel ranks 2") for r in split.reasons)
+    assert split.memory.weights < whole.memory.weights / 4

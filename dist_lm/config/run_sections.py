@@ -69,6 +69,12 @@ class ParallelConfig:
     all-to-all, so activations per rank shrink by this factor. Must divide the rank count,
     model.n_heads, model.kv_heads and model.seq_len; the data-parallel size is the rank count
     over it (docs/parallelism.md)."""
+    tensor_parallel_size: int = 1
+    """Ranks that split each block's linear layers between them (DeepSpeed's AutoTP): the query,
+    key, value, gate and up projections by their outputs, the attention output and down
+    projections by their inputs, so weights, gradients and optimizer state per rank shrink by
+    this factor. Must divide the rank count, model.n_heads, model.kv_heads and the MLP's width;
+    not with sequence_parallel_size above 1, fp8 or DeepCompile (docs/parallelism.md)."""
 
     @property
     def uses_deepcompile(self) -> bool:
@@ -90,6 +96,7 @@ class ParallelConfig:
         )
         require(self.expert_parallel_size > 0, "expert_parallel_size", "must be positive")
         require(self.sequence_parallel_size > 0, "sequence_parallel_size", "must be positive")
+        require(self.tensor_parallel_size > 0, "tensor_parallel_size", "must be positive")
         require(
             self.precision != "bf16-autocast" or self.zero_stage == 0,
             "precision",

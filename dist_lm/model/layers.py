@@ -119,11 +119,13 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, pos: "Positions") -> torch.Tensor:
         b, t, _ = x.shape
-        q = self.wq(x).view(b, t, self.n_heads, self.head_dim)
-        k = self.wk(x).view(b, t, self.n_kv_heads, self.head_dim)
+        # The head counts come from the projections' widths (-1), not the config: under tensor
+        # parallelism a rank's projections hold its share of the heads.
+        q = self.wq(x).view(b, t, -1, self.head_dim)
+        k = self.wk(x).view(b, t, -1, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        v = self.wv(x).view(b, t, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(b, t, -1, self.head_dim)
         return self.wo(self.attend(q, k, v, pos).reshape(b, t, -1))
 
 

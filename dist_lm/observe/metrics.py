@@ -115,7 +115,8 @@ class RunSummary:
     predicted_peak_mem_gb: float | None = None  # GPU runs: dist_lm.plan.memory's estimate per rank
     start_step: int = 0  # the step this process started from (its checkpoint's, or 0)
     first_step_s: float | None = None  # from the trainer's start to the end of this process's first step
-    sequence_parallel_size: int = 1  # ranks that split each window (world_size over it: data-parallel ranks)
+    sequence_parallel_size: int = 1  # ranks that split each window (dist_lm.config.layout)
+    tensor_parallel_size: int = 1  # ranks that split each block's linear layers
 
     def write(self, run_dir: Path) -> None:
         if not is_rank0():

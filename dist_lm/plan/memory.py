@@ -20,6 +20,7 @@ from dataclasses import dataclass, fields
 from dist_lm.config.layout import ParallelLayout
 from dist_lm.config.schema import ModelConfig, ParallelConfig
 from dist_lm.model.counts import count_parameters, saved_bytes_per_token
+from dist_lm.model.layers import MLP, Attention, RMSNorm
 from dist_lm.model.loss import uses_chunked
 from dist_lm.runtime.precision import Precision
 
@@ -67,13 +68,19 @@ def estimate(
 
     Under sequence parallelism ZeRO partitions over every rank (data x sequence), the blocks and
     the logits hold the rank's share of each window, and each layer's all-to-all keeps its
-    send and receive copies of q, k, v and the output while it runs (one layer at a time)."""
+    send and receive copies of q, k, v and the output while it runs (one layer at a time).
+    Under tensor parallelism a rank holds its share of the blocks' linear layers (the
+    embeddings, the head and the norms whole), ZeRO partitions that over the data-parallel
+    ranks, and attention and the MLP keep their shares of the heads and the width for backward."""
     precision = Precision(precision)
     if model.vocab_size is None:
         raise ValueError("model.vocab_size must be resolved before estimating memory")
     if isinstance(layout, int):
         layout = ParallelLayout(layout, 0)
     params = count_parameters(model)["total"]
+    tp = layout.tensor_parallel_size
+    if tp > 1:  # this rank's share of the blocks' linear layers; the rest is whole on every rank
+        params -= model.n_layers * _linear_parameters(model) * (1 - 1 / tp)
     w_bytes = precision.bytes_per_weight
     stage, n = parallel.zero_stage, layout.zero_shards
 
@@ -119,6 +126,11 @@ def estimate(
     # them (docs/benchmarks.md): so checkpointed runs are counted eager.
     compiled = parallel.compile and not parallel.activation_checkpointing
     per_block, block_input = saved_bytes_per_token(model, act_bytes, compiled)
+    if tp > 1:  # attention and the MLP keep their shares of the heads and the width; the norms whole
+        split = Attention.saved_bytes_per_token(model, act_bytes, compiled) + MLP.saved_bytes_per_token(
+            model, act_bytes, compiled
+        )
+        per_block -= split * (1 - 1 / tp)
     # Every block's input when checkpointing, plus one block's activations while it is
     # recomputed; else every block's activations, plus (eager) one block's worth of temporaries
     # in backward, the gradients flowing through it. Compiled, the kept tensors alone matched.
@@ -146,3 +158,9 @@ def estimate(
         # their gradient in the same dtype; no fp32 copy, compiled or not.
         logits = tokens * model.vocab_size * 2 * act_bytes
     return MemoryEstimate(weights, grads, optimizer, buffers, activations, logits, WORKSPACES)
+
+
+def _linear_parameters(model: ModelConfig) -> int:
+    """A block's parameters that tensor parallelism splits: attention's four projections and the MLP."""
+    norms = 2 * RMSNorm.parameter_count(model.head_dim) if model.qk_norm else 0
+    return Attention.parameter_count(model) - norms + MLP.parameter_count(model)

@@ -220,8 +220,9 @@ def _plan_preset(
 def _layouts(cfg: Config, world: int, fixed: set[str]) -> list[ParallelLayout]:
     """The layouts to try, in order: all ranks data-parallel first (the fastest), then windows
     split over more and more sequence-parallel ranks, as far as the model allows
-    (dist_lm.config.layout); only the user's when they set parallel.sequence_parallel_size."""
-    if "parallel.sequence_parallel_size" in fixed:
+    (dist_lm.config.layout); only the user's when they set parallel.sequence_parallel_size or
+    parallel.tensor_parallel_size (the two do not combine; the plan does not choose the latter)."""
+    if fixed & {"parallel.sequence_parallel_size", "parallel.tensor_parallel_size"}:
         return [parallel_layout(cfg.parallel, cfg.model, world)]
     layouts = []
     for size in (1, 2, 4, 8, 16, 32, 64):

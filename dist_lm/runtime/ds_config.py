@@ -79,6 +79,11 @@ def deepspeed_config(
         config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
     if load_universal:
         config["checkpoint"] = {"load_universal": True}
+    if parallel.tensor_parallel_size > 1:
+        config["tensor_parallel"] = {
+            "autotp_size": parallel.tensor_parallel_size,
+            "partition_config": {"use_default_specs": False, "layer_specs": TENSOR_PARALLEL_LAYERS},
+        }
     if parallel.uses_deepcompile:  # takes effect in engine.compile(), which runs on GPUs only
         config["compile"] = {"deepcompile": True}
     if precision.accumulates_in_fp32 and parallel.zero_stage >= 1:
@@ -114,7 +119,18 @@ def deepspeed_config(
     return config
 
 
+# Our model's linear layers (dist_lm.model.layers), named for DeepSpeed's AutoTP: the projections
+# into the heads and into the MLP's width split by their outputs (column), the projections back
+# by their inputs (row, all-reduced after). The embeddings, the output head and the norms stay
+# whole on every rank. AutoTP's built-in presets name Hugging Face's layers, not ours.
+TENSOR_PARALLEL_LAYERS = [
+    {"patterns": [r".*\.(wq|wk|wv|w_in|w_gate)\.weight$"], "partition_type": "column"},
+    {"patterns": [r".*\.(wo|w_out)\.weight$"], "partition_type": "row"},
+]
+
+
 def clips_itself(parallel: ParallelConfig, precision: Precision) -> bool:
     """Whether DeepSpeed steps the torch optimizer as it is, leaving the norm and the clip to us:
-    ZeRO-0 with fp32 weights (fp32, bf16-autocast)."""
-    return parallel.zero_stage == 0 and precision.deepspeed_section is None
+    ZeRO-0 with fp32 weights (fp32, bf16-autocast), without tensor parallelism (whose shards'
+    norm DeepSpeed sums over the tensor-parallel ranks)."""
+    return parallel.zero_stage == 0 and precision.deepspeed_section is None and parallel.tensor_parallel_size == 1

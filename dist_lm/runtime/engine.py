@@ -17,6 +17,7 @@ import shutil
 import warnings
 
 import torch
+import torch.distributed as dist
 
 if not torch.cuda.is_available():
     # Tell DeepSpeed up front instead of letting it guess and warn about it.
@@ -28,6 +29,7 @@ from deepspeed.checkpoint.constants import (  # noqa: E402
     UNIVERSAL_CHECKPOINT_VERSION_KEY,
     UNIVERSAL_CHECKPOINT_VERSION_VALUE,
 )
+from deepspeed.module_inject.layers import DS_TENSOR_MODEL_PARALLEL, LinearAllreduce  # noqa: E402  (AutoTP)
 from deepspeed.moe.layer import MoE  # noqa: E402  (what dist_lm.model.moe wraps)
 from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer  # noqa: E402
 from deepspeed.runtime.bf16_optimizer import BF16_Optimizer  # noqa: E402
@@ -81,7 +83,7 @@ def initialize(
             sequence_shard=runtime_parallel.sequence_shard(layout),
         )
     )
-    groups_for_deepspeed = runtime_parallel.sequence_parallel(model, layout)
+    groups_for_deepspeed = runtime_parallel.groups_for(model, layout)
     if precision is Precision.FP8:  # before the optimizer's groups: the same parameters, new modules
         fp8.convert(model, parallel.fp8_recipe)
     # Marks the checkpoints DeepSpeed writes as convertible to its universal format (for resuming
@@ -330,16 +332,28 @@ def master_weights(engine: "deepspeed.DeepSpeedEngine", rank: int, world_size: i
         }
     moe_layers = {name + EXPERTS: layer for name, layer in engine.module.named_modules() if isinstance(layer, MoE)}
     owned = {}
+    modules = dict(engine.module.named_modules())
     for i, (name, param) in enumerate(engine.module.named_parameters()):
         full = safe_get_full_fp32_param(param)  # ZeRO 1-3: gathered over the parameter's group
         if full is None:
             full = fp32_copies.get(id(param), param)
+        if getattr(param, DS_TENSOR_MODEL_PARALLEL, False):  # AutoTP's shard: gathered over its ranks
+            full = _whole_layer_weight(full, modules[name.rpartition(".")[0]])
         if getattr(param, "allreduce", True) is False:  # an expert: this rank holds its own experts
             if groups._get_expert_data_parallel_rank(param.group_name) == 0:
                 owned[_global_expert_name(name, moe_layers)] = full.detach().float().cpu()
         elif i % world_size == rank:
             owned[name] = full.detach().float().cpu()
     return owned
+
+
+def _whole_layer_weight(shard: torch.Tensor, layer: torch.nn.Module) -> torch.Tensor:
+    """A tensor-parallel linear layer's weight from every rank's equal shard (dist_lm.config.layout
+    checks the widths divide): a row-parallel layer (LinearAllreduce) splits its inputs (dim 1),
+    a column-parallel one its outputs (dim 0). A collective over the layer's group."""
+    shards = [torch.empty_like(shard) for _ in range(dist.get_world_size(layer.mp_group))]
+    dist.all_gather(shards, shard.contiguous(), group=layer.mp_group)
+    return torch.cat(shards, dim=1 if isinstance(layer, LinearAllreduce) else 0)
 
 
 def _global_expert_name(name: str, moe_layers: dict[str, MoE]) -> str:

@@ -1,6 +1,11 @@
 """Parallelism past data parallelism, applied to the model from outside (as torchtitan's
 parallelize.py applies it to its models): the model stays free of DeepSpeed and of ranks.
 
+Tensor parallelism is DeepSpeed's AutoTP: deepspeed.initialize replaces the blocks' linear
+layers named in dist_lm.runtime.ds_config.TENSOR_PARALLEL_LAYERS by its column- and row-parallel
+layers, over the (data, tensor) groups of deepspeed.utils.groups that :func:`groups_for` builds
+first (its batch arithmetic reads the data-parallel size from them).
+
 Sequence parallelism is DeepSpeed's Ulysses. Its process groups are DeepSpeed's own
 (deepspeed.runtime.sequence_parallel.parallel_state_sp, the "mpu" its ALST recipe hands to
 deepspeed.initialize), so that its engine reduces gradients and partitions ZeRO's states over
@@ -17,6 +22,7 @@ import torch
 import torch.distributed as dist
 from deepspeed.runtime.sequence_parallel import parallel_state_sp
 from deepspeed.sequence.layer import DistributedAttention
+from deepspeed.utils import groups
 from torch import nn
 
 from dist_lm.config.layout import ParallelLayout
@@ -39,23 +45,37 @@ class UlyssesAttention(nn.Module):
         return self.ulysses(q, k, v, 0, None, pos)
 
 
-def sequence_parallel(model: Transformer, layout: ParallelLayout) -> object | None:
-    """Make ``model`` compute its share of each window and gather the windows in attention.
-    Returns the groups object that deepspeed.initialize takes as ``mpu`` (None at size 1: the
-    model is left as it is, its seam holding the local attention). A collective: every rank
-    calls it, in the same order."""
-    if layout.sequence_parallel_size == 1:
+def groups_for(model: Transformer, layout: ParallelLayout) -> object | None:
+    """Apply ``layout``'s parallelism to ``model`` as far as it is done before the engine is built,
+    and return the groups object that deepspeed.initialize takes as ``mpu`` (None when every
+    rank is data-parallel: the model is left as it is). A collective: every rank calls it, in
+    the same order."""
+    if layout.group_size == 1:
         return None
     if not deepspeed.comm.is_initialized():
         deepspeed.init_distributed(dist_backend=dist.get_backend())  # adopts the process group we started
+    if layout.tensor_parallel_size > 1:
+        groups._init_tp_mesh_device(tensor_model_parallel_size=layout.tensor_parallel_size)
+        _check_group(groups.get_tensor_model_parallel_group(), layout)
+        return groups  # AutoTP itself replaces the layers, inside deepspeed.initialize
+    return _sequence_parallel(model, layout)
+
+
+def _check_group(group: dist.ProcessGroup, layout: ParallelLayout) -> None:
+    """The layout's arithmetic is what the sampler and the loss use: DeepSpeed's group must be it."""
+    built = dist.get_process_group_ranks(group)
+    if built != layout.model_parallel_group():
+        raise RuntimeError(f"DeepSpeed's group {built} is not the layout's {layout.model_parallel_group()}")
+
+
+def _sequence_parallel(model: Transformer, layout: ParallelLayout) -> object:
+    """Make ``model`` compute its share of each window and gather the windows in attention."""
     # Its groups are module state, set once per process; a process that trains again after a
     # teardown (a sweep's trials) starts them afresh.
     parallel_state_sp._release_sequence_parallel_groups()
     parallel_state_sp.initialize_sequence_parallel(layout.sequence_parallel_size)
     group = parallel_state_sp.get_sequence_parallel_group()
-    built = dist.get_process_group_ranks(group)
-    if built != layout.sequence_group():  # the layout's arithmetic is what the sampler and the loss use
-        raise RuntimeError(f"DeepSpeed's sequence-parallel group {built} is not the layout's {layout.sequence_group()}")
+    _check_group(group, layout)
     for module in model.modules():
         if isinstance(module, Attention):
             module.attend = UlyssesAttention(module.attend, group)

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from dist_lm.config.layout import ParallelLayout
 from dist_lm.observe import log
 from dist_lm.runtime import distributed, engine
 from dist_lm.runtime.precision import Precision
@@ -73,16 +74,18 @@ class SpikeGuard:
             self.history.append(loss)
         return spike
 
-    def check_micro_batch(self, loss: torch.Tensor, step: int, micro: int, micros: int, ids, dp_size: int) -> bool:
+    def check_micro_batch(
+        self, loss: torch.Tensor, step: int, micro: int, micros: int, ids, layout: ParallelLayout
+    ) -> bool:
         """Whether to drop this micro-batch: its loss, averaged over the data-parallel ranks (a
         collective over all of them: the sequence-parallel ranks' losses are shares that sum to
-        their window's), spikes and ``skip`` is on. A spike is logged with the global sample ids
-        of the micro-batch on every rank (``ids``: this rank's ids of the step's ``micros``
-        micro-batches)."""
+        their window's, the tensor-parallel ranks' are copies), spikes and ``skip`` is on. A
+        spike is logged with the global sample ids of the micro-batch on every rank (``ids``:
+        this rank's ids of the step's ``micros`` micro-batches)."""
         world_size = dist.get_world_size()
         mean_loss = loss.detach().float().clone()
         dist.all_reduce(mean_loss)  # host-device sync per micro-batch: only with the guard on
-        value = mean_loss.item() / dp_size
+        value = mean_loss.item() / (layout.dp_size * layout.loss_copies)
         if not self.check(value):
             return False
         micro_size = len(ids) // micros
@@ -94,7 +97,7 @@ class SpikeGuard:
             "loss": value,
             "running_mean": self.mean,
             "skipped": self.skip,
-            "sample_ids": sorted({i for rank_ids in everyone for i in rank_ids}),  # a sequence group shares its ids
+            "sample_ids": sorted({i for rank_ids in everyone for i in rank_ids}),  # a model-parallel group shares them
         }
         log.warn(
             f"step {step}: loss spike {value:.4f} > {self.factor} x running mean {record['running_mean']:.4f} "

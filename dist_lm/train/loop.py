@@ -211,7 +211,7 @@ class Trainer:
         for i, (x, y, *documents) in enumerate(batches):  # documents: with data.document_mask
             parts = model_engine(x, y, documents=documents[0]) if documents else model_engine(x, y)
             skip = self.spike_guard is not None and self.spike_guard.check_micro_batch(
-                parts.total, self.step + 1, i, len(batches), data.last_ids, self.session.batch.dp_size
+                parts.total, self.step + 1, i, len(batches), data.last_ids, self.session.layout
             )
             # A skipped micro-batch still goes through backward (with no gradient), so that
             # DeepSpeed's micro-step count and ZeRO's collectives stay in line on every rank.
@@ -235,7 +235,9 @@ class Trainer:
     def _train_metrics(self, micro_steps: int, grad_norm) -> dict:
         """``micro_steps``: micro-batches per step on each rank."""
         window, s = self.window, self.session
-        micro_batches = window.steps * micro_steps * s.batch.dp_size
+        # Every rank's sums are added up: a window's loss is there once per tensor-parallel rank
+        # (each computes it whole), and once in shares over the sequence-parallel ranks.
+        micro_batches = window.steps * micro_steps * s.batch.dp_size * s.layout.loss_copies
         loss, aux, z = window.means(micro_batches, "moe" in self.cfg.model.layer_types, bool(self.cfg.optim.z_loss))
         if z is not None:
             z *= self.cfg.optim.z_loss  # the term added to the loss

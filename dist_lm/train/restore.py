@@ -117,20 +117,39 @@ def unpickling_problem(path: Path, rank: int = 0, world_size: int = 1) -> str | 
     return None
 
 
-def needs_universal(state: RunState, world_size: int, zero_stage: int) -> bool:
-    """Whether the checkpoint's ZeRO shards no longer line up with this run's ranks."""
+def needs_universal(state: RunState, world_size: int, zero_stage: int, tensor_parallel_size: int = 1) -> bool:
+    """Whether the checkpoint's ZeRO shards, or its tensor-parallel shards of the layers, no
+    longer line up with this run's ranks."""
     saved_world, saved_stage = state.world_size, state.zero_stage
-    if saved_world is None or (saved_world == world_size and saved_stage == zero_stage):
+    saved_tp = saved_tensor_parallel_size(state)
+    same_tp = saved_tp == tensor_parallel_size
+    if saved_world is None or (saved_world == world_size and saved_stage == zero_stage and same_tp):
         return False
     if saved_stage == 0 or zero_stage == 0:
-        if saved_stage == zero_stage:
+        if saved_stage == zero_stage and same_tp:
             return False  # ZeRO-0 keeps whole copies: any world size loads them
-        raise CheckpointError(
-            f"checkpoint error: the checkpoint was saved at ZeRO stage {saved_stage} and this run "
-            f"uses stage {zero_stage}; across stage 0 it cannot be converted: resume with "
+        change = (
+            f"ZeRO stage {saved_stage} and this run uses stage {zero_stage}"
+            if saved_stage != zero_stage
+            else f"tensor-parallel size {saved_tp} at ZeRO stage 0 and this run uses {tensor_parallel_size}"
+        )
+        fix = (
             f"parallel.zero_stage={saved_stage}"
+            if saved_stage != zero_stage
+            else f"parallel.tensor_parallel_size={saved_tp}"
+        )
+        raise CheckpointError(
+            f"checkpoint error: the checkpoint was saved at {change}; across stage 0 it cannot be converted: "
+            f"resume with {fix}"
         )
     return True
+
+
+def saved_tensor_parallel_size(state: RunState) -> int:
+    """The tensor-parallel size a checkpoint was saved under (its config; 1 before there was one)."""
+    parallel = state.config.get("parallel") if isinstance(state.config, dict) else None
+    size = parallel.get("tensor_parallel_size", 1) if isinstance(parallel, dict) else 1
+    return size if isinstance(size, int) and not isinstance(size, bool) and size > 0 else 1
 
 
 def check_precision(state: RunState, precision: Precision) -> str | None:

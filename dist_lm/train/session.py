@@ -157,6 +157,7 @@ def start(cfg: Config, plan_summary: list[str] = (), data: ResolvedData | None =
         predicted_peak_mem_gb=predicted.total / memory.GB if predicted else None,
         start_step=start_step,
         sequence_parallel_size=layout.sequence_parallel_size,
+        tensor_parallel_size=layout.tensor_parallel_size,
     )
     summary.write(run_dir)
     model_engine = engine.initialize(
@@ -333,7 +334,9 @@ def _checkpoint_to_resume(
         )
     if cfg.checkpoint.interval or cfg.checkpoint.save_at_end:  # not train to checkpoint.interval for nothing
         check_room_for_a_checkpoint(cfg, ckpt_root, "at start-up")
-    universal = found is not None and restore.needs_universal(found.state, layout.world_size, cfg.parallel.zero_stage)
+    universal = found is not None and restore.needs_universal(
+        found.state, layout.world_size, cfg.parallel.zero_stage, layout.tensor_parallel_size
+    )
     return _Resume(ckpt_root, shared_root, found, universal)
 
 
