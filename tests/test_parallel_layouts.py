@@ -9,6 +9,10 @@ within their 0.01. Checkpoints resume across layouts and export the one-rank run
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import pytest
 import torch
 from engine_runs import COMMON, run_and_read
@@ -30,16 +34,28 @@ TENSOR_2 = "parallel.tensor_parallel_size=2"
 LAYOUTS = {"sequence": SEQUENCE_2, "tensor": TENSOR_2}
 
 
+def run_tool(args: list, env: dict) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "dist_lm", *map(str, args)], env=env, capture_output=True, text=True)
+    assert_ok(proc)
+    return proc
+
+
 @pytest.mark.parametrize("kind", LAYOUTS)
 def test_two_ranks_of_one_group_match_one_rank_and_export_its_weights(
     tmp_path, env, ds_ops, reference, monkeypatch, kind
 ):
     """The same global batch of 8 as micro 2 x accumulation 4 on two ranks that split each window
     (sequence) or each linear layer (tensor): the reference's losses, one rank's validation
-    losses, and after six steps its weights (the export gathers a tensor-parallel run's shards)."""
+    losses, and after six steps its weights (the export gathers a tensor-parallel run's shards).
+    evaluate and generate read the checkpoint as they read any other."""
     proc, losses, vals = run_and_read(tmp_path / "split", "torchrun", ["parallel.zero_stage=1", LAYOUTS[kind]], env)
     assert f"1 data x 2 {kind} parallel; batch 8 = micro 2 x accum 4 x data-parallel ranks 1" in proc.stdout
     assert losses == pytest.approx(reference, abs=1e-4)
+    run = tmp_path / "split" / "run"
+    evaluated = run_tool(["evaluate", run, "--samples", "7", "--json"], env)
+    assert json.loads(evaluated.stdout.splitlines()[-1])["loss"] == pytest.approx(vals[-1], abs=1e-4)
+    sample = run_tool(["generate", run, "--prompt", "The", "--max-tokens", "8", "--temperature", "0"], env)
+    assert sample.stdout.startswith("The")
     _, _, one_rank_vals = run_and_read(tmp_path / "one", "python", ["parallel.zero_stage=1"], env, nproc=1)
     assert vals == pytest.approx(one_rank_vals, abs=1e-4)
     monkeypatch.setenv("DIST_LM_CACHE", env["DIST_LM_CACHE"])  # where the runs' tokenizer is
