@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -27,6 +28,7 @@ from dist_lm.model.loss import TrainingOptions
 from dist_lm.model.sequence import SequenceShard
 from dist_lm.model.transformer import Transformer
 from dist_lm.plan.memory import estimate
+from dist_lm.runtime.parallel import tiled_mlp
 from dist_lm.use.export import export_hf
 
 SEQUENCE_2 = "parallel.sequence_parallel_size=2"
@@ -108,6 +110,35 @@ def test_bf16_split_layouts_train_and_resume_at_every_zero_stage(tmp_path, env, 
         assert [r["loss"] for r in train] == pytest.approx(losses[2:], abs=1e-3), kind
 
 
+def test_the_tiled_mlp_gives_the_same_losses_at_zero3_with_sequence_parallelism(tmp_path, env, ds_ops):
+    """parallel.tiled_mlp (DeepSpeed's TiledMLP: 2 tiles of each rank's 256 tokens) where it is
+    meant to serve, long windows split over ranks, at ZeRO-3 (whose gathers run in each tile's
+    recompute) in bf16: the untiled run's losses."""
+    args = ["--config", "debug", *COMMON, "parallel.zero_stage=3", "parallel.precision=bf16", SEQUENCE_2]
+    args += ["model.seq_len=512", "train.max_steps=3", "train.eval_interval=0", "checkpoint.interval=0"]
+    losses = {}
+    for tiled in ("false", "true"):
+        assert_ok(launch("torchrun", [*args, f"parallel.tiled_mlp={tiled}", f"run.dir={tmp_path / tiled}"], env))
+        losses[tiled] = [r["loss"] for r in read_metrics(tmp_path / tiled)[0]]
+    assert losses["true"] == pytest.approx(losses["false"], abs=1e-3)
+
+
+def test_the_tiled_mlp_computes_the_mlp_and_its_gradients():
+    cfg = load_config("debug", ["model.vocab_size=64"]).model
+    torch.manual_seed(0)
+    mlp, x = MLP(cfg), torch.randn(2, 300, cfg.d_model, requires_grad=True)
+    whole = mlp(x)
+    (whole * whole).sum().backward()
+    expected = [x.grad.clone(), *(p.grad.clone() for p in mlp.parameters())]
+    x.grad = None
+    mlp.zero_grad()
+    tiled = tiled_mlp(mlp, x)  # 3 tiles of 100 and 128-wide rows
+    (tiled * tiled).sum().backward()
+    assert torch.allclose(tiled, whole, atol=1e-6)
+    for got, want in zip([x.grad, *(p.grad for p in mlp.parameters())], expected):
+        assert torch.allclose(got, want, atol=1e-5)
+
+
 def test_document_masks_give_one_ranks_losses_with_sequence_parallelism(tmp_path, env, ds_ops):
     """data.document_mask: the mask and the positions that restart at each document are the
     whole window's, which attention sees gathered; the same losses as one rank."""
@@ -135,6 +166,7 @@ def test_document_masks_give_one_ranks_losses_with_sequence_parallelism(tmp_path
             [TENSOR_2, "parallel.zero_stage=3", "parallel.compile=true", "parallel.deepcompile=true"],
             "does not work with DeepCompile",
         ),
+        (2, [SEQUENCE_2, "parallel.tiled_mlp=true", "parallel.compile=true"], "parallel.tiled_mlp: runs eager"),
     ],
 )
 def test_a_bad_layout_is_one_line_and_writes_nothing(tmp_path, env, ranks, overrides, message):
@@ -191,3 +223,8 @@ def test_the_memory_model_splits_activations_and_states_over_the_layout():
     linear = cfg.model.n_layers * (Attention.parameter_count(cfg.model) + MLP.parameter_count(cfg.model))
     assert one.weights - tensor.weights == pytest.approx(2 * linear / 2)  # bf16: half the blocks' linear layers
     assert tensor.optimizer < one.optimizer and tensor.activations < one.activations
+    tiled = estimate(cfg.model, replace(cfg.parallel, tiled_mlp=True), "bf16", 4, ParallelLayout(2, 0))
+    per_token = MLP.saved_bytes_per_token(cfg.model, 2, compiled=False)
+    tokens = 4 * cfg.model.seq_len
+    kept = (cfg.model.n_layers + 1) * tokens  # every block, and eager one more in backward
+    assert one.activations - tiled.activations == pytest.approx(per_token * (kept - 4 * 128))  # less one tile

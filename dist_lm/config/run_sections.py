@@ -69,6 +69,12 @@ class ParallelConfig:
     all-to-all, so activations per rank shrink by this factor. Must divide the rank count,
     model.n_heads, model.kv_heads and model.seq_len; the data-parallel size is the rank count
     over it (docs/parallelism.md)."""
+    tiled_mlp: bool = False
+    """DeepSpeed's TiledMLP (from ALST): each block's MLP runs on tiles of the sequence (about
+    d_model tokens each) and is recomputed tile by tile in backward, so its wide intermediate
+    (gate, up and their product) is never kept for a whole window: the next memory wall at long
+    context after attention. Costs one more MLP forward per step; eager only (not with
+    parallel.compile). docs/parallelism.md."""
     tensor_parallel_size: int = 1
     """Ranks that split each block's linear layers between them (DeepSpeed's AutoTP): the query,
     key, value, gate and up projections by their outputs, the attention output and down
@@ -97,6 +103,11 @@ class ParallelConfig:
         require(self.expert_parallel_size > 0, "expert_parallel_size", "must be positive")
         require(self.sequence_parallel_size > 0, "sequence_parallel_size", "must be positive")
         require(self.tensor_parallel_size > 0, "tensor_parallel_size", "must be positive")
+        require(
+            not (self.tiled_mlp and self.compile),
+            "tiled_mlp",
+            "runs eager: DeepSpeed's TiledMLP is not tested under torch.compile; set parallel.compile=false",
+        )
         require(
             self.precision != "bf16-autocast" or self.zero_stage == 0,
             "precision",

@@ -25,6 +25,8 @@ CHUNKED_FROM_VOCAB = 65_536
 size (Llama 3's 128k, Qwen's 152k). A compiled run fuses the full loss itself (no fp32 logits are
 stored) and was as fast with it as chunked and 1.6 GB lighter at 128k (docs/benchmarks.md)."""
 
+MlpRunner = Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]
+"""(a block's MLP, its (batch, seq, d_model) input) -> its output, computed as the runner sees fit."""
 RowLosses = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """(tokens, vocab) logits and (tokens,) targets -> (tokens,) fp32 cross-entropy, differentiable."""
 
@@ -58,6 +60,9 @@ class TrainingOptions:
     autocast_dtype: torch.dtype | None = None
     """With fp32 weights, run forward under torch.autocast in this dtype, as a bf16-autocast run
     computed (the tools run such a checkpoint so; in training DeepSpeed's torch_autocast does it)."""
+    mlp_runner: MlpRunner | None = None
+    """How each block runs its (dense) MLP: a function from outside (parallel.tiled_mlp:
+    DeepSpeed's TiledMLP, handed in by dist_lm.runtime.engine); None: called as it is."""
     sequence_shard: SequenceShard | None = None
     """Under sequence parallelism, the share of each window this rank computes; the loss parts
     are then this share's part of the window's mean (they sum to it over the shares)."""

@@ -23,7 +23,7 @@ from torch.utils.checkpoint import checkpoint
 from dist_lm.config.schema import ModelConfig
 from dist_lm.model.documents import document_attention
 from dist_lm.model.layers import MLP, Attention, KVCache, Positions, RMSNorm, rope_tables
-from dist_lm.model.loss import LossParts, TrainingOptions, language_model_loss
+from dist_lm.model.loss import LossParts, MlpRunner, TrainingOptions, language_model_loss
 from dist_lm.model.positional import RelativeBias
 
 
@@ -48,10 +48,12 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = mlp if mlp is not None else MLP(cfg)
         self.resid_dropout = nn.Dropout(cfg.dropout) if cfg.dropout else nn.Identity()
+        self.mlp_runner: MlpRunner | None = None  # TrainingOptions.mlp_runner, for a dense MLP (Transformer.use)
 
     def forward(self, x: torch.Tensor, pos: Positions) -> torch.Tensor:
         x = x + self.resid_dropout(self.attn(self.attn_norm(x), pos))
-        return x + self.resid_dropout(self.mlp(self.mlp_norm(x)))
+        h = self.mlp_norm(x)
+        return x + self.resid_dropout(self.mlp(h) if self.mlp_runner is None else self.mlp_runner(self.mlp, h))
 
 
 class Transformer(nn.Module):
@@ -84,7 +86,7 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_embeddings.weight
-        self.options = options
+        self.use(options)
         # Rotary tables are kept out of the module's buffers so that casting the model to bf16/fp16
         # (as DeepSpeed does) cannot round them. They are made in fp32 here and again whenever the
         # module moves (_apply), not in forward: made on forward's first call, inside a compiled
@@ -96,9 +98,12 @@ class Transformer(nn.Module):
 
     def use(self, options: TrainingOptions) -> None:
         """How to compute from now on: what the engine decides once it knows the run (activation
-        checkpointing, the z-loss, DeepSpeed's chunked cross-entropy). The one way in after
+        checkpointing, the z-loss, DeepSpeed's chunked cross-entropy and tiled MLP, a share of
+        each window). The one way in after
         construction; nothing else sets the model's behaviour from outside."""
         self.options = options
+        for block in self.blocks:  # (experts keep their own forward: DeepSpeed's MoE layer dispatches tokens)
+            block.mlp_runner = options.mlp_runner if isinstance(block.mlp, MLP) else None
 
     def reset_parameters(self) -> None:
         std = self.cfg.init_std

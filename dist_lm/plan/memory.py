@@ -126,10 +126,12 @@ def estimate(
     # them (docs/benchmarks.md): so checkpointed runs are counted eager.
     compiled = parallel.compile and not parallel.activation_checkpointing
     per_block, block_input = saved_bytes_per_token(model, act_bytes, compiled)
+    if parallel.tiled_mlp:  # the MLP keeps nothing but its input (the norm's output, counted there) ...
+        per_block -= MLP.saved_bytes_per_token(model, act_bytes, compiled)
     if tp > 1:  # attention and the MLP keep their shares of the heads and the width; the norms whole
-        split = Attention.saved_bytes_per_token(model, act_bytes, compiled) + MLP.saved_bytes_per_token(
-            model, act_bytes, compiled
-        )
+        split = Attention.saved_bytes_per_token(model, act_bytes, compiled)
+        if not parallel.tiled_mlp:
+            split += MLP.saved_bytes_per_token(model, act_bytes, compiled)
         per_block -= split * (1 - 1 / tp)
     # Every block's input when checkpointing, plus one block's activations while it is
     # recomputed; else every block's activations, plus (eager) one block's worth of temporaries
@@ -139,6 +141,8 @@ def estimate(
     else:
         blocks = (model.n_layers + (0 if compiled else 1)) * per_block
     activations = tokens * blocks
+    if parallel.tiled_mlp:  # ... and one tile of about d_model tokens per sequence at a time, in backward
+        activations += micro_batch * model.d_model * MLP.saved_bytes_per_token(model, act_bytes, compiled) / tp
     if precision.autocast:
         # Under autocast the residual stream stays fp32 (the embedding and the norms are not
         # autocast's): 2 bytes more for each copy of it a block keeps, its input when

@@ -81,6 +81,7 @@ def initialize(
             z_loss_coef=optim.z_loss,
             row_losses=token_cross_entropy if chunked else None,
             sequence_shard=runtime_parallel.sequence_shard(layout),
+            mlp_runner=runtime_parallel.tiled_mlp if parallel.tiled_mlp else None,
         )
     )
     groups_for_deepspeed = runtime_parallel.groups_for(model, layout)

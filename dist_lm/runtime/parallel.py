@@ -17,10 +17,13 @@ share (TrainingOptions.sequence_shard) by dist_lm.runtime.engine.
 
 from __future__ import annotations
 
+import math
+
 import deepspeed
 import torch
 import torch.distributed as dist
 from deepspeed.runtime.sequence_parallel import parallel_state_sp
+from deepspeed.runtime.sequence_parallel.ulysses_sp import TiledMLP
 from deepspeed.sequence.layer import DistributedAttention
 from deepspeed.utils import groups
 from torch import nn
@@ -126,3 +129,16 @@ def sequence_shard(layout: ParallelLayout) -> SequenceShard | None:
     if layout.sequence_parallel_size == 1:
         return None
     return SequenceShard(layout.sp_rank, layout.sequence_parallel_size)
+
+
+def tiled_mlp(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """parallel.tiled_mlp: a block's MLP through DeepSpeed's TiledMLP, in tiles of about d_model
+    tokens (ALST's choice: a tile's intermediate is then about the size of the block's input),
+    each recomputed in backward. Every rank of a window computes the same tile count, so the
+    ZeRO-3 gathers inside stay in step."""
+    tiles = max(1, math.ceil(x.shape[-2] / x.shape[-1]))
+    return TiledMLP.apply(_call, mlp, x, tiles, list(mlp.parameters()))
+
+
+def _call(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return module(x)
