@@ -19,7 +19,7 @@ import torch
 from engine_runs import COMMON, run_and_read
 from safetensors.torch import load_file
 
-from conftest import assert_ok, launch, read_metrics
+from conftest import assert_ok, assert_one_hang_line, launch, read_metrics, stop_one_of_two_ranks
 from dist_lm.config.errors import ConfigError
 from dist_lm.config.io import load_config
 from dist_lm.config.layout import ParallelLayout, parallel_layout
@@ -29,6 +29,7 @@ from dist_lm.model.sequence import SequenceShard
 from dist_lm.model.transformer import Transformer
 from dist_lm.plan.memory import estimate
 from dist_lm.runtime.parallel import tiled_mlp
+from dist_lm.train.exits import Exit
 from dist_lm.use.export import export_hf
 
 SEQUENCE_2 = "parallel.sequence_parallel_size=2"
@@ -137,6 +138,18 @@ def test_the_tiled_mlp_computes_the_mlp_and_its_gradients():
     assert torch.allclose(tiled, whole, atol=1e-6)
     for got, want in zip([x.grad, *(p.grad for p in mlp.parameters())], expected):
         assert torch.allclose(got, want, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", LAYOUTS)
+def test_a_stopped_rank_of_a_group_ends_the_other_within_its_timeout(tmp_path, env, kind):
+    """SIGSTOP one rank of a sequence or tensor group: its partner, blocked in the group's
+    all-to-all or all-reduce, ends within parallel.timeout_minutes with one line naming it and
+    the exit status of a hang, as a data-parallel rank does (tests/test_checkpoints.py)."""
+    args = ["--config", "debug", "train.max_steps=100000", "train.log_interval=1", "train.eval_interval=0"]
+    args += ["parallel.timeout_minutes=0.5", LAYOUTS[kind], f"run.dir={tmp_path}"]
+    rank0, pid1, _ = stop_one_of_two_ranks(args, env, tmp_path)
+    assert rank0.returncode == Exit.HANG, rank0.stderr[-3000:]  # (bounded: the helper waits 300 s at most)
+    assert_one_hang_line(rank0.stderr, pid1, 0.5)
 
 
 def test_document_masks_give_one_ranks_losses_with_sequence_parallelism(tmp_path, env, ds_ops):
