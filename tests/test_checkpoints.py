@@ -589,3 +589,29 @@ def test_a_disk_that_fills_between_saves_ends_the_run_in_one_line_with_whole_met
     assert_ok(resumed)
     assert f"resumed from {tmp_path / 'ckpt' / latest} at step {step}" in resumed.stdout
     assert [r["step"] for r in read_metrics(run)[0]] == list(range(1, rows[-1]["step"] + 3))
+
+
+@pytest.mark.parametrize(
+    "saved, wanted, converts",
+    [
+        ((2, 2), (1, 2), True),  # another rank count: the universal format
+        ((2, 1), (2, 2), True),  # stage 1 <-> 2 (tested on CPU in bf16 both ways)
+        ((2, 3), (1, 3), True),  # ZeRO-3 on fewer ranks: test_two_rank_zero_checkpoint_resumes_on_one_and_two_ranks
+        ((2, 1), (2, 1), False),  # DeepSpeed's own files
+        ((2, 1), (2, 3), "stage 1 and this run uses stage 3"),
+        ((1, 3), (2, 2), "stage 3 and this run uses stage 2"),
+        ((2, 0), (2, 1), "across stage 0 it cannot be converted"),
+    ],
+)
+def test_which_layout_changes_go_through_the_universal_format(saved, wanted, converts):
+    """Changes into or out of ZeRO-3 stopped in DeepSpeed 0.19.8's loader with a bare
+    AssertionError (fp32 and bf16, on one rank and two): refused in one line instead."""
+    from dist_lm.store.state import RunState
+    from dist_lm.train.restore import needs_universal
+
+    state = RunState(step=2, config={}, data={}, world_size=saved[0], zero_stage=saved[1])
+    if isinstance(converts, str):
+        with pytest.raises(checkpoints.CheckpointError, match=converts):
+            needs_universal(state, *wanted)
+    else:
+        assert needs_universal(state, *wanted) is converts

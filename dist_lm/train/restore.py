@@ -142,6 +142,16 @@ def needs_universal(state: RunState, world_size: int, zero_stage: int, tensor_pa
             f"checkpoint error: the checkpoint was saved at {change}; across stage 0 it cannot be converted: "
             f"resume with {fix}"
         )
+    if saved_stage != zero_stage and 3 in (saved_stage, zero_stage):
+        # DeepSpeed 0.19.8's universal loader looks for ZeRO-3's model-states file in a stage-1/2
+        # conversion and the other way round, and its ZeRO-3 loader reads another optimizer-state
+        # layout than stages 1-2 write: it stopped with a bare AssertionError or KeyError, in fp32
+        # and bf16 alike. Refused here, before anything is written.
+        raise CheckpointError(
+            f"checkpoint error: the checkpoint was saved at ZeRO stage {saved_stage} and this run uses stage "
+            f"{zero_stage}; DeepSpeed 0.19.8's universal format does not convert into or out of ZeRO-3 (another "
+            f"rank count at stage 3 it does): resume with parallel.zero_stage={saved_stage}"
+        )
     return True
 
 
