@@ -54,7 +54,8 @@ def quiet(verbose: bool) -> None:
     deepspeed.utils.logger.setLevel(logging.INFO if verbose else logging.WARNING)
     if not verbose:
         # DeepSpeed's ZeRO calls a torch collective that torch has renamed; nothing for us to act on.
-        warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
+        for renamed in ("all_gather_into_tensor", "reduce_scatter_tensor"):
+            warnings.filterwarnings("ignore", message=rf".*{renamed}.* is deprecated", category=FutureWarning)
 
 
 def initialize(
