@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from conftest import ROOT, assert_ok, child_env, launch
+from dist_lm.use.export import export_hf
 from dist_lm.use.generate import sample
 from dist_lm.use.inference import load_model
 
@@ -51,6 +52,7 @@ def test_transformers_loads_the_export_with_the_same_logits_and_greedy_tokens(tr
         "config.json",
         "generation_config.json",
         "model.safetensors",
+        "reference_logits.safetensors",
         "tokenizer.json",
         "tokenizer_config.json",
     ]
@@ -65,6 +67,31 @@ def test_transformers_loads_the_export_with_the_same_logits_and_greedy_tokens(tr
             0, ids.shape[1] :
         ].tolist()
     assert hf_tokens == sample(ours, ids[0].tolist(), 20, cfg.model.seq_len, torch.device("cpu"), temperature=0)
+
+
+def test_an_import_of_the_export_checks_itself_against_its_reference_logits(trained, tmp_path, monkeypatch):
+    """Where transformers is not installed, model.init_from holds our forward to the logits the
+    export saved beside its weights; other logits there are refused."""
+    from safetensors.torch import load_file, save_file
+
+    from dist_lm.config.io import load_config
+    from dist_lm.config.schema import UserError
+    from dist_lm.model.transformer import Transformer
+    from dist_lm.store import hugging_face
+
+    run, _ = trained
+    out = tmp_path / "hf"
+    export_hf(run, out)
+    monkeypatch.setitem(sys.modules, "transformers", None)  # an import of it raises ImportError
+    model = Transformer(load_config("debug", [f"model.init_from={out}"]).model)
+    hugging_face.load_into(model, out)
+    assert "reference_logits.safetensors" in hugging_face.check_logits(model, out)
+    saved = load_file(out / hugging_face.REFERENCE_LOGITS)
+    save_file({**saved, "logits": saved["logits"] + 0.01}, out / hugging_face.REFERENCE_LOGITS)
+    with pytest.raises(UserError, match="differs from .*reference_logits.safetensors's logits"):
+        hugging_face.check_logits(model, out)
+    (out / hugging_face.REFERENCE_LOGITS).unlink()
+    assert hugging_face.check_logits(model, out) is None  # nothing to check against: the run warns
 
 
 def test_export_refuses_what_llama_cannot_express(trained, tmp_path):

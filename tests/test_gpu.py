@@ -338,3 +338,57 @@ def test_chunked_cross_entropy_on_the_gpu_gives_the_full_loss():
     torch.testing.assert_close(chunked, full)
     torch.testing.assert_close(chunked_z, full_z)
     torch.testing.assert_close(chunked_grad, full_grad, atol=1e-7, rtol=1e-2)
+
+
+@pytest.mark.parametrize("precision,stage", [("bf16", 1), ("fp8", 3)])
+def test_a_hugging_face_import_trains_and_exports_to_transformers_logits(env, tmp_path, precision, stage):
+    """model.init_from on the GPU: a tiny Llama 3 that transformers makes here (tests/hf_models.py)
+    is imported, checked against transformers at start-up, trained in bf16 (ZeRO-1) and fp8
+    (ZeRO-3), exported; transformers' logits of the export equal ours."""
+    import subprocess
+    import sys
+
+    from hf_models import VOCAB, make_model, texts
+    from transformers import AutoModelForCausalLM
+
+    from conftest import ROOT
+    from dist_lm.use.inference import load_model
+
+    source = make_model(tmp_path / "llama", "llama")
+    text = tmp_path / "docs.txt"
+    text.write_text("\n\n".join(texts(300)))
+
+    def dist_lm(*args: str) -> None:
+        proc = subprocess.run(
+            [sys.executable, "-m", "dist_lm", *args], env=env, capture_output=True, text=True, cwd=ROOT
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    dist_lm("prepare", str(text), "--out", str(tmp_path / "data"), "--tokenizer", str(source), "--quiet")
+    run = tmp_path / "run"
+    env = {**env, "DS_ACCELERATOR": "cuda"}
+    proc = launch(
+        "python",
+        [
+            "--config",
+            "debug",
+            f"model.init_from={source}",
+            f"data.dir={tmp_path / 'data'}",
+            f"parallel.precision={precision}",
+            f"parallel.zero_stage={stage}",
+            "train.max_steps=10",
+            "train.log_interval=1",
+            f"run.dir={run}",
+        ],
+        env,
+    )
+    assert_ok(proc)
+    assert "our logits on 8 tokens equal transformers" in proc.stdout
+    train, _ = read_metrics(run)
+    assert len(train) == 10 and train[-1]["loss"] < train[0]["loss"]
+    dist_lm("export", str(run), str(tmp_path / "hf"), "--dtype", "fp32")
+    ours, _, _ = load_model(run)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    ids = torch.randint(0, VOCAB, (1, 40), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, ours(ids), atol=1e-4, rtol=0)

@@ -27,6 +27,7 @@ def tiny(**kw) -> ModelConfig:
         {"activation": "geglu"},
         {"activation": "gelu"},
         {"tie_embeddings": True},
+        {"head_dim": 32, "n_kv_heads": 2, "qk_norm": True},  # heads wider than d_model / n_heads (Qwen3)
     ],
 )
 def test_parameter_formula_matches_module(kw):
@@ -150,6 +151,7 @@ def saved_bytes(block, x: torch.Tensor, pos, constants: list[torch.Tensor]) -> i
         {"activation": "gelu"},
         {"activation": "geglu", "n_kv_heads": 1},
         {"qk_norm": True, "n_kv_heads": 2},
+        {"qk_norm": True, "n_kv_heads": 2, "head_dim": 32},
     ],
 )
 def test_a_block_counts_the_activations_autograd_saves(dtype, kw):
@@ -161,7 +163,7 @@ def test_a_block_counts_the_activations_autograd_saves(dtype, kw):
     block = Block(cfg, 0).to(dtype)
     batch, tokens = 2, cfg.seq_len
     x = torch.randn(batch, tokens, cfg.d_model, dtype=dtype, requires_grad=True)
-    rope = rope_tables(cfg.head_dim, tokens, cfg.rope_theta)
+    rope = rope_tables(cfg)
     act_bytes = torch.finfo(dtype).bits // 8
     per_block, _ = saved_bytes_per_token(cfg, act_bytes)
     assert saved_bytes(block, x, Positions(rope, None, None), list(rope)) == per_block * batch * tokens

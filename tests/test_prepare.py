@@ -321,6 +321,24 @@ def test_nanogpt_layout_needs_its_dtype(env, ds_ops, tmp_path):
     assert_ok(proc)
     assert len(read_metrics(run)[0]) == 4
 
+    # The run never had a tokenizer: generate and export say so, and take one.
+    def tool(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "dist_lm", *args], capture_output=True, text=True, env=env)
+
+    for refused in (tool("generate", str(run), "--max-tokens", "3"), tool("export", str(run), str(tmp_path / "hf"))):
+        assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+        assert "was trained on data without a tokenizer" in refused.stderr and "--tokenizer PATH" in refused.stderr
+    from tokenizers import models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"])
+    tokenizer.train_from_iterator([" ".join(WORDS)] * 20, trainer=trainer)
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    assert_ok(tool("generate", str(run), "--max-tokens", "3", "--tokenizer", str(tmp_path)))
+    assert_ok(tool("export", str(run), str(tmp_path / "hf"), "--tokenizer", str(tmp_path / "tokenizer.json")))
+    assert (tmp_path / "hf" / "tokenizer.json").read_bytes() == (tmp_path / "tokenizer.json").read_bytes()
+
 
 @pytest.mark.parametrize(
     "change, message",

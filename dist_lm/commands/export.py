@@ -11,8 +11,9 @@ bf16-autocast run, whose weights are fp32), or in
 
 Then: transformers.AutoModelForCausalLM.from_pretrained(OUT_DIR), AutoTokenizer.from_pretrained(OUT_DIR).
 transformers is not a dependency of dist-lm: `pip install transformers` (the dev extra has it).
---overwrite replaces only an earlier export (a directory holding nothing but the five files an
-export writes).
+--overwrite replaces only an earlier export (a directory holding nothing but the files an export
+writes). Beside the weights goes reference_logits.safetensors, our logits on a few tokens, which
+model.init_from checks an import of the export against where transformers is not installed.
 """
 
 from __future__ import annotations
@@ -33,6 +34,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--dtype", choices=DTYPES, default="trained", help="precision of the exported weights (default: the run's)"
     )
+    p.add_argument(
+        "--tokenizer",
+        type=Path,
+        help="the tokenizer.json the run's tokens were made with (or a directory holding one), where its data "
+        "has none (nanoGPT's train.bin) or it has moved",
+    )
     add_trust_option(p)
     args = p.parse_args(argv)
     from dist_lm.store import checkpoints
@@ -43,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     restore.trust_checkpoints(args.trust_checkpoint)
 
     try:
-        exported, out = export_hf(args.source, args.out, args.overwrite, args.best, args.dtype)
+        exported, out = export_hf(args.source, args.out, args.overwrite, args.best, args.dtype, args.tokenizer)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

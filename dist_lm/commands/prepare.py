@@ -1,6 +1,6 @@
 """Turn raw text into token shards that training reads with data.dir=OUT.
 
-    dist-lm prepare INPUT... --out DIR [--tokenizer tokenizer.json | --vocab-size N]
+    dist-lm prepare INPUT... --out DIR [--tokenizer tokenizer.json | --tokenizer MODEL_DIR | --vocab-size N]
                                  [--workers N] [--val-fraction F] [--seed S] [--field NAME]
                                  [--skip-bad-lines] [--shard-tokens N] [--overwrite]
 
@@ -54,7 +54,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("inputs", nargs="+", metavar="INPUT")
     p.add_argument("--out", required=True, type=Path, help="output directory (written atomically)")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--tokenizer", type=Path, help="an existing HF tokenizer.json")
+    src.add_argument(
+        "--tokenizer",
+        type=Path,
+        help="an existing HF tokenizer.json, or a Hugging Face model directory: its tokenizer and document "
+        "tokens as the model defines them, for model.init_from (docs/continued-pretraining.md)",
+    )
     src.add_argument(
         "--vocab-size",
         type=integer(300, 2**32),

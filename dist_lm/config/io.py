@@ -18,8 +18,9 @@ from typing import Any, Literal
 
 import yaml
 
+from dist_lm.config import hugging_face
 from dist_lm.config.errors import MAX_INT
-from dist_lm.config.schema import Config, ConfigError
+from dist_lm.config.schema import Config, ConfigError, ModelConfig
 from dist_lm.config.yaml_files import read_yaml
 
 CONFIGS_DIR = Path(__file__).resolve().parent / "presets"  # package data; a checkout's configs/ links here
@@ -280,7 +281,36 @@ def load_config(config: str | None, overrides: list[str] = ()) -> Config:
         key, value = parse_override(text)
         _set_dotted(tree, key, value, sources, COMMAND_LINE)
     tree.setdefault("preset", preset)
+    model = tree.get("model")
+    if isinstance(model, dict) and model.get("init_from"):
+        _import_architecture(model, sources, Path(str(model["init_from"])))
     return build(Config, tree, sources)
+
+
+def _import_architecture(model: dict, sources: dict[str, str], directory: Path) -> None:
+    """model.init_from's config.json sets the architecture keys of ``model`` (the model section of
+    the tree being loaded). A key the user set in their own file or on the command line must
+    agree with it; a preset's keys give way (a preset sizes a model from scratch, the import
+    brings its own)."""
+    imported = hugging_face.model_keys(hugging_face.read_config(directory), directory)
+    hints = typing.get_type_hints(ModelConfig)
+    origin = str(directory / hugging_face.CONFIG_FILE)
+    for key, value in imported.items():
+        dotted = f"model.{key}"
+        source = sources.get(dotted)
+        if key in model and not (source and Path(source).resolve().parent == CONFIGS_DIR):
+            try:
+                given = _coerce(model[key], hints[key])
+            except (ValueError, TypeError):
+                given = model[key]
+            if given != value:
+                raise ConfigError(
+                    dotted,
+                    f"is {model[key]!r} here but {origin} says {value!r}; remove {dotted} or set it to {value!r}",
+                    source,
+                )
+        model[key] = value
+        sources[dotted] = origin
 
 
 def to_dict(cfg: Config) -> dict:

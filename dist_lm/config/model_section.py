@@ -23,9 +23,12 @@ class ModelConfig:
     n_layers: int = 4
     """Number of transformer blocks."""
     n_heads: int = 4
-    """Number of query heads; must divide d_model."""
+    """Number of query heads; must divide d_model unless head_dim is set."""
     n_kv_heads: int | None = None
     """Key/value heads for grouped-query attention; must divide n_heads. null: n_heads (plain MHA)."""
+    head_dim: int | None = None
+    """Width of each attention head. null: d_model / n_heads (Llama, Mistral); Qwen3 sets it apart
+    (e.g. 128 beside d_model=1024 and 16 heads)."""
     ffn_hidden: int | None = None
     """Hidden width of the MLP. null: 8/3 * d_model for gated activations (4 * d_model for gelu),
     rounded up to ffn_multiple_of."""
@@ -35,6 +38,18 @@ class ModelConfig:
     """MLP type: SwiGLU (Llama), GeGLU, or a plain GELU MLP."""
     rope_theta: float = 10000.0
     """Base of the rotary position embedding frequencies."""
+    rope_scaling: Literal["none", "llama3"] = "none"
+    """Scaling of the rotary frequencies: none, or Llama 3.1's (llama3: low frequencies divided by
+    rope_scaling_factor, high ones kept, a smooth ramp between), which model.init_from sets from a
+    Llama 3.x config.json."""
+    rope_scaling_factor: float = 8.0
+    """llama3 scaling: what the lowest frequencies are divided by."""
+    rope_scaling_low_freq_factor: float = 1.0
+    """llama3 scaling: wavelengths above rope_scaling_original_seq_len / this are scaled fully."""
+    rope_scaling_high_freq_factor: float = 4.0
+    """llama3 scaling: wavelengths below rope_scaling_original_seq_len / this are kept."""
+    rope_scaling_original_seq_len: int = 8192
+    """llama3 scaling: the context the frequencies were first trained at."""
     norm_eps: float = 1e-5
     """Epsilon of RMSNorm."""
     tie_embeddings: bool = False
@@ -69,6 +84,12 @@ class ModelConfig:
     qk_norm: bool = False
     """RMSNorm on each head's queries and keys before the rotary embedding (as Qwen3, and OLMo 2
     over whole projections, do against attention-logit growth). Exports as Qwen3ForCausalLM."""
+    init_from: str | None = None
+    """A Hugging Face model directory (config.json, safetensors, tokenizer.json) of a Llama,
+    Mistral or Qwen3 model to continue pretraining: its config.json sets the architecture keys
+    (a key also set in your config file or on the command line must agree; a preset's give way),
+    a fresh run starts from its weights, and the data must be prepared with its tokenizer
+    (docs/continued-pretraining.md). A resumed run loads its own checkpoint, not these weights."""
     cross_entropy: Literal["auto", "full", "chunked"] = "auto"
     """How the training loss is computed from the output head's logits. full: the logits in fp32
     (eager: the cast, the log-softmax and its gradient, each a tokens x vocab fp32 tensor;
@@ -81,12 +102,23 @@ class ModelConfig:
         require(self.vocab_size is None or self.vocab_size > 0, "vocab_size", "must be a positive integer or null")
         for name in ("seq_len", "d_model", "n_layers", "n_heads", "ffn_multiple_of"):
             require(getattr(self, name) > 0, name, "must be a positive integer")
-        require(self.d_model % self.n_heads == 0, "n_heads", f"must divide d_model={self.d_model} (got {self.n_heads})")
-        require(
-            (self.d_model // self.n_heads) % 2 == 0,
-            "n_heads",
-            f"head dimension d_model/n_heads={self.d_model // self.n_heads} must be even for rotary embeddings",
-        )
+        if self.head_dim is None:
+            require(
+                self.d_model % self.n_heads == 0,
+                "n_heads",
+                f"must divide d_model={self.d_model} (got {self.n_heads}), or set model.head_dim",
+            )
+            require(
+                (self.d_model // self.n_heads) % 2 == 0,
+                "n_heads",
+                f"head dimension d_model/n_heads={self.d_model // self.n_heads} must be even for rotary embeddings",
+            )
+        else:
+            require(
+                self.head_dim > 0 and self.head_dim % 2 == 0,
+                "head_dim",
+                f"must be a positive even number (rotary embeddings rotate pairs), got {self.head_dim}",
+            )
         if self.n_kv_heads is not None:
             require(
                 self.n_kv_heads > 0 and self.n_heads % self.n_kv_heads == 0,
@@ -96,6 +128,13 @@ class ModelConfig:
         require(self.ffn_hidden is None or self.ffn_hidden > 0, "ffn_hidden", "must be a positive integer or null")
         require(self.rope_theta > 0, "rope_theta", "must be positive")
         require(self.norm_eps > 0, "norm_eps", "must be positive")
+        require(self.rope_scaling_factor >= 1, "rope_scaling_factor", "must be at least 1")
+        require(
+            0 < self.rope_scaling_low_freq_factor < self.rope_scaling_high_freq_factor,
+            "rope_scaling_high_freq_factor",
+            f"must exceed rope_scaling_low_freq_factor={self.rope_scaling_low_freq_factor}, both positive",
+        )
+        require(self.rope_scaling_original_seq_len > 0, "rope_scaling_original_seq_len", "must be a positive integer")
         require(self.init_std > 0, "init_std", "must be positive")
         require(self.bias_num_basis > 0, "bias_num_basis", "must be positive")
         require(
@@ -116,8 +155,14 @@ class ModelConfig:
         return self.n_kv_heads or self.n_heads
 
     @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+    def head_size(self) -> int:
+        """Each attention head's width: model.head_dim, or d_model / n_heads."""
+        return self.head_dim or self.d_model // self.n_heads
+
+    @property
+    def attention_width(self) -> int:
+        """The width of all query heads together (d_model unless model.head_dim says otherwise)."""
+        return self.n_heads * self.head_size
 
     @property
     def ffn_dim(self) -> int:

@@ -206,7 +206,8 @@ class TrainConfig:
     """Also print such a sample after every evaluation."""
     stop_at_step: int | None = None
     """End this process cleanly, with a checkpoint, after this step; the learning-rate schedule
-    still spans max_steps, and the same run.name or run.dir started again continues it."""
+    still spans max_steps, and the same run.name or run.dir started again continues it. 0: a
+    checkpoint of the weights the run starts from (model.init_from's), before any step."""
     time_limit_minutes: float | None = None
     """End this process cleanly, with a checkpoint, before this many minutes have passed (for
     a run split across job allocations). It keeps room for twice a typical recent step (the
@@ -244,7 +245,7 @@ class TrainConfig:
         require(self.eval_interval >= 0, "eval_interval", "must be >= 0 (0 disables evaluation)")
         require(self.eval_samples > 0, "eval_samples", "must be positive")
         require(self.sample_tokens >= 0, "sample_tokens", "must be >= 0")
-        require(self.stop_at_step is None or self.stop_at_step > 0, "stop_at_step", "must be positive or null")
+        require(self.stop_at_step is None or self.stop_at_step >= 0, "stop_at_step", "must be at least 0, or null")
         require(
             self.time_limit_minutes is None or 0 < self.time_limit_minutes <= MAX_MINUTES,
             "time_limit_minutes",

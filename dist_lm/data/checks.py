@@ -141,6 +141,8 @@ def resolve_data(cfg: Config) -> ResolvedData:
             f"{named[0][1]} has no meta.json to take the vocabulary size from; "
             "set it (50304 for nanoGPT's GPT-2 tokens)",
         )
+    if cfg.model.init_from:
+        check_model_tokenizer(Path(cfg.model.init_from), [(d, m) for (_, d, _), m in zip(named, metas)])
     if cfg.model.vocab_size is None:
         cfg = replaced(cfg, "model", vocab_size=padded_vocab_size(vocab))
     elif vocab is not None and cfg.model.vocab_size < vocab:
@@ -160,6 +162,27 @@ def resolve_data(cfg: Config) -> ResolvedData:
         for split in {"train", eval_split(meta)}:
             Windows.of_split(data_dir, meta, split, cfg.model.seq_len)  # at least one window of each
     return ResolvedData(cfg, [Source(name, d, meta, w) for (name, d, w), meta in zip(named, metas)])
+
+
+def check_model_tokenizer(model_dir: Path, datasets: list[tuple[Path, dict]]) -> None:
+    """Refuse data whose tokens are not the model.init_from model's: its tokenizer.json, by hash
+    (`dist-lm prepare --tokenizer MODEL_DIR` keeps the model's file as it is)."""
+    path = model_dir / "tokenizer.json"
+    if not path.is_file():
+        raise ConfigError(
+            "model.init_from",
+            f"{model_dir} has no tokenizer.json, so the data's tokens cannot be checked against the model's; "
+            "save its tokenizer there (transformers: AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR))",
+        )
+    model_sha = shards.sha256_file(path)
+    for data_dir, meta in datasets:
+        if meta.get("tokenizer_sha256") != model_sha:
+            made_with = str(meta.get("tokenizer_sha256") or "no tokenizer")[:12]
+            raise ConfigError(
+                "model.init_from",
+                f"{data_dir} was made with tokenizer {made_with}, not the model's {path} ({model_sha[:12]}); "
+                f"prepare the data with the model's tokenizer: dist-lm prepare INPUT --out DIR --tokenizer {model_dir}",
+            )
 
 
 def vocab_size_for(cfg: Config) -> int:

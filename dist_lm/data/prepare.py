@@ -21,8 +21,9 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from dist_lm.config.schema import UserError
+from dist_lm.data.model_tokenizer import chat_renderer, read_model_tokenizer
 from dist_lm.data.partial import FileTokens, PartialWork, arguments_of
-from dist_lm.data.readers import EOT, SPECIAL_TOKENS, DataError, ReadStats, TextFile, documents
+from dist_lm.data.readers import EOT, SPECIAL_TOKENS, DataError, ReadStats, TextFile, documents, render_chat
 from dist_lm.data.shards import DatasetWriter, sha256_file
 
 PIECE_CHARS = 1 << 20  # a long document is tokenized in pieces of about 1 MB, cut at line ends
@@ -100,21 +101,36 @@ def train_tokenizer(texts: Iterator[str], vocab_size: int):
 
 # ----------------------------------------------------------------------------- worker processes
 _worker_tokenizer = None
+_worker_bounds: tuple[list[int], int] = ([], 0)  # the ids before and after each document
 
 
-def _init_worker(tokenizer_json: str) -> None:
-    global _worker_tokenizer
+def _init_worker(tokenizer_json: str, bos: str | None, eos: str) -> None:
+    global _worker_tokenizer, _worker_bounds
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process = one core; the pool is the parallelism
     from tokenizers import Tokenizer
 
     _worker_tokenizer = Tokenizer.from_str(tokenizer_json)
+    _worker_bounds = ([_worker_tokenizer.token_to_id(bos)] if bos else [], _worker_tokenizer.token_to_id(eos))
 
 
-def _encode(chunk: list[tuple[str, bool]]) -> list[np.ndarray]:
-    """Token arrays of (piece, ends its document) pairs; end-of-text after each document's last piece."""
-    eot = _worker_tokenizer.token_to_id(EOT)
-    encoded = _worker_tokenizer.encode_batch([text for text, _ in chunk], add_special_tokens=False)
-    return [np.array(e.ids + ([eot] if ends else []), dtype=np.uint32) for e, (_, ends) in zip(encoded, chunk)]
+def _encode(chunk: list[Piece]) -> list[np.ndarray]:
+    """Token arrays of pieces: the beginning-of-sequence id (where the tokenizer has one) before
+    each document's first piece, end-of-text after its last."""
+    bos, eos = _worker_bounds
+    encoded = _worker_tokenizer.encode_batch([p.text for p in chunk], add_special_tokens=False)
+    return [
+        np.array((bos if p.first else []) + e.ids + ([eos] if p.last else []), dtype=np.uint32)
+        for e, p in zip(encoded, chunk)
+    ]
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A piece of a document's text, and whether it begins or ends its document."""
+
+    text: str
+    first: bool
+    last: bool
 
 
 @dataclass
@@ -142,12 +158,18 @@ def prepare(
     progress: bool = True,
 ) -> PrepareResult:
     """Tokenize ``inputs`` into a dataset at ``out``, resuming the partial work of an interrupted
-    run of the same arguments (:mod:`dist_lm.data.partial`)."""
+    run of the same arguments (:mod:`dist_lm.data.partial`). ``tokenizer_path``: a tokenizer.json
+    (our special tokens added where it lacks them), a Hugging Face model directory (its tokenizer
+    and document tokens as the model defines them: :mod:`dist_lm.data.model_tokenizer`), or None
+    to train a BPE of ``vocab_size``."""
     from tokenizers import Tokenizer
 
     start = time.perf_counter()
+    model = read_model_tokenizer(tokenizer_path) if tokenizer_path and tokenizer_path.is_dir() else None
+    tokenizer_file = model.directory / "tokenizer.json" if model else tokenizer_path
     settings = {
-        "tokenizer": sha256_file(tokenizer_path) if tokenizer_path and tokenizer_path.is_file() else None,
+        "tokenizer": sha256_file(tokenizer_file) if tokenizer_file and tokenizer_file.is_file() else None,
+        "model_tokenizer": model is not None,
         "vocab_size": vocab_size,
         "val_fraction": val_fraction,
         "seed": seed,
@@ -157,16 +179,21 @@ def prepare(
     }
     work = PartialWork(out, arguments_of(inputs, settings))
 
+    chat = chat_renderer(model) if model else render_chat
+
     def read(path: Path, stats: ReadStats) -> Iterator[str | TextFile]:
-        return documents(path, text_field, skip_bad_lines, stats)
+        return documents(path, text_field, skip_bad_lines, stats, chat)
 
     try:
-        tokenizer_json = work.tokenizer() or _make_tokenizer(tokenizer_path, vocab_size, inputs, read)
+        tokenizer_json = work.tokenizer() or (
+            model.tokenizer_json if model else _make_tokenizer(tokenizer_path, vocab_size, inputs, read)
+        )
         work.keep_tokenizer(tokenizer_json)
         tokenizer = Tokenizer.from_str(tokenizer_json)
         done = [work.done(i) for i in range(len(inputs))]
         already = sum(d is not None for d in done)
-        _tokenize_files(work, inputs, done, read, tokenizer_json, workers, val_fraction, seed, progress)
+        bounds = (model.bos_token, model.eos_token) if model else (None, EOT)
+        _tokenize_files(work, inputs, done, read, (tokenizer_json, *bounds), workers, val_fraction, seed, progress)
         stats = ReadStats()
         for i in range(len(inputs)):
             for name, value in work.done(i).__dict__.items():
@@ -179,10 +206,14 @@ def prepare(
             for i in range(len(inputs)):
                 for split, n in work.replay(i, writer.add).items():
                     tokens[split] += n
+            tokens_meta = (
+                model.meta(tokenizer.token_to_id)
+                if model
+                else {"eot_id": tokenizer.token_to_id(EOT), "special_tokens": SPECIAL_TOKENS}
+            )
             writer.commit(
                 {
-                    "eot_id": tokenizer.token_to_id(EOT),
-                    "special_tokens": SPECIAL_TOKENS,
+                    **tokens_meta,
                     "val_fraction": val_fraction,
                     "seed": seed,
                     "documents": stats.documents,
@@ -242,16 +273,17 @@ def with_splits(
             yield text_blocks(doc), "val" if is_val(index, val_fraction, seed) else "train"
 
 
-def _chunks(docs: Iterator[tuple[Iterable[str], str]]) -> Iterator[tuple[list[str], list[tuple[str, bool]]]]:
+def _chunks(docs: Iterator[tuple[Iterable[str], str]]) -> Iterator[tuple[list[str], list[Piece]]]:
     """Groups of pieces to tokenize, with the split of each piece; boundaries depend on content only."""
     splits: list[str] = []
-    chunk: list[tuple[str, bool]] = []
+    chunk: list[Piece] = []
     size = 0
     for blocks, split in docs:
         parts = pieces(blocks)
-        part = next(parts)  # a document has at least one piece (an empty one if it is empty)
+        part, first = next(parts), True  # a document has at least one piece (an empty one if it is empty)
         for following in itertools.chain(parts, [None]):  # one ahead, to know which piece is its last
-            chunk.append((part, following is None))
+            chunk.append(Piece(part, first, following is None))
+            first = False
             splits.append(split)
             size += len(part)
             if size >= CHUNK_CHARS:
@@ -267,14 +299,15 @@ def _tokenize_files(
     inputs: list[Path],
     done: list[ReadStats | None],
     read,
-    tokenizer_json: str,
+    tokenizer: tuple[str, str | None, str],
     workers: int,
     val_fraction: float,
     seed: int,
     progress: bool,
 ) -> None:
     """Tokenize the inputs not yet done into ``work``, each file kept as it is finished, with one
-    progress bar over all of them (files, MB, tokens, MB/s, ETA)."""
+    progress bar over all of them (files, MB, tokens, MB/s, ETA). ``tokenizer``: its JSON, and
+    the tokens before (or None) and after each document."""
     from tqdm import tqdm
 
     tail = len(inputs) == 1 and inputs[0].name.endswith(".txt")
@@ -292,7 +325,7 @@ def _tokenize_files(
     open_files: dict[int, FileTokens] = {}
     counted = [0] * len(inputs)  # bytes of each file shown on the bar so far
 
-    def tasks() -> Iterator[tuple[tuple, list[tuple[str, bool]]]]:
+    def tasks() -> Iterator[tuple[tuple, list[Piece]]]:
         """(index, splits, last of its file, its stats once read), chunk: every input file's chunks
         in order, at least one per file, none spanning two files."""
         first_doc = 0
@@ -326,17 +359,17 @@ def _tokenize_files(
         bar.update(step)
 
     if workers <= 1:
-        _init_worker(tokenizer_json)
+        _init_worker(*tokenizer)
         for meta, chunk in tasks():
-            consume(meta, _encode(chunk), sum(len(text) for text, _ in chunk))
+            consume(meta, _encode(chunk), sum(len(p.text) for p in chunk))
     else:
         # spawn, not fork: the parent may already have used the tokenizers' thread pool.
-        with multiprocessing.get_context("spawn").Pool(workers, _init_worker, (tokenizer_json,)) as pool:
+        with multiprocessing.get_context("spawn").Pool(workers, _init_worker, tokenizer) as pool:
             pending: list = []  # what each task's result belongs to, in order (imap keeps it)
 
-            def chunks() -> Iterator[list[tuple[str, bool]]]:
+            def chunks() -> Iterator[list[Piece]]:
                 for meta, chunk in tasks():
-                    pending.append((meta, sum(len(text) for text, _ in chunk)))
+                    pending.append((meta, sum(len(p.text) for p in chunk)))
                     yield chunk
 
             for i, arrays in enumerate(pool.imap(_encode, chunks())):

@@ -13,7 +13,7 @@ import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from dist_lm.config.schema import UserError
 
@@ -30,6 +30,17 @@ TEXT_BLOCK_CHARS = 1 << 20  # a .txt input is read this many characters at a tim
 class DataError(UserError):
     def __init__(self, message: str):
         super().__init__(f"data error: {message}")
+
+    def __reduce__(self):
+        # Raised in a worker pool's feeder thread, it is pickled: rebuilt from its whole text,
+        # not prefixed again (which printed "data error: data error: data error: ...").
+        return _rebuilt_error, (type(self), str(self))
+
+
+def _rebuilt_error(cls: type, text: str) -> UserError:
+    error = UserError.__new__(cls)
+    UserError.__init__(error, text)
+    return error
 
 
 def expand_inputs(patterns: list[str]) -> list[Path]:
@@ -81,6 +92,10 @@ def render_chat(messages: list, where: str) -> str:
     return "".join(parts)
 
 
+ChatRenderer = Callable[[list, str], str]
+"""(messages, where they were read) -> the chat as text."""
+
+
 @dataclass
 class ReadStats:
     documents: int = 0
@@ -88,7 +103,7 @@ class ReadStats:
     chars: int = 0
 
 
-def _record_text(record: object, text_field: str | None, where: str) -> str:
+def _record_text(record: object, text_field: str | None, where: str, chat: ChatRenderer = render_chat) -> str:
     if not isinstance(record, dict):
         raise DataError(f"{where}: a JSONL line must be an object")
     if text_field is not None:
@@ -97,7 +112,7 @@ def _record_text(record: object, text_field: str | None, where: str) -> str:
             raise DataError(f"{where}: no string field '{text_field}' (from --field)")
         return value
     if isinstance(record.get("messages"), list):
-        return render_chat(record["messages"], where)
+        return chat(record["messages"], where)
     for name in TEXT_FIELDS:
         if isinstance(record.get(name), str):
             return record[name]
@@ -107,13 +122,16 @@ def _record_text(record: object, text_field: str | None, where: str) -> str:
     )
 
 
-def documents(path: Path, text_field: str | None, skip_bad_lines: bool, stats: ReadStats) -> Iterator["str | TextFile"]:
+def documents(
+    path: Path, text_field: str | None, skip_bad_lines: bool, stats: ReadStats, chat: ChatRenderer = render_chat
+) -> Iterator["str | TextFile"]:
     """The documents of one input (a file, or a directory saved by datasets' save_to_disk): each a
-    string, or for a .txt file a :class:`TextFile` read in blocks."""
+    string, or for a .txt file a :class:`TextFile` read in blocks. ``chat`` renders a 'messages'
+    list (ours: a special token per role; a model's tokenizer: its chat template)."""
     if path.is_dir() or path.name.endswith((".parquet", ".arrow")):
         from dist_lm.data.tables import table_documents  # pyarrow, only for tables (and it imports this module)
 
-        yield from table_documents(path, text_field, stats)
+        yield from table_documents(path, text_field, stats, chat)
         return
     if path.stat().st_size == 0:
         raise DataError(f"{path} is empty; remove it from the inputs")
@@ -123,7 +141,7 @@ def documents(path: Path, text_field: str | None, skip_bad_lines: bool, stats: R
             yield TextFile(path, stats)
         return
     with _open_text(path) as f:
-        yield from _jsonl_documents(path, f, text_field, skip_bad_lines, stats)
+        yield from _jsonl_documents(path, f, text_field, skip_bad_lines, stats, chat)
 
 
 class _ByteRange(io.RawIOBase):
@@ -223,7 +241,7 @@ def first_undecodable_byte(path: Path) -> int:
 
 
 def _jsonl_documents(
-    path: Path, f: io.TextIOBase, text_field: str | None, skip_bad_lines: bool, stats: ReadStats
+    path: Path, f: io.TextIOBase, text_field: str | None, skip_bad_lines: bool, stats: ReadStats, chat: ChatRenderer
 ) -> Iterator[str]:
     try:
         for number, line in enumerate(f, 1):
@@ -231,7 +249,7 @@ def _jsonl_documents(
                 continue
             where = f"{path} line {number}"
             try:
-                text = _record_text(json.loads(line), text_field, where)
+                text = _record_text(json.loads(line), text_field, where, chat)
             except json.JSONDecodeError:
                 if skip_bad_lines:
                     stats.skipped_lines += 1

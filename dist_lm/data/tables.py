@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 from typing import Iterator
 
-from dist_lm.data.readers import SAVED_DATASET, SAVED_DATASET_DICT, TEXT_FIELDS, DataError, ReadStats, render_chat
+from dist_lm.data.readers import SAVED_DATASET, SAVED_DATASET_DICT, TEXT_FIELDS, ChatRenderer, DataError, ReadStats
 
 ROWS_PER_BATCH = 1024
 
@@ -89,7 +89,7 @@ def _table_batches(path: Path, text_field: str | None) -> Iterator[tuple[str, li
         ) from None
 
 
-def table_documents(path: Path, text_field: str | None, stats: ReadStats) -> Iterator[str]:
+def table_documents(path: Path, text_field: str | None, stats: ReadStats, chat: ChatRenderer) -> Iterator[str]:
     files = _saved_dataset_files(path) if path.is_dir() else [path]
     for f in files:
         row = 0
@@ -98,7 +98,7 @@ def table_documents(path: Path, text_field: str | None, stats: ReadStats) -> Ite
                 row += 1
                 where = f"{f} row {row}"
                 if column == "messages":
-                    text = render_chat(value, where) if isinstance(value, list) else None
+                    text = chat(value, where) if isinstance(value, list) else None
                 else:
                     text = value
                 if text is None:

@@ -9,6 +9,8 @@ and tests/test_model.py holds them to what the layers allocate and save.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -60,13 +62,29 @@ class RMSNorm(nn.Module):
         return x32.type_as(x) * self.weight
 
 
-def rope_tables(
-    head_dim: int, seq_len: int, theta: float, device: torch.device | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of shape (seq_len, head_dim / 2)."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
-    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
+def rope_tables(cfg: ModelConfig, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of shape (seq_len, head_size / 2), with model.rope_scaling's frequencies."""
+    head_dim = cfg.head_size
+    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    if cfg.rope_scaling == "llama3":
+        inv_freq = llama3_frequencies(inv_freq, cfg)
+    angles = torch.outer(torch.arange(cfg.seq_len, device=device, dtype=torch.float32), inv_freq)
     return angles.cos(), angles.sin()
+
+
+def llama3_frequencies(inv_freq: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """Llama 3.1's long-context scaling (as transformers' ``_compute_llama3_parameters``, which
+    the import's logits check holds us to): wavelengths longer than original_seq_len /
+    low_freq_factor are stretched by the factor, those shorter than original_seq_len /
+    high_freq_factor kept, and the ones between interpolated smoothly."""
+    factor, low, high = cfg.rope_scaling_factor, cfg.rope_scaling_low_freq_factor, cfg.rope_scaling_high_freq_factor
+    original = cfg.rope_scaling_original_seq_len
+    wavelength = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelength > original / low, inv_freq / factor, inv_freq)
+    smooth = (original / wavelength - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelength >= original / high) & (wavelength <= original / low)
+    return torch.where(medium, smoothed, scaled)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -79,15 +97,15 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class Attention(nn.Module):
     @staticmethod
     def parameter_count(cfg: ModelConfig) -> int:
-        norms = 2 * RMSNorm.parameter_count(cfg.head_dim) if cfg.qk_norm else 0
-        return 2 * cfg.d_model * cfg.n_heads * cfg.head_dim + 2 * cfg.d_model * cfg.kv_heads * cfg.head_dim + norms
+        norms = 2 * RMSNorm.parameter_count(cfg.head_size) if cfg.qk_norm else 0
+        return 2 * cfg.d_model * cfg.n_heads * cfg.head_size + 2 * cfg.d_model * cfg.kv_heads * cfg.head_size + norms
 
     @staticmethod
     def attention_flops_per_token(cfg: ModelConfig) -> float:
         """The score and value products' training FLOPs per token, beside its matmul parameters'
-        6 each: 12 x d_model x seq_len (PaLM, appendix B), without the causal halving, as PaLM and
-        nanoGPT count it."""
-        return 12.0 * cfg.d_model * cfg.seq_len
+        6 each: 12 x d_model x seq_len (PaLM, appendix B; d_model there is the heads' width, which
+        model.head_dim can set apart), without the causal halving, as PaLM and nanoGPT count it."""
+        return 12.0 * cfg.attention_width * cfg.seq_len
 
     @staticmethod
     def saved_bytes_per_token(cfg: ModelConfig, act_bytes: int, compiled: bool) -> float:
@@ -97,23 +115,23 @@ class Attention(nn.Module):
         two per-head norms (their outputs go on to the rotary embedding, which does not keep them).
         Attention dropout adds nothing here: the fused GPU kernels keep only their random state
         (torch's math path, which CPUs take with dropout, keeps the attention weights)."""
-        kvd = cfg.kv_heads * cfg.head_dim
+        qd, kvd = cfg.attention_width, cfg.kv_heads * cfg.head_size
         norms = 0.0
         if cfg.qk_norm:
             norms = RMSNorm.saved_bytes_per_token(
-                cfg.d_model, act_bytes, compiled, cfg.n_heads, output_kept=False
+                qd, act_bytes, compiled, cfg.n_heads, output_kept=False
             ) + RMSNorm.saved_bytes_per_token(kvd, act_bytes, compiled, cfg.kv_heads, output_kept=False)
-        return act_bytes * (3 * cfg.d_model + 2 * kvd) + 4 * cfg.n_heads + norms
+        return act_bytes * (3 * qd + 2 * kvd) + 4 * cfg.n_heads + norms
 
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
-        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
-        self.wq = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
-        self.wk = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
-        self.wv = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
-        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
-        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_size
+        self.wq = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_size, bias=False)
+        self.wk = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_size, bias=False)
+        self.wv = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_size, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_size, cfg.d_model, bias=False)
+        self.q_norm = RMSNorm(cfg.head_size, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_size, cfg.norm_eps) if cfg.qk_norm else None
         self.attend: nn.Module = LocalAttention(layer, cfg.dropout)
         """The seam: what attends, given q, k, v (see LocalAttention)."""
 

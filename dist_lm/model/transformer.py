@@ -188,7 +188,7 @@ class Transformer(nn.Module):
     def _rope_tables(self, device: torch.device | None) -> tuple[torch.Tensor, torch.Tensor] | None:
         if self.cfg.position != "rope":
             return None
-        return rope_tables(self.cfg.head_dim, self.cfg.seq_len, self.cfg.rope_theta, device)
+        return rope_tables(self.cfg, device)
 
     def _apply(self, fn, recurse=True):  # .to(), .cuda(), .bfloat16(): the tables follow the device only
         super()._apply(fn, recurse)

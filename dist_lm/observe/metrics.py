@@ -117,6 +117,7 @@ class RunSummary:
     first_step_s: float | None = None  # from the trainer's start to the end of this process's first step
     sequence_parallel_size: int = 1  # ranks that split each window (dist_lm.config.layout)
     tensor_parallel_size: int = 1  # ranks that split each block's linear layers
+    init_from: str | None = None  # the Hugging Face model directory the run started from (model.init_from)
 
     def write(self, run_dir: Path) -> None:
         if not is_rank0():

@@ -13,12 +13,17 @@ from dist_lm.store import checkpoints
 from dist_lm.store.state import RunState
 
 
-def _checkpoint_root(run_dir: Path) -> Path:
+def _configured(run_dir: Path, section: str, key: str) -> str | None:
+    """One text value of the run's config.yaml, or None where it is not there or unreadable."""
     try:
-        configured = (yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("checkpoint", {}).get("dir")
+        value = (yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get(section, {}).get(key)
     except (OSError, yaml.YAMLError, AttributeError):
-        configured = None
-    return CheckpointConfig(dir=str(configured) if configured else None).root(run_dir)
+        value = None
+    return str(value) if value else None
+
+
+def _checkpoint_root(run_dir: Path) -> Path:
+    return CheckpointConfig(dir=_configured(run_dir, "checkpoint", "dir")).root(run_dir)
 
 
 def list_runs(root: Path) -> list[dict]:
@@ -44,8 +49,9 @@ def list_runs(root: Path) -> list[dict]:
             else []
         )
         latest, best = (_pointer(ckpt_root / name) for name in (checkpoints.LATEST, checkpoints.BEST))
+        started_from = _configured(run_dir, "model", "init_from")  # a Hugging Face model, or None: from scratch
         if not tags:
-            rows.append({"run": run_dir.name, "checkpoint": None})
+            rows.append({"run": run_dir.name, "checkpoint": None, "init_from": started_from})
         for tag in tags:
             problem = checkpoints.problem_with(tag)
             state = asdict(RunState.read(tag)) if problem is None else {}
@@ -64,6 +70,7 @@ def list_runs(root: Path) -> list[dict]:
                     "parameters": state.get("parameters"),
                     "world_size": state.get("world_size"),
                     "zero_stage": state.get("zero_stage"),
+                    "init_from": started_from,
                     "bytes": sum(f.stat().st_size for f in tag.rglob("*") if f.is_file()),
                     "path": str(tag),
                 }
@@ -92,11 +99,12 @@ def format_table(rows: list[dict]) -> str:
         "precision",
         "ranks x ZeRO",
         "size",
+        "started from",
     ]
     lines = [header]
     for r in rows:
         if r["checkpoint"] is None:
-            lines.append([r["run"], "(none)"] + ["-"] * 8)
+            lines.append([r["run"], "(none)"] + ["-"] * 8 + [r["init_from"] or "scratch"])
             continue
         marks = [mark for mark in ("latest", "best") if r[mark]]
         name = r["checkpoint"] + (f" ({', '.join(marks)})" if marks else "") + (" INCOMPLETE" if r["problem"] else "")
@@ -114,6 +122,7 @@ def format_table(rows: list[dict]) -> str:
                 r["precision"] or "-",
                 ranks,
                 f"{r['bytes'] / 1e6:.1f} MB",
+                r["init_from"] or "scratch",
             ]
         )
     widths = [max(len(row[i]) for row in lines) for i in range(len(header))]

@@ -119,7 +119,7 @@ def estimate(
     tokens = micro_batch * model.seq_len // layout.sequence_parallel_size  # this rank's share
     act_bytes = precision.bytes_per_activation
     if layout.sequence_parallel_size > 1:
-        q_width, kv_width = model.n_heads * model.head_dim, model.kv_heads * model.head_dim
+        q_width, kv_width = model.n_heads * model.head_size, model.kv_heads * model.head_size
         buffers += 2 * tokens * act_bytes * (2 * q_width + 2 * kv_width)  # q, o, k, v: in and out
     # With checkpointing, the compiled count fell short of the checkpointed presets measured
     # compiled (whose peak is then not at the start of backward), while the eager count held
@@ -166,5 +166,5 @@ def estimate(
 
 def _linear_parameters(model: ModelConfig) -> int:
     """A block's parameters that tensor parallelism splits: attention's four projections and the MLP."""
-    norms = 2 * RMSNorm.parameter_count(model.head_dim) if model.qk_norm else 0
+    norms = 2 * RMSNorm.parameter_count(model.head_size) if model.qk_norm else 0
     return Attention.parameter_count(model) - norms + MLP.parameter_count(model)

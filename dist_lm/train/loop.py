@@ -100,6 +100,12 @@ class Trainer:
         if self.step >= cfg.max_steps:
             log.info(f"nothing to do: the run is already at step {self.step} of train.max_steps={cfg.max_steps}")
             return
+        if self.stop.stop_at_step is not None and self.step >= self.stop.stop_at_step:  # e.g. 0: the imported weights
+            self.stop_reason = f"train.stop_at_step={self.stop.stop_at_step}"
+            log.info(f"stopping at step {self.step}: {self.stop_reason}; {s.stop.how_to_continue}")
+            if s.resumed is None:  # (a resumed run's step has its checkpoint: the one it resumed from)
+                self.save()
+            return
         log.info(
             f"training from step {self.step} to {cfg.max_steps}"
             f"{engine.compile_wait(self.cfg.parallel, s.device, self.step)}"

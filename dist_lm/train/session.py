@@ -13,7 +13,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Callable
 
 import torch
 
@@ -33,7 +33,7 @@ from dist_lm.plan import memory
 from dist_lm.runtime import distributed, engine, fp8, hardware, launch
 from dist_lm.runtime.launch import DistEnv
 from dist_lm.runtime.precision import Precision
-from dist_lm.store import checkpoints
+from dist_lm.store import checkpoints, hugging_face
 from dist_lm.store.state import RunState
 from dist_lm.train import checkpoint, restore, run_directory, watchdog
 from dist_lm.train.preemption import StopControl
@@ -108,15 +108,24 @@ def start(cfg: Config, plan_summary: list[str] = (), data: ResolvedData | None =
     dog.how_to_continue = stop.how_to_continue = run_directory.how_to_continue(given, cfg)
     run_dir = Path(cfg.run.dir)
     place = _checkpoint_to_resume(cfg, data, run_dir, inputs.precision, layout)
+    found = place.found
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model, cfg.parallel)
+    # Before the run directory: damaged weights or other logits are bad input, refused with nothing written.
+    started_from = (
+        _start_from_hugging_face(model, Path(cfg.model.init_from), layout.rank)
+        if cfg.model.init_from and found is None  # a resumed run continues from its own checkpoint
+        else []
+    )
     dir_locks = run_directory.take_run_dirs(cfg, run_dir, place.root if place.shared_root else None)
     log.set_log_file(run_dir / "train.log")
     _log_opening(cfg, inputs, plan_summary, run_dir, val_sets, data_checked)
 
     # --- model and engine
-    torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model, cfg.parallel)
     parameters = count_parameters(cfg.model)["total"]
     log.info(f"model {parameters / 1e6:.2f}M parameters, {flops_per_token(cfg.model) / 1e6:.1f} MFLOP/token")
+    for log_line, line in started_from:
+        log_line(line)
     if inputs.precision is Precision.FP8:
         log.info(
             f"fp8: {len(fp8.converted_layers(model))} linear layers of the blocks multiply in float8 (torchao, "
@@ -140,7 +149,6 @@ def start(cfg: Config, plan_summary: list[str] = (), data: ResolvedData | None =
             f"building DeepSpeed's {' and '.join(building)} op for this machine (its first use: about a minute "
             "on 2 cores, then cached for every run)"
         )
-    found = place.found
     if place.universal:  # saved on another world size or ZeRO stage: DeepSpeed's universal format
         restore.convert_to_universal(found.path, layout.rank, distributed.barrier)
     start_step = found.state.step if found else 0
@@ -158,6 +166,7 @@ def start(cfg: Config, plan_summary: list[str] = (), data: ResolvedData | None =
         start_step=start_step,
         sequence_parallel_size=layout.sequence_parallel_size,
         tensor_parallel_size=layout.tensor_parallel_size,
+        init_from=cfg.model.init_from,
     )
     summary.write(run_dir)
     model_engine = engine.initialize(
@@ -212,6 +221,38 @@ def start(cfg: Config, plan_summary: list[str] = (), data: ResolvedData | None =
         dir_locks,
         data_stamps,
     )
+
+
+def _start_from_hugging_face(model: torch.nn.Module, directory: Path, rank: int) -> list[tuple[Callable, str]]:
+    """A fresh continued run: the model.init_from weights into the whole model on every rank,
+    before the engine partitions it (the model is built whole at every ZeRO stage, so a plain
+    load is DeepSpeed's way in too), then rank 0 holds our forward to the reference logits. A
+    collective; a problem anywhere is one UserError on every rank. Returns what to log, for
+    when the log is open."""
+    problem, dtype = None, None
+    try:
+        dtype = hugging_face.load_into(model, directory)
+    except UserError as e:
+        problem = str(e)
+    problem = distributed.first_problem(problem)
+    checked = ""
+    if problem is None and rank == 0:
+        try:
+            with torch.random.fork_rng(devices=[]):  # (transformers draws while it builds its model: rank 0 alone)
+                checked = hugging_face.check_logits(model, directory)
+        except UserError as e:
+            problem = str(e)
+    problem = distributed.from_rank0(problem)
+    if problem:
+        raise UserError(problem)
+    stored = str(dtype).removeprefix("torch.")
+    lines = [(log.info, f"model.init_from: started from the weights of {directory} (stored in {stored})")]
+    if checked:
+        lines.append((log.info, checked))
+    elif checked is None:
+        not_checked = f"transformers is not installed and {directory} has no {hugging_face.REFERENCE_LOGITS}"
+        lines.append((log.warn, f"model.init_from: logits not checked: {not_checked}"))
+    return lines
 
 
 @dataclass(frozen=True)

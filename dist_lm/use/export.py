@@ -18,46 +18,30 @@ from pathlib import Path
 import torch
 
 from dist_lm.config.schema import Config, UserError
-from dist_lm.data.readers import EOT
 from dist_lm.files import as_umask_allows, foreign_entries, holds, replace_dir, staging_dir
+from dist_lm.model.transformer import Transformer
 from dist_lm.observe import log
 from dist_lm.runtime.precision import Precision
-from dist_lm.store import checkpoints
+from dist_lm.store import checkpoints, hugging_face
+from dist_lm.store.hugging_face import hf_name
 from dist_lm.train import restore
-from dist_lm.use.inference import find_tokenizer, saved_config
+from dist_lm.use.inference import RunTokenizer, run_tokenizer, saved_config
 
 # What an export writes, and so all that --overwrite may replace.
 EXPORT_FILES = frozenset(
-    {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"}
+    {
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        hugging_face.REFERENCE_LOGITS,
+    }
 )
-# our name -> Hugging Face Llama's name; {i} is the block index
-NAMES = {
-    "tok_embeddings.weight": "model.embed_tokens.weight",
-    "norm.weight": "model.norm.weight",
-    "lm_head.weight": "lm_head.weight",
-    "blocks.{i}.attn_norm.weight": "model.layers.{i}.input_layernorm.weight",
-    "blocks.{i}.mlp_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
-    "blocks.{i}.attn.wq.weight": "model.layers.{i}.self_attn.q_proj.weight",
-    "blocks.{i}.attn.wk.weight": "model.layers.{i}.self_attn.k_proj.weight",
-    "blocks.{i}.attn.wv.weight": "model.layers.{i}.self_attn.v_proj.weight",
-    "blocks.{i}.attn.wo.weight": "model.layers.{i}.self_attn.o_proj.weight",
-    "blocks.{i}.mlp.w_gate.weight": "model.layers.{i}.mlp.gate_proj.weight",
-    "blocks.{i}.mlp.w_in.weight": "model.layers.{i}.mlp.up_proj.weight",
-    "blocks.{i}.mlp.w_out.weight": "model.layers.{i}.mlp.down_proj.weight",
-    # model.qk_norm, exported as Qwen3 (Llama's layout with per-head query and key norms)
-    "blocks.{i}.attn.q_norm.weight": "model.layers.{i}.self_attn.q_norm.weight",
-    "blocks.{i}.attn.k_norm.weight": "model.layers.{i}.self_attn.k_norm.weight",
-}
 
 
-def hf_name(name: str) -> str:
-    parts = name.split(".")
-    if parts[0] == "blocks":
-        return NAMES[".".join(["blocks", "{i}", *parts[2:]])].format(i=parts[1])
-    return NAMES[name]
-
-
-def hf_config(cfg: Config, eot_id: int | None, dtype: torch.dtype = torch.float32) -> dict:
+def hf_config(cfg: Config, tokens: RunTokenizer | None = None, dtype: torch.dtype = torch.float32) -> dict:
+    """config.json for ``cfg``'s model, with the document tokens of its tokenizer."""
     m = cfg.model
     unlike_llama = [f"model.activation={m.activation} (Llama's MLP is SwiGLU)"] if m.activation != "swiglu" else []
     if m.position != "rope":
@@ -81,6 +65,15 @@ def hf_config(cfg: Config, eot_id: int | None, dtype: torch.dtype = torch.float3
         if m.qk_norm
         else {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "mlp_bias": False}
     )
+    rope = {"rope_type": "default", "rope_theta": m.rope_theta}
+    if m.rope_scaling == "llama3":
+        rope |= {
+            "rope_type": "llama3",
+            "factor": m.rope_scaling_factor,
+            "low_freq_factor": m.rope_scaling_low_freq_factor,
+            "high_freq_factor": m.rope_scaling_high_freq_factor,
+            "original_max_position_embeddings": m.rope_scaling_original_seq_len,
+        }
     return {
         **architecture,
         "attention_dropout": 0.0,
@@ -90,46 +83,49 @@ def hf_config(cfg: Config, eot_id: int | None, dtype: torch.dtype = torch.float3
         "num_hidden_layers": m.n_layers,
         "num_attention_heads": m.n_heads,
         "num_key_value_heads": m.kv_heads,
-        "head_dim": m.head_dim,
+        "head_dim": m.head_size,
         "hidden_act": "silu",
         "max_position_embeddings": m.seq_len,
         "rms_norm_eps": m.norm_eps,
         "rope_theta": m.rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": m.rope_theta},
+        "rope_parameters": rope,
         "tie_word_embeddings": m.tie_embeddings,
         "attention_bias": False,
         "initializer_range": m.init_std,
         "torch_dtype": str(dtype).removeprefix("torch."),
-        "bos_token_id": None,
-        "eos_token_id": eot_id,
+        "bos_token_id": tokens.bos_id if tokens else None,
+        "eos_token_id": tokens.eot_id if tokens else None,
     }
 
 
 def export_hf(
-    source: Path, out: Path, overwrite: bool = False, best: bool = False, dtype: str = "trained"
+    source: Path,
+    out: Path,
+    overwrite: bool = False,
+    best: bool = False,
+    dtype: str = "trained",
+    tokenizer: Path | None = None,
 ) -> tuple[Path, Path]:
     """Export the checkpoint ``source`` (a checkpoint directory, or a run directory: its newest
     complete checkpoint, or with ``best`` its best) to ``out``, with weights in ``dtype`` (fp32,
     bf16, fp16, or "trained": the run's precision, its fp32 masters rounded as the training
-    loop's forward saw them). Returns (checkpoint exported, out)."""
+    loop's forward saw them). ``tokenizer``: the run's tokenizer.json where its data has none.
+    Beside the weights, our logits on a few tokens (hugging_face.REFERENCE_LOGITS), which an
+    import of the export checks itself against where transformers is not installed. Returns
+    (checkpoint exported, out)."""
     from safetensors.torch import save_file
-    from tokenizers import Tokenizer
 
     found = checkpoints.find_for_reading(Path(source), best)
     if found.note:
         log.warn(found.note)
     check_out(out, Path(source), found.path, overwrite)
     cfg = saved_config(found)
-    tokenizer_path = find_tokenizer(cfg, found.state.tokenizer_sha256)
-    if tokenizer_path is None:
-        raise UserError(
-            f"export error: the tokenizer of {found.path} (data.dir={cfg.data.dir}) is not there any more; "
-            "the export needs its tokenizer.json"
-        )
-    tokenizer = Tokenizer.from_file(str(tokenizer_path))
-    eot_id = tokenizer.token_to_id(EOT)
+    try:
+        tokens = run_tokenizer(cfg, found, tokenizer)
+    except UserError as e:
+        raise UserError(f"export error: {e}; the export needs the tokenizer") from None
     torch_dtype = Precision(found.state.precision if dtype == "trained" else dtype).dtype
-    config = hf_config(cfg, eot_id, torch_dtype)
+    config = hf_config(cfg, tokens, torch_dtype)
 
     weights = restore.consolidated_weights(found.path)
     tensors = {
@@ -142,27 +138,49 @@ def export_hf(
     tmp = staging_dir(out.parent, f".{out.name}.")  # renamed into place when whole
     try:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        as_umask_allows(tmp / "model.safetensors")
+        save_file(reference_logits(cfg, tensors), str(tmp / hugging_face.REFERENCE_LOGITS))
+        for written in ("model.safetensors", hugging_face.REFERENCE_LOGITS):
+            as_umask_allows(tmp / written)
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        (tmp / "generation_config.json").write_text(json.dumps({"eos_token_id": eot_id, "bos_token_id": None}))
-        shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")
-        (tmp / "tokenizer_config.json").write_text(
-            json.dumps(
-                {
-                    "tokenizer_class": "PreTrainedTokenizerFast",
-                    "eos_token": EOT,
-                    "bos_token": None,
-                    "model_max_length": cfg.model.seq_len,
-                    "clean_up_tokenization_spaces": False,
-                },
-                indent=2,
-            )
+        (tmp / "generation_config.json").write_text(
+            json.dumps({"eos_token_id": tokens.eot_id, "bos_token_id": tokens.bos_id})
         )
+        shutil.copyfile(tokens.path, tmp / "tokenizer.json")
+        (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(cfg, tokens), indent=2))
         replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return found.path, out
+
+
+def tokenizer_config(cfg: Config, tokens: RunTokenizer) -> dict:
+    """tokenizer_config.json: the document tokens and chat template of the run's tokenizer (a
+    model's, recorded in its data's meta.json), or ours."""
+    ids = tokens.tokenizer.id_to_token
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "eos_token": tokens.tokens.get("eos_token") or (ids(tokens.eot_id) if tokens.eot_id is not None else None),
+        "bos_token": tokens.tokens.get("bos_token") or (ids(tokens.bos_id) if tokens.bos_id is not None else None),
+        "model_max_length": cfg.model.seq_len,
+        "clean_up_tokenization_spaces": False,
+    }
+    if tokens.tokens.get("chat_template"):
+        config["chat_template"] = tokens.tokens["chat_template"]
+    return config
+
+
+@torch.no_grad()
+def reference_logits(cfg: Config, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our forward's logits (fp32, from the exported tensors) on hugging_face.check_input_ids."""
+    model = Transformer(cfg.model)
+    names = {hf_name(name): name for name in model.state_dict()}
+    weights = {names[k]: v.float() for k, v in tensors.items()}
+    if cfg.model.tie_embeddings:
+        weights["lm_head.weight"] = weights["tok_embeddings.weight"]
+    model.load_state_dict(weights)
+    ids = hugging_face.check_input_ids(cfg.model.vocab_size)
+    return {"input_ids": ids, "logits": model.eval()(ids).float().contiguous()}
 
 
 def check_out(out: Path, source: Path, checkpoint_dir: Path, overwrite: bool) -> None:

@@ -3,8 +3,11 @@ config and its tokenizer (for dist-lm generate, dist-lm evaluate and dist-lm exp
 
 from __future__ import annotations
 
+import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -13,6 +16,7 @@ import torch.nn.functional as F
 from dist_lm.config.io import from_dict
 from dist_lm.config.schema import Config, UserError
 from dist_lm.data import corpus
+from dist_lm.data.readers import EOT
 from dist_lm.data.sampler import ValData
 from dist_lm.data.shards import sha256_file
 from dist_lm.model.loss import TrainingOptions
@@ -66,13 +70,70 @@ def load_model(path: Path, best: bool = False, dtype: str = "fp32") -> tuple[Tra
     return model.to(precision.dtype).eval(), cfg, found
 
 
-def load_tokenizer(cfg: Config, found: checkpoints.Found):
+@dataclass(frozen=True)
+class RunTokenizer:
+    """The tokenizer a run's tokens were made with, and the tokens around its documents."""
+
+    path: Path
+    tokenizer: Any  # tokenizers.Tokenizer
+    eot_id: int | None
+    """What ends a document (the model's end-of-sequence token for data of a model's tokenizer)."""
+    bos_id: int | None
+    """What begins one, where the tokenizer puts one."""
+    tokens: dict
+    """What the data's meta.json says of its tokens: eos_token, bos_token, chat_template ({}: not recorded)."""
+
+
+def run_tokenizer(cfg: Config, found: checkpoints.Found, given: Path | None = None) -> RunTokenizer:
+    """The run's tokenizer: ``given`` (--tokenizer: a tokenizer.json or a directory holding one,
+    which must be the run's where the run recorded its hash), else the tokenizer.json of the
+    run's data, found by its hash. One line for what is missing and how to give it."""
     from tokenizers import Tokenizer
 
-    path = find_tokenizer(cfg, found.state.tokenizer_sha256)
-    if path is None:
-        raise UserError(f"the tokenizer of {found.path} (data.dir={cfg.data.dir}) is not there any more")
-    return Tokenizer.from_file(str(path))
+    sha = found.state.tokenizer_sha256
+    where = f"data.dir={cfg.data.dir}" if cfg.data.dir else "the run's data"
+    if given is not None:
+        path = given / "tokenizer.json" if given.is_dir() else given
+        if not path.is_file():
+            raise UserError(f"--tokenizer {given}: no such tokenizer.json")
+        if sha is not None and sha256_file(path) != sha:
+            raise UserError(
+                f"--tokenizer {path} is not the tokenizer {found.path} was trained with (sha256 {sha[:12]}); "
+                f"give that one, or leave --tokenizer out to use the one in {where}"
+            )
+    else:
+        path = find_tokenizer(cfg, sha)
+        if path is None and sha is None:
+            raise UserError(
+                f"{found.path} was trained on data without a tokenizer ({where}: nanoGPT's train.bin/val.bin); "
+                "give the tokenizer its tokens were made with: --tokenizer PATH (a tokenizer.json, or a directory "
+                "holding one), or put it beside the data as tokenizer.json"
+            )
+        if path is None:
+            raise UserError(
+                f"the tokenizer of {found.path} ({where}, sha256 {sha[:12]}) is not there any more; give a copy of "
+                "it with --tokenizer PATH"
+            )
+    try:
+        tokenizer = Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises plain Exceptions for unreadable files
+        raise UserError(f"{path} is not a readable tokenizer.json ({e})") from None
+    if tokenizer.get_vocab_size() > cfg.model.vocab_size:
+        raise UserError(
+            f"{path} has {tokenizer.get_vocab_size():,} tokens, more than the model's {cfg.model.vocab_size:,}: "
+            "it is not the tokenizer the run was trained with"
+        )
+    meta_path = path.parent / "meta.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() and path.name == "tokenizer.json" else {}
+    meta = meta if isinstance(meta, dict) and meta.get("tokenizer_sha256") == sha256_file(path) else {}
+    eot = meta.get("eot_id", tokenizer.token_to_id(EOT))
+    tokens = {k: meta[k] for k in ("eos_token", "bos_token", "chat_template") if meta.get(k) is not None}
+    return RunTokenizer(path, tokenizer, eot, meta.get("bos_id"), tokens)
+
+
+def load_tokenizer(cfg: Config, found: checkpoints.Found, given: Path | None = None):
+    """The run's tokenizer (:func:`run_tokenizer`), the tokenizers object alone."""
+    return run_tokenizer(cfg, found, given).tokenizer
 
 
 @torch.no_grad()
