@@ -6,6 +6,7 @@ tokenizer is a byte-level BPE trained here on a few hundred documents of the emb
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -23,9 +24,15 @@ QWEN_CHAT = (
 
 
 def texts(count: int = 300) -> list[str]:
+    return _corpus()[:count]
+
+
+@functools.cache
+def _corpus() -> list[str]:
+    """The embedded corpus's documents (read from the standard library's sources: seconds, once)."""
     from dist_lm.data.corpus import documents
 
-    return documents()[:count]
+    return documents()
 
 
 def write_tokenizer(directory: Path, kind: str) -> None:

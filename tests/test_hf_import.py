@@ -280,3 +280,31 @@ def test_import_train_stop_resume_export_on_two_ranks_in_bf16(
         torch.testing.assert_close(hf(ids).logits, ours(ids), atol=1e-4, rtol=0)
     trained = safetensors_of(tmp_path / "step3")["model.embed_tokens.weight"]
     assert not torch.equal(trained, original["model.embed_tokens.weight"].float())  # training moved them
+
+
+@pytest.mark.parametrize("precision, stage", [("bf16", 0), ("bf16", 2), ("fp32", 3)])
+def test_an_import_saved_before_any_step_exports_the_original_at_every_stage(
+    models, qwen_data, cache_dir, ds_ops, tmp_path, precision, stage
+):
+    """The stages and precision the test above leaves out: the bf16 Qwen3 imported on two ranks
+    and saved at step 0 exports its own tensors (bf16: bitwise; an fp32 run's masters: exactly
+    their upcast)."""
+    from dist_lm.use.export import export_hf
+
+    run = tmp_path / "run"
+    args = [
+        "--config",
+        "debug",
+        f"model.init_from={models['qwen3']}",
+        f"data.dir={qwen_data}",
+        f"parallel.precision={precision}",
+        f"parallel.zero_stage={stage}",
+        "train.stop_at_step=0",
+        f"run.dir={run}",
+    ]
+    assert_ok(launch("torchrun", args, child_env(cache_dir)))
+    export_hf(run, tmp_path / "hf")  # in the run's precision
+    original, exported = safetensors_of(models["qwen3"]), safetensors_of(tmp_path / "hf")
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    assert original.keys() == exported.keys()
+    assert all(exported[k].dtype == dtype and torch.equal(exported[k], original[k].to(dtype)) for k in original)

@@ -123,12 +123,20 @@ def run_tokenizer(cfg: Config, found: checkpoints.Found, given: Path | None = No
             f"{path} has {tokenizer.get_vocab_size():,} tokens, more than the model's {cfg.model.vocab_size:,}: "
             "it is not the tokenizer the run was trained with"
         )
-    meta_path = path.parent / "meta.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() and path.name == "tokenizer.json" else {}
-    meta = meta if isinstance(meta, dict) and meta.get("tokenizer_sha256") == sha256_file(path) else {}
+    meta = _tokens_recorded_beside(path)
     eot = meta.get("eot_id", tokenizer.token_to_id(EOT))
     tokens = {k: meta[k] for k in ("eos_token", "bos_token", "chat_template") if meta.get(k) is not None}
     return RunTokenizer(path, tokenizer, eot, meta.get("bos_id"), tokens)
+
+
+def _tokens_recorded_beside(tokenizer_path: Path) -> dict:
+    """The meta.json of the dataset a tokenizer.json belongs to (its document tokens), where it
+    records this very file ({} otherwise: a tokenizer given on its own)."""
+    try:
+        meta = json.loads((tokenizer_path.parent / "meta.json").read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return {}
+    return meta if isinstance(meta, dict) and meta.get("tokenizer_sha256") == sha256_file(tokenizer_path) else {}
 
 
 def load_tokenizer(cfg: Config, found: checkpoints.Found, given: Path | None = None):
