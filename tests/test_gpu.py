@@ -376,6 +376,7 @@ def test_a_hugging_face_import_trains_and_exports_to_transformers_logits(env, tm
             f"data.dir={tmp_path / 'data'}",
             f"parallel.precision={precision}",
             f"parallel.zero_stage={stage}",
+            f"parallel.compile={str(precision == 'fp8').lower()}",  # fp8 runs compiled only
             "train.max_steps=10",
             "train.log_interval=1",
             f"run.dir={run}",
