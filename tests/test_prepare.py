@@ -325,9 +325,14 @@ def test_nanogpt_layout_needs_its_dtype(env, ds_ops, tmp_path):
     def tool(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "dist_lm", *args], capture_output=True, text=True, env=env)
 
-    for refused in (tool("generate", str(run), "--max-tokens", "3"), tool("export", str(run), str(tmp_path / "hf"))):
-        assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
-        assert "was trained on data without a tokenizer" in refused.stderr and "--tokenizer PATH" in refused.stderr
+    refused = tool("generate", str(run), "--max-tokens", "3")
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert "was trained on data without a tokenizer" in refused.stderr and "--tokenizer PATH" in refused.stderr
+    from dist_lm.config.schema import UserError
+    from dist_lm.use.export import export_hf
+
+    with pytest.raises(UserError, match="export error: .* was trained on data without a tokenizer"):
+        export_hf(run, tmp_path / "hf")
     from tokenizers import models, pre_tokenizers, trainers
 
     tokenizer = Tokenizer(models.BPE())
@@ -336,7 +341,7 @@ def test_nanogpt_layout_needs_its_dtype(env, ds_ops, tmp_path):
     tokenizer.train_from_iterator([" ".join(WORDS)] * 20, trainer=trainer)
     tokenizer.save(str(tmp_path / "tokenizer.json"))
     assert_ok(tool("generate", str(run), "--max-tokens", "3", "--tokenizer", str(tmp_path)))
-    assert_ok(tool("export", str(run), str(tmp_path / "hf"), "--tokenizer", str(tmp_path / "tokenizer.json")))
+    export_hf(run, tmp_path / "hf", tokenizer=tmp_path / "tokenizer.json")
     assert (tmp_path / "hf" / "tokenizer.json").read_bytes() == (tmp_path / "tokenizer.json").read_bytes()
 
 

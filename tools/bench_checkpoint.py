@@ -26,6 +26,7 @@ def main() -> None:
     p.add_argument("overrides", nargs="*", metavar="section.key=value")
     args = p.parse_args()
 
+    from dist_lm.commands.arguments import MEASURING_RUN
     from dist_lm.config.io import load_config
     from dist_lm.runtime import distributed, engine
     from dist_lm.store import checkpoints
@@ -39,12 +40,7 @@ def main() -> None:
             [
                 *args.overrides,
                 "train.max_steps=1",
-                "train.eval_interval=0",
-                "train.sample_tokens=0",
-                "checkpoint.interval=0",
-                "checkpoint.save_at_end=false",
-                "logging.wandb=disabled",
-                "logging.progress=false",
+                *MEASURING_RUN,
                 f"run.dir={work}/run",
             ],
         )

@@ -14,6 +14,16 @@ from typing import Callable, NoReturn
 from dist_lm.config.errors import MAX_INT
 
 DTYPES = ["trained", "fp32", "bf16", "fp16"]
+# A run made only to measure something (find-batch's trial steps, the benches): nothing evaluated,
+# sampled, checkpointed or sent to wandb, and no progress bar in its log.
+MEASURING_RUN = (
+    "train.eval_interval=0",
+    "train.sample_tokens=0",
+    "checkpoint.interval=0",
+    "checkpoint.save_at_end=false",
+    "logging.wandb=disabled",
+    "logging.progress=false",
+)
 
 
 class Parser(argparse.ArgumentParser):

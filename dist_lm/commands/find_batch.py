@@ -25,7 +25,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from dist_lm.commands.arguments import Parser, integer
+from dist_lm.commands.arguments import MEASURING_RUN, Parser, integer
 from dist_lm.config.io import load_config
 from dist_lm.config.schema import UserError
 
@@ -42,12 +42,7 @@ def peak_gb(config: str, overrides: list[str], micro: int, work: Path) -> float 
         f"train.global_batch_size={micro}",
         "train.max_steps=2",
         "train.log_interval=1",
-        "train.eval_interval=0",
-        "train.sample_tokens=0",
-        "checkpoint.interval=0",
-        "checkpoint.save_at_end=false",
-        "logging.wandb=disabled",
-        "logging.progress=false",
+        *MEASURING_RUN,
         f"run.dir={run_dir}",
     ]
     proc = subprocess.run(
