@@ -209,3 +209,18 @@ def test_a_batch_the_ranks_cannot_split_is_refused_before_torch_is_imported():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.stdout.split() == ["2", "False"], proc.stdout + proc.stderr
     assert "train.global_batch_size: 10 is not a multiple of micro_batch_size x data-parallel ranks" in proc.stderr
+
+
+def test_zero_plus_plus_quantized_collectives_are_refused_on_the_cpu(env, tmp_path):
+    line = bad(
+        env,
+        [
+            "--config",
+            "debug",
+            "parallel.zero_stage=3",
+            "parallel.zero_quantized_gradients=true",
+            f"run.dir={tmp_path / 'run'}",
+        ],
+    )
+    assert "parallel.zero_quantized_gradients: DeepSpeed's quantized collectives are CUDA kernels" in line
+    assert not (tmp_path / "run").exists()

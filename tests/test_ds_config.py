@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from dist_lm.config.batch import batch_sizes
 from dist_lm.config.io import load_config
 from dist_lm.config.schema import ConfigError, OptimConfig, ParallelConfig, TrainConfig
+from dist_lm.model.counts import count_parameters
 from dist_lm.runtime.ds_config import deepspeed_config
 
 
@@ -128,3 +131,36 @@ def test_deepspeeds_throughput_timer_is_off():
     ds = deepspeed_config(ParallelConfig(), OptimConfig(), batch_sizes(TrainConfig(micro_batch_size=2), 1), "bf16")
     assert get_timers_config(ds).enabled is False
     assert get_timers_config({}).enabled and get_timers_config({}).synchronized  # DeepSpeed's default
+
+
+def test_zero_plus_plus_keys_and_where_they_are_refused():
+    """ZeRO++ is config alone: hpZ's group size and the quantized collectives become DeepSpeed's
+    keys at ZeRO-3; below it, on a CPU, or with an hpZ group that does not divide the ranks, one
+    line names the key."""
+    from dist_lm.config.layout import parallel_layout
+    from dist_lm.plan import memory
+    from dist_lm.runtime.ds_config import check_device_options
+
+    plus = ParallelConfig(
+        zero_stage=3, zero_hpz_partition_size=8, zero_quantized_weights=True, zero_quantized_gradients=True
+    )
+    zero = deepspeed_config(plus, OptimConfig(), batch_sizes(TrainConfig(), 16), "bf16")["zero_optimization"]
+    assert (zero["zero_hpz_partition_size"], zero["zero_quantized_weights"], zero["zero_quantized_gradients"]) == (
+        8,
+        True,
+        True,
+    )
+    plain = deepspeed_config(ParallelConfig(zero_stage=3), OptimConfig(), batch_sizes(TrainConfig(), 16), "bf16")
+    assert not {k for k in plain["zero_optimization"] if k.startswith("zero_")}
+    for key in ("zero_quantized_weights", "zero_quantized_gradients"):
+        with pytest.raises(ConfigError, match=f"{key}: is ZeRO\\+\\+, .* needs parallel.zero_stage=3"):
+            ParallelConfig(zero_stage=2, **{key: True})
+        with pytest.raises(ConfigError, match=f"parallel.{key}: .* GPU runs only, and this run is on the CPU"):
+            check_device_options(ParallelConfig(zero_stage=3, **{key: True}), "cpu")
+    check_device_options(plus, "cuda")
+    model = dataclasses.replace(load_config("debug").model, vocab_size=512)
+    with pytest.raises(ConfigError, match="parallel.zero_hpz_partition_size: 8 does not divide the 12 ranks"):
+        parallel_layout(plus, model, 12)
+    # hpZ's secondary partition: each rank holds 1/8 of the bf16 weights more
+    hpz, base = (memory.estimate(model, p, "bf16", 1, 16) for p in (plus, ParallelConfig(zero_stage=3)))
+    assert hpz.weights - base.weights == pytest.approx(2 * count_parameters(model)["total"] / 8)

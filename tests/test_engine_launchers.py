@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from engine_runs import COMMON, run_and_read
 
 from conftest import ROOT, assert_ok, launch, read_metrics
@@ -75,6 +76,30 @@ def test_four_ranks_match_the_reference_and_resume_on_two(tmp_path, env, ds_ops,
         train, _ = read_metrics(split)
         assert [r["step"] for r in train] == [4, 5, 6]
         assert [r["loss"] for r in train] == pytest.approx(reference[3:], abs=1e-4)
+
+
+def test_zero_plus_plus_hpz_on_two_nodes_of_two_matches_the_reference_and_resumes(tmp_path, env, ds_ops, reference):
+    """ZeRO++ hpZ at ZeRO-3 on four gloo ranks as two "nodes" of two (zero_hpz_partition_size=2:
+    backward gathers from the secondary copy within each pair): the reference's losses, as plain
+    ZeRO-3 gives them; its step-3 checkpoint resumes on the same course and exports. (The
+    quantized collectives, qwZ and qgZ, are CUDA kernels: refused on the CPU, tests/test_ds_config.py.)"""
+    hpz = ["parallel.zero_stage=3", "parallel.zero_hpz_partition_size=2", "checkpoint.interval=3"]
+    proc, losses, _ = run_and_read(tmp_path, "torchrun", hpz, env, 4)
+    assert "ZeRO++: hpZ, a secondary weight partition within groups of 2 ranks" in proc.stdout  # DeepSpeed's word
+    assert losses == pytest.approx(reference, abs=1e-4)
+    step3, resumed_dir = tmp_path / "run" / "checkpoints" / "step00000003", tmp_path / "resumed"
+    args = ["--config", "debug", *COMMON, *hpz, f"run.dir={resumed_dir}", "--resume", str(step3)]
+    assert_ok(launch("torchrun", args, env, nproc=4))
+    train, _ = read_metrics(resumed_dir)
+    assert [r["step"] for r in train] == [4, 5, 6] and [r["loss"] for r in train] == pytest.approx(
+        reference[3:], abs=1e-4
+    )
+    from dist_lm.train import restore
+
+    whole, resumed = (
+        restore.consolidated_weights(d / "checkpoints" / "step00000006") for d in (tmp_path / "run", resumed_dir)
+    )
+    assert all(torch.allclose(whole[k], resumed[k], atol=1e-5) for k in whole)
 
 
 def test_deepspeed_launcher_matches_reference(tmp_path, env, ds_ops, reference):

@@ -98,6 +98,17 @@ def parallel_layout(parallel: ParallelConfig, model: ModelConfig, world_size: in
             f"{tp} with parallel.sequence_parallel_size={sp}: DeepSpeed's AutoTP and Ulysses groups do not "
             "combine; choose one of them",
         )
+    hpz = parallel.zero_hpz_partition_size
+    if world_size % hpz:
+        raise ConfigError(
+            "parallel.zero_hpz_partition_size",
+            f"{hpz} does not divide the {world_size} ranks; use the GPUs per node (or a divisor of the rank count)",
+        )
+    if hpz > 1 and (sp > 1 or tp > 1):
+        raise ConfigError(
+            "parallel.zero_hpz_partition_size",
+            "is not tested with sequence or tensor parallelism (their groups and hpZ's would interleave); use 1",
+        )
     key, size = ("parallel.sequence_parallel_size", sp) if sp > 1 else ("parallel.tensor_parallel_size", tp)
     if world_size % size:
         fits = [d for d in range(1, world_size + 1) if world_size % d == 0]

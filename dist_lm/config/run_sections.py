@@ -42,6 +42,17 @@ class ParallelConfig:
     """Elements per gradient-reduction bucket."""
     allgather_bucket_size: int = 500_000_000
     """Elements per parameter all-gather bucket (ZeRO 1-2)."""
+    zero_hpz_partition_size: int = 1
+    """ZeRO++ hpZ (ZeRO-3 only): a second copy of the weights, partitioned over groups of this
+    many ranks (a node's GPUs), which backward's all-gathers read, so that they stay inside a
+    node instead of crossing the link between nodes; each rank holds 1/this of the weights more.
+    1: off. Must divide the rank count (docs/parallelism.md, "Across nodes: ZeRO++")."""
+    zero_quantized_weights: bool = False
+    """ZeRO++ qwZ (ZeRO-3 only): the weight all-gathers sent as int8 blocks, half bf16's bytes.
+    DeepSpeed's quantizer is CUDA code: GPU runs only."""
+    zero_quantized_gradients: bool = False
+    """ZeRO++ qgZ (ZeRO-3 only): gradients reduce-scattered as int4 blocks, hierarchically within
+    and then across nodes. DeepSpeed's quantizer is CUDA code: GPU runs only."""
     compile: bool = False
     """torch.compile the model inside the DeepSpeed engine (engine.compile()); on a GPU only, a
     CPU run ignores it. The first step waits for compilation (minutes at 1B parameters)."""
@@ -103,6 +114,15 @@ class ParallelConfig:
         require(self.expert_parallel_size > 0, "expert_parallel_size", "must be positive")
         require(self.sequence_parallel_size > 0, "sequence_parallel_size", "must be positive")
         require(self.tensor_parallel_size > 0, "tensor_parallel_size", "must be positive")
+        require(self.zero_hpz_partition_size > 0, "zero_hpz_partition_size", "must be positive")
+        for key, on in (
+            ("zero_hpz_partition_size", self.zero_hpz_partition_size > 1),
+            ("zero_quantized_weights", self.zero_quantized_weights),
+            ("zero_quantized_gradients", self.zero_quantized_gradients),
+        ):
+            require(
+                not on or self.zero_stage == 3, key, "is ZeRO++, which partitions weights: needs parallel.zero_stage=3"
+            )
         require(
             not (self.tiled_mlp and self.compile),
             "tiled_mlp",

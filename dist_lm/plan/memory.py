@@ -85,6 +85,8 @@ def estimate(
     stage, n = parallel.zero_stage, layout.zero_shards
 
     weights = w_bytes * params / (n if stage == 3 else 1)
+    if stage == 3 and parallel.zero_hpz_partition_size > 1:  # ZeRO++ hpZ's secondary partition, within a node
+        weights += w_bytes * params / parallel.zero_hpz_partition_size
     if parallel.offload_params:
         weights = w_bytes * params / max(model.n_layers, 1)  # roughly one block resident at a time
     if precision.autocast:

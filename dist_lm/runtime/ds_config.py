@@ -8,7 +8,7 @@ accumulation and data-parallel size.
 from __future__ import annotations
 
 from dist_lm.config.batch import BatchSizes
-from dist_lm.config.schema import OptimConfig, ParallelConfig
+from dist_lm.config.schema import ConfigError, OptimConfig, ParallelConfig
 from dist_lm.runtime.precision import Precision
 
 
@@ -31,6 +31,12 @@ def deepspeed_config(
         )
     if parallel.zero_stage in (1, 2):
         zero["allgather_bucket_size"] = parallel.allgather_bucket_size
+    if parallel.zero_hpz_partition_size > 1:
+        zero["zero_hpz_partition_size"] = parallel.zero_hpz_partition_size
+    if parallel.zero_quantized_weights:
+        zero["zero_quantized_weights"] = True
+    if parallel.zero_quantized_gradients:
+        zero["zero_quantized_gradients"] = True
     if parallel.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     if parallel.offload_params:
@@ -134,3 +140,17 @@ def clips_itself(parallel: ParallelConfig, precision: Precision) -> bool:
     ZeRO-0 with fp32 weights (fp32, bf16-autocast), without tensor parallelism (whose shards'
     norm DeepSpeed sums over the tensor-parallel ranks)."""
     return parallel.zero_stage == 0 and precision.deepspeed_section is None and parallel.tensor_parallel_size == 1
+
+
+def check_device_options(parallel: ParallelConfig, device_type: str) -> None:
+    """Refuse, in one line, what DeepSpeed runs only on GPUs: ZeRO++'s quantized collectives
+    (its quantizer is a CUDA kernel, with no CPU build)."""
+    if device_type == "cuda":
+        return
+    for key in ("zero_quantized_weights", "zero_quantized_gradients"):
+        if getattr(parallel, key):
+            raise ConfigError(
+                f"parallel.{key}",
+                f"DeepSpeed's quantized collectives are CUDA kernels: GPU runs only, and this run is on the "
+                f"{device_type.upper()}; set parallel.{key}=false",
+            )

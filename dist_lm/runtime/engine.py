@@ -178,6 +178,18 @@ def deepcompile_schedule(start_step: int) -> list[tuple[int, list[str]]]:
     ]
 
 
+def zero_plus_plus(engine: "deepspeed.DeepSpeedEngine") -> str:
+    """What of ZeRO++ the engine runs, as DeepSpeed itself reports it ("" when none)."""
+    parts = []
+    if engine.zero_hpz_partition_size() > 1:
+        parts.append(f"hpZ, a secondary weight partition within groups of {engine.zero_hpz_partition_size()} ranks")
+    if engine.zero_quantized_weights():
+        parts.append("qwZ, weights gathered in int8")
+    if engine.zero_quantized_gradients():
+        parts.append("qgZ, gradients reduced in int4")
+    return "; ".join(parts)
+
+
 def reduces_for_nothing(engine: "deepspeed.DeepSpeedEngine") -> bool:
     """Whether DeepSpeed would all-reduce whole gradients over a data-parallel group of one rank.
 

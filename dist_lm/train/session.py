@@ -30,7 +30,7 @@ from dist_lm.model.moe import build_model, check_moe
 from dist_lm.observe import log, metrics, sinks
 from dist_lm.observe.profiling import StepProfiler
 from dist_lm.plan import memory
-from dist_lm.runtime import distributed, engine, fp8, hardware, launch
+from dist_lm.runtime import distributed, ds_config, engine, fp8, hardware, launch
 from dist_lm.runtime.launch import DistEnv
 from dist_lm.runtime.precision import Precision
 from dist_lm.store import checkpoints, hugging_face
@@ -181,6 +181,8 @@ def start(cfg: Config, plan_summary: list[str] = (), data: ResolvedData | None =
         start_step=start_step,
         verbose=cfg.run.verbose,
     )
+    if zero_plus_plus := engine.zero_plus_plus(model_engine):
+        log.info(f"ZeRO++: {zero_plus_plus}")
     # Lines past start_step in the run directory's logs were written by an earlier process.
     problem = None
     try:  # rank 0's sinks; wandb=online that cannot start is a UserError there, and so on every rank
@@ -283,6 +285,7 @@ def _checked_inputs(cfg: Config, data: ResolvedData | None) -> _Inputs:
         engine.check_cpu_adam()
         bound_cores = hardware.bind_cores(dist_env.local_rank, dist_env.local_world_size)
     precision, precision_reason = Precision.resolve(cfg.parallel.precision, device)
+    ds_config.check_device_options(cfg.parallel, device.type)
     layout = parallel_layout(cfg.parallel, cfg.model, dist_env.world_size, dist_env.rank)
     batch = batch_sizes(cfg.train, layout.dp_size)
     check_moe(cfg.model, cfg.parallel, dist_env.world_size)
