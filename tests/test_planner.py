@@ -225,6 +225,18 @@ def test_four_nodes_of_eight_h100_get_the_multinode_preset():
     assert "NP=32" in cmds["mpirun"] and cmds["sbatch"].startswith("sbatch --nodes=4 --gpus-per-node=8")
 
 
+def test_a_zero3_plan_across_nodes_gathers_within_each_node_with_hpz():
+    """ZeRO++ hpZ in groups of a node's GPUs for a ZeRO-3 plan on several nodes, counted by the
+    memory model; not on one node, and not where the user set the group."""
+    plan = make_plan(H100_CLUSTER, ["parallel.zero_stage=3"])
+    assert option(plan, "parallel.zero_hpz_partition_size") == 8 and plan.config.parallel.zero_hpz_partition_size == 8
+    assert any("ZeRO++ hpZ in groups of 8" in r for r in plan.reasons) and fits(plan)
+    assert plan.config.parallel.zero_hpz_partition_size == 8
+    assert make_plan(H100, ["parallel.zero_stage=3"]).config.parallel.zero_hpz_partition_size == 1
+    given = make_plan(H100_CLUSTER, ["parallel.zero_stage=3", "parallel.zero_hpz_partition_size=4"])
+    assert given.config.parallel.zero_hpz_partition_size == 4
+
+
 def test_an_installed_package_is_told_the_commands_it_has():
     """`dist-lm plan` from `pip install dist-lm` suggested launchers/pretrain.py, which an install
     does not have: it gets the dist-lm command and the launchers' module forms."""

@@ -285,10 +285,20 @@ def _fit(
             trial_parallel = {**parallel, "zero_stage": 0} if use_autocast else parallel
             if layout.sequence_parallel_size > 1 and "parallel.sequence_parallel_size" not in fixed:
                 trial_parallel = {**trial_parallel, "sequence_parallel_size": layout.sequence_parallel_size}
-            trial = _with(cfg, trial_parallel, micro, global_batch)
             trial_resolved = Precision.BF16_AUTOCAST if use_autocast else resolved
-            mem = estimate(trial.model, trial.parallel, trial_resolved, micro, layout, z_loss=trial.optim.z_loss > 0)
-            if mem.total > budget:
+            # With ZeRO++ hpZ where the plan spans nodes, if its secondary copy fits; else without:
+            # it speeds the gathers, and is never the reason a setting is passed over.
+            hpz = _hpz_group(machine, layout, _merged(cfg, trial_parallel), fixed)
+            for with_hpz in [True, False] if hpz else [False]:
+                trial_here = {**trial_parallel, "zero_hpz_partition_size": hpz} if with_hpz else trial_parallel
+                trial = _with(cfg, trial_here, micro, global_batch)
+                mem = estimate(
+                    trial.model, trial.parallel, trial_resolved, micro, layout, z_loss=trial.optim.z_loss > 0
+                )
+                if mem.total <= budget:
+                    trial_parallel, hpz = trial_here, hpz if with_hpz else 0
+                    break
+            else:
                 continue
             reasons = list(reasons)
             regional = regional_compile_gain(trial, trial_resolved, world, fixed)
@@ -306,6 +316,12 @@ def _fit(
                     "a step, fp32 weights under torch.autocast with torch's fused AdamW step faster than "
                     "DeepSpeed's bf16 optimizer (its checkpoints resume at ZeRO stage 0 on any number "
                     "of GPUs)"
+                )
+            if hpz:
+                reasons.append(
+                    f"ZeRO++ hpZ in groups of {hpz}, a node's GPUs: ZeRO-3's backward gathers its weights "
+                    f"inside each node, not across the link between nodes, for 1/{hpz} of the weights more "
+                    "on each GPU (docs/parallelism.md)"
                 )
             if "sequence_parallel_size" in trial_parallel:
                 reasons.append(
@@ -327,6 +343,19 @@ def _fit(
                 reasons,
             )
     return None
+
+
+def _hpz_group(machine: Machine, layout: ParallelLayout, parallel: dict, fixed: set[str]) -> int:
+    """ZeRO++ hpZ's group for a ZeRO-3 plan that spans nodes (a node's GPUs), or 0: none."""
+    if (
+        parallel["zero_stage"] != 3
+        or machine.nodes < 2
+        or "parallel.zero_hpz_partition_size" in fixed
+        or layout.sequence_parallel_size * layout.tensor_parallel_size > 1
+        or layout.world_size % machine.gpus_per_node
+    ):
+        return 0
+    return machine.gpus_per_node
 
 
 def _merged(cfg: Config, parallel: dict) -> dict:
