@@ -146,10 +146,10 @@ def test_a_stopped_rank_of_a_group_ends_the_other_within_its_timeout(tmp_path, e
     all-to-all or all-reduce, ends within parallel.timeout_minutes with one line naming it and
     the exit status of a hang, as a data-parallel rank does (tests/test_checkpoints.py)."""
     args = ["--config", "debug", "train.max_steps=100000", "train.log_interval=1", "train.eval_interval=0"]
-    args += ["parallel.timeout_minutes=0.5", LAYOUTS[kind], f"run.dir={tmp_path}"]
+    args += ["parallel.timeout_minutes=0.25", LAYOUTS[kind], f"run.dir={tmp_path}"]
     rank0, pid1, _ = stop_one_of_two_ranks(args, env, tmp_path)
     assert rank0.returncode == Exit.HANG, rank0.stderr[-3000:]  # (bounded: the helper waits 300 s at most)
-    assert_one_hang_line(rank0.stderr, pid1, 0.5)
+    assert_one_hang_line(rank0.stderr, pid1, 0.25)
 
 
 def test_document_masks_give_one_ranks_losses_with_sequence_parallelism(tmp_path, env, ds_ops):
