@@ -393,3 +393,40 @@ def test_a_hugging_face_import_trains_and_exports_to_transformers_logits(env, tm
     ids = torch.randint(0, VOCAB, (1, 40), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         torch.testing.assert_close(hf(ids).logits, ours(ids), atol=1e-4, rtol=0)
+
+
+def test_zero_plus_plus_quantized_collectives_train_and_resume_on_one_gpu(env, tmp_path):
+    """ZeRO++'s qwZ and qgZ (DeepSpeed's CUDA quantizer kernels; refused on the CPU) at ZeRO-3 in
+    bf16 on one GPU: the engine reports both, the losses follow plain ZeRO-3's course within the
+    quantization's noise, and a run stopped at step 4 resumes on the uninterrupted run's course.
+    hpZ needs a group of two or more ranks (tests/test_engine_launchers.py runs it on CPU)."""
+    args = [
+        "--config",
+        "debug",
+        "parallel.zero_stage=3",
+        "parallel.precision=bf16",
+        "train.max_steps=8",
+        "train.log_interval=1",
+        "train.eval_interval=0",
+    ]
+    plus = ["parallel.zero_quantized_weights=true", "parallel.zero_quantized_gradients=true"]
+    env = {**env, "DS_ACCELERATOR": "cuda"}
+    plain, whole, stopped = tmp_path / "plain", tmp_path / "whole", tmp_path / "stopped"
+    assert_ok(launch("python", [*args, f"run.dir={plain}"], env))
+    proc = launch("python", [*args, *plus, f"run.dir={whole}"], env)
+    assert_ok(proc)
+    assert "ZeRO++: qwZ, weights gathered in int8; qgZ, gradients reduced in int4" in proc.stdout
+    assert_ok(
+        launch("python", [*args, *plus, "checkpoint.interval=4", "train.stop_at_step=4", f"run.dir={stopped}"], env)
+    )
+    resumed = launch("python", [*args, *plus, f"run.dir={stopped}"], env)
+    assert_ok(resumed)
+    assert "at step 4 " in resumed.stdout
+    reference = {r["step"]: r["loss"] for r in read_metrics(plain)[0]}
+    expected = {r["step"]: r["loss"] for r in read_metrics(whole)[0]}
+    got = {r["step"]: r["loss"] for r in read_metrics(stopped)[0]}
+    print("plain ZeRO-3", reference, "\nqwZ+qgZ", expected, "\nresumed", got)
+    assert list(got) == list(expected) == list(reference) == list(range(1, 9))
+    assert expected[1] - expected[8] > 0.2
+    assert [expected[s] for s in range(1, 9)] == pytest.approx([reference[s] for s in range(1, 9)], abs=5e-2)
+    assert [got[s] for s in range(5, 9)] == pytest.approx([expected[s] for s in range(5, 9)], abs=2e-2)
