@@ -180,11 +180,18 @@ def test_document_masks_give_one_ranks_losses_with_sequence_parallelism(tmp_path
             "does not work with DeepCompile",
         ),
         (2, [SEQUENCE_2, "parallel.tiled_mlp=true", "parallel.compile=true"], "parallel.tiled_mlp: runs eager"),
+        (
+            "4/2",
+            ["parallel.zero_stage=3", "parallel.zero_hpz_partition_size=4", "train.micro_batch_size=2"],
+            "parallel.zero_hpz_partition_size: 4 does not divide the 2 ranks per node of this launch (2 nodes)",
+        ),
     ],
 )
 def test_a_bad_layout_is_one_line_and_writes_nothing(tmp_path, env, ranks, overrides, message):
-    """Checked before torch is imported, before any rank waits for the others: rank 0 alone says so."""
-    ranks_env = {"WORLD_SIZE": str(ranks), "RANK": "0", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": str(ranks)}
+    """Checked before torch is imported, before any rank waits for the others: rank 0 alone says so.
+    ``ranks`` "4/2": four ranks, two a node."""
+    ranks, _, per_node = str(ranks).partition("/")
+    ranks_env = {"WORLD_SIZE": ranks, "RANK": "0", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": per_node or ranks}
     run_dir = tmp_path / "run"
     proc = launch("python", ["--config", "debug", *overrides, f"run.dir={run_dir}"], {**env, **ranks_env}, nproc=1)
     assert proc.returncode == 2, proc.stderr

@@ -283,4 +283,3 @@ def calibrated_mfu(
         predicted = step_time(cfg, layout, cluster, precision, mid, grad_bytes).tokens_per_s_per_gpu
         low, high = (mid, high) if predicted < tokens_per_s_per_gpu else (low, mid)
     return (low + high) / 2
-

@@ -10,7 +10,8 @@ import socket
 from dataclasses import dataclass
 from typing import Mapping
 
-from dist_lm.config.schema import UserError
+from dist_lm.config.errors import ConfigError
+from dist_lm.config.schema import ParallelConfig, UserError
 
 DEFAULT_MASTER_PORT = 29500
 
@@ -139,6 +140,19 @@ def _checked(d: DistEnv) -> DistEnv:
     if not (0 <= d.local_rank < max(1, d.local_world_size)):
         raise UserError(f"launch environment: local rank {d.local_rank} is outside {d.local_world_size} ranks per node")
     return d
+
+
+def check_topology(parallel: ParallelConfig, d: DistEnv) -> None:
+    """ZeRO++ hpZ keeps its secondary weight copy in groups of consecutive ranks, meant to be a
+    node's (the planner gives it the GPUs per node): a group that does not fit within the ranks
+    the launcher started on each node would gather across the link hpZ is there to avoid."""
+    hpz = parallel.zero_hpz_partition_size
+    if hpz > 1 and d.local_world_size % hpz:
+        raise ConfigError(
+            "parallel.zero_hpz_partition_size",
+            f"{hpz} does not divide the {d.local_world_size} ranks per node of this launch ({d.num_nodes} "
+            f"nodes): its groups would span nodes; use {d.local_world_size} or a divisor of it",
+        )
 
 
 def check_master_reachable(d: DistEnv) -> None:

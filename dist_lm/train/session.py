@@ -277,6 +277,7 @@ def _checked_inputs(cfg: Config, data: ResolvedData | None) -> _Inputs:
     """Every check that needs no process group: the launch, the device, the layout and the batch,
     the data. A bad input fails here with one line, before anything starts or is written."""
     dist_env = launch.detect(os.environ)
+    launch.check_topology(cfg.parallel, dist_env)
     launch.check_master_reachable(dist_env)
     device = distributed.device_for(dist_env)
     memory_cap = hardware.apply_gpu_memory_cap(device)
