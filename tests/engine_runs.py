@@ -19,6 +19,10 @@ COMMON = [
     "optim.warmup_steps=2",
 ]
 
+SEQUENCE_2 = "parallel.sequence_parallel_size=2"
+TENSOR_2 = "parallel.tensor_parallel_size=2"
+LAYOUTS = {"sequence": SEQUENCE_2, "tensor": TENSOR_2}
+
 
 def run_and_read(tmp_path, launcher, extra, env, nproc=2):
     """Train COMMON under ``launcher`` in tmp_path/run; (the process, its losses, its validation losses)."""

@@ -3,7 +3,8 @@ included, in real processes, against one rank on the same global batch.
 
 Sequence parallelism (DeepSpeed's Ulysses) at 2 ranks and at 2 x 2 data x sequence on 4; fp32
 runs within the engine tests' 1e-4 of the plain-PyTorch reference, bf16 at every ZeRO stage
-within their 0.01. Checkpoints resume across layouts and export the one-rank run's weights.
+within their 0.01 (tests/test_parallel_layouts_bf16.py). Checkpoints resume across layouts and
+export the one-rank run's weights.
 (Four data-parallel ranks resumed as 2 x 2: tests/test_engine_launchers.py.)
 """
 
@@ -16,7 +17,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from engine_runs import COMMON, run_and_read
+from engine_runs import COMMON, LAYOUTS, SEQUENCE_2, TENSOR_2, run_and_read
 from safetensors.torch import load_file
 
 from conftest import assert_ok, assert_one_hang_line, launch, read_metrics, stop_one_of_two_ranks
@@ -31,10 +32,6 @@ from dist_lm.plan.memory import estimate
 from dist_lm.runtime.parallel import tiled_mlp
 from dist_lm.train.exits import Exit
 from dist_lm.use.export import export_hf
-
-SEQUENCE_2 = "parallel.sequence_parallel_size=2"
-TENSOR_2 = "parallel.tensor_parallel_size=2"
-LAYOUTS = {"sequence": SEQUENCE_2, "tensor": TENSOR_2}
 
 
 def run_tool(args: list, env: dict) -> subprocess.CompletedProcess:
@@ -87,28 +84,6 @@ def test_two_by_two_matches_and_resumes_on_two_ranks_of_one_group(tmp_path, env,
     train, _ = read_metrics(two)
     assert [r["step"] for r in train] == [4, 5, 6]
     assert [r["loss"] for r in train] == pytest.approx(reference[3:], abs=1e-4)
-
-
-@pytest.mark.parametrize("stage", [0, 1, 2, 3])
-def test_bf16_split_layouts_train_and_resume_at_every_zero_stage(tmp_path, env, ds_ops, stage):
-    """bf16, the GPU default, at each ZeRO stage on two sequence- and two tensor-parallel ranks:
-    one rank's course in the same precision and stage (bf16 at ZeRO-0 keeps no fp32 master
-    weights, so the fp32 reference is not its course), and each step-2 checkpoint (bf16 weights,
-    fp32 masters from stage 1; a tensor-parallel run's shards) resumes to the same losses."""
-    args = ["--config", "debug", *COMMON, f"parallel.zero_stage={stage}", "parallel.precision=bf16"]
-    args += ["train.stop_at_step=4", "train.eval_interval=0", "checkpoint.interval=2"]  # the 6-step schedule
-    assert_ok(launch("python", [*args, f"run.dir={tmp_path / 'one'}"], env, nproc=1))
-    expected = [r["loss"] for r in read_metrics(tmp_path / "one")[0]]
-    for kind, layout in LAYOUTS.items():
-        split, again = tmp_path / kind, tmp_path / f"{kind}-again"
-        assert_ok(launch("torchrun", [*args, layout, f"run.dir={split}"], env))
-        losses = [r["loss"] for r in read_metrics(split)[0]]
-        assert losses == pytest.approx(expected, abs=2e-3), kind
-        step2 = split / "checkpoints" / "step00000002"
-        assert_ok(launch("torchrun", [*args, layout, f"run.dir={again}", "--resume", step2], env))
-        train, _ = read_metrics(again)
-        assert [r["step"] for r in train] == [3, 4]
-        assert [r["loss"] for r in train] == pytest.approx(losses[2:], abs=1e-3), kind
 
 
 def test_the_tiled_mlp_gives_the_same_losses_at_zero3_with_sequence_parallelism(tmp_path, env, ds_ops):
