@@ -61,8 +61,33 @@ def _needs_adam(item) -> bool:
     return any("Adam" in op for op in _ops_needed(item))
 
 
+# The files that take longest on CI's two cores, longest first (docs/benchmarks.md, "The test
+# suite on CI's machine"). pytest-xdist's --dist loadfile hands whole files to the workers in
+# collection order: the long ones first, so that the short ones even out the end.
+SLOW_FILES = (
+    "test_parallel_layouts.py",
+    "test_engine_launchers.py",
+    "test_checkpoints.py",
+    "test_lifecycle.py",
+    "test_parallel_layouts_bf16.py",
+    "test_slurm.py",
+    "test_prepare.py",
+    "test_chaos.py",
+    "test_monitoring.py",
+    "test_stopping.py",
+    "test_breadth.py",
+    "test_async_checkpoint.py",
+)
+
+
+def _slow_rank(item) -> int:
+    name = item.path.name
+    return SLOW_FILES.index(name) if name in SLOW_FILES else len(SLOW_FILES)
+
+
 def pytest_collection_modifyitems(session, config, items) -> None:
-    items.sort(key=_needs_adam)  # stable: otherwise in file order
+    # stable: otherwise in file order. The CPU Adam op builds in the background meanwhile.
+    items.sort(key=lambda item: (_needs_adam(item), _slow_rank(item)))
 
 
 def pytest_collection_finish(session) -> None:

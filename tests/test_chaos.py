@@ -1,6 +1,8 @@
 """The short chaos run (tools/chaos.py): a two-rank CPU run interrupted 5 times (SIGKILL of one
 rank and of both, SIGUSR1, SIGTERM; in a step, a save, an evaluation), resumed each time, ends
-with the uninterrupted run's losses and weights, bit for bit, and nothing half-written."""
+with the uninterrupted run's losses and weights, bit for bit, and nothing half-written. Every
+other start saves with checkpoint.async_save, so that some interruptions come during a write
+made while training goes on, and runs saved one way resume the other."""
 
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ def test_five_interruptions_lose_nothing(env, ds_ops, tmp_path):
             "24",
             "--seed",
             "3",
+            "--async-save",  # every other start writes its checkpoints while training goes on
             "--work",
             str(tmp_path),
         ],

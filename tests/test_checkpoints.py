@@ -327,6 +327,19 @@ def small_disk(tmp_path):
     subprocess.run(["umount", "-l", str(disk)], check=True)
 
 
+def fill(disk: Path) -> Path:
+    """Fill ``disk`` to the last byte with one file; that file."""
+    filler = disk / "filler"
+    with open(filler, "wb", buffering=0) as f:
+        for block in (1 << 16, 1):
+            try:
+                while f.write(b"\0" * block):
+                    pass
+            except OSError:
+                pass
+    return filler
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounts a tmpfs: run the suite as root, as CI does")
 def test_a_disk_that_fills_during_a_save_keeps_the_previous_checkpoint(env, ds_ops, tmp_path, small_disk):
     """The disk runs out (of inodes: a tmpfs that has room for the step-2 checkpoint and two more
@@ -561,14 +574,7 @@ def test_a_disk_that_fills_between_saves_ends_the_run_in_one_line_with_whole_met
     deadline = time.time() + 120
     while time.time() < deadline and not (tmp_path / "ckpt" / "latest").is_file():
         time.sleep(0.05)
-    filler = small_disk / "filler"
-    with open(filler, "wb", buffering=0) as f:  # fill the disk to the last byte
-        for block in (1 << 16, 1):
-            try:
-                while f.write(b"\0" * block):
-                    pass
-            except OSError:
-                pass
+    filler = fill(small_disk)
     out, err = proc.communicate(timeout=120)
     lines = [line for line in err.splitlines() if line.strip()]
     assert proc.returncode == 2 and len(lines) == 1, err[-3000:]

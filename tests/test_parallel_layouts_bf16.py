@@ -1,7 +1,8 @@
 """bf16, the GPU default, on two sequence- and two tensor-parallel ranks at every ZeRO stage,
 against one rank in the same precision and stage, and each layout's checkpoints resumed. (A file
 of its own: pytest-xdist's --dist loadfile gives each file to one worker, and these runs are a
-third of the layouts' time.)"""
+third of the layouts' time.) The split runs save with checkpoint.async_save: the bf16
+checkpoints a thread writes, at every stage, resume like any other."""
 
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ def test_bf16_split_layouts_train_and_resume_at_every_zero_stage(tmp_path, env, 
     expected = [r["loss"] for r in read_metrics(tmp_path / "one")[0]]
     for kind, layout in LAYOUTS.items():
         split, again = tmp_path / kind, tmp_path / f"{kind}-again"
-        assert_ok(launch("torchrun", [*args, layout, f"run.dir={split}"], env))
+        # saved by a thread while training goes on (checkpoint.async_save), resumed below
+        assert_ok(launch("torchrun", [*args, layout, "checkpoint.async_save=true", f"run.dir={split}"], env))
         losses = [r["loss"] for r in read_metrics(split)[0]]
         assert losses == pytest.approx(expected, abs=2e-3), kind
         step2 = split / "checkpoints" / "step00000002"

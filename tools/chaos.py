@@ -14,6 +14,10 @@ job script would, until it finishes. Then it checks, and exits 1 if any check fa
 - metrics.jsonl holds each step exactly once;
 - no process outlived its interruption by more than --bound seconds.
 
+--async-save: every other start saves with checkpoint.async_save=true (the files written by a
+thread while training goes on), so that interruptions in a save also come during such a write,
+and a run saved one way resumes the other.
+
 It prints the counts (interruptions of each kind and phase, starts, seconds lost) as one JSON
 line. The ranks are started by hand (RANK, WORLD_SIZE, ... in the environment), with no launcher
 to end the others: what ends them is the run's own fault handling.
@@ -200,6 +204,7 @@ def main() -> int:
         help="seconds a process may take to end after an interruption (the survivor of a dead rank "
         "included; parallel.timeout_minutes is 0.5 here)",
     )
+    p.add_argument("--async-save", action="store_true", help="every other start with checkpoint.async_save=true")
     p.add_argument("--work", type=Path, help="a directory for the two runs and their logs (default: a temporary one)")
     a = p.parse_args()
     steps = a.steps or max(24, 3 * a.interruptions)
@@ -207,6 +212,10 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     rng = random.Random(a.seed)
     args = config(steps)
+
+    def args_for(attempt: int) -> list[str]:
+        return [*args, "checkpoint.async_save=true"] if a.async_save and attempt % 2 else args
+
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
     whole, chaos = work / "whole", work / "chaos"
@@ -231,7 +240,7 @@ def main() -> int:
     rng.shuffle(phases)
     for i, (at_step, kind, phase) in enumerate(zip(plan, kinds, phases)):
         attempt += 1
-        procs = start(args, chaos, attempt)
+        procs = start(args_for(attempt), chaos, attempt)
         if not wait_for_phase(procs, work / f"chaos-start{attempt:03d}-rank0.log", chaos, phase, at_step, rng, step_s):
             codes, _ = wait_all(procs, a.bound)
             if codes == [0] * RANKS:
@@ -259,7 +268,7 @@ def main() -> int:
             problems.append(f"start {attempt}: {kind} in a {phase}: exit statuses {codes}, expected {sorted(expected)}")
     while True:  # to the end
         attempt += 1
-        codes, _ = wait_all(start(args, chaos, attempt), 3600)
+        codes, _ = wait_all(start(args_for(attempt), chaos, attempt), 3600)
         if codes == [0] * RANKS:
             break
         problems.append(f"start {attempt} (after the interruptions) ended with {codes}")

@@ -164,6 +164,11 @@ class CheckpointConfig:
     save_timeout_minutes: float = 30.0
     """A save not finished in this time ends the process with one line (status 3) instead of
     hanging; the previous checkpoint stays the latest."""
+    async_save: bool = False
+    """Hold training only while a save copies the state to host memory; a thread per rank writes
+    the files while training goes on, and the checkpoint is complete (``latest`` moves) once every
+    rank's files are on disk. Costs host memory for a copy of each rank's share. Off by default
+    until its stall is measured on GPUs (docs/checkpoints.md)."""
     save_at_end: bool = True
     """Save when the run ends at train.max_steps or by early stopping. false for throwaway runs
     (dist-lm find-batch's probes); a stop by signal, train.stop_at_step or

@@ -106,17 +106,15 @@ def save(
     ``weights()`` gathers this rank's share of the full weights (a collective too:
     dist_lm.engine.master_weights); ``aliases`` names the tied ones ({alias: name})."""
     path = root / tag_for(step)
-    if rank == 0 and path.exists():  # an older save of this step (before a resume from an earlier one):
-        shutil.rmtree(path)  # not complete again until this save's state.json, nor a mix of both
-    distributed.barrier()
+    clear_older_save(path, rank)
     failed = None
     try:
         engine.save_checkpoint(str(root), tag=tag_for(step), save_latest=False)
         write_weights(path, rank, weights(), aliases)
         write_atomic(path / f"rng-rank{rank}.json", json.dumps(rng_state()), durable=True)
     except Exception as e:  # a full or failing disk: agree on it below instead of leaving others waiting.
-        failed = f"rank {rank}: writing {path} failed: {_reason(e)}"
-    _agree_or_remove(failed, path, rank, "another rank could not write the checkpoint")
+        failed = f"rank {rank}: writing {path} failed: {reason(e)}"
+    agree_or_remove(failed, path, rank, "another rank could not write the checkpoint")
     distributed.barrier()  # every rank's files are written
     # Each rank makes its share of the files durable and hashes it (they are in the page cache
     # now), in the order rank 0 lists them, so that every file is done once.
@@ -128,29 +126,52 @@ def save(
     mine: dict[str, tuple[int, str]] = {}
     failed = None
     try:
-        for name in names[rank::world_size]:
-            with open(path / name, "rb") as fh:
-                os.fsync(fh.fileno())  # on disk before state.json says the checkpoint is complete
-                mine[name] = (os.fstat(fh.fileno()).st_size, checksum(path / name))
+        mine = flushed_and_hashed(path, names[rank::world_size])
     except OSError as e:
-        failed = f"rank {rank}: reading back {path} failed: {_reason(e)}"
-    _agree_or_remove(failed, path, rank, "another rank could not read the checkpoint back")
+        failed = f"rank {rank}: reading back {path} failed: {reason(e)}"
+    agree_or_remove(failed, path, rank, "another rank could not read the checkpoint back")
     files = {name: done for share in distributed.all_gather_objects(mine) for name, done in share.items()}
     if rank == 0:
-        manifest = {name: files[name][0] for name in names}
-        checksums = {name: files[name][1] for name in names}
-        write_atomic(path / STATE, replace(state, manifest=manifest, checksums=checksums).to_json(), durable=True)
-        write_atomic(root / LATEST, tag_for(step), durable=True)
+        mark_complete(root, step, state, {name: files[name] for name in names})
     distributed.barrier()
     return path
 
 
-def _reason(e: Exception) -> str:
+def mark_complete(root: Path, step: int, state: RunState, files: dict[str, tuple[int, str]]) -> None:
+    """Rank 0, once every file of the step's checkpoint is durable: state.json with the manifest
+    of ``files`` ({name: (size, checksum)}), then ``latest``, each written atomically."""
+    manifest = {name: size for name, (size, _) in files.items()}
+    checksums = {name: digest for name, (_, digest) in files.items()}
+    path = root / tag_for(step)
+    write_atomic(path / STATE, replace(state, manifest=manifest, checksums=checksums).to_json(), durable=True)
+    write_atomic(root / LATEST, tag_for(step), durable=True)
+
+
+def clear_older_save(path: Path, rank: int) -> None:
+    """Remove an older save of this step (made before a resume from an earlier one): it is not
+    complete again until this save's state.json, nor a mix of both. A collective."""
+    if rank == 0 and path.exists():
+        shutil.rmtree(path)
+    distributed.barrier()
+
+
+def flushed_and_hashed(path: Path, names: list[str]) -> dict[str, tuple[int, str]]:
+    """(size, checksum) of each named file of the checkpoint at ``path``, each made durable first:
+    on disk before state.json says the checkpoint is complete."""
+    done = {}
+    for name in names:
+        with open(path / name, "rb") as fh:
+            os.fsync(fh.fileno())
+            done[name] = (os.fstat(fh.fileno()).st_size, checksum(path / name))
+    return done
+
+
+def reason(e: Exception) -> str:
     # Any exception: torch's writer reports a full disk as RuntimeError ("unexpected pos").
     return e.strerror if isinstance(e, OSError) and e.strerror else (str(e).strip().splitlines() or [repr(e)])[0]
 
 
-def _agree_or_remove(failed: str | None, path: Path, rank: int, other: str) -> None:
+def agree_or_remove(failed: str | None, path: Path, rank: int, other: str) -> None:
     """Agree on a failure of some rank (a collective); on one, rank 0 removes the incomplete
     checkpoint and every rank raises, naming this rank's failure or ``other``."""
     if distributed.any_rank(failed is not None):

@@ -18,7 +18,7 @@ from dist_lm.runtime.ds_config import clips_itself
 from dist_lm.runtime.optim import lr_at
 from dist_lm.store import checkpoints
 from dist_lm.store.state import RunState
-from dist_lm.train import checkpoint, faults
+from dist_lm.train import async_checkpoint, checkpoint, faults
 from dist_lm.train.faults import SkipCounter, SpikeGuard
 from dist_lm.train.preemption import WRITE_FAILED
 from dist_lm.train.session import Session, check_room_for_a_checkpoint
@@ -37,6 +37,9 @@ class Trainer:
         self.last_save_seconds = 0.0
         self.step = 0
         self.last_saved_step: int | None = None
+        # checkpoint.async_save: DeepSpeed saves through a staging engine; the save being written
+        self.staging = async_checkpoint.install(self.model_engine) if s.cfg.checkpoint.async_save else None
+        self.pending: async_checkpoint.PendingSave | None = None
         self.evaluations = Evaluations(s.cfg.train.early_stop_min_delta, s.cfg.train.early_stop_patience)
         self.clips_itself = clips_itself(s.cfg.parallel, s.precision)
         self.share_weight = engine.share_weight(s.cfg.parallel, s.layout)
@@ -105,6 +108,7 @@ class Trainer:
             log.info(f"stopping at step {self.step}: {self.stop_reason}; {s.stop.how_to_continue}")
             if s.resumed is None:  # (a resumed run's step has its checkpoint: the one it resumed from)
                 self.save()
+                self.finish_pending_save(wait=True)
             return
         log.info(
             f"training from step {self.step} to {cfg.max_steps}"
@@ -121,6 +125,8 @@ class Trainer:
                 s.profiler.before_step(self.step + 1)
                 grad_norm, micro_steps = self._train_step()
                 self.step += 1
+                if self.pending is not None:  # a save written while training goes on: complete yet?
+                    self.finish_pending_save(wait=False)
                 self.watchdog.progress(f"training step {self.step + 1}")
                 s.profiler.after_step(self.step)
                 self.window.add_step()
@@ -179,6 +185,7 @@ class Trainer:
         if self.stop_reason:  # a stop on purpose: a checkpoint, and no more than that
             if self.last_saved_step != self.step:
                 self.save()
+            self.finish_pending_save(wait=True)
             return
         if cfg.eval_interval and self.step % cfg.eval_interval != 0:  # the final evaluation
             self._emit(self.evaluate())
@@ -187,6 +194,7 @@ class Trainer:
         self.skips.check_run_end()
         if self.last_saved_step != self.step and self.cfg.checkpoint.save_at_end:
             self.save()
+        self.finish_pending_save(wait=True)
         if cfg.sample_tokens:
             self.print_sample()
         if distributed.any_rank(self.write_failure() is not None):  # after the last step's rows
@@ -308,6 +316,7 @@ class Trainer:
                 f"{self.skips.first_skipped}); the last good one stays the newest"
             )
             return
+        self.finish_pending_save(wait=True)  # one save in flight at a time
         start, s = time.perf_counter(), self.session
         changed = distributed.first_problem(integrity.changed(s.data_stamps))
         if changed:  # the steps since the last checkpoint may have read other data: keep that checkpoint
@@ -320,28 +329,71 @@ class Trainer:
             "checkpoint.save_timeout_minutes",
         )
         rank, world_size = s.dist_env.rank, s.dist_env.world_size
+        weights = lambda: engine.master_weights(self.model_engine, rank, world_size)  # noqa: E731
         self.stop.saving = path  # a second Ctrl-C removes it while it is incomplete
         try:
-            checkpoint.save(
-                self.model_engine,
-                s.ckpt_root,
-                self.step,
-                self.state_dict(),
-                rank,
-                world_size,
-                lambda: engine.master_weights(self.model_engine, rank, world_size),
-                engine.tied_names(self.model_engine.module),
-            )
+            if self.staging is not None:
+                self.pending = async_checkpoint.start(
+                    self.model_engine,
+                    self.staging,
+                    s.ckpt_root,
+                    self.step,
+                    self.state_dict(),
+                    rank,
+                    weights,
+                    engine.tied_names(self.model_engine.module),
+                    host_copy_weights=s.device.type == "cpu",
+                )
+            else:
+                checkpoint.save(
+                    self.model_engine,
+                    s.ckpt_root,
+                    self.step,
+                    self.state_dict(),
+                    rank,
+                    world_size,
+                    weights,
+                    engine.tied_names(self.model_engine.module),
+                )
         finally:
             self.stop.saving = None
         self.watchdog.progress(f"training step {self.step + 1}")
+        self.last_save_seconds = time.perf_counter() - start
+        self.last_saved_step = self.step
+        if self.pending is not None:
+            log.info(f"staged checkpoint {path} in {self.last_save_seconds:.1f} s; writing it while training goes on")
+        else:
+            self._saved(path)
+
+    def finish_pending_save(self, wait: bool) -> None:
+        """Complete the save being written, if every rank has written its files (``wait``: after
+        this rank's thread is done). A collective while a save is pending; nothing otherwise."""
+        if self.pending is None:
+            return
+        timeout = 60 * self.cfg.checkpoint.save_timeout_minutes
+        if wait:
+            self.watchdog.progress(
+                f"writing checkpoint {self.pending.path}", timeout, "checkpoint.save_timeout_minutes"
+            )
+            self.stop.saving = self.pending.path
+        try:
+            pending, rank = self.pending, self.session.dist_env.rank
+            if async_checkpoint.finish(pending, self.session.ckpt_root, rank, wait, timeout):
+                self.pending = None
+                self._saved(pending.path, time.perf_counter() - pending.started)
+        finally:
+            if wait:
+                self.stop.saving = None
+                self.watchdog.progress(f"training step {self.step + 1}")
+
+    def _saved(self, path, written_s: float | None = None) -> None:
+        """A checkpoint is complete: prune the older ones, move ``best``, say so."""
+        s = self.session
         if distributed.is_rank0():
             for old in checkpoint.prune(s.ckpt_root, self.cfg.checkpoint.keep_last, self.cfg.checkpoint.keep_best):
                 log.info(f"removed old checkpoint {old.name}")
             checkpoint.update_best(s.ckpt_root)
-        self.last_save_seconds = time.perf_counter() - start
-        self.last_saved_step = self.step
-        log.info(f"saved checkpoint {path}")
+        log.info(f"saved checkpoint {path}" + (f" ({written_s:.1f} s after it was staged)" if written_s else ""))
 
     def print_sample(self) -> None:
         s = self.session

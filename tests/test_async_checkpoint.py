@@ -1,0 +1,121 @@
+"""checkpoint.async_save (dist_lm.train.async_checkpoint): training goes on while a thread writes
+the checkpoint, which becomes complete only once every rank's files are on disk; a kill during
+the write resumes from the previous complete checkpoint bitwise; a disk that fills during it ends
+the run with one line and leaves nothing half-written. The write is held back by
+tests/hooks/sitecustomize.py, never timed. (bf16 at every ZeRO stage: the sequence- and
+tensor-parallel runs of tests/test_parallel_layouts_bf16.py save this way and resume; and
+tests/test_chaos.py saves this way at every other start.)"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+from engine_runs import COMMON
+from test_checkpoints import fill, small_disk  # noqa: F401 (small_disk: a fixture)
+
+from conftest import ROOT, assert_ok, launch, read_metrics, start_training
+from dist_lm.store import checkpoints
+
+HOOKS = ROOT / "tests" / "hooks"
+ASYNC = ["checkpoint.async_save=true", "checkpoint.interval=2"]
+
+
+def held(env: dict, holds: str) -> dict:
+    """``env`` for a run whose asynchronous saves wait as ``holds`` says (tests/hooks/sitecustomize.py)."""
+    path = os.pathsep.join(p for p in (str(HOOKS), env.get("PYTHONPATH", "")) if p)
+    return {**env, "PYTHONPATH": path, "DIST_LM_TEST_HOLD_SAVE": holds}
+
+
+def log_order(run, *texts: str) -> list[int]:
+    """Where each of ``texts`` first appears in rank 0's train.log."""
+    log = (run / "train.log").read_text()
+    return [log.index(text) for text in texts]
+
+
+def torchrun(args: list[str], env: dict) -> subprocess.Popen:
+    """Two ranks under torchrun, started in the background."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    cmd += ["-m", "dist_lm", "train", *args]
+    return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def test_training_goes_on_during_a_save_and_a_kill_in_it_resumes_from_the_last_complete_one(
+    tmp_path, env, ds_ops, reference
+):
+    """Two ranks, ZeRO-2. Uninterrupted: the step-2 and step-4 saves are each held until two more
+    steps are logged, so those steps ran while the files were pending; each checkpoint completes
+    afterwards, and the losses are the reference's. Then kill -9 of every process while the
+    step-4 save is pending (training at step 5): that directory never gets its state.json,
+    ``latest`` stays at step 2, and the next start resumes there and ends with the uninterrupted
+    run's losses, bit for bit."""
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    args = ["--config", "debug", *COMMON, *ASYNC, "parallel.zero_stage=2"]
+    assert_ok(launch("torchrun", [*args, f"run.dir={whole}"], held(env, "2=rows:4,4=rows:6")))
+    train, _ = read_metrics(whole)
+    assert [r["loss"] for r in train] == pytest.approx(reference, abs=1e-4)
+    step2, step4 = (whole / "checkpoints" / f"step0000000{n}" for n in (2, 4))
+    staged, row3, row4, saved = log_order(
+        whole, f"staged checkpoint {step2}", "step      3 |", "step      4 |", f"saved checkpoint {step2} ("
+    )
+    assert staged < row3 < row4 < saved
+    staged, row6, saved = log_order(whole, f"staged checkpoint {step4}", "step      6 |", f"saved checkpoint {step4} (")
+    assert staged < row6 < saved
+    root = whole / "checkpoints"
+    assert (root / "latest").read_text() == "step00000006"
+    assert all(checkpoints.problem_with(p) is None for p in root.iterdir() if checkpoints.step_of(p) is not None)
+
+    proc = torchrun([*args, f"run.dir={killed}"], held(env, "4=forever"))
+    deadline = time.monotonic() + 240
+    while proc.poll() is None and time.monotonic() < deadline:
+        if (killed / "metrics.jsonl").is_file() and '"step": 5,' in (killed / "metrics.jsonl").read_text():
+            break
+        time.sleep(0.05)
+    ranks = psutil.Process(proc.pid).children(recursive=True)  # torchrun puts them in groups of their own
+    for p in [psutil.Process(proc.pid), *ranks]:
+        p.kill()
+    proc.wait(timeout=60)
+    psutil.wait_procs(ranks, timeout=60)
+    root = killed / "checkpoints"
+    assert (root / "latest").read_text() == "step00000002"
+    assert checkpoints.problem_with(root / "step00000004") is not None  # never complete
+    resumed = launch("torchrun", [*args, f"run.dir={killed}"], env)
+    assert_ok(resumed)
+    assert f"resumed from {root / 'step00000002'} at step 2" in resumed.stdout
+    losses = {r["step"]: r["loss"] for r in read_metrics(killed)[0]}
+    assert [losses[s] for s in range(1, 7)] == [r["loss"] for r in train]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts a tmpfs: run the suite as root, as CI does")
+def test_a_disk_that_fills_during_the_background_write_is_one_line_and_leaves_nothing(
+    env,
+    ds_ops,
+    tmp_path,
+    small_disk,  # noqa: F811
+):
+    """The step-2 save is staged, training goes on, and the disk fills before the thread writes:
+    the run ends with one line and exit 2 at the next step, the partial directory is gone, and
+    no ``latest`` names it."""
+    release = tmp_path / "release"
+    ckpt = small_disk / "ckpt"
+    args = ["--config", "debug", *ASYNC, "train.log_interval=1", "train.eval_interval=0", "train.max_steps=100000"]
+    args += [f"checkpoint.dir={ckpt}", f"run.dir={tmp_path / 'run'}"]
+    proc = start_training(args, held(env, f"2=file:{release}"))
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while proc.poll() is None and time.monotonic() < deadline:
+        if metrics.is_file() and '"step": 3,' in metrics.read_text():
+            break
+        time.sleep(0.05)
+    fill(small_disk)
+    release.touch()
+    _, err = proc.communicate(timeout=240)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, err[-3000:]
+    assert lines[0].startswith(f"error: checkpoint error: rank 0: writing {ckpt / 'step00000002'} failed: "), lines
+    assert "the previous complete checkpoint is intact" in lines[0]
+    assert not [p for p in ckpt.iterdir() if checkpoints.step_of(p) is not None or p.name == "latest"]

@@ -1,0 +1,72 @@
+"""How long a checkpoint stops training: the same run saved once mid-way, synchronously and with
+checkpoint.async_save, each a real `launchers/pretrain.py` run in a process of its own.
+
+    python tools/bench_save_stall.py --config h100-80gb --steps 12 --dir /tmp/stall [section.key=value ...]
+
+The stall of a save at step k is how much longer the interval from step k's row to step k+1's
+took than the run's median step (metrics.jsonl's elapsed_s: the save runs between the two rows).
+For the synchronous save that is the save's whole time; for the asynchronous one, the copy to
+host memory and whatever the background write takes from the steps that follow (also shown: the
+median step while the write was pending against the median before it). Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from dist_lm.commands.arguments import MEASURING_RUN  # noqa: E402
+
+
+def run(config: str, overrides: list[str], steps: int, run_dir: Path, async_save: bool) -> dict:
+    save_at = steps // 2
+    args = [
+        "--config",
+        config,
+        *MEASURING_RUN,
+        *overrides,
+        f"train.max_steps={steps}",
+        "train.log_interval=1",
+        f"checkpoint.interval={save_at}",
+        f"checkpoint.async_save={str(async_save).lower()}",
+        f"run.dir={run_dir}",
+    ]
+    proc = subprocess.run([sys.executable, str(ROOT / "launchers" / "pretrain.py"), *args], cwd=ROOT)
+    if proc.returncode:
+        raise SystemExit(f"error: the run in {run_dir} ended with exit status {proc.returncode}")
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    elapsed = {r["step"]: r["elapsed_s"] for r in rows if "loss" in r}
+    intervals = {s: elapsed[s] - elapsed[s - 1] for s in elapsed if s - 1 in elapsed}
+    typical = statistics.median(v for s, v in intervals.items() if s != save_at + 1)
+    before = [v for s, v in intervals.items() if s <= save_at]
+    after = [v for s, v in intervals.items() if s > save_at + 1]
+    return {
+        "stall_s": round(intervals[save_at + 1] - typical, 2),
+        "median_step_s": round(typical, 3),
+        "median_step_before_s": round(statistics.median(before), 3) if before else None,
+        "median_step_after_s": round(statistics.median(after), 3) if after else None,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True)
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--dir", type=Path, required=True, help="where the two runs go (their checkpoints are kept)")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value")
+    a = p.parse_args()
+    result = {"config": a.config, "overrides": a.overrides, "steps": a.steps, "saved_at": a.steps // 2}
+    for name, async_save in (("sync", False), ("async", True)):
+        result[name] = run(a.config, a.overrides, a.steps, a.dir / name, async_save)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
