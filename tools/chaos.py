@@ -15,8 +15,8 @@ job script would, until it finishes. Then it checks, and exits 1 if any check fa
 - no process outlived its interruption by more than --bound seconds.
 
 --async-save: every other start saves with checkpoint.async_save=true (the files written by a
-thread while training goes on), so that interruptions in a save also come during such a write,
-and a run saved one way resumes the other.
+thread while training goes on), and the interruptions in a save alternate between the two ways,
+the first during such a write; a run saved one way resumes the other.
 
 It prints the counts (interruptions of each kind and phase, starts, seconds lost) as one JSON
 line. The ranks are started by hand (RANK, WORLD_SIZE, ... in the environment), with no launcher
@@ -140,7 +140,9 @@ def wait_for_phase(
         time.sleep(rng.uniform(0, step_s))
     elif phase == "save":  # the save of a multiple of 3 starts once its step's row is written
         target = (last_step(run_dir) // 3 + 1) * 3
-        while last_step(run_dir) < target and not saving(run_dir):
+        # until its directory appears (an asynchronous save's stays without state.json while its
+        # thread writes); past the step after it, the save was too short to catch
+        while not saving(run_dir) and last_step(run_dir) <= target:
             if all(p.poll() is not None for p in procs):
                 return False
             time.sleep(0.002)
@@ -213,8 +215,11 @@ def main() -> int:
     rng = random.Random(a.seed)
     args = config(steps)
 
-    def args_for(attempt: int) -> list[str]:
-        return [*args, "checkpoint.async_save=true"] if a.async_save and attempt % 2 else args
+    def args_for(attempt: int, async_save: bool | None = None) -> list[str]:
+        async_save = attempt % 2 == 1 if async_save is None else async_save
+        return [*args, "checkpoint.async_save=true"] if a.async_save and async_save else args
+
+    saves_interrupted = async_saves_interrupted = 0
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -240,13 +245,19 @@ def main() -> int:
     rng.shuffle(phases)
     for i, (at_step, kind, phase) in enumerate(zip(plan, kinds, phases)):
         attempt += 1
-        procs = start(args_for(attempt), chaos, attempt)
+        # --async-save: interruptions in a save alternate between the two ways, the first asynchronous
+        by_save = None
+        if phase == "save":
+            by_save, saves_interrupted = saves_interrupted % 2 == 0, saves_interrupted + 1
+        procs = start(args_for(attempt, by_save), chaos, attempt)
         if not wait_for_phase(procs, work / f"chaos-start{attempt:03d}-rank0.log", chaos, phase, at_step, rng, step_s):
             codes, _ = wait_all(procs, a.bound)
             if codes == [0] * RANKS:
                 break  # it finished before this interruption came
             problems.append(f"start {attempt} ended by itself with {codes} before interruption {i + 1}")
             continue
+        if by_save and saving(chaos):  # a step directory without state.json: staged or being written
+            async_saves_interrupted += 1
         interrupt(procs, kind, rng)
         counts[f"{kind} in a {phase}"] += 1
         codes, took = wait_all(procs, a.bound)
@@ -300,6 +311,7 @@ def main() -> int:
             {
                 "interruptions": sum(counts.values()),
                 "by_kind_and_phase": dict(sorted(counts.items())),
+                "async_saves_interrupted": async_saves_interrupted,
                 "starts": attempt,
                 "steps": steps,
                 "uninterrupted_s": round(whole_s, 1),
