@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import warnings
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -33,6 +34,10 @@ from deepspeed.module_inject.layers import DS_TENSOR_MODEL_PARALLEL, LinearAllre
 from deepspeed.moe.layer import MoE  # noqa: E402  (what dist_lm.model.moe wraps)
 from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer  # noqa: E402
 from deepspeed.runtime.bf16_optimizer import BF16_Optimizer  # noqa: E402
+from deepspeed.runtime.checkpoint_engine.checkpoint_engine import (  # noqa: E402
+    CheckpointCommitInfo,
+    CheckpointEngine,
+)
 from deepspeed.runtime.chunked_cross_entropy import chunked_cross_entropy  # noqa: E402
 from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer  # noqa: E402
 from deepspeed.utils import groups, safe_get_full_fp32_param, safe_get_full_grad  # noqa: E402
@@ -389,3 +394,53 @@ def tied_names(module: torch.nn.Module) -> dict[str, str]:
         else:
             first.setdefault(id(tensor), name)
     return aliases
+
+
+class StagingEngine(CheckpointEngine):
+    """DeepSpeed's checkpoint engine of this run, but while ``staged`` is a list, ``save`` copies
+    the state dict to host memory and adds it there instead of writing it."""
+
+    def __init__(self, inner: CheckpointEngine):
+        super().__init__()
+        self.inner, self.name = inner, f"staging {inner.name}"
+        self.staged: list[tuple[Any, str]] | None = None
+
+    def create(self, info: CheckpointCommitInfo):
+        return self.inner.create(info)
+
+    def save(self, state_dict, path: str):
+        if self.staged is None:
+            return self.inner.save(state_dict, path)
+        self.staged.append((_host_copy(state_dict), path))
+
+    def load(self, path: str, map_location=None):
+        return self.inner.load(path, map_location)
+
+    def commit(self, info: CheckpointCommitInfo):
+        return self.inner.commit(info)
+
+    def is_data_parallel_writer(self, dp_rank):
+        return self.inner.is_data_parallel_writer(dp_rank)
+
+    def preserves_storage_sharing(self):
+        return False  # each tensor is copied on its own: no flat buffer travels whole
+
+
+def _host_copy(value):
+    """``value`` with every tensor copied to host memory (a copy even where it is there already:
+    the optimizer updates its tensors in place while the thread writes them)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return type(value)((k, _host_copy(v)) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return type(value)(_host_copy(v) for v in value)
+    return value
+
+
+def install_staging(engine: "deepspeed.DeepSpeedEngine") -> StagingEngine:
+    """Put a staging engine in front of DeepSpeed's checkpoint engine (once, at start-up):
+    checkpoint.async_save (dist_lm.train.async_checkpoint)."""
+    staging = StagingEngine(engine.checkpoint_engine)
+    engine.checkpoint_engine = staging
+    return staging

@@ -10,7 +10,8 @@ longer than a step (35 s at 1.1B against steps of a few seconds, docs/benchmarks
 still stall training for most of its length. Why not torch's async DCP: DeepSpeed's optimizer
 state (BF16_Optimizer's flat partitions, ZeRO's shards) is not a DCP state dict, and every tool
 reads DeepSpeed's layout. So the copy is ours: DeepSpeed's own save runs as always, through a
-checkpoint engine whose ``save`` copies each state dict to host memory instead of writing it.
+checkpoint engine whose ``save`` copies each state dict to host memory instead of writing it
+(dist_lm.runtime.engine.StagingEngine).
 
 What it costs: host memory for one more copy of the checkpoint while it is written (the
 optimizer's share and the weights of this rank), and one small all-reduce per step while a save
@@ -25,59 +26,17 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
-from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointCommitInfo, CheckpointEngine
 
 from dist_lm.files import write_atomic
 from dist_lm.runtime import distributed
+from dist_lm.runtime.engine import StagingEngine
 from dist_lm.store.checkpoints import WEIGHTS, CheckpointError, tag_for
 from dist_lm.store.state import STATE, RunState
 from dist_lm.train import checkpoint
 from dist_lm.train.checkpoint import Engine
-
-
-class StagingEngine(CheckpointEngine):
-    """DeepSpeed's checkpoint engine of this run, but while ``staged`` is a list, ``save`` copies
-    the state dict to host memory and adds it there instead of writing it."""
-
-    def __init__(self, inner: CheckpointEngine):
-        super().__init__()
-        self.inner, self.name = inner, f"staging {inner.name}"
-        self.staged: list[tuple[Any, str]] | None = None
-
-    def create(self, info: CheckpointCommitInfo):
-        return self.inner.create(info)
-
-    def save(self, state_dict, path: str):
-        if self.staged is None:
-            return self.inner.save(state_dict, path)
-        self.staged.append((_host_copy(state_dict), path))
-
-    def load(self, path: str, map_location=None):
-        return self.inner.load(path, map_location)
-
-    def commit(self, info: CheckpointCommitInfo):
-        return self.inner.commit(info)
-
-    def is_data_parallel_writer(self, dp_rank):
-        return self.inner.is_data_parallel_writer(dp_rank)
-
-    def preserves_storage_sharing(self):
-        return False  # each tensor is copied on its own: no flat buffer travels whole
-
-
-def _host_copy(value):
-    """``value`` with every tensor copied to host memory (a copy even where it is there already:
-    the optimizer updates its tensors in place while the thread writes them)."""
-    if isinstance(value, torch.Tensor):
-        return value.detach().to("cpu", copy=True)
-    if isinstance(value, dict):
-        return type(value)((k, _host_copy(v)) for k, v in value.items())
-    if isinstance(value, (list, tuple)):
-        return type(value)(_host_copy(v) for v in value)
-    return value
 
 
 @dataclass
@@ -92,13 +51,6 @@ class PendingSave:
     written: dict[str, tuple[int, str]] = field(default_factory=dict)
     """This rank's files, by name in the checkpoint: (size, checksum) once flushed."""
     failure: str | None = None
-
-
-def install(engine: Engine) -> StagingEngine:
-    """Put the staging engine in front of DeepSpeed's (once, at start-up)."""
-    staging = StagingEngine(engine.checkpoint_engine)
-    engine.checkpoint_engine = staging
-    return staging
 
 
 def start(
@@ -183,4 +135,4 @@ def finish(pending: PendingSave, root: Path, rank: int, wait: bool, timeout_s: f
     return True
 
 
-__all__ = ["CheckpointError", "PendingSave", "StagingEngine", "finish", "install", "start"]
+__all__ = ["CheckpointError", "PendingSave", "finish", "start"]
