@@ -276,3 +276,26 @@ def reference(cache_dir, monkeypatch_module) -> list[float]:
 
     monkeypatch_module.setenv("DIST_LM_CACHE", str(cache_dir))
     return reference_losses("debug", COMMON, STEPS)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A tmpfs of its own (CI runs as root), unmounted after the test."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64M,nr_inodes=1000", "tmpfs", str(disk)], check=True)
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=True)
+
+
+def fill(disk: Path) -> Path:
+    """Fill ``disk`` to the last byte with one file; that file."""
+    filler = disk / "filler"
+    with open(filler, "wb", buffering=0) as f:
+        for block in (1 << 16, 1):
+            try:
+                while f.write(b"\0" * block):
+                    pass
+            except OSError:
+                pass
+    return filler

@@ -16,9 +16,8 @@ import time
 import psutil
 import pytest
 from engine_runs import COMMON
-from test_checkpoints import fill, small_disk  # noqa: F401 (small_disk: a fixture)
 
-from conftest import ROOT, assert_ok, launch, read_metrics, start_training
+from conftest import ROOT, assert_ok, fill, launch, read_metrics, start_training
 from dist_lm.store import checkpoints
 
 HOOKS = ROOT / "tests" / "hooks"
@@ -95,7 +94,7 @@ def test_a_disk_that_fills_during_the_background_write_is_one_line_and_leaves_no
     env,
     ds_ops,
     tmp_path,
-    small_disk,  # noqa: F811
+    small_disk,
 ):
     """The step-2 save is staged, training goes on, and the disk fills before the thread writes:
     the run ends with one line and exit 2 at the next step, the partial directory is gone, and

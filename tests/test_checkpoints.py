@@ -19,6 +19,7 @@ from conftest import (
     ROOT,
     assert_ok,
     assert_one_hang_line,
+    fill,
     launch,
     read_metrics,
     start_training,
@@ -315,29 +316,6 @@ def test_a_hung_save_is_reported_and_ends_the_process(tmp_path):
         "error: rank 3: no progress for 0.05 minutes (checkpoint.save_timeout_minutes) "
         "while saving checkpoint /ckpt/step00000007; exiting with status 3."
     ), proc.stderr
-
-
-@pytest.fixture
-def small_disk(tmp_path):
-    """A tmpfs of its own (CI runs as root), unmounted after the test."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64M,nr_inodes=1000", "tmpfs", str(disk)], check=True)
-    yield disk
-    subprocess.run(["umount", "-l", str(disk)], check=True)
-
-
-def fill(disk: Path) -> Path:
-    """Fill ``disk`` to the last byte with one file; that file."""
-    filler = disk / "filler"
-    with open(filler, "wb", buffering=0) as f:
-        for block in (1 << 16, 1):
-            try:
-                while f.write(b"\0" * block):
-                    pass
-            except OSError:
-                pass
-    return filler
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounts a tmpfs: run the suite as root, as CI does")

@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"--link: the scaling model needs a GPU whose peak FLOP/s it knows (--gpu-name, e.g. H100; "
                     f"the table in dist_lm/runtime/hardware.py), not {plan.machine.gpu_name or 'none'}"
                 )
-            plan, ranking = fastest_plan(plan, LINKS[args.link], resumed)
+            plan, ranking = fastest_plan(plan, LINKS[args.link], args.overrides, resumed)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

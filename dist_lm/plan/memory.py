@@ -77,10 +77,8 @@ def estimate(
         raise ValueError("model.vocab_size must be resolved before estimating memory")
     if isinstance(layout, int):
         layout = ParallelLayout(layout, 0)
-    params = count_parameters(model)["total"]
     tp = layout.tensor_parallel_size
-    if tp > 1:  # this rank's share of the blocks' linear layers; the rest is whole on every rank
-        params -= model.n_layers * linear_parameters(model) * (1 - 1 / tp)
+    params = parameters_per_rank(model, tp)
     w_bytes = precision.bytes_per_weight
     stage, n = parallel.zero_stage, layout.zero_shards
 
@@ -166,7 +164,13 @@ def estimate(
     return MemoryEstimate(weights, grads, optimizer, buffers, activations, logits, WORKSPACES)
 
 
-def linear_parameters(model: ModelConfig) -> int:
+def parameters_per_rank(model: ModelConfig, tp: int) -> float:
+    """The parameters one tensor-parallel rank holds: its share of the blocks' linear layers, and
+    the rest (embeddings, head, norms) whole."""
+    return count_parameters(model)["total"] - model.n_layers * _linear_parameters(model) * (1 - 1 / tp)
+
+
+def _linear_parameters(model: ModelConfig) -> int:
     """A block's parameters that tensor parallelism splits: attention's four projections and the MLP."""
     norms = 2 * RMSNorm.parameter_count(model.head_size) if model.qk_norm else 0
     return Attention.parameter_count(model) - norms + MLP.parameter_count(model)

@@ -109,12 +109,21 @@ def make_plan(
     overrides: list[str] = (),
     world_size: int | None = None,
     resumed: tuple[Precision, int | None] | None = None,
+    decided: list[str] = (),
 ) -> Plan:
     """The plan for ``machine``; ``world_size`` defaults to one rank per GPU. ``resumed``: the
-    precision and ZeRO stage of the checkpoint the run resumes (dist_lm.train.restore.resumed_settings)."""
+    precision and ZeRO stage of the checkpoint the run resumes (dist_lm.train.restore.resumed_settings).
+    ``decided``: settings another part of the planner chose (dist_lm.plan.ranking), kept as the
+    user's are but listed with the plan's own choices."""
     given = list(overrides)
     kept = settings_to_keep(resumed, _keys(given))
-    plan = _make_plan(machine, kept + given, world_size or machine.world_size, allow_autocast=resumed is None)
+    fixed = kept + given
+    plan = _make_plan(machine, [*decided, *fixed], world_size or machine.world_size, allow_autocast=resumed is None)
+    if decided:
+        plan.choices += decided
+        plan.user_overrides = fixed
+    if plan.machine.has_gpu and fixed:
+        plan.reasons.append(f"kept as given: {', '.join(sorted(_keys(fixed)))}")
     if kept:
         plan.reasons.append(f"kept from the checkpoint it resumes, whose state loads only so: {' '.join(kept)}")
     return plan
@@ -411,9 +420,6 @@ def _finish(
         f"global batch {batch.global_batch_size} = micro {micro} x accumulation "
         f"{batch.grad_accum_steps} x data-parallel ranks {dp}"
     )
-    kept = sorted(k for k in fixed)
-    if kept:
-        reasons.append(f"kept as given: {', '.join(kept)}")
     # Rebuild through the loader so the result is exactly what the explicit command gives.
     final = load_config(preset, choices + overrides)
     return Plan(machine, world, preset, final, choices, overrides, reasons, mem)

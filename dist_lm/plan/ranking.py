@@ -201,9 +201,10 @@ def ranking_table(candidates: list[Candidate], max_tokens: int, shown: int = 8) 
     return lines
 
 
-def fastest_plan(plan: Plan, link: Link, resumed) -> tuple[Plan, list[str]]:
-    """The plan re-made with the fastest candidate's settings (kept as the user's are), and the
-    ranking's lines to print before it; the memory plan as it is when nothing ranks."""
+def fastest_plan(plan: Plan, link: Link, overrides: list[str], resumed) -> tuple[Plan, list[str]]:
+    """The plan re-made with the fastest candidate's settings (``overrides`` and ``resumed``: as
+    make_plan took them for ``plan``), and the ranking's lines to print before it; the memory plan
+    as it is when nothing ranks."""
     from dist_lm.plan.planner import make_plan
 
     fixed = {o.split("=", 1)[0] for o in plan.user_overrides}
@@ -219,13 +220,7 @@ def fastest_plan(plan: Plan, link: Link, resumed) -> tuple[Plan, list[str]]:
     if exact is not None and exact.step.seconds <= best.step.seconds * (1 + QUANTIZED_MIN_GAIN):
         best = exact
     mine = [o for o in best.overrides if o.split("=", 1)[0] not in fixed]
-    chosen = make_plan(plan.machine, [*mine, *plan.user_overrides], resumed=resumed)
-    # What the ranking chose is the plan's choice, not the user's: listed with the plan's own.
-    chosen.choices += mine
-    chosen.user_overrides = list(plan.user_overrides)
-    chosen.reasons = [r for r in chosen.reasons if not r.startswith("kept as given")]
-    if fixed:
-        chosen.reasons.append(f"kept as given: {', '.join(sorted(fixed))}")
+    chosen = make_plan(plan.machine, overrides, resumed=resumed, decided=mine)
     eff = best.scaling_efficiency
     chosen.reasons.append(
         f"chosen by the scaling model over {link.name} (quantized collectives only where they gain "

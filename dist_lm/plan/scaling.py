@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from dist_lm.config.batch import batch_sizes
 from dist_lm.config.layout import ParallelLayout
 from dist_lm.config.schema import Config
-from dist_lm.model.counts import count_parameters, flops_per_token
-from dist_lm.plan.memory import linear_parameters
+from dist_lm.model.counts import flops_per_token
+from dist_lm.plan.memory import parameters_per_rank
 from dist_lm.plan.sizing import MFU_ASSUMED
 from dist_lm.runtime.hardware import peak_flops_for
 from dist_lm.runtime.precision import Precision
@@ -203,7 +203,7 @@ def _collectives(
     sp, tp = layout.sequence_parallel_size, layout.tensor_parallel_size
     weight_bytes = precision.bytes_per_weight
     grad_bytes = weight_bytes if grad_bytes is None else grad_bytes
-    params = _parameters_per_rank(cfg, tp)
+    params = parameters_per_rank(cfg.model, tp)
     # ZeRO partitions over the data- and sequence-parallel ranks (a tensor-parallel rank's share),
     # whose group strides over the tensor-parallel ranks.
     n = layout.zero_shards
@@ -251,16 +251,11 @@ def _collectives(
     return out
 
 
-def _parameters_per_rank(cfg: Config, tp: int) -> float:
-    params = count_parameters(cfg.model)["total"]
-    return params - cfg.model.n_layers * linear_parameters(cfg.model) * (1 - 1 / tp)
-
-
 def checkpoint_seconds(cfg: Config, layout: ParallelLayout, precision: Precision) -> float:
     """One save on the busiest rank: the model states (a tensor-parallel rank's share; whole on
     the first data-parallel rank, or its ZeRO-3 partition) and its partition of the fp32 masters
     and Adam's two moments, at CHECKPOINT_GB_PER_S."""
-    params = _parameters_per_rank(cfg, layout.tensor_parallel_size)
+    params = parameters_per_rank(cfg.model, layout.tensor_parallel_size)
     n = layout.zero_shards
     weights = params * precision.bytes_per_weight / (n if cfg.parallel.zero_stage == 3 else 1)
     optimizer = params * 12 / (n if cfg.parallel.zero_stage >= 1 else 1)
