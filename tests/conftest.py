@@ -299,3 +299,15 @@ def fill(disk: Path) -> Path:
             except OSError:
                 pass
     return filler
+
+
+def hold_saves(env: dict, holds: str) -> dict:
+    """``env`` for a run whose asynchronous saves wait as ``holds`` says (tests/hooks/sitecustomize.py)."""
+    path = os.pathsep.join(p for p in (str(ROOT / "tests" / "hooks"), env.get("PYTHONPATH", "")) if p)
+    return {**env, "PYTHONPATH": path, "DIST_LM_TEST_HOLD_SAVE": holds}
+
+
+def log_order(run_dir: Path, *texts: str) -> list[int]:
+    """Where each of ``texts`` first appears in rank 0's train.log."""
+    log = (run_dir / "train.log").read_text()
+    return [log.index(text) for text in texts]

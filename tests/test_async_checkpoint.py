@@ -17,23 +17,10 @@ import psutil
 import pytest
 from engine_runs import COMMON
 
-from conftest import ROOT, assert_ok, fill, launch, read_metrics, start_training
+from conftest import ROOT, assert_ok, fill, hold_saves, launch, log_order, read_metrics, start_training
 from dist_lm.store import checkpoints
 
-HOOKS = ROOT / "tests" / "hooks"
 ASYNC = ["checkpoint.async_save=true", "checkpoint.interval=2"]
-
-
-def held(env: dict, holds: str) -> dict:
-    """``env`` for a run whose asynchronous saves wait as ``holds`` says (tests/hooks/sitecustomize.py)."""
-    path = os.pathsep.join(p for p in (str(HOOKS), env.get("PYTHONPATH", "")) if p)
-    return {**env, "PYTHONPATH": path, "DIST_LM_TEST_HOLD_SAVE": holds}
-
-
-def log_order(run, *texts: str) -> list[int]:
-    """Where each of ``texts`` first appears in rank 0's train.log."""
-    log = (run / "train.log").read_text()
-    return [log.index(text) for text in texts]
 
 
 def torchrun(args: list[str], env: dict) -> subprocess.Popen:
@@ -54,7 +41,7 @@ def test_training_goes_on_during_a_save_and_a_kill_in_it_resumes_from_the_last_c
     run's losses, bit for bit."""
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     args = ["--config", "debug", *COMMON, *ASYNC, "parallel.zero_stage=2"]
-    assert_ok(launch("torchrun", [*args, f"run.dir={whole}"], held(env, "2=rows:4,4=rows:6")))
+    assert_ok(launch("torchrun", [*args, f"run.dir={whole}"], hold_saves(env, "2=rows:4,4=rows:6")))
     train, _ = read_metrics(whole)
     assert [r["loss"] for r in train] == pytest.approx(reference, abs=1e-4)
     step2, step4 = (whole / "checkpoints" / f"step0000000{n}" for n in (2, 4))
@@ -68,7 +55,7 @@ def test_training_goes_on_during_a_save_and_a_kill_in_it_resumes_from_the_last_c
     assert (root / "latest").read_text() == "step00000006"
     assert all(checkpoints.problem_with(p) is None for p in root.iterdir() if checkpoints.step_of(p) is not None)
 
-    proc = torchrun([*args, f"run.dir={killed}"], held(env, "4=forever"))
+    proc = torchrun([*args, f"run.dir={killed}"], hold_saves(env, "4=forever"))
     deadline = time.monotonic() + 240
     while proc.poll() is None and time.monotonic() < deadline:
         if (killed / "metrics.jsonl").is_file() and '"step": 5,' in (killed / "metrics.jsonl").read_text():
@@ -103,7 +90,7 @@ def test_a_disk_that_fills_during_the_background_write_is_one_line_and_leaves_no
     ckpt = small_disk / "ckpt"
     args = ["--config", "debug", *ASYNC, "train.log_interval=1", "train.eval_interval=0", "train.max_steps=100000"]
     args += [f"checkpoint.dir={ckpt}", f"run.dir={tmp_path / 'run'}"]
-    proc = start_training(args, held(env, f"2=file:{release}"))
+    proc = start_training(args, hold_saves(env, f"2=file:{release}"))
     metrics = tmp_path / "run" / "metrics.jsonl"
     deadline = time.monotonic() + 240
     while proc.poll() is None and time.monotonic() < deadline:

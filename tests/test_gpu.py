@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import assert_ok, launch, read_metrics
+from conftest import assert_ok, hold_saves, launch, log_order, read_metrics
 
 pytestmark = pytest.mark.gpu
 
@@ -430,3 +430,44 @@ def test_zero_plus_plus_quantized_collectives_train_and_resume_on_one_gpu(env, t
     assert expected[1] - expected[8] > 0.2
     assert [expected[s] for s in range(1, 9)] == pytest.approx([reference[s] for s in range(1, 9)], abs=5e-2)
     assert [got[s] for s in range(5, 9)] == pytest.approx([expected[s] for s in range(5, 9)], abs=2e-2)
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_async_save_on_the_gpu_stages_while_training_goes_on_and_resumes(env, tmp_path, stage):
+    """checkpoint.async_save in bf16 at ZeRO-1 (the GPU default) and ZeRO-3, on CUDA: the step-2
+    save is held until step 4's row is logged (tests/hooks/sitecustomize.py), so steps 3 and 4
+    train while its files are pending; every checkpoint completes whole; the run stopped at step 5
+    resumes on the course of an uninterrupted run that never saved."""
+    from dist_lm.store import checkpoints
+
+    args = [
+        "--config",
+        "debug",
+        f"parallel.zero_stage={stage}",
+        "parallel.precision=bf16",
+        "train.max_steps=8",
+        "train.log_interval=1",
+        "train.eval_interval=0",
+    ]
+    env = {**env, "DS_ACCELERATOR": "cuda"}
+    plain, stopped = tmp_path / "plain", tmp_path / "stopped"
+    assert_ok(launch("python", [*args, "checkpoint.interval=0", f"run.dir={plain}"], env))
+    saving = ["checkpoint.async_save=true", "checkpoint.interval=2", "train.stop_at_step=5"]
+    assert_ok(launch("python", [*args, *saving, f"run.dir={stopped}"], hold_saves(env, "2=rows:4")))
+    root = stopped / "checkpoints"
+    step2 = root / "step00000002"
+    staged, row3, row4, saved = log_order(
+        stopped, f"staged checkpoint {step2}", "step      3 |", "step      4 |", f"saved checkpoint {step2} ("
+    )
+    assert staged < row3 < row4 < saved
+    assert (root / "latest").read_text() == "step00000005"
+    assert all(checkpoints.problem_with(p) is None for p in root.iterdir() if checkpoints.step_of(p) is not None)
+    resumed = launch("python", [*args, f"run.dir={stopped}"], env)
+    assert_ok(resumed)
+    assert "at step 5 " in resumed.stdout
+    expected = {r["step"]: r["loss"] for r in read_metrics(plain)[0]}
+    got = {r["step"]: r["loss"] for r in read_metrics(stopped)[0]}
+    print("no saves", expected, "\nasync saves, stopped at 5 and resumed", got)
+    assert list(got) == list(expected) == list(range(1, 9))
+    assert expected[1] - expected[8] > 0.2
+    assert [got[s] for s in range(1, 9)] == pytest.approx([expected[s] for s in range(1, 9)], abs=2e-3)

@@ -89,7 +89,13 @@ def test_metrics_csv_and_jsonl_columns_and_values(env, ds_ops, tmp_path):
         assert reader.fieldnames == COLUMNS
         rows = list(reader)
     jsonl = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [int(r["step"]) for r in rows] == [r["step"] for r in jsonl] == [1, 2, 3, 4]
+    assert [int(r["step"]) for r in rows] == [r["step"] for r in jsonl] == [1, 2, 3, 4, 4]
+    # the last row is the checkpoint saved at the end: its step, how long training stood still for
+    # it (all of a synchronous save), how long it took; no training figures
+    (saved,) = [r for r in jsonl if "checkpoint_step" in r]
+    assert saved["checkpoint_step"] == 4 and saved["checkpoint_stall_s"] == saved["checkpoint_s"] > 0
+    assert "loss" not in saved and rows[-1]["loss"] == "" and float(rows[-1]["checkpoint_s"]) > 0
+    rows = rows[:-1]
     for r in rows:
         assert 0 < float(r["loss"]) < 20 and float(r["lr"]) > 0 and float(r["tokens_per_s"]) > 0
         assert float(r["step_time"]) > 0 and float(r["grad_norm"]) > 0 and float(r["peak_mem_gb"]) > 0

@@ -7,7 +7,10 @@ The stall of a save at step k is how much longer the interval from step k's row 
 took than the run's median step (metrics.jsonl's elapsed_s: the save runs between the two rows).
 For the synchronous save that is the save's whole time; for the asynchronous one, the copy to
 host memory and whatever the background write takes from the steps that follow (also shown: the
-median step while the write was pending against the median before it). Prints one JSON object.
+median step while the write was pending against the median before it). Beside it, the save's own
+row of metrics.jsonl: how long the trainer stood still for it (``held_s``) and how long until it
+was complete (``save_s``; for the asynchronous save, to the first step that found every rank's
+files written). Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -43,12 +46,15 @@ def run(config: str, overrides: list[str], steps: int, run_dir: Path, async_save
         raise SystemExit(f"error: the run in {run_dir} ended with exit status {proc.returncode}")
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     elapsed = {r["step"]: r["elapsed_s"] for r in rows if "loss" in r}
+    (saved,) = [r for r in rows if r.get("checkpoint_step") == save_at]
     intervals = {s: elapsed[s] - elapsed[s - 1] for s in elapsed if s - 1 in elapsed}
     typical = statistics.median(v for s, v in intervals.items() if s != save_at + 1)
     before = [v for s, v in intervals.items() if s <= save_at]
     after = [v for s, v in intervals.items() if s > save_at + 1]
     return {
         "stall_s": round(intervals[save_at + 1] - typical, 2),
+        "held_s": round(saved["checkpoint_stall_s"], 2),
+        "save_s": round(saved["checkpoint_s"], 2),
         "median_step_s": round(typical, 3),
         "median_step_before_s": round(statistics.median(before), 3) if before else None,
         "median_step_after_s": round(statistics.median(after), 3) if after else None,

@@ -22,7 +22,9 @@ from dist_lm.config.schema import ConfigError, LoggingConfig
 from dist_lm.files import AppendFile, write_atomic
 
 # The columns of metrics.csv, in order; a row leaves empty what it does not have (val_loss is
-# there only on evaluation steps, the training figures only on logging steps).
+# there only on evaluation steps, the training figures only on logging steps, the checkpoint_
+# figures only in the row a completed save adds: the step it saved, how long training stood
+# still for it, and how long it took until complete).
 COLUMNS = [
     "step",
     "tokens",
@@ -38,6 +40,9 @@ COLUMNS = [
     "elapsed_s",
     "aux_loss",
     "z_loss",
+    "checkpoint_step",
+    "checkpoint_stall_s",
+    "checkpoint_s",
 ]
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 
 import torch
 
@@ -363,7 +364,7 @@ class Trainer:
         if self.pending is not None:
             log.info(f"staged checkpoint {path} in {self.last_save_seconds:.1f} s; writing it while training goes on")
         else:
-            self._saved(path)
+            self._saved(path, self.last_save_seconds)
 
     def finish_pending_save(self, wait: bool) -> None:
         """Complete the save being written, if every rank has written its files (``wait``: after
@@ -380,20 +381,24 @@ class Trainer:
             pending, rank = self.pending, self.session.dist_env.rank
             if async_checkpoint.finish(pending, self.session.ckpt_root, rank, wait, timeout):
                 self.pending = None
-                self._saved(pending.path, time.perf_counter() - pending.started)
+                self._saved(pending.path, time.perf_counter() - pending.started, staged=True)
         finally:
             if wait:
                 self.stop.saving = None
                 self.watchdog.progress(f"training step {self.step + 1}")
 
-    def _saved(self, path, written_s: float | None = None) -> None:
-        """A checkpoint is complete: prune the older ones, move ``best``, say so."""
+    def _saved(self, path: Path, seconds: float, staged: bool = False) -> None:
+        """A checkpoint is complete, ``seconds`` after its save began (``staged``: written while
+        training went on, which stood still only for the staging): prune the older ones, move
+        ``best``, say so, and add its row to the metrics."""
         s = self.session
         if distributed.is_rank0():
             for old in checkpoint.prune(s.ckpt_root, self.cfg.checkpoint.keep_last, self.cfg.checkpoint.keep_best):
                 log.info(f"removed old checkpoint {old.name}")
             checkpoint.update_best(s.ckpt_root)
-        log.info(f"saved checkpoint {path}" + (f" ({written_s:.1f} s after it was staged)" if written_s else ""))
+        log.info(f"saved checkpoint {path}" + (f" ({seconds:.1f} s after it was staged)" if staged else ""))
+        row = {"checkpoint_step": checkpoints.step_of(path), "checkpoint_stall_s": self.last_save_seconds}
+        self._emit(row | {"checkpoint_s": seconds})
 
     def print_sample(self) -> None:
         s = self.session

@@ -23,7 +23,8 @@ def _held(condition: str, checkpoint_dir: Path) -> bool:
     if kind == "rows":
         metrics = checkpoint_dir.parent.parent / "metrics.jsonl"  # RUN/checkpoints/stepN
         lines = metrics.read_text().splitlines() if metrics.is_file() else []
-        steps = {json.loads(line).get("step") for line in lines if line.endswith("}")}
+        rows = [json.loads(line) for line in lines if line.endswith("}")]
+        steps = {row["step"] for row in rows if "loss" in row}
         return int(value) not in steps
     if kind == "file":
         return not Path(value).exists()
