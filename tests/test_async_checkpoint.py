@@ -33,14 +33,14 @@ def torchrun(args: list[str], env: dict) -> subprocess.Popen:
 def test_training_goes_on_during_a_save_and_a_kill_in_it_resumes_from_the_last_complete_one(
     tmp_path, env, ds_ops, reference
 ):
-    """Two ranks, ZeRO-2. Uninterrupted: the step-2 and step-4 saves are each held until two more
+    """Two ranks, fp32 ZeRO-1 (tests/test_chaos.py saves this way at ZeRO-2). Uninterrupted: the step-2 and step-4 saves are each held until two more
     steps are logged, so those steps ran while the files were pending; each checkpoint completes
     afterwards, and the losses are the reference's. Then kill -9 of every process while the
     step-4 save is pending (training at step 5): that directory never gets its state.json,
     ``latest`` stays at step 2, and the next start resumes there and ends with the uninterrupted
     run's losses, bit for bit."""
     whole, killed = tmp_path / "whole", tmp_path / "killed"
-    args = ["--config", "debug", *COMMON, *ASYNC, "parallel.zero_stage=2"]
+    args = ["--config", "debug", *COMMON, *ASYNC, "parallel.zero_stage=1"]
     assert_ok(launch("torchrun", [*args, f"run.dir={whole}"], hold_saves(env, "2=rows:4,4=rows:6")))
     train, _ = read_metrics(whole)
     assert [r["loss"] for r in train] == pytest.approx(reference, abs=1e-4)
@@ -83,12 +83,13 @@ def test_a_disk_that_fills_during_the_background_write_is_one_line_and_leaves_no
     tmp_path,
     small_disk,
 ):
-    """The step-2 save is staged, training goes on, and the disk fills before the thread writes:
-    the run ends with one line and exit 2 at the next step, the partial directory is gone, and
-    no ``latest`` names it."""
+    """fp32 ZeRO-3, one rank. The step-2 save is staged, training goes on, and the disk fills
+    before the thread writes: the run ends with one line and exit 2 at the next step, the partial
+    directory is gone, and no ``latest`` names it."""
     release = tmp_path / "release"
     ckpt = small_disk / "ckpt"
-    args = ["--config", "debug", *ASYNC, "train.log_interval=1", "train.eval_interval=0", "train.max_steps=100000"]
+    args = ["--config", "debug", *ASYNC, "parallel.zero_stage=3", "train.log_interval=1", "train.eval_interval=0"]
+    args += ["train.max_steps=100000"]
     args += [f"checkpoint.dir={ckpt}", f"run.dir={tmp_path / 'run'}"]
     proc = start_training(args, hold_saves(env, f"2=file:{release}"))
     metrics = tmp_path / "run" / "metrics.jsonl"
