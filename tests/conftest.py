@@ -301,10 +301,12 @@ def fill(disk: Path) -> Path:
     return filler
 
 
-def hold_saves(env: dict, holds: str) -> dict:
-    """``env`` for a run whose asynchronous saves wait as ``holds`` says (tests/hooks/sitecustomize.py)."""
+def hooked(env: dict, hold_saves: str | None = None, host_available: int | None = None) -> dict:
+    """``env`` for a run under tests/hooks/sitecustomize.py: its asynchronous saves wait as
+    ``hold_saves`` says; psutil reports ``host_available`` bytes of host memory available."""
     path = os.pathsep.join(p for p in (str(ROOT / "tests" / "hooks"), env.get("PYTHONPATH", "")) if p)
-    return {**env, "PYTHONPATH": path, "DIST_LM_TEST_HOLD_SAVE": holds}
+    settings = {"DIST_LM_TEST_HOLD_SAVE": hold_saves, "DIST_LM_TEST_HOST_AVAILABLE": host_available}
+    return {**env, "PYTHONPATH": path, **{k: str(v) for k, v in settings.items() if v is not None}}
 
 
 def log_order(run_dir: Path, *texts: str) -> list[int]:

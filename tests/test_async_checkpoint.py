@@ -17,7 +17,7 @@ import psutil
 import pytest
 from engine_runs import COMMON
 
-from conftest import ROOT, assert_ok, fill, hold_saves, launch, log_order, read_metrics, start_training
+from conftest import ROOT, assert_ok, fill, hooked, launch, log_order, read_metrics, start_training
 from dist_lm.store import checkpoints
 
 ASYNC = ["checkpoint.async_save=true", "checkpoint.interval=2"]
@@ -33,15 +33,17 @@ def torchrun(args: list[str], env: dict) -> subprocess.Popen:
 def test_training_goes_on_during_a_save_and_a_kill_in_it_resumes_from_the_last_complete_one(
     tmp_path, env, ds_ops, reference
 ):
-    """Two ranks, fp32 ZeRO-1 (tests/test_chaos.py saves this way at ZeRO-2). Uninterrupted: the step-2 and step-4 saves are each held until two more
-    steps are logged, so those steps ran while the files were pending; each checkpoint completes
-    afterwards, and the losses are the reference's. Then kill -9 of every process while the
+    """Two ranks, fp32 ZeRO-1 (tests/test_chaos.py saves this way at ZeRO-2). Uninterrupted: the
+    step-2 and step-4 saves are each held until two more steps are logged, so those steps ran
+    while the files were pending; each checkpoint completes afterwards, and the losses are the
+    reference's. Then kill -9 of every process while the
     step-4 save is pending (training at step 5): that directory never gets its state.json,
     ``latest`` stays at step 2, and the next start resumes there and ends with the uninterrupted
-    run's losses, bit for bit."""
+    run's losses, bit for bit. That start finds its node's memory short (the hook reports none
+    available): each save writes its state in place, warns once, and completes as before."""
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     args = ["--config", "debug", *COMMON, *ASYNC, "parallel.zero_stage=1"]
-    assert_ok(launch("torchrun", [*args, f"run.dir={whole}"], hold_saves(env, "2=rows:4,4=rows:6")))
+    assert_ok(launch("torchrun", [*args, f"run.dir={whole}"], hooked(env, hold_saves="2=rows:4,4=rows:6")))
     train, _ = read_metrics(whole)
     assert [r["loss"] for r in train] == pytest.approx(reference, abs=1e-4)
     step2, step4 = (whole / "checkpoints" / f"step0000000{n}" for n in (2, 4))
@@ -55,7 +57,7 @@ def test_training_goes_on_during_a_save_and_a_kill_in_it_resumes_from_the_last_c
     assert (root / "latest").read_text() == "step00000006"
     assert all(checkpoints.problem_with(p) is None for p in root.iterdir() if checkpoints.step_of(p) is not None)
 
-    proc = torchrun([*args, f"run.dir={killed}"], hold_saves(env, "4=forever"))
+    proc = torchrun([*args, f"run.dir={killed}"], hooked(env, hold_saves="4=forever"))
     deadline = time.monotonic() + 240
     while proc.poll() is None and time.monotonic() < deadline:
         if (killed / "metrics.jsonl").is_file() and '"step": 5,' in (killed / "metrics.jsonl").read_text():
@@ -69,9 +71,12 @@ def test_training_goes_on_during_a_save_and_a_kill_in_it_resumes_from_the_last_c
     root = killed / "checkpoints"
     assert (root / "latest").read_text() == "step00000002"
     assert checkpoints.problem_with(root / "step00000004") is not None  # never complete
-    resumed = launch("torchrun", [*args, f"run.dir={killed}"], env)
+    resumed = launch("torchrun", [*args, f"run.dir={killed}"], hooked(env, host_available=0))
     assert_ok(resumed)
     assert f"resumed from {root / 'step00000002'} at step 2" in resumed.stdout
+    short = [line for line in resumed.stderr.splitlines() if "checkpoint.async_save: rank 0 wrote" in line]
+    assert len(short) == 2 and "of the node's memory free" in short[0], resumed.stderr[-3000:]
+    assert all(checkpoints.problem_with(root / f"step0000000{n}") is None for n in (4, 6))
     losses = {r["step"]: r["loss"] for r in read_metrics(killed)[0]}
     assert [losses[s] for s in range(1, 7)] == [r["loss"] for r in train]
 
@@ -91,7 +96,7 @@ def test_a_disk_that_fills_during_the_background_write_is_one_line_and_leaves_no
     args = ["--config", "debug", *ASYNC, "parallel.zero_stage=3", "train.log_interval=1", "train.eval_interval=0"]
     args += ["train.max_steps=100000"]
     args += [f"checkpoint.dir={ckpt}", f"run.dir={tmp_path / 'run'}"]
-    proc = start_training(args, hold_saves(env, f"2=file:{release}"))
+    proc = start_training(args, hooked(env, hold_saves=f"2=file:{release}"))
     metrics = tmp_path / "run" / "metrics.jsonl"
     deadline = time.monotonic() + 240
     while proc.poll() is None and time.monotonic() < deadline:

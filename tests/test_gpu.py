@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import assert_ok, hold_saves, launch, log_order, read_metrics
+from conftest import assert_ok, hooked, launch, log_order, read_metrics
 
 pytestmark = pytest.mark.gpu
 
@@ -453,7 +453,7 @@ def test_async_save_on_the_gpu_stages_while_training_goes_on_and_resumes(env, tm
     plain, stopped = tmp_path / "plain", tmp_path / "stopped"
     assert_ok(launch("python", [*args, "checkpoint.interval=0", f"run.dir={plain}"], env))
     saving = ["checkpoint.async_save=true", "checkpoint.interval=2", "train.stop_at_step=5"]
-    assert_ok(launch("python", [*args, *saving, f"run.dir={stopped}"], hold_saves(env, "2=rows:4")))
+    assert_ok(launch("python", [*args, *saving, f"run.dir={stopped}"], hooked(env, hold_saves="2=rows:4")))
     root = stopped / "checkpoints"
     step2 = root / "step00000002"
     staged, row3, row4, saved = log_order(

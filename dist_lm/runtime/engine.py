@@ -17,6 +17,7 @@ import shutil
 import warnings
 from typing import Any
 
+import psutil
 import torch
 import torch.distributed as dist
 
@@ -396,20 +397,51 @@ def tied_names(module: torch.nn.Module) -> dict[str, str]:
     return aliases
 
 
+# The share of a node's memory a staged checkpoint leaves free. A copy that pushed the node past
+# it would risk the kernel's OOM killer, which ends a rank without a line: such a state dict is
+# written in place instead, holding training as a synchronous save does.
+HOST_MEMORY_RESERVE = 0.10
+
+
+def host_memory_for(nbytes: int) -> bool:
+    """Whether this node can take ``nbytes`` more of host memory and keep its reserve."""
+    memory = psutil.virtual_memory()
+    return memory.available - nbytes >= HOST_MEMORY_RESERVE * memory.total
+
+
+def tensor_bytes(value) -> int:
+    """The bytes of every tensor in a state dict."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(tensor_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(tensor_bytes(v) for v in value)
+    return 0
+
+
 class StagingEngine(CheckpointEngine):
     """DeepSpeed's checkpoint engine of this run, but while ``staged`` is a list, ``save`` copies
-    the state dict to host memory and adds it there instead of writing it."""
+    the state dict to host memory and adds it there instead of writing it; where the node's
+    memory would not keep its reserve (each of its ``ranks_per_node`` ranks copying as much at
+    once), it writes the state dict in place and adds (its path, its bytes) to ``written``."""
 
-    def __init__(self, inner: CheckpointEngine):
+    def __init__(self, inner: CheckpointEngine, ranks_per_node: int):
         super().__init__()
         self.inner, self.name = inner, f"staging {inner.name}"
+        self.ranks_per_node = ranks_per_node
         self.staged: list[tuple[Any, str]] | None = None
+        self.written: list[tuple[str, int]] = []
 
     def create(self, info: CheckpointCommitInfo):
         return self.inner.create(info)
 
     def save(self, state_dict, path: str):
         if self.staged is None:
+            return self.inner.save(state_dict, path)
+        nbytes = tensor_bytes(state_dict)
+        if not host_memory_for(nbytes * self.ranks_per_node):
+            self.written.append((path, nbytes))
             return self.inner.save(state_dict, path)
         self.staged.append((_host_copy(state_dict), path))
 
@@ -438,9 +470,9 @@ def _host_copy(value):
     return value
 
 
-def install_staging(engine: "deepspeed.DeepSpeedEngine") -> StagingEngine:
+def install_staging(engine: "deepspeed.DeepSpeedEngine", ranks_per_node: int) -> StagingEngine:
     """Put a staging engine in front of DeepSpeed's checkpoint engine (once, at start-up):
     checkpoint.async_save (dist_lm.train.async_checkpoint)."""
-    staging = StagingEngine(engine.checkpoint_engine)
+    staging = StagingEngine(engine.checkpoint_engine, ranks_per_node)
     engine.checkpoint_engine = staging
     return staging

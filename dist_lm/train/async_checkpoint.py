@@ -15,7 +15,9 @@ checkpoint engine whose ``save`` copies each state dict to host memory instead o
 
 What it costs: host memory for one more copy of the checkpoint while it is written (the
 optimizer's share and the weights of this rank), and one small all-reduce per step while a save
-is in flight, to agree that every rank has finished. A fault during the write leaves a directory
+is in flight, to agree that every rank has finished. Where the node's memory is short, a state
+dict is written in place rather than copied (dist_lm.runtime.engine.HOST_MEMORY_RESERVE), with
+a warning. A fault during the write leaves a directory
 without state.json, which no resume takes (docs/reliability.md).
 """
 
@@ -31,8 +33,9 @@ from typing import Callable
 import torch
 
 from dist_lm.files import write_atomic
+from dist_lm.observe import log
 from dist_lm.runtime import distributed
-from dist_lm.runtime.engine import StagingEngine
+from dist_lm.runtime.engine import HOST_MEMORY_RESERVE, StagingEngine
 from dist_lm.store.checkpoints import WEIGHTS, CheckpointError, tag_for
 from dist_lm.store.state import STATE, RunState
 from dist_lm.train import checkpoint
@@ -71,11 +74,12 @@ def start(
     failed = None
     try:
         checkpoint.clear_older_save(path, rank)
-        staging.staged = []
+        staging.staged, staging.written = [], []
         try:
             engine.save_checkpoint(str(root), tag=tag_for(step), save_latest=False)
         finally:
             files, staging.staged = staging.staged, None
+        in_place = [Path(file) for file, _ in staging.written]
         tensors = weights()
         if host_copy_weights:  # on a CPU run the gathered weights may be the live parameters
             tensors = {k: v.clone() for k, v in tensors.items()}
@@ -83,14 +87,32 @@ def start(
     except Exception as e:
         failed = f"rank {rank}: staging {path} failed: {checkpoint.reason(e)}"
     checkpoint.agree_or_remove(failed, path, rank, "another rank could not stage the checkpoint")
+    if short := distributed.first_problem(_short_of_memory(staging.written, rank) if staging.written else None):
+        log.warn(short)
     pending.thread = threading.Thread(
-        target=_write, args=(pending, files, tensors, rng, rank, aliases), name=f"save {path.name}", daemon=True
+        target=_write,
+        args=(pending, files, in_place, tensors, rng, rank, aliases),
+        name=f"save {path.name}",
+        daemon=True,
     )
     pending.thread.start()
     return pending
 
 
-def _write(pending: PendingSave, files, tensors: dict, rng: str, rank: int, aliases: dict[str, str]) -> None:
+def _short_of_memory(written: list[tuple[str, int]], rank: int) -> str:
+    nbytes = sum(n for _, n in written)
+    return (
+        f"checkpoint.async_save: rank {rank} wrote {len(written)} of its checkpoint files ({nbytes / 1e9:.1f} GB) "
+        f"before training went on: copying them for every rank of its node would have left less than "
+        f"{HOST_MEMORY_RESERVE:.0%} of the node's memory free"
+    )
+
+
+def _write(
+    pending: PendingSave, files, in_place: list[Path], tensors: dict, rng: str, rank: int, aliases: dict[str, str]
+) -> None:
+    """This rank's share of the save: the staged state dicts, the weights and the RNG written,
+    then these and ``in_place`` (written by the trainer while staging) flushed and hashed."""
     path = pending.path
     try:
         for state_dict, file in files:
@@ -98,6 +120,7 @@ def _write(pending: PendingSave, files, tensors: dict, rng: str, rank: int, alia
         checkpoint.write_weights(path, rank, tensors, aliases)
         write_atomic(path / f"rng-rank{rank}.json", rng, durable=True)
         names = [str(Path(file).relative_to(path)) for _, file in files] + [f"rng-rank{rank}.json"]
+        names += [str(file.relative_to(path)) for file in in_place]
         names += [WEIGHTS.format(rank=rank)] if (path / WEIGHTS.format(rank=rank)).is_file() else []
         pending.written = checkpoint.flushed_and_hashed(path, sorted(set(names)))
     except Exception as e:  # a full or failing disk: the main thread agrees on it with the others

@@ -39,7 +39,11 @@ class Trainer:
         self.step = 0
         self.last_saved_step: int | None = None
         # checkpoint.async_save: DeepSpeed saves through a staging engine; the save being written
-        self.staging = engine.install_staging(self.model_engine) if s.cfg.checkpoint.async_save else None
+        self.staging = (
+            engine.install_staging(self.model_engine, max(1, s.dist_env.local_world_size))
+            if s.cfg.checkpoint.async_save
+            else None
+        )
         self.pending: async_checkpoint.PendingSave | None = None
         self.evaluations = Evaluations(s.cfg.train.early_stop_min_delta, s.cfg.train.early_stop_patience)
         self.clips_itself = clips_itself(s.cfg.parallel, s.precision)

@@ -7,6 +7,9 @@ DIST_LM_TEST_HOLD_SAVE="STEP=CONDITION[,STEP=CONDITION...]", CONDITION one of:
   rows:N     until the run's metrics.jsonl holds the training row of step N
   file:PATH  until PATH exists
   forever
+
+DIST_LM_TEST_HOST_AVAILABLE=BYTES: psutil reports that much host memory available (the staging
+of an asynchronous save then finds the node short of memory, dist_lm.runtime.engine.host_memory_for).
 """
 
 import json
@@ -47,3 +50,9 @@ if _holds:
         return _start(self)
 
     threading.Thread.start = start
+
+if os.environ.get("DIST_LM_TEST_HOST_AVAILABLE"):
+    import psutil
+
+    _virtual_memory, _available = psutil.virtual_memory, int(os.environ["DIST_LM_TEST_HOST_AVAILABLE"])
+    psutil.virtual_memory = lambda: _virtual_memory()._replace(available=_available)
