@@ -300,6 +300,19 @@ def test_the_csv_refuses_a_metric_it_has_no_column_for(tmp_path):
     sink.close()
 
 
+def test_a_resumed_csv_of_fewer_columns_gets_the_header_of_this_version(tmp_path):
+    """A run resumed under a version with more columns: the header grows, the old rows stay."""
+    path = tmp_path / "metrics.csv"
+    old = COLUMNS[: COLUMNS.index("checkpoint_step")]
+    path.write_text(",".join(old) + "\n" + ",".join(["1", "1024", "9.5"] + [""] * (len(old) - 3)) + "\n")
+    sink = CsvSink(path)
+    sink.write({"step": 2, "loss": 9.0, "checkpoint_step": 2})
+    sink.close()
+    rows = list(csv.DictReader(open(path)))
+    assert [(r["step"], r["loss"], r["checkpoint_step"]) for r in rows] == [("1", "9.5", None), ("2", "9.0", "2")]
+    assert open(path).readline().strip().split(",") == COLUMNS
+
+
 def test_drop_rows_after_keeps_earlier_steps_and_removes_a_torn_line(tmp_path):
     sinks = [JsonlSink(tmp_path / "metrics.jsonl"), CsvSink(tmp_path / "metrics.csv")]
     for step in range(1, 7):

@@ -147,11 +147,17 @@ class CsvSink:
 
     def __init__(self, path: Path, extra_columns: list[str] = ()):
         """``extra_columns``: beyond COLUMNS, e.g. a mixture's val_loss_NAME per source."""
-        fresh = not path.exists() or path.stat().st_size == 0
-        self._file = AppendFile(path)
         self.columns = [*COLUMNS, *extra_columns]
+        header = self._line(dict(zip(self.columns, self.columns)), header=True)
+        fresh = not path.exists() or path.stat().st_size == 0
+        if not fresh:
+            with open(path) as f:
+                first = f.readline()
+            if first != header:  # written by a version with other columns: its rows keep their places
+                write_atomic(path, header + path.read_text()[len(first) :])
+        self._file = AppendFile(path)
         if fresh:
-            self._file.write(self._line(dict(zip(self.columns, self.columns)), header=True))
+            self._file.write(header)
 
     def _line(self, row: dict, header: bool = False) -> str:
         text = io.StringIO()
