@@ -270,6 +270,10 @@ def test_analyze_a_run(env, ds_ops, tmp_path):
     assert_ok(proc)
     for name in ("loss.png", "lr.png", "throughput.png"):
         assert_png(tmp_path / "plots" / name)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    (saved,) = [r for r in rows if "checkpoint_step" in r]  # the one at the end
+    stood = f"{saved['checkpoint_stall_s']:.1f}"
+    assert f"checkpoints: 1 saved; training stood still {stood} s for them (" in proc.stdout, proc.stdout
 
 
 def test_analyze_compares_runs_at_the_last_step_they_share(tmp_path):

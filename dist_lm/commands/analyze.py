@@ -39,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
         files = result["files"]
     elif (path / "metrics.jsonl").is_file():
         files = analysis.plot_run(path, args.out)
+        if saves := analysis.checkpoint_summary(analysis.read_rows(path)):
+            print(saves)
     else:
         print(
             f"error: {path} has neither metrics.jsonl (a run) nor results.csv and sweep.json (a sweep)", file=sys.stderr

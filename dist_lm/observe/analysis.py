@@ -64,6 +64,21 @@ def plot_run(run_dir: Path, out: Path) -> list[Path]:
     return written
 
 
+def checkpoint_summary(rows: list[dict]) -> str | None:
+    """What a run's saves cost (the rows each completed checkpoint adds), or None without any:
+    how to tell whether checkpoint.async_save or a longer checkpoint.interval would pay."""
+    saves = [r for r in rows if r.get("checkpoint_step") is not None]
+    if not saves:
+        return None
+    stood = sum(r["checkpoint_stall_s"] for r in saves)
+    elapsed = max(r["elapsed_s"] for r in rows if r.get("elapsed_s") is not None)
+    return (
+        f"checkpoints: {len(saves)} saved; training stood still {stood:.1f} s for them "
+        f"({100 * stood / elapsed:.1f}% of {elapsed:,.1f} s); the longest took "
+        f"{max(r['checkpoint_s'] for r in saves):.1f} s to complete"
+    )
+
+
 def compare_runs(run_dirs: list[Path], out: Path) -> tuple[list[dict], Path]:
     """The training losses of several runs on one plot (compare.png), and per run its loss at
     the last step all of them logged, with its gap to the first run's there: how two precisions,
