@@ -92,30 +92,20 @@ def pytest_collection_modifyitems(session, config, items) -> None:
     items.sort(key=lambda item: (_needs_adam(item), _slow_rank(item)))
 
 
-# How much nicer than the op builds the tests and the ranks they start run. On two cores the ranks
-# of two workers (two threads each) left the compiler a small share: the Muon test, among the last
-# files, still waited 65-68 s in its setup for the fused Adam op (docs/benchmarks.md). Once the
-# builds are done every process of the suite has the same niceness, so nothing else changes.
-TESTS_NICER_THAN_BUILDS = 5
-
-
 def pytest_collection_finish(session) -> None:
     global _op_builds
+    if os.environ.get("PYTEST_XDIST_WORKER", "gw0") != "gw0":
+        return  # under pytest-xdist every worker collects every test: one of them builds for all
     needed = []
     for item in session.items:
         needed += [op for op in _ops_needed(item) if op not in needed]
-    if not needed:
-        return
-    # under pytest-xdist every worker collects every test: one of them builds for all. Its
-    # failures show up where a fixture loads the op, with the compiler's message.
-    if os.environ.get("PYTEST_XDIST_WORKER", "gw0") == "gw0":
+    if needed:  # its failures show up where a fixture loads the op, with the compiler's message
         _op_builds = subprocess.Popen(
             [sys.executable, "-c", BUILD_OPS, *needed],
             env={**os.environ, "DS_ACCELERATOR": "cpu"},
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-    os.nice(TESTS_NICER_THAN_BUILDS)  # this worker and what it starts from now on, not the build
 
 
 def pytest_sessionfinish(session) -> None:
