@@ -305,16 +305,19 @@ def test_the_csv_refuses_a_metric_it_has_no_column_for(tmp_path):
 
 
 def test_a_resumed_csv_of_fewer_columns_gets_the_header_of_this_version(tmp_path):
-    """A run resumed under a version with more columns: the header grows, the old rows stay."""
+    """A run resumed under a version with more columns: the header grows, and the old rows are
+    rewritten under it, each figure under its name (a mixture's columns come after COLUMNS, so
+    the new columns land between them)."""
     path = tmp_path / "metrics.csv"
-    old = COLUMNS[: COLUMNS.index("checkpoint_step")]
-    path.write_text(",".join(old) + "\n" + ",".join(["1", "1024", "9.5"] + [""] * (len(old) - 3)) + "\n")
-    sink = CsvSink(path)
+    old = [*COLUMNS[: COLUMNS.index("checkpoint_step")], "val_loss_web"]
+    path.write_text(",".join(old) + "\n" + ",".join(["1", "1024", "9.5"] + [""] * (len(old) - 4) + ["7.5"]) + "\n")
+    sink = CsvSink(path, ["val_loss_web"])
     sink.write({"step": 2, "loss": 9.0, "checkpoint_step": 2})
     sink.close()
     rows = list(csv.DictReader(open(path)))
-    assert [(r["step"], r["loss"], r["checkpoint_step"]) for r in rows] == [("1", "9.5", None), ("2", "9.0", "2")]
-    assert open(path).readline().strip().split(",") == COLUMNS
+    assert [(r["step"], r["loss"], r["checkpoint_step"]) for r in rows] == [("1", "9.5", ""), ("2", "9.0", "2")]
+    assert [r["val_loss_web"] for r in rows] == ["7.5", ""]
+    assert open(path).readline().strip().split(",") == [*COLUMNS, "val_loss_web"]
 
 
 def test_drop_rows_after_keeps_earlier_steps_and_removes_a_torn_line(tmp_path):

@@ -153,8 +153,10 @@ class CsvSink:
         if not fresh:
             with open(path) as f:
                 first = f.readline()
-            if first != header:  # written by a version with other columns: its rows keep their places
-                write_atomic(path, header + path.read_text()[len(first) :])
+            if first != header:  # a version with other columns wrote it: its rows, under this header
+                with open(path, newline="") as f:
+                    rows = [{k: v for k, v in r.items() if k in self.columns} for r in csv.DictReader(f)]
+                write_atomic(path, header + "".join(self._line(r) for r in rows))
         self._file = AppendFile(path)
         if fresh:
             self._file.write(header)

@@ -20,6 +20,7 @@ from typing import Any
 import psutil
 import torch
 import torch.distributed as dist
+import torch.utils._pytree as pytree  # torch's own walk over nested containers
 
 if not torch.cuda.is_available():
     # Tell DeepSpeed up front instead of letting it guess and warn about it.
@@ -409,15 +410,9 @@ def host_memory_for(nbytes: int) -> bool:
     return memory.available - nbytes >= HOST_MEMORY_RESERVE * memory.total
 
 
-def tensor_bytes(value) -> int:
+def tensor_bytes(state_dict) -> int:
     """The bytes of every tensor in a state dict."""
-    if isinstance(value, torch.Tensor):
-        return value.numel() * value.element_size()
-    if isinstance(value, dict):
-        return sum(tensor_bytes(v) for v in value.values())
-    if isinstance(value, (list, tuple)):
-        return sum(tensor_bytes(v) for v in value)
-    return 0
+    return sum(t.numel() * t.element_size() for t in pytree.tree_leaves(state_dict) if isinstance(t, torch.Tensor))
 
 
 class StagingEngine(CheckpointEngine):
@@ -443,7 +438,9 @@ class StagingEngine(CheckpointEngine):
         if not host_memory_for(nbytes * self.ranks_per_node):
             self.written.append((path, nbytes))
             return self.inner.save(state_dict, path)
-        self.staged.append((_host_copy(state_dict), path))
+        # a copy even of what is in host memory already: the optimizer updates it in place while
+        # the thread writes
+        self.staged.append((pytree.tree_map_only(torch.Tensor, _host_copy, state_dict), path))
 
     def load(self, path: str, map_location=None):
         return self.inner.load(path, map_location)
@@ -458,16 +455,8 @@ class StagingEngine(CheckpointEngine):
         return False  # each tensor is copied on its own: no flat buffer travels whole
 
 
-def _host_copy(value):
-    """``value`` with every tensor copied to host memory (a copy even where it is there already:
-    the optimizer updates its tensors in place while the thread writes them)."""
-    if isinstance(value, torch.Tensor):
-        return value.detach().to("cpu", copy=True)
-    if isinstance(value, dict):
-        return type(value)((k, _host_copy(v)) for k, v in value.items())
-    if isinstance(value, (list, tuple)):
-        return type(value)(_host_copy(v) for v in value)
-    return value
+def _host_copy(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.detach().to("cpu", copy=True)
 
 
 def install_staging(engine: "deepspeed.DeepSpeedEngine", ranks_per_node: int) -> StagingEngine:

@@ -400,7 +400,7 @@ class Trainer:
             for old in checkpoint.prune(s.ckpt_root, self.cfg.checkpoint.keep_last, self.cfg.checkpoint.keep_best):
                 log.info(f"removed old checkpoint {old.name}")
             checkpoint.update_best(s.ckpt_root)
-        log.info(f"saved checkpoint {path}" + (f" ({seconds:.1f} s after it was staged)" if staged else ""))
+        log.info(f"saved checkpoint {path}" + (f" ({seconds:.1f} s after its save began)" if staged else ""))
         row = {"checkpoint_step": checkpoints.step_of(path), "checkpoint_stall_s": self.last_save_seconds}
         self._emit(row | {"checkpoint_s": seconds})
 
