@@ -36,9 +36,12 @@ system-deps:
 # Two pytest-xdist workers, a whole test file each at a time (module fixtures such as the SLURM
 # cluster are then set up once): most tests wait on the ranks they start, so one process keeps
 # about one core busy, and two halve the suite on CI's 2-core machine. TEST_WORKERS=0: one process.
+# --no-loadscope-reorder: files go out in the order tests/conftest.py sorts them (longest first,
+# those that need DeepSpeed's Adam ops late); xdist's default reorders them by how many tests they
+# hold, which sent a file of many short tests, and its Muon test, ahead of the Adam build.
 TEST_WORKERS ?= 2
 test: setup system-deps lint
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=15 tests
 
 # ruff: lint (pycodestyle, pyflakes, import order, bugbear) and the formatter's check, configured in
 # pyproject.toml. `.venv/bin/ruff format .` formats in place.

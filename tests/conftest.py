@@ -62,23 +62,28 @@ def _needs_adam(item) -> bool:
 
 
 # The files that take longest on CI's two cores, longest first (docs/benchmarks.md, "The test
-# suite on CI's machine"). pytest-xdist's --dist loadfile hands whole files to the workers in
-# collection order: the long ones first, so that the short ones even out the end.
+# suite on CI's machine"), but the two that need DeepSpeed's Adam ops after the first ~300 s,
+# which their background build takes. pytest-xdist's --dist loadfile --no-loadscope-reorder
+# (the Makefile) hands whole files to the workers in collection order: the long ones first, so
+# that the short ones even out the end.
 SLOW_FILES = (
     "test_parallel_layouts.py",
     "test_checkpoints.py",
     "test_lifecycle.py",
     "test_parallel_layouts_bf16.py",
-    "test_slurm.py",
-    # (these two wait for DeepSpeed's Adam ops, which build in the background meanwhile)
-    "test_engine_launchers.py",
+    "test_engine_launchers.py",  # CPU Adam, at its end
     "test_prepare.py",
-    "test_chaos.py",
+    "test_breadth.py",  # fused Adam, at its end
     "test_monitoring.py",
-    "test_breadth.py",
-    "test_stopping.py",
-    "test_async_checkpoint.py",
     "test_hf_import.py",
+    "test_chaos.py",
+    "test_stopping.py",
+    "test_slurm.py",
+    "test_planner.py",
+    "test_export.py",
+    "test_launch_templates.py",
+    "test_async_checkpoint.py",
+    "test_cli.py",
 )
 
 
