@@ -61,25 +61,27 @@ def _needs_adam(item) -> bool:
     return any("Adam" in op for op in _ops_needed(item))
 
 
-# The files that take longest on CI's two cores, longest first (docs/benchmarks.md, "The test
-# suite on CI's machine"), but the two that need DeepSpeed's Adam ops after the first ~300 s,
-# which their background build takes. pytest-xdist's --dist loadfile --no-loadscope-reorder
-# (the Makefile) hands whole files to the workers in collection order: the long ones first, so
-# that the short ones even out the end.
+# The order files go to the two workers (pytest-xdist's --dist loadfile --no-loadscope-reorder,
+# the Makefile, hands out whole files in collection order). First the files that launch nothing,
+# while DeepSpeed's shared-memory op builds (~30 s alone, longer beside the tests: every CPU
+# launch needs it); then the launching files, longest first on CI's two cores (docs/benchmarks.md,
+# "The test suite on CI's machine"), so that the short ones even out the end, but the two that
+# need DeepSpeed's Adam ops after the first ~300 s, which their background build takes. In each
+# file, the tests that need an Adam op run last.
 SLOW_FILES = (
+    "test_planner.py",  # the longest of those that launch nothing
     "test_parallel_layouts.py",
     "test_checkpoints.py",
     "test_lifecycle.py",
     "test_parallel_layouts_bf16.py",
-    "test_engine_launchers.py",  # CPU Adam, at its end
+    "test_engine_launchers.py",  # CPU Adam
     "test_prepare.py",
-    "test_breadth.py",  # fused Adam, at its end
+    "test_breadth.py",  # fused Adam
     "test_monitoring.py",
     "test_hf_import.py",
     "test_chaos.py",
     "test_stopping.py",
     "test_slurm.py",
-    "test_planner.py",
     "test_export.py",
     "test_launch_templates.py",
     "test_async_checkpoint.py",
@@ -87,14 +89,15 @@ SLOW_FILES = (
 )
 
 
-def _slow_rank(item) -> int:
-    name = item.path.name
-    return SLOW_FILES.index(name) if name in SLOW_FILES else len(SLOW_FILES)
-
-
 def pytest_collection_modifyitems(session, config, items) -> None:
-    # stable: otherwise in file order. The CPU Adam op builds in the background meanwhile.
-    items.sort(key=lambda item: (_needs_adam(item), _slow_rank(item)))
+    launching = {item.path for item in items if _ops_needed(item)}
+
+    def order(item) -> tuple:
+        name = item.path.name
+        rank = SLOW_FILES.index(name) if name in SLOW_FILES else len(SLOW_FILES)
+        return (item.path in launching, rank, _needs_adam(item))  # stable: otherwise in file order
+
+    items.sort(key=order)
 
 
 def pytest_collection_finish(session) -> None:
