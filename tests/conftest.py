@@ -321,3 +321,21 @@ def log_order(run_dir: Path, *texts: str) -> list[int]:
     """Where each of ``texts`` first appears in rank 0's train.log."""
     log = (run_dir / "train.log").read_text()
     return [log.index(text) for text in texts]
+
+
+def assert_one_save_as_the_scaling_model_counts(ckpt: Path) -> None:
+    """A checkpoint of ranks of one node holds, in DeepSpeed's files and ours, the bytes the
+    scaling model charges its node for a save (dist_lm.plan.scaling.node_checkpoint_bytes, which
+    dist-lm plan also prints for checkpoint.async_save's host memory), within pickle's overhead."""
+    from dist_lm.config.io import from_dict
+    from dist_lm.config.layout import parallel_layout
+    from dist_lm.plan.scaling import node_checkpoint_bytes
+    from dist_lm.runtime.precision import Precision
+    from dist_lm.store.state import RunState
+
+    state = RunState.read(ckpt)
+    cfg = from_dict(state.config, str(ckpt))
+    layout = parallel_layout(cfg.parallel, cfg.model, state.world_size)
+    counted = node_checkpoint_bytes(cfg, layout, Precision(state.precision), state.world_size)
+    written = sum(f.stat().st_size for pattern in ("*.pt", "*.safetensors") for f in ckpt.glob(pattern))
+    assert written == pytest.approx(counted, rel=0.01), (written, counted)

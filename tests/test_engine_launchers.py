@@ -14,9 +14,9 @@ import sys
 
 import pytest
 import torch
-from engine_runs import COMMON, run_and_read
+from engine_runs import COMMON, STEPS, run_and_read
 
-from conftest import ROOT, assert_ok, launch, read_metrics
+from conftest import ROOT, assert_ok, assert_one_save_as_the_scaling_model_counts, launch, read_metrics
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
@@ -25,6 +25,7 @@ def test_torchrun_zero_stages_match_reference(tmp_path, env, ds_ops, reference, 
     assert "launcher=torchrun world_size=2" in proc.stdout
     assert losses == pytest.approx(reference, abs=1e-4)
     assert losses[-1] < losses[0]
+    assert_one_save_as_the_scaling_model_counts(tmp_path / "run" / "checkpoints" / f"step{STEPS:08d}")
 
 
 def test_optimizer_offload_matches_reference(tmp_path, env, ds_ops, cpu_adam_op, reference):

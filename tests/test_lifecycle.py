@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, assert_ok, child_env, launch, read_metrics
+from conftest import ROOT, assert_ok, assert_one_save_as_the_scaling_model_counts, child_env, launch, read_metrics
 from dist_lm.store import checkpoints
 from dist_lm.train import restore
 from dist_lm.use.export import export_hf
@@ -83,6 +83,7 @@ def test_bf16_checkpoints_hold_the_fp32_masters(bf16_runs, stage):
         else:  # the module is the masters rounded to bf16
             assert value.dtype == torch.bfloat16 and torch.equal(ours[name].bfloat16(), value), name
     assert len(list(ckpt.glob(checkpoints.WEIGHTS_GLOB))) == 2  # a share per rank
+    assert_one_save_as_the_scaling_model_counts(ckpt)
 
 
 @pytest.mark.parametrize("stage", STAGES)

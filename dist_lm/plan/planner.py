@@ -20,6 +20,7 @@ from dist_lm.config.schema import Config, UserError, replaced
 from dist_lm.data.checks import vocab_size_for
 from dist_lm.model.counts import count_parameters
 from dist_lm.plan.memory import GB, MemoryEstimate, estimate
+from dist_lm.plan.scaling import node_checkpoint_bytes
 from dist_lm.plan.sizing import (
     HEADROOM_FIXED_GB,
     HEADROOM_FRACTION,
@@ -29,7 +30,7 @@ from dist_lm.plan.sizing import (
     step_seconds,
     usable_gb,
 )
-from dist_lm.runtime.hardware import Machine
+from dist_lm.runtime.hardware import HOST_MEMORY_RESERVE, Machine
 from dist_lm.runtime.precision import Precision
 
 # Model presets for GPUs, largest first; "debug" is the CPU plan.
@@ -81,6 +82,12 @@ class Plan:
         """Launcher arguments that reproduce this plan without auto-detection."""
         return ["--config", self.preset, *self.choices, *self.user_overrides]
 
+    @property
+    def precision(self) -> Precision:
+        """The plan's precision (bf16 where the config leaves it to start-up)."""
+        precision = self.config.parallel.precision
+        return Precision(precision) if precision != "auto" else Precision.BF16
+
     def summary(self) -> list[str]:
         lines = [f"machine: {self.machine.describe()}", f"plan: preset {self.preset}, {self.world_size} rank(s)"]
         lines += [f"  {r}" for r in self.reasons]
@@ -89,7 +96,29 @@ class Plan:
                 f"  predicted peak memory per GPU {self.memory.describe()}; "
                 f"budget {self.budget_gb:.1f} GB of {self.machine.gpu_mem_gb:g} GB"
             )
+        if self.config.checkpoint.async_save:
+            lines.append(f"  {self.async_save_memory()}")
         return lines
+
+    def async_save_memory(self) -> str:
+        """What checkpoint.async_save's copies take of a node's host memory: each rank of the node
+        copies its share of a save at once (dist_lm.runtime.engine.StagingEngine), and the busiest
+        node holds the ranks that save the model states."""
+        cfg = replaced(self.config, "model", vocab_size=vocab_size_for(self.config))
+        layout = parallel_layout(cfg.parallel, cfg.model, self.world_size)
+        ranks = min(self.world_size, self.machine.gpus_per_node or 1)
+        per_node = node_checkpoint_bytes(cfg, layout, self.precision, ranks) / GB
+        room = (1 - HOST_MEMORY_RESERVE) * self.machine.ram_gb
+        line = (
+            f"checkpoint.async_save: a save's copy takes up to {per_node:.1f} GB of host memory per node "
+            f"({ranks} rank(s)), of {self.machine.ram_gb:g} GB"
+        )
+        if per_node > room:
+            line += (
+                f"; more than {room:.0f} GB would leave less than {HOST_MEMORY_RESERVE:.0%} free, so the ranks "
+                "write what does not fit in place and training waits for it as for a synchronous save"
+            )
+        return line
 
 
 def _keys(overrides: list[str]) -> set[str]:

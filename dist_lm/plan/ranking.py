@@ -82,7 +82,7 @@ def rank_layouts(plan: Plan, link: Link, fixed: set[str]) -> list[Candidate]:
     machine = plan.machine
     cfg = replaced(plan.config, "model", vocab_size=vocab_size_for(plan.config))
     cluster = Cluster(machine.nodes, machine.gpus_per_node, machine.gpu_name, link)
-    precision = Precision(cfg.parallel.precision) if cfg.parallel.precision != "auto" else Precision.BF16
+    precision = plan.precision
     budget = usable_gb(machine) * GB
     found = []
     for parallel in _settings(cfg, cluster, fixed):

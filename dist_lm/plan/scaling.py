@@ -11,7 +11,8 @@ A step is three terms:
   layer's gather and the last layer's reduction; ZeRO-1/2's gather of the updated weights after
   the optimizer step, sequence parallelism's all-to-alls and tensor parallelism's all-reduces sit
   on the critical path;
-- **checkpoint**: the busiest rank's bytes at a measured write rate, spread over the interval.
+- **checkpoint**: the busiest rank's bytes (DeepSpeed's files and our weights files) at a measured
+  write rate, spread over the interval.
 
 What it leaves out (docs/planner.md, "The scaling model"): collective latency at small messages,
 stragglers, DeepSpeed's host work per ZeRO stage, a shared filesystem's limit on checkpoint writes,
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 from dist_lm.config.batch import batch_sizes
 from dist_lm.config.layout import ParallelLayout
 from dist_lm.config.schema import Config
-from dist_lm.model.counts import flops_per_token
+from dist_lm.model.counts import count_parameters, flops_per_token
 from dist_lm.plan.memory import parameters_per_rank
 from dist_lm.plan.sizing import MFU_ASSUMED
 from dist_lm.runtime.hardware import peak_flops_for
@@ -251,15 +252,36 @@ def _collectives(
     return out
 
 
-def checkpoint_seconds(cfg: Config, layout: ParallelLayout, precision: Precision) -> float:
-    """One save on the busiest rank: the model states (a tensor-parallel rank's share; whole on
-    the first data-parallel rank, or its ZeRO-3 partition) and its partition of the fp32 masters
-    and Adam's two moments, at CHECKPOINT_GB_PER_S."""
+def checkpoint_bytes(cfg: Config, layout: ParallelLayout, precision: Precision) -> tuple[float, float]:
+    """One save's bytes, as (what the first data-parallel rank of each tensor-parallel shard saves
+    besides, every rank's share); the busiest rank saves both. DeepSpeed's files: the model
+    states (a tensor-parallel rank's share; none at ZeRO-3) and the fp32 masters with Adam's two
+    moments (whole below ZeRO-1, else each rank's partition). Ours: each
+    rank's 1/world_size of the fp32 weights files every save adds for the tools
+    (dist_lm.train.checkpoint.write_weights)."""
     params = parameters_per_rank(cfg.model, layout.tensor_parallel_size)
-    n = layout.zero_shards
-    weights = params * precision.bytes_per_weight / (n if cfg.parallel.zero_stage == 3 else 1)
-    optimizer = params * 12 / (n if cfg.parallel.zero_stage >= 1 else 1)
-    return (weights + optimizer) / (CHECKPOINT_GB_PER_S * GB)
+    n, stage = layout.zero_shards, cfg.parallel.zero_stage
+    weights = params * precision.bytes_per_weight
+    # fp32 masters and two moments; fp32 weights at ZeRO-0 are their own masters
+    optimizer = params * (8 if stage == 0 and precision.bytes_per_weight == 4 else 12)
+    shared = 4 * count_parameters(cfg.model)["total"] / layout.world_size
+    if stage == 3:  # the model states file holds no weights: the optimizer's partitions are them
+        return 0.0, shared + optimizer / n
+    if stage >= 1:
+        return weights, shared + optimizer / n
+    return weights + optimizer, shared
+
+
+def node_checkpoint_bytes(cfg: Config, layout: ParallelLayout, precision: Precision, ranks_per_node: int) -> float:
+    """One save's bytes on the busiest node: the first, which holds the first data-parallel
+    rank of each tensor-parallel shard (tensor-parallel groups stay within a node)."""
+    first, every = checkpoint_bytes(cfg, layout, precision)
+    return min(layout.tensor_parallel_size, ranks_per_node) * first + ranks_per_node * every
+
+
+def checkpoint_seconds(cfg: Config, layout: ParallelLayout, precision: Precision) -> float:
+    """One save on the busiest rank, at CHECKPOINT_GB_PER_S."""
+    return sum(checkpoint_bytes(cfg, layout, precision)) / (CHECKPOINT_GB_PER_S * GB)
 
 
 def calibrated_mfu(

@@ -17,7 +17,6 @@ import shutil
 import warnings
 from typing import Any
 
-import psutil
 import torch
 import torch.distributed as dist
 import torch.utils._pytree as pytree  # torch's own walk over nested containers
@@ -52,6 +51,7 @@ from dist_lm.model.transformer import Transformer  # noqa: E402
 from dist_lm.runtime import fp8  # noqa: E402
 from dist_lm.runtime import parallel as runtime_parallel  # noqa: E402
 from dist_lm.runtime.ds_config import deepspeed_config  # noqa: E402
+from dist_lm.runtime.hardware import host_memory_for  # noqa: E402
 from dist_lm.runtime.optim import client_optimizer, param_groups  # noqa: E402
 from dist_lm.runtime.precision import Precision  # noqa: E402
 
@@ -396,18 +396,6 @@ def tied_names(module: torch.nn.Module) -> dict[str, str]:
         else:
             first.setdefault(id(tensor), name)
     return aliases
-
-
-# The share of a node's memory a staged checkpoint leaves free. A copy that pushed the node past
-# it would risk the kernel's OOM killer, which ends a rank without a line: such a state dict is
-# written in place instead, holding training as a synchronous save does.
-HOST_MEMORY_RESERVE = 0.10
-
-
-def host_memory_for(nbytes: int) -> bool:
-    """Whether this node can take ``nbytes`` more of host memory and keep its reserve."""
-    memory = psutil.virtual_memory()
-    return memory.available - nbytes >= HOST_MEMORY_RESERVE * memory.total
 
 
 def tensor_bytes(state_dict) -> int:

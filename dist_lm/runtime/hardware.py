@@ -192,3 +192,15 @@ def bind_cores(local_rank: int, local_world_size: int) -> list[int]:
     os.sched_setaffinity(0, mine)
     torch.set_num_threads(len(mine))
     return mine
+
+
+# The share of a node's memory a staged checkpoint leaves free. A copy that pushed the node past
+# it would risk the kernel's OOM killer, which ends a rank without a line: such a state dict is
+# written in place instead, holding training as a synchronous save does.
+HOST_MEMORY_RESERVE = 0.10
+
+
+def host_memory_for(nbytes: int) -> bool:
+    """Whether this node can take ``nbytes`` more of host memory and keep its reserve."""
+    memory = psutil.virtual_memory()
+    return memory.available - nbytes >= HOST_MEMORY_RESERVE * memory.total

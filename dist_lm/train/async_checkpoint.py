@@ -16,7 +16,7 @@ checkpoint engine whose ``save`` copies each state dict to host memory instead o
 What it costs: host memory for one more copy of the checkpoint while it is written (the
 optimizer's share and the weights of this rank), and one small all-reduce per step while a save
 is in flight, to agree that every rank has finished. Where the node's memory is short, a state
-dict is written in place rather than copied (dist_lm.runtime.engine.HOST_MEMORY_RESERVE), with
+dict is written in place rather than copied (dist_lm.runtime.hardware.HOST_MEMORY_RESERVE), with
 a warning. A fault during the write leaves a directory
 without state.json, which no resume takes (docs/reliability.md).
 """
@@ -35,7 +35,8 @@ import torch
 from dist_lm.files import write_atomic
 from dist_lm.observe import log
 from dist_lm.runtime import distributed
-from dist_lm.runtime.engine import HOST_MEMORY_RESERVE, StagingEngine
+from dist_lm.runtime.engine import StagingEngine
+from dist_lm.runtime.hardware import HOST_MEMORY_RESERVE
 from dist_lm.store.checkpoints import WEIGHTS, CheckpointError, tag_for
 from dist_lm.store.state import STATE, RunState
 from dist_lm.train import checkpoint

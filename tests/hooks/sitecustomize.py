@@ -9,7 +9,7 @@ DIST_LM_TEST_HOLD_SAVE="STEP=CONDITION[,STEP=CONDITION...]", CONDITION one of:
   forever
 
 DIST_LM_TEST_HOST_AVAILABLE=BYTES: psutil reports that much host memory available (the staging
-of an asynchronous save then finds the node short of memory, dist_lm.runtime.engine.host_memory_for).
+of an asynchronous save then finds the node short of memory, dist_lm.runtime.hardware.host_memory_for).
 """
 
 import json
