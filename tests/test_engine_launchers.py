@@ -9,8 +9,11 @@ gradients in another order than one process sums them; over 6 steps the differen
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -100,9 +103,14 @@ def test_zero_plus_plus_hpz_on_two_nodes_of_two_matches_the_reference_and_resume
 
 
 def test_deepspeed_launcher_matches_reference(tmp_path, env, ds_ops, reference):
+    """Also: the launcher's LOCAL_SIZE puts DeepSpeed's shared-memory all-reduce in use, whose
+    segments in /dev/shm (69 MB a rank) outlived every run until the ranks unlinked them
+    (dist_lm.runtime.engine.unlink_shared_memory_segment)."""
     proc, losses, _ = run_and_read(tmp_path, "deepspeed", ["parallel.zero_stage=2"], env)
     assert "launcher=deepspeed world_size=2" in proc.stdout
     assert losses == pytest.approx(reference, abs=1e-4)
+    addr, port = re.search(r"master=(\S+):(\d+)", proc.stdout).groups()
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_*"))
 
 
 def test_plain_python_one_process_matches_reference(tmp_path, env, ds_ops, reference):
