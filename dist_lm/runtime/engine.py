@@ -221,11 +221,10 @@ def unlink_shared_memory_segment(rank: int) -> None:
     On the CPU, where every rank is on one machine and LOCAL_SIZE says so (DeepSpeed's launcher
     sets it), its deepspeed_shm_comm op gives each rank a 69 MB segment in /dev/shm, named by
     uid, master address, port and rank, and never unlinks it (shm.cpp has a shared_close that
-    nothing calls), so every such run left 69 MB a rank in memory until the machine rebooted:
-    15 GB of this project's 23 GB development machine after a day of test runs. Each rank maps every rank's segment
-    in init_distributed, before any collective, so once one has run (deepspeed.initialize
-    broadcasts the weights) the names can go: the mappings last while the processes do, however
-    they end."""
+    nothing calls): every such run left 69 MB a rank in memory until the machine rebooted, 15 GB
+    of this project's 23 GB development machine after a day of test runs. Each rank maps every
+    rank's segment in init_distributed, so once all have passed a barrier after it the names can
+    go: the mappings last while the processes do, however they end."""
     name = "_".join(
         (
             "deepspeed_allreduce_buffer",
