@@ -50,8 +50,9 @@ def test_bf16_split_layouts_train_and_resume_at_every_zero_stage(tmp_path, env, 
         # short (10 MB above its reserve): each rank's optimizer partition (17 MB for two ranks)
         # is written in place, the model states (6 MB) staged
         short = stage == 1 and kind == "sequence"
-        reserve = HOST_MEMORY_RESERVE * psutil.virtual_memory().total
-        run_env = hooked(env, host_available=int(reserve + 10e6)) if short else env
+        run_env = env
+        if short:
+            run_env = hooked(env, host_available=int(HOST_MEMORY_RESERVE * psutil.virtual_memory().total + 10e6))
         proc = launch("torchrun", [*args, layout, "checkpoint.async_save=true", f"run.dir={split}"], run_env)
         assert_ok(proc)
         if short:

@@ -256,9 +256,8 @@ def checkpoint_bytes(cfg: Config, layout: ParallelLayout, precision: Precision) 
     """One save's bytes, as (what the first data-parallel rank of each tensor-parallel shard saves
     besides, every rank's share); the busiest rank saves both. DeepSpeed's files: the model
     states (a tensor-parallel rank's share; none at ZeRO-3) and the fp32 masters with Adam's two
-    moments (whole below ZeRO-1, else each rank's partition). Ours: each
-    rank's 1/world_size of the fp32 weights files every save adds for the tools
-    (dist_lm.train.checkpoint.write_weights)."""
+    moments (whole below ZeRO-1, else each rank's partition). Ours: each rank's 1/world_size of
+    the fp32 weights files every save adds for the tools (dist_lm.train.checkpoint.write_weights)."""
     params = parameters_per_rank(cfg.model, layout.tensor_parallel_size)
     n, stage = layout.zero_shards, cfg.parallel.zero_stage
     weights = params * precision.bytes_per_weight
