@@ -122,6 +122,16 @@ def test_optional_float_takes_null_and_numbers():
     assert "expected float or null" in error_of(None, ["optim.min_lr_ratio=[1]"])
 
 
+def test_async_save_is_auto_on_gpus_unless_set():
+    auto = load_config(None, []).checkpoint
+    assert auto.async_save == "auto" and auto.saves_async(on_gpu=True) and not auto.saves_async(on_gpu=False)
+    for value, saves in (("true", True), ("false", False)):
+        chosen = load_config(None, [f"checkpoint.async_save={value}"]).checkpoint
+        assert chosen.async_save is saves
+        assert chosen.saves_async(on_gpu=True) is saves and chosen.saves_async(on_gpu=False) is saves
+    assert "expected bool or one of 'auto'" in error_of(None, ["checkpoint.async_save=sometimes"])
+
+
 # ------------------------------------------------------------- names and values taken literally
 def test_a_field_that_holds_text_takes_the_override_as_written():
     """run.name=007 is "007", not 7 (a run named 007 resumed run 7); 0123 is not 83, 12:30 not 750,

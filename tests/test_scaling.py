@@ -11,7 +11,15 @@ from dist_lm.config.io import load_config
 from dist_lm.config.layout import parallel_layout
 from dist_lm.plan.planner import make_plan
 from dist_lm.plan.ranking import rank_layouts
-from dist_lm.plan.scaling import LINKS, Cluster, step_time
+from dist_lm.plan.scaling import (
+    CHECKPOINT_GB_PER_S,
+    GB,
+    LINKS,
+    STAGING_GB_PER_S,
+    Cluster,
+    checkpoint_bytes,
+    step_time,
+)
 from dist_lm.plan.scaling_anchors import ANCHORS, LLAMA_31_8B, anchor_table
 from dist_lm.runtime.hardware import Machine
 from dist_lm.runtime.precision import Precision
@@ -50,6 +58,23 @@ def test_slower_links_and_more_bytes_never_make_a_step_faster():
     assert alone.compute > 0
     tp = step("ib-400", zero_stage=1, tensor_parallel_size=8)
     assert tp.exposed["tensor all-reduce"] > 0
+
+
+def test_a_save_holds_training_for_its_copy_with_async_save_and_its_write_without():
+    """The checkpoint term: GPU runs save asynchronously unless told not to (checkpoint.async_save
+    auto), and then a save holds training only for its copy to host memory."""
+    cluster = Cluster(2, 8, "H100", LINKS["ib-400"])
+    held = {}
+    for value in ("auto", "true", "false"):
+        cfg = load_config(
+            None,
+            [*LLAMA_31_8B, "train.global_batch_size=128", "checkpoint.interval=500", f"checkpoint.async_save={value}"],
+        )
+        layout = parallel_layout(cfg.parallel, cfg.model, cluster.world_size)
+        held[value] = step_time(cfg, layout, cluster, Precision.BF16).checkpoint * cfg.checkpoint.interval
+        saved = sum(checkpoint_bytes(cfg, layout, Precision.BF16)) / GB
+    assert held["auto"] == held["true"] == pytest.approx(saved / STAGING_GB_PER_S)
+    assert held["false"] == pytest.approx(saved / CHECKPOINT_GB_PER_S) and held["false"] > held["true"]
 
 
 def test_one_gpu_has_no_communication():

@@ -96,7 +96,7 @@ class Plan:
                 f"  predicted peak memory per GPU {self.memory.describe()}; "
                 f"budget {self.budget_gb:.1f} GB of {self.machine.gpu_mem_gb:g} GB"
             )
-        if self.config.checkpoint.async_save:
+        if self.config.checkpoint.saves_async(self.machine.has_gpu):
             lines.append(f"  {self.async_save_memory()}")
         return lines
 

@@ -12,7 +12,8 @@ A step is three terms:
   the optimizer step, sequence parallelism's all-to-alls and tensor parallelism's all-reduces sit
   on the critical path;
 - **checkpoint**: the busiest rank's bytes (DeepSpeed's files and our weights files) at a measured
-  write rate, spread over the interval.
+  rate, spread over the interval: the copy to host memory with checkpoint.async_save (on for GPU
+  runs by default), the whole write without it.
 
 What it leaves out (docs/planner.md, "The scaling model"): collective latency at small messages,
 stragglers, DeepSpeed's host work per ZeRO stage, a shared filesystem's limit on checkpoint writes,
@@ -73,6 +74,11 @@ MEASURED_MFU: tuple[tuple[str, float, str], ...] = (
 CHECKPOINT_GB_PER_S = 20.3 / 34.5
 """One rank's save rate, checksums included: 20.3 GB in 34.5 s at 1.13B on one H100 (2026-12-06,
 benchmarks.md, Data and checkpoint throughput)."""
+STAGING_GB_PER_S = 20.35 / 17.8
+"""One rank's copy of a save to host memory, all that checkpoint.async_save holds training for:
+20.35 GB in 17.8 s at 1.13B on one H100 (2026-12-07, benchmarks.md, Save stall). The write that
+follows on a thread did not slow the steps beside it there, so it is charged nothing. Assumes the
+node's memory holds the copies of all its ranks at once (`dist-lm plan` says when it does not)."""
 # Bytes on the wire per weight for ZeRO++'s quantized collectives: qwZ gathers int8 weights,
 # qgZ reduces int4 gradients (DeepSpeed's ZeRO++ paper, arXiv:2306.10209; block scales left out).
 QWZ_BYTES, QGZ_BYTES = 1.0, 0.5
@@ -279,8 +285,10 @@ def node_checkpoint_bytes(cfg: Config, layout: ParallelLayout, precision: Precis
 
 
 def checkpoint_seconds(cfg: Config, layout: ParallelLayout, precision: Precision) -> float:
-    """One save on the busiest rank, at CHECKPOINT_GB_PER_S."""
-    return sum(checkpoint_bytes(cfg, layout, precision)) / (CHECKPOINT_GB_PER_S * GB)
+    """How long one save holds training on the busiest rank, on GPUs: its copy to host memory
+    (STAGING_GB_PER_S) with checkpoint.async_save, else its whole write (CHECKPOINT_GB_PER_S)."""
+    rate = STAGING_GB_PER_S if cfg.checkpoint.saves_async(on_gpu=True) else CHECKPOINT_GB_PER_S
+    return sum(checkpoint_bytes(cfg, layout, precision)) / (rate * GB)
 
 
 def calibrated_mfu(

@@ -41,7 +41,7 @@ class Trainer:
         # checkpoint.async_save: DeepSpeed saves through a staging engine; the save being written
         self.staging = (
             engine.install_staging(self.model_engine, max(1, s.dist_env.local_world_size))
-            if s.cfg.checkpoint.async_save
+            if s.cfg.checkpoint.saves_async(s.device.type == "cuda")
             else None
         )
         self.pending: async_checkpoint.PendingSave | None = None
