@@ -2,6 +2,11 @@
 saved twice, without and with them (seconds each, and disk), and the time to read them back;
 and what checking every file against the manifest's checksums costs (verify_checksums_s: a
 resume's check, and about what hashing adds to a save, which hashes the files it just wrote).
+Then what checkpoint.async_save holds training for, in parts: DeepSpeed's state dicts copied to
+host memory by the staging engine (stage_s), and the same bytes of the optimizer's and the
+model's tensors copied three ways (host_copy): into fresh pageable memory, as the staging engine
+does; into pinned memory allocated for it; into that pinned memory again, as buffers kept from
+one save to the next would be (on a GPU only).
 
     python tools/bench_checkpoint.py --config h100-80gb [section.key=value ...]
     torchrun --nproc_per_node 2 tools/bench_checkpoint.py --config h100-80gb   # the share per rank
@@ -67,6 +72,15 @@ def main() -> None:
         verify_start = time.perf_counter()  # what a resume's check of every file costs (page cache warm)
         assert checkpoints.checksum_problem_together(root / checkpoints.tag_for(2)) is None
         verify = time.perf_counter() - verify_start
+        staging = trainer.staging or engine.install_staging(model_engine, trainer.session.dist_env.local_world_size)
+        staging.staged, staging.written = [], []
+        distributed.barrier()
+        stage_start = time.perf_counter()
+        model_engine.save_checkpoint(str(root), tag=checkpoints.tag_for(3), save_latest=False)
+        stage = time.perf_counter() - stage_start
+        staged_bytes = sum(engine.tensor_bytes(state_dict) for state_dict, _ in staging.staged)
+        staging.staged = None
+        host_copy = host_copy_rates(model_engine)
         if distributed.is_rank0():
             path = root / checkpoints.tag_for(2)
             read_start = time.perf_counter()
@@ -90,11 +104,48 @@ def main() -> None:
                         "verify_checksums_s": round(verify, 2),
                         "checkpoint_bytes_without_weights": sum(sizes.values()) - weight_bytes,
                         "weights_bytes": weight_bytes,
+                        "stage_s": round(stage, 2),
+                        "staged_bytes": staged_bytes,
+                        "staged_in_place": len(staging.written),
+                        "host_copy": host_copy,
                     }
                 )
             )
         trainer.close()
         distributed.teardown()
+
+
+def host_copy_rates(model_engine) -> dict[str, float] | None:
+    """GB/s of copying this rank's GPU-resident optimizer state and module tensors to the host:
+    into fresh pageable memory; into pinned memory allocated for it (the allocation timed on its
+    own); into that pinned memory again. None on a CPU run."""
+    import torch
+    from torch.utils import _pytree as pytree
+
+    states = (model_engine.optimizer.state_dict(), model_engine.module.state_dict())
+    tensors = [t for t in pytree.tree_leaves(states) if isinstance(t, torch.Tensor) and t.is_cuda]
+    if not tensors:
+        return None
+    gb = sum(t.numel() * t.element_size() for t in tensors) / 1e9
+
+    def timed(copy) -> tuple[float, object]:
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = copy()
+        torch.cuda.synchronize()
+        return time.perf_counter() - start, out
+
+    pageable, _ = timed(lambda: [t.to("cpu") for t in tensors])
+    allocate, buffers = timed(lambda: [torch.empty_like(t, device="cpu", pin_memory=True) for t in tensors])
+    pinned, _ = timed(lambda: [b.copy_(t, non_blocking=True) for b, t in zip(buffers, tensors)])
+    again, _ = timed(lambda: [b.copy_(t, non_blocking=True) for b, t in zip(buffers, tensors)])
+    return {
+        "gb": round(gb, 2),
+        "pageable_gb_per_s": round(gb / pageable, 2),
+        "pin_allocate_s": round(allocate, 2),
+        "pinned_gb_per_s": round(gb / pinned, 2),
+        "pinned_again_gb_per_s": round(gb / again, 2),
+    }
 
 
 if __name__ == "__main__":
