@@ -47,8 +47,9 @@ def test_bf16_split_layouts_train_and_resume_at_every_zero_stage(tmp_path, env, 
         split, again = tmp_path / kind, tmp_path / f"{kind}-again"
         # saved by a thread while training goes on (checkpoint.async_save), resumed below; on
         # sequence-parallel ranks with the node's memory reported short (10 MB above its
-        # reserve): a mixed save at every stage, one state dict written in place (at ZeRO-1 each
-        # rank's optimizer partition, 17 MB for two ranks), the other staged (6 MB)
+        # reserve): a mixed save at every stage, one state dict written in place and the other
+        # staged (at ZeRO-1 each rank's optimizer partition, 17 MB for two ranks, in place; the
+        # model states, 6 MB, staged)
         short = kind == "sequence"
         run_env = env
         if short:
