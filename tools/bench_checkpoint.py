@@ -72,7 +72,10 @@ def main() -> None:
         verify_start = time.perf_counter()  # what a resume's check of every file costs (page cache warm)
         assert checkpoints.checksum_problem_together(root / checkpoints.tag_for(2)) is None
         verify = time.perf_counter() - verify_start
-        staging = trainer.staging or engine.install_staging(model_engine, trainer.session.dist_env.local_world_size)
+        # the run's own staging engine where it saves asynchronously (a GPU run by default)
+        staging = trainer.staging or engine.install_staging(
+            model_engine, max(1, trainer.session.dist_env.local_world_size)
+        )
         staging.staged, staging.written = [], []
         distributed.barrier()
         stage_start = time.perf_counter()
@@ -122,23 +125,26 @@ def host_copy_rates(model_engine) -> dict[str, float] | None:
     import torch
     from torch.utils import _pytree as pytree
 
+    from dist_lm.runtime.engine import tensor_bytes
+
     states = (model_engine.optimizer.state_dict(), model_engine.module.state_dict())
     tensors = [t for t in pytree.tree_leaves(states) if isinstance(t, torch.Tensor) and t.is_cuda]
     if not tensors:
         return None
-    gb = sum(t.numel() * t.element_size() for t in tensors) / 1e9
+    gb = tensor_bytes(tensors) / 1e9
+    buffers: list = []
 
-    def timed(copy) -> tuple[float, object]:
+    def timed(copy) -> float:  # what ``copy`` returns is dropped, but for the pinned buffers
         torch.cuda.synchronize()
         start = time.perf_counter()
-        out = copy()
+        copy()
         torch.cuda.synchronize()
-        return time.perf_counter() - start, out
+        return time.perf_counter() - start
 
-    pageable, _ = timed(lambda: [t.to("cpu") for t in tensors])
-    allocate, buffers = timed(lambda: [torch.empty_like(t, device="cpu", pin_memory=True) for t in tensors])
-    pinned, _ = timed(lambda: [b.copy_(t, non_blocking=True) for b, t in zip(buffers, tensors)])
-    again, _ = timed(lambda: [b.copy_(t, non_blocking=True) for b, t in zip(buffers, tensors)])
+    pageable = timed(lambda: [t.to("cpu") for t in tensors])
+    allocate = timed(lambda: buffers.extend(torch.empty_like(t, device="cpu", pin_memory=True) for t in tensors))
+    pinned = timed(lambda: [b.copy_(t, non_blocking=True) for b, t in zip(buffers, tensors)])
+    again = timed(lambda: [b.copy_(t, non_blocking=True) for b, t in zip(buffers, tensors)])
     return {
         "gb": round(gb, 2),
         "pageable_gb_per_s": round(gb / pageable, 2),
