@@ -111,3 +111,41 @@ def test_a_disk_that_fills_during_the_background_write_is_one_line_and_leaves_no
     assert lines[0].startswith(f"error: checkpoint error: rank 0: writing {ckpt / 'step00000002'} failed: "), lines
     assert "the previous complete checkpoint is intact" in lines[0]
     assert not [p for p in ckpt.iterdir() if checkpoints.step_of(p) is not None or p.name == "latest"]
+
+
+def test_each_save_copies_into_the_host_buffers_of_the_last_and_counts_only_new_ones_against_the_reserve(
+    tmp_path, monkeypatch
+):
+    """The staging engine (a unit, on DeepSpeed's own torch checkpoint engine): the second save of
+    the same files copies into the buffers the first allocated, so that only new or reshaped
+    tensors count against the node's memory reserve; each staged copy holds the values at its
+    save, not the live tensors', and what is not a tensor stays as it was."""
+    import torch
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    from dist_lm.runtime import engine
+
+    asked: list[int] = []
+    monkeypatch.setattr(engine, "host_memory_for", lambda nbytes: asked.append(nbytes) or True)
+    staging = engine.StagingEngine(TorchCheckpointEngine(), ranks_per_node=2)
+    live = {"module": {"w": torch.ones(4, 8), "b": torch.zeros(8, dtype=torch.bfloat16)}, "step": 7, "shapes": ["4x8"]}
+
+    def stage(step: int) -> dict:
+        staging.staged = []
+        staging.save(live, str(tmp_path / f"step{step}" / "model_states.pt"))
+        ((copy, path),) = staging.staged
+        assert path.endswith(f"step{step}/model_states.pt") and copy["step"] == 7 and copy["shapes"] == ["4x8"]
+        return copy
+
+    first = stage(1)
+    assert asked == [2 * (4 * 8 * 4 + 8 * 2)]  # every tensor new, for each of the node's two ranks
+    live["module"]["w"].add_(1)
+    assert torch.equal(first["module"]["w"], torch.ones(4, 8))  # a copy, not the live tensor
+    second = stage(2)
+    assert asked[-1] == 0
+    assert second["module"]["w"] is first["module"]["w"] and torch.equal(second["module"]["w"], torch.full((4, 8), 2.0))
+    assert second["module"]["b"].dtype == torch.bfloat16
+    live["module"]["w"] = torch.ones(2, 8)  # a reshaped tensor: a buffer of its own, counted again
+    third = stage(3)
+    assert asked[-1] == 2 * 2 * 8 * 4 and third["module"]["w"].shape == (2, 8)
+    assert third["module"]["b"] is first["module"]["b"] and staging.buffers.held_bytes == 2 * 8 * 4 + 8 * 2

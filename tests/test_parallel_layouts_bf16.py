@@ -40,12 +40,14 @@ def test_bf16_split_layouts_train_and_resume_at_every_zero_stage(tmp_path, env, 
     """bf16, the GPU default, at each ZeRO stage on two sequence- and two tensor-parallel ranks:
     one bf16 rank's course (the fp32 reference is not bf16's at ZeRO-0, which keeps no fp32
     master weights), and each step-2 checkpoint (bf16 weights, fp32 masters from stage 1; a
-    tensor-parallel run's shards) resumes to the same losses."""
+    tensor-parallel run's shards; the run's second save, copied into the first's host buffers)
+    resumes to the same losses."""
     args = [*BF16, f"parallel.zero_stage={stage}"]
     expected = one_rank_course(one_rank_courses, stage, env, tmp_path)
     for kind, layout in LAYOUTS.items():
         split, again = tmp_path / kind, tmp_path / f"{kind}-again"
-        # saved by a thread while training goes on (checkpoint.async_save), resumed below; on
+        # saved at every step by a thread while training goes on (checkpoint.async_save), so that
+        # the step-2 checkpoint resumed below was copied into the host buffers of step 1's; on
         # sequence-parallel ranks with the node's memory reported short (10 MB above its
         # reserve): a mixed save at every stage, one state dict written in place and the other
         # staged (at ZeRO-1 each rank's optimizer partition, 17 MB for two ranks, in place; the
@@ -54,11 +56,12 @@ def test_bf16_split_layouts_train_and_resume_at_every_zero_stage(tmp_path, env, 
         run_env = env
         if short:
             run_env = hooked(env, host_available=int(HOST_MEMORY_RESERVE * psutil.virtual_memory().total + 10e6))
-        proc = launch("torchrun", [*args, layout, "checkpoint.async_save=true", f"run.dir={split}"], run_env)
+        saving = ["checkpoint.async_save=true", "checkpoint.interval=1"]
+        proc = launch("torchrun", [*args, layout, *saving, f"run.dir={split}"], run_env)
         assert_ok(proc)
         if short:
             warned = [line for line in proc.stderr.splitlines() if "checkpoint.async_save: rank 0 wrote 1 of" in line]
-            assert len(warned) == 2, proc.stderr[-3000:]  # the saves at steps 2 and 4
+            assert len(warned) == 4, proc.stderr[-3000:]  # the saves at steps 1 to 4
         losses = [r["loss"] for r in read_metrics(split)[0]]
         assert losses == pytest.approx(expected, abs=2e-3), kind
         step2 = split / "checkpoints" / "step00000002"

@@ -52,6 +52,7 @@ from dist_lm.runtime import fp8  # noqa: E402
 from dist_lm.runtime import parallel as runtime_parallel  # noqa: E402
 from dist_lm.runtime.ds_config import deepspeed_config  # noqa: E402
 from dist_lm.runtime.hardware import host_memory_for  # noqa: E402
+from dist_lm.runtime.host_buffers import HostBuffers  # noqa: E402
 from dist_lm.runtime.optim import client_optimizer, param_groups  # noqa: E402
 from dist_lm.runtime.precision import Precision  # noqa: E402
 
@@ -356,9 +357,12 @@ def first_nonfinite_grad(engine: "deepspeed.DeepSpeedEngine") -> str | None:
 EXPERTS = ".deepspeed_moe.experts.deepspeed_experts."  # DeepSpeed's MoE: where a layer's local experts sit
 
 
-def master_weights(engine: "deepspeed.DeepSpeedEngine", rank: int, world_size: int) -> dict[str, torch.Tensor]:
+def master_weights(
+    engine: "deepspeed.DeepSpeedEngine", rank: int, world_size: int, into: HostBuffers | None = None
+) -> dict[str, torch.Tensor]:
     """This rank's share of the model's full-precision weights, on the CPU, for the checkpoint's
-    weights files. A collective: every rank calls it at the same point.
+    weights files: copies in ``into``'s buffers (an asynchronous save's), else new tensors or, on
+    a CPU run, the parameters themselves. A collective: every rank calls it at the same point.
 
     The weights are the optimizer's fp32 masters where there are any (bf16 and fp16 keep the
     module in low precision), assembled through DeepSpeed's own accessor, which knows every
@@ -378,7 +382,12 @@ def master_weights(engine: "deepspeed.DeepSpeedEngine", rank: int, world_size: i
             for low, high in zip(lows, highs)
         }
     moe_layers = {name + EXPERTS: layer for name, layer in engine.module.named_modules() if isinstance(layer, MoE)}
-    owned = {}
+    owned: dict[str, torch.Tensor] = {}
+
+    def keep(key: str, full: torch.Tensor) -> None:  # on the host at once: the next gather may need the room
+        fp32 = full.detach().float()
+        owned[key] = into.copy(("weights", key), fp32) if into is not None else fp32.cpu()
+
     modules = dict(engine.module.named_modules())
     for i, (name, param) in enumerate(engine.module.named_parameters()):
         full = safe_get_full_fp32_param(param)  # ZeRO 1-3: gathered over the parameter's group
@@ -388,9 +397,9 @@ def master_weights(engine: "deepspeed.DeepSpeedEngine", rank: int, world_size: i
             full = _whole_layer_weight(full, modules[name.rpartition(".")[0]])
         if getattr(param, "allreduce", True) is False:  # an expert: this rank holds its own experts
             if groups._get_expert_data_parallel_rank(param.group_name) == 0:
-                owned[_global_expert_name(name, moe_layers)] = full.detach().float().cpu()
+                keep(_global_expert_name(name, moe_layers), full)
         elif i % world_size == rank:
-            owned[name] = full.detach().float().cpu()
+            keep(name, full)
     return owned
 
 
@@ -433,12 +442,15 @@ class StagingEngine(CheckpointEngine):
     """DeepSpeed's checkpoint engine of this run, but while ``staged`` is a list, ``save`` copies
     the state dict to host memory and adds it there instead of writing it; where the node's
     memory would not keep its reserve (each of its ``ranks_per_node`` ranks copying as much at
-    once), it writes the state dict in place and adds (its path, its bytes) to ``written``."""
+    once), it writes the state dict in place and adds (its path, its bytes) to ``written``. The
+    copies go into ``buffers``, kept from one save to the next (dist_lm.runtime.host_buffers):
+    only what they do not hold yet counts against the reserve."""
 
     def __init__(self, inner: CheckpointEngine, ranks_per_node: int):
         super().__init__()
         self.inner, self.name = inner, f"staging {inner.name}"
         self.ranks_per_node = ranks_per_node
+        self.buffers = HostBuffers()
         self.staged: list[tuple[Any, str]] | None = None
         self.written: list[tuple[str, int]] = []
 
@@ -448,13 +460,17 @@ class StagingEngine(CheckpointEngine):
     def save(self, state_dict, path: str):
         if self.staged is None:
             return self.inner.save(state_dict, path)
-        nbytes = tensor_bytes(state_dict)
-        if not host_memory_for(nbytes * self.ranks_per_node):
-            self.written.append((path, nbytes))
+        leaves, spec = pytree.tree_flatten(state_dict)
+        # a tensor's key: its file (the same name in every checkpoint) and its place in the file
+        keys = [(os.path.basename(path), i) for i in range(len(leaves))]
+        tensors = [(key, t) for key, t in zip(keys, leaves) if isinstance(t, torch.Tensor)]
+        if not host_memory_for(self.buffers.bytes_to_allocate(tensors) * self.ranks_per_node):
+            self.written.append((path, tensor_bytes(leaves)))
             return self.inner.save(state_dict, path)
         # a copy even of what is in host memory already: the optimizer updates it in place while
         # the thread writes
-        self.staged.append((pytree.tree_map_only(torch.Tensor, _host_copy, state_dict), path))
+        copies = [self.buffers.copy(key, t) if isinstance(t, torch.Tensor) else t for key, t in zip(keys, leaves)]
+        self.staged.append((pytree.tree_unflatten(copies, spec), path))
 
     def load(self, path: str, map_location=None):
         return self.inner.load(path, map_location)
@@ -467,10 +483,6 @@ class StagingEngine(CheckpointEngine):
 
     def preserves_storage_sharing(self):
         return False  # each tensor is copied on its own: no flat buffer travels whole
-
-
-def _host_copy(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.detach().to("cpu", copy=True)
 
 
 def install_staging(engine: "deepspeed.DeepSpeedEngine", ranks_per_node: int) -> StagingEngine:

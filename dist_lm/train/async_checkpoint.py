@@ -13,12 +13,14 @@ reads DeepSpeed's layout. So the copy is ours: DeepSpeed's own save runs as alwa
 checkpoint engine whose ``save`` copies each state dict to host memory instead of writing it
 (dist_lm.runtime.engine.StagingEngine).
 
-What it costs: host memory for one more copy of the checkpoint while it is written (the
-optimizer's share and the weights of this rank), and one small all-reduce per step while a save
-is in flight, to agree that every rank has finished. Where the node's memory is short, a state
-dict is written in place rather than copied (dist_lm.runtime.hardware.HOST_MEMORY_RESERVE), with
-a warning. A fault during the write leaves a directory
-without state.json, which no resume takes (docs/reliability.md).
+What it costs: host memory for one more copy of this rank's share of the checkpoint (the
+optimizer's share and the weights of this rank), held from the first save to the end of the run
+so that later saves copy into memory that is there and, on a GPU, pinned
+(dist_lm.runtime.host_buffers); and one small all-reduce per step while a save is in flight, to
+agree that every rank has finished. Where the node's memory is short, a state dict is written in
+place rather than copied (dist_lm.runtime.hardware.HOST_MEMORY_RESERVE), with a warning. A fault
+during the write leaves a directory without state.json, which no resume takes
+(docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -66,10 +68,11 @@ def start(
     rank: int,
     weights: Callable[[], dict],
     aliases: dict[str, str],
-    host_copy_weights: bool,
 ) -> PendingSave:
     """Stage a save on every rank (a collective: DeepSpeed's save and the weights' gather) and
-    start this rank's writer thread. Training may go on as soon as this returns."""
+    start this rank's writer thread. Training may go on as soon as this returns. ``weights``
+    gives copies this save owns (in ``staging.buffers``): training changes no tensor the thread
+    writes."""
     path = root / tag_for(step)
     pending = PendingSave(path, step, state, time.perf_counter())
     failed = None
@@ -82,8 +85,6 @@ def start(
             files, staging.staged = staging.staged, None
         in_place = [Path(file) for file, _ in staging.written]
         tensors = weights()
-        if host_copy_weights:  # on a CPU run the gathered weights may be the live parameters
-            tensors = {k: v.clone() for k, v in tensors.items()}
         rng = json.dumps(checkpoint.rng_state())
     except Exception as e:
         failed = f"rank {rank}: staging {path} failed: {checkpoint.reason(e)}"

@@ -334,7 +334,8 @@ class Trainer:
             "checkpoint.save_timeout_minutes",
         )
         rank, world_size = s.dist_env.rank, s.dist_env.world_size
-        weights = lambda: engine.master_weights(self.model_engine, rank, world_size)  # noqa: E731
+        into = self.staging.buffers if self.staging is not None else None  # an asynchronous save's copies
+        weights = lambda: engine.master_weights(self.model_engine, rank, world_size, into)  # noqa: E731
         self.stop.saving = path  # a second Ctrl-C removes it while it is incomplete
         try:
             if self.staging is not None:
@@ -347,7 +348,6 @@ class Trainer:
                     rank,
                     weights,
                     engine.tied_names(self.model_engine.module),
-                    host_copy_weights=s.device.type == "cpu",
                 )
             else:
                 checkpoint.save(
