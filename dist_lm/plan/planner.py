@@ -102,16 +102,17 @@ class Plan:
 
     def async_save_memory(self) -> str:
         """What checkpoint.async_save's copies take of a node's host memory: each rank of the node
-        copies its share of a save at once (dist_lm.runtime.engine.StagingEngine), and the busiest
-        node holds the ranks that save the model states."""
+        copies its share of a save into host buffers it keeps for the run
+        (dist_lm.runtime.host_buffers), and the busiest node holds the ranks that save the model
+        states."""
         cfg = replaced(self.config, "model", vocab_size=vocab_size_for(self.config))
         layout = parallel_layout(cfg.parallel, cfg.model, self.world_size)
         ranks = min(self.world_size, self.machine.gpus_per_node or 1)
         per_node = node_checkpoint_bytes(cfg, layout, self.precision, ranks) / GB
         room = (1 - HOST_MEMORY_RESERVE) * self.machine.ram_gb
         line = (
-            f"checkpoint.async_save: a save's copy takes up to {per_node:.1f} GB of host memory per node "
-            f"({ranks} rank(s)), of {self.machine.ram_gb:g} GB"
+            f"checkpoint.async_save: its copies hold up to {per_node:.1f} GB of host memory per node "
+            f"({ranks} rank(s)) from the first save on, of {self.machine.ram_gb:g} GB"
         )
         if per_node > room:
             line += (

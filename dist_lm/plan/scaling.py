@@ -74,11 +74,12 @@ MEASURED_MFU: tuple[tuple[str, float, str], ...] = (
 CHECKPOINT_GB_PER_S = 20.3 / 34.5
 """One rank's save rate, checksums included: 20.3 GB in 34.5 s at 1.13B on one H100 (2026-12-06,
 benchmarks.md, Data and checkpoint throughput)."""
-STAGING_GB_PER_S = 20.35 / 17.8
+STAGING_GB_PER_S = 20.35 / 0.41
 """One rank's copy of a save to host memory, all that checkpoint.async_save holds training for:
-20.35 GB in 17.8 s at 1.13B on one H100 (2026-12-07, benchmarks.md, Save stall). The write that
-follows on a thread did not slow the steps beside it there, so it is charged nothing. Assumes the
-node's memory holds the copies of all its ranks at once (`dist-lm plan` says when it does not)."""
+20.35 GB in 0.41 s at 1.13B on one H100, a save into the pinned buffers of the run's first (which
+took 5.17 s, once a process; 2026-12-07, benchmarks.md, Save stall). The write that follows on a
+thread did not slow the steps beside it there, so it is charged nothing. Assumes the node's memory
+holds the copies of all its ranks (`dist-lm plan` says when it does not)."""
 # Bytes on the wire per weight for ZeRO++'s quantized collectives: qwZ gathers int8 weights,
 # qgZ reduces int4 gradients (DeepSpeed's ZeRO++ paper, arXiv:2306.10209; block scales left out).
 QWZ_BYTES, QGZ_BYTES = 1.0, 0.5

@@ -3,8 +3,9 @@
 
 Why keep it: a copy into freshly allocated host memory pays for the allocation and a page fault
 on every page, and from a GPU it also goes through the driver's pageable path. At 1.13B on one
-H100 that held training for 17.8 s of a 20.35 GB save (1.14 GB/s; docs/benchmarks.md, "Save
-stall"). Copies into memory that is already there, and pinned, run at the host link's speed.
+H100 that held training for 17.8 s of a 20.35 GB save (1.14 GB/s); into these buffers, pinned, a
+save after the first held it 0.41 s, and the copy ran at 55 GB/s (docs/benchmarks.md, "Data and
+checkpoint throughput").
 
 Why pin with cudaHostRegister rather than ``pin_memory=True``: torch's pinned allocator rounds
 each allocation up to a power of two and caches what is freed, so a 9 GB optimizer partition
