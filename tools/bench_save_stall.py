@@ -59,7 +59,7 @@ def run(config: str, overrides: list[str], steps: int, run_dir: Path, async_save
     before = [v for s, v in intervals.items() if s <= save_at]
     after = [v for s, v in intervals.items() if s > save_at + 1]
     first = run_dir / "checkpoints" / checkpoints.tag_for(save_at)
-    checkpoint_bytes = sum(f.stat().st_size for f in first.rglob("*") if f.is_file())
+    checkpoint_bytes = sum(checkpoints.RunState.read(first).manifest.values())
     if not keep:
         shutil.rmtree(run_dir / "checkpoints")
     return {
@@ -82,6 +82,10 @@ def main() -> None:
     p.add_argument("--keep-checkpoints", action="store_true", help="keep each run's checkpoints")
     p.add_argument("overrides", nargs="*", metavar="section.key=value")
     a = p.parse_args()
+    for name in ("sync", "async"):  # a run directory that exists would be resumed, and its checkpoints removed
+        if (a.dir / name).exists():
+            print(f"error: {a.dir / name} exists: give --dir a new or empty directory", file=sys.stderr)
+            raise SystemExit(2)
     result = {"config": a.config, "overrides": a.overrides, "steps": a.steps, "saved_at": a.steps // 2}
     for name, async_save in (("sync", False), ("async", True)):
         result[name] = run(a.config, a.overrides, a.steps, a.dir / name, async_save, a.keep_checkpoints)

@@ -34,16 +34,10 @@ import torch
 class HostBuffers:
     def __init__(self) -> None:
         self.held: dict[Hashable, torch.Tensor] = {}
-        self.pinned: set[Hashable] = set()
-        """The keys of ``held`` whose memory is pinned, for copies from a GPU."""
-
-    @property
-    def held_bytes(self) -> int:
-        return sum(nbytes(t) for t in self.held.values())
 
     def bytes_to_allocate(self, keyed: Iterable[tuple[Hashable, torch.Tensor]]) -> int:
         """The host memory that copying these tensors would take beyond what is held for them."""
-        return sum(nbytes(t) for key, t in keyed if not self._fits(key, t))
+        return sum(t.nbytes for key, t in keyed if not self._fits(key, t))
 
     def copy(self, key: Hashable, tensor: torch.Tensor) -> torch.Tensor:
         """A copy of ``tensor`` in host memory, in the buffer held for ``key`` (allocated, and
@@ -53,10 +47,9 @@ class HostBuffers:
         either way)."""
         if not self._fits(key, tensor):
             self.held.pop(key, None)  # (unpinned as it goes)
-            self.pinned.discard(key)
             self.held[key] = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu")
-            if tensor.is_cuda and tensor.numel() and _register(self.held[key]):
-                self.pinned.add(key)
+            if tensor.is_cuda and tensor.numel():
+                _register(self.held[key])
         buffer = self.held[key]
         buffer.copy_(tensor.detach())
         return buffer
@@ -66,16 +59,10 @@ class HostBuffers:
         return held is not None and held.shape == tensor.shape and held.dtype == tensor.dtype
 
 
-def nbytes(tensor: torch.Tensor) -> int:
-    return tensor.numel() * tensor.element_size()
-
-
-def _register(buffer: torch.Tensor) -> bool:
-    """Pin ``buffer``'s memory in place for as long as it lives. False where the driver refuses
-    (the memory stays ordinary: the copies are slower, not wrong)."""
+def _register(buffer: torch.Tensor) -> None:
+    """Pin ``buffer``'s memory in place for as long as it lives. Where the driver refuses, the
+    memory stays ordinary: the copies are slower, not wrong."""
     cudart, pointer = torch.cuda.cudart(), buffer.data_ptr()
-    if int(cudart.cudaHostRegister(pointer, nbytes(buffer), 1)) != 0:  # 1: cudaHostRegisterPortable
-        return False
-    # unpinned when the buffer goes; not at exit, when the CUDA context may be gone first
-    weakref.finalize(buffer, cudart.cudaHostUnregister, pointer).atexit = False
-    return True
+    if int(cudart.cudaHostRegister(pointer, buffer.nbytes, 1)) == 0:  # 1: cudaHostRegisterPortable
+        # unpinned when the buffer goes; not at exit, when the CUDA context may be gone first
+        weakref.finalize(buffer, cudart.cudaHostUnregister, pointer).atexit = False
