@@ -43,13 +43,10 @@ def cache_dir(tmp_path_factory) -> Path:
 # fixtures. Once the session's tests are collected, one background process builds the ops they
 # need, in the order they are first needed, while tests that need none run (a test process keeps about
 # one of two cores busy), and the tests that need the Adam ops run last. A fixture then loads its
-# op, waiting for that build through torch's lock file in the extensions directory, as any
-# process would.
+# op as a run does, waiting for that build through torch's lock file in the extensions directory,
+# or past one that a process killed by a test left there (dist_lm.runtime.op_builds).
 OP_FIXTURES = {"ds_ops": "ShareMemCommBuilder", "fused_adam_op": "FusedAdamBuilder", "cpu_adam_op": "CPUAdamBuilder"}
-BUILD_OPS = (
-    "import sys\nfrom deepspeed.accelerator import get_accelerator\n"
-    "for name in sys.argv[1:]:\n    get_accelerator().create_op_builder(name).load(verbose=False)\n"
-)
+BUILD_OPS = "import sys\nfrom dist_lm.runtime import engine\nfor name in sys.argv[1:]:\n    engine.load_op(name)\n"
 _op_builds: subprocess.Popen | None = None
 
 
@@ -123,10 +120,11 @@ def pytest_sessionfinish(session) -> None:
 
 
 def load_op(builder: str) -> None:
+    """As a run loads it: past a lock that a process killed by a test left (dist_lm.runtime.op_builds)."""
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    from deepspeed.accelerator import get_accelerator
+    from dist_lm.runtime import engine
 
-    get_accelerator().create_op_builder(builder).load(verbose=False)
+    engine.load_op(builder)
 
 
 @pytest.fixture(scope="session")
@@ -145,6 +143,21 @@ def fused_adam_op() -> None:
 def cpu_adam_op() -> None:
     """DeepSpeed's CPU Adam, for optimizer offload."""
     load_op(OP_FIXTURES["cpu_adam_op"])
+
+
+HOLD_BUILD_LOCK = (
+    "import sys, time\nfrom torch.utils.file_baton import FileBaton\n"
+    "assert FileBaton(sys.argv[1]).try_acquire()\nprint('held', flush=True)\ntime.sleep(600)\n"
+)
+
+
+def hold_build_lock(lock: Path) -> subprocess.Popen:
+    """A process that takes ``lock`` as torch does before it builds or loads an op (its FileBaton),
+    and keeps it until killed."""
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_BUILD_LOCK, str(lock)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "held\n"
+    return holder
 
 
 def child_env(cache_dir: Path) -> dict:

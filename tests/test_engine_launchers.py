@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +20,8 @@ import pytest
 import torch
 from engine_runs import COMMON, STEPS, run_and_read
 
-from conftest import ROOT, assert_ok, assert_one_save_as_the_scaling_model_counts, launch, read_metrics
+from conftest import ROOT, assert_ok, assert_one_save_as_the_scaling_model_counts, hold_build_lock, launch, read_metrics
+from dist_lm.runtime import op_builds
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
@@ -103,14 +105,29 @@ def test_zero_plus_plus_hpz_on_two_nodes_of_two_matches_the_reference_and_resume
 
 
 def test_deepspeed_launcher_matches_reference(tmp_path, env, ds_ops, reference):
-    """Also: the launcher's LOCAL_SIZE puts DeepSpeed's shared-memory all-reduce in use, whose
-    segments in /dev/shm (69 MB a rank) outlived every run until the ranks unlinked them
-    (dist_lm.runtime.engine.unlink_shared_memory_segment)."""
-    proc, losses, _ = run_and_read(tmp_path, "deepspeed", ["parallel.zero_stage=2"], env)
+    """Also what runs before it left on the machine:
+    - the launcher's LOCAL_SIZE puts DeepSpeed's shared-memory all-reduce in use, whose segments
+      in /dev/shm (69 MB a rank) outlived every run until the ranks unlinked them
+      (dist_lm.runtime.engine.unlink_shared_memory_segment);
+    - the op's build directory holds the lock of a process killed while it loaded the op, on which
+      torch would wait forever (dist_lm.runtime.op_builds). The directory is a copy of the one the
+      suite built, in an extensions root of this test's own: the other tests never see the lock."""
+    extensions = tmp_path / "torch_extensions"
+    built = Path(os.environ["TORCH_EXTENSIONS_DIR"]) / "deepspeed_shm_comm"  # by this venv: a copy needs no build
+    shutil.copytree(built, extensions / built.name, ignore=shutil.ignore_patterns(op_builds.LOCK))
+    lock = extensions / built.name / op_builds.LOCK
+    holder = hold_build_lock(lock)
+    holder.kill()
+    holder.wait()
+    proc, losses, _ = run_and_read(
+        tmp_path, "deepspeed", ["parallel.zero_stage=2"], {**env, "TORCH_EXTENSIONS_DIR": str(extensions)}
+    )
     assert "launcher=deepspeed world_size=2" in proc.stdout
     assert losses == pytest.approx(reference, abs=1e-4)
     addr, port = re.search(r"master=(\S+):(\d+)", proc.stdout).groups()
     assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_*"))
+    assert proc.stderr.count("warning: removed ") == 1 and f"warning: removed {lock}: " in proc.stderr
+    assert not lock.exists()
 
 
 def test_plain_python_one_process_matches_reference(tmp_path, env, ds_ops, reference):

@@ -163,7 +163,7 @@ def test_a_first_run_announces_deepspeeds_op_build(tmp_path, monkeypatch, ds_ops
     """A run's first start on a CPU sat silent for 40-105 s while DeepSpeed built its ops; the log
     now says so on the line before, when torch's extension cache lacks them."""
     from dist_lm.config.schema import ParallelConfig
-    from dist_lm.runtime.engine import ops_to_build
+    from dist_lm.runtime.op_builds import ops_to_build
 
     cpu = torch.device("cpu")
     assert ops_to_build(cpu, ParallelConfig()) == []  # built by the fixture: nothing to wait for

@@ -373,12 +373,12 @@ def test_multinode_loopback_master_fails_before_the_process_group(env):
 
 
 def test_cpu_adam_needs_a_compiler(monkeypatch):
-    from dist_lm.runtime import engine
+    from dist_lm.runtime import op_builds
 
-    engine.check_cpu_adam()  # this machine can build it (test_engine_launchers runs the offload engine)
+    op_builds.check_cpu_adam()  # this machine can build it (test_engine_launchers runs the offload engine)
     monkeypatch.setenv("CXX", "no-such-compiler")
     with pytest.raises(UserError, match=r"offload_optimizer=true needs DeepSpeed's CPU Adam.*no-such-compiler"):
-        engine.check_cpu_adam()
+        op_builds.check_cpu_adam()
 
 
 def test_offload_binds_each_rank_to_its_own_cores():

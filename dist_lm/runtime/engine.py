@@ -8,12 +8,10 @@ and :mod:`dist_lm.model.moe` import deepspeed (tests/test_architecture.py).
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import logging
 import os
 import re
-import shutil
 import warnings
 from typing import Any
 
@@ -26,6 +24,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import deepspeed  # noqa: E402
+from deepspeed.accelerator import get_accelerator  # noqa: E402
 from deepspeed.checkpoint.constants import (  # noqa: E402
     UNIVERSAL_CHECKPOINT_INFO,
     UNIVERSAL_CHECKPOINT_VERSION_KEY,
@@ -45,10 +44,10 @@ from deepspeed.utils import groups, safe_get_full_fp32_param, safe_get_full_grad
 
 from dist_lm.config.batch import BatchSizes  # noqa: E402
 from dist_lm.config.layout import ParallelLayout  # noqa: E402
-from dist_lm.config.schema import OptimConfig, ParallelConfig, UserError  # noqa: E402
+from dist_lm.config.schema import OptimConfig, ParallelConfig  # noqa: E402
 from dist_lm.model.loss import TrainingOptions, uses_chunked  # noqa: E402
 from dist_lm.model.transformer import Transformer  # noqa: E402
-from dist_lm.runtime import fp8  # noqa: E402
+from dist_lm.runtime import fp8, op_builds  # noqa: E402
 from dist_lm.runtime import parallel as runtime_parallel  # noqa: E402
 from dist_lm.runtime.ds_config import deepspeed_config  # noqa: E402
 from dist_lm.runtime.hardware import host_memory_for  # noqa: E402
@@ -239,41 +238,20 @@ def unlink_shared_memory_segment(rank: int) -> None:
         os.unlink(os.path.join("/dev/shm", name))
 
 
-def ops_to_build(device: torch.device, parallel: ParallelConfig) -> list[str]:
-    """DeepSpeed's C++ ops that this run builds on first use and that are not in torch's extension
-    cache yet: a CPU run's shared-memory collectives, optimizer offload's CPU Adam. Their build is a
-    silence of 40-105 s before the first step on two cores, which the log announces. (torch builds
-    again when another environment of the same user built them last; that is not seen here.)"""
-    from torch.utils.cpp_extension import _get_build_directory  # where torch's JIT builds and looks
-
-    names = (["deepspeed_shm_comm"] if device.type == "cpu" else []) + (
-        ["cpu_adam"] if parallel.offload_optimizer else []
-    )
-    try:
-        return [n for n in names if not os.path.isfile(os.path.join(_get_build_directory(n, False), f"{n}.so"))]
-    except (OSError, AttributeError):  # a torch without it: say nothing rather than guess
-        return []
+def load_ops(device: torch.device, parallel: ParallelConfig) -> None:
+    """Load (building where needed) the ops this run needs before DeepSpeed does: DeepSpeed keeps
+    a loaded op (OpBuilder._loaded_ops) and does not wait on its lock again. Each waits for its
+    build directory's lock to go first, or removes it where it was left behind."""
+    for builder, _ in op_builds.ops_needed(device, parallel):
+        load_op(builder)
 
 
-def check_cpu_adam() -> None:
-    """Optimizer offload steps with DeepSpeed's CPU Adam, a C++ op built on first use: say so
-    before any process starts if it is neither prebuilt nor buildable here."""
-    if importlib.util.find_spec("deepspeed.ops.adam.cpu_adam_op") is not None:
-        return  # DeepSpeed was installed with its ops prebuilt (DS_BUILD_CPU_ADAM=1)
-    from torch.utils.cpp_extension import is_ninja_available
-
-    compiler = os.environ.get("CXX", "c++")
-    missing = [
-        what
-        for what, ok in ((f"a C++ compiler ({compiler})", shutil.which(compiler)), ("ninja", is_ninja_available()))
-        if not ok
-    ]
-    if missing:
-        raise UserError(
-            f"config error: parallel.offload_optimizer=true needs DeepSpeed's CPU Adam op, built on "
-            f"first use, but {' and '.join(missing)} cannot be found; install them (apt-get install "
-            "g++; pip install ninja) or set parallel.offload_optimizer=false"
-        )
+def load_op(builder_name: str) -> None:
+    """Load DeepSpeed's op of ``builder_name`` (e.g. "CPUAdamBuilder"), building it where needed,
+    once its build directory's lock is gone."""
+    builder = get_accelerator().create_op_builder(builder_name)
+    op_builds.wait_for_lock(op_builds.extensions_root() / builder.name / op_builds.LOCK)
+    builder.load(verbose=False)
 
 
 def restore_weight_decay(engine: "deepspeed.DeepSpeedEngine", optim: OptimConfig) -> None:

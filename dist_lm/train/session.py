@@ -30,7 +30,7 @@ from dist_lm.model.moe import build_model, check_moe
 from dist_lm.observe import log, metrics, sinks
 from dist_lm.observe.profiling import StepProfiler
 from dist_lm.plan import memory
-from dist_lm.runtime import distributed, ds_config, engine, fp8, hardware, launch
+from dist_lm.runtime import distributed, ds_config, engine, fp8, hardware, launch, op_builds
 from dist_lm.runtime.launch import DistEnv
 from dist_lm.runtime.precision import Precision
 from dist_lm.store import checkpoints, hugging_face
@@ -96,6 +96,7 @@ def start(cfg: Config, plan_summary: list[str] = (), data: ResolvedData | None =
     inputs = _checked_inputs(cfg, data)
     cfg, data, layout, batch = inputs.cfg, inputs.data, inputs.layout, inputs.batch
     train_data, val_sets = _data_readers(cfg, data, layout, batch, inputs.device)
+    op_builds.clear_left_locks()  # before any rank can load an op: a lock a dead process left would hang it
     port = distributed.init_process_group(inputs.dist_env, inputs.device, cfg.parallel.timeout_minutes)
     # Heartbeats from here; the deadline is armed when training starts (Trainer.fit).
     dog = watchdog.start(
@@ -144,11 +145,12 @@ def start(cfg: Config, plan_summary: list[str] = (), data: ResolvedData | None =
         )
         log.info(f"predicted peak GPU memory per rank {predicted.describe()}")
     engine.quiet(cfg.run.verbose)
-    if building := engine.ops_to_build(inputs.device, cfg.parallel):
+    if building := op_builds.ops_to_build(inputs.device, cfg.parallel):
         log.info(
             f"building DeepSpeed's {' and '.join(building)} op for this machine (its first use: about a minute "
             "on 2 cores, then cached for every run)"
         )
+    engine.load_ops(inputs.device, cfg.parallel)
     if place.universal:  # saved on another world size or ZeRO stage: DeepSpeed's universal format
         restore.convert_to_universal(found.path, layout.rank, distributed.barrier)
     start_step = found.state.step if found else 0
@@ -283,7 +285,7 @@ def _checked_inputs(cfg: Config, data: ResolvedData | None) -> _Inputs:
     memory_cap = hardware.apply_gpu_memory_cap(device)
     bound_cores: list[int] = []
     if cfg.parallel.offload_optimizer:
-        engine.check_cpu_adam()
+        op_builds.check_cpu_adam()
         bound_cores = hardware.bind_cores(dist_env.local_rank, dist_env.local_world_size)
     precision, precision_reason = Precision.resolve(cfg.parallel.precision, device)
     ds_config.check_device_options(cfg.parallel, device.type)
