@@ -39,8 +39,9 @@ def test_a_wait_on_a_lock_ends_when_its_holder_is_killed(tmp_path):
     assert holder.wait() == -9 and not lock.exists()
 
 
-def test_on_a_file_system_other_nodes_share_only_an_old_lock_is_left_behind(tmp_path, monkeypatch):
-    """A holder on another node is not seen in this node's /proc."""
+def test_on_a_file_system_other_nodes_share_only_an_old_lock_is_left_behind(tmp_path, monkeypatch, capsys):
+    """A holder on another node is not seen in this node's /proc: a wait says so once, and ends
+    when the lock is older than any build takes (SHARED_LOCK_STALE_S, 3 s here)."""
     lock = tmp_path / "cpu_adam" / op_builds.LOCK
     lock.parent.mkdir()
     lock.touch()
@@ -50,6 +51,15 @@ def test_on_a_file_system_other_nodes_share_only_an_old_lock_is_left_behind(tmp_
     old = time.time() - op_builds.SHARED_LOCK_STALE_S - 60
     os.utime(lock, (old, old))
     assert op_builds.left_behind(lock)
+
+    os.utime(lock)  # new again
+    monkeypatch.setattr(op_builds, "SHARED_LOCK_STALE_S", 3)
+    op_builds.wait_for_lock(lock)
+    assert not lock.exists()
+    waiting, removed = capsys.readouterr().err.splitlines()
+    assert waiting.startswith(
+        f"warning: waiting for {lock}: no process of this node holds it, "
+    ) and removed.startswith(f"warning: removed {lock}: ")
 
 
 def test_the_file_system_is_read_from_the_mounts():

@@ -1,14 +1,13 @@
 """DeepSpeed's C++ ops that build on first use: which a run needs, whether they can build here,
-and loading them past a lock file that a dead process left behind.
+and the lock file of their build directory that a dead process left behind.
 
 DeepSpeed builds these ops through torch.utils.cpp_extension, which guards each op's build
 directory with a lock file (torch.utils.file_baton.FileBaton). Every process that loads the op
 creates it, has ninja check the build, and removes it; a process that finds it waits, with no
 time limit, until it is gone. A process killed while it holds it (SIGKILL, the OOM killer, a
 timeout's kill during start-up) leaves the file for good, and from then on every run that loads
-the op waits forever at start and says nothing. This project's CI run of 2026-12-07 stopped at
-its 90-minute limit that way: a lock left in deepspeed_shm_comm's directory 12 minutes in, and
-every two-rank start after it hung until its test's timeout.
+the op waits forever at start and says nothing (CI's run of 2026-12-07 ran into its 90-minute
+limit that way: docs/reliability.md).
 
 So a lock is taken as left behind, and removed with a warning, when no process of this node holds
 it open (the holder keeps the file open until it removes it; /proc says who does), looked at
@@ -108,10 +107,20 @@ def clear_left_locks(root: Path | None = None) -> list[Path]:
 
 def wait_for_lock(lock: Path) -> None:
     """Return once ``lock`` is gone: removed by its holder, or by us where it was left behind."""
+    said = False
     while (seen := _identity(lock)) is not None:
         if left_behind(lock):
             _remove(lock, seen)
             return
+        if not said and _held_on_this_node(lock) is False and not _on_node_local_file_system(lock):
+            print(
+                f"warning: waiting for {lock}: no process of this node holds it, and one of another node may be "
+                f"building DeepSpeed's {lock.parent.name} op in this shared directory; it is taken as left behind "
+                f"once {SHARED_LOCK_STALE_S // 60} minutes old",
+                file=sys.stderr,
+                flush=True,
+            )
+            said = True
         time.sleep(WAIT_POLL_S)
 
 
