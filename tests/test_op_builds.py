@@ -14,15 +14,25 @@ from conftest import hold_build_lock
 from dist_lm.runtime import op_builds
 
 
+def age(lock: Path, seconds: float) -> None:
+    """Make ``lock`` look created ``seconds`` ago."""
+    then = time.time() - seconds
+    os.utime(lock, (then, then))
+
+
 def test_a_lock_whose_holder_was_killed_is_removed_and_a_held_one_is_not(tmp_path, capsys):
     lock = tmp_path / "deepspeed_shm_comm" / op_builds.LOCK
     holder = hold_build_lock(lock)
     try:
-        assert op_builds.clear_left_locks(tmp_path) == [] and lock.is_file()  # its holder builds
+        age(lock, 2 * op_builds.LEFT_AFTER_S)  # a long build
+        assert op_builds.clear_left_locks(tmp_path) == [] and lock.is_file()  # its holder is alive
     finally:
         holder.kill()
         holder.wait()
     assert lock.is_file()  # what torch would wait on forever
+    age(lock, op_builds.LEFT_AFTER_S / 2)  # left moments ago: maybe a holder this node does not see
+    assert op_builds.clear_left_locks(tmp_path) == [] and lock.is_file()
+    age(lock, 2 * op_builds.LEFT_AFTER_S)
     assert op_builds.clear_left_locks(tmp_path) == [lock] and not lock.exists()
     assert capsys.readouterr().err.splitlines() == [
         f"warning: removed {lock}: a process that died while building or loading DeepSpeed's deepspeed_shm_comm op "
@@ -31,35 +41,31 @@ def test_a_lock_whose_holder_was_killed_is_removed_and_a_held_one_is_not(tmp_pat
     assert op_builds.clear_left_locks(tmp_path) == []
 
 
-def test_a_wait_on_a_lock_ends_when_its_holder_is_killed(tmp_path):
+def test_a_wait_on_a_lock_ends_when_its_holder_is_killed(tmp_path, monkeypatch, capsys):
+    """The wait says once that no process holds the lock, and ends when it is LEFT_AFTER_S old
+    (2 s here)."""
+    monkeypatch.setattr(op_builds, "LEFT_AFTER_S", 2)
     lock = tmp_path / "cpu_adam" / op_builds.LOCK
     holder = hold_build_lock(lock)
     threading.Timer(1.0, holder.kill).start()  # while the wait goes on
     op_builds.wait_for_lock(lock)
     assert holder.wait() == -9 and not lock.exists()
+    waiting, removed = capsys.readouterr().err.splitlines()
+    assert waiting.startswith(f"warning: waiting for {lock}: no process of this node holds it; ")
+    assert removed.startswith(f"warning: removed {lock}: ")
 
 
-def test_on_a_file_system_other_nodes_share_only_an_old_lock_is_left_behind(tmp_path, monkeypatch, capsys):
-    """A holder on another node is not seen in this node's /proc: a wait says so once, and ends
-    when the lock is older than any build takes (SHARED_LOCK_STALE_S, 3 s here)."""
+def test_on_a_file_system_other_nodes_share_a_lock_is_left_behind_later(tmp_path, monkeypatch):
+    """A holder on another node is not seen in this node's /proc."""
     lock = tmp_path / "cpu_adam" / op_builds.LOCK
     lock.parent.mkdir()
     lock.touch()
+    age(lock, 2 * op_builds.LEFT_AFTER_S)
     assert op_builds.left_behind(lock)  # tmp_path is on this node's disk
     monkeypatch.setattr(op_builds, "_on_node_local_file_system", lambda path: False)
     assert not op_builds.left_behind(lock)
-    old = time.time() - op_builds.SHARED_LOCK_STALE_S - 60
-    os.utime(lock, (old, old))
+    age(lock, op_builds.SHARED_LEFT_AFTER_S + 60)
     assert op_builds.left_behind(lock)
-
-    os.utime(lock)  # new again
-    monkeypatch.setattr(op_builds, "SHARED_LOCK_STALE_S", 3)
-    op_builds.wait_for_lock(lock)
-    assert not lock.exists()
-    waiting, removed = capsys.readouterr().err.splitlines()
-    assert waiting.startswith(
-        f"warning: waiting for {lock}: no process of this node holds it, "
-    ) and removed.startswith(f"warning: removed {lock}: ")
 
 
 def test_the_file_system_is_read_from_the_mounts():

@@ -10,12 +10,16 @@ the op waits forever at start and says nothing (CI's run of 2026-12-07 ran into 
 limit that way: docs/reliability.md).
 
 So a lock is taken as left behind, and removed with a warning, when no process of this node holds
-it open (the holder keeps the file open until it removes it; /proc says who does), looked at
-twice RECHECK_S apart (the holder closes it an instant before removing it). Where the directory
-is on a file system that other nodes may share (NFS, Lustre, GPFS ...), a process of another
-node may be building there, and its open file is not seen here: there the lock is also taken as
-left behind once it is older than SHARED_LOCK_STALE_S, longer than any of these builds takes
-(CPU Adam: 2-3 minutes on one core). Torch itself offers no way out of the wait.
+it open (the holder keeps the file open until it removes it; /proc says who does; looked at twice,
+RECHECK_S apart, as the holder closes it an instant before removing it) and it is older than a
+holder keeps it:
+- LEFT_AFTER_S on this node's own disk. A load holds the lock about a second (ninja's check);
+  the age is for a holder this node's /proc does not show, a process of another container that
+  shares the directory. What it still misjudges: such a process building the op for over a minute.
+- SHARED_LEFT_AFTER_S where the directory is on a file system other nodes may share (NFS,
+  Lustre, GPFS ...), where a process of another node may be building: longer than any of these
+  builds takes (CPU Adam: 2-3 minutes on one core).
+Torch itself offers no way out of the wait.
 
 The loading itself is DeepSpeed's (dist_lm.runtime.engine.load_ops), past wait_for_lock.
 """
@@ -36,7 +40,8 @@ from dist_lm.config.schema import ParallelConfig, UserError
 
 LOCK = "lock"  # torch.utils.cpp_extension's name for it, in each op's build directory
 RECHECK_S = 1.0
-SHARED_LOCK_STALE_S = 10 * 60
+LEFT_AFTER_S = 60
+SHARED_LEFT_AFTER_S = 10 * 60
 WAIT_POLL_S = 0.5
 # File systems of this node alone. Anything else (nfs, lustre, gpfs, beegfs, cifs, fuse ...) is
 # taken as one other nodes may share.
@@ -106,17 +111,17 @@ def clear_left_locks(root: Path | None = None) -> list[Path]:
 
 
 def wait_for_lock(lock: Path) -> None:
-    """Return once ``lock`` is gone: removed by its holder, or by us where it was left behind."""
+    """Return once ``lock`` is gone: removed by its holder, or by us once it is left behind."""
     said = False
     while (seen := _identity(lock)) is not None:
         if left_behind(lock):
             _remove(lock, seen)
             return
-        if not said and _held_on_this_node(lock) is False and not _on_node_local_file_system(lock):
+        if not said and _held_on_this_node(lock) is False:
             print(
-                f"warning: waiting for {lock}: no process of this node holds it, and one of another node may be "
-                f"building DeepSpeed's {lock.parent.name} op in this shared directory; it is taken as left behind "
-                f"once {SHARED_LOCK_STALE_S // 60} minutes old",
+                f"warning: waiting for {lock}: no process of this node holds it; it is taken as left behind once "
+                f"{_left_after(lock) / 60:g} minute(s) old (a process of another node or container may be building "
+                f"DeepSpeed's {lock.parent.name} op there)",
                 file=sys.stderr,
                 flush=True,
             )
@@ -125,15 +130,18 @@ def wait_for_lock(lock: Path) -> None:
 
 
 def left_behind(lock: Path) -> bool:
-    """Whether ``lock`` has no holder: none on this node (looked at twice), and, on a file system
-    other nodes may share, none for SHARED_LOCK_STALE_S."""
+    """Whether ``lock`` has no holder: none on this node (looked at twice), none elsewhere for
+    longer than a holder keeps it (_left_after)."""
     seen = _identity(lock)
-    if seen is None or _held_on_this_node(lock) is not False:
+    if seen is None or _held_on_this_node(lock) is not False or time.time() - seen[2] <= _left_after(lock):
         return False
     time.sleep(RECHECK_S)  # a holder that closed it is about to remove it
-    if _identity(lock) != seen or _held_on_this_node(lock) is not False:
-        return False
-    return _on_node_local_file_system(lock) or time.time() - seen[2] > SHARED_LOCK_STALE_S
+    return _identity(lock) == seen and _held_on_this_node(lock) is False
+
+
+def _left_after(lock: Path) -> float:
+    """The age past which a lock that no process of this node holds is taken as left behind."""
+    return LEFT_AFTER_S if _on_node_local_file_system(lock) else SHARED_LEFT_AFTER_S
 
 
 def _identity(lock: Path) -> tuple[int, int, float] | None:
