@@ -102,7 +102,11 @@ def clear_left_locks(root: Path | None = None) -> list[Path]:
     """Remove the lock of every op build directory under ``root`` (torch's extension root) that
     was left behind; the ones removed. At a run's start, for the ops that DeepSpeed loads on its
     own (dist_lm.runtime.engine.load_ops waits on those we load)."""
-    root = root or extensions_root()
+    if root is None:
+        try:
+            root = extensions_root()  # (torch makes the directory, as it would for a build)
+        except OSError:  # a home that cannot be written holds no build, and no lock
+            return []
     removed = []
     for lock in sorted(root.glob(f"*/{LOCK}")):
         if (seen := _identity(lock)) and left_behind(lock) and _remove(lock, seen):
