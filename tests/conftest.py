@@ -145,10 +145,17 @@ def cpu_adam_op() -> None:
     load_op(OP_FIXTURES["cpu_adam_op"])
 
 
-HOLD_BUILD_LOCK = (
-    "import sys, time\nfrom torch.utils.file_baton import FileBaton\n"
-    "assert FileBaton(sys.argv[1]).try_acquire()\nprint('held', flush=True)\ntime.sleep(600)\n"
-)
+# torch's own FileBaton, loaded from its file (it imports only os, time and warnings): importing
+# the torch package for it would cost the test 1.5-2 s of start-up.
+HOLD_BUILD_LOCK = """import importlib.util, os, sys, time
+torch_dir = importlib.util.find_spec("torch").submodule_search_locations[0]
+spec = importlib.util.spec_from_file_location("file_baton", os.path.join(torch_dir, "utils", "file_baton.py"))
+file_baton = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(file_baton)
+assert file_baton.FileBaton(sys.argv[1]).try_acquire()
+print("held", flush=True)
+time.sleep(600)
+"""
 
 
 def hold_build_lock(lock: Path) -> subprocess.Popen:

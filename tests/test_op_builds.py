@@ -10,8 +10,16 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from conftest import hold_build_lock
 from dist_lm.runtime import op_builds
+
+
+@pytest.fixture(autouse=True)
+def quick_recheck(monkeypatch):
+    """The second look at a lock with no holder, 0.2 s after the first rather than 1 s."""
+    monkeypatch.setattr(op_builds, "RECHECK_S", 0.2)
 
 
 def age(lock: Path, seconds: float) -> None:
@@ -43,11 +51,11 @@ def test_a_lock_whose_holder_was_killed_is_removed_and_a_held_one_is_not(tmp_pat
 
 def test_a_wait_on_a_lock_ends_when_its_holder_is_killed(tmp_path, monkeypatch, capsys):
     """The wait says once that no process holds the lock, and ends when it is LEFT_AFTER_S old
-    (2 s here)."""
-    monkeypatch.setattr(op_builds, "LEFT_AFTER_S", 2)
+    (1 s here)."""
+    monkeypatch.setattr(op_builds, "LEFT_AFTER_S", 1)
     lock = tmp_path / "cpu_adam" / op_builds.LOCK
     holder = hold_build_lock(lock)
-    threading.Timer(1.0, holder.kill).start()  # while the wait goes on
+    threading.Timer(0.5, holder.kill).start()  # while the wait goes on
     op_builds.wait_for_lock(lock)
     assert holder.wait() == -9 and not lock.exists()
     waiting, removed = capsys.readouterr().err.splitlines()
