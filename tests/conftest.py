@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -165,6 +166,12 @@ def hold_build_lock(lock: Path) -> subprocess.Popen:
     holder = subprocess.Popen([sys.executable, "-c", HOLD_BUILD_LOCK, str(lock)], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline() == "held\n"
     return holder
+
+
+def age_file(path: Path, seconds: float) -> None:
+    """Make ``path`` look last written ``seconds`` ago (a build lock: created then)."""
+    then = time.time() - seconds
+    os.utime(path, (then, then))
 
 
 def child_env(cache_dir: Path) -> dict:

@@ -14,14 +14,21 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from engine_runs import COMMON, STEPS, run_and_read
 
-from conftest import ROOT, assert_ok, assert_one_save_as_the_scaling_model_counts, hold_build_lock, launch, read_metrics
+from conftest import (
+    ROOT,
+    age_file,
+    assert_ok,
+    assert_one_save_as_the_scaling_model_counts,
+    hold_build_lock,
+    launch,
+    read_metrics,
+)
 from dist_lm.runtime import op_builds
 
 
@@ -120,8 +127,7 @@ def test_deepspeed_launcher_matches_reference(tmp_path, env, ds_ops, reference):
     holder = hold_build_lock(lock)
     holder.kill()
     holder.wait()
-    then = time.time() - 2 * op_builds.LEFT_AFTER_S  # left by an earlier run
-    os.utime(lock, (then, then))
+    age_file(lock, 2 * op_builds.LEFT_AFTER_S)  # left by an earlier run
     proc, losses, _ = run_and_read(
         tmp_path, "deepspeed", ["parallel.zero_stage=2"], {**env, "TORCH_EXTENSIONS_DIR": str(extensions)}
     )

@@ -5,13 +5,12 @@ lock is test_engine_launchers.py::test_deepspeed_launcher_matches_reference."""
 
 from __future__ import annotations
 
-import os
 import threading
-import time
 from pathlib import Path
 
 import pytest
 
+from conftest import age_file as age
 from conftest import hold_build_lock
 from dist_lm.runtime import op_builds
 
@@ -20,12 +19,6 @@ from dist_lm.runtime import op_builds
 def quick_recheck(monkeypatch):
     """The second look at a lock with no holder, 0.2 s after the first rather than 1 s."""
     monkeypatch.setattr(op_builds, "RECHECK_S", 0.2)
-
-
-def age(lock: Path, seconds: float) -> None:
-    """Make ``lock`` look created ``seconds`` ago."""
-    then = time.time() - seconds
-    os.utime(lock, (then, then))
 
 
 def test_a_lock_whose_holder_was_killed_is_removed_and_a_held_one_is_not(tmp_path, capsys):
